@@ -1,0 +1,1 @@
+"""The distributed trainer: config, process group, strategies, checkpoints, logging."""

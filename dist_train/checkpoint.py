@@ -1,0 +1,175 @@
+"""Checkpoint files: atomic writes, latest / best / top-k / periodic, safe loading.
+
+The strategy decides what goes into a checkpoint and writes it (a file for
+DDP, a directory for DeepSpeed); this module decides where, keeps the policy,
+and makes every visible name appear atomically (write to a temp name, rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+BEST = "best"
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def safe_load(path: Path, map_location: Any = "cpu") -> Any:
+    # Checkpoints are untrusted input: never unpickle arbitrary objects.
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Make ``dst`` show ``src``'s content, atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    if tmp.exists() or tmp.is_symlink():
+        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
+    if src.is_dir():
+        shutil.copytree(src, tmp)
+    else:
+        try:
+            os.link(src, tmp)  # cheap and atomic on one filesystem
+        except OSError:
+            shutil.copy2(src, tmp)
+    _move_into_place(tmp, dst)
+
+
+def _move_into_place(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; a directory ``dst`` is swapped, never half-written."""
+    if dst.is_dir() and not dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.old{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(src, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+# ---------------------------------------------------------------------------
+# RNG state, stored as tensors and plain values so weights_only loading works.
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class CheckpointPolicy:
+    monitor: str
+    mode: str
+    top_k: int
+    every_steps: int
+    # bookkeeping restored on resume
+    best_value: float | None = None
+    top: list[tuple[float, str]] = field(default_factory=list)
+
+    def better(self, a: float, b: float | None) -> bool:
+        return b is None or (a < b if self.mode == "min" else a > b)
+
+
+class CheckpointManager:
+    """Names and keeps checkpoints under ``run_dir/checkpoints``.
+
+    - ``latest``: the most recent save (what ``--resume latest`` loads);
+    - ``best``: best value of ``monitor`` so far;
+    - ``topk/step_XXXXXXXX``: the ``top_k`` best validated saves;
+    - ``periodic/step_XXXXXXXX``: every ``every_steps`` optimizer steps, kept.
+    ``suffix`` is ``.pt`` for file checkpoints, empty for directory ones.
+    """
+
+    def __init__(self, ckpt_dir: Path, policy: CheckpointPolicy, is_main: bool, suffix: str = ".pt"):
+        self.dir = ckpt_dir
+        self.policy = policy
+        self.is_main = is_main
+        self.suffix = suffix
+        if is_main:
+            (self.dir / "topk").mkdir(parents=True, exist_ok=True)
+            if policy.every_steps:
+                (self.dir / "periodic").mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}{self.suffix}"
+
+    def save(self, write: Callable[[Path], None], step: int, metrics: dict[str, float] | None) -> None:
+        """``write(path)`` is called on every rank (DeepSpeed writes collectively);
+        rank 0 then publishes the names."""
+        staging = self.dir / f".staging{self.suffix}"
+        if self.is_main:
+            _remove(staging)
+        write(staging)
+        if not self.is_main:
+            return
+        latest = self.path(LATEST)
+        _move_into_place(staging, latest)
+        name = f"step_{step:08d}{self.suffix}"
+        if self.policy.every_steps and step % self.policy.every_steps == 0:
+            _link_or_copy(latest, self.dir / "periodic" / name)
+        value = None if metrics is None else metrics.get(self.policy.monitor)
+        if value is None:
+            return
+        if self.policy.better(value, self.policy.best_value):
+            self.policy.best_value = value
+            _link_or_copy(latest, self.path(BEST))
+        self._update_topk(latest, name, value)
+        (self.dir / "best.json").write_text(json.dumps({"monitor": self.policy.monitor,
+                                                        "mode": self.policy.mode,
+                                                        "best": self.policy.best_value,
+                                                        "top_k": self.policy.top}, indent=1))
+
+    def _update_topk(self, latest: Path, name: str, value: float) -> None:
+        top = self.policy.top + [(value, name)]
+        top.sort(key=lambda t: t[0], reverse=self.policy.mode == "max")
+        keep, drop = top[: self.policy.top_k], top[self.policy.top_k:]
+        if any(n == name for _, n in keep):
+            _link_or_copy(latest, self.dir / "topk" / name)
+        for _, n in drop:
+            _remove(self.dir / "topk" / n)
+        self.policy.top = [(float(v), n) for v, n in keep]
+
+    def policy_state(self) -> dict[str, Any]:
+        return {"best_value": self.policy.best_value, "top": [list(t) for t in self.policy.top]}
+
+    def load_policy_state(self, state: dict[str, Any]) -> None:
+        self.policy.best_value = state.get("best_value")
+        self.policy.top = [(float(v), str(n)) for v, n in state.get("top", [])]

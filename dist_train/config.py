@@ -1,0 +1,349 @@
+"""One typed, validated config object: YAML file + dotted command-line overrides.
+
+Every mistake (unknown key, wrong type, missing path) becomes a ``ConfigError``
+whose one-line message names the key; the entry points turn it into exit code 2
+before any process group or file is created.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; its message is one line naming the key."""
+
+
+def path_field(default: str = "", **kw: Any) -> Any:
+    """A string field that, when non-empty, must name an existing path."""
+    return field(default=default, metadata={"path": True}, **kw)
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "run"
+    seed: int = 42
+    output_dir: str = "runs"
+
+
+@dataclass
+class SyntheticDataConfig:
+    num_identities: int = 40
+    samples_per_identity: int = 20
+    twin_fraction: float = 0.25
+    image_size: int = 64
+    split_by: Literal["sample", "identity"] = "sample"
+    modalities: list[str] = field(default_factory=lambda: ["vis"])
+    cache_dir: str = "data"
+
+
+@dataclass
+class DataConfig:
+    source: Literal["synthetic", "shards"] = "synthetic"
+    shards: str = path_field()
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    batch_size: int = 32  # micro-batch per rank
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    max_corrupt_fraction: float = 0.01
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "facecom"
+    # Validated against the recipe's own ``Params`` dataclass after loading.
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["warmup_cosine", "warmup_poly", "cosine_restarts", "constant"] = "warmup_cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps == 0
+    min_lr_ratio: float = 0.0
+    power: float = 1.0  # warmup_poly
+    restart_period: int = 100  # cosine_restarts: optimizer steps of the first cycle
+    restart_mult: int = 1
+
+
+@dataclass
+class EarlyStoppingConfig:
+    metrics: list[str] = field(default_factory=list)  # empty = off
+    modes: list[Literal["min", "max"]] = field(default_factory=list)
+    patience: int = 5  # validations without improvement of any metric
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = run ``epochs`` epochs
+    stop_at_step: int = 0  # leave early (as if preempted) keeping the full schedule
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9
+    nesterov: bool = False
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    val_every_steps: int = 0  # 0 = use val_every_epochs
+    val_every_epochs: float = 1.0  # may be a fraction, e.g. 0.25
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    log_every_steps: int = 10
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    monitor: str = "loss"  # a validation metric name
+    mode: Literal["min", "max"] = "min"
+    top_k: int = 1
+    every_steps: int = 0  # periodic checkpoints kept forever; 0 = off
+    save_last: bool = True
+
+
+@dataclass
+class LoggingConfig:
+    tracking: Literal["tensorboard", "none"] = "tensorboard"
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: int = 1800
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = path_field()
+
+
+@dataclass
+class Config:
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+# --------------------------------------------------------------------------
+# Building dataclasses from plain data, with one-line errors.
+
+
+def _suggest(key: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return build_dataclass(tp, value, prefix=key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}"
+                              f"{_suggest(str(value), [str(a) for a in args])}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            if option is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        item_tp = args[0] if args else Any
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" as a string; accept any float literal.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported config type {tp!r}")
+
+
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Instantiate ``cls`` from ``data`` checking keys, types and paths."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), fields)}")
+        value = _coerce(value, hints[key], full)
+        if fields[key].metadata.get("path") and value and not Path(value).exists():
+            raise ConfigError(f"{full}: path does not exist: {value}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+# --------------------------------------------------------------------------
+# Overrides and loading.
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}': empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{'.'.join(parts)}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config: file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"--config {path}: invalid YAML: {first}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: the top level must be a mapping")
+        tree = loaded
+    for text in overrides:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value)
+    cfg = build_dataclass(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks and the recipe's own parameters."""
+    from dist_train.recipe import get_recipe, recipe_names
+
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.epochs": cfg.train.epochs,
+        "checkpoint.top_k": cfg.checkpoint.top_k,
+        "train.log_every_steps": cfg.train.log_every_steps,
+        "dist.timeout_s": cfg.dist.timeout_s,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    for key, value in {"train.max_steps": cfg.train.max_steps, "data.num_workers": cfg.data.num_workers,
+                       "train.stop_at_step": cfg.train.stop_at_step,
+                       "train.val_every_steps": cfg.train.val_every_steps,
+                       "checkpoint.every_steps": cfg.checkpoint.every_steps}.items():
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
+    if cfg.train.val_every_epochs <= 0:
+        raise ConfigError(f"train.val_every_epochs: must be > 0, got {cfg.train.val_every_epochs}")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"train.betas: expected two numbers, got {cfg.train.betas}")
+    es = cfg.train.early_stopping
+    if len(es.modes) != len(es.metrics):
+        raise ConfigError("train.early_stopping.modes: needs one mode (min|max) per metric "
+                          f"in train.early_stopping.metrics, got {len(es.modes)} for {len(es.metrics)}")
+    if cfg.data.source == "shards" and not cfg.data.shards:
+        raise ConfigError("data.shards: required when data.source is 'shards'")
+    if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "manifest.json").is_file():
+        raise ConfigError(f"data.shards: no manifest.json in {cfg.data.shards}")
+    if cfg.train.strategy == "deepspeed" and not cfg.deepspeed.config:
+        raise ConfigError("deepspeed.config: required when train.strategy is 'deepspeed'")
+    try:
+        recipe_cls = get_recipe(cfg.recipe.name)
+    except KeyError:
+        raise ConfigError(f"recipe.name: unknown recipe '{cfg.recipe.name}'"
+                          f"{_suggest(cfg.recipe.name, recipe_names())}; "
+                          f"known: {', '.join(recipe_names())}") from None
+    recipe_params(cfg)  # raises ConfigError on bad recipe.params
+
+
+def recipe_params(cfg: Config) -> Any:
+    from dist_train.recipe import get_recipe
+
+    return build_dataclass(get_recipe(cfg.recipe.name).Params, cfg.recipe.params, prefix="recipe.params")
+
+
+def dump_config(cfg: Config) -> str:
+    tree = to_dict(cfg)
+    tree["recipe"]["params"] = to_dict(recipe_params(cfg))  # resolved, with defaults
+    return yaml.safe_dump(tree, sort_keys=False)

@@ -1,0 +1,116 @@
+"""Process-group lifetime: pick backend and device, init with a timeout, shut down cleanly."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from launch.env import LaunchEnv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    env: LaunchEnv
+    device: torch.device
+    backend: str
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+
+def pick_backend(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def pick_device(env: LaunchEnv) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init(env: LaunchEnv, backend: str = "auto", timeout_s: int = 1800) -> DistContext:
+    """Join (or, for one process, create) the process group.
+
+    A world of one still gets a real group so that collectives used by the
+    trainer and recipes (all_gather_object, barrier) work unchanged."""
+    backend = pick_backend(backend)
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("dist.backend=nccl needs CUDA GPUs; none are visible (use gloo or auto)")
+    device = pick_device(env)
+    os.environ["MASTER_ADDR"] = env.master_addr
+    os.environ["MASTER_PORT"] = str(env.master_port)
+    # Fail a hung collective instead of waiting forever; NCCL needs async error
+    # handling for the timeout to fire.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            kwargs["device_id"] = device
+        dist.init_process_group(backend=backend, init_method="env://", rank=env.rank,
+                                world_size=env.world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistContext(env=env, device=device, backend=backend)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(env: LaunchEnv, backend: str, timeout_s: int) -> Iterator[DistContext]:
+    """Init, run, and always tear the group down.
+
+    On an exception the rank logs it with its number and re-raises; the
+    launcher (torchrun / srun --kill-on-bad-exit) then stops the other ranks,
+    and the collective timeout ends any rank still blocked in a collective."""
+    ctx = init(env, backend, timeout_s)
+    try:
+        yield ctx
+    except BaseException:
+        log.exception("rank %d failed", env.rank)
+        raise
+    finally:
+        shutdown()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

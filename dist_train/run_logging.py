@@ -1,0 +1,207 @@
+"""What a run shows and leaves behind: rich console, CSV logs, TensorBoard, plots.
+
+Only rank 0 owns a ``RunLogger`` that writes; other ranks get one that does
+nothing, and their Python logging is raised to WARNING so they print only
+warnings and errors.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any, Mapping
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+log = logging.getLogger("biomtl")
+
+
+def setup_console_logging(is_main: bool, rank: int) -> None:
+    level = logging.INFO if is_main else logging.WARNING
+    handler = RichHandler(console=Console(stderr=True), show_path=False, rich_tracebacks=False,
+                          markup=False, log_time_format="[%X]")
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if not is_main else "%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("matplotlib", "PIL", "urllib3", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class CsvLog:
+    """Append rows to a CSV; the header grows if a later row brings new keys."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+        if path.exists():  # resuming: keep what was written, in order
+            with path.open() as fh:
+                self.rows = [dict(r) for r in csv.DictReader(fh)]
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows logged after ``step`` (a resumed run repeats none)."""
+        self.rows = [r for r in self.rows if int(float(r["step"])) <= step]
+        self._rewrite()
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        new_keys = [k for k in row if not self.rows or k not in self.rows[0]]
+        self.rows.append(dict(row))
+        if new_keys and len(self.rows) > 1:
+            self._rewrite()
+            return
+        write_header = not self.path.exists() or len(self.rows) == 1
+        with self.path.open("a" if not write_header else "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(self.rows[0]), extrasaction="ignore")
+            if write_header:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def _rewrite(self) -> None:
+        fields: list[str] = []
+        for row in self.rows:
+            fields += [k for k in row if k not in fields]
+        with self.path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+def plot_curves(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+        xs, ys = [], []
+        for r in rows:
+            value = r.get(key)
+            if value in (None, ""):
+                continue
+            xs.append(float(r["step"]))
+            ys.append(float(value))
+        return xs, ys
+
+    skip = {"step", "epoch", "lr", "samples_per_s", "epoch_time_s", "grad_norm", "time"}
+    loss_keys = [k for k in (train_rows[0] if train_rows else {}) if k not in skip]
+    val_keys = [k for k in (val_rows[0] if val_rows else {}) if k not in skip]
+    panels = 2 + (1 if val_keys else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
+    for key in loss_keys:
+        axes[0].plot(*series(train_rows, key), label=key)
+    axes[0].set_title("training losses")
+    axes[0].set_xlabel("optimizer step")
+    axes[0].legend(fontsize=7)
+    axes[1].plot(*series(train_rows, "lr"), color="tab:orange")
+    axes[1].set_title("learning rate")
+    axes[1].set_xlabel("optimizer step")
+    if val_keys:
+        for key in val_keys:
+            axes[2].plot(*series(val_rows, key), marker="o", label=key)
+        axes[2].set_title("validation")
+        axes[2].set_xlabel("optimizer step")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+class RunLogger:
+    """Rank 0's sink for everything a run reports."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, progress: bool,
+                 plot: bool):
+        self.run_dir = run_dir
+        self.plot = plot
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+        self.train_csv = CsvLog(run_dir / "logs" / "train_logs.csv")
+        self.val_csv = CsvLog(run_dir / "logs" / "validation_logs.csv")
+        self.train_csv.truncate_after(start_step)
+        self.val_csv.truncate_after(start_step)
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.console = Console(stderr=True)
+        # On a terminal a live bar; in a batch log (SLURM, CI) plain lines instead.
+        self.live = progress and self.console.is_terminal
+        self.progress = None
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[sps]} samples/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
+                                               loss="-", lr="-", sps="-")
+            self.progress.start()
+        self.total_steps = total_steps
+
+    def log_train(self, step: int, epoch: int, values: Mapping[str, float]) -> None:
+        row = {"step": step, "epoch": epoch, **{k: _round(v) for k, v in values.items()}}
+        self.train_csv.append(row)
+        if self.tb:
+            for key, value in values.items():
+                tag = f"train/{key}" if key not in ("lr", "samples_per_s", "grad_norm") else f"perf/{key}"
+                self.tb.add_scalar(tag, value, step)
+        if self.progress:
+            self.progress.update(self.task, completed=step, loss=f"{values.get('loss', float('nan')):.4f}",
+                                 lr=f"{values.get('lr', 0):.2e}", sps=f"{values.get('samples_per_s', 0):.0f}")
+        else:
+            log.info("step %d/%d  epoch %d  loss %.4f  lr %.2e  %.0f samples/s", step, self.total_steps, epoch,
+                     values.get("loss", float("nan")), values.get("lr", 0), values.get("samples_per_s", 0))
+
+    def log_epoch(self, epoch: int, step: int, seconds: float, corrupt: int) -> None:
+        if self.tb:
+            self.tb.add_scalar("perf/epoch_time_s", seconds, step)
+            self.tb.add_scalar("data/corrupt_samples", corrupt, step)
+
+    def advance(self, step: int) -> None:
+        if self.progress:
+            self.progress.update(self.task, completed=step)
+
+    def log_validation(self, step: int, epoch: int, metrics: Mapping[str, float], split: str = "val") -> None:
+        self.val_csv.append({"step": step, "epoch": epoch, **{k: _round(v) for k, v in metrics.items()}})
+        if self.tb:
+            for key, value in metrics.items():
+                self.tb.add_scalar(f"{split}/{key}", value, step)
+            self.tb.flush()
+        table = Table(title=f"{split} @ step {step} (epoch {epoch})", show_header=True)
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in metrics.items():
+            table.add_row(key, f"{value:.4f}")
+        self.console.print(table)
+        if self.plot:
+            self.plot_now()
+
+    def plot_now(self) -> None:
+        if self.train_csv.rows:
+            plot_curves(self.train_csv.rows, self.val_csv.rows, self.run_dir / "plots" / "latest.png")
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.stop()
+        if self.plot:
+            self.plot_now()
+        if self.tb:
+            self.tb.close()
+
+
+class NullLogger:
+    """What ranks other than 0 hold: same methods, no output."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _round(value: float) -> float:
+    return value if not isinstance(value, float) or math.isnan(value) else float(f"{value:.6g}")

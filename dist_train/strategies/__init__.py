@@ -1,0 +1,19 @@
+"""Training strategies behind one interface; pick one by ``train.strategy``."""
+from __future__ import annotations
+
+from dist_train.strategies.base import Strategy, StepStats
+
+
+def build_strategy(name: str, **kwargs) -> Strategy:
+    if name == "ddp":
+        from dist_train.strategies.ddp import DDPStrategy
+
+        return DDPStrategy(**kwargs)
+    if name == "deepspeed":
+        from dist_train.strategies.deepspeed import DeepSpeedStrategy  # noqa: F401  (added by the DeepSpeed issue)
+
+        return DeepSpeedStrategy(**kwargs)
+    raise ValueError(f"unknown strategy {name}")
+
+
+__all__ = ["Strategy", "StepStats", "build_strategy"]

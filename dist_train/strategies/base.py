@@ -1,0 +1,65 @@
+"""What the trainer needs from a strategy (DDP, DeepSpeed, ...).
+
+The trainer owns the loop (epochs, accumulation windows, validation,
+checkpoint policy); a strategy owns how one micro-batch is run, how gradients
+are synchronised and applied, and what a checkpoint holds.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepStats:
+    lr: float
+    grad_norm: float  # before clipping; nan when not computed
+    skipped: bool  # fp16 overflow: the optimizer step was skipped
+
+
+class Strategy(abc.ABC):
+    @property
+    @abc.abstractmethod
+    def module(self) -> nn.Module:
+        """The unwrapped recipe module (for evaluation, export, artefacts)."""
+
+    @abc.abstractmethod
+    def micro_step(self, batch: Mapping[str, Any], loss_scale: float, boundary: bool) -> dict[str, Any]:
+        """Forward and backward one micro-batch. ``loss_scale`` is 1/window
+        length; gradients are synchronised across ranks only when ``boundary``."""
+
+    @abc.abstractmethod
+    def optimizer_step(self) -> StepStats:
+        """Clip, step the optimizer and the LR schedule, zero the gradients."""
+
+    @abc.abstractmethod
+    def eval_forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Forward in evaluation mode without gradients (same call count on every rank)."""
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    @abc.abstractmethod
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        """Called on every rank; ``path`` is a file or directory name to create."""
+
+    @abc.abstractmethod
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Restore model/optimizer/scheduler/scaler; return the client state."""
+
+    @property
+    def checkpoint_suffix(self) -> str:
+        return ".pt"
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """A consolidated fp32 state dict of the recipe module (every rank calls it)."""
+        return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                for k, v in self.module.state_dict().items()}

@@ -1,0 +1,102 @@
+"""DistributedDataParallel with autocast, GradScaler, accumulation and clipping."""
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_train.checkpoint import safe_load
+from dist_train.precision import Precision
+from dist_train.strategies.base import Strategy, StepStats
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+class DDPStrategy(Strategy):
+    def __init__(self, model: nn.Module, device: torch.device, precision: Precision,
+                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 make_scheduler: Callable[[torch.optim.Optimizer], Any], grad_clip: float,
+                 find_unused_parameters: bool = False, **_: Any):
+        self.device = device
+        self.precision = precision
+        self.grad_clip = grad_clip
+        model.to(device)
+        self._module = model
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        # A world of one skips the wrapper: nothing to synchronise.
+        self.model: nn.Module = model
+        if world > 1:
+            self.model = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=find_unused_parameters)
+        self.optimizer = make_optimizer(model)
+        self.scheduler = make_scheduler(self.optimizer)
+        self.scaler = precision.make_scaler()
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def micro_step(self, batch: Mapping[str, Any], loss_scale: float, boundary: bool) -> dict[str, Any]:
+        batch = move_to(batch, self.device)
+        sync = contextlib.nullcontext() if boundary or self.model is self._module else self.model.no_sync()
+        with sync:
+            with self.precision.autocast():
+                out = self.model(batch)
+            self.scaler.scale(out["loss"].float() * loss_scale).backward()
+        return out
+
+    def optimizer_step(self) -> StepStats:
+        self.scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.grad_clip > 0:
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
+        else:
+            norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        if not skipped:
+            self.scheduler.step()
+        return StepStats(lr=lr, grad_norm=norm if math.isfinite(norm) else float("nan"), skipped=skipped)
+
+    @torch.no_grad()
+    def eval_forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        batch = move_to(batch, self.device)
+        with self.precision.autocast():
+            return self._module(batch)
+
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        from dist_train.checkpoint import atomic_save
+
+        atomic_save({"model": self._module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                     "client": client_state}, path)
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        state = safe_load(path)
+        self._module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        return state["client"]

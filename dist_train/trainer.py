@@ -1,0 +1,302 @@
+"""The training loop: epochs, accumulation windows, validation, early stopping,
+checkpoints and exact resume. Recipe- and strategy-agnostic."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from dist_train import distributed
+from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, rng_state, safe_load,
+                                   set_rng_state)
+from dist_train.config import Config
+from dist_train.distributed import DistContext
+from dist_train.precision import Precision
+from dist_train.recipe import Recipe
+from dist_train.run_logging import NullLogger, RunLogger
+from dist_train.schedulers import build_scheduler
+from dist_train.strategies import Strategy, build_strategy
+
+log = logging.getLogger("biomtl")
+
+
+@dataclass
+class LoopState:
+    """Where training is; all of it goes into the checkpoint."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
+    samples_seen: int = 0
+    early_stop_best: list[float | None] = field(default_factory=list)
+    validations_without_improvement: int = 0
+    stopped_early: bool = False
+
+
+class EarlyStopping:
+    """Stop when none of the watched metrics improved for ``patience`` validations."""
+
+    def __init__(self, metrics: list[str], modes: list[str], patience: int, min_delta: float, state: LoopState):
+        self.metrics, self.modes, self.patience, self.min_delta = metrics, modes, patience, min_delta
+        self.state = state
+        if len(state.early_stop_best) != len(metrics):
+            state.early_stop_best = [None] * len(metrics)
+
+    def update(self, values: dict[str, float]) -> bool:
+        if not self.metrics:
+            return False
+        improved = False
+        for i, (name, mode) in enumerate(zip(self.metrics, self.modes)):
+            if name not in values:
+                raise KeyError(f"train.early_stopping.metrics: no validation metric '{name}' "
+                               f"(have: {', '.join(sorted(values))})")
+            best, value = self.state.early_stop_best[i], values[name]
+            if best is None or (value < best - self.min_delta if mode == "min" else value > best + self.min_delta):
+                self.state.early_stop_best[i] = value
+                improved = True
+        self.state.validations_without_improvement = 0 if improved else \
+            self.state.validations_without_improvement + 1
+        return self.state.validations_without_improvement >= self.patience
+
+
+def build_optimizer(cfg: Config, recipe: Recipe) -> Callable[[torch.nn.Module], torch.optim.Optimizer]:
+    t = cfg.train
+
+    def make(model: torch.nn.Module) -> torch.optim.Optimizer:
+        groups = recipe.param_groups(model, t.lr) or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        if t.optimizer == "adamw":
+            return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
+                               weight_decay=t.weight_decay)
+
+    return make
+
+
+class Trainer:
+    def __init__(self, cfg: Config, ctx: DistContext, recipe: Recipe, data_dir: Path, run_dir: Path,
+                 loaders: "LoaderFactory"):
+        self.cfg, self.ctx, self.recipe = cfg, ctx, recipe
+        self.data_dir, self.run_dir = data_dir, run_dir
+        self.loaders = loaders
+        self.state = LoopState()
+        self.batches_per_epoch = loaders.train_batches_per_epoch()
+        accum = cfg.train.grad_accum
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
+        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
+        self.precision = Precision(cfg.train.precision, ctx.device.type)
+        model = recipe.build_model()
+        self.strategy: Strategy = build_strategy(
+            cfg.train.strategy, model=model, device=ctx.device, precision=self.precision,
+            make_optimizer=build_optimizer(cfg, recipe),
+            make_scheduler=lambda opt: build_scheduler(cfg.train.scheduler, opt, self.total_steps),
+            grad_clip=cfg.train.grad_clip, find_unused_parameters=cfg.train.find_unused_parameters, cfg=cfg,
+            world_size=ctx.world_size)
+        self.checkpoints = CheckpointManager(
+            run_dir / "checkpoints",
+            CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,
+                             cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix)
+        self.val_points = self._validation_steps()
+
+    # ------------------------------------------------------------------
+    def _validation_steps(self) -> set[int]:
+        """Optimizer steps after which validation runs (besides the last step)."""
+        t = self.cfg.train
+        if t.val_every_steps:
+            return set(range(t.val_every_steps, self.total_steps + 1, t.val_every_steps))
+        points = set()
+        every = t.val_every_epochs * self.steps_per_epoch
+        k = 1
+        while (s := math.ceil(k * every - 1e-9)) <= self.total_steps:
+            points.add(max(1, s))
+            k += 1
+        return points
+
+    def resume(self, path: Path) -> None:
+        client = self.strategy.load_checkpoint(path)
+        loop = client["loop"]
+        self.state = LoopState(**loop)
+        self.checkpoints.load_policy_state(client["checkpoint_policy"])
+        rng = client["rng"]
+        set_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else rng[0])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.epoch,
+                 self.state.batch_in_epoch)
+
+    def _client_state(self) -> dict[str, Any]:
+        return {"loop": vars(self.state).copy(), "checkpoint_policy": self.checkpoints.policy_state(),
+                "rng": distributed.all_gather_objects(rng_state()), "total_steps": self.total_steps}
+
+    def save(self, metrics: dict[str, float] | None) -> None:
+        client = self._client_state()
+        self.checkpoints.save(lambda p: self.strategy.save_checkpoint(p, client), self.state.step, metrics)
+        distributed.barrier()
+
+    # ------------------------------------------------------------------
+    def fit(self) -> dict[str, float]:
+        cfg, st = self.cfg, self.state
+        logger = RunLogger(self.run_dir, self.total_steps, st.step, cfg.logging.tracking == "tensorboard",
+                           cfg.logging.progress, cfg.logging.plot) if self.ctx.is_main else NullLogger()
+        stopper = EarlyStopping(cfg.train.early_stopping.metrics, list(cfg.train.early_stopping.modes),
+                                cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta, st)
+        stop_at = cfg.train.stop_at_step or self.total_steps
+        last_metrics: dict[str, float] = {}
+        validated_at = -1
+        accum = cfg.train.grad_accum
+        global_batch = cfg.data.batch_size * self.ctx.world_size
+        try:
+            while st.step < min(self.total_steps, stop_at) and not st.stopped_early:
+                loader = self.loaders.train(st.epoch, st.batch_in_epoch)
+                n = self.batches_per_epoch
+                self.strategy.train()
+                epoch_start = time.perf_counter()
+                window_terms: dict[str, float] = {}
+                interval = {"terms": {}, "windows": 0, "samples": 0, "t0": time.perf_counter()}
+                for batch in loader:
+                    i = st.batch_in_epoch
+                    window_start = (i // accum) * accum
+                    window_len = min(accum, n - window_start)  # a short last window still averages right
+                    boundary = i + 1 == window_start + window_len
+                    out = self.strategy.micro_step(batch, 1.0 / window_len, boundary)
+                    for key, value in {"loss": out["loss"], **out.get("terms", {})}.items():
+                        window_terms[key] = window_terms.get(key, 0.0) + float(value.detach()) / window_len
+                    st.batch_in_epoch += 1
+                    st.samples_seen += global_batch
+                    interval["samples"] += global_batch
+                    if not boundary:
+                        continue
+                    stats = self.strategy.optimizer_step()
+                    st.step += 1
+                    for key, value in window_terms.items():
+                        interval["terms"][key] = interval["terms"].get(key, 0.0) + value
+                    interval["windows"] += 1
+                    window_terms = {}
+                    if st.step % cfg.train.log_every_steps == 0 or st.step in (1, self.total_steps):
+                        self._log_interval(logger, interval, stats)
+                        interval = {"terms": {}, "windows": 0, "samples": 0, "t0": time.perf_counter()}
+                    else:
+                        logger.advance(st.step)
+                    epoch_done = st.batch_in_epoch >= n
+                    if epoch_done:
+                        logger.log_epoch(st.epoch, st.step, time.perf_counter() - epoch_start,
+                                         self.loaders.corrupt_count(loader))
+                        st.epoch += 1
+                        st.batch_in_epoch = 0
+                    metrics = None
+                    if st.step in self.val_points or st.step == self.total_steps:
+                        metrics = last_metrics = self.validate(logger)
+                        validated_at = st.step
+                        if stopper.update(metrics):
+                            st.stopped_early = True
+                            log.info("early stopping at step %d: no improvement of %s for %d validations",
+                                     st.step, ", ".join(cfg.train.early_stopping.metrics),
+                                     cfg.train.early_stopping.patience)
+                    periodic = cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0
+                    finished = st.step >= min(self.total_steps, stop_at) or st.stopped_early
+                    if metrics is not None or periodic or finished:
+                        self.save(metrics)
+                    if finished or epoch_done:
+                        break
+            if validated_at != st.step and st.step >= self.total_steps:
+                last_metrics = self.validate(logger)
+                self.save(last_metrics)
+            if st.step >= self.total_steps or st.stopped_early:
+                test_metrics = self.recipe.write_artifacts(self.run_dir, self.strategy.module,
+                                                           self.loaders.eval_loaders(), self.ctx.is_main)
+                if test_metrics:
+                    logger.log_validation(st.step, st.epoch, test_metrics, split="test")
+                    last_metrics = {**last_metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
+        finally:
+            logger.close()
+        return last_metrics
+
+    def _log_interval(self, logger: Any, interval: dict[str, Any], stats: Any) -> None:
+        windows = max(interval["windows"], 1)
+        keys = sorted(interval["terms"])
+        local = torch.tensor([interval["terms"][k] / windows for k in keys], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            local = local.to(self.ctx.device)
+            dist.all_reduce(local)
+            local = local.cpu() / dist.get_world_size()
+        seconds = max(time.perf_counter() - interval["t0"], 1e-9)
+        values = {k: float(v) for k, v in zip(keys, local)}
+        values.update(lr=stats.lr, grad_norm=stats.grad_norm, samples_per_s=interval["samples"] / seconds)
+        if stats.skipped:
+            log.warning("step %d: fp16 overflow, optimizer step skipped", self.state.step)
+        for key, value in values.items():
+            if key in keys and not math.isfinite(value):
+                raise FloatingPointError(f"step {self.state.step}: {key} is {value}")
+        logger.log_train(self.state.step, self.state.epoch, values)
+
+    @torch.no_grad()
+    def validate(self, logger: Any) -> dict[str, float]:
+        self.strategy.eval()
+        metrics = self.recipe.new_metrics()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        for batch in self.loaders.val():
+            out = self.strategy.eval_forward(batch)
+            valid = batch["_valid"]
+            n_valid = float(valid.sum())
+            # The batch loss averages padding rows too; weighting by valid rows
+            # keeps the epoch mean exact up to that padding (at most one batch).
+            loss_sum += torch.tensor([float(out["loss"]) * n_valid, n_valid], dtype=torch.float64)
+            metrics.update(out, batch)
+        states = distributed.all_gather_objects((metrics.state(), loss_sum.tolist()))
+        values = type(metrics).compute([s for s, _ in states])
+        total = [sum(x) for x in zip(*(l for _, l in states))]
+        values = {"loss": total[0] / max(total[1], 1.0), **values}
+        logger.log_validation(self.state.step, self.state.epoch, values)
+        self.strategy.train()
+        return values
+
+
+class LoaderFactory:
+    """Builds the shard loaders the trainer iterates, from the config."""
+
+    def __init__(self, cfg: Config, ctx: DistContext, data_dir: Path, recipe: Recipe):
+        from shards import stream
+
+        self.stream = stream
+        self.cfg, self.ctx, self.data_dir, self.recipe = cfg, ctx, data_dir, recipe
+
+    def train(self, epoch: int, skip_batches: int = 0):
+        d = self.cfg.data
+        return self.stream.build_train_loader(
+            self.data_dir, d.train_split, self.recipe.transform, d.batch_size, self.ctx.rank, self.ctx.world_size,
+            d.num_workers, self.cfg.experiment.seed, epoch, skip_batches=skip_batches,
+            shuffle_buffer=d.shuffle_buffer, max_corrupt_fraction=d.max_corrupt_fraction)
+
+    def train_batches_per_epoch(self) -> int:
+        return len(self.train(0))
+
+    def corrupt_count(self, loader: Any) -> int:
+        counter = getattr(loader, "corrupt_count", None)
+        return int(counter()) if callable(counter) else 0
+
+    def _eval(self, split: str):
+        d = self.cfg.data
+        return self.stream.build_eval_loader(self.data_dir, split, self.recipe.transform, d.batch_size,
+                                             self.ctx.rank, self.ctx.world_size, d.num_workers)
+
+    def val(self):
+        return self._eval(self.cfg.data.val_split)
+
+    def eval_loaders(self) -> dict[str, Any]:
+        from shards.manifest import Manifest
+
+        splits = Manifest.load(self.data_dir).splits
+        return {name: self._eval(split) for name, split in
+                (("val", self.cfg.data.val_split), ("test", self.cfg.data.test_split)) if splits.get(split)}
+
+
+def find_latest_checkpoint(output_dir: Path, experiment: str, suffix: str = ".pt") -> Path | None:
+    candidates = [p / "checkpoints" / f"{LATEST}{suffix}" for p in output_dir.glob(f"{experiment}_*")]
+    candidates = [c for c in candidates if c.exists()]
+    return max(candidates, key=lambda c: c.stat().st_mtime) if candidates else None
+
+
+__all__ = ["Trainer", "LoaderFactory", "LoopState", "find_latest_checkpoint", "safe_load"]

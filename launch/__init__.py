@@ -1,0 +1,1 @@
+"""How processes start: torchrun, SLURM (srun without torchrun), or one process."""

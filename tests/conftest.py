@@ -1,0 +1,47 @@
+"""Shared fixtures: repo paths, real-data locations, tiny configs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+PYTHON = sys.executable
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real face data not found at {path} (../shared/data is beside the repo in CI)")
+    return path
+
+
+def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
+    """Overrides that make configs/facecom.yaml a seconds-long CPU run."""
+    values = {
+        "experiment.output_dir": str(tmp_path / "runs"),
+        "data.synthetic.cache_dir": str(tmp_path.parent / "synthetic-cache"),
+        "data.synthetic.num_identities": 8,
+        "data.synthetic.samples_per_identity": 10,
+        "data.synthetic.image_size": 32,
+        "data.batch_size": 8,
+        "recipe.params.backbone": "resnet18",
+        "recipe.params.img_size": 32,
+        "train.precision": "fp32",
+        "train.epochs": 1,
+        "train.log_every_steps": 1,
+        "logging.progress": "false",
+        "logging.plot": "false",
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture
+def facecom_config() -> Path:
+    return REPO / "configs" / "facecom.yaml"
