@@ -1,25 +1,46 @@
-"""The ``biomtl`` command. A subcommand is listed only once it works."""
+"""The ``biomtl`` command. A subcommand is listed only once it works.
+
+Each subcommand lives in its own module exposing ``run(argv, prog) -> int``;
+adding one is one line in ``COMMANDS``.
+"""
 from __future__ import annotations
 
-import argparse
+import importlib
+import os
 import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# name -> (module with run(argv, prog), one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("dist_train.main", "train a recipe (same as dist_train/main.py; torchrun for several ranks)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: biomtl COMMAND [ARGS...]", "", "Distributed multi-task training for biometric models.",
+             "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run 'biomtl COMMAND --help' for a command's options."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="biomtl", description="Distributed multi-task training for biometrics.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("train", help="train a recipe (same as dist_train/main.py)", add_help=False)
     if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
+        print(_usage())
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    if command == "train":
-        from dist_train.main import run
+    if command not in COMMANDS:
+        import difflib
 
-        return run(rest, prog="biomtl train")
-    parser.parse_args(argv)  # prints the usage error for an unknown command
-    return 2
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"error: unknown command '{command}'{hint}; see 'biomtl --help'", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return module.run(rest, prog=f"biomtl {command}")
 
 
 if __name__ == "__main__":

@@ -234,7 +234,10 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if fields[key].metadata.get("path") and value and not Path(value).exists():
             raise ConfigError(f"{full}: path does not exist: {value}")
         kwargs[key] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # a dataclass's own __post_init__ checks
+        raise ConfigError(f"{prefix or 'config'}: {str(exc).splitlines()[0]}") from None
 
 
 def to_dict(obj: Any) -> Any:

@@ -186,6 +186,7 @@ class Trainer:
                                          self.loaders.corrupt_count(loader))
                         st.epoch += 1
                         st.batch_in_epoch = 0
+                    paused_from = time.perf_counter()
                     metrics = None
                     if st.step in self.val_points or st.step == self.total_steps:
                         metrics = last_metrics = self.validate(logger)
@@ -199,6 +200,8 @@ class Trainer:
                     finished = st.step >= min(self.total_steps, stop_at) or st.stopped_early
                     if metrics is not None or periodic or finished:
                         self.save(metrics)
+                    # Throughput counts training only; validation and checkpoints are timed apart.
+                    interval["t0"] += time.perf_counter() - paused_from
                     if finished or epoch_done:
                         break
             if validated_at != st.step and st.step >= self.total_steps:
@@ -234,6 +237,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, logger: Any) -> dict[str, float]:
+        started = time.perf_counter()
         self.strategy.eval()
         metrics = self.recipe.new_metrics()
         loss_sum = torch.zeros(2, dtype=torch.float64)
@@ -249,6 +253,7 @@ class Trainer:
         values = type(metrics).compute([s for s, _ in states])
         total = [sum(x) for x in zip(*(l for _, l in states))]
         values = {"loss": total[0] / max(total[1], 1.0), **values}
+        log.info("validation took %.1f s", time.perf_counter() - started)
         logger.log_validation(self.state.step, self.state.epoch, values)
         self.strategy.train()
         return values

@@ -60,3 +60,13 @@ def test_resume_latest_without_checkpoint_is_a_config_error(tmp_path: Path) -> N
 def test_missing_config_file_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="--config: file not found"):
         load_config("configs/nope.yaml")
+
+
+def test_ci_runs_the_readme_commands() -> None:
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:]]
+    setup, main_job, test_command = blocks[:3]
+    assert "dist_train/main.py --config configs/facecom.yaml" in main_job
+    assert setup in ci.splitlines()
+    assert ci.strip().splitlines()[-1] == test_command

@@ -1,0 +1,2 @@
+"""Built-in recipes; importing a module registers its recipe (``@register``)."""
+from models.recipes import facecom  # noqa: F401

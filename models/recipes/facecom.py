@@ -1,0 +1,404 @@
+"""FaceCom recipe: gender + identity from (possibly degraded) face images.
+
+Data (one shard sample):
+- image: the first of ``vis.png`` (built-in synthetic shards), ``png``, ``jpg``,
+  ``jpeg``, ``image.png``, ``image.jpg``, ``face.png``, ``face.jpg`` that is present
+  (a decoded ``PIL.Image``; grey images are converted to RGB);
+- ``json``: ``identity`` (int, index into the manifest's identities; missing or
+  ``-1`` = unlabelled) and ``gender`` (int 0/1; missing or ``-1`` = unlabelled).
+  Unlabelled rows are ignored by the losses and the metrics.
+
+``transform`` -> ``{"image": float [3, S, S] (ImageNet-normalised), "identity": long,
+"gender": long}``. Training adds the degradation augmentations
+(:mod:`models.augment`), a horizontal flip and a mild random resized crop.
+
+Model: timm backbone -> dropout -> linear -> BatchNorm1d|LayerNorm|none (the embedding, size
+``embedding_dim``); a linear gender head (2 classes) and an identity head
+(``linear`` | ``arcface`` | ``cosface``) on the embedding.
+``loss = alpha * CE(gender) + beta * CE(identity)``; ``terms`` holds the two
+unweighted CEs.
+
+Metrics: gender accuracy / precision / recall / F1 (binary, positive class 1) /
+macro F1; identity top-1, top-5, macro F1 (sklearn, labels = those present in
+truth or prediction); ``combined = 0.3 * gender_macro_f1 + 0.7 * identity_macro_f1``
+(the FaceCom weighting "0.3 gender + 0.7 identity"; macro F1 because FaceCom
+gender is heavily imbalanced and macro F1 does not depend on which gender is
+coded 1). A metric with no labelled row is NaN.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision import transforms
+
+from dist_train.recipe import DataInfo, Metrics, Recipe, register
+from models.augment import degradation_transforms
+from models.backbones import build_backbone
+from models.heads import build_identity_head
+from models.losses import masked_cross_entropy
+
+log = logging.getLogger("biomtl.facecom")
+
+IMAGE_KEYS = ("vis.png", "png", "jpg", "jpeg", "image.png", "image.jpg", "face.png", "face.jpg")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class FaceComParams:
+    backbone: str = "resnet50"
+    pretrained: bool = False                 # timm hub weights (needs network or the HF cache)
+    weights_path: str = field(default="", metadata={"path": True})  # local .pth/.safetensors backbone weights
+    img_size: int = 64
+    embedding_dim: int = 128
+    # batchnorm is the usual face-embedding neck; layernorm/none make a step
+    # independent of how a batch is split (exact gradient-accumulation parity).
+    embedding_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
+    dropout: float = 0.2
+    alpha: float = 0.3                        # gender loss weight
+    beta: float = 1.0                         # identity loss weight
+    identity_head: Literal["linear", "arcface", "cosface"] = "arcface"
+    margin_s: float = 30.0
+    margin_m: float | None = None             # None: 0.5 rad for ArcFace, 0.35 for CosFace
+    label_smoothing: float = 0.0
+    backbone_lr_mult: float = 1.0             # LR multiplier of the backbone (e.g. 0.1 when pretrained)
+    augment: bool = True
+    p_blur: float = 0.3
+    p_noise: float = 0.3
+    p_low_light: float = 0.3
+    p_haze: float = 0.2
+    p_jpeg: float = 0.3
+    p_flip: float = 0.5
+    crop_scale_min: float = 0.85              # RandomResizedCrop lower scale; 1.0 disables the crop
+
+    def __post_init__(self) -> None:
+        for name in ("p_blur", "p_noise", "p_low_light", "p_haze", "p_jpeg", "p_flip"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.img_size < 8 or self.embedding_dim < 1:
+            raise ValueError("img_size must be >= 8 and embedding_dim >= 1")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ValueError("crop_scale_min must be in (0, 1]")
+        if self.pretrained and self.weights_path:
+            raise ValueError("set either pretrained (timm hub) or weights_path (local file), not both")
+
+
+def pick_image(sample: Mapping[str, Any]):
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return sample[key]
+    raise KeyError(f"sample {sample.get('__key__')!r} has no image (looked for {IMAGE_KEYS}; has {sorted(sample)})")
+
+
+class FaceComModel(nn.Module):
+    def __init__(self, p: FaceComParams, num_identities: int, num_genders: int = 2):
+        super().__init__()
+        self.alpha, self.beta, self.label_smoothing = p.alpha, p.beta, p.label_smoothing
+        weights: bool | str = p.weights_path or p.pretrained
+        self.backbone, feat = build_backbone(p.backbone, weights, img_size=p.img_size)
+        norm = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}.get(p.embedding_norm)
+        self.neck = nn.Sequential(nn.Dropout(p.dropout), nn.Linear(feat, p.embedding_dim),
+                                  norm(p.embedding_dim) if norm else nn.Identity())
+        self.gender_head = nn.Linear(p.embedding_dim, num_genders)
+        self.identity_head = build_identity_head(p.identity_head, p.embedding_dim, max(num_identities, 1),
+                                                 s=p.margin_s, m=p.margin_m)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.neck(self.backbone(images))
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        emb = self.embed(batch["image"])
+        identity = batch.get("identity")
+        gender = batch.get("gender")
+        gender_logits = self.gender_head(emb)
+        identity_logits = self.identity_head(emb, identity if self.training else None)
+        out: dict[str, Any] = {"gender_logits": gender_logits, "identity_logits": identity_logits,
+                               "embedding": emb}
+        zero = emb.float().sum() * 0.0
+        l_g = masked_cross_entropy(gender_logits, gender, self.label_smoothing) if gender is not None else zero
+        l_i = masked_cross_entropy(identity_logits, identity, self.label_smoothing) if identity is not None else zero
+        out["terms"] = {"gender": l_g, "identity": l_i}
+        out["loss"] = self.alpha * l_g + self.beta * l_i
+        return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _valid_mask(batch: Mapping[str, Any], n: int) -> np.ndarray:
+    v = batch.get("_valid")
+    if v is None:
+        return np.ones(n, dtype=bool)
+    return torch.as_tensor(v).detach().cpu().numpy().astype(bool).reshape(-1)
+
+
+def _labels(batch: Mapping[str, Any], key: str, n: int) -> np.ndarray:
+    v = batch.get(key)
+    if v is None:
+        return np.full(n, -1, dtype=np.int64)
+    return torch.as_tensor(v).detach().cpu().numpy().astype(np.int64).reshape(-1)
+
+
+class FaceComMetrics(Metrics):
+    """State: per-row arrays (gender true/pred, identity true/pred, top-5 hit)."""
+
+    def __init__(self) -> None:
+        self.g_true: list[np.ndarray] = []
+        self.g_pred: list[np.ndarray] = []
+        self.i_true: list[np.ndarray] = []
+        self.i_pred: list[np.ndarray] = []
+        self.i_top5: list[np.ndarray] = []
+
+    def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
+        g_logits = outputs["gender_logits"].detach().float().cpu()
+        i_logits = outputs["identity_logits"].detach().float().cpu()
+        n = g_logits.shape[0]
+        valid = _valid_mask(batch, n)
+        g_true, i_true = _labels(batch, "gender", n), _labels(batch, "identity", n)
+        k = min(5, i_logits.shape[1])
+        top5 = i_logits.topk(k, dim=1).indices.numpy()
+        self.g_true.append(g_true[valid])
+        self.g_pred.append(g_logits.argmax(1).numpy()[valid])
+        self.i_true.append(i_true[valid])
+        self.i_pred.append(i_logits.argmax(1).numpy()[valid])
+        self.i_top5.append((top5 == i_true[:, None]).any(1)[valid])
+
+    def state(self) -> dict[str, np.ndarray]:
+        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+        return {"g_true": cat(self.g_true, np.int64), "g_pred": cat(self.g_pred, np.int64),
+                "i_true": cat(self.i_true, np.int64), "i_pred": cat(self.i_pred, np.int64),
+                "i_top5": cat(self.i_top5, bool)}
+
+    @staticmethod
+    def compute(states: list[Any]) -> dict[str, float]:
+        from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+        def cat(key: str) -> np.ndarray:
+            return np.concatenate([s[key] for s in states]) if states else np.zeros(0)
+
+        g_true, g_pred = cat("g_true"), cat("g_pred")
+        i_true, i_pred, i_top5 = cat("i_true"), cat("i_pred"), cat("i_top5")
+        nan = float("nan")
+        out: dict[str, float] = {}
+        gm = g_true >= 0
+        if gm.any():
+            gt, gp = g_true[gm], g_pred[gm]
+            out["gender_acc"] = float(accuracy_score(gt, gp))
+            out["gender_precision"] = float(precision_score(gt, gp, pos_label=1, average="binary", zero_division=0))
+            out["gender_recall"] = float(recall_score(gt, gp, pos_label=1, average="binary", zero_division=0))
+            out["gender_f1"] = float(f1_score(gt, gp, pos_label=1, average="binary", zero_division=0))
+            out["gender_macro_f1"] = float(f1_score(gt, gp, average="macro", zero_division=0))
+        else:
+            out.update(gender_acc=nan, gender_precision=nan, gender_recall=nan, gender_f1=nan, gender_macro_f1=nan)
+        im = i_true >= 0
+        if im.any():
+            out["identity_top1"] = float(accuracy_score(i_true[im], i_pred[im]))
+            out["identity_top5"] = float(i_top5[im].mean())
+            out["identity_macro_f1"] = float(f1_score(i_true[im], i_pred[im], average="macro", zero_division=0))
+        else:
+            out.update(identity_top1=nan, identity_top5=nan, identity_macro_f1=nan)
+        out["combined"] = 0.3 * out["gender_macro_f1"] + 0.7 * out["identity_macro_f1"]
+        return out
+
+
+# ----------------------------------------------------------------------------- artefacts
+
+def plot_validation_metrics(csv_path: Path, out_path: Path) -> bool:
+    """Plot every metric column of ``validation_logs.csv`` against ``step``.
+
+    Panels: gender metrics, identity metrics, ``combined``, losses / others.
+    Returns False (and writes nothing) when the file is missing or has no rows.
+    """
+    if not csv_path.is_file():
+        return False
+    with csv_path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        return False
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    keys = [k for k in keys if k not in ("step", "epoch")]
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        xs, ys = [], []
+        for i, r in enumerate(rows):
+            try:
+                y = float(r.get(key) or "nan")
+            except ValueError:
+                continue
+            if math.isnan(y):
+                continue
+            try:
+                x = float(r.get("step") or i)
+            except ValueError:
+                x = float(i)
+            xs.append(x)
+            ys.append(y)
+        return xs, ys
+
+    groups = {"gender": [k for k in keys if "gender" in k],
+              "identity": [k for k in keys if "identity" in k],
+              "combined score": [k for k in keys if "combined" in k]}
+    used = {k for ks in groups.values() for k in ks}
+    groups["loss / other"] = [k for k in keys if k not in used]
+    groups = {g: ks for g, ks in groups.items() if any(series(k)[0] for k in ks)}
+    if not groups:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
+    for ax, (title, ks) in zip(axes[0], groups.items()):
+        for k in ks:
+            xs, ys = series(k)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return True
+
+
+def _move(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device)
+            if v.is_floating_point():
+                v = v.to(dtype)
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- recipe
+
+@register
+class FaceComRecipe(Recipe):
+    name = "facecom"
+    Params = FaceComParams
+
+    def __init__(self, params: FaceComParams, data_info: DataInfo):
+        super().__init__(params, data_info)
+        p = params
+        norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        self.eval_tf = transforms.Compose([transforms.Resize((p.img_size, p.img_size)), *norm])
+        train: list[Any] = []
+        if p.augment and p.crop_scale_min < 1.0:
+            train.append(transforms.RandomResizedCrop((p.img_size, p.img_size), scale=(p.crop_scale_min, 1.0),
+                                                      ratio=(0.9, 1.1)))
+        else:
+            train.append(transforms.Resize((p.img_size, p.img_size)))
+        if p.augment:
+            if p.p_flip > 0:
+                train.append(transforms.RandomHorizontalFlip(p.p_flip))
+            train.append(degradation_transforms(p.p_blur, p.p_noise, p.p_low_light, p.p_haze, p.p_jpeg))
+        self.train_tf = transforms.Compose([*train, *norm])
+        schema = data_info.label_schemas.get("gender") if data_info.label_schemas else None
+        self.gender_names = tuple(schema) if schema else ("0", "1")
+
+    # --- data
+    def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+        img = pick_image(sample)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        meta = sample.get("json") or {}
+        identity = meta.get("identity", -1)
+        gender = meta.get("gender", -1)
+        return {"image": (self.train_tf if train else self.eval_tf)(img),
+                "identity": torch.tensor(-1 if identity is None else int(identity), dtype=torch.long),
+                "gender": torch.tensor(-1 if gender is None else int(gender), dtype=torch.long)}
+
+    # --- model
+    def build_model(self) -> nn.Module:
+        return FaceComModel(self.params, self.data_info.num_identities, max(2, len(self.gender_names)))
+
+    def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]] | None:
+        if self.params.backbone_lr_mult == 1.0:
+            return None
+        model = getattr(model, "module", model)
+        bb = list(model.backbone.parameters())
+        ids = {id(p) for p in bb}
+        rest = [p for p in model.parameters() if id(p) not in ids]
+        return [{"params": bb, "lr": base_lr * self.params.backbone_lr_mult},
+                {"params": rest, "lr": base_lr}]
+
+    # --- evaluation
+    def new_metrics(self) -> Metrics:
+        return FaceComMetrics()
+
+    def write_artifacts(self, run_dir: Path, model: nn.Module, loaders: Mapping[str, Any],
+                        is_main: bool) -> dict[str, float]:
+        """Predict ``loaders["test"]`` (all ranks), write ``submission.csv`` and
+        ``plots/training_metrics.png`` on rank 0, return the test metrics."""
+        import torch.distributed as dist
+
+        run_dir = Path(run_dir)
+        module = getattr(model, "module", model)
+        rows: list[dict[str, Any]] = []
+        metrics = FaceComMetrics()
+        loader = loaders.get("test") if loaders else None
+        if loader is not None:
+            param = next(module.parameters())
+            was_training = module.training
+            module.eval()
+            with torch.no_grad():
+                for batch in loader:
+                    out = module(_move(batch, param.device, param.dtype))
+                    metrics.update(out, batch)
+                    g_prob = out["gender_logits"].float().softmax(1).cpu()
+                    i_prob = out["identity_logits"].float().softmax(1).cpu()
+                    valid = _valid_mask(batch, g_prob.shape[0])
+                    keys = batch.get("__key__") or [str(i) for i in range(len(valid))]
+                    g_conf, g_pred = g_prob.max(1)
+                    i_conf, i_pred = i_prob.max(1)
+                    for j in np.flatnonzero(valid):
+                        rows.append({"key": str(keys[j]), "gender": int(g_pred[j]), "gender_confidence": float(g_conf[j]),
+                                     "identity": int(i_pred[j]), "confidence": float(i_conf[j])})
+            module.train(was_training)
+        state = metrics.state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (rows, state))
+            rows = [r for rs, _ in gathered for r in rs]
+            states = [s for _, s in gathered]
+        else:
+            states = [state]
+        test_metrics = FaceComMetrics.compute(states) if loader is not None else {}
+        if is_main:
+            if loader is not None:
+                self._write_submission(run_dir / "submission.csv", rows)
+            if not plot_validation_metrics(run_dir / "logs" / "validation_logs.csv",
+                                           run_dir / "plots" / "training_metrics.png"):
+                log.info("no validation log to plot in %s", run_dir / "logs")
+        return test_metrics
+
+    def _write_submission(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        names = self.data_info.identities
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["key", "gender", "gender_confidence", "identity", "confidence"])
+            for r in sorted(rows, key=lambda r: r["key"]):
+                g = r["gender"]
+                gname = self.gender_names[g] if g < len(self.gender_names) else str(g)
+                iname = names[r["identity"]] if r["identity"] < len(names) else str(r["identity"])
+                w.writerow([r["key"], gname, f"{r['gender_confidence']:.4f}", iname, f"{r['confidence']:.4f}"])
+        tmp.replace(path)

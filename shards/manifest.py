@@ -1,0 +1,161 @@
+"""The shard manifest: what a shard directory holds.
+
+``DIR/manifest.json`` lists every shard of every split (file relative to
+``DIR``, sample count, size, sha256), the identity names (list index = label),
+twin pairs, the schema (class names) of every categorical label, the tar
+extensions each sample carries and per-modality image statistics. The stream
+reads sample counts from here (equal batches on every rank need the total
+before reading), and recipes get a :class:`dist_train.recipe.DataInfo` view.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "biomtl-shards/1"
+TOOL_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One tar shard. ``file`` is relative to the dataset directory."""
+
+    file: str
+    count: int
+    bytes: int
+    sha256: str
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "ShardEntry":
+        return ShardEntry(file=str(d["file"]), count=int(d["count"]), bytes=int(d["bytes"]),
+                          sha256=str(d["sha256"]))
+
+
+@dataclass
+class Manifest:
+    format: str = FORMAT
+    created_with: dict[str, Any] = field(default_factory=dict)
+    tool_version: str = TOOL_VERSION
+    splits: dict[str, list[ShardEntry]] = field(default_factory=dict)
+    identities: list[str] = field(default_factory=list)
+    twin_pairs: list[tuple[int, int]] = field(default_factory=list)
+    label_schemas: dict[str, list[str]] = field(default_factory=dict)
+    modalities: list[str] = field(default_factory=list)
+    image_stats: dict[str, Any] = field(default_factory=dict)
+
+    # --- queries ------------------------------------------------------------
+    def split_size(self, name: str) -> int:
+        if name not in self.splits:
+            raise KeyError(f"split {name!r} not in manifest (have: {', '.join(sorted(self.splits)) or 'none'})")
+        return sum(e.count for e in self.splits[name])
+
+    def shard_paths(self, root: str | os.PathLike, name: str) -> list[Path]:
+        root = Path(root)
+        self.split_size(name)  # raises a clear KeyError for an unknown split
+        return [root / e.file for e in self.splits[name]]
+
+    def data_info(self):
+        from dist_train.recipe import DataInfo
+
+        return DataInfo(
+            identities=tuple(self.identities),
+            twin_pairs=tuple((int(a), int(b)) for a, b in self.twin_pairs),
+            label_schemas={k: tuple(v) for k, v in self.label_schemas.items()},
+            modalities=tuple(self.modalities),
+            split_sizes={name: self.split_size(name) for name in self.splits},
+        )
+
+    # --- io -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["twin_pairs"] = [list(p) for p in self.twin_pairs]
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Manifest":
+        return Manifest(
+            format=str(d.get("format", "")),
+            created_with=dict(d.get("created_with", {})),
+            tool_version=str(d.get("tool_version", "")),
+            splits={str(k): [ShardEntry.from_dict(e) for e in v] for k, v in d.get("splits", {}).items()},
+            identities=[str(x) for x in d.get("identities", [])],
+            twin_pairs=[(int(a), int(b)) for a, b in d.get("twin_pairs", [])],
+            label_schemas={str(k): [str(x) for x in v] for k, v in d.get("label_schemas", {}).items()},
+            modalities=[str(x) for x in d.get("modalities", [])],
+            image_stats=dict(d.get("image_stats", {})),
+        )
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``directory/manifest.json`` atomically (temp file + ``os.replace``)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / MANIFEST_NAME
+        text = json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+        return target
+
+    @staticmethod
+    def load(directory: str | os.PathLike) -> "Manifest":
+        directory = Path(directory)
+        path = directory / MANIFEST_NAME
+        if not directory.is_dir():
+            raise FileNotFoundError(f"shard directory {directory} does not exist")
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not a shard directory: no {MANIFEST_NAME} in it")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict) or not str(d.get("format", "")).startswith("biomtl-shards/"):
+            fmt = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"{path}: not a biomtl shard manifest (format={fmt!r}, expected {FORMAT!r})")
+        try:
+            return Manifest.from_dict(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+
+    def verify(self, directory: str | os.PathLike, splits: list[str] | None = None) -> list[str]:
+        """Check sizes and sha256 of the shards; returns a list of problems (empty = fine)."""
+        directory = Path(directory)
+        problems = []
+        for name in splits or list(self.splits):
+            for e in self.splits[name]:
+                p = directory / e.file
+                if not p.is_file():
+                    problems.append(f"{e.file}: missing")
+                    continue
+                if p.stat().st_size != e.bytes:
+                    problems.append(f"{e.file}: {p.stat().st_size} bytes, manifest says {e.bytes}")
+                    continue
+                if file_sha256(p) != e.sha256:
+                    problems.append(f"{e.file}: sha256 mismatch")
+        return problems
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()

@@ -1,0 +1,746 @@
+"""Streaming train/eval loaders over WebDataset shards.
+
+What comes from webdataset: reading tar files into samples
+(``wds.tariterators.tarfile_samples``: url opener -> tar expander ->
+``group_by_keys``), the shuffle buffer (``wds.filters.shuffle`` with an
+explicit ``random.Random``) and the stage composition (``wds.DataPipeline``).
+
+What is written here by hand, and why (webdataset 1.0.x):
+
+* the shard plan. ``split_by_node`` raises under torchrun unless a process
+  group exists and ``split_by_worker`` knows nothing of the epoch; the shard
+  order of ``WebDataset(shardshuffle=...)`` is frozen across epochs unless it
+  is reseeded, and ``resampled=True`` ignores ``seed=``. Here the shard list
+  is shuffled by an RNG seeded from ``(seed, epoch)`` (the same on all ranks),
+  then split by rank, then by worker; with fewer shards than (rank, worker)
+  slots every slot reads all shards and keeps sample ``i`` where
+  ``i % slots == slot``. Every slot's stream cycles, so no slot runs dry.
+* the epoch length. ``with_epoch`` counts per worker; here every worker knows
+  exactly which batches it owns (the DataLoader returns batch ``j`` from worker
+  ``j % W``), so each rank yields exactly ``len(loader)`` batches.
+* error handling. ``warn_and_continue`` sleeps 0.5 s per exception and counts
+  nothing; here lost samples are counted per shard, logged (rate-limited)
+  and turned into a ``RuntimeError`` naming the worst shard above
+  ``max_corrupt_fraction``.
+* resume. ``skip_batches=k`` drops the raw (undecoded) samples of the first
+  ``k`` batches after the shuffle buffer, so the continuation is exactly the
+  tail of an uninterrupted epoch.
+
+Corrupt samples never change which raw samples a batch is made of (a batch
+is always ``batch_size`` consecutive raw samples of its worker's stream): a
+sample that fails to decode or transform is replaced by a repeat of a good
+sample of the same batch (or, if the whole batch is bad, of the next good one
+in the stream, peeked without consuming), so batch shapes stay fixed and
+resume stays exact. The count travels with each batch (``"_corrupt"``, taken
+out by the loader, so it survives worker processes); read it with
+``loader.corrupt_count()`` after (or during) an iteration.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate
+
+from .manifest import Manifest
+
+log = logging.getLogger("shards.stream")
+
+IMAGE_EXTS = {"png", "jpg", "jpeg", "pgm", "ppm", "gif", "bmp", "tif", "tiff", "webp"}
+# Exceptions from a recipe's transform that mean "this sample's data are bad"
+# (missing field, unreadable value); anything else is a bug and propagates.
+DATA_ERRORS = (KeyError, ValueError, OSError, EOFError, IndexError)
+
+
+# ---------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------
+def derive_seed(*parts: Any) -> int:
+    """A stable 63-bit seed from any repr-able parts (Python's hash() is salted per process)."""
+    h = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's CPU global RNGs (not CUDA: that would
+    disturb the training process's GPU RNG when num_workers == 0)."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.default_generator.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def _preserved_global_rngs(enabled: bool):
+    """With num_workers == 0 the per-sample seeding runs in the training process;
+    put its RNG states back afterwards so the model's randomness is untouched."""
+    if not enabled:
+        yield
+        return
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
+
+
+def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """Decode by extension: images -> PIL.Image (mode kept, fully loaded),
+    ``.npy`` -> ndarray (no pickle), ``json`` -> dict, ``txt`` -> str,
+    ``cls``/``index`` -> int; ``__meta__`` fields and unknown extensions pass through."""
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k.startswith("__"):
+            out[k] = v
+            continue
+        ext = k.rsplit(".", 1)[-1].lower()
+        if ext in IMAGE_EXTS:
+            from PIL import Image
+
+            img = Image.open(io.BytesIO(v))
+            img.load()
+            out[k] = img
+        elif ext == "npy":
+            out[k] = np.load(io.BytesIO(v), allow_pickle=False)
+        elif ext == "json":
+            out[k] = json.loads(v)
+        elif ext == "txt":
+            out[k] = v.decode("utf-8")
+        elif ext in ("cls", "index"):
+            out[k] = int(v.decode("utf-8").strip())
+        else:
+            out[k] = v
+    return out
+
+
+def _collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return default_collate(rows)
+
+
+# ---------------------------------------------------------------------------
+# corrupt-data accounting (per worker)
+# ---------------------------------------------------------------------------
+class _CorruptTracker:
+    """Counts distinct lost samples of one worker in one iteration; raises above
+    ``max_fraction`` of the samples the worker is to deliver in this iteration."""
+
+    MAX_WARNINGS = 5
+
+    def __init__(self, split: str, rank: int, worker: int, planned: int, max_fraction: float):
+        self.split, self.rank, self.worker = split, rank, worker
+        self.planned = max(1, planned)
+        self.max_fraction = max_fraction
+        self.total = 0
+        self._reported = 0
+        self.by_shard: collections.Counter[str] = collections.Counter()
+        self.last = ""
+        self._seen: set[tuple[str, str | None]] = set()
+
+    def record(self, shard: str, key: str | None, what: str, n: int = 1) -> None:
+        """Count ``n`` lost samples (``key`` None: samples a shard failed to deliver).
+        A sample (or a shard's tail) met again on a later pass is not counted again."""
+        if n <= 0 or (shard, key) in self._seen:
+            return
+        self._seen.add((shard, key))
+        self.total += n
+        self.by_shard[shard] += n
+        self.last = f"{shard}{' key ' + key if key else ''}: {what}"
+        if self.total <= self.MAX_WARNINGS or self.total % 100 == 0:
+            more = " (further warnings suppressed)" if self.total == self.MAX_WARNINGS else ""
+            log.warning("skipping %d corrupt sample(s) [split %s, rank %d, worker %d, %d so far] in %s%s",
+                        n, self.split, self.rank, self.worker, self.total, self.last, more)
+        if self.total > self.max_fraction * self.planned:
+            worst, k = self.by_shard.most_common(1)[0]
+            raise RuntimeError(
+                f"too many corrupt samples in split {self.split!r} (rank {self.rank}, worker {self.worker}): "
+                f"{self.total} lost of {self.planned} planned samples > max_corrupt_fraction="
+                f"{self.max_fraction}; worst shard {worst} ({k} lost); last: {self.last}")
+
+    def take(self) -> int:
+        d = self.total - self._reported
+        self._reported = self.total
+        return d
+
+
+# ---------------------------------------------------------------------------
+# reading one shard
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Shard:
+    path: str  # absolute
+    name: str  # relative to the dataset dir (as in the manifest)
+    count: int  # samples according to the manifest
+
+
+class _FieldSelector:
+    """Picklable ``select_files`` predicate: keep only the wanted extensions."""
+
+    def __init__(self, fields: frozenset[str]):
+        self.fields = fields
+
+    def __call__(self, fname: str) -> bool:
+        _, ext = wds.tariterators.base_plus_ext(fname)
+        return ext is not None and ext.lower() in self.fields
+
+
+class _ShardReader:
+    """Iterate the complete samples of one tar (webdataset's tarfile_samples).
+
+    A read error (truncated or garbled tar, missing file) ends the shard. The
+    sample being assembled when it happened is kept only if it has every
+    expected field (``expect``: the manifest's modalities; without them, the
+    fields of the shard's previous sample). Afterwards ``n`` is the number of
+    samples yielded and ``error`` the error.
+    """
+
+    def __init__(self, shard: _Shard, fields: frozenset[str] | None, expect: frozenset[str] | None = None):
+        self.shard = shard
+        self.fields = fields
+        self.expect = expect
+        self.n = 0
+        self.error: str | None = None
+
+    def _handler(self, exn: Exception) -> bool:
+        if self.error is None:
+            self.error = f"{type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:300]
+        return False  # stop reading this shard
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        select = _FieldSelector(self.fields) if self.fields is not None else None
+        samples = wds.tariterators.tarfile_samples([{"url": self.shard.path}], handler=self._handler,
+                                                   select_files=select)
+        expect = self.expect
+        try:
+            for s in samples:
+                have = frozenset(k for k in s if not k.startswith("__"))
+                if self.error is not None and (expect is None or not expect <= have):
+                    continue  # assembled across the failure point and incomplete
+                if expect is None:
+                    expect = have
+                self.n += 1
+                yield s
+        except Exception as exn:  # errors the webdataset handlers do not see
+            self._handler(exn)
+
+
+def _lost_positions(start: int, stop: int, base: int, slot: int, nslots: int) -> int:
+    """How many of the positions base+start .. base+stop-1 belong to ``slot``."""
+    if stop <= start:
+        return 0
+    if nslots <= 1:
+        return stop - start
+    return sum(1 for p in range(base + start, base + stop) if p % nslots == slot)
+
+
+# ---------------------------------------------------------------------------
+# train stream
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _TrainPlan:
+    split: str
+    shards: tuple[_Shard, ...]  # manifest order
+    total: int
+    batch_size: int
+    num_batches: int  # per rank per epoch
+    rank: int
+    world_size: int
+    workers: int  # >= 1 (1 when num_workers == 0)
+    seed: int
+    epoch: int
+    skip_batches: int
+    shuffle_buffer: int
+    max_corrupt_fraction: float
+    fields: frozenset[str] | None
+    expect: frozenset[str] | None
+
+    def slot_shards(self, logical_worker: int) -> tuple[list[_Shard], str, int, int]:
+        """(shards, mode, slot, nslots) for one (rank, logical worker) slot."""
+        order = list(range(len(self.shards)))
+        random.Random(derive_seed("shard-order", self.seed, self.epoch)).shuffle(order)
+        nslots = self.world_size * self.workers
+        slot = self.rank * self.workers + logical_worker
+        if len(order) >= nslots:
+            mine = order[self.rank::self.world_size][logical_worker::self.workers]
+            return [self.shards[i] for i in mine], "shard", slot, nslots
+        return [self.shards[i] for i in order], "sample", slot, nslots
+
+    def worker_batches(self, logical_worker: int) -> tuple[int, int]:
+        """(batches to skip, batches to produce) of one logical worker."""
+        skip = min(self.skip_batches, self.num_batches)
+        n_skip = len(range(logical_worker, skip, self.workers))
+        n_all = len(range(logical_worker, self.num_batches, self.workers))
+        return n_skip, n_all - n_skip
+
+
+class _SlotSource:
+    """One pass over the raw samples of one slot per call (hand-written: see the
+    module doc); the pipeline repeats it, so the stream never runs dry."""
+
+    def __init__(self, shards: list[_Shard], mode: str, slot: int, nslots: int,
+                 fields: frozenset[str] | None, expect: frozenset[str] | None, tracker: _CorruptTracker):
+        self.shards, self.mode, self.slot, self.nslots = shards, mode, slot, nslots
+        self.fields, self.expect, self.tracker = fields, expect, tracker
+        self.cycle = -1
+
+    def __call__(self) -> Iterator[dict[str, Any]]:
+        self.cycle += 1
+        return self._one_pass(self.cycle)
+
+    def _one_pass(self, cycle: int) -> Iterator[dict[str, Any]]:
+        produced = 0
+        base = 0
+        for sh in self.shards:
+            reader = _ShardReader(sh, self.fields, self.expect)
+            j = 0
+            for s in reader:
+                pos = base + j
+                j += 1
+                if self.mode == "sample" and pos % self.nslots != self.slot:
+                    continue
+                s["__cycle__"] = cycle
+                s["__shard__"] = sh.name
+                produced += 1
+                yield s
+            if reader.error is not None or reader.n < sh.count:
+                slot, nslots = (self.slot, self.nslots) if self.mode == "sample" else (0, 1)
+                lost = _lost_positions(reader.n, max(sh.count, reader.n + (reader.error is not None)),
+                                       base, slot, nslots)
+                self.tracker.record(sh.name, None, reader.error or
+                                    f"short shard: {reader.n} of {sh.count} samples", n=lost)
+            base += max(sh.count, reader.n)
+        if produced == 0:
+            raise RuntimeError(f"no readable samples for slot {self.slot}/{self.nslots} in "
+                               f"{', '.join(s.name for s in self.shards)}; last error: {self.tracker.last}")
+
+
+class _Item:
+    """One raw sample and (once computed) its transformed value or failure."""
+
+    __slots__ = ("raw", "out", "done")
+
+    def __init__(self, raw):
+        self.raw, self.out, self.done = raw, None, False
+
+
+class _Peekable:
+    """Items of a raw-sample iterator; ``peek`` looks ahead without consuming, and
+    a peeked item keeps its decoded result for when it is consumed."""
+
+    def __init__(self, it: Iterator[Any]):
+        self.it = it
+        self.buf: collections.deque[_Item] = collections.deque()
+
+    def next(self) -> _Item:
+        return self.buf.popleft() if self.buf else _Item(next(self.it))
+
+    def peek(self, i: int) -> _Item:
+        while len(self.buf) <= i:
+            self.buf.append(_Item(next(self.it)))
+        return self.buf[i]
+
+
+class _TrainStream(IterableDataset):
+    """Per-worker batches; batch ``j`` of the rank comes from logical worker ``j % W``."""
+
+    def __init__(self, plan: _TrainPlan, transform: Callable[..., dict]):
+        super().__init__()
+        self.plan = plan
+        self.transform = transform
+
+    def _process(self, item: _Item, tracker: _CorruptTracker) -> dict[str, Any] | None:
+        if item.done:
+            return item.out
+        item.done = True
+        raw = item.raw
+        key, shard = raw.get("__key__", "?"), raw.get("__shard__", "?")
+        try:
+            sample = decode_sample({k: v for k, v in raw.items() if k not in ("__cycle__", "__shard__")})
+        except Exception as exn:  # any decode failure is bad data
+            tracker.record(shard, key, f"decode failed: {type(exn).__name__}: {exn}")
+            return None
+        seed_global_rngs(derive_seed("sample", self.plan.seed, self.plan.epoch, key, raw.get("__cycle__", 0)))
+        try:
+            out = self.transform(sample, train=True)
+        except DATA_ERRORS as exn:
+            tracker.record(shard, key, f"transform failed: {type(exn).__name__}: {exn}")
+            return None
+        if not isinstance(out, dict):
+            raise TypeError(f"transform must return a dict, got {type(out).__name__}")
+        out.setdefault("__key__", key)
+        item.out = out
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        p = self.plan
+        info = get_worker_info()
+        dl_worker = info.id if info is not None else 0
+        # DataLoader worker i plays logical worker (i + skip) % W so that the first
+        # batch after a resume (batch k, owned by logical worker k % W) comes first.
+        logical = (dl_worker + p.skip_batches) % p.workers
+        n_skip, n_take = p.worker_batches(logical)
+        if n_take <= 0:
+            return
+        B = p.batch_size
+        tracker = _CorruptTracker(p.split, p.rank, logical, n_take * B, p.max_corrupt_fraction)
+        shards, mode, slot, nslots = p.slot_shards(logical)
+        if mode == "shard":
+            per_cycle = sum(s.count for s in shards)
+        else:
+            per_cycle = len(range(slot, p.total, nslots))
+        bufsize = max(1, min(p.shuffle_buffer, per_cycle, (n_skip + n_take) * B))
+        rng = random.Random(derive_seed("buffer", p.seed, p.epoch, p.rank, logical))
+        # the buffer is flushed at the end of each pass over the slot's data, so a
+        # sample is not repeated before all others of its slot have been seen
+        raw = wds.DataPipeline(
+            _SlotSource(shards, mode, slot, nslots, p.fields, p.expect, tracker),
+            wds.filters.shuffle(bufsize, initial=bufsize, rng=rng),
+        ).repeat()
+        it = iter(raw)
+        for _ in range(n_skip * B):  # resume: drop raw samples before any decoding
+            next(it)
+        stream = _Peekable(it)
+        in_process = info is None
+        for _ in range(n_take):
+            with _preserved_global_rngs(in_process):
+                items = [stream.next() for _ in range(B)]
+                outs = [self._process(x, tracker) for x in items]
+                good = [o for o in outs if o is not None]
+                ahead = 0
+                while not good:  # the whole batch is bad: borrow the next good sample (not consumed)
+                    if ahead > 2 * per_cycle + B:
+                        raise RuntimeError(f"split {p.split!r} rank {p.rank}: no decodable sample in "
+                                           f"{', '.join(s.name for s in shards)}; last: {tracker.last}")
+                    o = self._process(stream.peek(ahead), tracker)
+                    ahead += 1
+                    if o is not None:
+                        good = [o]
+                filled = [o if o is not None else good[i % len(good)] for i, o in enumerate(outs)]
+                batch = _collate(filled)
+            batch["_corrupt"] = tracker.take()
+            yield batch
+
+
+class _WorkerInit:
+    """Per-(rank, worker) seeding of the global RNGs, one thread per worker."""
+
+    def __init__(self, seed: int, epoch: int, rank: int, tag: str):
+        self.seed, self.epoch, self.rank, self.tag = seed, epoch, rank, tag
+
+    def __call__(self, worker_id: int) -> None:
+        torch.set_num_threads(1)
+        seed_global_rngs(derive_seed("worker", self.tag, self.seed, self.epoch, self.rank, worker_id))
+
+
+def _make_loader(ds: IterableDataset, num_workers: int, init: _WorkerInit, pin_memory: bool,
+                 mp_context: str | None, prefetch_factor: int) -> Any:
+    if num_workers <= 0:
+        return ds
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=init,
+                      # an explicit generator: the DataLoader's base-seed draw must not
+                      # consume the training process's global torch RNG
+                      generator=torch.Generator().manual_seed(0),
+                      pin_memory=pin_memory, multiprocessing_context=mp_context,
+                      prefetch_factor=prefetch_factor, persistent_workers=False)
+
+
+def _expected_fields(manifest: Manifest, fields: Sequence[str] | None) -> frozenset[str] | None:
+    """The fields every sample should have (manifest modalities, within ``fields``)."""
+    if not manifest.modalities:
+        return None
+    exp = frozenset(manifest.modalities)
+    if fields is not None:
+        exp &= frozenset(fields)
+    return exp or None
+
+
+def _shards_of(data_dir: Path, manifest: Manifest, split: str) -> tuple[_Shard, ...]:
+    if split not in manifest.splits:
+        raise KeyError(f"split {split!r} not in {data_dir}/manifest.json "
+                       f"(have: {', '.join(sorted(manifest.splits)) or 'none'})")
+    return tuple(_Shard(path=str(data_dir / e.file), name=e.file, count=e.count) for e in manifest.splits[split])
+
+
+class TrainLoader:
+    """Exactly ``len(self)`` batches per epoch on every rank (``len - skip_batches``
+    are yielded when resuming). Iterating again replays the same epoch."""
+
+    def __init__(self, data_dir, split, transform, batch_size, rank, world_size, num_workers, seed, epoch,
+                 skip_batches=0, shuffle_buffer=1000, max_corrupt_fraction=0.01, fields=None,
+                 pin_memory=False, mp_context=None, prefetch_factor=2):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        self.data_dir = Path(data_dir)
+        self.manifest = Manifest.load(self.data_dir)
+        shards = _shards_of(self.data_dir, self.manifest, split)
+        total = sum(s.count for s in shards)
+        if total <= 0:
+            raise ValueError(f"split {split!r} of {self.data_dir} has no samples")
+        self.num_workers = int(num_workers)
+        self.transform = transform
+        self.pin_memory, self.mp_context, self.prefetch_factor = pin_memory, mp_context, prefetch_factor
+        self.plan = _TrainPlan(
+            split=split, shards=shards, total=total, batch_size=int(batch_size),
+            num_batches=max(1, total // (world_size * batch_size)), rank=int(rank), world_size=int(world_size),
+            workers=max(1, self.num_workers), seed=int(seed), epoch=int(epoch), skip_batches=int(skip_batches),
+            shuffle_buffer=int(shuffle_buffer), max_corrupt_fraction=float(max_corrupt_fraction),
+            fields=None if fields is None else frozenset(fields),
+            expect=_expected_fields(self.manifest, fields))
+        self._corrupt = 0
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def num_remaining(self) -> int:
+        """Batches one iteration yields (``len - skip_batches``, at least 0)."""
+        return max(0, self.plan.num_batches - self.plan.skip_batches)
+
+    def corrupt_count(self) -> int:
+        """Samples lost to corrupt data in the current/last iteration of this rank."""
+        return self._corrupt
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._corrupt = 0
+        p = self.plan
+        ds = _TrainStream(p, self.transform)
+        init = _WorkerInit(p.seed, p.epoch, p.rank, "train")
+        n = 0
+        for batch in _make_loader(ds, self.num_workers, init, self.pin_memory, self.mp_context,
+                                  self.prefetch_factor):
+            self._corrupt += int(batch.pop("_corrupt", 0))
+            n += 1
+            yield batch
+        if n != self.num_remaining:  # would desynchronise the ranks' collectives
+            raise RuntimeError(f"train stream of rank {p.rank} yielded {n} batches, expected {self.num_remaining}")
+
+
+def build_train_loader(data_dir, split: str, transform: Callable[..., dict], batch_size: int, rank: int,
+                       world_size: int, num_workers: int, seed: int, epoch: int, skip_batches: int = 0,
+                       shuffle_buffer: int = 1000, max_corrupt_fraction: float = 0.01,
+                       fields: Sequence[str] | None = None, pin_memory: bool = False,
+                       mp_context: str | None = None, prefetch_factor: int = 2) -> TrainLoader:
+    """The training stream of one rank for one epoch.
+
+    ``len(loader) == max(1, samples_in_split // (world_size * batch_size))`` on
+    every rank; iterating yields ``len(loader) - skip_batches`` batches, exactly
+    those an uninterrupted iteration yields after its first ``skip_batches``.
+    ``transform(sample, train=True)`` gets a decoded sample (images as
+    ``PIL.Image``, ``.npy`` as arrays, ``json`` as dict, ``__key__``) with the
+    global RNGs seeded from ``(seed, epoch, key, pass)``. ``fields`` restricts
+    the tar members read (extensions, e.g. ``["vis.png", "json"]``).
+    """
+    return TrainLoader(data_dir, split, transform, batch_size, rank, world_size, num_workers, seed, epoch,
+                       skip_batches=skip_batches, shuffle_buffer=shuffle_buffer,
+                       max_corrupt_fraction=max_corrupt_fraction, fields=fields, pin_memory=pin_memory,
+                       mp_context=mp_context, prefetch_factor=prefetch_factor)
+
+
+# ---------------------------------------------------------------------------
+# eval stream
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _EvalPlan:
+    split: str
+    shards: tuple[_Shard, ...]
+    total: int
+    batch_size: int
+    rank: int
+    world_size: int
+    workers: int
+    per_rank: int  # ceil(total / world_size): rows per rank including padding
+    num_batches: int
+    max_corrupt_fraction: float
+    fields: frozenset[str] | None
+    expect: frozenset[str] | None
+
+
+class _EvalStream(IterableDataset):
+    def __init__(self, plan: _EvalPlan, transform: Callable[..., dict]):
+        super().__init__()
+        self.plan = plan
+        self.transform = transform
+        self._filler: dict[str, Any] | None = None
+
+    def _apply(self, raw: dict[str, Any], tracker: _CorruptTracker | None) -> dict[str, Any] | None:
+        key, shard = raw.get("__key__", "?"), raw.get("__shard__", "?")
+        try:
+            sample = decode_sample({k: v for k, v in raw.items() if k != "__shard__"})
+        except Exception as exn:
+            if tracker is not None:
+                tracker.record(shard, key, f"decode failed: {type(exn).__name__}: {exn}")
+            return None
+        seed_global_rngs(derive_seed("eval", key))
+        try:
+            out = self.transform(sample, train=False)
+        except DATA_ERRORS as exn:
+            if tracker is not None:
+                tracker.record(shard, key, f"transform failed: {type(exn).__name__}: {exn}")
+            return None
+        if not isinstance(out, dict):
+            raise TypeError(f"transform must return a dict, got {type(out).__name__}")
+        out.setdefault("__key__", key)
+        return out
+
+    def _filler_row(self) -> dict[str, Any]:
+        """The padding row: the first good sample of the split, marked invalid."""
+        if self._filler is None:
+            for sh in self.plan.shards:
+                for raw in _ShardReader(sh, self.plan.fields, self.plan.expect):
+                    raw["__shard__"] = sh.name
+                    out = self._apply(raw, None)
+                    if out is not None:
+                        self._filler = out
+                        break
+                if self._filler is not None:
+                    break
+            if self._filler is None:
+                raise RuntimeError(f"split {self.plan.split!r}: no readable sample at all")
+        return self._filler
+
+    def _positions(self, tracker: _CorruptTracker) -> Iterator[tuple[int, dict[str, Any] | None]]:
+        """(row t of this rank, raw sample or None if lost) for t in 0..per_rank-1."""
+        p = self.plan
+        base = 0
+        next_t = 0
+        for sh in p.shards:
+            last_pos = base + sh.count  # exclusive, by the manifest
+            if base + (p.rank - base) % p.world_size >= last_pos:  # no row of this rank in the shard
+                base = last_pos
+                continue
+            reader = _ShardReader(sh, p.fields, p.expect)
+            j = 0
+            for raw in reader:
+                pos = base + j
+                j += 1
+                if pos >= last_pos:
+                    break  # more samples than the manifest says: ignore the extra ones
+                if pos % p.world_size != p.rank:
+                    continue
+                raw["__shard__"] = sh.name
+                t = pos // p.world_size
+                yield t, raw
+                next_t = t + 1
+            # positions the shard did not deliver
+            lost = [q for q in range(base + reader.n, last_pos) if q % p.world_size == p.rank]
+            if lost:
+                tracker.record(sh.name, None, reader.error or f"short shard: {reader.n} of {sh.count} samples",
+                               n=len(lost))
+                for q in lost:
+                    yield q // p.world_size, None
+                    next_t = q // p.world_size + 1
+            base = last_pos
+        for t in range(next_t, p.per_rank):  # padding rows
+            yield t, "pad"
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        p = self.plan
+        info = get_worker_info()
+        w = info.id if info is not None else 0
+        mine = range(w, p.num_batches, p.workers)
+        if len(mine) == 0:
+            return
+        planned = sum(min(p.batch_size, p.per_rank - j * p.batch_size) for j in mine)
+        tracker = _CorruptTracker(p.split, p.rank, w, planned, p.max_corrupt_fraction)
+        in_process = info is None
+        rows: list[tuple[dict[str, Any], bool]] = []
+        cur = -1
+        for t, raw in self._positions(tracker):
+            j = t // p.batch_size
+            if j % p.workers != w:
+                continue
+            if j != cur:
+                if rows:
+                    yield self._batch(rows, tracker)
+                rows, cur = [], j
+            with _preserved_global_rngs(in_process):
+                out = self._apply(raw, tracker) if isinstance(raw, dict) else None
+                rows.append((out, True) if out is not None else (self._filler_row(), False))
+        if rows:
+            yield self._batch(rows, tracker)
+
+    @staticmethod
+    def _batch(rows: list[tuple[dict[str, Any], bool]], tracker: _CorruptTracker) -> dict[str, Any]:
+        batch = _collate([r for r, _ in rows])
+        batch["_valid"] = torch.tensor([v for _, v in rows], dtype=torch.bool)
+        batch["_corrupt"] = tracker.take()
+        return batch
+
+
+class EvalLoader:
+    """Every sample of the split exactly once over all ranks (``_valid`` True),
+    in manifest order; the same number of batches on every rank (padding rows
+    repeat a sample with ``_valid`` False)."""
+
+    def __init__(self, data_dir, split, transform, batch_size, rank, world_size, num_workers=0,
+                 max_corrupt_fraction=0.01, fields=None, pin_memory=False, mp_context=None, prefetch_factor=2):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.data_dir = Path(data_dir)
+        self.manifest = Manifest.load(self.data_dir)
+        shards = _shards_of(self.data_dir, self.manifest, split)
+        total = sum(s.count for s in shards)
+        if total <= 0:
+            raise ValueError(f"split {split!r} of {self.data_dir} has no samples")
+        per_rank = -(-total // world_size)
+        self.num_workers = int(num_workers)
+        self.transform = transform
+        self.pin_memory, self.mp_context, self.prefetch_factor = pin_memory, mp_context, prefetch_factor
+        self.plan = _EvalPlan(split=split, shards=shards, total=total, batch_size=int(batch_size),
+                              rank=int(rank), world_size=int(world_size), workers=max(1, self.num_workers),
+                              per_rank=per_rank, num_batches=-(-per_rank // batch_size),
+                              max_corrupt_fraction=float(max_corrupt_fraction),
+                              fields=None if fields is None else frozenset(fields),
+                              expect=_expected_fields(self.manifest, fields))
+        self._corrupt = 0
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    def corrupt_count(self) -> int:
+        return self._corrupt
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._corrupt = 0
+        p = self.plan
+        ds = _EvalStream(p, self.transform)
+        init = _WorkerInit(0, 0, p.rank, "eval")
+        n = 0
+        for batch in _make_loader(ds, self.num_workers, init, self.pin_memory, self.mp_context,
+                                  self.prefetch_factor):
+            self._corrupt += int(batch.pop("_corrupt", 0))
+            n += 1
+            yield batch
+        if n != p.num_batches:
+            raise RuntimeError(f"eval stream of rank {p.rank} yielded {n} batches, expected {p.num_batches}")
+
+
+def build_eval_loader(data_dir, split: str, transform: Callable[..., dict], batch_size: int, rank: int,
+                      world_size: int, num_workers: int = 0, max_corrupt_fraction: float = 0.01,
+                      fields: Sequence[str] | None = None, pin_memory: bool = False,
+                      mp_context: str | None = None, prefetch_factor: int = 2) -> EvalLoader:
+    """Evaluation stream of one rank: rank ``r`` takes sample ``i`` (manifest
+    order) where ``i % world_size == r``; ``transform(sample, train=False)``;
+    batches carry ``_valid`` (bool tensor) and ``__key__`` (list of str)."""
+    return EvalLoader(data_dir, split, transform, batch_size, rank, world_size, num_workers=num_workers,
+                      max_corrupt_fraction=max_corrupt_fraction, fields=fields, pin_memory=pin_memory,
+                      mp_context=mp_context, prefetch_factor=prefetch_factor)
