@@ -346,7 +346,19 @@ def recipe_params(cfg: Config) -> Any:
     return build_dataclass(get_recipe(cfg.recipe.name).Params, cfg.recipe.params, prefix="recipe.params")
 
 
-def dump_config(cfg: Config) -> str:
+def resolved_config_dict(cfg: Config) -> dict[str, Any]:
     tree = to_dict(cfg)
     tree["recipe"]["params"] = to_dict(recipe_params(cfg))  # resolved, with defaults
-    return yaml.safe_dump(tree, sort_keys=False)
+    return tree
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """Rebuild a Config saved in a checkpoint (paths there need not exist here)."""
+    cfg = build_dataclass(Config, {**tree, "data": {**tree["data"], "shards": ""},
+                                   "deepspeed": {"config": ""}})
+    cfg.data.shards = tree["data"].get("shards", "")
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(resolved_config_dict(cfg), sort_keys=False)

@@ -31,6 +31,19 @@ class DataInfo:
         return len(self.identities)
 
 
+def data_info_dict(info: DataInfo) -> dict[str, Any]:
+    """Plain data (for weights_only checkpoints)."""
+    return {"identities": list(info.identities), "twin_pairs": [list(p) for p in info.twin_pairs],
+            "label_schemas": {k: list(v) for k, v in info.label_schemas.items()},
+            "modalities": list(info.modalities), "split_sizes": dict(info.split_sizes)}
+
+
+def data_info_from_dict(d: Mapping[str, Any]) -> DataInfo:
+    return DataInfo(identities=tuple(d["identities"]), twin_pairs=tuple(tuple(p) for p in d["twin_pairs"]),
+                    label_schemas={k: tuple(v) for k, v in d["label_schemas"].items()},
+                    modalities=tuple(d["modalities"]), split_sizes=dict(d.get("split_sizes", {})))
+
+
 class Metrics:
     """Accumulates per-rank state during evaluation; the trainer gathers the
     states of all ranks (``all_gather_object``) and calls :meth:`compute` with

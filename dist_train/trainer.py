@@ -15,10 +15,10 @@ import torch.distributed as dist
 from dist_train import distributed
 from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, rng_state, safe_load,
                                    set_rng_state)
-from dist_train.config import Config
+from dist_train.config import Config, resolved_config_dict
 from dist_train.distributed import DistContext
 from dist_train.precision import Precision
-from dist_train.recipe import Recipe
+from dist_train.recipe import Recipe, data_info_dict
 from dist_train.run_logging import NullLogger, RunLogger
 from dist_train.schedulers import build_scheduler
 from dist_train.strategies import Strategy, build_strategy
@@ -128,8 +128,11 @@ class Trainer:
                  self.state.batch_in_epoch)
 
     def _client_state(self) -> dict[str, Any]:
+        # config and data_info make a checkpoint self-describing: inference and
+        # export rebuild the recipe model from the file alone.
         return {"loop": vars(self.state).copy(), "checkpoint_policy": self.checkpoints.policy_state(),
-                "rng": distributed.all_gather_objects(rng_state()), "total_steps": self.total_steps}
+                "rng": distributed.all_gather_objects(rng_state()), "total_steps": self.total_steps,
+                "config": resolved_config_dict(self.cfg), "data_info": data_info_dict(self.recipe.data_info)}
 
     def save(self, metrics: dict[str, float] | None) -> None:
         client = self._client_state()

@@ -445,16 +445,28 @@ class _WorkerInit:
         seed_global_rngs(derive_seed("worker", self.tag, self.seed, self.epoch, self.rank, worker_id))
 
 
-def _make_loader(ds: IterableDataset, num_workers: int, init: _WorkerInit, pin_memory: bool,
-                 mp_context: str | None, prefetch_factor: int) -> Any:
+def _iterate(ds: IterableDataset, num_workers: int, init: _WorkerInit, pin_memory: bool,
+             mp_context: str | None, prefetch_factor: int) -> Iterator[dict[str, Any]]:
+    """Batches of ``ds``: in this process, or from DataLoader worker processes."""
     if num_workers <= 0:
-        return ds
-    return DataLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=init,
-                      # an explicit generator: the DataLoader's base-seed draw must not
-                      # consume the training process's global torch RNG
-                      generator=torch.Generator().manual_seed(0),
-                      pin_memory=pin_memory, multiprocessing_context=mp_context,
-                      prefetch_factor=prefetch_factor, persistent_workers=False)
+        yield from ds
+        return
+    dl = DataLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=init,
+                    # an explicit generator: the DataLoader's base-seed draw must not
+                    # consume the training process's global torch RNG
+                    generator=torch.Generator().manual_seed(0),
+                    pin_memory=pin_memory, multiprocessing_context=mp_context,
+                    prefetch_factor=prefetch_factor, persistent_workers=False)
+    it = iter(dl)
+    try:
+        yield from it
+    finally:
+        # stop the workers now (on errors and early breaks too), not whenever the
+        # iterator is garbage collected: live workers and their queue threads
+        # would otherwise outlast the epoch (and slow down later forks)
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _expected_fields(manifest: Manifest, fields: Sequence[str] | None) -> frozenset[str] | None:
@@ -523,8 +535,8 @@ class TrainLoader:
         ds = _TrainStream(p, self.transform)
         init = _WorkerInit(p.seed, p.epoch, p.rank, "train")
         n = 0
-        for batch in _make_loader(ds, self.num_workers, init, self.pin_memory, self.mp_context,
-                                  self.prefetch_factor):
+        for batch in _iterate(ds, self.num_workers, init, self.pin_memory, self.mp_context,
+                              self.prefetch_factor):
             self._corrupt += int(batch.pop("_corrupt", 0))
             n += 1
             yield batch
@@ -725,8 +737,8 @@ class EvalLoader:
         ds = _EvalStream(p, self.transform)
         init = _WorkerInit(0, 0, p.rank, "eval")
         n = 0
-        for batch in _make_loader(ds, self.num_workers, init, self.pin_memory, self.mp_context,
-                                  self.prefetch_factor):
+        for batch in _iterate(ds, self.num_workers, init, self.pin_memory, self.mp_context,
+                              self.prefetch_factor):
             self._corrupt += int(batch.pop("_corrupt", 0))
             n += 1
             yield batch

@@ -37,13 +37,16 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def test_accumulation_matches_a_bigger_batch(tmp_path: Path) -> None:
     """8 x accum 1 and 4 x accum 2 give the same weights after one optimizer step
-    (a LayerNorm ViT: batch norm would make the two legitimately differ)."""
+    (a LayerNorm ViT: batch norm would make the two legitimately differ; SGD,
+    because Adam's first step is g/|g| and turns 1e-10 float noise on a
+    zero-gradient parameter, such as a key bias, into a full lr-sized step)."""
     common = dict(recipe__params__backbone="vit_tiny_patch16_224", recipe__params__img_size=32,
                   recipe__params__embedding_norm="none", recipe__params__dropout=0.0,
-                  train__max_steps=1, train__grad_clip=0.0)
+                  train__max_steps=1, train__grad_clip=0.0, train__optimizer="sgd", train__lr=0.05,
+                  train__momentum=0.0, train__weight_decay=0.0)
     big = _run(tmp_path / "big", data__batch_size=8, train__grad_accum=1, **common)
     small = _run(tmp_path / "small", data__batch_size=4, train__grad_accum=2, **common)
-    initial = _run(tmp_path / "init", data__batch_size=8, train__lr=1e-12, **common)
+    initial = _run(tmp_path / "init", data__batch_size=8, **{**common, "train__lr": 1e-12})
     a, b, w0 = _weights(big), _weights(small), _weights(initial)
     moved = max(float((a[k].float() - w0[k].float()).abs().max()) for k in a if a[k].is_floating_point())
     assert moved > 1e-4  # the step really changed the weights

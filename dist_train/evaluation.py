@@ -1,0 +1,638 @@
+"""Face-verification evaluation: pair protocols, metrics, reports.
+
+Used in three places: the ``dcal_twins`` recipe's validation metrics (EER/AUC/
+TAR@FAR on pairs generated from the val split's embeddings, every validation
+during training), its ``write_artifacts`` (the full report on the test split
+after training) and ``biomtl eval`` (the full report for a checkpoint).
+
+Protocols
+---------
+* **Dataset pairs**: ``--pairs FILE`` or ``DIR/<split>_pairs.json`` (a list of
+  ``{"img1": key, "img2": key, "label": 1|0}`` with shard sample keys; an
+  optional ``"twin": true`` marks a twin impostor pair). The shard manifest has
+  no ``pairs`` field (``shards/manifest.py``), so a dataset that ships pairs
+  puts this file beside ``manifest.json``.
+* **Generated pairs** (:func:`generate_pairs`) from an identity-disjoint split:
+  every genuine pair (same identity), every *twin impostor* pair (the second
+  image's identity is the first one's co-twin) and every other impostor pair
+  when the split has at most ``max_pairs`` pairs; otherwise genuine pairs are
+  capped at ``max_pairs // 2`` (uniform sample) and general impostor pairs are
+  drawn uniformly to fill up to ``max_pairs`` (twin impostors are always all
+  kept). Deterministic for a given ``seed``; unlabelled samples (identity
+  ``-1``) are left out.
+
+Metrics (:func:`verification_report`), computed for two impostor sets:
+``all`` (genuine vs every impostor pair, twins included) and ``twin`` (genuine
+vs twin impostors only; NaN when the split has no twin pair). Higher score =
+same identity; a pair is accepted when ``score >= threshold``.
+
+* ``auc``: ROC AUC (``sklearn.metrics.roc_curve`` + trapezoid ``auc``, equal to
+  ``roc_auc_score`` with ties counted half).
+* ``eer``: the point where FAR = FRR on the piecewise-linear ROC (linear
+  interpolation between the two ROC points where ``FRR - FAR`` changes sign);
+  ``eer_threshold`` is the score threshold of the nearer of the two.
+* ``tar_at_far_<t>``: the largest TAR over ROC operating points with FAR <= t
+  (no interpolation; 0 when no threshold reaches it) for t in 1e-1, 1e-2,
+  1e-3, and 1e-4 when there are >= 10^4 impostor pairs; ``thr_at_far_<t>``
+  the threshold.
+* ``best_acc`` / ``best_threshold``: the best accuracy over all thresholds on
+  these pairs (optimistic: the threshold is picked on the test pairs).
+* ``acc_10fold`` / ``acc_10fold_std``: LFW-style: pairs are split into 10
+  folds (random, by ``seed``), the best-accuracy threshold on 9 folds is
+  applied to the 10th; mean and std over the 10 folds.
+* ``acc_at_threshold`` (when a threshold is given: picked on the validation
+  split with ``--optimize-threshold``, or the checkpoint's): plain accuracy,
+  with ``far_at_threshold`` / ``frr_at_threshold``.
+
+Everything is vectorised (one sort per curve, cumulative sums); 2M pairs take
+about a second.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+log = logging.getLogger("biomtl.eval")
+
+FAR_TARGETS = (1e-1, 1e-2, 1e-3)
+FAR_EXTRA = 1e-4          # reported when there are >= 1 / FAR_EXTRA impostor pairs
+DEFAULT_MAX_PAIRS = 2_000_000
+IMAGE_EXTS = ("png", "jpg", "jpeg", "pgm", "ppm", "bmp", "tif", "tiff", "webp", "gif")
+
+__all__ = ["Pairs", "generate_pairs", "pairs_from_file", "verification_report", "eer_from_roc",
+           "best_accuracy_threshold", "kfold_accuracy", "summary_metrics", "embed_split",
+           "write_report", "load_images_by_key", "cosine_scores", "FAR_TARGETS"]
+
+
+# ----------------------------------------------------------------------------- pairs
+
+@dataclass
+class Pairs:
+    """Index pairs into an embedding table. ``label`` 1 = same identity;
+    ``twin`` marks twin impostor pairs (always ``label == 0``)."""
+
+    a: np.ndarray
+    b: np.ndarray
+    label: np.ndarray
+    twin: np.ndarray
+    source: str = "generated"
+
+    def __len__(self) -> int:
+        return int(self.a.size)
+
+    def counts(self) -> dict[str, int]:
+        return {"genuine": int(self.label.sum()), "impostor": int((~self.label).sum()),
+                "twin_impostor": int(self.twin.sum())}
+
+
+def _pairs_within(groups: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """All unordered pairs inside each group (a loop over groups, not pairs)."""
+    a_parts, b_parts = [], []
+    for g in groups:
+        if g.size < 2:
+            continue
+        i, j = np.triu_indices(g.size, k=1)
+        a_parts.append(g[i])
+        b_parts.append(g[j])
+    if not a_parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(a_parts).astype(np.int64), np.concatenate(b_parts).astype(np.int64)
+
+
+def _pairs_across(g1: np.ndarray, g2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    a, b = np.meshgrid(g1, g2, indexing="ij")
+    return a.reshape(-1).astype(np.int64), b.reshape(-1).astype(np.int64)
+
+
+def generate_pairs(identity: np.ndarray, twin: np.ndarray | None = None,
+                   max_pairs: int | None = DEFAULT_MAX_PAIRS, seed: int = 0) -> Pairs:
+    """Genuine, twin impostor and general impostor pairs (see the module doc).
+
+    ``identity[i]``: identity index of sample ``i`` (``-1`` = unlabelled);
+    ``twin[i]``: identity index of its co-twin or ``-1``.
+    """
+    identity = np.asarray(identity, dtype=np.int64).reshape(-1)
+    n = identity.size
+    twin = (np.full(n, -1, np.int64) if twin is None else np.asarray(twin, dtype=np.int64).reshape(-1))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 17]))
+    labelled = np.flatnonzero(identity >= 0)
+    ids = identity[labelled]
+    order = np.argsort(ids, kind="stable")
+    uniq, starts = np.unique(ids[order], return_index=True)
+    groups = np.split(labelled[order], starts[1:]) if labelled.size else []
+    by_id = dict(zip(uniq.tolist(), groups))
+    m = labelled.size
+    total = m * (m - 1) // 2
+    cap = max_pairs if max_pairs and max_pairs > 0 else None
+
+    # twin impostors: identity pairs (p, q), p < q, q the co-twin of p
+    t_a, t_b = [], []
+    for p in uniq.tolist():
+        rows = by_id[p]
+        qs = np.unique(twin[rows])
+        for q in qs[(qs > p)].tolist():
+            if q in by_id:
+                a, b = _pairs_across(rows, by_id[q])
+                t_a.append(a)
+                t_b.append(b)
+    ta = np.concatenate(t_a) if t_a else np.zeros(0, np.int64)
+    tb = np.concatenate(t_b) if t_b else np.zeros(0, np.int64)
+
+    if cap is None or total <= cap:
+        i, j = np.triu_indices(m, k=1)
+        a, b = labelled[i], labelled[j]
+        same = identity[a] == identity[b]
+        is_twin = (twin[a] >= 0) & (twin[a] == identity[b])
+        return Pairs(a=a.astype(np.int64), b=b.astype(np.int64), label=same, twin=is_twin & ~same)
+
+    ga, gb = _pairs_within(groups)
+    if ga.size > cap // 2:
+        keep = np.sort(rng.choice(ga.size, cap // 2, replace=False))
+        ga, gb = ga[keep], gb[keep]
+    n_imp = max(cap - ga.size - ta.size, 0)
+    # general impostors: uniform random pairs of different, non-twin identities (rejection sampling)
+    ia, ib = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    tries = 0
+    while ia.size < n_imp and tries < 20:
+        tries += 1
+        k = int((n_imp - ia.size) * 1.3) + 16
+        x = labelled[rng.integers(0, m, k)]
+        y = labelled[rng.integers(0, m, k)]
+        ok = (identity[x] != identity[y]) & ~((twin[x] >= 0) & (twin[x] == identity[y]))
+        x, y = np.minimum(x[ok], y[ok]), np.maximum(x[ok], y[ok])
+        code = np.unique(np.concatenate([ia * n + ib, x * n + y]))
+        ia, ib = code // n, code % n
+    if ia.size > n_imp:
+        keep = np.sort(rng.choice(ia.size, n_imp, replace=False))
+        ia, ib = ia[keep], ib[keep]
+    a = np.concatenate([ga, ta, ia])
+    b = np.concatenate([gb, tb, ib])
+    label = np.concatenate([np.ones(ga.size, bool), np.zeros(ta.size + ia.size, bool)])
+    is_twin = np.concatenate([np.zeros(ga.size, bool), np.ones(ta.size, bool), np.zeros(ia.size, bool)])
+    return Pairs(a=a, b=b, label=label, twin=is_twin)
+
+
+def pairs_from_file(path: str | os.PathLike, keys: Sequence[str], identity: np.ndarray | None = None,
+                    twin: np.ndarray | None = None) -> Pairs:
+    """Pairs listed in a JSON file (``[{"img1", "img2", "label"[, "twin"]}, ...]`` or
+    ``{"pairs": [...]}``) of sample keys. A pair whose key is not in ``keys``
+    raises ``KeyError``. Twin impostors: the ``twin`` field, else co-twin identities."""
+    data = json.loads(Path(path).read_text())
+    rows = data["pairs"] if isinstance(data, Mapping) else data
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{path}: expected a non-empty list of {{img1, img2, label}}")
+    index = {str(k): i for i, k in enumerate(keys)}
+    try:
+        a = np.array([index[str(r["img1"])] for r in rows], np.int64)
+        b = np.array([index[str(r["img2"])] for r in rows], np.int64)
+    except KeyError as exc:
+        raise KeyError(f"{path}: sample key {exc.args[0]!r} is not in the evaluated split") from None
+    label = np.array([bool(int(r["label"])) for r in rows])
+    if any("twin" in r for r in rows):
+        is_twin = np.array([bool(r.get("twin", False)) for r in rows]) & ~label
+    elif identity is not None and twin is not None:
+        identity, twin = np.asarray(identity), np.asarray(twin)
+        is_twin = ((twin[a] >= 0) & (twin[a] == identity[b])) & ~label
+    else:
+        is_twin = np.zeros(label.size, bool)
+    return Pairs(a=a, b=b, label=label, twin=is_twin, source=str(path))
+
+
+def cosine_scores(emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """Cosine similarity of rows ``a[k]``, ``b[k]`` (chunked: no [P, D] blow-up)."""
+    e = np.asarray(emb, dtype=np.float32)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    out = np.empty(a.size, np.float32)
+    for s in range(0, a.size, chunk):
+        out[s:s + chunk] = np.einsum("ij,ij->i", e[a[s:s + chunk]], e[b[s:s + chunk]])
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def eer_from_roc(fpr: np.ndarray, tpr: np.ndarray, thr: np.ndarray) -> tuple[float, float]:
+    """(EER, threshold) where FAR = FRR on the piecewise-linear ROC."""
+    fnr = 1.0 - tpr
+    d = fnr - fpr                       # decreasing from 1 to -1 along the curve
+    k = int(np.argmax(d <= 0))          # first point with FRR <= FAR (the last point always is)
+    if k == 0 or d[k] == 0:
+        return float(fpr[k]), float(thr[k])
+    t = d[k - 1] / (d[k - 1] - d[k])
+    eer = float(fpr[k - 1] + t * (fpr[k] - fpr[k - 1]))
+    return eer, float(thr[k - 1] if t < 0.5 else thr[k])
+
+
+def _sorted_desc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, kind="stable")
+    return scores[order], labels[order]
+
+
+def _best_threshold_sorted(s: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float]:
+    """Best accuracy and its threshold, ``s`` sorted descending; ``w`` an optional 0/1 mask."""
+    pos = y if w is None else (y & w)
+    neg = ~y if w is None else (~y & w)
+    tp = np.cumsum(pos, dtype=np.int64)
+    fp = np.cumsum(neg, dtype=np.int64)
+    n_pos, n_neg = int(tp[-1]), int(fp[-1])
+    n = n_pos + n_neg
+    if n == 0:
+        return float("nan"), float("nan")
+    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])      # last index of each distinct score
+    correct = tp[ends] + (n_neg - fp[ends])                  # accept everything down to s[end]
+    j = int(np.argmax(correct))
+    if n_neg >= correct[j]:                                  # accepting nothing is at least as good
+        return n_neg / n, float(np.nextafter(s[0], np.inf))
+    e = ends[j]
+    thr = s[e] if e + 1 >= s.size else 0.5 * (s[e] + s[e + 1])   # midway to the next lower score
+    if e + 1 < s.size and thr <= s[e + 1]:                   # no float strictly between
+        thr = s[e]
+    return correct[j] / n, float(thr)
+
+
+def best_accuracy_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(best accuracy, threshold) over all thresholds; accept = ``score >= threshold``."""
+    s, y = _sorted_desc(np.asarray(scores, np.float64), np.asarray(labels, bool))
+    return _best_threshold_sorted(s, y)
+
+
+def kfold_accuracy(scores: np.ndarray, labels: np.ndarray, folds: int = 10, seed: int = 0) -> tuple[float, float]:
+    """LFW-style accuracy: threshold picked on ``folds - 1`` folds, accuracy on the
+    held-out fold; (mean, std) over folds. One sort, then cumulative sums per fold."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    n = scores.size
+    if n < folds or labels.all() or not labels.any():
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 23]))
+    fold = rng.permutation(n) % folds
+    order = np.argsort(-scores, kind="stable")
+    s, y, f = scores[order], labels[order], fold[order]
+    accs = []
+    for k in range(folds):
+        _, thr = _best_threshold_sorted(s, y, f != k)
+        held = f == k
+        accs.append(float(np.mean((s[held] >= thr) == y[held])))
+    return float(np.mean(accs)), float(np.std(accs))
+
+
+def _curve_metrics(scores: np.ndarray, labels: np.ndarray, far_targets: Sequence[float], folds: int,
+                   seed: int, threshold: float | None) -> dict[str, Any]:
+    from sklearn.metrics import auc, roc_curve
+
+    nan = float("nan")
+    n_gen, n_imp = int(labels.sum()), int((~labels).sum())
+    out: dict[str, Any] = {"genuine_pairs": n_gen, "impostor_pairs": n_imp}
+    targets = list(far_targets) + ([FAR_EXTRA] if n_imp >= round(1 / FAR_EXTRA) and FAR_EXTRA not in far_targets
+                                   else [])
+    if n_gen == 0 or n_imp == 0:
+        out.update(auc=nan, eer=nan, eer_threshold=nan, best_acc=nan, best_threshold=nan,
+                   acc_10fold=nan, acc_10fold_std=nan)
+        for t in targets:
+            out[f"tar_at_far_{t:g}"] = nan
+            out[f"thr_at_far_{t:g}"] = nan
+        if threshold is not None:
+            out.update(acc_at_threshold=nan, far_at_threshold=nan, frr_at_threshold=nan)
+        return out
+    fpr, tpr, thr = roc_curve(labels, scores)
+    out["auc"] = float(auc(fpr, tpr))
+    out["eer"], out["eer_threshold"] = eer_from_roc(fpr, tpr, thr)
+    for t in targets:
+        ok = np.flatnonzero(fpr <= t + 1e-12)
+        k = ok[np.argmax(tpr[ok])]
+        out[f"tar_at_far_{t:g}"] = float(tpr[k])
+        out[f"thr_at_far_{t:g}"] = float(thr[k])
+    out["best_acc"], out["best_threshold"] = best_accuracy_threshold(scores, labels)
+    out["acc_10fold"], out["acc_10fold_std"] = kfold_accuracy(scores, labels, folds, seed)
+    if threshold is not None:
+        acc = scores >= threshold
+        out["acc_at_threshold"] = float(np.mean(acc == labels))
+        out["far_at_threshold"] = float(acc[~labels].mean())
+        out["frr_at_threshold"] = float((~acc[labels]).mean())
+    out["_roc"] = (fpr, tpr)
+    return out
+
+
+def verification_report(scores: np.ndarray, labels: np.ndarray, twin: np.ndarray | None = None,
+                        far_targets: Sequence[float] = FAR_TARGETS, folds: int = 10, seed: int = 0,
+                        threshold: float | None = None, keep_roc: bool = False) -> dict[str, Any]:
+    """``{"all": {...}, "twin": {...}}`` (see the module doc for the keys).
+    ``twin`` marks twin impostor pairs; ``keep_roc`` keeps ``(fpr, tpr)`` under ``_roc``."""
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    labels = np.asarray(labels, bool).reshape(-1)
+    twin = np.zeros_like(labels) if twin is None else (np.asarray(twin, bool).reshape(-1) & ~labels)
+    report = {"all": _curve_metrics(scores, labels, far_targets, folds, seed, threshold)}
+    sel = labels | twin
+    report["twin"] = _curve_metrics(scores[sel], labels[sel], far_targets, folds, seed, threshold)
+    if not keep_roc:
+        for block in report.values():
+            block.pop("_roc", None)
+    return report
+
+
+def summary_metrics(report: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Flat scalar dict for logs / TensorBoard: ``all`` keys plain, ``twin`` keys prefixed ``twin_``."""
+    out: dict[str, float] = {}
+    for block, prefix in (("all", ""), ("twin", "twin_")):
+        for k, v in report[block].items():
+            if k.startswith("_") or k.startswith("thr_at_far"):
+                continue
+            out[prefix + k] = float(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- embeddings of a split
+
+def embed_split(embed: Callable[[Any], Any], data_dir: str | os.PathLike, split: str,
+                transform: Callable[..., dict], batch_size: int = 64, num_workers: int = 0,
+                progress: bool = True, description: str | None = None) -> dict[str, Any]:
+    """Embed every sample of a shard split (single process).
+
+    ``embed(images_tensor) -> [B, D]`` tensor. Returns ``{"embedding" [N, D]
+    float32, "identity" [N], "twin" [N], "keys" list[str]}`` in manifest order.
+    """
+    import torch
+
+    from shards.stream import build_eval_loader
+
+    loader = build_eval_loader(data_dir, split, transform, batch_size, 0, 1, num_workers)
+    embs, idents, twins, keys = [], [], [], []
+    with _progress(progress, description or f"embedding {split}", len(loader)) as advance:
+        for batch in loader:
+            valid = batch["_valid"].numpy().astype(bool)
+            with torch.no_grad():
+                e = embed(batch["image"])
+            e = e.detach().float().cpu().numpy()
+            n = e.shape[0]
+            idents.append(_col(batch, "identity", n)[valid])
+            twins.append(_col(batch, "twin", n)[valid])
+            embs.append(e[valid])
+            ks = batch.get("__key__") or [""] * n
+            keys += [str(k) for k, v in zip(ks, valid) if v]
+            advance()
+    return {"embedding": np.concatenate(embs) if embs else np.zeros((0, 0), np.float32),
+            "identity": np.concatenate(idents) if idents else np.zeros(0, np.int64),
+            "twin": np.concatenate(twins) if twins else np.zeros(0, np.int64), "keys": keys}
+
+
+def _col(batch: Mapping[str, Any], key: str, n: int) -> np.ndarray:
+    v = batch.get(key)
+    if v is None:
+        return np.full(n, -1, np.int64)
+    return np.asarray(v.cpu().numpy() if hasattr(v, "cpu") else v, dtype=np.int64).reshape(-1)
+
+
+class _progress:
+    """A rich progress bar on a terminal (plain log lines otherwise); yields ``advance()``."""
+
+    def __init__(self, enabled: bool, description: str, total: int | None):
+        self.enabled, self.description, self.total = enabled, description, total
+        self.bar = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            console = Console(stderr=True)
+            self.bar = Progress(TextColumn(f"[bold]{self.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                                disable=not console.is_terminal)
+            self.task = self.bar.add_task(self.description, total=self.total)
+            self.bar.start()
+        return self._advance
+
+    def _advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def progress_bar(enabled: bool, description: str, total: int | None) -> _progress:
+    return _progress(enabled, description, total)
+
+
+# ----------------------------------------------------------------------------- images for the error grid
+
+def load_images_by_key(data_dir: str | os.PathLike, split: str, keys: Iterable[str],
+                       prefer: Sequence[str] = ("vis.png", "png", "jpg", "jpeg", "pgm")) -> dict[str, Any]:
+    """``{key: PIL.Image}`` read straight from the split's tar shards (first image
+    member by ``prefer``, else any image extension)."""
+    import io
+
+    from PIL import Image
+
+    from shards.manifest import Manifest
+
+    want = set(keys)
+    found: dict[str, dict[str, bytes]] = {}
+    m = Manifest.load(data_dir)
+    for path in m.shard_paths(data_dir, split):
+        if len(found) == len(want) and all(found.values()):
+            break
+        try:
+            with tarfile.open(path) as tf:
+                for member in tf:
+                    base, _, ext = member.name.partition(".")
+                    base = base.rsplit("/", 1)[-1]
+                    if base in want and ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+                        fh = tf.extractfile(member)
+                        if fh is not None:
+                            found.setdefault(base, {})[ext] = fh.read()
+        except (OSError, tarfile.TarError) as exc:
+            log.warning("cannot read %s for the error grid: %s", path, exc)
+    out = {}
+    for key, members in found.items():
+        ext = next((e for e in prefer if e in members), next(iter(members)))
+        img = Image.open(io.BytesIO(members[ext]))
+        img.load()
+        out[key] = img
+    return out
+
+
+# ----------------------------------------------------------------------------- report files
+
+def _json_clean(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _json_clean(v) for k, v in obj.items() if not str(k).startswith("_")}
+    if isinstance(obj, (list, tuple)):
+        return [_json_clean(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _savefig(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot_roc(report: Mapping[str, Any], path: Path, title: str = "") -> None:
+    """Both impostor kinds on one plot, log-scale FAR, EER points and FAR targets marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    styles = {"all": ("tab:blue", "all impostors"), "twin": ("tab:red", "twin impostors")}
+    floor = None
+    for block, (color, name) in styles.items():
+        r = report[block]
+        if "_roc" not in r:
+            continue
+        fpr, tpr = r["_roc"]
+        n_imp = max(r["impostor_pairs"], 1)
+        lo = 0.5 / n_imp                      # show FAR = 0 at half the smallest non-zero FAR
+        floor = lo if floor is None else min(floor, lo)
+        x = np.maximum(fpr, lo)
+        label = (f"{name}: EER {100 * r['eer']:.2f}%, AUC {r['auc']:.4f}\n"
+                 f"   ({r['genuine_pairs']} genuine / {r['impostor_pairs']} impostor pairs)")
+        ax.step(x, tpr, where="post", color=color, label=label)
+        ax.plot([max(r["eer"], lo)], [1 - r["eer"]], "o", color=color, markersize=5)
+    if floor is None:
+        ax.text(0.5, 0.5, "no genuine/impostor pairs", ha="center", transform=ax.transAxes)
+    else:
+        ax.set_xscale("log")
+        ax.set_xlim(floor, 1.0)
+        for t in FAR_TARGETS:
+            if t > floor:
+                ax.axvline(t, color="grey", lw=0.6, ls=":")
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false accept rate (FAR, log scale; FAR = 0 drawn at the left edge)")
+    ax.set_ylabel("true accept rate (TAR = 1 - FRR)")
+    ax.set_title(title or "verification ROC")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right", fontsize=7.5)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def plot_histograms(scores: np.ndarray, pairs: Pairs, path: Path, threshold: float | None,
+                    title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    lo, hi = float(np.min(scores)) if scores.size else -1, float(np.max(scores)) if scores.size else 1
+    bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 60)
+    groups = [("genuine (same identity)", pairs.label, "tab:green"),
+              ("impostor, not twins", ~pairs.label & ~pairs.twin, "tab:blue"),
+              ("impostor, co-twins", pairs.twin, "tab:red")]
+    for name, mask, color in groups:
+        if mask.any():
+            ax.hist(scores[mask], bins=bins, density=True, alpha=0.45, color=color,
+                    label=f"{name} (n={int(mask.sum())})")
+    if threshold is not None and math.isfinite(threshold):
+        ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("similarity score (cosine)")
+    ax.set_ylabel("density (each group normalised)")
+    ax.set_title(title or "score distributions")
+    ax.legend(fontsize=7.5)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def plot_hardest_errors(scores: np.ndarray, pairs: Pairs, keys: Sequence[str], identities: np.ndarray,
+                        images: Mapping[str, Any], path: Path, threshold: float, k: int = 6,
+                        names: Sequence[str] | None = None) -> None:
+    """Two rows of pair tiles: the highest-scoring impostor pairs (false accepts when
+    above the threshold) and the lowest-scoring genuine pairs (false rejects)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    imp = np.flatnonzero(~pairs.label)
+    gen = np.flatnonzero(pairs.label)
+    fa = imp[np.argsort(-scores[imp], kind="stable")[:k]] if imp.size else imp
+    fr = gen[np.argsort(scores[gen], kind="stable")[:k]] if gen.size else gen
+    cols = max(len(fa), len(fr), 1)
+    fig, axes = plt.subplots(2, 2 * cols, figsize=(2.0 * 2 * cols * 0.75, 2 * 2.25), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+
+    def label_of(i: int) -> str:
+        ident = int(identities[i])
+        if names is not None and 0 <= ident < len(names):
+            return str(names[ident])
+        return f"id {ident}"
+
+    for row, (idx, kind) in enumerate(((fa, "impostor"), (fr, "genuine"))):
+        for c, p in enumerate(idx):
+            s = float(scores[p])
+            wrong = s >= threshold if kind == "impostor" else s < threshold
+            verdict = ("FALSE ACCEPT" if kind == "impostor" else "FALSE REJECT") if wrong else "correct"
+            color = "tab:red" if wrong else "tab:green"
+            for side, i in enumerate((int(pairs.a[p]), int(pairs.b[p]))):
+                ax = axes[row, 2 * c + side]
+                img = images.get(keys[i])
+                if img is not None:
+                    ax.imshow(np.asarray(img.convert("RGB")))
+                ax.set_title(label_of(i), fontsize=7)
+            twin_tag = " (co-twins)" if pairs.twin[p] else ""
+            axes[row, 2 * c].text(1.0, -0.08, f"score {s:.3f}: {verdict}{twin_tag}", transform=axes[row, 2 * c].transAxes,
+                                  ha="center", va="top", fontsize=7, color=color)
+    fig.suptitle(f"top: highest-scoring impostor pairs (false accepts if score >= {threshold:.3f});  "
+                 f"bottom: lowest-scoring genuine pairs (false rejects if below)", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.94), h_pad=2.0)
+    _savefig(fig, path)
+
+
+def write_report(out_dir: str | os.PathLike, table: Mapping[str, Any], pairs: Pairs, *,
+                 threshold: float | None = None, threshold_source: str = "none",
+                 images: Mapping[str, Any] | None = None, identity_names: Sequence[str] | None = None,
+                 extra: Mapping[str, Any] | None = None, seed: int = 0, title: str = "") -> dict[str, Any]:
+    """Score ``pairs`` on ``table`` (an :func:`embed_split` result), write
+    ``metrics.json``, ``roc.png``, ``score_histograms.png`` and (with ``images``)
+    ``hardest_errors.png`` into ``out_dir``; return the metrics dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    scores = cosine_scores(table["embedding"], pairs.a, pairs.b)
+    report = verification_report(scores, pairs.label, pairs.twin, seed=seed, threshold=threshold, keep_roc=True)
+    shown_thr = threshold if threshold is not None else report["all"].get("eer_threshold")
+    metrics = {"protocol": pairs.source, "pairs": pairs.counts(), "samples": int(len(table["keys"])),
+               "identities": int(np.unique(table["identity"][table["identity"] >= 0]).size),
+               "threshold": threshold, "threshold_source": threshold_source,
+               "all_impostors": report["all"], "twin_impostors": report["twin"], **(extra or {})}
+    (out / "metrics.json").write_text(json.dumps(_json_clean(metrics), indent=1) + "\n")
+    plot_roc(report, out / "roc.png", title=title and f"ROC: {title}")
+    if shown_thr is not None and math.isfinite(shown_thr):
+        plot_histograms(scores, pairs, out / "score_histograms.png", shown_thr,
+                        title=f"score distributions{': ' + title if title else ''}")
+        if images is not None:
+            plot_hardest_errors(scores, pairs, table["keys"], table["identity"], images, out / "hardest_errors.png",
+                                float(shown_thr), names=identity_names)
+    return metrics
+
+
+def hardest_error_keys(table: Mapping[str, Any], pairs: Pairs, k: int = 6) -> list[str]:
+    """Sample keys the error grid of :func:`write_report` will show."""
+    scores = cosine_scores(table["embedding"], pairs.a, pairs.b)
+    imp, gen = np.flatnonzero(~pairs.label), np.flatnonzero(pairs.label)
+    idx = np.concatenate([imp[np.argsort(-scores[imp], kind="stable")[:k]],
+                          gen[np.argsort(scores[gen], kind="stable")[:k]]])
+    keys = table["keys"]
+    return sorted({keys[i] for p in idx for i in (int(pairs.a[p]), int(pairs.b[p]))})
