@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # name -> (module with run(argv, prog), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dist_train.main", "train a recipe (same as dist_train/main.py; torchrun for several ranks)"),
+    "export": ("dist_train.commands.export_cmd", "checkpoint (DeepSpeed dir or DDP .pt) -> one fp32 model file"),
 }
 
 

@@ -331,6 +331,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.shards: no manifest.json in {cfg.data.shards}")
     if cfg.train.strategy == "deepspeed" and not cfg.deepspeed.config:
         raise ConfigError("deepspeed.config: required when train.strategy is 'deepspeed'")
+    if cfg.train.strategy == "deepspeed":  # JSON vs toolkit batch/precision settings; fp16 on this device
+        from dist_train.strategies.deepspeed import check_toolkit_config
+
+        check_toolkit_config(cfg)
     try:
         recipe_cls = get_recipe(cfg.recipe.name)
     except KeyError:

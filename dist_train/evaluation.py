@@ -112,6 +112,12 @@ def _pairs_across(g1: np.ndarray, g2: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return a.reshape(-1).astype(np.int64), b.reshape(-1).astype(np.int64)
 
 
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """``np.unique`` by sorting (NumPy 2's hash-based unique is slow on millions of int64)."""
+    x = np.sort(x)
+    return x[np.r_[True, x[1:] != x[:-1]]] if x.size else x
+
+
 def generate_pairs(identity: np.ndarray, twin: np.ndarray | None = None,
                    max_pairs: int | None = DEFAULT_MAX_PAIRS, seed: int = 0) -> Pairs:
     """Genuine, twin impostor and general impostor pairs (see the module doc).
@@ -135,14 +141,15 @@ def generate_pairs(identity: np.ndarray, twin: np.ndarray | None = None,
 
     # twin impostors: identity pairs (p, q), p < q, q the co-twin of p
     t_a, t_b = [], []
-    for p in uniq.tolist():
-        rows = by_id[p]
-        qs = np.unique(twin[rows])
-        for q in qs[(qs > p)].tolist():
-            if q in by_id:
-                a, b = _pairs_across(rows, by_id[q])
-                t_a.append(a)
-                t_b.append(b)
+    tw_l = twin[labelled]
+    sel = (tw_l > ids) & np.isin(tw_l, uniq)
+    if sel.any():
+        codes = _sorted_unique(ids[sel] * (int(uniq.max()) + 1) + tw_l[sel])
+        for code in codes.tolist():
+            p, q = divmod(code, int(uniq.max()) + 1)
+            a, b = _pairs_across(by_id[p], by_id[q])
+            t_a.append(a)
+            t_b.append(b)
     ta = np.concatenate(t_a) if t_a else np.zeros(0, np.int64)
     tb = np.concatenate(t_b) if t_b else np.zeros(0, np.int64)
 
@@ -168,7 +175,7 @@ def generate_pairs(identity: np.ndarray, twin: np.ndarray | None = None,
         y = labelled[rng.integers(0, m, k)]
         ok = (identity[x] != identity[y]) & ~((twin[x] >= 0) & (twin[x] == identity[y]))
         x, y = np.minimum(x[ok], y[ok]), np.maximum(x[ok], y[ok])
-        code = np.unique(np.concatenate([ia * n + ib, x * n + y]))
+        code = _sorted_unique(np.concatenate([ia * n + ib, x * n + y]))
         ia, ib = code // n, code % n
     if ia.size > n_imp:
         keep = np.sort(rng.choice(ia.size, n_imp, replace=False))
@@ -206,7 +213,7 @@ def pairs_from_file(path: str | os.PathLike, keys: Sequence[str], identity: np.n
     return Pairs(a=a, b=b, label=label, twin=is_twin, source=str(path))
 
 
-def cosine_scores(emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+def cosine_scores(emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 17) -> np.ndarray:
     """Cosine similarity of rows ``a[k]``, ``b[k]`` (chunked: no [P, D] blow-up)."""
     e = np.asarray(emb, dtype=np.float32)
     e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
@@ -230,23 +237,30 @@ def eer_from_roc(fpr: np.ndarray, tpr: np.ndarray, thr: np.ndarray) -> tuple[flo
     return eer, float(thr[k - 1] if t < 0.5 else thr[k])
 
 
-def _sorted_desc(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    order = np.argsort(-scores, kind="stable")
-    return scores[order], labels[order]
+def _sorted_desc(scores: np.ndarray, labels: np.ndarray, *extra: np.ndarray) -> tuple[np.ndarray, ...]:
+    order = np.argsort(-scores)          # ties need no stable order: thresholds sit between distinct scores
+    return (scores[order], labels[order], *(e[order] for e in extra))
 
 
-def _best_threshold_sorted(s: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> tuple[float, float]:
-    """Best accuracy and its threshold, ``s`` sorted descending; ``w`` an optional 0/1 mask."""
+def _group_ends(s: np.ndarray) -> np.ndarray:
+    """Last index of each run of equal scores in ``s`` (sorted descending)."""
+    return np.flatnonzero(np.r_[s[1:] != s[:-1], True])
+
+
+def _best_threshold_sorted(s: np.ndarray, y: np.ndarray, w: np.ndarray | None = None,
+                           ends: np.ndarray | None = None) -> tuple[float, float]:
+    """Best accuracy and its threshold, ``s`` sorted descending; ``w`` an optional
+    mask of the pairs that count (the training folds)."""
     pos = y if w is None else (y & w)
     neg = ~y if w is None else (~y & w)
-    tp = np.cumsum(pos, dtype=np.int64)
-    fp = np.cumsum(neg, dtype=np.int64)
+    ends = _group_ends(s) if ends is None else ends
+    tp = np.cumsum(pos, dtype=np.int32)[ends]
+    fp = np.cumsum(neg, dtype=np.int32)[ends]
     n_pos, n_neg = int(tp[-1]), int(fp[-1])
     n = n_pos + n_neg
     if n == 0:
         return float("nan"), float("nan")
-    ends = np.flatnonzero(np.r_[s[1:] != s[:-1], True])      # last index of each distinct score
-    correct = tp[ends] + (n_neg - fp[ends])                  # accept everything down to s[end]
+    correct = tp + (n_neg - fp)                              # accept everything down to s[end]
     j = int(np.argmax(correct))
     if n_neg >= correct[j]:                                  # accepting nothing is at least as good
         return n_neg / n, float(np.nextafter(s[0], np.inf))
@@ -254,7 +268,7 @@ def _best_threshold_sorted(s: np.ndarray, y: np.ndarray, w: np.ndarray | None = 
     thr = s[e] if e + 1 >= s.size else 0.5 * (s[e] + s[e + 1])   # midway to the next lower score
     if e + 1 < s.size and thr <= s[e + 1]:                   # no float strictly between
         thr = s[e]
-    return correct[j] / n, float(thr)
+    return float(correct[j]) / n, float(thr)
 
 
 def best_accuracy_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -263,23 +277,31 @@ def best_accuracy_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[flo
     return _best_threshold_sorted(s, y)
 
 
+def _fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 23]))
+    return (rng.permutation(n) % folds).astype(np.int8)
+
+
+def _kfold_sorted(s: np.ndarray, y: np.ndarray, f: np.ndarray, folds: int,
+                  ends: np.ndarray) -> tuple[float, float]:
+    accs = []
+    for k in range(folds):
+        held = f == k
+        _, thr = _best_threshold_sorted(s, y, ~held, ends)
+        accs.append(float(np.mean((s[held] >= thr) == y[held])))
+    return float(np.mean(accs)), float(np.std(accs))
+
+
 def kfold_accuracy(scores: np.ndarray, labels: np.ndarray, folds: int = 10, seed: int = 0) -> tuple[float, float]:
-    """LFW-style accuracy: threshold picked on ``folds - 1`` folds, accuracy on the
-    held-out fold; (mean, std) over folds. One sort, then cumulative sums per fold."""
+    """LFW-style accuracy: the best-accuracy threshold of ``folds - 1`` folds is
+    applied to the held-out fold; (mean, std) over the folds. Folds are a random
+    partition (by ``seed``). One sort, then cumulative sums per fold."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
     n = scores.size
     if n < folds or labels.all() or not labels.any():
         return float("nan"), float("nan")
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, 23]))
-    fold = rng.permutation(n) % folds
-    order = np.argsort(-scores, kind="stable")
-    s, y, f = scores[order], labels[order], fold[order]
-    accs = []
-    for k in range(folds):
-        _, thr = _best_threshold_sorted(s, y, f != k)
-        held = f == k
-        accs.append(float(np.mean((s[held] >= thr) == y[held])))
-    return float(np.mean(accs)), float(np.std(accs))
+    s, y, f = _sorted_desc(scores, labels, _fold_ids(n, folds, seed))
+    return _kfold_sorted(s, y, f, folds, _group_ends(s))
 
 
 def _curve_metrics(scores: np.ndarray, labels: np.ndarray, far_targets: Sequence[float], folds: int,
@@ -308,8 +330,11 @@ def _curve_metrics(scores: np.ndarray, labels: np.ndarray, far_targets: Sequence
         k = ok[np.argmax(tpr[ok])]
         out[f"tar_at_far_{t:g}"] = float(tpr[k])
         out[f"thr_at_far_{t:g}"] = float(thr[k])
-    out["best_acc"], out["best_threshold"] = best_accuracy_threshold(scores, labels)
-    out["acc_10fold"], out["acc_10fold_std"] = kfold_accuracy(scores, labels, folds, seed)
+    s, y, f = _sorted_desc(scores, labels, _fold_ids(scores.size, folds, seed))
+    ends = _group_ends(s)
+    out["best_acc"], out["best_threshold"] = _best_threshold_sorted(s, y, None, ends)
+    out["acc_10fold"], out["acc_10fold_std"] = (_kfold_sorted(s, y, f, folds, ends) if scores.size >= folds
+                                                else (nan, nan))
     if threshold is not None:
         acc = scores >= threshold
         out["acc_at_threshold"] = float(np.mean(acc == labels))

@@ -129,6 +129,14 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
         if resume is not None:
             trainer.resume(resume)
         metrics = trainer.fit()
+        if trainer.state.step >= trainer.total_steps or trainer.state.stopped_early:
+            # The consolidated fp32 weights for inference (any strategy, any ZeRO stage).
+            from dist_train.config import resolved_config_dict
+            from dist_train.export import MODEL_FILE, export_live
+            from dist_train.recipe import data_info_dict
+
+            export_live(trainer.strategy, run_dir / MODEL_FILE, resolved_config_dict(cfg),
+                        data_info_dict(recipe.data_info), ctx.is_main)
         if ctx.is_main:
             (run_dir / "final_metrics.json").write_text(json.dumps(
                 {"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics}, indent=1))

@@ -89,23 +89,30 @@ def plot_curves(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]
 
     skip = {"step", "epoch", "lr", "samples_per_s", "epoch_time_s", "grad_norm", "time"}
     loss_keys = [k for k in (train_rows[0] if train_rows else {}) if k not in skip]
-    val_keys = [k for k in (val_rows[0] if val_rows else {}) if k not in skip]
+    # Losses share a panel (train solid, validation dashed); metrics get their own.
+    val_loss_keys = [k for k in (val_rows[0] if val_rows else {}) if k not in skip and "loss" in k]
+    val_keys = [k for k in (val_rows[0] if val_rows else {}) if k not in skip and "loss" not in k]
     panels = 2 + (1 if val_keys else 0)
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8))
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
     for key in loss_keys:
-        axes[0].plot(*series(train_rows, key), label=key)
-    axes[0].set_title("training losses")
+        axes[0].plot(*series(train_rows, key), label=f"train {key}")
+    for key in val_loss_keys:
+        axes[0].plot(*series(val_rows, key), "--o", label=f"val {key}")
+    axes[0].set_title("losses")
     axes[0].set_xlabel("optimizer step")
     axes[0].legend(fontsize=7)
     axes[1].plot(*series(train_rows, "lr"), color="tab:orange")
     axes[1].set_title("learning rate")
     axes[1].set_xlabel("optimizer step")
+    axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if val_keys:
         for key in val_keys:
             axes[2].plot(*series(val_rows, key), marker="o", label=key)
-        axes[2].set_title("validation")
+        axes[2].set_title("validation metrics")
         axes[2].set_xlabel("optimizer step")
-        axes[2].legend(fontsize=7)
+        axes[2].legend(fontsize=7, ncol=2)
+    for ax in axes:
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = out.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=90)

@@ -43,7 +43,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path

@@ -44,7 +44,7 @@ import numpy as np
 from .manifest import FORMAT, TOOL_VERSION, Manifest
 from .writer import ShardSplitWriter
 
-GENERATOR_VERSION = 1  # bump when the drawing changes: it is part of the dataset hash
+GENERATOR_VERSION = 2  # bump when the drawing changes: it is part of the dataset hash
 
 LABEL_SCHEMAS: dict[str, list[str]] = {
     "gender": ["female", "male"],
@@ -685,7 +685,7 @@ def split_plan(spec: SyntheticSpec) -> dict[str, list[tuple[int, int]]]:
         have = [0] * len(names)
         # make every split non-empty first (if there are enough units), then fill by deficit
         for si in range(len(names)):
-            if units and ratios[si] > 0 and len(units) > 0 and have[si] == 0 and len(units) >= 1:
+            if units and ratios[si] > 0:
                 u = units.pop()
                 have[si] += len(u)
                 plan[names[si]].extend((i, k) for i in u for k in range(spec.samples_per_identity))

@@ -413,10 +413,11 @@ def test_resume_does_not_decode_skipped_samples(uneven):
 def test_train_loader_pickles_and_runs_in_spawned_workers(uneven):
     import pickle
 
-    L = build_train_loader(uneven, "train", tf_noise, 4, 1, 2, 2, seed=0, epoch=0)
+    L = build_train_loader(uneven, "train", tf_noise, 4, 1, 2, 1, seed=0, epoch=0)
     a = list(L)
     b = list(pickle.loads(pickle.dumps(L)))
-    c = list(build_train_loader(uneven, "train", tf_noise, 4, 1, 2, 2, seed=0, epoch=0, mp_context="spawn"))
+    # one spawned worker (a fresh interpreter: everything it gets must pickle)
+    c = list(build_train_loader(uneven, "train", tf_noise, 4, 1, 2, 1, seed=0, epoch=0, mp_context="spawn"))
     assert len(a) == len(b) == len(c) == 4
     assert all(batches_equal(x, y) and batches_equal(x, z) for x, y, z in zip(a, b, c))
 
@@ -524,6 +525,9 @@ def test_too_many_corrupt_raises_naming_shard(tmp_path, num_workers):
                                 max_corrupt_fraction=0.05, shuffle_buffer=1))  # bad ones come first
     with pytest.raises(RuntimeError, match=r"too many corrupt.*shard-000002\.tar"):
         list(build_eval_loader(d, "train", tf_plain, 2, 0, 1, num_workers=num_workers))
+    (d / "train/shard-000000.tar").unlink()  # a missing shard counts as lost samples
+    with pytest.raises(RuntimeError, match=r"too many corrupt.*shard-000000\.tar.*FileNotFoundError"):
+        list(build_eval_loader(d, "train", tf_plain, 2, 0, 1, num_workers=num_workers, max_corrupt_fraction=0.2))
 
 
 # ---------------------------------------------------------------------------

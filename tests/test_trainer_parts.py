@@ -116,3 +116,15 @@ def test_launch_env_detection() -> None:
     assert slurm.master_addr.endswith("03") or slurm.master_addr == "gpu03"
     assert detect({}).kind == "single"
     assert first_slurm_host("node7,node8") in ("node7",)
+
+
+def test_validation_points_for_a_fraction_of_an_epoch() -> None:
+    from types import SimpleNamespace
+
+    from dist_train.trainer import Trainer
+
+    fake = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(val_every_steps=0, val_every_epochs=0.25)),
+                           steps_per_epoch=10, total_steps=20)
+    assert sorted(Trainer._validation_steps(fake)) == [3, 5, 8, 10, 13, 15, 18, 20]
+    fake.cfg.train.val_every_steps = 7
+    assert sorted(Trainer._validation_steps(fake)) == [7, 14]

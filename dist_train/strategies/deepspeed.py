@@ -1,0 +1,405 @@
+"""DeepSpeed (ZeRO 0/1/2/3, optional CPU offload) behind the same Strategy interface as DDP.
+
+Users switch one key: ``train.strategy=deepspeed deepspeed.config=configs/deepspeed/zero2.json``.
+The JSON holds only what is DeepSpeed's own business (ZeRO stage, buckets,
+offload, loss-scaler tuning); everything the toolkit already knows is written
+into it here, from one place (:func:`build_ds_config`):
+
+==============================  =======================================
+DeepSpeed key                   comes from
+==============================  =======================================
+train_micro_batch_size_per_gpu  ``data.batch_size`` (micro-batch per rank)
+gradient_accumulation_steps     ``train.grad_accum``
+train_batch_size                micro-batch x accumulation x world size
+gradient_clipping               ``train.grad_clip``
+bf16.enabled / fp16.enabled     ``train.precision``
+optimizer / scheduler           none: the toolkit's own torch optimizer and
+                                LR schedule are passed to ``deepspeed.initialize``
+==============================  =======================================
+
+A value the JSON sets differently is a one-line :class:`ConfigError` raised by
+config validation (:func:`check_toolkit_config`), so the entry points exit 2
+before any process group exists.
+
+This module imports ``deepspeed`` lazily (:func:`import_deepspeed`): the
+toolkit runs without it unless the strategy is chosen.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dist_train.config import Config, ConfigError
+from dist_train.precision import Precision
+from dist_train.strategies.base import StepStats, Strategy
+from dist_train.strategies.ddp import move_to
+
+log = logging.getLogger("biomtl")
+
+# The checkpoint directory the trainer names (``checkpoints/latest`` etc.)
+# holds one DeepSpeed tag: ``DIR/state/`` with the per-rank files and
+# ``DIR/latest`` (DeepSpeed's own tag file) naming it. A fixed tag keeps the
+# layout the same whatever the step, so the CheckpointManager can move, copy
+# and rename whole directories.
+TAG = "state"
+# Our client state goes under one key of DeepSpeed's model-states file so
+# that it cannot collide with DeepSpeed's own keys ("module", "optimizer", ...).
+CLIENT_KEY = "biomtl_client"
+
+# Set to 1 to build (once, cached under TORCH_EXTENSIONS_DIR) and use
+# DeepSpeed's shared-memory CPU all-reduce op. Off by default, see
+# _skip_shm_comm_build.
+SHM_ENV = "BIOMTL_DS_SHM_COMM"
+
+_PRECISION_SECTIONS = {"bf16": "bf16", "fp16": "fp16"}
+
+
+# ---------------------------------------------------------------------------
+# Importing DeepSpeed
+
+
+def _use_cpu_accelerator_if_no_gpu() -> None:
+    # The torch wheel here is a CUDA build; DeepSpeed's accelerator detection
+    # would fall back to CPU with a warning on a machine without GPUs, and
+    # picks 'cuda' wherever one is visible. Say 'cpu' explicitly when there
+    # is none (a user's own DS_ACCELERATOR wins). Must happen before the first
+    # ``deepspeed.accelerator.get_accelerator()`` call.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _skip_shm_comm_build(deepspeed_module: Any) -> None:
+    """DeepSpeed's ``TorchBackend`` JIT-compiles a shared-memory all-reduce
+    op (``deepspeed_shm_comm``, ~60-150 s with ninja on a small CPU box) the
+    first time a process group is wrapped on the CPU accelerator, probing
+    every op builder's compiler compatibility on the way. That op serves only
+    ``inference_all_reduce`` (CPU tensor-parallel inference); training
+    collectives (all-reduce, reduce-scatter, all-gather of ZeRO) go through
+    ``torch.distributed`` (gloo here). So the build is skipped unless
+    ``BIOMTL_DS_SHM_COMM=1``; there is no DeepSpeed env var for this (the
+    ``DS_BUILD_SHM_COMM`` variable only affects pre-building at pip install)."""
+    if os.environ.get(SHM_ENV, "0") == "1":
+        return
+    backend_module = sys.modules.get("deepspeed.comm.torch")
+    if backend_module is not None and hasattr(backend_module, "build_shm_op"):
+        backend_module.build_shm_op = lambda: None
+
+
+def import_deepspeed() -> Any:
+    """``import deepspeed`` with the environment this toolkit needs."""
+    _use_cpu_accelerator_if_no_gpu()
+    import deepspeed
+    import deepspeed.comm.torch  # noqa: F401  (the module whose build_shm_op is patched)
+
+    _skip_shm_comm_build(deepspeed)
+    return deepspeed
+
+
+# ---------------------------------------------------------------------------
+# The DeepSpeed config: the user's JSON + what the toolkit config decides.
+
+
+def load_user_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"deepspeed.config: cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config {path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed.config {path}: the top level must be a JSON object")
+    return data
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value != "auto"
+
+
+def _enabled(section: Any) -> bool:
+    if not isinstance(section, Mapping):
+        return False
+    value = section.get("enabled", False)
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def fp16_supported_here() -> bool:
+    """What DeepSpeed's accelerator says about fp16 (``_do_sanity_check``):
+    a CUDA GPU, or a CPU whose oneDNN has fp16 kernels (AMX-FP16)."""
+    if torch.cuda.is_available():
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:  # noqa: BLE001 - no oneDNN: no fp16
+        return False
+
+
+def check_toolkit_config(cfg: Config, world_size: int | None = None) -> None:
+    """Raise a one-line ConfigError where the DeepSpeed JSON contradicts the
+    toolkit config, or where this machine cannot run the requested precision.
+
+    Called by config validation (before any process group); ``world_size``
+    defaults to the launcher's (torchrun / SLURM / 1)."""
+    if world_size is None:
+        from launch.env import detect
+
+        world_size = detect().world_size
+    build_ds_config(cfg, world_size)
+    if cfg.train.precision == "fp16" and not fp16_supported_here():
+        raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
+                          "refuses fp16 on this CPU (no oneDNN fp16): use train.precision=bf16 or fp32")
+
+
+def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The dict given to ``deepspeed.initialize``: the user's JSON with the
+    batch, clipping and precision keys written from the toolkit config."""
+    src = cfg.deepspeed.config
+    user = load_user_ds_config(src)
+    micro, accum, clip = cfg.data.batch_size, cfg.train.grad_accum, cfg.train.grad_clip
+    derived = {
+        "train_micro_batch_size_per_gpu": (micro, "data.batch_size"),
+        "gradient_accumulation_steps": (accum, "train.grad_accum"),
+        "train_batch_size": (micro * accum * world_size,
+                             f"data.batch_size x train.grad_accum x world size ({micro}x{accum}x{world_size})"),
+    }
+
+    def contradiction(key: str, value: Any, ours: Any, where: str) -> ConfigError:
+        return ConfigError(f"deepspeed.config {src}: {key}={value!r} contradicts {where}={ours!r}; the toolkit "
+                           f"derives {key} from {where.split(' ')[0]}: remove it from the JSON or make them equal")
+
+    for key, (ours, where) in derived.items():
+        value = user.get(key)
+        if _is_set(value) and value != ours:
+            raise contradiction(key, value, ours, where)
+    value = user.get("gradient_clipping")
+    if _is_set(value) and not (isinstance(value, (int, float)) and math.isclose(float(value), clip)):
+        raise contradiction("gradient_clipping", value, clip, "train.grad_clip")
+    precision = cfg.train.precision
+    for name, key in (("bf16", "bf16"), ("bf16", "bfloat16"), ("fp16", "fp16")):
+        if _enabled(user.get(key)) and precision != name:
+            raise ConfigError(f"deepspeed.config {src}: {key}.enabled=true contradicts train.precision={precision!r}; "
+                              "the toolkit writes the precision sections from train.precision: remove "
+                              f"'enabled' from the JSON or set train.precision={name}")
+    if _enabled(user.get("amp")) or _enabled(user.get("torch_autocast")):
+        raise ConfigError(f"deepspeed.config {src}: 'amp'/'torch_autocast' are not supported; mixed precision "
+                          "comes from train.precision (DeepSpeed's bf16/fp16 sections)")
+    for key, toolkit in (("optimizer", "train.optimizer, train.lr, train.betas, train.weight_decay"),
+                         ("scheduler", "train.scheduler")):
+        if key in user:
+            raise ConfigError(f"deepspeed.config {src}: remove the '{key}' section; the toolkit passes its own "
+                              f"torch {key} (from {toolkit}) to deepspeed.initialize")
+    zero = user.get("zero_optimization", {})
+    if not isinstance(zero, Mapping):
+        raise ConfigError(f"deepspeed.config {src}: zero_optimization must be a JSON object")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.config {src}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+
+    ds = json.loads(json.dumps(user))  # a deep copy
+    for key, (ours, _) in derived.items():
+        ds[key] = ours
+    ds["gradient_clipping"] = clip
+    ds.pop("bfloat16", None)  # legacy alias of "bf16"
+    for name, key in _PRECISION_SECTIONS.items():
+        section = dict(user.get(key) or user.get("bfloat16" if name == "bf16" else key) or {})
+        section["enabled"] = precision == name
+        ds[key] = section
+    ds["zero_optimization"] = dict(zero)
+    ds["zero_optimization"]["stage"] = stage
+    # The optimizer is the toolkit's torch optimizer (AdamW / SGD): no
+    # FusedAdam / DeepSpeedCPUAdam JIT build (~80 s on CPU). ZeRO calls SGD
+    # "untested"; with optimizer offload DeepSpeed insists on its CPU Adam
+    # unless told otherwise: the torch optimizer then steps the fp32
+    # partitions on the CPU.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    offload = ds["zero_optimization"].get("offload_optimizer") or {}
+    if isinstance(offload, Mapping) and offload.get("device", "none") not in ("none", None):
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    # The toolkit logs every optimizer step itself; DeepSpeed's own progress
+    # print is off unless the JSON asks for it.
+    ds.setdefault("steps_per_print", 2**31 - 1)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+# ---------------------------------------------------------------------------
+
+
+class DeepSpeedStrategy(Strategy):
+    """A DeepSpeed engine driven by the toolkit's trainer loop.
+
+    Same constructor keywords as :class:`DDPStrategy`; the process group is
+    the toolkit's (``deepspeed.initialize`` wraps the existing
+    ``torch.distributed`` group: ``init_distributed`` creates its
+    ``TorchBackend`` around it without re-initialising)."""
+
+    def __init__(self, model: nn.Module, device: torch.device, precision: Precision,
+                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                 make_scheduler: Callable[[torch.optim.Optimizer], Any], grad_clip: float,
+                 find_unused_parameters: bool = False, cfg: Config | None = None,
+                 world_size: int | None = None, **_: Any):
+        if cfg is None:
+            raise ValueError("DeepSpeedStrategy needs cfg (deepspeed.config and the batch settings)")
+        deepspeed = import_deepspeed()
+        self.device = device
+        self.precision = precision
+        self.grad_clip = grad_clip
+        world = world_size or (dist.get_world_size() if dist.is_initialized() else 1)
+        if precision.name == "fp16" and not fp16_supported_here():
+            raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
+                              "refuses fp16 on this CPU: use train.precision=bf16 or fp32")
+        self.ds_config = build_ds_config(cfg, world)
+        model.to(device)
+        self._module = model
+        optimizer = make_optimizer(model)
+        scheduler = make_scheduler(optimizer)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False)
+        self.stage = int(self.engine.zero_optimization_stage())
+        log.info("DeepSpeed engine: ZeRO stage %d, %s, optimizer %s, micro-batch %d x accum %d x world %d",
+                 self.stage, precision.name, type(self.optimizer).__name__,
+                 self.ds_config["train_micro_batch_size_per_gpu"], self.ds_config["gradient_accumulation_steps"],
+                 world)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    # -- the step ----------------------------------------------------------
+    def _forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        batch = move_to(batch, self.device)
+        # DeepSpeed's bf16/fp16 modes hold the weights in 16 bit but do not
+        # cast inputs; autocast (as DDP uses) casts them where a layer needs
+        # it and keeps losses / softmax / norms in fp32 as under DDP.
+        with self.precision.autocast():
+            return self.engine(batch)
+
+    def micro_step(self, batch: Mapping[str, Any], loss_scale: float, boundary: bool) -> dict[str, Any]:
+        # Accumulation with exactly the DDP strategy's semantics, including the
+        # trainer's short last window of an epoch (batches % accum != 0):
+        # - the trainer, not DeepSpeed's micro-step counter, decides where a
+        #   window ends: set_gradient_accumulation_boundary(boundary) before
+        #   the forward/backward, so ZeRO reduces gradients (and the engine
+        #   steps) at the trainer's boundaries. DeepSpeed's own counter
+        #   ((micro_steps + 1) % gradient_accumulation_steps) would run on
+        #   across epochs and pair the short window with the next epoch's
+        #   first batch;
+        # - the loss is scaled by the trainer's 1/window_len, and
+        #   engine.backward(scale_wrt_gas=False) keeps DeepSpeed from dividing
+        #   by gradient_accumulation_steps again (it would divide a 1-batch
+        #   last window by accum, where DDP divides by 1).
+        # gradient_accumulation_steps stays train.grad_accum in the DeepSpeed
+        # config (train_batch_size and DeepSpeed's throughput counters use it).
+        self.engine.set_gradient_accumulation_boundary(boundary)
+        out = self._forward(batch)
+        self.engine.backward(out["loss"].float() * loss_scale, scale_wrt_gas=False)
+        if not boundary:
+            # backward/step on every micro-batch, as DeepSpeed expects: off a
+            # boundary, step() only advances the engine's micro-step count.
+            self.engine.step()
+        return out
+
+    def _local_grad_norm(self) -> float:
+        """Without ZeRO and in fp32 DeepSpeed steps the plain torch optimizer
+        and reports no norm; the gradients are all-reduced by now."""
+        grads = [p.grad for p in self._module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def optimizer_step(self) -> StepStats:
+        lr = float(self.engine.get_lr()[0])
+        manual_norm = self._local_grad_norm() if not hasattr(self.optimizer, "_global_grad_norm") else None
+        skipped_before = self.engine.skipped_steps
+        # The boundary step: DeepSpeed clips (gradient_clipping), steps the
+        # optimizer, zeroes the gradients, and steps the LR schedule unless
+        # an fp16 overflow made it skip the update (the same rule as DDP's).
+        self.engine.step()
+        skipped = self.engine.skipped_steps > skipped_before
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = manual_norm
+        norm = float(norm) if norm is not None else float("nan")
+        return StepStats(lr=lr, grad_norm=norm if math.isfinite(norm) and norm >= 0 else float("nan"),
+                         skipped=skipped)
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self.engine.skipped_steps)
+
+    @torch.no_grad()
+    def eval_forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        # Through the engine: under ZeRO-3 its hooks gather the partitioned
+        # weights (every rank makes the same number of calls).
+        return self._forward(batch)
+
+    # -- checkpoints -------------------------------------------------------
+    @property
+    def checkpoint_suffix(self) -> str:
+        return ""  # a directory
+
+    def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        # Collective: every rank writes its own ZeRO partition files. DeepSpeed
+        # barriers after rank 0 made the directory (which the manager has
+        # emptied first) and again after all files and its 'latest' tag file
+        # are written, so rank 0 may rename the directory as soon as this
+        # returns.
+        self.engine.save_checkpoint(str(path), tag=TAG, client_state={CLIENT_KEY: client_state},
+                                    save_latest=True)
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        # DeepSpeed's own loader reads its directory format with
+        # torch.load(weights_only=False) (it pickles its config and optimizer
+        # wrappers' state). That is acceptable for resuming from a directory
+        # this toolkit's run wrote (trusted); anything shared with others
+        # should be the consolidated file of `biomtl export`, which is plain
+        # tensors and loads with weights_only=True.
+        path = Path(path)
+        if not (path / "latest").is_file():
+            raise FileNotFoundError(f"{path} is not a DeepSpeed checkpoint directory (no 'latest' tag file)")
+        load_path, client = self.engine.load_checkpoint(str(path), tag=None, load_optimizer_states=True,
+                                                        load_lr_scheduler_states=True)
+        if load_path is None or client is None or CLIENT_KEY not in client:
+            raise RuntimeError(f"{path}: DeepSpeed could not load the checkpoint (or it has no toolkit state)")
+        return client[CLIENT_KEY]
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Consolidated fp32 weights from the live engine (collective under
+        ZeRO-3; every rank calls it): the fp32 master copy where DeepSpeed
+        keeps one (ZeRO 1/2/3, bf16/fp16 optimizers), else the module's own."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in self._module.state_dict(keep_vars=True).items():
+            param = tensor if isinstance(tensor, nn.Parameter) else None  # (tied weights: both names)
+            full = None
+            if param is not None and param.requires_grad:
+                full = safe_get_full_fp32_param(param)
+            if full is None and param is not None and hasattr(param, "ds_id"):
+                # a ZeRO-3 parameter the optimizer does not own (frozen): gather its 16-bit value
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    full = param.detach().clone()
+            if full is None:
+                full = tensor.detach()
+            full = full.detach().cpu().clone()
+            out[name] = full.float() if full.is_floating_point() else full
+        return out
+
+
+__all__ = ["DeepSpeedStrategy", "build_ds_config", "check_toolkit_config", "import_deepspeed",
+           "load_user_ds_config", "TAG", "CLIENT_KEY"]

@@ -1,0 +1,323 @@
+"""``dcal_twins`` recipe: DCAL (SA + GLCA + PWCA) for (twin) face verification.
+
+Wraps :class:`models.dcal.DCAL` (read its docstring for the model and every
+choice the paper leaves open). ``use_glca: false, use_pwca: false`` is the
+plain-ViT baseline on the same pipeline (same data, heads, metric loss and
+budget), which is what ``benchmarks/dcal_results.py`` compares against.
+
+Data (one shard sample)
+-----------------------
+- image: the first of ``vis.png`` (synthetic shards), ``png``, ``jpg``, ``jpeg``,
+  ``pgm``, ``image.png``, ... present (grey images are converted to RGB);
+- ``json``: ``identity`` (index into the manifest's identities; ``-1`` or missing
+  = unlabelled) and optionally ``twin`` (identity index of the co-twin, ``-1`` =
+  none). Without ``twin`` the co-twin comes from the manifest's ``twin_pairs``.
+
+``transform`` -> ``{"image": float [3, S, S] (ImageNet-normalised), "identity": long,
+"twin": long}``. Training adds a mild random resized crop, a horizontal flip and
+brightness/contrast jitter (global torch RNG: the stream seeds it per sample).
+
+Twin-aware batches
+------------------
+The shard stream (``shards.stream.build_train_loader``) has no P x K / twin-aware
+batch sampler yet, so the PWCA distractor of each sample is picked *inside the
+batch* by :func:`models.dcal.pick_distractors` (a co-twin image when the batch
+has one, else an image of another identity). When a sampler that puts co-twins
+together lands and adds ``batch["distractor"]`` (batch indices), the model uses
+it as is; the recipe needs no change either way.
+
+Validation (identity-disjoint)
+------------------------------
+:class:`VerificationMetrics` keeps the embeddings, identities and co-twin ids
+of the val split (per rank; the trainer gathers them) and reports verification
+metrics on generated pairs (:func:`dist_train.evaluation.generate_pairs`, at most
+``val_max_pairs``): ``eer``, ``auc``, ``tar_at_far_0.1/0.01/0.001`` (and
+``1e-04`` with enough impostors), ``best_acc``, ``threshold`` (the best-accuracy
+threshold on these val pairs; :class:`dist_train.inference.InferenceEngine`
+uses it as the default decision threshold), and the same with a ``twin_``
+prefix for genuine vs co-twin impostor pairs (NaN without twins). The
+validation ``loss`` of unseen identities is meaningless (their classes were
+never trained): monitor ``eer`` (mode ``min``), never ``loss``.
+
+After training, :meth:`DCALTwinsRecipe.write_artifacts` runs the full protocol
+on the test split (threshold picked on the val split) and writes
+``run_dir/eval/test/{metrics.json, roc.png, score_histograms.png,
+hardest_errors.png}``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision import transforms
+
+from dist_train.recipe import DataInfo, Metrics, Recipe, register
+from models.dcal import DCAL, DCALConfig
+
+log = logging.getLogger("biomtl.dcal")
+
+IMAGE_KEYS = ("vis.png", "png", "jpg", "jpeg", "pgm", "image.png", "image.jpg", "face.png", "face.jpg", "bmp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DCALTwinsParams:
+    # --- backbone
+    backbone: str = "vit_tiny_patch16_224"   # any timm ViT with Block+Attention (ViT, DeiT, hybrid R26-ViT)
+    img_size: int = 64
+    patch_size: int = 0                      # 0: the backbone's own (16); e.g. 8 for small images
+    depth: int = 0                           # 0: the backbone's own number of blocks
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # more timm kwargs (drop_path_rate, ...)
+    pretrained: bool = False                 # timm hub weights (needs network or the HF cache)
+    weights_path: str = field(default="", metadata={"path": True})  # local .pth/.safetensors backbone weights
+    backbone_lr_mult: float = 1.0
+    # --- DCAL
+    use_glca: bool = True
+    use_pwca: bool = True                    # both False = the plain-ViT baseline
+    top_r: float = 0.1                       # GLCA local query ratio (0.3 for re-ID-like data)
+    head: Literal["arcface", "cosface", "linear"] = "arcface"
+    s: float = 30.0
+    m: float | None = None                   # None: ArcFace 0.5, CosFace 0.35
+    metric_loss: Literal["triplet", "supcon", "none"] = "triplet"
+    triplet_margin: float = 0.3
+    twin_weight: float = 1.0
+    supcon_temperature: float = 0.1
+    twin_negative_weight: float = 2.0
+    verification_head: bool = False
+    dynamic_weights: bool = True
+    metric_weight: float = 1.0               # static weights (dynamic_weights: false)
+    verif_weight: float = 1.0
+    # --- data
+    augment: bool = True
+    p_flip: float = 0.5
+    crop_scale_min: float = 0.8              # RandomResizedCrop lower scale; 1.0 disables the crop
+    jitter: float = 0.2                      # brightness/contrast jitter strength; 0 disables
+    # --- validation
+    val_max_pairs: int = 2_000_000           # cap on generated val pairs
+    pair_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.img_size < 8:
+            raise ValueError(f"img_size must be >= 8, got {self.img_size}")
+        if not 0.0 < self.top_r <= 1.0:
+            raise ValueError(f"top_r must be in (0, 1], got {self.top_r}")
+        if not 0.0 <= self.p_flip <= 1.0 or not 0.0 < self.crop_scale_min <= 1.0 or self.jitter < 0:
+            raise ValueError("p_flip must be in [0, 1], crop_scale_min in (0, 1], jitter >= 0")
+        if self.pretrained and self.weights_path:
+            raise ValueError("set either pretrained (timm hub) or weights_path (local file), not both")
+        if self.patch_size < 0 or self.depth < 0:
+            raise ValueError("patch_size and depth must be >= 0 (0 = the backbone's own)")
+
+    def model_config(self, num_classes: int) -> DCALConfig:
+        kwargs = dict(self.backbone_kwargs)
+        if self.patch_size:
+            kwargs["patch_size"] = self.patch_size
+        if self.depth:
+            kwargs["depth"] = self.depth
+        return DCALConfig(num_classes=max(num_classes, 1), backbone=self.backbone, pretrained=self.pretrained,
+                          weights_path=self.weights_path, img_size=self.img_size, backbone_kwargs=kwargs,
+                          use_glca=self.use_glca, use_pwca=self.use_pwca, top_r=self.top_r, head=self.head,
+                          margin_s=self.s, margin_m=self.m, metric_loss=self.metric_loss,
+                          triplet_margin=self.triplet_margin, twin_weight=self.twin_weight,
+                          supcon_temperature=self.supcon_temperature,
+                          twin_negative_weight=self.twin_negative_weight,
+                          verification_head=self.verification_head, dynamic_weights=self.dynamic_weights,
+                          metric_weight=self.metric_weight, verif_weight=self.verif_weight)
+
+
+def pick_image(sample: Mapping[str, Any]):
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return sample[key]
+    for key, value in sample.items():  # any other decoded image (e.g. "face.pgm")
+        if hasattr(value, "convert") and hasattr(value, "size"):
+            return value
+    raise KeyError(f"sample {sample.get('__key__')!r} has no image (looked for {IMAGE_KEYS}; has {sorted(sample)})")
+
+
+def _batch_col(batch: Mapping[str, Any], key: str, n: int) -> np.ndarray:
+    v = batch.get(key)
+    if v is None:
+        return np.full(n, -1, dtype=np.int64)
+    return torch.as_tensor(v).detach().cpu().numpy().astype(np.int64).reshape(-1)
+
+
+class VerificationMetrics(Metrics):
+    """State: embeddings (float16 to keep the gather small), identities, co-twins."""
+
+    def __init__(self, max_pairs: int = 2_000_000, seed: int = 0) -> None:
+        self.max_pairs, self.seed = max_pairs, seed
+        self.emb: list[np.ndarray] = []
+        self.ident: list[np.ndarray] = []
+        self.twin: list[np.ndarray] = []
+
+    def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
+        e = outputs["embedding"].detach().float().cpu().numpy()
+        n = e.shape[0]
+        v = batch.get("_valid")
+        valid = np.ones(n, bool) if v is None else torch.as_tensor(v).cpu().numpy().astype(bool).reshape(-1)
+        self.emb.append(e[valid].astype(np.float16))
+        self.ident.append(_batch_col(batch, "identity", n)[valid])
+        self.twin.append(_batch_col(batch, "twin", n)[valid])
+
+    def state(self) -> dict[str, Any]:
+        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+        emb = np.concatenate(self.emb) if self.emb else np.zeros((0, 0), np.float16)
+        return {"embedding": emb, "identity": cat(self.ident, np.int64), "twin": cat(self.twin, np.int64),
+                "max_pairs": self.max_pairs, "seed": self.seed}
+
+    @staticmethod
+    def compute(states: list[Any]) -> dict[str, float]:
+        from dist_train.evaluation import cosine_scores, generate_pairs, summary_metrics, verification_report
+
+        states = [s for s in states if s["identity"].size]
+        if not states:
+            return {"eer": float("nan"), "auc": float("nan")}
+        emb = np.concatenate([s["embedding"] for s in states]).astype(np.float32)
+        ident = np.concatenate([s["identity"] for s in states])
+        twin = np.concatenate([s["twin"] for s in states])
+        pairs = generate_pairs(ident, twin, max_pairs=states[0]["max_pairs"], seed=states[0]["seed"])
+        scores = cosine_scores(emb, pairs.a, pairs.b)
+        flat = summary_metrics(verification_report(scores, pairs.label, pairs.twin, seed=states[0]["seed"]))
+        keep = ("eer", "auc", "tar_at_far_0.1", "tar_at_far_0.01", "tar_at_far_0.001", "tar_at_far_0.0001",
+                "best_acc", "genuine_pairs", "impostor_pairs")
+        out = {k: flat[k] for k in keep if k in flat}
+        out["threshold"] = flat["best_threshold"]
+        for k in ("eer", "auc", "tar_at_far_0.01", "impostor_pairs"):
+            out[f"twin_{k}"] = flat[f"twin_{k}"]
+        return out
+
+
+@register
+class DCALTwinsRecipe(Recipe):
+    name = "dcal_twins"
+    Params = DCALTwinsParams
+
+    def __init__(self, params: DCALTwinsParams, data_info: DataInfo):
+        super().__init__(params, data_info)
+        p = params
+        norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        size = (p.img_size, p.img_size)
+        self.eval_tf = transforms.Compose([transforms.Resize(size), *norm])
+        train: list[Any] = []
+        if p.augment and p.crop_scale_min < 1.0:
+            train.append(transforms.RandomResizedCrop(size, scale=(p.crop_scale_min, 1.0), ratio=(0.9, 1.1)))
+        else:
+            train.append(transforms.Resize(size))
+        if p.augment and p.p_flip > 0:
+            train.append(transforms.RandomHorizontalFlip(p.p_flip))
+        if p.augment and p.jitter > 0:
+            train.append(transforms.ColorJitter(brightness=p.jitter, contrast=p.jitter))
+        self.train_tf = transforms.Compose([*train, *norm])
+        self.co_twin = {}
+        for a, b in data_info.twin_pairs:
+            self.co_twin[int(a)], self.co_twin[int(b)] = int(b), int(a)
+
+    # --- data
+    def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+        img = pick_image(sample)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        meta = sample.get("json") or {}
+        identity = meta.get("identity", -1)
+        identity = -1 if identity is None else int(identity)
+        twin = meta.get("twin")
+        twin = self.co_twin.get(identity, -1) if twin is None else int(twin)
+        return {"image": (self.train_tf if train else self.eval_tf)(img),
+                "identity": torch.tensor(identity, dtype=torch.long),
+                "twin": torch.tensor(twin, dtype=torch.long)}
+
+    # --- model
+    def build_model(self) -> nn.Module:
+        return DCAL(self.params.model_config(self.data_info.num_identities))
+
+    def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]] | None:
+        model = getattr(model, "module", model)
+        return model.param_groups(base_lr, self.params.backbone_lr_mult)
+
+    # --- evaluation
+    def new_metrics(self) -> Metrics:
+        return VerificationMetrics(self.params.val_max_pairs, self.params.pair_seed)
+
+    def write_artifacts(self, run_dir: Path, model: nn.Module, loaders: Mapping[str, Any],
+                        is_main: bool) -> dict[str, float]:
+        """Embed the val and test splits (all ranks), then on rank 0 the full test
+        report in ``run_dir/eval/test`` with the threshold picked on val pairs."""
+        import torch.distributed as dist
+
+        from dist_train import evaluation as ev
+
+        module = getattr(model, "module", model)
+        tables: dict[str, dict[str, Any] | None] = {}
+        for split in ("val", "test"):
+            loader = loaders.get(split) if loaders else None
+            tables[split] = _embed_loader(module, loader) if loader is not None else None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, tables)
+            tables = {s: _merge([g[s] for g in gathered]) if gathered[0][s] is not None else None
+                      for s in ("val", "test")}
+        test = tables.get("test")
+        if test is None or not len(test["keys"]):
+            return {}
+        p = self.params
+        pairs = ev.generate_pairs(test["identity"], test["twin"], p.val_max_pairs, p.pair_seed)
+        threshold, source = None, "none"
+        val = tables.get("val")
+        if val is not None and len(val["keys"]):
+            vp = ev.generate_pairs(val["identity"], val["twin"], p.val_max_pairs, p.pair_seed)
+            if vp.label.any() and (~vp.label).any():
+                _, threshold = ev.best_accuracy_threshold(ev.cosine_scores(val["embedding"], vp.a, vp.b), vp.label)
+                source = "best accuracy on generated val pairs"
+        if not is_main:
+            return {}
+        out_dir = Path(run_dir) / "eval" / "test"
+        images = None
+        data_dir = getattr(loaders.get("test"), "data_dir", None)
+        if data_dir is not None:
+            try:
+                images = ev.load_images_by_key(data_dir, loaders["test"].plan.split, ev.hardest_error_keys(test, pairs))
+            except Exception as exc:  # pictures are a nicety; never fail a finished training for them
+                log.warning("no error grid: %s", exc)
+        metrics = ev.write_report(out_dir, test, pairs, threshold=threshold, threshold_source=source,
+                                  images=images, identity_names=self.data_info.identities,
+                                  seed=p.pair_seed, title=f"test split, {'DCAL' if p.use_glca or p.use_pwca else 'ViT baseline'}")
+        log.info("test verification report in %s", out_dir)
+        flat = {k: v for k, v in ev.summary_metrics({"all": metrics["all_impostors"],
+                                                     "twin": metrics["twin_impostors"]}).items()
+                if k in ("eer", "auc", "tar_at_far_0.01", "tar_at_far_0.001", "acc_10fold", "acc_at_threshold",
+                         "twin_eer", "twin_auc", "twin_tar_at_far_0.01")}
+        return flat
+
+
+def _embed_loader(module: nn.Module, loader: Any) -> dict[str, Any]:
+    param = next(module.parameters())
+    was_training = module.training
+    module.eval()
+    embs, idents, twins, keys = [], [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            valid = batch["_valid"].numpy().astype(bool)
+            e = module.embed(batch["image"].to(param.device, param.dtype)).float().cpu().numpy()
+            n = e.shape[0]
+            embs.append(e[valid])
+            idents.append(_batch_col(batch, "identity", n)[valid])
+            twins.append(_batch_col(batch, "twin", n)[valid])
+            keys += [str(k) for k, v in zip(batch.get("__key__") or [""] * n, valid) if v]
+    module.train(was_training)
+    return {"embedding": np.concatenate(embs) if embs else np.zeros((0, 0), np.float32),
+            "identity": np.concatenate(idents) if idents else np.zeros(0, np.int64),
+            "twin": np.concatenate(twins) if twins else np.zeros(0, np.int64), "keys": keys}
+
+
+def _merge(tables: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"embedding": np.concatenate([t["embedding"] for t in tables if len(t["keys"])]),
+            "identity": np.concatenate([t["identity"] for t in tables]),
+            "twin": np.concatenate([t["twin"] for t in tables]),
+            "keys": [k for t in tables for k in t["keys"]]}
