@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from dist_train import distributed  # noqa: E402
 from dist_train.config import load_config, recipe_params  # noqa: E402
 from dist_train.main import prepare_data, seed_everything, train  # noqa: E402
-from dist_train.precision import Precision  # noqa: E402
+from dist_train.precision import Precision, resolve_precision  # noqa: E402
 from dist_train.recipe import get_recipe  # noqa: E402
 from dist_train.strategies.ddp import move_to  # noqa: E402
 from launch.env import detect  # noqa: E402
@@ -42,7 +42,7 @@ def bare_loop(cfg, steps: int, warmup: int) -> float:
         seed_everything(cfg.experiment.seed)
         model = recipe.build_model().to(ctx.device).train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        precision = Precision(cfg.train.precision, ctx.device.type)
+        precision = Precision(resolve_precision(cfg.train.precision, ctx.device), ctx.device.type)
         done, epoch, start = 0, 0, None
         while done < steps + warmup:
             for batch in build_train_loader(data_dir, cfg.data.train_split, recipe.transform, cfg.data.batch_size,
@@ -76,7 +76,7 @@ def trainer_rate(cfg, warmup_intervals: int = 1) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)

@@ -14,7 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # name -> (module with run(argv, prog), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dist_train.main", "train a recipe (same as dist_train/main.py; torchrun for several ranks)"),
+    "eval": ("dist_train.commands.eval_cmd", "verification metrics + ROC/histogram/error pictures of a checkpoint"),
+    "extract": ("dist_train.commands.extract_cmd", "embeddings of a folder of images (+ similarity matrix, PCA/t-SNE)"),
+    "verify": ("dist_train.commands.verify_cmd", "same person or not? score and decision for two images"),
     "export": ("dist_train.commands.export_cmd", "checkpoint (DeepSpeed dir or DDP .pt) -> one fp32 model file"),
+    "shards": ("shards.cli", "pack raw datasets into WebDataset shards; info; verify"),
+    "launch": ("launch.cli", "torchrun here (1 or N nodes) or sbatch slurm/<recipe>.sh; --dry-run prints it"),
 }
 
 

@@ -56,6 +56,10 @@ class DataConfig:
     val_split: str = "val"
     test_split: str = "test"
     max_corrupt_fraction: float = 0.01
+    resampled: bool = False  # stream: shards drawn with replacement, virtual epochs (shards/stream.py)
+    batching: Literal["stream", "pk", "triplet"] = "stream"  # train batches; pk/triplet: shards/batching.py
+    pk_k: int = 4  # pk: samples per identity; P = batch_size // pk_k identities per batch
+    twin_prob: float = 1.0  # pk: co-twin joins the batch / triplet: negative is the co-twin
 
 
 @dataclass
@@ -87,7 +91,7 @@ class EarlyStoppingConfig:
 @dataclass
 class TrainConfig:
     strategy: Literal["ddp", "deepspeed"] = "ddp"
-    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where native, else fp32
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run ``epochs`` epochs
     stop_at_step: int = 0  # leave early (as if preempted) keeping the full schedule
@@ -118,7 +122,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    tracking: Literal["tensorboard", "none"] = "tensorboard"
+    tracking: Literal["tensorboard", "mlflow", "none"] = "tensorboard"  # mlflow: dist_train/tracking.py
     progress: bool = True
     plot: bool = True
 
@@ -325,6 +329,11 @@ def validate(cfg: Config) -> None:
     if len(es.modes) != len(es.metrics):
         raise ConfigError("train.early_stopping.modes: needs one mode (min|max) per metric "
                           f"in train.early_stopping.metrics, got {len(es.modes)} for {len(es.metrics)}")
+    if cfg.data.batching == "pk" and (cfg.data.pk_k < 1 or cfg.data.batch_size % cfg.data.pk_k):
+        raise ConfigError(f"data.pk_k: must be >= 1 and divide data.batch_size ({cfg.data.batch_size}), "
+                          f"got {cfg.data.pk_k}")
+    if not 0.0 <= cfg.data.twin_prob <= 1.0:
+        raise ConfigError(f"data.twin_prob: must be in [0, 1], got {cfg.data.twin_prob}")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.shards: required when data.source is 'shards'")
     if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "manifest.json").is_file():
@@ -335,6 +344,10 @@ def validate(cfg: Config) -> None:
         from dist_train.strategies.deepspeed import check_toolkit_config
 
         check_toolkit_config(cfg)
+    if cfg.logging.tracking == "mlflow":  # optional extra: a one-line error before anything starts
+        from dist_train.tracking import require_mlflow
+
+        require_mlflow()
     try:
         recipe_cls = get_recipe(cfg.recipe.name)
     except KeyError:

@@ -9,9 +9,8 @@ Protocols
 ---------
 * **Dataset pairs**: ``--pairs FILE`` or ``DIR/<split>_pairs.json`` (a list of
   ``{"img1": key, "img2": key, "label": 1|0}`` with shard sample keys; an
-  optional ``"twin": true`` marks a twin impostor pair). The shard manifest has
-  no ``pairs`` field (``shards/manifest.py``), so a dataset that ships pairs
-  puts this file beside ``manifest.json``.
+  optional ``"twin": true`` marks a twin impostor pair; ``biomtl shards create
+  --pairs`` writes this file), else the manifest's ``pairs`` of the split.
 * **Generated pairs** (:func:`generate_pairs`) from an identity-disjoint split:
   every genuine pair (same identity), every *twin impostor* pair (the second
   image's identity is the first one's co-twin) and every other impostor pair
@@ -35,6 +34,10 @@ same identity; a pair is accepted when ``score >= threshold``.
   (no interpolation; 0 when no threshold reaches it) for t in 1e-1, 1e-2,
   1e-3, and 1e-4 when there are >= 10^4 impostor pairs; ``thr_at_far_<t>``
   the threshold.
+* Accuracy is *balanced* accuracy, ``(TAR + TRR) / 2``: genuine and impostor
+  pairs weigh the same (generated pairs are mostly impostors, where plain
+  accuracy rewards rejecting everything); for balanced pair lists (LFW-style)
+  it is plain accuracy.
 * ``best_acc`` / ``best_threshold``: the best accuracy over all thresholds on
   these pairs (optimistic: the threshold is picked on the test pairs).
 * ``acc_10fold`` / ``acc_10fold_std``: LFW-style: pairs are split into 10
@@ -67,8 +70,8 @@ FAR_EXTRA = 1e-4          # reported when there are >= 1 / FAR_EXTRA impostor pa
 DEFAULT_MAX_PAIRS = 2_000_000
 IMAGE_EXTS = ("png", "jpg", "jpeg", "pgm", "ppm", "bmp", "tif", "tiff", "webp", "gif")
 
-__all__ = ["Pairs", "generate_pairs", "pairs_from_file", "verification_report", "eer_from_roc",
-           "best_accuracy_threshold", "kfold_accuracy", "summary_metrics", "embed_split",
+__all__ = ["Pairs", "generate_pairs", "pairs_from_file", "pairs_from_rows", "verification_report", "eer_from_roc",
+           "best_accuracy_threshold", "balanced_accuracy", "kfold_accuracy", "summary_metrics", "embed_split",
            "write_report", "load_images_by_key", "cosine_scores", "FAR_TARGETS"]
 
 
@@ -192,17 +195,33 @@ def pairs_from_file(path: str | os.PathLike, keys: Sequence[str], identity: np.n
     """Pairs listed in a JSON file (``[{"img1", "img2", "label"[, "twin"]}, ...]`` or
     ``{"pairs": [...]}``) of sample keys. A pair whose key is not in ``keys``
     raises ``KeyError``. Twin impostors: the ``twin`` field, else co-twin identities."""
-    data = json.loads(Path(path).read_text())
-    rows = data["pairs"] if isinstance(data, Mapping) else data
-    if not isinstance(rows, list) or not rows:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable JSON pairs file ({type(exc).__name__})") from None
+    rows = data.get("pairs") if isinstance(data, Mapping) else data
+    return pairs_from_rows(rows, keys, identity, twin, source=str(path))
+
+
+def pairs_from_rows(rows: Any, keys: Sequence[str], identity: np.ndarray | None = None,
+                    twin: np.ndarray | None = None, source: str = "pairs") -> Pairs:
+    """:func:`pairs_from_file` for rows already in memory."""
+    path = source
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, Mapping) for r in rows):
         raise ValueError(f"{path}: expected a non-empty list of {{img1, img2, label}}")
     index = {str(k): i for i, k in enumerate(keys)}
     try:
         a = np.array([index[str(r["img1"])] for r in rows], np.int64)
         b = np.array([index[str(r["img2"])] for r in rows], np.int64)
     except KeyError as exc:
-        raise KeyError(f"{path}: sample key {exc.args[0]!r} is not in the evaluated split") from None
-    label = np.array([bool(int(r["label"])) for r in rows])
+        missing = exc.args[0]
+        if missing in ("img1", "img2"):
+            raise ValueError(f"{path}: every pair needs img1, img2 and label") from None
+        raise KeyError(f"{path}: sample key {missing!r} is not in the evaluated split") from None
+    try:
+        label = np.array([bool(int(r["label"])) for r in rows])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path}: every pair needs a label 0|1") from None
     if any("twin" in r for r in rows):
         is_twin = np.array([bool(r.get("twin", False)) for r in rows]) & ~label
     elif identity is not None and twin is not None:
@@ -210,7 +229,7 @@ def pairs_from_file(path: str | os.PathLike, keys: Sequence[str], identity: np.n
         is_twin = ((twin[a] >= 0) & (twin[a] == identity[b])) & ~label
     else:
         is_twin = np.zeros(label.size, bool)
-    return Pairs(a=a, b=b, label=label, twin=is_twin, source=str(path))
+    return Pairs(a=a, b=b, label=label, twin=is_twin, source=source)
 
 
 def cosine_scores(emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 17) -> np.ndarray:
@@ -249,26 +268,33 @@ def _group_ends(s: np.ndarray) -> np.ndarray:
 
 def _best_threshold_sorted(s: np.ndarray, y: np.ndarray, w: np.ndarray | None = None,
                            ends: np.ndarray | None = None) -> tuple[float, float]:
-    """Best accuracy and its threshold, ``s`` sorted descending; ``w`` an optional
-    mask of the pairs that count (the training folds)."""
+    """Best (balanced) accuracy and its threshold, ``s`` sorted descending; ``w``
+    an optional mask of the pairs that count (the training folds)."""
     pos = y if w is None else (y & w)
     neg = ~y if w is None else (~y & w)
     ends = _group_ends(s) if ends is None else ends
-    tp = np.cumsum(pos, dtype=np.int32)[ends]
-    fp = np.cumsum(neg, dtype=np.int32)[ends]
+    tp = np.cumsum(pos, dtype=np.int64)[ends]
+    fp = np.cumsum(neg, dtype=np.int64)[ends]
     n_pos, n_neg = int(tp[-1]), int(fp[-1])
-    n = n_pos + n_neg
-    if n == 0:
+    if n_pos == 0 or n_neg == 0:
         return float("nan"), float("nan")
-    correct = tp + (n_neg - fp)                              # accept everything down to s[end]
-    j = int(np.argmax(correct))
-    if n_neg >= correct[j]:                                  # accepting nothing is at least as good
-        return n_neg / n, float(np.nextafter(s[0], np.inf))
+    acc = 0.5 * (tp / n_pos + (n_neg - fp) / n_neg)            # accept everything down to s[end]
+    j = int(np.argmax(acc))
+    if acc[j] <= 0.5:                                        # accepting nothing is at least as good
+        return 0.5, float(np.nextafter(s[0], np.inf))
     e = ends[j]
     thr = s[e] if e + 1 >= s.size else 0.5 * (s[e] + s[e + 1])   # midway to the next lower score
     if e + 1 < s.size and thr <= s[e + 1]:                   # no float strictly between
         thr = s[e]
-    return float(correct[j]) / n, float(thr)
+    return float(acc[j]), float(thr)
+
+
+def balanced_accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float:
+    """Mean of TAR and TRR at ``threshold`` (NaN parts ignored)."""
+    acc = np.asarray(scores) >= threshold
+    labels = np.asarray(labels, bool)
+    parts = [acc[labels].mean() if labels.any() else np.nan, (~acc[~labels]).mean() if (~labels).any() else np.nan]
+    return float(np.nanmean(parts)) if not np.isnan(parts).all() else float("nan")
 
 
 def best_accuracy_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -288,7 +314,7 @@ def _kfold_sorted(s: np.ndarray, y: np.ndarray, f: np.ndarray, folds: int,
     for k in range(folds):
         held = f == k
         _, thr = _best_threshold_sorted(s, y, ~held, ends)
-        accs.append(float(np.mean((s[held] >= thr) == y[held])))
+        accs.append(balanced_accuracy(s[held], y[held], thr))
     return float(np.mean(accs)), float(np.std(accs))
 
 
@@ -337,7 +363,7 @@ def _curve_metrics(scores: np.ndarray, labels: np.ndarray, far_targets: Sequence
                                                 else (nan, nan))
     if threshold is not None:
         acc = scores >= threshold
-        out["acc_at_threshold"] = float(np.mean(acc == labels))
+        out["acc_at_threshold"] = balanced_accuracy(scores, labels, threshold)
         out["far_at_threshold"] = float(acc[~labels].mean())
         out["frr_at_threshold"] = float((~acc[labels]).mean())
     out["_roc"] = (fpr, tpr)
@@ -580,11 +606,28 @@ def plot_histograms(scores: np.ndarray, pairs: Pairs, path: Path, threshold: flo
     _savefig(fig, path)
 
 
+def _pair_tile(img_a: Any, img_b: Any, size: int = 96) -> np.ndarray:
+    """Two images side by side (each resized to ``size`` px high) with a white gap."""
+    from PIL import Image
+
+    tiles = []
+    for img in (img_a, img_b):
+        if img is None:
+            tiles.append(np.full((size, size, 3), 200, np.uint8))
+            continue
+        img = img.convert("RGB")
+        w = max(1, round(img.width * size / img.height))
+        tiles.append(np.asarray(img.resize((w, size), Image.BILINEAR)))
+    gap = np.full((size, max(4, size // 16), 3), 255, np.uint8)
+    return np.concatenate([tiles[0], gap, tiles[1]], axis=1)
+
+
 def plot_hardest_errors(scores: np.ndarray, pairs: Pairs, keys: Sequence[str], identities: np.ndarray,
                         images: Mapping[str, Any], path: Path, threshold: float, k: int = 6,
                         names: Sequence[str] | None = None) -> None:
     """Two rows of pair tiles: the highest-scoring impostor pairs (false accepts when
-    above the threshold) and the lowest-scoring genuine pairs (false rejects)."""
+    at or above the threshold) and the lowest-scoring genuine pairs (false rejects
+    when below)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -595,9 +638,7 @@ def plot_hardest_errors(scores: np.ndarray, pairs: Pairs, keys: Sequence[str], i
     fa = imp[np.argsort(-scores[imp], kind="stable")[:k]] if imp.size else imp
     fr = gen[np.argsort(scores[gen], kind="stable")[:k]] if gen.size else gen
     cols = max(len(fa), len(fr), 1)
-    fig, axes = plt.subplots(2, 2 * cols, figsize=(2.0 * 2 * cols * 0.75, 2 * 2.25), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
+    fig, axes = plt.subplots(2, cols, figsize=(2.5 * cols + 0.6, 4.6), squeeze=False)
 
     def label_of(i: int) -> str:
         ident = int(identities[i])
@@ -605,24 +646,31 @@ def plot_hardest_errors(scores: np.ndarray, pairs: Pairs, keys: Sequence[str], i
             return str(names[ident])
         return f"id {ident}"
 
-    for row, (idx, kind) in enumerate(((fa, "impostor"), (fr, "genuine"))):
-        for c, p in enumerate(idx):
+    rows = ((fa, "impostor", "highest-scoring\nimpostor pairs"), (fr, "genuine", "lowest-scoring\ngenuine pairs"))
+    for row, (idx, kind, row_title) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[row, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(idx):
+                ax.axis("off")
+                continue
+            p = int(idx[c])
+            i, j = int(pairs.a[p]), int(pairs.b[p])
+            ax.imshow(_pair_tile(images.get(keys[i]), images.get(keys[j])))
             s = float(scores[p])
             wrong = s >= threshold if kind == "impostor" else s < threshold
             verdict = ("FALSE ACCEPT" if kind == "impostor" else "FALSE REJECT") if wrong else "correct"
             color = "tab:red" if wrong else "tab:green"
-            for side, i in enumerate((int(pairs.a[p]), int(pairs.b[p]))):
-                ax = axes[row, 2 * c + side]
-                img = images.get(keys[i])
-                if img is not None:
-                    ax.imshow(np.asarray(img.convert("RGB")))
-                ax.set_title(label_of(i), fontsize=7)
-            twin_tag = " (co-twins)" if pairs.twin[p] else ""
-            axes[row, 2 * c].text(1.0, -0.08, f"score {s:.3f}: {verdict}{twin_tag}", transform=axes[row, 2 * c].transAxes,
-                                  ha="center", va="top", fontsize=7, color=color)
-    fig.suptitle(f"top: highest-scoring impostor pairs (false accepts if score >= {threshold:.3f});  "
-                 f"bottom: lowest-scoring genuine pairs (false rejects if below)", fontsize=8)
-    fig.tight_layout(rect=(0, 0, 1, 0.94), h_pad=2.0)
+            twin_tag = "  (co-twins)" if pairs.twin[p] else ""
+            ax.set_title(f"{label_of(i)} vs {label_of(j)}{twin_tag}", fontsize=8)
+            ax.set_xlabel(f"score {s:.3f}: {verdict}", fontsize=8.5, color=color)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(color)
+                spine.set_linewidth(2)
+        axes[row, 0].set_ylabel(row_title, fontsize=9)
+    fig.suptitle(f"hardest pairs at threshold {threshold:.3f} (accept when score >= threshold)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     _savefig(fig, path)
 
 

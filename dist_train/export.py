@@ -48,6 +48,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def model_states_file(tag_dir: Path) -> Path:
+    """DeepSpeed's model-states file of a tag directory (it holds the module
+    state and our client state): ``mp_rank_00_model_states.pt`` for stages
+    0-2, ``zero_pp_rank_0_mp_rank_00_model_states.pt`` for ZeRO-3."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (tag_dir / name).is_file():
+            return tag_dir / name
+    raise ExportError(f"{tag_dir}: no DeepSpeed model states file (incomplete checkpoint?)")
+
+
 def _deepspeed_export(ckpt_dir: Path) -> dict[str, Any]:
     from dist_train.strategies.deepspeed import CLIENT_KEY, import_deepspeed
 
@@ -55,9 +65,7 @@ def _deepspeed_export(ckpt_dir: Path) -> dict[str, Any]:
     if not tag_file.is_file():
         raise ExportError(f"{ckpt_dir}: not a DeepSpeed checkpoint directory (no 'latest' tag file)")
     tag = tag_file.read_text().strip()
-    model_states = ckpt_dir / tag / "mp_rank_00_model_states.pt"
-    if not model_states.is_file():
-        raise ExportError(f"{ckpt_dir}: no {tag}/mp_rank_00_model_states.pt (incomplete checkpoint?)")
+    model_states = model_states_file(ckpt_dir / tag)
     import_deepspeed()  # DS_ACCELERATOR on a machine without GPUs, before DeepSpeed's first use
     # DeepSpeed's directory format pickles non-tensor objects, so it needs
     # weights_only=False: acceptable only for checkpoints this toolkit wrote
@@ -125,4 +133,5 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple
     return model.to(device).eval(), cfg, info
 
 
-__all__ = ["ExportError", "MODEL_FILE", "export_checkpoint", "export_live", "load_exported", "resolve_checkpoint"]
+__all__ = ["ExportError", "MODEL_FILE", "export_checkpoint", "export_live", "load_exported", "model_states_file",
+           "resolve_checkpoint"]

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from dist_train import distributed  # noqa: E402
 from dist_train.config import Config, ConfigError, dump_config, load_config, recipe_params  # noqa: E402
 from dist_train.recipe import get_recipe  # noqa: E402
-from launch.env import detect  # noqa: E402
+from launch.env import detect, launch_id, restart_count  # noqa: E402
 
 log = logging.getLogger("biomtl")
 
@@ -82,6 +82,53 @@ def run_dir_for(cfg: Config, resume: Path | None, is_main: bool) -> Path:
     return Path(distributed.broadcast_object(name))
 
 
+LAUNCH_FILE = "launch_id"  # in a run directory: the launch that started it (see restart_point)
+
+
+def restart_point(cfg: Config, resume: Path | None, is_main: bool) -> tuple[Path, Path | None] | None:
+    """After torchrun restarted the worker group (or SLURM requeued the job):
+    the first attempt's run directory and the checkpoint to go on from, so the
+    run resumes by itself; None on a first attempt or when no run is found.
+
+    The first attempt's rank 0 writes the launch id (SLURM job id / torchrun
+    rendezvous id, shared by all attempts) into its run directory; a restart
+    takes the newest run directory carrying the same id, and its ``latest``
+    checkpoint if this launch saved it, else the checkpoint the first attempt
+    started from (``resume``; None = from scratch)."""
+    if restart_count() == 0:
+        return None
+    found = None
+    if is_main:
+        found = _find_launch_run(cfg, resume)
+        if found is None:
+            log.warning("restart %d: no run directory of launch %s under %s; starting a new run",
+                        restart_count(), launch_id(), cfg.experiment.output_dir)
+    found = distributed.broadcast_object(found)
+    if found is None:
+        return None
+    run, ckpt = found
+    return Path(run), Path(ckpt) if ckpt else None
+
+
+def _find_launch_run(cfg: Config, resume: Path | None) -> tuple[str, str | None] | None:
+    lid = launch_id()
+    if lid is None:
+        return None
+    candidates = list(Path(cfg.experiment.output_dir).glob(f"{cfg.experiment.name}_*/{LAUNCH_FILE}"))
+    if resume is not None:
+        candidates.append(_run_root_of(resume) / LAUNCH_FILE)
+    marks = [m for m in candidates if m.is_file() and m.read_text().strip() == lid]
+    if not marks:
+        return None
+    mark = max(marks, key=lambda m: m.stat().st_mtime)
+    from dist_train.checkpoint import LATEST
+
+    latest = mark.parent / "checkpoints" / f"{LATEST}{checkpoint_suffix(cfg.train.strategy)}"
+    if latest.exists() and latest.stat().st_mtime >= mark.stat().st_mtime:
+        return str(mark.parent), str(latest)
+    return str(mark.parent), str(resume) if resume is not None else None
+
+
 def _run_root_of(checkpoint: Path) -> Path:
     for parent in checkpoint.parents:
         if parent.name == "checkpoints":
@@ -118,8 +165,15 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
     with distributed.process_group(env, cfg.dist.backend, cfg.dist.timeout_s) as ctx:
         data_dir = prepare_data(cfg, ctx)
         recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), Manifest.load(data_dir).data_info())
-        run_dir = run_dir_for(cfg, resume, ctx.is_main)
+        restart = restart_point(cfg, resume, ctx.is_main)
+        if restart is not None:  # torchrun restarted the group: go on in the first attempt's run
+            run_dir, resume = restart
+            log.info("restart %d: continuing %s from %s", restart_count(), run_dir, resume or "scratch")
+        else:
+            run_dir = run_dir_for(cfg, resume, ctx.is_main)
         if ctx.is_main:
+            if restart_count() == 0 and launch_id():
+                (run_dir / LAUNCH_FILE).write_text(launch_id() + "\n")
             (run_dir / "config.yaml").write_text(dump_config(cfg))
             log.info("run directory: %s  (world size %d, %s, %s)", run_dir, ctx.world_size, ctx.device,
                      ctx.backend)
@@ -156,4 +210,7 @@ def run(argv: list[str] | None = None, prog: str = "dist_train/main.py") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    # record: under torchrun, a rank's exception goes into the failure summary (the "root cause")
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    sys.exit(record(run)())

@@ -124,13 +124,20 @@ class RunLogger:
     """Rank 0's sink for everything a run reports."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, progress: bool,
-                 plot: bool):
+                 plot: bool, tracking: str | None = None):
         self.run_dir = run_dir
+        # logging.tracking (None: read from run_dir/config.yaml): "mlflow" adds an
+        # MLflow run (dist_train.tracking) and keeps TensorBoard on.
+        from dist_train.tracking import tracker_for_run
+
+        self.tracker = tracker_for_run(run_dir, tracking)
+        tensorboard = tensorboard or self.tracker is not None
         self.plot = plot
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "plots").mkdir(parents=True, exist_ok=True)
         self.train_csv = CsvLog(run_dir / "logs" / "train_logs.csv")
         self.val_csv = CsvLog(run_dir / "logs" / "validation_logs.csv")
+        self.test_csv = CsvLog(run_dir / "logs" / "test_logs.csv")
         self.train_csv.truncate_after(start_step)
         self.val_csv.truncate_after(start_step)
         self.tb = None
@@ -155,10 +162,13 @@ class RunLogger:
     def log_train(self, step: int, epoch: int, values: Mapping[str, float]) -> None:
         row = {"step": step, "epoch": epoch, **{k: _round(v) for k, v in values.items()}}
         self.train_csv.append(row)
+        tags = {(f"train/{k}" if k not in ("lr", "samples_per_s", "grad_norm") else f"perf/{k}"): v
+                for k, v in values.items()}
         if self.tb:
-            for key, value in values.items():
-                tag = f"train/{key}" if key not in ("lr", "samples_per_s", "grad_norm") else f"perf/{key}"
+            for tag, value in tags.items():
                 self.tb.add_scalar(tag, value, step)
+        if self.tracker:
+            self.tracker.log_metrics(tags, step)
         if self.progress:
             self.progress.update(self.task, completed=step, loss=f"{values.get('loss', float('nan')):.4f}",
                                  lr=f"{values.get('lr', 0):.2e}", sps=f"{values.get('samples_per_s', 0):.0f}")
@@ -176,11 +186,14 @@ class RunLogger:
             self.progress.update(self.task, completed=step)
 
     def log_validation(self, step: int, epoch: int, metrics: Mapping[str, float], split: str = "val") -> None:
-        self.val_csv.append({"step": step, "epoch": epoch, **{k: _round(v) for k, v in metrics.items()}})
+        csv_log = self.val_csv if split == "val" else self.test_csv
+        csv_log.append({"step": step, "epoch": epoch, **{k: _round(v) for k, v in metrics.items()}})
         if self.tb:
             for key, value in metrics.items():
                 self.tb.add_scalar(f"{split}/{key}", value, step)
             self.tb.flush()
+        if self.tracker:
+            self.tracker.log_metrics({f"{split}/{k}": v for k, v in metrics.items()}, step)
         table = Table(title=f"{split} @ step {step} (epoch {epoch})", show_header=True)
         table.add_column("metric")
         table.add_column("value", justify="right")
@@ -201,6 +214,9 @@ class RunLogger:
             self.plot_now()
         if self.tb:
             self.tb.close()
+        if self.tracker:
+            self.tracker.log_artifacts([self.run_dir / n for n in ("config.yaml", "logs", "plots", "eval")])
+            self.tracker.close()
 
 
 class NullLogger:

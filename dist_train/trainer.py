@@ -17,11 +17,12 @@ from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, 
                                    set_rng_state)
 from dist_train.config import Config, resolved_config_dict
 from dist_train.distributed import DistContext
-from dist_train.precision import Precision
+from dist_train.precision import Precision, resolve_precision
 from dist_train.recipe import Recipe, data_info_dict
 from dist_train.run_logging import NullLogger, RunLogger
 from dist_train.schedulers import build_scheduler
 from dist_train.strategies import Strategy, build_strategy
+from launch import faults
 
 log = logging.getLogger("biomtl")
 
@@ -89,7 +90,7 @@ class Trainer:
         accum = cfg.train.grad_accum
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        self.precision = Precision(cfg.train.precision, ctx.device.type)
+        self.precision = Precision(resolve_precision(cfg.train.precision, ctx.device), ctx.device.type)
         model = recipe.build_model()
         self.strategy: Strategy = build_strategy(
             cfg.train.strategy, model=model, device=ctx.device, precision=self.precision,
@@ -102,6 +103,8 @@ class Trainer:
             CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,
                              cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix)
         self.val_points = self._validation_steps()
+        log.info("%s, precision %s, %d batches/epoch/rank, %d optimizer steps (accumulation %d)",
+                 cfg.train.strategy.upper(), self.precision.name, self.batches_per_epoch, self.total_steps, accum)
 
     # ------------------------------------------------------------------
     def _validation_steps(self) -> set[int]:
@@ -203,6 +206,7 @@ class Trainer:
                     finished = st.step >= min(self.total_steps, stop_at) or st.stopped_early
                     if metrics is not None or periodic or finished:
                         self.save(metrics)
+                    faults.after_step(st.step, self.ctx.rank)  # test-only (BIOMTL_FAULT_*), else a no-op
                     # Throughput counts training only; validation and checkpoints are timed apart.
                     interval["t0"] += time.perf_counter() - paused_from
                     if finished or epoch_done:
@@ -273,10 +277,21 @@ class LoaderFactory:
 
     def train(self, epoch: int, skip_batches: int = 0):
         d = self.cfg.data
+        if d.batching != "stream":  # twin-aware P×K or triplet batches (shards/batching.py)
+            from shards import batching
+
+            common = dict(rank=self.ctx.rank, world_size=self.ctx.world_size, num_workers=d.num_workers,
+                          seed=self.cfg.experiment.seed, epoch=epoch, skip_batches=skip_batches,
+                          twin_prob=d.twin_prob, max_corrupt_fraction=d.max_corrupt_fraction)
+            if d.batching == "pk":
+                return batching.build_pk_loader(self.data_dir, d.train_split, self.recipe.transform,
+                                                d.batch_size // d.pk_k, d.pk_k, **common)
+            return batching.build_triplet_loader(self.data_dir, d.train_split, self.recipe.transform,
+                                                 d.batch_size, **common)
         return self.stream.build_train_loader(
             self.data_dir, d.train_split, self.recipe.transform, d.batch_size, self.ctx.rank, self.ctx.world_size,
             d.num_workers, self.cfg.experiment.seed, epoch, skip_batches=skip_batches,
-            shuffle_buffer=d.shuffle_buffer, max_corrupt_fraction=d.max_corrupt_fraction)
+            shuffle_buffer=d.shuffle_buffer, max_corrupt_fraction=d.max_corrupt_fraction, resampled=d.resampled)
 
     def train_batches_per_epoch(self) -> int:
         return len(self.train(0))

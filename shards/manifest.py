@@ -6,6 +6,32 @@ twin pairs, the schema (class names) of every categorical label, the tar
 extensions each sample carries and per-modality image statistics. The stream
 reads sample counts from here (equal batches on every rank need the total
 before reading), and recipes get a :class:`dist_train.recipe.DataInfo` view.
+
+Fields (``biomtl-shards/1``; readers ignore fields they do not know, missing
+ones get their defaults, so older manifests still load):
+
+* ``format``, ``tool_version``, ``created_with`` (source format, input path,
+  the creation arguments, the command line);
+* ``splits``: split name -> list of :class:`ShardEntry` (file relative to the
+  directory, sample count, bytes, sha256);
+* ``identities``: identity names, list index = the ``identity`` label stored in
+  each sample's ``json``; ``twin_pairs``: ``[a, b]`` identity indices, ``a < b``;
+* ``label_schemas``: label name -> class names (the sample's ``json`` stores
+  the class index); ``modalities``: the tar extensions every sample carries;
+* ``image_stats``: per image/array field: per-channel ``mean``/``std`` (pixels
+  scaled to [0, 1]; computed on the first split) and, for images written by
+  ``biomtl shards create``, ``width``/``height`` ``{min, max, mean}`` over all
+  splits;
+* ``pairs``: the dataset's own verification protocol, if it ships one (e.g.
+  ``--pairs test_pairs.json`` of the ``folder`` format): a list of
+  ``{"key1": sample key, "key2": sample key, "label": 1 same identity | 0,
+  "split": the split holding both samples}``. ``biomtl shards create`` also
+  writes the pairs of each split as ``DIR/<split>_pairs.json``
+  (``[{"img1": key, "img2": key, "label": 0|1}, ...]``), the file the DCAL
+  evaluator (``dist_train.evaluation.pairs_from_file``) reads;
+* ``split_stats``: per split ``{samples, identities, twin_pairs, bytes,
+  labels: {label: {class name: count}}}`` (written by ``biomtl shards create``;
+  ``biomtl shards info`` scans the shards when it is missing).
 """
 from __future__ import annotations
 
@@ -48,6 +74,8 @@ class Manifest:
     label_schemas: dict[str, list[str]] = field(default_factory=dict)
     modalities: list[str] = field(default_factory=list)
     image_stats: dict[str, Any] = field(default_factory=dict)
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    split_stats: dict[str, Any] = field(default_factory=dict)
 
     # --- queries ------------------------------------------------------------
     def split_size(self, name: str) -> int:
@@ -59,6 +87,10 @@ class Manifest:
         root = Path(root)
         self.split_size(name)  # raises a clear KeyError for an unknown split
         return [root / e.file for e in self.splits[name]]
+
+    def split_pairs(self, name: str) -> list[dict[str, Any]]:
+        """The protocol pairs whose two samples are both in split ``name``."""
+        return [p for p in self.pairs if p.get("split") == name]
 
     def data_info(self):
         from dist_train.recipe import DataInfo
@@ -89,6 +121,10 @@ class Manifest:
             label_schemas={str(k): [str(x) for x in v] for k, v in d.get("label_schemas", {}).items()},
             modalities=[str(x) for x in d.get("modalities", [])],
             image_stats=dict(d.get("image_stats", {})),
+            pairs=[{"key1": str(p["key1"]), "key2": str(p["key2"]), "label": int(p["label"]),
+                    **({"split": str(p["split"])} if p.get("split") is not None else {})}
+                   for p in d.get("pairs", [])],
+            split_stats=dict(d.get("split_stats", {})),
         )
 
     def save(self, directory: str | os.PathLike) -> Path:

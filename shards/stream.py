@@ -25,6 +25,18 @@ What is written here by hand, and why (webdataset 1.0.x):
 * resume. ``skip_batches=k`` drops the raw (undecoded) samples of the first
   ``k`` batches after the shuffle buffer, so the continuation is exactly the
   tail of an uninterrupted epoch.
+* resampled mode (``resampled=True``). Each (rank, worker) slot draws whole
+  shards *with replacement*, weighted by their sample counts, from an RNG
+  seeded by ``(seed, epoch, rank, logical worker)`` (webdataset's
+  ``resampled=True`` ignores ``seed=``), through the same shuffle buffer. An
+  epoch is then a *virtual epoch* of ``len(loader)`` batches (the same
+  formula); within it a sample may appear several times or not at all, and
+  ranks do not partition the data. Resume means the same as without
+  resampling: ``skip_batches=k`` with the same ``(seed, epoch, world_size,
+  num_workers, batch_size)`` yields exactly batches ``k..`` of the
+  uninterrupted virtual epoch (the draw sequence is a function of those, and
+  the skipped batches' samples are not decoded). A new epoch draws anew.
+  Augmentation is seeded by ``(seed, epoch, key, (rank, worker, draw))``.
 
 Corrupt samples never change which raw samples a batch is made of (a batch
 is always ``batch_size`` consecutive raw samples of its worker's stream): a
@@ -265,6 +277,7 @@ class _TrainPlan:
     max_corrupt_fraction: float
     fields: frozenset[str] | None
     expect: frozenset[str] | None
+    resampled: bool = False
 
     def slot_shards(self, logical_worker: int) -> tuple[list[_Shard], str, int, int]:
         """(shards, mode, slot, nslots) for one (rank, logical worker) slot."""
@@ -324,6 +337,36 @@ class _SlotSource:
         if produced == 0:
             raise RuntimeError(f"no readable samples for slot {self.slot}/{self.nslots} in "
                                f"{', '.join(s.name for s in self.shards)}; last error: {self.tracker.last}")
+
+
+class _ResampledSource:
+    """An endless stream of one slot: whole shards drawn with replacement (weights
+    = sample counts) by an RNG seeded per (seed, epoch, rank, logical worker)."""
+
+    def __init__(self, shards: list[_Shard], seed: int, tag: tuple[int, int], fields: frozenset[str] | None,
+                 expect: frozenset[str] | None, tracker: _CorruptTracker):
+        self.shards, self.seed, self.tag = shards, seed, tag
+        self.fields, self.expect, self.tracker = fields, expect, tracker
+
+    def __call__(self) -> Iterator[dict[str, Any]]:
+        rng = random.Random(self.seed)
+        weights = [max(1, s.count) for s in self.shards]
+        draw = empty = 0
+        while True:
+            sh = rng.choices(self.shards, weights=weights)[0]
+            reader = _ShardReader(sh, self.fields, self.expect)
+            for s in reader:
+                s["__cycle__"] = (*self.tag, draw)
+                s["__shard__"] = sh.name
+                yield s
+            if reader.error is not None or reader.n < sh.count:
+                self.tracker.record(sh.name, None, reader.error or f"short shard: {reader.n} of {sh.count} samples",
+                                    n=max(1, sh.count - reader.n))
+            draw += 1
+            empty = 0 if reader.n else empty + 1
+            if empty > 4 * len(self.shards) + 8:
+                raise RuntimeError(f"no readable samples in {empty} shard draws of "
+                                   f"{', '.join(s.name for s in self.shards)}; last error: {self.tracker.last}")
 
 
 class _Item:
@@ -395,19 +438,26 @@ class _TrainStream(IterableDataset):
             return
         B = p.batch_size
         tracker = _CorruptTracker(p.split, p.rank, logical, n_take * B, p.max_corrupt_fraction)
-        shards, mode, slot, nslots = p.slot_shards(logical)
-        if mode == "shard":
-            per_cycle = sum(s.count for s in shards)
-        else:
-            per_cycle = len(range(slot, p.total, nslots))
-        bufsize = max(1, min(p.shuffle_buffer, per_cycle, (n_skip + n_take) * B))
         rng = random.Random(derive_seed("buffer", p.seed, p.epoch, p.rank, logical))
+        if p.resampled:
+            shards = list(p.shards)
+            per_cycle = p.total
+            bufsize = max(1, min(p.shuffle_buffer, p.total, (n_skip + n_take) * B))
+            source: Callable[[], Iterator[dict[str, Any]]] = _ResampledSource(
+                shards, derive_seed("resample", p.seed, p.epoch, p.rank, logical), (p.rank, logical),
+                p.fields, p.expect, tracker)
+        else:
+            shards, mode, slot, nslots = p.slot_shards(logical)
+            if mode == "shard":
+                per_cycle = sum(s.count for s in shards)
+            else:
+                per_cycle = len(range(slot, p.total, nslots))
+            bufsize = max(1, min(p.shuffle_buffer, per_cycle, (n_skip + n_take) * B))
+            source = _SlotSource(shards, mode, slot, nslots, p.fields, p.expect, tracker)
         # the buffer is flushed at the end of each pass over the slot's data, so a
         # sample is not repeated before all others of its slot have been seen
-        raw = wds.DataPipeline(
-            _SlotSource(shards, mode, slot, nslots, p.fields, p.expect, tracker),
-            wds.filters.shuffle(bufsize, initial=bufsize, rng=rng),
-        ).repeat()
+        # (resampled: one endless pass)
+        raw = wds.DataPipeline(source, wds.filters.shuffle(bufsize, initial=bufsize, rng=rng)).repeat()
         it = iter(raw)
         for _ in range(n_skip * B):  # resume: drop raw samples before any decoding
             next(it)
@@ -491,7 +541,7 @@ class TrainLoader:
 
     def __init__(self, data_dir, split, transform, batch_size, rank, world_size, num_workers, seed, epoch,
                  skip_batches=0, shuffle_buffer=1000, max_corrupt_fraction=0.01, fields=None,
-                 pin_memory=False, mp_context=None, prefetch_factor=2):
+                 pin_memory=False, mp_context=None, prefetch_factor=2, resampled=False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -513,7 +563,7 @@ class TrainLoader:
             workers=max(1, self.num_workers), seed=int(seed), epoch=int(epoch), skip_batches=int(skip_batches),
             shuffle_buffer=int(shuffle_buffer), max_corrupt_fraction=float(max_corrupt_fraction),
             fields=None if fields is None else frozenset(fields),
-            expect=_expected_fields(self.manifest, fields))
+            expect=_expected_fields(self.manifest, fields), resampled=bool(resampled))
         self._corrupt = 0
 
     def __len__(self) -> int:
@@ -547,7 +597,8 @@ def build_train_loader(data_dir, split: str, transform: Callable[..., dict], bat
                        world_size: int, num_workers: int, seed: int, epoch: int, skip_batches: int = 0,
                        shuffle_buffer: int = 1000, max_corrupt_fraction: float = 0.01,
                        fields: Sequence[str] | None = None, pin_memory: bool = False,
-                       mp_context: str | None = None, prefetch_factor: int = 2) -> TrainLoader:
+                       mp_context: str | None = None, prefetch_factor: int = 2,
+                       resampled: bool = False) -> TrainLoader:
     """The training stream of one rank for one epoch.
 
     ``len(loader) == max(1, samples_in_split // (world_size * batch_size))`` on
@@ -557,11 +608,12 @@ def build_train_loader(data_dir, split: str, transform: Callable[..., dict], bat
     ``PIL.Image``, ``.npy`` as arrays, ``json`` as dict, ``__key__``) with the
     global RNGs seeded from ``(seed, epoch, key, pass)``. ``fields`` restricts
     the tar members read (extensions, e.g. ``["vis.png", "json"]``).
+    ``resampled=True``: shards drawn with replacement, virtual epochs (module doc).
     """
     return TrainLoader(data_dir, split, transform, batch_size, rank, world_size, num_workers, seed, epoch,
                        skip_batches=skip_batches, shuffle_buffer=shuffle_buffer,
                        max_corrupt_fraction=max_corrupt_fraction, fields=fields, pin_memory=pin_memory,
-                       mp_context=mp_context, prefetch_factor=prefetch_factor)
+                       mp_context=mp_context, prefetch_factor=prefetch_factor, resampled=resampled)
 
 
 # ---------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -101,6 +102,9 @@ def import_deepspeed() -> Any:
     import deepspeed.comm.torch  # noqa: F401  (the module whose build_shm_op is patched)
 
     _skip_shm_comm_build(deepspeed)
+    # DeepSpeed's ZeRO calls a torch collective deprecated in torch 2.x; one
+    # FutureWarning per rank per run is noise for users of this toolkit.
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     return deepspeed
 
 
@@ -154,14 +158,24 @@ def check_toolkit_config(cfg: Config, world_size: int | None = None) -> None:
 
         world_size = detect().world_size
     build_ds_config(cfg, world_size)
-    if cfg.train.precision == "fp16" and not fp16_supported_here():
+    if resolved_precision(cfg) == "fp16" and not fp16_supported_here():
         raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
                           "refuses fp16 on this CPU (no oneDNN fp16): use train.precision=bf16 or fp32")
 
 
-def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def resolved_precision(cfg: Config) -> str:
+    """``train.precision`` with ``auto`` resolved for the device the run will
+    use (a GPU where one is visible, as ``distributed.pick_device``)."""
+    from dist_train.precision import resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_precision(cfg.train.precision, device) if cfg.train.precision == "auto" else cfg.train.precision
+
+
+def build_ds_config(cfg: Config, world_size: int, precision: str | None = None) -> dict[str, Any]:
     """The dict given to ``deepspeed.initialize``: the user's JSON with the
-    batch, clipping and precision keys written from the toolkit config."""
+    batch, clipping and precision keys written from the toolkit config.
+    ``precision``: the resolved one (bf16 | fp16 | fp32); default: from ``cfg``."""
     src = cfg.deepspeed.config
     user = load_user_ds_config(src)
     micro, accum, clip = cfg.data.batch_size, cfg.train.grad_accum, cfg.train.grad_clip
@@ -183,10 +197,11 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
     value = user.get("gradient_clipping")
     if _is_set(value) and not (isinstance(value, (int, float)) and math.isclose(float(value), clip)):
         raise contradiction("gradient_clipping", value, clip, "train.grad_clip")
-    precision = cfg.train.precision
+    precision = precision or resolved_precision(cfg)
     for name, key in (("bf16", "bf16"), ("bf16", "bfloat16"), ("fp16", "fp16")):
         if _enabled(user.get(key)) and precision != name:
-            raise ConfigError(f"deepspeed.config {src}: {key}.enabled=true contradicts train.precision={precision!r}; "
+            shown = repr(cfg.train.precision) + (f" (= {precision} here)" if cfg.train.precision == "auto" else "")
+            raise ConfigError(f"deepspeed.config {src}: {key}.enabled=true contradicts train.precision={shown}; "
                               "the toolkit writes the precision sections from train.precision: remove "
                               f"'enabled' from the JSON or set train.precision={name}")
     if _enabled(user.get("amp")) or _enabled(user.get("torch_autocast")):
@@ -232,6 +247,48 @@ def build_ds_config(cfg: Config, world_size: int) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
+# BatchNorm under DeepSpeed's 16-bit modes
+
+
+def _batchnorm_fp32_forward(self: nn.modules.batchnorm._BatchNorm, input: torch.Tensor) -> torch.Tensor:
+    """``_BatchNorm.forward`` computed in fp32 (weights upcast, differentiably),
+    output in the input's dtype."""
+    self._check_input_dim(input)
+    factor = 0.0 if self.momentum is None else self.momentum
+    if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        self.num_batches_tracked.add_(1)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+    bn_training = self.training or (self.running_mean is None and self.running_var is None)
+    track = not self.training or self.track_running_stats
+    weight = self.weight.float() if self.weight is not None else None
+    bias = self.bias.float() if self.bias is not None else None
+    with torch.autocast(device_type=input.device.type, enabled=False):
+        out = torch.nn.functional.batch_norm(
+            input.float(), self.running_mean if track else None, self.running_var if track else None,
+            weight, bias, bn_training, factor, self.eps)
+    return out.to(input.dtype)
+
+
+def keep_batchnorm_stats_fp32(model: nn.Module) -> int:
+    """DeepSpeed's bf16/fp16 modes cast parameters to 16 bit but (since 0.17)
+    leave buffers in fp32, and ``batch_norm`` refuses 16-bit weights with fp32
+    running statistics (CPU and CUDA). Casting the statistics to 16 bit too
+    (``data_types.buffer_dtype``) would make the running averages lose
+    precision (bf16 keeps 8 bits), so instead the BatchNorm layers compute in
+    fp32 and keep fp32 statistics, as under DDP with autocast. Returns the
+    number of layers changed; SyncBatchNorm and custom subclasses with their
+    own forward are left alone."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and type(m).forward is _BatchNorm.forward:
+            m.forward = _batchnorm_fp32_forward.__get__(m)
+            changed += 1
+    return changed
+
+
+# ---------------------------------------------------------------------------
 
 
 class DeepSpeedStrategy(Strategy):
@@ -257,9 +314,11 @@ class DeepSpeedStrategy(Strategy):
         if precision.name == "fp16" and not fp16_supported_here():
             raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
                               "refuses fp16 on this CPU: use train.precision=bf16 or fp32")
-        self.ds_config = build_ds_config(cfg, world)
+        self.ds_config = build_ds_config(cfg, world, precision.name)
         model.to(device)
         self._module = model
+        if precision.name in ("bf16", "fp16"):
+            keep_batchnorm_stats_fp32(model)
         optimizer = make_optimizer(model)
         scheduler = make_scheduler(optimizer)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -330,6 +389,11 @@ class DeepSpeedStrategy(Strategy):
         # an fp16 overflow made it skip the update (the same rule as DDP's).
         self.engine.step()
         skipped = self.engine.skipped_steps > skipped_before
+        if skipped and (not dist.is_initialized() or dist.get_rank() == 0):
+            # DeepSpeed itself only notes this at its own (disabled) progress prints.
+            scale = getattr(self.optimizer, "loss_scale", None) or getattr(self.optimizer, "cur_scale", None)
+            log.warning("fp16 overflow: DeepSpeed skipped the optimizer step (loss scale now %s; %d skipped "
+                        "so far)", scale, self.engine.skipped_steps)
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = manual_norm

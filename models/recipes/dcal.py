@@ -8,7 +8,8 @@ budget), which is what ``benchmarks/dcal_results.py`` compares against.
 Data (one shard sample)
 -----------------------
 - image: the first of ``vis.png`` (synthetic shards), ``png``, ``jpg``, ``jpeg``,
-  ``pgm``, ``image.png``, ... present (grey images are converted to RGB);
+  ``pgm``, ``image.png``, ``image.pgm`` (``biomtl shards create --format folder|cmu``),
+  ... present, else any decoded image (grey images are converted to RGB);
 - ``json``: ``identity`` (index into the manifest's identities; ``-1`` or missing
   = unlabelled) and optionally ``twin`` (identity index of the co-twin, ``-1`` =
   none). Without ``twin`` the co-twin comes from the manifest's ``twin_pairs``.
@@ -61,7 +62,8 @@ from models.dcal import DCAL, DCALConfig
 
 log = logging.getLogger("biomtl.dcal")
 
-IMAGE_KEYS = ("vis.png", "png", "jpg", "jpeg", "pgm", "image.png", "image.jpg", "face.png", "face.jpg", "bmp")
+IMAGE_KEYS = ("vis.png", "png", "jpg", "jpeg", "pgm", "image.png", "image.jpg", "image.jpeg", "image.pgm",
+              "face.png", "face.jpg", "bmp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

@@ -1,0 +1,232 @@
+"""Data throughput: packing rate, and streaming rate vs a per-file loader and a bare decode loop.
+
+For each dataset (CMU faces from ../shared/data/cmu_faces at scale 1 and 2,
+and synthetic faces at 112x112 and 224x224 written out as a folder of PNGs):
+
+* pack: ``shards.build.create`` (the ``biomtl shards create`` code) with 1
+  and 2 worker processes, images/s;
+* stream: ``shards.stream.build_train_loader`` (shard shuffle, shuffle
+  buffer, decode, transform, batching) with 1 and 2 DataLoader workers;
+* per-file: a map-style ``torch.utils.data.Dataset`` that opens each image
+  file from the raw folder with PIL (how the seed projects load data) in a
+  ``DataLoader(shuffle=True)`` with 1 and 2 workers;
+* bare: the ceiling: the shard image bytes already in memory, decoded and
+  transformed in a plain loop in one process (no loader, no IPC).
+
+All loaders use the same transform: decode -> RGB -> RandomResizedCrop(size,
+scale 0.6-1) -> RandomHorizontalFlip -> ToTensor -> Normalize, batch 32.
+Every rate is decoded and augmented samples per second, over whole epochs
+(worker start-up included, as in training: workers are not persistent),
+the best of ``--repeats`` runs of at least ``--seconds`` each.
+
+    python benchmarks/data_throughput.py [--datasets cmu1,cmu2,syn112,syn224] [--seconds 3] [--repeats 2]
+                                         [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from torchvision import transforms as T  # noqa: E402
+
+from shards.build import create  # noqa: E402
+from shards.manifest import Manifest  # noqa: E402
+from shards.stream import build_train_loader  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CMU = REPO.parent / "shared" / "data" / "cmu_faces"
+BATCH = 32
+
+
+class Augment:
+    """The same augmentation for every loader (picklable)."""
+
+    def __init__(self, size: tuple[int, int]):
+        self.tf = T.Compose([T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.9, 1.1), antialias=True),
+                             T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)])
+
+    def image(self, img: Image.Image) -> torch.Tensor:
+        return self.tf(img.convert("RGB"))
+
+    def __call__(self, sample: dict, train: bool = True) -> dict:  # the shard-stream transform
+        img = next(v for k, v in sample.items() if k.startswith("image."))
+        return {"image": self.image(img), "identity": sample["json"]["identity"]}
+
+
+class PerFile(Dataset):
+    """One image file per item, opened from the folder (the seed projects' way)."""
+
+    def __init__(self, files: list[tuple[str, int]], aug: Augment):
+        self.files, self.aug = files, aug
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        path, label = self.files[i]
+        with Image.open(path) as img:
+            img.load()
+            return {"image": self.aug.image(img), "identity": label}
+
+
+def _epochs(make_iter, n_per_epoch: int, seconds: float, repeats: int) -> float:
+    """Best samples/s over ``repeats`` runs of whole epochs lasting >= ``seconds``."""
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        n = 0
+        while True:
+            for b in make_iter():
+                n += int(b["image"].shape[0])
+            if time.perf_counter() - t0 >= seconds:
+                break
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
+
+
+# ---------------------------------------------------------------------------
+def prepare(name: str, work: Path) -> tuple[str, Path, dict, tuple[int, int]]:
+    """(format, raw input, format options, image size) of one benchmark dataset."""
+    if name.startswith("cmu"):
+        if not CMU.is_dir():
+            raise FileNotFoundError(f"{CMU} not found")
+        scale = int(name[3:] or 2)
+        size = {1: (120, 128), 2: (60, 64), 4: (30, 32)}[scale]
+        return "cmu", CMU, {"scale": scale}, size
+    if name.startswith("syn"):
+        from shards.synthetic import SyntheticSpec, _world, render_sample
+
+        px = int(name[3:])
+        spec = SyntheticSpec(num_identities=40, samples_per_identity=10, image_size=px, modalities=("vis",),
+                             twin_fraction=0.25, seed=0)
+        raw = work / f"raw-{name}"
+        if not (raw / ".done").exists():
+            shutil.rmtree(raw, ignore_errors=True)
+            w = _world(spec)
+            for i in range(spec.num_identities):
+                d = raw / w.names[i]
+                d.mkdir(parents=True)
+                for k in range(spec.samples_per_identity):
+                    Image.fromarray(render_sample(spec, i, k)["vis"]).save(d / f"{k:03d}.png")
+            (raw / ".done").touch()
+        return "folder", raw, {}, (px, px)
+    raise ValueError(f"unknown dataset {name!r}")
+
+
+def bench(name: str, work: Path, seconds: float, repeats: int) -> dict:
+    fmt, raw, opts, size = prepare(name, work)
+    aug = Augment(size)
+    res: dict = {"dataset": name}
+    # --- pack
+    for workers in (1, 2):
+        out = work / f"shards-{name}-{workers}"
+        shutil.rmtree(out, ignore_errors=True)
+        r = create(fmt, raw, out, splits="train=1", split_by="sample", workers=workers, maxcount=200,
+                   options=argparse.Namespace(**opts))
+        res[f"pack_{workers}w"] = r.rate
+    out = work / f"shards-{name}-1"
+    m = Manifest.load(out)
+    n = m.split_size("train")
+    res["samples"] = n
+    res["bytes_per_sample"] = sum(e.bytes for e in m.splits["train"]) / n
+    field = next(x for x in m.modalities if x.startswith("image."))
+    res["stored_as"] = field
+    # --- the same images as files, with labels
+    import webdataset as wds
+
+    raw_samples = list(wds.WebDataset([str(out / e.file) for e in m.splits["train"]], shardshuffle=False))
+    files = []
+    for s in raw_samples:
+        meta = json.loads(s["json"])
+        files.append((str(raw / meta["path"]), int(meta["identity"])))
+    # --- bare decode + augment (bytes in memory, one process, no loader)
+    torch.set_num_threads(1)
+    blobs = [(s[field], json.loads(s["json"])["identity"]) for s in raw_samples]
+
+    def bare():
+        torch.manual_seed(0)
+        for i in range(0, len(blobs), BATCH):
+            imgs = []
+            for data, _ in blobs[i:i + BATCH]:
+                img = Image.open(io.BytesIO(data))
+                img.load()
+                imgs.append(aug.image(img))
+            yield {"image": torch.stack(imgs)}
+
+    res["bare"] = _epochs(bare, n, seconds, repeats)
+    # --- stream vs per-file
+    epoch = [0]
+    for workers in (1, 2):
+        def stream(w=workers):
+            epoch[0] += 1
+            return build_train_loader(out, "train", aug, BATCH, 0, 1, w, seed=0, epoch=epoch[0],
+                                      shuffle_buffer=1000)
+
+        res[f"stream_{workers}w"] = _epochs(stream, n, seconds, repeats)
+
+        def perfile(w=workers):
+            return DataLoader(PerFile(files, aug), batch_size=BATCH, shuffle=True, num_workers=w, drop_last=True,
+                              persistent_workers=False)
+
+        res[f"perfile_{workers}w"] = _epochs(perfile, n, seconds, repeats)
+    return res
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| dataset | samples (stored as) | pack 1w | pack 2w | bare decode (1 proc) | stream 1w | stream 2w "
+            "| per-file 1w | per-file 2w | stream/bare 1w | stream/per-file 1w / 2w |")
+    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['dataset']} | {r['samples']} ({r['stored_as']}, {r['bytes_per_sample'] / 1024:.1f} KiB) "
+            f"| {r['pack_1w']:.0f} | {r['pack_2w']:.0f} | {r['bare']:.0f} | {r['stream_1w']:.0f} "
+            f"| {r['stream_2w']:.0f} | {r['perfile_1w']:.0f} | {r['perfile_2w']:.0f} "
+            f"| {r['stream_1w'] / r['bare']:.0%} | {r['stream_1w'] / r['perfile_1w']:.2f}x / "
+            f"{r['stream_2w'] / r['perfile_2w']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", default="cmu1,cmu2,syn112,syn224")
+    ap.add_argument("--seconds", type=float, default=3.0, help="minimum seconds per measurement")
+    ap.add_argument("--repeats", type=int, default=2, help="best of this many measurements")
+    ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed)")
+    ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = ap.parse_args(argv)
+    work = args.work or Path(tempfile.mkdtemp(prefix="biomtl-data-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    load0 = os.getloadavg()
+    rows = []
+    try:
+        for name in [d.strip() for d in args.datasets.split(",") if d.strip()]:
+            t0 = time.perf_counter()
+            rows.append(bench(name, work, args.seconds, args.repeats))
+            print(f"{name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    load1 = os.getloadavg()
+    print(table(rows))
+    print(f"\nsamples/s (images/s for packing); batch {BATCH}; {os.cpu_count()} CPUs; load average "
+          f"{load0[0]:.2f} at start, {load1[0]:.2f} at end; torch {torch.__version__}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "load_start": load0, "load_end": load1}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

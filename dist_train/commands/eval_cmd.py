@@ -1,0 +1,167 @@
+"""``biomtl eval``: the verification report of a checkpoint on a shard split.
+
+    biomtl eval --checkpoint runs/X/checkpoints/best.pt                  # the run's own data, test split
+    biomtl eval --checkpoint C --data DIR --split test --optimize-threshold --output out/
+
+Pairs: ``--pairs FILE``, else ``DIR/<split>_pairs.json`` when the dataset has one,
+else the manifest's ``pairs`` of the split, else genuine / twin impostor / general impostor pairs generated from the split
+(identity-disjoint from training when the dataset was split by identity). The
+decision threshold: ``--threshold``, else (``--optimize-threshold``) the best-
+accuracy threshold on the validation split's pairs, else the checkpoint's
+(see :mod:`dist_train.inference`). Writes ``metrics.json``, ``roc.png``,
+``score_histograms.png`` and ``hardest_errors.png`` into ``--output``
+(default: ``<run dir>/eval/<split>`` for a trainer checkpoint, else ``eval_<split>``).
+Metric definitions: :mod:`dist_train.evaluation`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dist_train.commands import fail
+
+log = logging.getLogger("biomtl.eval")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Verification metrics (EER, AUC, TAR@FAR, accuracy) "
+                                 "of a checkpoint on a shard split, with ROC / histogram / error pictures.")
+    ap.add_argument("--checkpoint", required=True, help="trainer checkpoint (.pt) or exported model file")
+    ap.add_argument("--data", default=None, help="shard directory (default: the checkpoint's own data)")
+    ap.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    ap.add_argument("--pairs", default=None, help='JSON list of {"img1", "img2", "label"} sample keys')
+    ap.add_argument("--optimize-threshold", action="store_true",
+                    help="pick the decision threshold on the validation split (best accuracy)")
+    ap.add_argument("--val-split", default=None, help="split for --optimize-threshold (default: the config's)")
+    ap.add_argument("--threshold", type=float, default=None, help="decision threshold (overrides the rest)")
+    ap.add_argument("--output", default=None, help="output directory")
+    ap.add_argument("--max-pairs", type=int, default=2_000_000, help="cap on generated pairs (default 2M)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of pair sampling and of the 10 folds")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def resolve_data_dir(cfg: Any) -> Path:
+    """The shard directory a training config used (the synthetic set is rebuilt if absent)."""
+    if cfg.data.source == "shards":
+        if not cfg.data.shards:
+            raise FileNotFoundError("the checkpoint's config names no shard directory; pass --data DIR")
+        path = Path(cfg.data.shards)
+        if not (path / "manifest.json").is_file():
+            raise FileNotFoundError(f"the checkpoint's data directory {path} is not here; pass --data DIR")
+        return path
+    from shards.synthetic import SyntheticSpec, ensure_synthetic
+
+    s = cfg.data.synthetic
+    spec = SyntheticSpec(num_identities=s.num_identities, samples_per_identity=s.samples_per_identity,
+                         twin_fraction=s.twin_fraction, image_size=s.image_size, split_by=s.split_by,
+                         modalities=tuple(s.modalities), seed=cfg.experiment.seed)
+    return ensure_synthetic(Path(s.cache_dir), spec)
+
+
+def default_output(checkpoint: Path, split: str) -> Path:
+    for parent in checkpoint.resolve().parents:
+        if parent.name == "checkpoints":
+            return parent.parent / "eval" / split
+    return Path(f"eval_{split}")
+
+
+def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
+    args = build_parser(prog).parse_args(argv)
+    from dist_train import evaluation as ev
+    from dist_train.inference import CheckpointError, InferenceEngine
+    from shards.manifest import Manifest
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device, batch_size=args.batch_size)
+    except CheckpointError as exc:
+        return fail(str(exc))
+    try:
+        data_dir = Path(args.data) if args.data else resolve_data_dir(engine.config)
+        manifest = Manifest.load(data_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        return fail(str(exc).splitlines()[0])
+    if args.split not in manifest.splits:
+        return fail(f"split {args.split!r} not in {data_dir} (have: {', '.join(sorted(manifest.splits))})")
+    if args.pairs and not Path(args.pairs).is_file():
+        return fail(f"--pairs: file not found: {args.pairs}")
+    val_split = args.val_split or engine.config.data.val_split
+    if args.optimize_threshold and args.threshold is None:
+        if val_split not in manifest.splits or val_split == args.split:
+            return fail(f"--optimize-threshold needs a validation split other than {args.split!r} "
+                        f"(looked for {val_split!r} in {data_dir}); pass --val-split or --threshold")
+    progress = not args.no_progress
+    print(engine.describe(), file=sys.stderr)
+
+    def embed(split: str) -> dict[str, Any]:
+        return ev.embed_split(engine.embed_tensor, data_dir, split, engine.recipe.transform, args.batch_size,
+                              progress=progress, description=f"embedding {split}")
+
+    def pairs_for(split: str, table: dict[str, Any], explicit: str | None) -> ev.Pairs:
+        candidate = Path(explicit) if explicit else data_dir / f"{split}_pairs.json"
+        if explicit or candidate.is_file():
+            return ev.pairs_from_file(candidate, table["keys"], table["identity"], table["twin"])
+        listed = manifest.split_pairs(split) if hasattr(manifest, "split_pairs") else []
+        if listed:  # the manifest's own protocol
+            rows = [{"img1": r["key1"], "img2": r["key2"], "label": r["label"]} for r in listed]
+            return ev.pairs_from_rows(rows, table["keys"], table["identity"], table["twin"],
+                                      source=f"{data_dir}/manifest.json pairs ({split})")
+        return ev.generate_pairs(table["identity"], table["twin"], args.max_pairs, args.seed)
+
+    table = embed(args.split)
+    try:
+        pairs = pairs_for(args.split, table, args.pairs)
+    except (KeyError, ValueError) as exc:
+        return fail(str(exc).strip("'\""))
+    if not pairs.label.any() or pairs.label.all():
+        return fail(f"split {args.split!r}: the pairs need both genuine and impostor pairs "
+                    f"(got {pairs.counts()}); are identities labelled?")
+    threshold, source = engine.threshold, f"checkpoint ({engine.threshold_source})"
+    extra: dict[str, Any] = {}
+    if args.threshold is not None:
+        threshold, source = args.threshold, "--threshold"
+    elif args.optimize_threshold:
+        val = embed(val_split)
+        vp = pairs_for(val_split, val, None)
+        if not vp.label.any() or vp.label.all():
+            return fail(f"split {val_split!r} has no genuine or no impostor pairs to pick a threshold on")
+        val_acc, threshold = ev.best_accuracy_threshold(ev.cosine_scores(val["embedding"], vp.a, vp.b), vp.label)
+        source = f"best accuracy on {val_split!r} pairs (--optimize-threshold)"
+        extra["val_best_acc"] = val_acc
+    out_dir = Path(args.output) if args.output else default_output(Path(args.checkpoint), args.split)
+    images = ev.load_images_by_key(data_dir, args.split, ev.hardest_error_keys(table, pairs))
+    extra.update(checkpoint=str(args.checkpoint), data=str(data_dir), split=args.split,
+                 recipe=engine.recipe_name)
+    metrics = ev.write_report(out_dir, table, pairs, threshold=threshold, threshold_source=source, images=images,
+                              identity_names=manifest.identities, extra=extra, seed=args.seed,
+                              title=f"{args.split} split")
+    _print_summary(metrics, out_dir)
+    return 0
+
+
+def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"verification on {metrics.get('split')} ({metrics['pairs']['genuine']} genuine, "
+                    f"{metrics['pairs']['impostor']} impostor, {metrics['pairs']['twin_impostor']} twin impostor pairs)")
+    t.add_column("metric")
+    t.add_column("all impostors", justify="right")
+    t.add_column("twin impostors", justify="right")
+    a, w = metrics["all_impostors"], metrics["twin_impostors"]
+    keys = [k for k in a if not k.startswith("_") and not k.startswith("thr_at") and not k.endswith("_pairs")]
+    for k in keys:
+        def fmt(v: Any) -> str:
+            return "-" if v is None or v != v else f"{v:.4f}"
+        t.add_row(k, fmt(a.get(k)), fmt(w.get(k)))
+    console = Console()
+    console.print(t)
+    thr = metrics.get("threshold")
+    console.print(f"threshold {thr:.4f} ({metrics['threshold_source']})" if thr is not None else "no threshold")
+    console.print(f"wrote {out_dir}/metrics.json, roc.png, score_histograms.png, hardest_errors.png")

@@ -1,0 +1,321 @@
+"""Inference from a trained checkpoint: embeddings, pair verification, attention maps.
+
+    from dist_train.inference import InferenceEngine
+
+    engine = InferenceEngine.from_checkpoint("runs/dcal_twins_.../checkpoints/best.pt")  # CPU or GPU
+    engine.verify_pair("a.png", "b.png")      # {"score": 0.83, "match": True, "threshold": 0.41}
+    feats = engine.extract_features(["a.png", "b.png", pil_image])   # [N, D] L2-normalised
+    engine.batch_verify([("a.png", "b.png"), ("a.png", "c.png")])
+    engine.attention_maps(["a.png"])         # DCAL: [N, H', W'] attention rollout (CLS row)
+
+Accepted files (read with ``torch.load(..., weights_only=True)``, mapped to the
+requested device, so a GPU-trained checkpoint loads on a CPU-only machine):
+
+* a trainer checkpoint (DDP): ``{"model": state_dict, "optimizer": ..., "client":
+  {"config": resolved config, "data_info": ..., "loop": {"step": ...}, ...}}``;
+* an exported model (``biomtl export``, ``RUN/model.pt`` written at the end of
+  training, :func:`save_exported`): ``{"model": state_dict, "config": ...,
+  "data_info": ...}`` plus an optional ``"threshold"``;
+* a run directory: its ``model.pt``, else ``checkpoints/best.pt``, else ``latest.pt``.
+
+A DeepSpeed checkpoint is a directory: export it first (``biomtl export``).
+
+The model is rebuilt from the stored config by its recipe (``recipe.build_model()``)
+with pretrained-weight options cleared (the weights come from the file), and
+images are preprocessed by the recipe's own eval transform, so the engine is
+generic over recipes whose model has ``embed(images) -> [B, D]`` (``dcal_twins``,
+``facecom``). Only :meth:`InferenceEngine.attention_maps` is DCAL-specific
+(models with ``attention_rollout``).
+
+Score = cosine similarity of the embeddings. Decision: ``score >= threshold``,
+where the threshold is, in order: the ``threshold`` argument; the file's
+``"threshold"``; the ``threshold`` the recipe's validation reported at the
+checkpoint's step (``RUN/logs/validation_logs.csv``: the best balanced-accuracy
+threshold on the val split's pairs; the last validation for ``RUN/model.pt``);
+else :data:`DEFAULT_THRESHOLD`.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import math
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DEFAULT_THRESHOLD = 0.5  # cosine; used only when neither the caller nor the checkpoint gives one
+
+__all__ = ["InferenceEngine", "CheckpointError", "load_model_file", "save_exported", "DEFAULT_THRESHOLD"]
+
+
+class CheckpointError(ValueError):
+    """The file is missing or is not a biomtl checkpoint / exported model (one-line message)."""
+
+
+def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """``{"model", "config", "data_info", "threshold", "step", "kind"}`` from a trainer
+    checkpoint or an exported model file."""
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints").is_dir():  # a run directory: its final model, else best/latest
+        found = next((c for c in (p / "model.pt", p / "checkpoints" / "best.pt", p / "checkpoints" / "latest.pt")
+                      if c.is_file()), None)
+        if found is None:
+            raise CheckpointError(f"{p}: a run directory without model.pt or checkpoints/best.pt|latest.pt")
+        p = found
+    if p.is_dir():
+        raise CheckpointError(f"{p} is a directory (a DeepSpeed checkpoint?); export it to one file first "
+                              "with 'biomtl export'")
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        obj = torch.load(p, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{p} is not a PyTorch checkpoint (or it holds pickled code, which "
+                              "weights_only loading refuses)") from None
+    except Exception as exc:  # truncated zip, ...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{p} is not a readable checkpoint ({type(exc).__name__}: {first[:200]})") from None
+    if not isinstance(obj, Mapping) or not isinstance(obj.get("model"), Mapping):
+        raise CheckpointError(f"{p} is not a biomtl checkpoint (no 'model' state dict)")
+    client = obj.get("client") if isinstance(obj.get("client"), Mapping) else {}
+    config = client.get("config", obj.get("config"))
+    data_info = client.get("data_info", obj.get("data_info"))
+    if not isinstance(config, Mapping) or not isinstance(data_info, Mapping):
+        raise CheckpointError(f"{p} has no stored config/data_info (written by an older biomtl?); "
+                              "cannot rebuild the model")
+    step = (client.get("loop") or {}).get("step") if client else obj.get("step")
+    return {"path": p, "model": obj["model"], "config": dict(config), "data_info": dict(data_info),
+            "threshold": obj.get("threshold", client.get("threshold")), "step": step,
+            "kind": "trainer checkpoint" if client else "exported model"}
+
+
+def save_exported(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                  data_info: Mapping[str, Any], threshold: float | None = None) -> Path:
+    """Write the exported-model format (fp32 CPU tensors), atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    obj: dict[str, Any] = {"model": {k: (v.detach().float().cpu() if v.is_floating_point() else v.cpu())
+                                     for k, v in state_dict.items()},
+                           "config": dict(config), "data_info": dict(data_info)}
+    if threshold is not None:
+        obj["threshold"] = float(threshold)
+    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, p)
+    return p
+
+
+def _threshold_from_run(model_file: Path, step: int | None) -> float | None:
+    """The validation ``threshold`` logged beside a run's file: at ``step`` for a
+    trainer checkpoint (``RUN/checkpoints/*.pt``), the last one for ``RUN/model.pt``."""
+    model_file = model_file.resolve()
+    run = next((q.parent for q in model_file.parents if q.name == "checkpoints"), None)
+    if run is None:
+        run, step = model_file.parent, None
+    csv_path = run / "logs" / "validation_logs.csv"
+    if not csv_path.is_file() or (step is None and model_file.name != "model.pt"):
+        return None
+    with csv_path.open(newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("step")]
+    if step is not None:
+        rows = [r for r in rows if int(float(r["step"])) == int(step)]
+    for r in reversed(rows):
+        try:
+            value = float(r.get("threshold") or "nan")
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            return value
+    return None
+
+
+def _without_weight_loading(params_tree: dict[str, Any], params_cls: type) -> dict[str, Any]:
+    """Recipe params with pretrained-weight options cleared (the file holds the weights)."""
+    tree = dict(params_tree)
+    for f in dataclasses.fields(params_cls):
+        if f.metadata.get("path") and f.name in tree:
+            tree[f.name] = ""
+        if f.name == "pretrained" and f.name in tree:
+            tree[f.name] = False
+    return tree
+
+
+def _to_pil(item: Any):
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        p = Path(item)
+        if not p.is_file():
+            raise FileNotFoundError(f"image not found: {p}")
+        try:
+            img = Image.open(p)
+            img.load()
+        except Exception as exc:
+            raise ValueError(f"cannot read image {p}: {type(exc).__name__}: {exc}") from None
+        return img
+    if isinstance(item, np.ndarray):
+        arr = item
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8) if arr.max() <= 1.0 else arr.astype(np.uint8)
+        return Image.fromarray(arr)
+    raise TypeError(f"expected an image path, a PIL image or a uint8 array, got {type(item).__name__}")
+
+
+class InferenceEngine:
+    """A recipe model in eval mode on one device, with its preprocessing."""
+
+    def __init__(self, model: torch.nn.Module, recipe: Any, config: Any, device: torch.device,
+                 threshold: float, threshold_source: str, batch_size: int = 64):
+        self.model = model.eval()
+        self.recipe = recipe
+        self.config = config
+        self.device = device
+        self.threshold = float(threshold)
+        self.threshold_source = threshold_source
+        self.batch_size = int(batch_size)
+
+    # --- loading -----------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        threshold: float | None = None, batch_size: int = 64) -> "InferenceEngine":
+        from dist_train.config import ConfigError, build_dataclass, config_from_dict
+        from dist_train.recipe import data_info_from_dict, get_recipe
+
+        dev = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        loaded = load_model_file(path, dev)
+        try:
+            tree = copy.deepcopy(loaded["config"])
+            recipe_cls = get_recipe(tree["recipe"]["name"])
+            tree["recipe"]["params"] = _without_weight_loading(tree["recipe"].get("params") or {}, recipe_cls.Params)
+            cfg = config_from_dict(tree)
+            params = build_dataclass(recipe_cls.Params, cfg.recipe.params, prefix="recipe.params")
+            data_info = data_info_from_dict(loaded["data_info"])
+        except (ConfigError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path}: cannot rebuild the model from its stored config: {exc}") from None
+        recipe = recipe_cls(params, data_info)
+        model = recipe.build_model()
+        try:
+            model.load_state_dict(loaded["model"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: weights do not fit the model built from its config: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        model.to(dev)
+        if not hasattr(model, "embed"):
+            raise CheckpointError(f"{path}: recipe {recipe_cls.name!r} has no embed(); no verification possible")
+        if threshold is not None:
+            thr, source = float(threshold), "argument"
+        elif loaded["threshold"] is not None:
+            thr, source = float(loaded["threshold"]), "stored in the model file"
+        elif (t := _threshold_from_run(loaded["path"], loaded["step"])) is not None:
+            at = f"step {loaded['step']}" if loaded["step"] is not None else "the last step"
+            thr, source = t, f"validation at {at}: best accuracy on val pairs"
+        else:
+            thr, source = DEFAULT_THRESHOLD, "default"
+        engine = cls(model, recipe, cfg, dev, thr, source, batch_size)
+        engine.checkpoint_kind = loaded["kind"]
+        engine.step = loaded["step"]
+        return engine
+
+    @property
+    def recipe_name(self) -> str:
+        return type(self.recipe).name
+
+    # --- preprocessing ---------------------------------------------------------------
+    def preprocess(self, items: Sequence[Any]) -> torch.Tensor:
+        """Paths / PIL images / arrays -> ``[N, 3, S, S]`` with the recipe's eval transform."""
+        rows = []
+        for item in items:
+            sample = {"png": _to_pil(item), "json": {}, "__key__": "inference"}
+            rows.append(self.recipe.transform(sample, train=False)["image"])
+        return torch.stack(rows)
+
+    def _batches(self, items: Sequence[Any], batch_size: int | None) -> Iterable[torch.Tensor]:
+        bs = batch_size or self.batch_size
+        for s in range(0, len(items), bs):
+            yield self.preprocess(items[s:s + bs]).to(self.device)
+
+    # --- embeddings ----------------------------------------------------------------------
+    @torch.no_grad()
+    def embed_tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` L2-normalised float32 embeddings of preprocessed images."""
+        e = self.model.embed(images.to(self.device)).float()
+        return torch.nn.functional.normalize(e, dim=1)
+
+    def extract_features(self, items: Sequence[Any] | Any, batch_size: int | None = None,
+                         progress: bool = False) -> np.ndarray:
+        """``[N, D]`` L2-normalised embeddings (cosine similarity = dot product)."""
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        from dist_train.evaluation import progress_bar
+
+        bs = batch_size or self.batch_size
+        out = []
+        with progress_bar(progress, "extracting features", math.ceil(len(items) / bs)) as advance:
+            for batch in self._batches(items, bs):
+                out.append(self.embed_tensor(batch).cpu().numpy())
+                advance()
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    # --- verification ------------------------------------------------------------------------
+    def verify_pair(self, img1: Any, img2: Any, threshold: float | None = None) -> dict[str, Any]:
+        f = self.extract_features([img1, img2])
+        score = float(np.dot(f[0], f[1]))
+        thr = self.threshold if threshold is None else float(threshold)
+        return {"score": score, "match": bool(score >= thr), "threshold": thr}
+
+    def batch_verify(self, pairs: Sequence[tuple[Any, Any]], threshold: float | None = None,
+                     batch_size: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
+        """Verify many pairs; each distinct path is embedded once."""
+        thr = self.threshold if threshold is None else float(threshold)
+        uniq: dict[Any, int] = {}
+        items: list[Any] = []
+        index = []
+        for a, b in pairs:
+            row = []
+            for x in (a, b):
+                key = str(x) if isinstance(x, (str, os.PathLike)) else id(x)
+                if key not in uniq:
+                    uniq[key] = len(items)
+                    items.append(x)
+                row.append(uniq[key])
+            index.append(row)
+        if not index:
+            return []
+        f = self.extract_features(items, batch_size, progress)
+        idx = np.asarray(index)
+        scores = np.einsum("ij,ij->i", f[idx[:, 0]], f[idx[:, 1]])
+        return [{"score": float(s), "match": bool(s >= thr), "threshold": thr} for s in scores]
+
+    # --- DCAL ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def attention_maps(self, items: Sequence[Any] | Any, upsample: bool = False) -> np.ndarray:
+        """Attention rollout (CLS row over the patch grid), ``[N, H', W']`` scaled
+        to [0, 1] per image; ``upsample`` gives ``[N, S, S]`` at the model's input size."""
+        if not hasattr(self.model, "attention_rollout"):
+            raise TypeError(f"recipe {self.recipe_name!r}: the model has no attention rollout (DCAL only)")
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        maps = []
+        for batch in self._batches(items, None):
+            m = self.model.attention_rollout(batch).float()
+            if upsample:
+                m = torch.nn.functional.interpolate(m[:, None], size=batch.shape[-2:], mode="bilinear",
+                                                    align_corners=False)[:, 0]
+            lo = m.flatten(1).min(1).values[:, None, None]
+            hi = m.flatten(1).max(1).values[:, None, None]
+            maps.append(((m - lo) / (hi - lo).clamp_min(1e-12)).cpu().numpy())
+        return np.concatenate(maps)
+
+    def describe(self) -> str:
+        return (f"{self.recipe_name} ({self.checkpoint_kind}, step {self.step}) on {self.device}; "
+                f"threshold {self.threshold:.4f} ({self.threshold_source})")

@@ -1,0 +1,35 @@
+"""Test-only fault injection, driven by environment variables (unset: nothing happens).
+
+The trainer calls ``after_step(step, rank)`` after each optimizer step (after
+that step's checkpoint, if any), which lets the tests kill or break one rank at
+a known point, deterministically:
+
+- ``BIOMTL_FAULT_KILL_AT_STEP=K``: the fault rank SIGKILLs itself after step K,
+  on the first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted
+  group runs through;
+- ``BIOMTL_FAULT_RAISE_AT_STEP=K``: the fault rank raises ``RuntimeError``
+  after step K, on every attempt;
+- ``BIOMTL_FAULT_RANK`` (default 1): which global rank misbehaves.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+from launch.env import restart_count
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def after_step(step: int, rank: int) -> None:
+    env = os.environ
+    kill_at = int(env.get("BIOMTL_FAULT_KILL_AT_STEP") or 0)
+    raise_at = int(env.get("BIOMTL_FAULT_RAISE_AT_STEP") or 0)
+    if not (kill_at or raise_at) or rank != int(env.get("BIOMTL_FAULT_RANK") or 1):
+        return
+    if kill_at and step == kill_at and restart_count() == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if raise_at and step == raise_at:
+        raise InjectedFault(f"BIOMTL_FAULT_RAISE_AT_STEP: injected failure on rank {rank} after step {step}")

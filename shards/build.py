@@ -1,0 +1,538 @@
+"""``biomtl shards create``: a raw dataset (any :mod:`shards.sources` format) to
+``DIR/{split}/shard-%06d.tar`` + ``DIR/manifest.json`` + ``DIR/report.json``.
+
+Steps: the source scans its input (:class:`shards.sources.Scan`); samples are
+assigned to splits (:func:`assign_splits`); each split's samples are read,
+decoded and encoded by ``--workers`` processes (in a fixed order, so the
+shards do not depend on the worker count) and written by
+:class:`shards.writer.ShardSplitWriter`; then the manifest and the report.
+
+Everything is written into a temporary sibling directory
+(``.DIR.tmp-<host>-<pid>-<n>``) that is renamed to ``DIR`` only when complete:
+an interrupted or failed run leaves no directory that looks like a dataset
+(no manifest, no shards under ``DIR``). ``DIR`` must not exist, be empty, or
+(with ``overwrite``) is replaced only after the new one is complete.
+
+Splits. ``split_by="identity"``: identities (with their co-twins: a twin pair
+is never split) are shuffled by ``seed`` and dealt to the splits by sample
+count deficit, every split with a positive ratio getting at least one
+identity group when there are enough; samples without an identity are split
+by sample. ``split_by="sample"``: each identity's samples are shuffled and cut
+by the ratios (at least one per split with a positive ratio when the identity
+has enough samples). Samples used by protocol pairs are pinned to
+``pairs_split`` (with ``identity`` splits, their whole identity groups).
+Within a split the samples are shuffled by ``seed`` before writing.
+
+Faults (missing file, undecodable image or array, bad CSV row, box outside
+the image, ...) are listed in the report (printed, and ``DIR/report.json``)
+and the samples skipped; with ``strict`` any fault fails the run
+(:class:`StrictFailure`) and nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from .manifest import FORMAT, MANIFEST_NAME, TOOL_VERSION, Manifest, ShardEntry
+from .sources import Fault, InputError, Item, SampleError, Scan, get_source, natural_key
+from .writer import ShardSplitWriter
+
+REPORT_NAME = "report.json"
+
+
+class StrictFailure(RuntimeError):
+    """``--strict`` and the input had faults; ``faults`` lists them."""
+
+    def __init__(self, faults: list[Fault]):
+        super().__init__(f"{len(faults)} fault(s) in the input (--strict): first: {faults[0]}")
+        self.faults = faults
+
+
+@dataclass
+class CreateResult:
+    out_dir: Path
+    manifest: Manifest
+    report: dict[str, Any]
+    seconds: float
+    samples: int
+
+    @property
+    def rate(self) -> float:
+        return self.samples / max(self.seconds, 1e-9)
+
+
+def parse_splits(text: str) -> list[tuple[str, float]]:
+    """``"train=0.8,val=0.1,test=0.1"`` -> [(name, ratio)] (ratios normalised to sum 1)."""
+    out: list[tuple[str, float]] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, eq, val = part.partition("=")
+        name = name.strip()
+        try:
+            r = float(val) if eq else float("nan")
+        except ValueError:
+            r = float("nan")
+        if not name or not math.isfinite(r) or r < 0:
+            raise InputError(f"--splits: {part!r} is not NAME=RATIO with RATIO >= 0")
+        if not all(c.isalnum() or c in "_-" for c in name):
+            raise InputError(f"--splits: split name {name!r} may only hold letters, digits, '_' and '-'")
+        if name in (n for n, _ in out):
+            raise InputError(f"--splits: split {name!r} given twice")
+        out.append((name, r))
+    total = sum(r for _, r in out)
+    if not out or total <= 0:
+        raise InputError(f"--splits: {text!r}: need at least one split with a positive ratio")
+    return [(n, r / total) for n, r in out]
+
+
+# ---------------------------------------------------------------------------
+# splits
+# ---------------------------------------------------------------------------
+def _allocate(n: int, ratios: list[float], min_each: int) -> list[int]:
+    """n items by ratios (largest remainder); at least ``min_each`` for each positive ratio when possible."""
+    want = [n * r for r in ratios]
+    got = [int(math.floor(w)) for w in want]
+    for i in sorted(range(len(ratios)), key=lambda i: (want[i] - got[i], -i), reverse=True)[: n - sum(got)]:
+        got[i] += 1
+    pos = [i for i, r in enumerate(ratios) if r > 0]
+    if min_each and n >= min_each * len(pos):
+        for i in pos:
+            while got[i] < min_each:
+                j = max(range(len(got)), key=lambda j: got[j])
+                got[j] -= 1
+                got[i] += 1
+    return got
+
+
+def _twin_groups(identities: list[str], twin_pairs: list[tuple[str, str]]) -> dict[str, str]:
+    """identity -> group representative (union-find over twin pairs)."""
+    parent = {i: i for i in identities}
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for a, b in twin_pairs:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb, key=natural_key)] = min(ra, rb, key=natural_key)
+    return {i: find(i) for i in identities}
+
+
+def assign_splits(items: list[Item], splits: list[tuple[str, float]], split_by: str, seed: int,
+                  twin_pairs: list[tuple[str, str]] = (), pinned: dict[str, str] | None = None
+                  ) -> dict[str, list[Item]]:
+    """Split name -> items (shuffled). See the module doc."""
+    names = [n for n, _ in splits]
+    ratios = [r for _, r in splits]
+    pinned = pinned or {}
+    rng = random.Random(f"splits-{seed}")
+    out: dict[str, list[Item]] = {n: [] for n in names}
+    labelled = [it for it in items if it.identity is not None]
+    unlabelled = [it for it in items if it.identity is None]
+    if split_by == "identity":
+        ids = sorted({it.identity for it in labelled}, key=natural_key)
+        known = set(ids)
+        group_of = _twin_groups(ids, [p for p in twin_pairs if p[0] in known and p[1] in known])
+        groups: dict[str, list[Item]] = collections.defaultdict(list)
+        for it in labelled:
+            groups[group_of[it.identity]].append(it)
+        have = [0] * len(names)
+        free: list[str] = []
+        for g in sorted(groups, key=natural_key):
+            pin = next((pinned[it.key] for it in groups[g] if it.key in pinned), None)
+            if pin is not None:
+                out[pin].extend(groups[g])
+                have[names.index(pin)] += len(groups[g])
+            else:
+                free.append(g)
+        rng.shuffle(free)
+        total = len(labelled)
+        target = [total * r for r in ratios]
+        for si in range(len(names)):  # every split with a positive ratio gets a group first
+            if free and ratios[si] > 0 and have[si] == 0:
+                g = free.pop()
+                out[names[si]].extend(groups[g])
+                have[si] += len(groups[g])
+        for g in free:
+            si = max(range(len(names)), key=lambda s: (target[s] - have[s], -s))
+            out[names[si]].extend(groups[g])
+            have[si] += len(groups[g])
+        by_sample = [("", unlabelled)] if unlabelled else []
+    else:
+        per_id: dict[str, list[Item]] = collections.defaultdict(list)
+        for it in labelled:
+            per_id[it.identity].append(it)
+        by_sample = [(i, per_id[i]) for i in sorted(per_id, key=natural_key)]
+        if unlabelled:
+            by_sample.append(("", unlabelled))
+    for _, group in by_sample:
+        rest = []
+        for it in group:
+            if it.key in pinned:
+                out[pinned[it.key]].append(it)
+            else:
+                rest.append(it)
+        rest = [rest[j] for j in _perm(rng, len(rest))]
+        counts = _allocate(len(rest), ratios, 1)
+        pos = 0
+        for name, c in zip(names, counts):
+            out[name].extend(rest[pos:pos + c])
+            pos += c
+    for name in names:
+        lst = out[name]
+        out[name] = [lst[j] for j in _perm(random.Random(f"order-{seed}-{name}"), len(lst))]
+    return out
+
+
+def _perm(rng: random.Random, n: int) -> list[int]:
+    idx = list(range(n))
+    rng.shuffle(idx)
+    return idx
+
+
+# ---------------------------------------------------------------------------
+# workers
+# ---------------------------------------------------------------------------
+_LOADER: Callable[[Item], dict[str, Any]] | None = None
+
+
+def _init_worker(loader) -> None:
+    global _LOADER
+    _LOADER = loader
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _load(item: Item) -> tuple[str, dict[str, Any] | None, Fault | None]:
+    try:
+        return item.key, _LOADER(item), None
+    except SampleError as e:
+        return item.key, None, Fault(e.kind, item.origin, e.detail)
+
+
+def _load_all(loader, items: list[Item], workers: int) -> Iterator[tuple[str, dict[str, Any] | None, Fault | None]]:
+    """Results in item order (so the shards do not depend on the worker count)."""
+    if workers <= 1 or len(items) < 2:
+        _init_worker(loader)
+        for it in items:
+            yield _load(it)
+        return
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if "fork" in methods else "spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(loader,)) as pool:
+        yield from pool.imap(_load, items, chunksize=max(1, min(16, len(items) // (workers * 8) or 1)))
+
+
+# ---------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------
+class _Stats:
+    """Per field: pixel sums (first split) and image size min/max/sum (all splits)."""
+
+    def __init__(self):
+        self.pix: dict[str, list[Any]] = {}
+        self.size: dict[str, list[Any]] = {}  # [min w, min h], [max w, max h], [sum w, sum h], n
+
+    def add(self, name: str, f, pixels: bool) -> None:
+        if pixels and f.stats is not None:
+            s, s2, n = f.stats
+            acc = self.pix.setdefault(name, [np.zeros_like(s, dtype=np.float64), np.zeros_like(s, dtype=np.float64), 0])
+            if acc[0].shape == s.shape:
+                acc[0] += s
+                acc[1] += s2
+                acc[2] += n
+        if f.size is not None:
+            w, h = f.size
+            acc = self.size.setdefault(name, [[w, h], [w, h], [0, 0], 0])
+            acc[0] = [min(acc[0][0], w), min(acc[0][1], h)]
+            acc[1] = [max(acc[1][0], w), max(acc[1][1], h)]
+            acc[2] = [acc[2][0] + w, acc[2][1] + h]
+            acc[3] += 1
+
+    def result(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, (s, s2, n) in self.pix.items():
+            if n <= 0:
+                continue
+            mean = s / n
+            std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0))
+            out[k] = {"mean": [round(float(m), 5) for m in mean], "std": [round(float(x), 5) for x in std]}
+        for k, (lo, hi, tot, n) in self.size.items():
+            d = out.setdefault(k, {})
+            for j, nm in enumerate(("width", "height")):
+                d[nm] = {"min": int(lo[j]), "max": int(hi[j]), "mean": round(tot[j] / n, 2)}
+        return out
+
+
+# ---------------------------------------------------------------------------
+# create
+# ---------------------------------------------------------------------------
+def _tmp_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10 ** 9}"
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--output: {out} exists and is not a directory")
+        if any(out.iterdir()) and not overwrite:
+            what = "a shard dataset" if (out / MANIFEST_NAME).exists() else "not empty"
+            raise InputError(f"--output: {out} is {what}; pick another directory or pass --overwrite")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise InputError(f"--output: {out.parent} is not a directory")
+
+
+def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.PathLike, *,
+           splits: str | list[tuple[str, float]] = "train=0.8,val=0.1,test=0.1", split_by: str = "identity",
+           seed: int = 0, maxcount: int = 1000, maxsize: int = 1 << 30, workers: int = 1, strict: bool = False,
+           overwrite: bool = False, pairs_split: str | None = None, options: argparse.Namespace | None = None,
+           progress: Callable[[str, int, int], None] | None = None, argv: list[str] | None = None) -> CreateResult:
+    """Pack a dataset; see the module doc. ``options``: the format options
+    (argparse namespace; missing ones take the source's defaults).
+    ``progress(phase, done, total)`` is called while writing."""
+    t0 = time.perf_counter()
+    source = get_source(fmt)
+    opts = _source_defaults(source)
+    if options is not None:  # only this source's options
+        for k in vars(opts):
+            if hasattr(options, k):
+                setattr(opts, k, getattr(options, k))
+    opts.seed = seed
+    split_list = parse_splits(splits) if isinstance(splits, str) else [(n, float(r)) for n, r in splits]
+    if split_by not in ("identity", "sample"):
+        raise InputError(f"--split-by: {split_by!r} is not identity or sample")
+    if maxcount < 1:
+        raise InputError(f"--maxcount: must be >= 1, got {maxcount}")
+    if maxsize < 1024:
+        raise InputError(f"--maxsize: must be >= 1024 bytes, got {maxsize}")
+    if workers < 0:
+        raise InputError(f"--workers: must be >= 0, got {workers}")
+    out = Path(output).absolute()
+    _check_output(out, overwrite)
+    inp = Path(input_path).expanduser() if input_path is not None else None
+    if source.needs_input and inp is None:
+        raise InputError(f"--input is required for --format {fmt}")
+    if inp is not None and not inp.exists():
+        raise InputError(f"--input: {inp} does not exist")
+
+    scan: Scan = source.scan(inp, opts)
+    faults = list(scan.faults)
+    if strict and faults:  # fail before reading any image
+        raise StrictFailure(faults)
+    items = scan.items
+    if split_by == "identity" and not any(it.identity is not None for it in items):
+        raise InputError(f"--split-by identity: the {fmt} input has no identities; use --split-by sample")
+    names = [n for n, _ in split_list]
+    pin_to = None
+    pinned: dict[str, str] = {}
+    if scan.pairs:
+        pin_to = pairs_split or ("test" if "test" in names else names[-1])
+        if pin_to not in names:
+            raise InputError(f"--pairs-split: {pin_to!r} is not one of the splits ({', '.join(names)})")
+        for k1, k2, _ in scan.pairs:
+            pinned[k1] = pinned[k2] = pin_to
+    identities = sorted({it.identity for it in items if it.identity is not None}, key=natural_key)
+    id_index = {n: i for i, n in enumerate(identities)}
+    twin_pairs = [p for p in scan.twin_pairs if p[0] in id_index and p[1] in id_index]
+    co_twin = {}
+    for a, b in twin_pairs:
+        co_twin[a], co_twin[b] = b, a
+    # label schemas: fixed orders from the source, else sorted distinct values
+    schemas = {k: list(v) for k, v in scan.schemas.items()}
+    for it in items:
+        for k, v in it.labels.items():
+            if k not in scan.schemas:
+                schemas.setdefault(k, [])
+                if v not in schemas[k]:
+                    schemas[k].append(v)
+    for k in schemas:
+        if k not in scan.schemas:
+            schemas[k] = sorted(schemas[k], key=natural_key)
+    good = []
+    for it in items:  # labels outside a fixed schema are faults
+        bad = [f"{k}={v!r}" for k, v in it.labels.items() if v not in schemas[k]]
+        if bad:
+            faults.append(Fault("bad label", it.origin, ", ".join(bad)))
+        else:
+            good.append(it)
+    items = good
+
+    plan = assign_splits(items, split_list, split_by, seed, twin_pairs, pinned)
+    total = sum(len(v) for v in plan.values())
+    tmp = _tmp_dir(out)
+    tmp.mkdir(parents=True)  # (and the output's parent folders)
+    stats = _Stats()
+    written = {n: _SplitCount(schemas) for n in names}
+    pair_keys = {k for k1, k2, _ in scan.pairs for k in (k1, k2)}
+    key_split: dict[str, str] = {}
+    split_entries: dict[str, list[ShardEntry]] = {}
+    modalities: set[str] | None = None
+    done = 0
+    try:
+        for name in names:
+            entries: list[ShardEntry] = []
+            with ShardSplitWriter(tmp, name, maxcount=maxcount, maxsize=maxsize) as w:
+                by_key = {it.key: it for it in plan[name]}
+                for key, fields, fault in _load_all(scan.loader, plan[name], workers):
+                    done += 1
+                    if progress is not None:
+                        progress(name, done, total)
+                    if fault is not None:
+                        faults.append(fault)
+                        continue
+                    it = by_key[key]
+                    meta = {**it.meta}
+                    if it.identity is not None:
+                        meta.update(identity=id_index[it.identity], identity_name=it.identity,
+                                    twin=id_index[co_twin[it.identity]] if it.identity in co_twin else -1)
+                    for k, v in it.labels.items():
+                        meta[k] = schemas[k].index(v)
+                    meta.update(fields.pop("json", {}))
+                    sample = {"__key__": key, **{k: f.data for k, f in fields.items()}, "json": meta}
+                    keys_here = set(sample) - {"__key__"}
+                    if modalities is None:
+                        modalities = keys_here
+                    elif keys_here != modalities:
+                        faults.append(Fault("inconsistent fields", it.origin,
+                                            f"has {sorted(keys_here)}, others have {sorted(modalities)}"))
+                        continue
+                    w.write(sample)
+                    for k, f in fields.items():
+                        stats.add(k, f, pixels=(name == names[0]))
+                    written[name].add(meta)
+                    if key in pair_keys:
+                        key_split[key] = name
+                entries = w.close()
+            split_entries[name] = entries
+        if strict and faults:
+            raise StrictFailure(faults)
+        n_written = sum(v.samples for v in written.values())
+        if n_written == 0:
+            raise InputError(f"no readable samples in {inp} ({len(faults)} fault(s); first: "
+                             f"{faults[0] if faults else 'none'})")
+        keys_in = key_split
+        pairs, dropped = [], 0
+        for k1, k2, label in scan.pairs:
+            s1, s2 = keys_in.get(k1), keys_in.get(k2)
+            if s1 is None or s2 is None or s1 != s2:
+                dropped += 1
+                continue
+            pairs.append({"key1": k1, "key2": k2, "label": int(label), "split": s1})
+        report = {
+            "format": fmt, "input": str(inp) if inp is not None else None,
+            "scanned": len(scan.items), "written": n_written,
+            "skipped": len(scan.items) - n_written,
+            "faults_by_kind": dict(collections.Counter(f.kind for f in faults)),
+            "faults": [f.to_dict() for f in faults],
+            "ignored": list(scan.ignored),
+            "pairs": {"given": len(scan.pairs), "kept": len(pairs), "dropped": dropped} if scan.pairs else None,
+            "empty_splits": [n for n in names if not written[n].samples],
+        }
+        created_with = {
+            "source": fmt, "input": str(inp.resolve()) if inp is not None else None,
+            "args": {"splits": [[n, r] for n, r in split_list], "split_by": split_by, "seed": seed,
+                     "maxcount": maxcount, "maxsize": maxsize, "workers": workers, "strict": strict,
+                     "pairs_split": pin_to,
+                     **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()
+                        if k not in ("seed",) and _plain(v)}},
+            "notes": scan.notes,
+            "command": argv,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        manifest = Manifest(
+            format=FORMAT, created_with=created_with, tool_version=TOOL_VERSION, splits=split_entries,
+            identities=identities, twin_pairs=sorted((min(id_index[a], id_index[b]), max(id_index[a], id_index[b]))
+                                                     for a, b in twin_pairs),
+            label_schemas=schemas, modalities=sorted(modalities or []), image_stats=stats.result(),
+            pairs=pairs, split_stats=_split_stats(written, split_entries, schemas, twin_pairs, id_index))
+        for name in names:
+            sp = [{"img1": p["key1"], "img2": p["key2"], "label": p["label"]} for p in pairs if p["split"] == name]
+            if sp:
+                (tmp / f"{name}_pairs.json").write_text(json.dumps(sp, indent=1) + "\n")
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+        manifest.save(tmp)
+        _install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return CreateResult(out_dir=out, manifest=manifest, report=report, seconds=time.perf_counter() - t0,
+                        samples=n_written)
+
+
+def _plain(v: Any) -> bool:
+    return v is None or isinstance(v, (str, int, float, bool, Path)) or (
+        isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float)) for x in v))
+
+
+def _source_defaults(source) -> argparse.Namespace:
+    p = argparse.ArgumentParser(add_help=False)
+    source.add_arguments(p)
+    return p.parse_args([])
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    old = None
+    if out.exists():
+        if any(out.iterdir()):
+            if not overwrite:
+                raise InputError(f"--output: {out} appeared while packing; not replaced")
+            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns() % 10 ** 9}"
+            os.rename(out, old)
+        else:
+            out.rmdir()
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _SplitCount:
+    """Samples, identities and label counts of one split, accumulated while writing."""
+
+    def __init__(self, schemas: dict[str, list[str]]):
+        self.samples = 0
+        self.ids: set[int] = set()
+        self.labels = {k: collections.Counter() for k in schemas}
+
+    def add(self, meta: dict[str, Any]) -> None:
+        self.samples += 1
+        if isinstance(meta.get("identity"), int):
+            self.ids.add(meta["identity"])
+        for k, c in self.labels.items():
+            if isinstance(meta.get(k), int):
+                c[meta[k]] += 1
+
+
+def _split_stats(written: dict[str, _SplitCount], entries, schemas, twin_pairs, id_index) -> dict[str, Any]:
+    out = {}
+    for name, cnt in written.items():
+        ids = cnt.ids
+        labels = {k: {names[i]: cnt.labels[k][i] for i in range(len(names)) if cnt.labels[k][i]}
+                  for k, names in schemas.items()}
+        out[name] = {"samples": cnt.samples, "identities": len(ids),
+                     "twin_pairs": sum(1 for a, b in twin_pairs if id_index[a] in ids and id_index[b] in ids),
+                     "bytes": sum(e.bytes for e in entries.get(name, [])), "shards": len(entries.get(name, [])),
+                     "labels": labels}
+    return out

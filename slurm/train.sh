@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Train any biomtl config on a SLURM allocation: one srun task per node, each
+# starting one torchrun agent; the agents meet by c10d rendezvous on the first
+# node of the allocation and start the ranks of their node.
+#
+#   sbatch slurm/train.sh --config configs/facecom.yaml train.lr=3e-4
+#   sbatch --nodes=2 --gpus-per-node=4 slurm/train.sh --config configs/dcal_twins.yaml
+#   BIOMTL_CONFIG=configs/facecom.yaml BIOMTL_OVERRIDES="train.epochs=2" sbatch slurm/train.sh
+#
+# The recipe scripts (slurm/dcal.sh, slurm/facecom.sh) set a default config and
+# run this one. Arguments: [--config FILE] [--resume latest|PATH] [key=value ...]
+# (a --config argument wins over BIOMTL_CONFIG; BIOMTL_OVERRIDES, split on
+# whitespace, comes before the argument overrides, so arguments win).
+#
+# Environment (all optional):
+#   BIOMTL_CONFIG           config file (relative: to the submit dir, then to the repo)
+#   BIOMTL_OVERRIDES        "key=value key=value" overrides
+#   BIOMTL_NPROC_PER_NODE   ranks per node (default: GPUs visible on the node, or BIOMTL_CPU_NPROC_PER_NODE)
+#   BIOMTL_CPU_NPROC_PER_NODE  ranks per node without GPUs (default 1)
+#   BIOMTL_MAX_RESTARTS     torchrun --max-restarts (default 3); a restarted group resumes from the
+#                           run's latest checkpoint by itself
+#   BIOMTL_RDZV_HOST        rendezvous host (default: the allocation's first node name; set an
+#                           address or another name where node names do not resolve to the network to use)
+#   BIOMTL_RDZV_PORT        rendezvous port (default 20000 + job id % 20000)
+#   BIOMTL_REPO             the biomtl checkout (default: the submit dir)
+#   BIOMTL_PYTHON           interpreter (default: $BIOMTL_REPO/.venv/bin/python, else python3/python)
+#
+# GPUs are not requested here, so the script runs unchanged on CPU-only
+# partitions; ask for them when submitting (sbatch --gpus-per-node=N ...) or
+# uncomment the line below. The output directory logs/ must exist in the submit
+# dir (SLURM does not create it): mkdir -p logs (biomtl launch --slurm does).
+#
+#SBATCH --job-name=biomtl
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=12:00:00
+#SBATCH --output=logs/%x-%j.out
+##SBATCH --gpus-per-node=8
+set -euo pipefail
+
+die() { echo "slurm/train.sh: error: $*" >&2; exit 2; }
+
+[[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job: submit with sbatch (or run inside salloc)"
+
+REPO="${BIOMTL_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
+[[ -f "$REPO/dist_train/main.py" ]] \
+  || die "no biomtl checkout at $REPO: submit from the repo root or set BIOMTL_REPO"
+REPO="$(cd "$REPO" && pwd)"
+
+PY="${BIOMTL_PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  if [[ -x "$REPO/.venv/bin/python" ]]; then PY="$REPO/.venv/bin/python"
+  else PY="$(command -v python3 || command -v python || true)"; fi
+fi
+[[ -n "$PY" ]] || die "no python found: set BIOMTL_PYTHON"
+
+CONFIG="${BIOMTL_CONFIG:-}"
+RESUME=()
+ARGS=()
+while (($#)); do
+  case "$1" in
+    --config) [[ $# -ge 2 ]] || die "--config needs a file"; CONFIG="$2"; shift 2 ;;
+    --config=*) CONFIG="${1#--config=}"; shift ;;
+    --resume) [[ $# -ge 2 ]] || die "--resume needs latest or a path"; RESUME=(--resume "$2"); shift 2 ;;
+    --resume=*) RESUME=(--resume "${1#--resume=}"); shift ;;
+    -*) die "unknown option $1 (arguments: [--config FILE] [--resume latest|PATH] [key=value ...])" ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
+[[ -n "$CONFIG" ]] || die "no config: pass --config FILE or set BIOMTL_CONFIG"
+if [[ ! -f "$CONFIG" && "$CONFIG" != /* && -f "$REPO/$CONFIG" ]]; then CONFIG="$REPO/$CONFIG"; fi
+[[ -f "$CONFIG" ]] || die "config not found: $CONFIG"
+read -r -a ENV_OVERRIDES <<< "${BIOMTL_OVERRIDES:-}"
+
+gpus_visible() {
+  local n=0
+  if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then n="$SLURM_GPUS_ON_NODE"
+  elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+    n=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c '^[0-9A-Za-z]' || true)
+    [[ "$CUDA_VISIBLE_DEVICES" == NoDevFiles ]] && n=0
+  elif command -v nvidia-smi > /dev/null 2>&1; then n=$(nvidia-smi -L 2> /dev/null | grep -c '^GPU' || true)
+  fi
+  echo "${n:-0}"
+}
+NPROC="${BIOMTL_NPROC_PER_NODE:-}"
+if [[ -z "$NPROC" ]]; then
+  NPROC="$(gpus_visible)"
+  [[ "$NPROC" -gt 0 ]] || NPROC="${BIOMTL_CPU_NPROC_PER_NODE:-1}"
+fi
+
+NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+HEAD="${BIOMTL_RDZV_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}"
+PORT="${BIOMTL_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+MAX_RESTARTS="${BIOMTL_MAX_RESTARTS:-3}"
+CPUS="${SLURM_CPUS_PER_TASK:-1}"
+
+# torchrun restarts are flaky when the rendezvous store is shared with the
+# workers (PyTorch issues 135712, 167288).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CPUS / NPROC > 0 ? CPUS / NPROC : 1 ))}"
+export PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
+
+echo "biomtl: job $SLURM_JOB_ID on $NNODES node(s) [$SLURM_JOB_NODELIST], $NPROC rank(s) per node," \
+     "rendezvous $HEAD:$PORT, max restarts $MAX_RESTARTS"
+echo "biomtl: $PY $REPO/dist_train/main.py --config $CONFIG ${RESUME[*]-} ${ENV_OVERRIDES[*]-} ${ARGS[*]-}"
+
+# srun does not pass the job's --cpus-per-task on to the step (SLURM >= 22.05): say it.
+exec srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" \
+  --kill-on-bad-exit=1 \
+  "$PY" -m torch.distributed.run \
+    --nnodes="$NNODES" --nproc-per-node="$NPROC" \
+    --rdzv-backend=c10d --rdzv-endpoint="$HEAD:$PORT" --rdzv-id="$SLURM_JOB_ID" \
+    --max-restarts="$MAX_RESTARTS" \
+    "$REPO/dist_train/main.py" --config "$CONFIG" ${RESUME[@]+"${RESUME[@]}"} ${ENV_OVERRIDES[@]+"${ENV_OVERRIDES[@]}"} ${ARGS[@]+"${ARGS[@]}"}

@@ -1,0 +1,198 @@
+"""The dcal_twins recipe: params, transform, verification metrics, config, tracking."""
+from __future__ import annotations
+
+import builtins
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dist_train.config import ConfigError, load_config, recipe_params
+from dist_train.recipe import DataInfo, get_recipe
+from tests.conftest import REPO
+
+CONFIG = REPO / "configs" / "dcal_twins.yaml"
+
+
+def dcal_overrides(tmp_path: Path, **extra: object) -> list[str]:
+    """configs/dcal_twins.yaml as a seconds-long CPU run (tiny ViT, tiny identity-split synthetic set)."""
+    values = {
+        "experiment.output_dir": str(tmp_path / "runs"),
+        "data.synthetic.cache_dir": str(tmp_path.parent / "synthetic-cache-dcal"),
+        "data.synthetic.num_identities": 16,
+        "data.synthetic.samples_per_identity": 6,
+        "data.synthetic.image_size": 32,
+        "data.batch_size": 8,
+        "recipe.params.img_size": 32,
+        "recipe.params.patch_size": 8,
+        "recipe.params.depth": 2,
+        "train.precision": "fp32",
+        "train.max_steps": 4,
+        "train.val_every_steps": 2,
+        "train.log_every_steps": 1,
+        "logging.progress": "false",
+        "logging.plot": "false",
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+INFO = DataInfo(identities=tuple(f"p{i}" for i in range(6)), twin_pairs=((0, 1),), label_schemas={},
+                modalities=("vis.png", "json"))
+
+
+def _recipe(**params):
+    cls = get_recipe("dcal_twins")
+    from dist_train.config import build_dataclass
+
+    base = dict(img_size=32, patch_size=8, depth=2)
+    base.update(params)
+    return cls(build_dataclass(cls.Params, base, prefix="recipe.params"), INFO)
+
+
+def test_config_file_is_valid_and_monitors_eer(tmp_path):
+    cfg = load_config(CONFIG, [f"experiment.output_dir={tmp_path}"])
+    assert cfg.recipe.name == "dcal_twins" and cfg.data.synthetic.split_by == "identity"
+    assert cfg.checkpoint.monitor == "eer" and cfg.checkpoint.mode == "min"
+    assert "loss" not in cfg.train.early_stopping.metrics       # unseen identities: loss is meaningless
+    p = recipe_params(cfg)
+    assert p.backbone == "vit_tiny_patch16_224" and p.use_glca and p.use_pwca and p.top_r == 0.1
+    with pytest.raises(ConfigError, match="top_r"):
+        load_config(CONFIG, ["recipe.params.top_r=0"])
+    with pytest.raises(ConfigError, match="recipe.params.head"):
+        load_config(CONFIG, ["recipe.params.head=softmax"])
+    with pytest.raises(ConfigError, match="weights_path"):
+        load_config(CONFIG, ["recipe.params.weights_path=/no/such/file.pth"])
+
+
+def test_transform_rgb_grey_and_twins():
+    r = _recipe()
+    rgb = Image.new("RGB", (64, 64), (120, 30, 200))
+    out = r.transform({"vis.png": rgb, "json": {"identity": 2, "twin": 3}, "__key__": "x"}, train=True)
+    assert out["image"].shape == (3, 32, 32) and out["identity"].item() == 2 and out["twin"].item() == 3
+    grey = Image.new("L", (92, 112), 77)                       # ORL-like PGM, no twin field
+    out = r.transform({"image.pgm": grey, "json": {"identity": 0}}, train=False)
+    assert out["image"].shape == (3, 32, 32)
+    raw = out["image"] * torch.tensor([0.229, 0.224, 0.225])[:, None, None] + \
+        torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)  # grey -> RGB
+    assert out["twin"].item() == 1                              # from the manifest's twin_pairs
+    out = r.transform({"png": grey, "json": {}}, train=False)
+    assert out["identity"].item() == -1 and out["twin"].item() == -1
+    with pytest.raises(KeyError, match="no image"):
+        r.transform({"json": {"identity": 0}, "__key__": "k"}, train=False)
+
+
+def test_baseline_switch_and_param_groups():
+    dcal = _recipe().build_model()
+    base = _recipe(use_glca=False, use_pwca=False).build_model()
+    assert dcal.embed_dim == 2 * base.embed_dim and not hasattr(base, "glca_block")
+    assert len(base.vit.blocks) == 2 and base.vit.patch_embed.grid_size == (4, 4)
+    groups = _recipe(backbone_lr_mult=0.1).param_groups(dcal, 1e-3)
+    assert groups[0]["lr"] == pytest.approx(1e-4) and groups[-1]["weight_decay"] == 0.0
+    n = sum(p.numel() for g in groups for p in g["params"])
+    assert n == sum(p.numel() for p in dcal.parameters())
+
+
+def test_model_forward_on_recipe_batch():
+    r = _recipe(verification_head=True)
+    model = r.build_model().train()
+    imgs = [Image.new("RGB", (40, 40), (i * 30, 80, 120)) for i in range(6)]
+    rows = [r.transform({"vis.png": im, "json": {"identity": i // 2, "twin": {0: 1, 1: 0}.get(i // 2, -1)}},
+                        train=True) for i, im in enumerate(imgs)]
+    batch = {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
+    out = model(batch)
+    assert set(out["terms"]) == {"sa", "glca", "pwca", "metric", "verif"}
+    out["loss"].backward()
+    # the distractor of a twin sample is its co-twin when the batch has one
+    d = out["distractor"]
+    assert batch["identity"][d[:2]].tolist() == [1, 1] and batch["identity"][d[2:4]].tolist() == [0, 0]
+
+
+def _state(emb, ident, twin, valid=None, max_pairs=1000):
+    m = _recipe(val_max_pairs=max_pairs).new_metrics()
+    batch = {"identity": torch.tensor(ident), "twin": torch.tensor(twin)}
+    if valid is not None:
+        batch["_valid"] = torch.tensor(valid)
+    m.update({"embedding": torch.tensor(emb, dtype=torch.float32)}, batch)
+    return m, m.state()
+
+
+def test_verification_metrics_gathered_states_and_padding():
+    rng = np.random.default_rng(0)
+    ident = np.repeat(np.arange(6), 4)
+    twin = np.where(ident < 2, 1 - ident, -1)
+    centres = rng.normal(size=(6, 8))
+    centres[1] = centres[0] + 0.2 * rng.normal(size=8)
+    emb = centres[ident] + 0.3 * rng.normal(size=(24, 8))
+    m, whole = _state(emb, ident, twin)
+    one = type(m).compute([whole])
+    # two "ranks", the second with a padding row that must be ignored
+    _, s1 = _state(emb[:10], ident[:10], twin[:10])
+    pad_emb = np.r_[emb[10:], emb[:1]]
+    _, s2 = _state(pad_emb, np.r_[ident[10:], ident[:1]], np.r_[twin[10:], twin[:1]], valid=[True] * 14 + [False])
+    two = type(m).compute([s1, s2])
+    assert one.keys() == two.keys()
+    for k in one:
+        assert one[k] == pytest.approx(two[k], nan_ok=True), k
+    assert {"eer", "auc", "tar_at_far_0.01", "threshold", "twin_eer", "twin_auc"} <= set(one)
+    assert one["genuine_pairs"] == 6 * 6 and one["twin_impostor_pairs"] == 16
+    assert one["twin_eer"] >= one["eer"]                         # co-twins are the hard impostors
+    assert whole["embedding"].dtype == np.float16               # small gathers
+    empty = type(m).compute([])
+    assert np.isnan(empty["eer"])
+
+
+# ----------------------------------------------------------------------------- tracking
+
+def _train(tmp_path, **overrides):
+    from dist_train.main import train
+
+    cfg = load_config(CONFIG, dcal_overrides(tmp_path, **overrides))
+    metrics = train(cfg, None)
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 1
+    return runs[0], metrics
+
+
+def test_tracking_none_writes_only_local_files(tmp_path):
+    run, metrics = _train(tmp_path, logging__tracking="none", train__max_steps=2, train__val_every_steps=2)
+    assert not (run / "tb").exists() and not (run / "mlruns").exists()
+    assert {p.name for p in run.iterdir()} <= {"checkpoints", "config.yaml", "eval", "final_metrics.json", "logs",
+                                                "plots", "model.pt", "launch_id"}
+    assert "eer" in metrics and "test_eer" in metrics
+
+
+def test_mlflow_tracking(tmp_path):
+    pytest.importorskip("mlflow", reason="optional extra: pip install mlflow")
+    from mlflow.tracking import MlflowClient
+
+    run, _ = _train(tmp_path, logging__tracking="mlflow", train__max_steps=2, train__val_every_steps=2)
+    assert list((run / "tb").glob("events.out.tfevents.*"))    # TensorBoard stays on
+    client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())
+    exp = client.get_experiment_by_name("dcal_twins")
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.info.status == "FINISHED"
+    assert r.data.params["recipe.name"] == "dcal_twins" and r.data.params["recipe.params.depth"] == "2"
+    assert {"train/loss", "val/eer", "val/twin_impostor_pairs", "test/eer"} <= set(r.data.metrics)  # NaNs: not logged
+    assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == [1, 2]
+    arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"config.yaml", "logs", "eval"} <= arts
+
+
+def test_mlflow_missing_is_a_one_line_config_error(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_mlflow(name, *args, **kwargs):
+        if name == "mlflow" or name.startswith("mlflow."):
+            raise ImportError("No module named 'mlflow'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_mlflow)
+    with pytest.raises(ConfigError, match="pip install mlflow") as exc:
+        load_config(CONFIG, ["logging.tracking=mlflow"])
+    assert "\n" not in str(exc.value)
+    assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "true"

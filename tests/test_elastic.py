@@ -1,0 +1,72 @@
+"""Failures under torchrun: a killed worker is restarted and the run resumes by
+itself; a rank that raises brings the job down with its error, not a hang.
+
+Faults are injected deterministically by launch/faults.py (BIOMTL_FAULT_*)."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from dist_train.checkpoint import safe_load
+from tests.conftest import PYTHON, REPO, tiny_overrides
+
+
+def _torchrun(tmp_path: Path, max_restarts: int, fault_env: dict[str, str], timeout: float,
+              **overrides: object) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **fault_env}
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "dist_train/main.py",
+           "--config", "configs/facecom.yaml", *tiny_overrides(tmp_path, **overrides)]
+    started = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.monotonic() - started
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_killed_worker_restarts_and_resumes_without_losing_a_step(tmp_path: Path) -> None:
+    """Rank 1 SIGKILLs itself right after the step-4 checkpoint (first attempt
+    only); torchrun restarts the group, which finds the first attempt's run
+    directory by the launch id and resumes from its latest checkpoint."""
+    proc, _ = _torchrun(tmp_path, 1, {"BIOMTL_FAULT_KILL_AT_STEP": "4", "BIOMTL_FAULT_RANK": "1"}, timeout=400,
+                        train__max_steps=6, checkpoint__every_steps=2, train__val_every_steps=6)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-5000:]
+    assert "exitcode: -9" in out  # the first attempt really lost a worker to SIGKILL
+    assert "restart 1: continuing" in out
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs  # the restart went on in the same run directory
+    run = runs[0]
+    flat = "".join(out.split())  # rich wraps long log lines
+    assert f"resumedfrom{run / 'checkpoints' / 'latest.pt'}atstep4" in flat, out[-5000:]
+    ckpt = safe_load(run / "checkpoints" / "latest.pt")
+    assert ckpt["client"]["loop"]["step"] == 6 and ckpt["client"]["total_steps"] == 6
+    assert [int(r["step"]) for r in _rows(run / "logs" / "train_logs.csv")] == [1, 2, 3, 4, 5, 6]
+    assert {int(r["step"]) for r in _rows(run / "logs" / "validation_logs.csv")} == {6}  # val (+ test) rows
+    assert (run / "checkpoints" / "periodic" / "step_00000004.pt").exists()
+    assert (run / "final_metrics.json").exists() and (run / "model.pt").exists()
+
+
+def test_a_rank_that_raises_stops_the_job_with_its_error(tmp_path: Path) -> None:
+    """Rank 1 raises after step 2 while rank 0 goes on into step 3's all-reduce:
+    the job ends non-zero with the exception shown, well before the collective
+    timeout (60 s here; the default of 1800 s would also never be reached)."""
+    timeout_s = 60
+    proc, elapsed = _torchrun(tmp_path, 0, {"BIOMTL_FAULT_RAISE_AT_STEP": "2"}, timeout=240,
+                              train__max_steps=6, dist__timeout_s=timeout_s)
+    assert proc.returncode != 0
+    assert "injected failure on rank 1 after step 2" in proc.stderr, proc.stderr[-5000:]
+    assert "InjectedFault" in proc.stderr
+    # Root cause in torchrun's summary (main.py runs under torch.distributed.elastic's @record).
+    summary = proc.stderr[proc.stderr.rfind("Root Cause"):]
+    assert "rank      : 1" in summary and "injected failure" in summary, summary
+    assert elapsed < 240
+    runs = list((tmp_path / "runs").iterdir())
+    ckpt = runs[0] / "checkpoints" / "latest.pt"
+    assert not ckpt.exists() or safe_load(ckpt)["client"]["loop"]["step"] < 6
