@@ -17,7 +17,10 @@ All loaders use the same transform: decode -> RGB -> RandomResizedCrop(size,
 scale 0.6-1) -> RandomHorizontalFlip -> ToTensor -> Normalize, batch 32.
 Every rate is decoded and augmented samples per second, over whole epochs
 (worker start-up included, as in training: workers are not persistent),
-the best of ``--repeats`` runs of at least ``--seconds`` each.
+the best of ``--repeats`` runs of at least ``--seconds`` each, the methods
+interleaved run by run. A second table gives samples per CPU-second (this
+process plus its reaped worker processes), which other users' load on a
+shared machine barely changes.
 
     python benchmarks/data_throughput.py [--datasets cmu1,cmu2,syn112,syn224] [--seconds 3] [--repeats 2]
                                          [--json out.json]
@@ -82,18 +85,34 @@ class PerFile(Dataset):
             return {"image": self.aug.image(img), "identity": label}
 
 
-def _epochs(make_iter, n_per_epoch: int, seconds: float, repeats: int) -> float:
-    """Best samples/s over ``repeats`` runs of whole epochs lasting >= ``seconds``."""
-    best = 0.0
+def _cpu() -> float:
+    """CPU seconds of this process and its reaped children (the DataLoader workers)."""
+    import resource
+
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def _measure(make_iter, seconds: float) -> tuple[float, float]:
+    """(samples/s wall, samples per CPU-second) over whole epochs lasting >= ``seconds``."""
+    t0, c0 = time.perf_counter(), _cpu()
+    n = 0
+    while True:
+        for b in make_iter():
+            n += int(b["image"].shape[0])
+        if time.perf_counter() - t0 >= seconds:
+            break
+    return n / (time.perf_counter() - t0), n / max(_cpu() - c0, 1e-9)
+
+
+def _compare(methods: dict, seconds: float, repeats: int) -> dict[str, tuple[float, float]]:
+    """Best of ``repeats`` per method, the methods interleaved (A B C A B C ...) so
+    that a change of machine load hits all of them alike."""
+    best = {k: (0.0, 0.0) for k in methods}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = 0
-        while True:
-            for b in make_iter():
-                n += int(b["image"].shape[0])
-            if time.perf_counter() - t0 >= seconds:
-                break
-        best = max(best, n / (time.perf_counter() - t0))
+        for k, fn in methods.items():
+            w, c = _measure(fn, seconds)
+            best[k] = (max(best[k][0], w), max(best[k][1], c))
     return best
 
 
@@ -166,36 +185,44 @@ def bench(name: str, work: Path, seconds: float, repeats: int) -> dict:
                 imgs.append(aug.image(img))
             yield {"image": torch.stack(imgs)}
 
-    res["bare"] = _epochs(bare, n, seconds, repeats)
     # --- stream vs per-file
     epoch = [0]
-    for workers in (1, 2):
-        def stream(w=workers):
-            epoch[0] += 1
-            return build_train_loader(out, "train", aug, BATCH, 0, 1, w, seed=0, epoch=epoch[0],
-                                      shuffle_buffer=1000)
 
-        res[f"stream_{workers}w"] = _epochs(stream, n, seconds, repeats)
+    def stream(w):
+        epoch[0] += 1
+        return build_train_loader(out, "train", aug, BATCH, 0, 1, w, seed=0, epoch=epoch[0], shuffle_buffer=1000)
 
-        def perfile(w=workers):
-            return DataLoader(PerFile(files, aug), batch_size=BATCH, shuffle=True, num_workers=w, drop_last=True,
-                              persistent_workers=False)
+    def perfile(w):
+        return DataLoader(PerFile(files, aug), batch_size=BATCH, shuffle=True, num_workers=w, drop_last=True,
+                          persistent_workers=False)
 
-        res[f"perfile_{workers}w"] = _epochs(perfile, n, seconds, repeats)
+    methods = {"bare": bare}
+    for w in (1, 2):
+        methods[f"stream_{w}w"] = lambda w=w: stream(w)
+        methods[f"perfile_{w}w"] = lambda w=w: perfile(w)
+    for k, (wall, cpu) in _compare(methods, seconds, repeats).items():
+        res[k], res[f"{k}_per_cpu_s"] = wall, cpu
     return res
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| dataset | samples (stored as) | pack 1w | pack 2w | bare decode (1 proc) | stream 1w | stream 2w "
-            "| per-file 1w | per-file 2w | stream/bare 1w | stream/per-file 1w / 2w |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    head = ("| dataset | samples (stored as) | pack 1w / 2w | bare decode | stream 1w | stream 2w "
+            "| per-file 1w | per-file 2w | stream 1w / bare | stream / per-file (1w, 2w) |")
+    lines = [head, "|" + "|".join(["---"] * 10) + "|"]
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['samples']} ({r['stored_as']}, {r['bytes_per_sample'] / 1024:.1f} KiB) "
-            f"| {r['pack_1w']:.0f} | {r['pack_2w']:.0f} | {r['bare']:.0f} | {r['stream_1w']:.0f} "
+            f"| {r['pack_1w']:.0f} / {r['pack_2w']:.0f} | {r['bare']:.0f} | {r['stream_1w']:.0f} "
             f"| {r['stream_2w']:.0f} | {r['perfile_1w']:.0f} | {r['perfile_2w']:.0f} "
-            f"| {r['stream_1w'] / r['bare']:.0%} | {r['stream_1w'] / r['perfile_1w']:.2f}x / "
+            f"| {r['stream_1w'] / r['bare']:.0%} | {r['stream_1w'] / r['perfile_1w']:.2f}x, "
             f"{r['stream_2w'] / r['perfile_2w']:.2f}x |")
+    lines += ["", "Samples per CPU-second (main process + its workers; insensitive to other users' load):", "",
+              "| dataset | bare decode | stream 1w | stream 2w | per-file 1w | per-file 2w | stream 1w / bare |",
+              "|" + "|".join(["---"] * 7) + "|"]
+    for r in rows:
+        c = {k: r[f"{k}_per_cpu_s"] for k in ("bare", "stream_1w", "stream_2w", "perfile_1w", "perfile_2w")}
+        lines.append(f"| {r['dataset']} | {c['bare']:.0f} | {c['stream_1w']:.0f} | {c['stream_2w']:.0f} "
+                     f"| {c['perfile_1w']:.0f} | {c['perfile_2w']:.0f} | {c['stream_1w'] / c['bare']:.0%} |")
     return "\n".join(lines)
 
 

@@ -16,10 +16,12 @@ storage (views into DeepSpeed's flat buffers share one storage):
   not the module's storage (ZeRO keeps one per rank partition);
 - buffers: anything else the ZeRO optimizer holds (reduction and all-gather
   buckets, flat staging buffers; sized by the JSON's bucket sizes);
-- peak RSS: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the rank's
-  process, and its rise over the RSS before the model was built.
-  DDP's C++ reducer buckets (one more gradient-sized buffer) are not visible
-  to the census but are in the RSS.
+- RSS at step: the rank process's resident memory at the census (libraries,
+  data and activations included); peak RSS: ``resource.getrusage`` maxrss,
+  which also holds initialisation transients (the model is built whole on
+  every rank before ZeRO-3 partitions it; ``zero.Init`` is not used) and
+  memory the allocator did not give back. DDP's C++ reducer buckets (one more
+  gradient-sized buffer) are not visible to the census but are in the RSS.
 
     python benchmarks/memory.py                      # fp32 and bf16, prints a markdown table
     python benchmarks/memory.py --precision fp32 --steps 2 --json out.json
@@ -46,6 +48,14 @@ MiB = 2**20
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _current_rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _storages(tensors: Iterable[Any], seen: set[int]) -> int:
@@ -166,6 +176,7 @@ def worker(args: argparse.Namespace) -> None:
             strategy.micro_step(batch, 1.0, True)
             if step == args.steps - 1:
                 measured = census(strategy)
+                measured["RSS at step"] = _current_rss_mib()
             strategy.optimizer_step()
         measured["peak RSS"] = _rss_mib()
         measured["RSS rise"] = measured["peak RSS"] - rss_before
@@ -195,7 +206,7 @@ def table(results: list[dict[str, Any]]) -> str:
     """Rank 0's numbers; in brackets, the ratio to DDP's at the same precision."""
     cols = ["parameters", "gradients", "optimizer state", "fp32 master", "buffers"]
     lines = ["| strategy | precision | " + " | ".join(f"{c} MiB" for c in cols)
-             + " | sum MiB | peak RSS MiB | RSS rise MiB |",
+             + " | sum MiB | RSS at step MiB | peak RSS MiB |",
              "|---|---|" + "---:|" * (len(cols) + 3)]
     base: dict[str, dict[str, float]] = {}
     for r in results:
@@ -211,7 +222,7 @@ def table(results: list[dict[str, Any]]) -> str:
             return f"{rank0[key]:.1f} ({rank0[key] / ref[key]:.2f})"
 
         lines.append(f"| {r['strategy']} | {r['precision']} | " + " | ".join(cell(c) for c in cols + ["all"])
-                     + f" | {rank0['peak RSS']:.0f} | {rank0['RSS rise']:.0f} |")
+                     + f" | {rank0['RSS at step']:.0f} | {rank0['peak RSS']:.0f} |")
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ Three ways to start, checked in this order:
   the step's first host and the port is derived from the job id (an explicit
   MASTER_ADDR / MASTER_PORT wins);
 - anything else (a plain ``python`` run, or the batch script itself, which
-  has SLURM_NTASKS but is no step) is a world of one.
+  has SLURM_NTASKS but is no step: ENVIRONMENT=BATCH without SLURM_STEP_ID)
+  is a world of one.
 
 Also here: whether this process is a restarted attempt (torchrun restarted
 the worker group, or SLURM requeued the job) and the id that the attempts of
@@ -112,8 +113,11 @@ def launch_id(environ: Mapping[str, str] | None = None) -> str | None:
 
 
 def in_slurm_step(env: Mapping[str, str]) -> bool:
-    """A task started by ``srun`` (the batch script itself is no step)."""
-    return "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env)
+    """A task started by ``srun``, not the batch script's own process: sbatch
+    sets ENVIRONMENT=BATCH (inherited by steps) and srun sets SLURM_STEP_ID."""
+    if "SLURM_PROCID" not in env:
+        return False
+    return "SLURM_STEP_ID" in env or "SLURM_STEPID" in env or env.get("ENVIRONMENT") != "BATCH"
 
 
 def detect(environ: Mapping[str, str] | None = None) -> LaunchEnv:

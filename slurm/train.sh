@@ -93,7 +93,7 @@ NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
 HEAD="${BIOMTL_RDZV_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}"
 PORT="${BIOMTL_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
 MAX_RESTARTS="${BIOMTL_MAX_RESTARTS:-3}"
-CPUS="${SLURM_CPUS_PER_TASK:-1}"
+CPUS="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"  # --exclusive without --cpus-per-task: the node's
 
 # torchrun restarts are flaky when the rendezvous store is shared with the
 # workers (PyTorch issues 135712, 167288).

@@ -70,3 +70,44 @@ def test_a_rank_that_raises_stops_the_job_with_its_error(tmp_path: Path) -> None
     runs = list((tmp_path / "runs").iterdir())
     ckpt = runs[0] / "checkpoints" / "latest.pt"
     assert not ckpt.exists() or safe_load(ckpt)["client"]["loop"]["step"] < 6
+
+
+def test_restart_finds_the_first_attempts_run(tmp_path: Path, monkeypatch) -> None:
+    """Which run directory and checkpoint a restarted attempt goes on from
+    (rank 0's search, without processes)."""
+    from dist_train.config import load_config
+    from dist_train.main import LAUNCH_FILE, _find_launch_run, restart_point
+
+    cfg = load_config(REPO / "configs" / "facecom.yaml", tiny_overrides(tmp_path))
+    runs = tmp_path / "runs"
+
+    def make_run(name: str, lid: str, with_latest: bool, latest_first: bool = False) -> Path:
+        run = runs / name
+        (run / "checkpoints").mkdir(parents=True)
+        latest = run / "checkpoints" / "latest.pt"
+        if with_latest and latest_first:
+            latest.write_bytes(b"old")
+            os.utime(latest, (1, 1))
+        (run / LAUNCH_FILE).write_text(lid + "\n")
+        if with_latest and not latest_first:
+            latest.write_bytes(b"new")
+        return run
+
+    other = make_run("facecom_20260101-000000", "torchrun-other", True)
+    mine = make_run("facecom_20260101-000001", "slurm-7/torchrun-7", True)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "7")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    assert restart_point(cfg, None, True) is None  # a first attempt never looks
+    assert _find_launch_run(cfg, None) == (str(mine), str(mine / "checkpoints" / "latest.pt"))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert restart_point(cfg, None, True) == (mine, mine / "checkpoints" / "latest.pt")
+    # A run resumed by hand whose latest.pt predates this launch (nothing saved yet):
+    # go on from the checkpoint the first attempt started from, not the stale latest.
+    resumed = make_run("facecom_20260101-000002", "slurm-8/torchrun-8", True, latest_first=True)
+    monkeypatch.setenv("SLURM_JOB_ID", "8")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "8")
+    start = resumed / "checkpoints" / "periodic" / "step_00000002.pt"
+    assert _find_launch_run(cfg, start) == (str(resumed), str(start))
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    assert _find_launch_run(cfg, None) is None and other.exists()

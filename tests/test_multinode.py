@@ -39,7 +39,7 @@ def test_env_srun_step_without_torchrun() -> None:
     env = {"SLURM_JOB_ID": "777", "SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
            "SLURM_NODEID": "2", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "7",
            "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_STEP_NODELIST": "gpu[03-05,09]",
-           "SLURM_JOB_NODELIST": "gpu[01-09]"}
+           "SLURM_JOB_NODELIST": "gpu[01-09]", "ENVIRONMENT": "BATCH"}  # srun inside a batch script
     e = detect(env)
     assert (e.kind, e.rank, e.local_rank, e.world_size, e.local_world_size, e.node_rank) == \
         ("slurm", 5, 1, 7, 2, 2)
@@ -51,7 +51,8 @@ def test_env_srun_step_without_torchrun() -> None:
 def test_env_slurm_batch_script_and_plain_process_are_one_rank() -> None:
     # The batch script has SLURM_NTASKS of the allocation but is no srun step:
     # a python started there must not wait for 7 ranks that never come.
-    batch = detect({"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "n1"})
+    batch = detect({"SLURM_JOB_ID": "9", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "n1",
+                    "ENVIRONMENT": "BATCH"})
     plain = detect({})
     for e in (batch, plain):
         assert (e.kind, e.rank, e.world_size, e.local_world_size, e.master_addr) == ("single", 0, 1, 1, "127.0.0.1")

@@ -128,3 +128,32 @@ def test_validation_points_for_a_fraction_of_an_epoch() -> None:
     assert sorted(Trainer._validation_steps(fake)) == [3, 5, 8, 10, 13, 15, 18, 20]
     fake.cfg.train.val_every_steps = 7
     assert sorted(Trainer._validation_steps(fake)) == [7, 14]
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
+def test_ddp_strategy_steps_in_every_precision_on_cpu(precision: str) -> None:
+    from dist_train.precision import Precision
+    from dist_train.strategies.ddp import DDPStrategy
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, batch):
+            loss = torch.nn.functional.cross_entropy(self.lin(batch["x"]), batch["y"])
+            return {"loss": loss, "terms": {"ce": loss.detach()}}
+
+    torch.manual_seed(0)
+    model = Tiny()
+    before = model.lin.weight.detach().clone()
+    strategy = DDPStrategy(model, torch.device("cpu"), Precision(precision, "cpu"),
+                           lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                           lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), grad_clip=1.0)
+    batch = {"x": torch.randn(8, 4), "y": torch.randint(0, 2, (8,))}
+    out = strategy.micro_step(batch, 1.0, boundary=True)
+    stats = strategy.optimizer_step()
+    assert torch.isfinite(out["loss"]) and not stats.skipped
+    assert strategy.scaler.is_enabled() == (precision == "fp16")
+    assert not torch.equal(before, model.lin.weight)
+    assert 0 < stats.grad_norm < float("inf")
