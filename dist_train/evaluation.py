@@ -550,6 +550,8 @@ def plot_roc(report: Mapping[str, Any], path: Path, title: str = "") -> None:
     for block, (color, name) in styles.items():
         r = report[block]
         if "_roc" not in r:
+            if block == "twin" and not r.get("impostor_pairs"):
+                ax.plot([], [], color=color, ls=":", label=f"{name}: none in this split")
             continue
         fpr, tpr = r["_roc"]
         n_imp = max(r["impostor_pairs"], 1)

@@ -13,6 +13,8 @@ Made from
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -79,7 +81,11 @@ def _deepspeed_export(ckpt_dir: Path) -> dict[str, Any]:
     if stage > 0 or zero_files:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        model = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        # zero_to_fp32 prints its progress (stdout) and a tqdm bar (stderr): keep them for --debug logs only.
+        chatter = io.StringIO()
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            model = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        log.debug("zero_to_fp32: %s", chatter.getvalue())
     else:
         # Stage 0: no ZeRO partitions; the module's own (full) weights. In
         # fp32 these are the trained weights; with bf16/fp16 DeepSpeed keeps

@@ -297,6 +297,8 @@ def _tar_members(path: str, select: Callable[[str], bool] | None, handler: Calla
                 if len(data) < size:
                     raise tarfile.ReadError("unexpected end of data")
                 yield {"fname": name, "data": data[:size] if padded != size else data, "__url__": path}
+                if len(data) < padded:  # tarfile fails when it moves on to the next header
+                    raise tarfile.ReadError("unexpected end of data")
         except Exception as exn:
             exn.args = (f"{exn.args[0] if exn.args else exn} @ {path}",) + exn.args[1:]
             handler(exn)

@@ -148,25 +148,32 @@ def test_exported_weights_match_ddp(runs: dict[str, Path]) -> None:
     assert init_moved
 
 
-def test_export_command_matches_the_end_of_training_file(runs: dict[str, Path], tmp_path: Path) -> None:
+def test_export_command_matches_the_end_of_training_file(runs: dict[str, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
     """`biomtl export` of the final DeepSpeed checkpoint (zero_to_fp32 over the
-    rank files) gives exactly the weights gathered from the live engine; a DDP
-    .pt exports too (optimizer state dropped)."""
-    for name, ckpt in (("zero3", runs["zero3"] / "checkpoints" / "latest"),
-                       ("zero2", runs["zero2"]),  # a run directory: its latest checkpoint
-                       ("ddp", runs["ddp"] / "checkpoints" / "latest.pt")):
-        out = tmp_path / f"{name}.pt"
-        proc = subprocess.run([PYTHON, "-m", "dist_train.cli", "export", "--checkpoint", str(ckpt),
-                               "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        exported, live = _model(out), _model(runs[name] / "model.pt")
+    rank files) gives exactly the weights gathered from the live engine at the
+    end of training; a run directory means its latest checkpoint; a DDP .pt
+    exports too (optimizer state dropped)."""
+    from dist_train.commands import export_cmd
+    from dist_train.export import export_checkpoint
+
+    out = tmp_path / "zero3.pt"  # the command line, in a fresh process
+    proc = subprocess.run([PYTHON, "-m", "dist_train.cli", "export", "--checkpoint",
+                           str(runs["zero3"] / "checkpoints" / "latest"), "--output", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exports = {"zero3": out,
+               "zero2": export_checkpoint(runs["zero2"], tmp_path / "zero2.pt"),
+               "ddp": export_checkpoint(runs["ddp"] / "checkpoints" / "latest.pt", tmp_path / "ddp.pt")}
+    for name, path in exports.items():
+        exported, live = _model(path), _model(runs[name] / "model.pt")
         assert exported.keys() == live.keys()
         for key in live:
             assert torch.equal(exported[key], live[key]), (name, key)
-        assert safe_load(out)["config"]["train"]["strategy"] == ("ddp" if name == "ddp" else "deepspeed")
-    proc = subprocess.run([PYTHON, "-m", "dist_train.cli", "export", "--checkpoint", str(tmp_path / "nope"),
-                           "--output", str(tmp_path / "x.pt")], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert safe_load(path)["config"]["train"]["strategy"] == ("ddp" if name == "ddp" else "deepspeed")
+    assert "checkpoint shards" not in capsys.readouterr().err  # zero_to_fp32's progress bar is kept quiet
+    assert export_cmd.run(["--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "x.pt")]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
 def test_export_loads_into_the_ddp_strategy_and_inference_engine(runs: dict[str, Path]) -> None:
@@ -268,18 +275,18 @@ def test_contradiction_exits_2_with_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is DeepSpeed-supported on a GPU")
-def test_fp16_on_cpu_is_one_line_error(tmp_path: Path) -> None:
+def test_fp16_on_cpu_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dist_train.main import run
     from dist_train.strategies.deepspeed import fp16_supported_here
 
     if fp16_supported_here():
         pytest.skip("this CPU has oneDNN fp16 kernels: DeepSpeed accepts fp16 here")
-    proc = subprocess.run([PYTHON, "dist_train/main.py", "--config", str(CONFIG),
-                           *tiny_overrides(tmp_path, train__strategy="deepspeed", train__precision="fp16",
-                                           deepspeed__config=str(DS_CONFIGS / "zero2.json"))],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "fp16" in lines[0] and "CUDA" in lines[0], proc.stderr
+    code = run(["--config", str(CONFIG), *tiny_overrides(tmp_path, train__strategy="deepspeed", train__precision="fp16",
+                                                         deepspeed__config=str(DS_CONFIGS / "zero2.json"))])
+    assert code == 2  # the entry point's exit status, before any process group
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "fp16" in lines[0] and "CUDA" in lines[0], lines
+    assert not (tmp_path / "runs").exists()
 
 
 def test_overflow_skips_are_reported_as_skipped_steps() -> None:

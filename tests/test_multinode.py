@@ -149,19 +149,23 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_two_nodes_c10d_rendezvous_on_loopback(tmp_path: Path) -> None:
-    """``biomtl launch --nnodes 2`` run twice, as on two hosts: each agent in its
-    own working directory, one rank each, rendezvous on 127.0.0.1. They train to
-    the end as one world of 2; only the rank-0 node logs and writes TensorBoard."""
+    """The command ``biomtl launch --nnodes 2`` runs, started twice as on two
+    hosts: each agent in its own working directory, one rank each, rendezvous on
+    127.0.0.1. They train to the end as one world of 2; only the rank-0 node logs
+    and writes TensorBoard. (The launch command is built in-process: a launcher
+    process per node would only add another torch import to a slow test.)"""
     port = free_port()
     overrides = tiny_overrides(tmp_path, train__max_steps=3, train__val_every_steps=3)  # absolute paths
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = launch_cli.build_arg_parser("biomtl launch").parse_intermixed_args(
+        ["--config", str(CONFIG), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}",
+         "--rdzv-id", "two-nodes", *overrides])
+    cmd = launch_cli.torchrun_command(args, str(CONFIG), python=PYTHON)
+    assert "--rdzv-backend=c10d" in cmd and "--nnodes=2" in cmd and "--standalone" not in cmd
+    env = {**os.environ, **launch_cli.RESTART_ENV, "OMP_NUM_THREADS": "1"}
     agents = []
     for node in ("node_a", "node_b"):
         cwd = tmp_path / node
         cwd.mkdir()
-        cmd = [PYTHON, "-m", "dist_train.cli", "launch", "--config", str(CONFIG), "--nnodes", "2",
-               "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
-               *overrides]
         out = (tmp_path / f"{node}.log").open("w")
         agents.append((node, cwd, subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)))
         out.close()
