@@ -131,13 +131,13 @@ def _split_name(name: str) -> tuple[str, str] | None:
 def build_index(data_dir: str | os.PathLike, split: str, manifest: Manifest | None = None,
                 fields: Sequence[str] | None = None) -> SampleIndex:
     """Index one split (see :class:`SampleIndex`); cached per process by the
-    shard sha256s (a re-packed dataset is indexed anew)."""
+    shard sha256s, sizes and mtimes (a changed dataset is indexed anew)."""
     data_dir = Path(data_dir)
     m = manifest or Manifest.load(data_dir)
     shards = _shards_of(data_dir, m, split)
     want = None if fields is None else frozenset(fields) | {"json"}
     cache_key = (str(data_dir.resolve()), split, tuple(e.sha256 for e in m.splits[split]),
-                 None if want is None else tuple(sorted(want)))
+                 tuple(_stat(s.path) for s in shards), None if want is None else tuple(sorted(want)))
     hit = _INDEX_CACHE.get(cache_key)
     if hit is not None:
         return hit
@@ -213,6 +213,14 @@ def build_index(data_dir: str | os.PathLike, split: str, manifest: Manifest | No
 
 
 _INDEX_CACHE: dict[tuple, SampleIndex] = {}
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
 
 
 class _open_or_none:
@@ -462,13 +470,15 @@ class _IndexedStream(IterableDataset):
         outs = []
         for r, (ident, i) in enumerate(rows):
             out, _ = self._robust(reader, i, derive_seed("pk-aug", p.seed, p.epoch, p.rank, j, r), tracker, bad)
-            outs.append(out)
-        good = [o for o in outs if o is not None]
+            outs.append((out, ident))
+        good = [o for o in outs if o[0] is not None]
         if not good:
             raise RuntimeError(f"split {p.split!r} rank {p.rank}: no readable sample in P×K batch {j}; "
                                f"last: {tracker.last}")
-        batch = _collate([o if o is not None else good[k % len(good)] for k, o in enumerate(outs)])
-        batch["pk_identity"] = torch.tensor([ident for ident, _ in rows], dtype=torch.long)
+        # a row whose identity has no readable sample at all repeats a good row (identity included)
+        filled = [o if o[0] is not None else good[k % len(good)] for k, o in enumerate(outs)]
+        batch = _collate([o for o, _ in filled])
+        batch["pk_identity"] = torch.tensor([ident for _, ident in filled], dtype=torch.long)
         return batch
 
     def _batch_triplet(self, j, reader, tracker, bad) -> dict[str, Any]:

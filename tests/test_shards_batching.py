@@ -19,7 +19,7 @@ from shards.manifest import Manifest, ShardEntry
 from shards.stream import build_train_loader
 from shards.writer import ShardSplitWriter
 
-FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+FAST = settings(max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                        HealthCheck.too_slow])
 
 

@@ -73,7 +73,7 @@ def tars(draw):
     return members
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(members=tars(), fmt=st.sampled_from(sorted(FORMATS)), cut=st.one_of(st.none(), st.floats(0, 1)),
        garble=st.one_of(st.none(), st.integers(0, 10 ** 6)), fields=st.sampled_from([None, {"json", "png"}]))
 def test_fast_reader_matches_webdataset(tmp_path, members, fmt, cut, garble, fields):

@@ -78,7 +78,7 @@ def _use_cpu_accelerator_if_no_gpu() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def _skip_shm_comm_build(deepspeed_module: Any) -> None:
+def _skip_shm_comm_build() -> None:
     """DeepSpeed's ``TorchBackend`` JIT-compiles a shared-memory all-reduce
     op (``deepspeed_shm_comm``, ~60-150 s with ninja on a small CPU box) the
     first time a process group is wrapped on the CPU accelerator, probing
@@ -101,7 +101,7 @@ def import_deepspeed() -> Any:
     import deepspeed
     import deepspeed.comm.torch  # noqa: F401  (the module whose build_shm_op is patched)
 
-    _skip_shm_comm_build(deepspeed)
+    _skip_shm_comm_build()
     # DeepSpeed's ZeRO calls a torch collective deprecated in torch 2.x; one
     # FutureWarning per rank per run is noise for users of this toolkit.
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
