@@ -89,7 +89,7 @@ def main() -> None:
                  f"data.synthetic.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
                  f"train.precision={args.precision}", f"train.max_steps={args.steps + 10}",
                  "train.log_every_steps=10", f"train.val_every_steps={10**6}", "logging.progress=false",
-                 "data.synthetic.num_identities=40", "data.synthetic.samples_per_identity=40"]
+                 "data.synthetic.num_identities=20", "data.synthetic.samples_per_identity=30"]
     cfg = load_config(REPO / "configs" / "facecom.yaml", overrides)
     bare, ours = [], []
     for _ in range(args.repeats):  # interleaved, so drift in machine load hits both

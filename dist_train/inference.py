@@ -317,5 +317,6 @@ class InferenceEngine:
         return np.concatenate(maps)
 
     def describe(self) -> str:
-        return (f"{self.recipe_name} ({self.checkpoint_kind}, step {self.step}) on {self.device}; "
+        at = f", step {self.step}" if self.step is not None else ""
+        return (f"{self.recipe_name} ({self.checkpoint_kind}{at}) on {self.device}; "
                 f"threshold {self.threshold:.4f} ({self.threshold_source})")

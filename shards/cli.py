@@ -63,7 +63,7 @@ def build_parser(prog: str = "biomtl shards") -> argparse.ArgumentParser:
                                        "inspect and verify shard directories.")
     sub = p.add_subparsers(dest="cmd", metavar="{create,info,verify,formats}", parser_class=_Parser)
     c = sub.add_parser("create", help="pack a raw dataset", description="Pack a raw dataset into "
-                       "DIR/{split}/shard-%%06d.tar + DIR/manifest.json + DIR/report.json.")
+                       "DIR/{split}/shard-%06d.tar + DIR/manifest.json + DIR/report.json.")
     c.add_argument("--format", required=True, choices=list(SOURCES), metavar="FORMAT",
                    help=f"input layout: {', '.join(SOURCES)}")
     c.add_argument("--input", type=Path, help="the raw dataset (a folder; for ear the metadata .npy)")

@@ -59,7 +59,8 @@ def test_config_file_is_valid_and_monitors_eer(tmp_path):
     assert cfg.checkpoint.monitor == "eer" and cfg.checkpoint.mode == "min"
     assert "loss" not in cfg.train.early_stopping.metrics       # unseen identities: loss is meaningless
     p = recipe_params(cfg)
-    assert p.backbone == "vit_tiny_patch16_224" and p.use_glca and p.use_pwca and p.top_r == 0.1
+    assert p.backbone == "vit_tiny_patch16_224" and p.use_glca and p.use_pwca and p.top_r == 0.3
+    assert get_recipe("dcal_twins").Params().top_r == 0.1      # the paper's default; the config's grid is 4x4
     with pytest.raises(ConfigError, match="top_r"):
         load_config(CONFIG, ["recipe.params.top_r=0"])
     with pytest.raises(ConfigError, match="recipe.params.head"):

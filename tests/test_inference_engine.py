@@ -79,7 +79,8 @@ feats = e.extract_features([{str(a1)!r}, {str(a2)!r}, {str(b1)!r}])
 bv = e.batch_verify([({str(a1)!r}, {str(a1)!r}), ({str(a1)!r}, {str(b1)!r})])
 am = e.attention_maps([{str(a1)!r}])
 print(json.dumps({{"same": same, "other": other, "norms": [float(x) for x in (feats ** 2).sum(1)],
-                  "shape": list(feats.shape), "bv": bv, "att": list(am.shape), "att_range": [float(am.min()), float(am.max())],
+                  "shape": list(feats.shape), "bv": bv, "att": list(am.shape),
+                  "att_range": [float(am.min()), float(am.max())],
                   "source": e.threshold_source, "recipe": e.recipe_name}}))
 """
     proc = subprocess.run([PYTHON, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600)

@@ -4,11 +4,11 @@
     biomtl eval --checkpoint C --data DIR --split test --optimize-threshold --output out/
 
 Pairs: ``--pairs FILE``, else ``DIR/<split>_pairs.json`` when the dataset has one,
-else the manifest's ``pairs`` of the split, else genuine / twin impostor / general impostor pairs generated from the split
-(identity-disjoint from training when the dataset was split by identity). The
-decision threshold: ``--threshold``, else (``--optimize-threshold``) the best-
-accuracy threshold on the validation split's pairs, else the checkpoint's
-(see :mod:`dist_train.inference`). Writes ``metrics.json``, ``roc.png``,
+else the manifest's ``pairs`` of the split, else genuine / twin impostor /
+general impostor pairs generated from the split (identity-disjoint from
+training when the dataset was split by identity). The decision threshold:
+``--threshold``, else (``--optimize-threshold``) the best-accuracy threshold on
+the validation split's pairs, else the checkpoint's (see :mod:`dist_train.inference`). Writes ``metrics.json``, ``roc.png``,
 ``score_histograms.png`` and ``hardest_errors.png`` into ``--output``
 (default: ``<run dir>/eval/<split>`` for a trainer checkpoint, else ``eval_<split>``).
 Metric definitions: :mod:`dist_train.evaluation`.
@@ -149,8 +149,9 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"verification on {metrics.get('split')} ({metrics['pairs']['genuine']} genuine, "
-                    f"{metrics['pairs']['impostor']} impostor, {metrics['pairs']['twin_impostor']} twin impostor pairs)")
+    n = metrics["pairs"]
+    t = Table(title=f"verification on {metrics.get('split')} ({n['genuine']} genuine, "
+                    f"{n['impostor']} impostor, {n['twin_impostor']} twin impostor pairs)")
     t.add_column("metric")
     t.add_column("all impostors", justify="right")
     t.add_column("twin impostors", justify="right")

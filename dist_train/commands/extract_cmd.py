@@ -102,7 +102,9 @@ def plot_embedding_map(feats: np.ndarray, labels: list[str], method: str, path: 
         xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=0,
                   metric="cosine").fit_transform(feats)
         axis = ["t-SNE 1", "t-SNE 2"]
-    names = sorted(set(labels))
+    import re
+
+    names = sorted(set(labels), key=lambda s: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", s)])
     cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
     markers = "os^DvP*X<>"
     fig, ax = plt.subplots(figsize=(7.5 if len(names) <= 20 else 6.5, 5.5))

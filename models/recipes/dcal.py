@@ -289,9 +289,10 @@ class DCALTwinsRecipe(Recipe):
                 images = ev.load_images_by_key(data_dir, loaders["test"].plan.split, ev.hardest_error_keys(test, pairs))
             except Exception as exc:  # pictures are a nicety; never fail a finished training for them
                 log.warning("no error grid: %s", exc)
+        model_name = "DCAL" if p.use_glca or p.use_pwca else "ViT baseline"
         metrics = ev.write_report(out_dir, test, pairs, threshold=threshold, threshold_source=source,
                                   images=images, identity_names=self.data_info.identities,
-                                  seed=p.pair_seed, title=f"test split, {'DCAL' if p.use_glca or p.use_pwca else 'ViT baseline'}")
+                                  seed=p.pair_seed, title=f"test split, {model_name}")
         log.info("test verification report in %s", out_dir)
         flat = {k: v for k, v in ev.summary_metrics({"all": metrics["all_impostors"],
                                                      "twin": metrics["twin_impostors"]}).items()

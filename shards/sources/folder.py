@@ -126,7 +126,7 @@ class FolderSource(Source):
     help = "ROOT/<identity>/*.{jpg,png,pgm,...} [--twins twin_pairs.json] [--pairs test_pairs.json]"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        g = parser.add_argument_group("folder / cmu / facecom options")
+        g = parser.add_argument_group("folder options")
         g.add_argument("--twins", type=Path, help="folder: JSON list of [identity_a, identity_b] twin pairs")
         g.add_argument("--pairs", type=Path, help="folder: JSON list of {img1, img2, label} evaluation pairs")
 
