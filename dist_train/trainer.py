@@ -145,8 +145,9 @@ class Trainer:
     # ------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
         cfg, st = self.cfg, self.state
-        logger = RunLogger(self.run_dir, self.total_steps, st.step, cfg.logging.tracking == "tensorboard",
-                           cfg.logging.progress, cfg.logging.plot) if self.ctx.is_main else NullLogger()
+        logger = RunLogger(self.run_dir, self.total_steps, st.step, cfg.logging.tracking != "none",
+                           cfg.logging.progress, cfg.logging.plot,
+                           tracking=cfg.logging.tracking) if self.ctx.is_main else NullLogger()
         stopper = EarlyStopping(cfg.train.early_stopping.metrics, list(cfg.train.early_stopping.modes),
                                 cfg.train.early_stopping.patience, cfg.train.early_stopping.min_delta, st)
         stop_at = cfg.train.stop_at_step or self.total_steps

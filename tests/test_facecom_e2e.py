@@ -18,7 +18,7 @@ def test_facecom_beats_chance_on_gender_and_identity(tmp_path: Path) -> None:
         data__batch_size=16, train__epochs=10, train__val_every_epochs=5, train__log_every_steps=10,
         # Degradation augmentations are tested on their own; at 32 px they slow
         # learning past this test's budget.
-        recipe__params__augment="false"))
+        recipe__params__augment="false", logging__plot="true"))
     metrics = train(cfg, None)
     run = next((tmp_path / "runs").iterdir())
     chance_identity = 1 / IDENTITIES
