@@ -59,13 +59,10 @@ from torchvision import transforms
 
 from dist_train.recipe import DataInfo, Metrics, Recipe, register
 from models.dcal import DCAL, DCALConfig
+from models.image_input import face_transforms, pick_rgb_image
 
 log = logging.getLogger("biomtl.dcal")
 
-IMAGE_KEYS = ("vis.png", "png", "jpg", "jpeg", "pgm", "image.png", "image.jpg", "image.jpeg", "image.pgm",
-              "face.png", "face.jpg", "bmp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -133,16 +130,6 @@ class DCALTwinsParams:
                           metric_weight=self.metric_weight, verif_weight=self.verif_weight)
 
 
-def pick_image(sample: Mapping[str, Any]):
-    for key in IMAGE_KEYS:
-        if key in sample:
-            return sample[key]
-    for key, value in sample.items():  # any other decoded image (e.g. "face.pgm")
-        if hasattr(value, "convert") and hasattr(value, "size"):
-            return value
-    raise KeyError(f"sample {sample.get('__key__')!r} has no image (looked for {IMAGE_KEYS}; has {sorted(sample)})")
-
-
 def _batch_col(batch: Mapping[str, Any], key: str, n: int) -> np.ndarray:
     v = batch.get(key)
     if v is None:
@@ -206,28 +193,15 @@ class DCALTwinsRecipe(Recipe):
     def __init__(self, params: DCALTwinsParams, data_info: DataInfo):
         super().__init__(params, data_info)
         p = params
-        norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        size = (p.img_size, p.img_size)
-        self.eval_tf = transforms.Compose([transforms.Resize(size), *norm])
-        train: list[Any] = []
-        if p.augment and p.crop_scale_min < 1.0:
-            train.append(transforms.RandomResizedCrop(size, scale=(p.crop_scale_min, 1.0), ratio=(0.9, 1.1)))
-        else:
-            train.append(transforms.Resize(size))
-        if p.augment and p.p_flip > 0:
-            train.append(transforms.RandomHorizontalFlip(p.p_flip))
-        if p.augment and p.jitter > 0:
-            train.append(transforms.ColorJitter(brightness=p.jitter, contrast=p.jitter))
-        self.train_tf = transforms.Compose([*train, *norm])
+        jitter = [transforms.ColorJitter(brightness=p.jitter, contrast=p.jitter)] if p.jitter > 0 else []
+        self.train_tf, self.eval_tf = face_transforms(p.img_size, p.augment, p.crop_scale_min, p.p_flip, jitter)
         self.co_twin = {}
         for a, b in data_info.twin_pairs:
             self.co_twin[int(a)], self.co_twin[int(b)] = int(b), int(a)
 
     # --- data
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
-        img = pick_image(sample)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = pick_rgb_image(sample)
         meta = sample.get("json") or {}
         identity = meta.get("identity", -1)
         identity = -1 if identity is None else int(identity)

@@ -1,9 +1,9 @@
 """FaceCom recipe: gender + identity from (possibly degraded) face images.
 
 Data (one shard sample):
-- image: the first of ``vis.png`` (built-in synthetic shards), ``png``, ``jpg``,
-  ``jpeg``, ``image.png``, ``image.jpg``, ``face.png``, ``face.jpg`` that is present
-  (a decoded ``PIL.Image``; grey images are converted to RGB);
+- image: the first of :data:`models.image_input.IMAGE_KEYS` that is present
+  (``vis.png`` in the built-in synthetic shards; a decoded ``PIL.Image``; grey
+  images are converted to RGB);
 - ``json``: ``identity`` (int, index into the manifest's identities; missing or
   ``-1`` = unlabelled) and ``gender`` (int 0/1; missing or ``-1`` = unlabelled).
   Unlabelled rows are ignored by the losses and the metrics.
@@ -37,19 +37,16 @@ from typing import Any, Literal, Mapping
 import numpy as np
 import torch
 from torch import nn
-from torchvision import transforms
 
 from dist_train.recipe import DataInfo, Metrics, Recipe, register
 from models.augment import degradation_transforms
 from models.backbones import build_backbone
 from models.heads import build_identity_head
+from models.image_input import face_transforms, pick_rgb_image
 from models.losses import masked_cross_entropy
 
 log = logging.getLogger("biomtl.facecom")
 
-IMAGE_KEYS = ("vis.png", "png", "jpg", "jpeg", "image.png", "image.jpg", "face.png", "face.jpg")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -89,13 +86,6 @@ class FaceComParams:
             raise ValueError("crop_scale_min must be in (0, 1]")
         if self.pretrained and self.weights_path:
             raise ValueError("set either pretrained (timm hub) or weights_path (local file), not both")
-
-
-def pick_image(sample: Mapping[str, Any]):
-    for key in IMAGE_KEYS:
-        if key in sample:
-            return sample[key]
-    raise KeyError(f"sample {sample.get('__key__')!r} has no image (looked for {IMAGE_KEYS}; has {sorted(sample)})")
 
 
 class FaceComModel(nn.Module):
@@ -297,27 +287,14 @@ class FaceComRecipe(Recipe):
     def __init__(self, params: FaceComParams, data_info: DataInfo):
         super().__init__(params, data_info)
         p = params
-        norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        self.eval_tf = transforms.Compose([transforms.Resize((p.img_size, p.img_size)), *norm])
-        train: list[Any] = []
-        if p.augment and p.crop_scale_min < 1.0:
-            train.append(transforms.RandomResizedCrop((p.img_size, p.img_size), scale=(p.crop_scale_min, 1.0),
-                                                      ratio=(0.9, 1.1)))
-        else:
-            train.append(transforms.Resize((p.img_size, p.img_size)))
-        if p.augment:
-            if p.p_flip > 0:
-                train.append(transforms.RandomHorizontalFlip(p.p_flip))
-            train.append(degradation_transforms(p.p_blur, p.p_noise, p.p_low_light, p.p_haze, p.p_jpeg))
-        self.train_tf = transforms.Compose([*train, *norm])
+        degrade = [degradation_transforms(p.p_blur, p.p_noise, p.p_low_light, p.p_haze, p.p_jpeg)]
+        self.train_tf, self.eval_tf = face_transforms(p.img_size, p.augment, p.crop_scale_min, p.p_flip, degrade)
         schema = data_info.label_schemas.get("gender") if data_info.label_schemas else None
         self.gender_names = tuple(schema) if schema else ("0", "1")
 
     # --- data
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
-        img = pick_image(sample)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
+        img = pick_rgb_image(sample)
         meta = sample.get("json") or {}
         identity = meta.get("identity", -1)
         gender = meta.get("gender", -1)
