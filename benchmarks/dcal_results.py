@@ -24,7 +24,7 @@ Datasets
 
 ORL/CMU have no validation split here: the trainer validates on the test
 identities *for monitoring only* (logged curves); nothing is selected with it.
-Metrics (``dist_train.evaluation``) come from the recipe's end-of-training test
+Metrics (``recipes.verification``) come from the recipe's end-of-training test
 report (``RUN/eval/test/metrics.json``): all genuine and all impostor pairs
 of the test identities (twin impostors separately on synthetic data); EER
 and TAR@FAR=1e-2 need no threshold. Note that a DCAL step costs about twice a

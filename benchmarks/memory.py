@@ -136,7 +136,7 @@ def worker(args: argparse.Namespace) -> None:
     from dist_train.config import load_config, recipe_params
     from dist_train.main import seed_everything
     from dist_train.precision import Precision
-    from dist_train.recipe import DataInfo, get_recipe
+    from recipes.base import DataInfo, get_recipe
     from dist_train.schedulers import build_scheduler
     from dist_train.strategies import build_strategy
     from dist_train.trainer import build_optimizer

@@ -31,8 +31,8 @@ from dist_train import distributed  # noqa: E402
 from dist_train.config import load_config, recipe_params  # noqa: E402
 from dist_train.main import prepare_data, seed_everything, train  # noqa: E402
 from dist_train.precision import Precision, resolve_precision  # noqa: E402
-from dist_train.recipe import get_recipe  # noqa: E402
-from dist_train.strategies.ddp import move_to  # noqa: E402
+from recipes.base import get_recipe  # noqa: E402
+from recipes.batch import move_batch  # noqa: E402
 from launch.env import detect  # noqa: E402
 from shards.manifest import Manifest  # noqa: E402
 from shards.stream import build_train_loader  # noqa: E402
@@ -56,7 +56,7 @@ def bare_loop(cfg, steps: int, warmup: int) -> float:
                                             shuffle_buffer=cfg.data.shuffle_buffer):
                 if done == warmup:
                     start, cpu_start = time.perf_counter(), time.process_time()
-                batch = move_to(batch, ctx.device)
+                batch = move_batch(batch, ctx.device)
                 with precision.autocast():
                     loss = model(batch)["loss"]
                 loss.float().backward()
@@ -74,7 +74,7 @@ def trainer_rate(cfg, steps: int) -> tuple[float, float]:
     """CPU-time rate of Trainer.fit minus validation, checkpoints and artefacts."""
     from dist_train import run_logging
     from dist_train import trainer as trainer_mod
-    from models.recipes.facecom import FaceComRecipe
+    from recipes.facecom import FaceComRecipe
 
     spent = {"cpu": 0.0, "wall": 0.0}
     originals = {}

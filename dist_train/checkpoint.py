@@ -17,14 +17,51 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+# The names inside a run directory; nothing else in the toolkit spells them.
+CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
+MODEL_FILE = "model.pt"          # consolidated fp32 weights written at the end of a run
+
+
+def checkpoint_path(run_dir: Path, name: str = LATEST, suffix: str = ".pt") -> Path:
+    """``run_dir/checkpoints/<name><suffix>`` (suffix ``""`` for DeepSpeed directories)."""
+    return Path(run_dir) / CHECKPOINTS / f"{name}{suffix}"
+
+
+def final_model_path(run_dir: Path) -> Path:
+    return Path(run_dir) / MODEL_FILE
+
+
+def is_run_dir(path: Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / CHECKPOINTS).is_dir()
+
+
+def run_dir_of(path: Path) -> Path | None:
+    """The run directory holding a checkpoint (the parent of its ``checkpoints/``
+    folder), or None for a file that is not inside a run."""
+    return next((q.parent for q in Path(path).resolve().parents if q.name == CHECKPOINTS), None)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """The one way this toolkit publishes a file: ``write(tmp)`` next to ``path``,
+    then rename, so a reader (or a resume after a crash) never sees half a file.
+    The temp file is removed when ``write`` fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    _remove(tmp)  # left by an earlier process with our pid that was killed mid-write
+    try:
+        write(tmp)
+        _move_into_place(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    return path
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def safe_load(path: Path, map_location: Any = "cpu") -> Any:
@@ -34,17 +71,16 @@ def safe_load(path: Path, map_location: Any = "cpu") -> Any:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Make ``dst`` show ``src``'s content, atomically."""
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
-    if tmp.exists() or tmp.is_symlink():
-        shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
-    if src.is_dir():
-        shutil.copytree(src, tmp)
-    else:
+    def write(tmp: Path) -> None:
+        if src.is_dir():
+            shutil.copytree(src, tmp)
+            return
         try:
             os.link(src, tmp)  # cheap and atomic on one filesystem
         except OSError:
             shutil.copy2(src, tmp)
-    _move_into_place(tmp, dst)
+
+    atomic_write(dst, write)
 
 
 def _move_into_place(src: Path, dst: Path) -> None:
@@ -152,10 +188,9 @@ class CheckpointManager:
             self.policy.best_value = value
             _link_or_copy(latest, self.path(BEST))
         self._update_topk(latest, name, value)
-        (self.dir / "best.json").write_text(json.dumps({"monitor": self.policy.monitor,
-                                                        "mode": self.policy.mode,
-                                                        "best": self.policy.best_value,
-                                                        "top_k": self.policy.top}, indent=1))
+        text = json.dumps({"monitor": self.policy.monitor, "mode": self.policy.mode,
+                           "best": self.policy.best_value, "top_k": self.policy.top}, indent=1)
+        atomic_write(self.dir / "best.json", lambda tmp: tmp.write_text(text))
 
     def _update_topk(self, latest: Path, name: str, value: float) -> None:
         top = self.policy.top + [(value, name)]

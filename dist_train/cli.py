@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("dist_train.commands.verify_cmd", "same person or not? score and decision for two images"),
     "export": ("dist_train.commands.export_cmd", "checkpoint (DeepSpeed dir or DDP .pt) -> one fp32 model file"),
     "shards": ("shards.cli", "pack raw datasets into WebDataset shards; info; verify"),
-    "launch": ("launch.cli", "torchrun here (1 or N nodes) or sbatch slurm/<recipe>.sh; --dry-run prints it"),
+    "launch": ("dist_train.commands.launch_cmd", "torchrun here (1 or N nodes) or sbatch slurm/<recipe>.sh; --dry-run prints it"),
 }
 
 

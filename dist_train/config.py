@@ -300,7 +300,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 def validate(cfg: Config) -> None:
     """Cross-field checks and the recipe's own parameters."""
-    from dist_train.recipe import get_recipe, recipe_names
+    from recipes.base import get_recipe, recipe_names
 
     positive = {
         "data.batch_size": cfg.data.batch_size,
@@ -340,16 +340,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.shards: no manifest.json in {cfg.data.shards}")
     if cfg.train.strategy == "deepspeed" and not cfg.deepspeed.config:
         raise ConfigError("deepspeed.config: required when train.strategy is 'deepspeed'")
-    if cfg.train.strategy == "deepspeed":  # JSON vs toolkit batch/precision settings; fp16 on this device
-        from dist_train.strategies.deepspeed import check_toolkit_config
-
-        check_toolkit_config(cfg)
-    if cfg.logging.tracking == "mlflow":  # optional extra: a one-line error before anything starts
-        from dist_train.tracking import require_mlflow
-
-        require_mlflow()
     try:
-        recipe_cls = get_recipe(cfg.recipe.name)
+        get_recipe(cfg.recipe.name)
     except KeyError:
         raise ConfigError(f"recipe.name: unknown recipe '{cfg.recipe.name}'"
                           f"{_suggest(cfg.recipe.name, recipe_names())}; "
@@ -358,7 +350,7 @@ def validate(cfg: Config) -> None:
 
 
 def recipe_params(cfg: Config) -> Any:
-    from dist_train.recipe import get_recipe
+    from recipes.base import get_recipe
 
     return build_dataclass(get_recipe(cfg.recipe.name).Params, cfg.recipe.params, prefix="recipe.params")
 

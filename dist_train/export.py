@@ -21,11 +21,10 @@ from typing import Any, Mapping
 
 import torch
 
-from dist_train.checkpoint import LATEST, atomic_save, safe_load
+from dist_train.checkpoint import LATEST, atomic_save, checkpoint_path, is_run_dir, safe_load
 
 log = logging.getLogger("biomtl")
 
-MODEL_FILE = "model.pt"
 
 
 class ExportError(ValueError):
@@ -44,8 +43,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ExportError(f"--checkpoint: path does not exist: {path}")
-    for candidate in (path / "checkpoints" / f"{LATEST}.pt", path / "checkpoints" / LATEST):
-        if (path / "checkpoints").is_dir() and candidate.exists():
+    for candidate in (checkpoint_path(path, LATEST, ".pt"), checkpoint_path(path, LATEST, "")):
+        if is_run_dir(path) and candidate.exists():
             return candidate
     return path
 
@@ -128,16 +127,16 @@ def export_live(strategy: Any, output: Path, config: dict[str, Any], data_info: 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, Any]:
     """(recipe model with the weights, Config, DataInfo) from a consolidated file."""
     from dist_train.config import config_from_dict, recipe_params
-    from dist_train.recipe import data_info_from_dict, get_recipe
+    from recipes.base import DataInfo, get_recipe
 
     state = safe_load(Path(path))
     cfg = config_from_dict(state["config"])
-    info = data_info_from_dict(state["data_info"])
+    info = DataInfo.from_dict(state["data_info"])
     recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), info)
     model = recipe.build_model()
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg, info
 
 
-__all__ = ["ExportError", "MODEL_FILE", "export_checkpoint", "export_live", "load_exported", "model_states_file",
+__all__ = ["ExportError", "export_checkpoint", "export_live", "load_exported", "model_states_file",
            "resolve_checkpoint"]

@@ -50,6 +50,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from dist_train.checkpoint import (BEST, LATEST, atomic_save, checkpoint_path, final_model_path, is_run_dir,  # noqa: E402
+                                   run_dir_of)
+
 DEFAULT_THRESHOLD = 0.5  # cosine; used only when neither the caller nor the checkpoint gives one
 
 __all__ = ["InferenceEngine", "CheckpointError", "load_model_file", "save_exported", "DEFAULT_THRESHOLD"]
@@ -63,8 +66,8 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu")
     """``{"model", "config", "data_info", "threshold", "step", "kind"}`` from a trainer
     checkpoint or an exported model file."""
     p = Path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir():  # a run directory: its final model, else best/latest
-        found = next((c for c in (p / "model.pt", p / "checkpoints" / "best.pt", p / "checkpoints" / "latest.pt")
+    if is_run_dir(p):  # a run directory: its final model, else best/latest
+        found = next((c for c in (final_model_path(p), checkpoint_path(p, BEST), checkpoint_path(p, LATEST))
                       if c.is_file()), None)
         if found is None:
             raise CheckpointError(f"{p}: a run directory without model.pt or checkpoints/best.pt|latest.pt")
@@ -106,9 +109,7 @@ def save_exported(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor
                            "config": dict(config), "data_info": dict(data_info)}
     if threshold is not None:
         obj["threshold"] = float(threshold)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, p)
+    atomic_save(obj, p)
     return p
 
 
@@ -116,11 +117,11 @@ def _threshold_from_run(model_file: Path, step: int | None) -> float | None:
     """The validation ``threshold`` logged beside a run's file: at ``step`` for a
     trainer checkpoint (``RUN/checkpoints/*.pt``), the last one for ``RUN/model.pt``."""
     model_file = model_file.resolve()
-    run = next((q.parent for q in model_file.parents if q.name == "checkpoints"), None)
+    run = run_dir_of(model_file)
     if run is None:
         run, step = model_file.parent, None
     csv_path = run / "logs" / "validation_logs.csv"
-    if not csv_path.is_file() or (step is None and model_file.name != "model.pt"):
+    if not csv_path.is_file() or (step is None and model_file.name != final_model_path(run).name):
         return None
     with csv_path.open(newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("step")]
@@ -188,7 +189,7 @@ class InferenceEngine:
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         threshold: float | None = None, batch_size: int = 64) -> "InferenceEngine":
         from dist_train.config import ConfigError, build_dataclass, config_from_dict
-        from dist_train.recipe import data_info_from_dict, get_recipe
+        from recipes.base import DataInfo, get_recipe
 
         dev = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -199,7 +200,7 @@ class InferenceEngine:
             tree["recipe"]["params"] = _without_weight_loading(tree["recipe"].get("params") or {}, recipe_cls.Params)
             cfg = config_from_dict(tree)
             params = build_dataclass(recipe_cls.Params, cfg.recipe.params, prefix="recipe.params")
-            data_info = data_info_from_dict(loaded["data_info"])
+            data_info = DataInfo.from_dict(loaded["data_info"])
         except (ConfigError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path}: cannot rebuild the model from its stored config: {exc}") from None
         recipe = recipe_cls(params, data_info)
@@ -256,7 +257,7 @@ class InferenceEngine:
         """``[N, D]`` L2-normalised embeddings (cosine similarity = dot product)."""
         if not isinstance(items, (list, tuple)):
             items = [items]
-        from dist_train.evaluation import progress_bar
+        from dist_train.progress import progress_bar
 
         bs = batch_size or self.batch_size
         out = []

@@ -23,8 +23,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dist_train import distributed  # noqa: E402
-from dist_train.config import Config, ConfigError, dump_config, load_config, recipe_params  # noqa: E402
-from dist_train.recipe import get_recipe  # noqa: E402
+from dist_train.config import Config, ConfigError, dump_config, recipe_params  # noqa: E402
+from dist_train.preflight import load_checked_config  # noqa: E402
+from recipes.base import get_recipe  # noqa: E402
+from launch import faults  # noqa: E402
 from launch.env import detect, launch_id, restart_count  # noqa: E402
 
 log = logging.getLogger("biomtl")
@@ -121,19 +123,18 @@ def _find_launch_run(cfg: Config, resume: Path | None) -> tuple[str, str | None]
     if not marks:
         return None
     mark = max(marks, key=lambda m: m.stat().st_mtime)
-    from dist_train.checkpoint import LATEST
+    from dist_train.checkpoint import checkpoint_path
 
-    latest = mark.parent / "checkpoints" / f"{LATEST}{checkpoint_suffix(cfg.train.strategy)}"
+    latest = checkpoint_path(mark.parent, suffix=checkpoint_suffix(cfg.train.strategy))
     if latest.exists() and latest.stat().st_mtime >= mark.stat().st_mtime:
         return str(mark.parent), str(latest)
     return str(mark.parent), str(resume) if resume is not None else None
 
 
 def _run_root_of(checkpoint: Path) -> Path:
-    for parent in checkpoint.parents:
-        if parent.name == "checkpoints":
-            return parent.parent
-    return checkpoint.parent
+    from dist_train.checkpoint import run_dir_of
+
+    return run_dir_of(checkpoint) or checkpoint.parent
 
 
 def prepare_data(cfg: Config, ctx: distributed.DistContext) -> Path:
@@ -178,7 +179,8 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
             log.info("run directory: %s  (world size %d, %s, %s)", run_dir, ctx.world_size, ctx.device,
                      ctx.backend)
         seed_everything(cfg.experiment.seed)  # same initial weights on every rank
-        trainer = Trainer(cfg, ctx, recipe, data_dir, run_dir, LoaderFactory(cfg, ctx, data_dir, recipe))
+        trainer = Trainer(cfg, ctx, recipe, data_dir, run_dir, LoaderFactory(cfg, ctx, data_dir, recipe),
+                          after_step=faults.hook_from_env())
         seed_everything(cfg.experiment.seed + 1000 * ctx.rank)  # per-rank dropout etc.
         if resume is not None:
             trainer.resume(resume)
@@ -186,11 +188,11 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
         if trainer.state.step >= trainer.total_steps or trainer.state.stopped_early:
             # The consolidated fp32 weights for inference (any strategy, any ZeRO stage).
             from dist_train.config import resolved_config_dict
-            from dist_train.export import MODEL_FILE, export_live
-            from dist_train.recipe import data_info_dict
+            from dist_train.checkpoint import final_model_path
+            from dist_train.export import export_live
 
-            export_live(trainer.strategy, run_dir / MODEL_FILE, resolved_config_dict(cfg),
-                        data_info_dict(recipe.data_info), ctx.is_main)
+            export_live(trainer.strategy, final_model_path(run_dir), resolved_config_dict(cfg),
+                        recipe.data_info.to_dict(), ctx.is_main)
         if ctx.is_main:
             (run_dir / "final_metrics.json").write_text(json.dumps(
                 {"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics}, indent=1))
@@ -200,7 +202,7 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
 def run(argv: list[str] | None = None, prog: str = "dist_train/main.py") -> int:
     args = build_arg_parser(prog).parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_checked_config(args.config, args.overrides)
         resume = resolve_resume(cfg, args.resume)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

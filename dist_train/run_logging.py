@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,6 +16,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+
+from dist_train.checkpoint import atomic_write
 
 log = logging.getLogger("biomtl")
 
@@ -114,10 +115,10 @@ def plot_curves(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
 
 
 class RunLogger:

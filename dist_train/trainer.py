@@ -7,22 +7,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 
 from dist_train import distributed
-from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, rng_state, safe_load,
-                                   set_rng_state)
+from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, atomic_write, checkpoint_path,
+                                   rng_state, safe_load, set_rng_state)
 from dist_train.config import Config, resolved_config_dict
 from dist_train.distributed import DistContext
 from dist_train.precision import Precision, resolve_precision
-from dist_train.recipe import Recipe, data_info_dict
 from dist_train.run_logging import NullLogger, RunLogger
 from dist_train.schedulers import build_scheduler
 from dist_train.strategies import Strategy, build_strategy
-from launch import faults
+from recipes.base import ArtifactContext, Recipe
 
 log = logging.getLogger("biomtl")
 
@@ -81,8 +80,11 @@ def build_optimizer(cfg: Config, recipe: Recipe) -> Callable[[torch.nn.Module], 
 
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext, recipe: Recipe, data_dir: Path, run_dir: Path,
-                 loaders: "LoaderFactory"):
+                 loaders: "LoaderFactory", after_step: Callable[[int, int], None] | None = None):
+        """``after_step(step, rank)`` runs after every optimizer step and its
+        checkpoint (the tests inject faults there; nothing else needs it)."""
         self.cfg, self.ctx, self.recipe = cfg, ctx, recipe
+        self.after_step = after_step
         self.data_dir, self.run_dir = data_dir, run_dir
         self.loaders = loaders
         self.state = LoopState()
@@ -99,7 +101,7 @@ class Trainer:
             grad_clip=cfg.train.grad_clip, find_unused_parameters=cfg.train.find_unused_parameters, cfg=cfg,
             world_size=ctx.world_size)
         self.checkpoints = CheckpointManager(
-            run_dir / "checkpoints",
+            checkpoint_path(run_dir).parent,
             CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,
                              cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix)
         self.val_points = self._validation_steps()
@@ -135,7 +137,7 @@ class Trainer:
         # export rebuild the recipe model from the file alone.
         return {"loop": vars(self.state).copy(), "checkpoint_policy": self.checkpoints.policy_state(),
                 "rng": distributed.all_gather_objects(rng_state()), "total_steps": self.total_steps,
-                "config": resolved_config_dict(self.cfg), "data_info": data_info_dict(self.recipe.data_info)}
+                "config": resolved_config_dict(self.cfg), "data_info": self.recipe.data_info.to_dict()}
 
     def save(self, metrics: dict[str, float] | None) -> None:
         client = self._client_state()
@@ -207,7 +209,8 @@ class Trainer:
                     finished = st.step >= min(self.total_steps, stop_at) or st.stopped_early
                     if metrics is not None or periodic or finished:
                         self.save(metrics)
-                    faults.after_step(st.step, self.ctx.rank)  # test-only (BIOMTL_FAULT_*), else a no-op
+                    if self.after_step is not None:
+                        self.after_step(st.step, self.ctx.rank)
                     # Throughput counts training only; validation and checkpoints are timed apart.
                     interval["t0"] += time.perf_counter() - paused_from
                     if finished or epoch_done:
@@ -216,14 +219,18 @@ class Trainer:
                 last_metrics = self.validate(logger)
                 self.save(last_metrics)
             if st.step >= self.total_steps or st.stopped_early:
-                test_metrics = self.recipe.write_artifacts(self.run_dir, self.strategy.module,
-                                                           self.loaders.eval_loaders(), self.ctx.is_main)
+                test_metrics = self.recipe.write_artifacts(self.strategy.module, self.artifact_context())
                 if test_metrics:
                     logger.log_validation(st.step, st.epoch, test_metrics, split="test")
                     last_metrics = {**last_metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
         finally:
             logger.close()
         return last_metrics
+
+    def artifact_context(self) -> ArtifactContext:
+        return ArtifactContext(run_dir=self.run_dir, is_main=self.ctx.is_main, loaders=self.loaders.eval_loaders(),
+                               gather=distributed.all_gather_objects, publish=atomic_write,
+                               read_images=self.loaders.read_images)
 
     def _log_interval(self, logger: Any, interval: dict[str, Any], stats: Any) -> None:
         windows = max(interval["windows"], 1)
@@ -309,16 +316,23 @@ class LoaderFactory:
     def val(self):
         return self._eval(self.cfg.data.val_split)
 
+    def _roles(self) -> dict[str, str]:
+        return {"val": self.cfg.data.val_split, "test": self.cfg.data.test_split}
+
     def eval_loaders(self) -> dict[str, Any]:
         from shards.manifest import Manifest
 
         splits = Manifest.load(self.data_dir).splits
-        return {name: self._eval(split) for name, split in
-                (("val", self.cfg.data.val_split), ("test", self.cfg.data.test_split)) if splits.get(split)}
+        return {role: self._eval(split) for role, split in self._roles().items() if splits.get(split)}
+
+    def read_images(self, role: str, keys: Sequence[str]) -> dict[str, Any]:
+        from shards.reading import read_images_by_key
+
+        return read_images_by_key(self.data_dir, self._roles()[role], keys)
 
 
 def find_latest_checkpoint(output_dir: Path, experiment: str, suffix: str = ".pt") -> Path | None:
-    candidates = [p / "checkpoints" / f"{LATEST}{suffix}" for p in output_dir.glob(f"{experiment}_*")]
+    candidates = [checkpoint_path(p, LATEST, suffix) for p in output_dir.glob(f"{experiment}_*")]
     candidates = [c for c in candidates if c.exists()]
     return max(candidates, key=lambda c: c.stat().st_mtime) if candidates else None
 

@@ -10,8 +10,10 @@ Locally it runs torchrun (``python -m torch.distributed.run``): ``--standalone``
 on one node, c10d rendezvous at ``--rdzv-endpoint`` for several. With
 ``--slurm`` it submits ``slurm/<recipe>.sh`` (the script whose name the
 config's recipe name starts with, else ``slurm/train.sh``) with the config and
-overrides as script arguments. The config is loaded and validated first, so a
-mistake stops here with exit code 2, before anything starts or is queued.
+overrides as script arguments. The config is loaded and validated first (by
+the loader the ``biomtl`` command hands in: launch knows nothing of the
+trainer), so a mistake stops here with exit code 2, before anything starts or
+is queued.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # flaky restarts otherwise (PyTorch #135712, #167288)
@@ -114,7 +117,10 @@ def shell_line(env: dict[str, str], cmd: list[str]) -> str:
     return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)])
 
 
-def run(argv: list[str] | None = None, prog: str = "biomtl launch") -> int:
+def run(argv: list[str] | None, prog: str, load_config: Callable[[str, Sequence[str]], Any]) -> int:
+    """``load_config(path, overrides)`` returns the validated config (with
+    ``experiment.name`` and ``recipe.name``) or raises ``ValueError`` with a
+    one-line message."""
     parser = build_arg_parser(prog)
     args = parser.parse_intermixed_args(argv)
     for name in ("nnodes", "nproc_per_node", "max_restarts", "gpus_per_node"):
@@ -128,12 +134,9 @@ def run(argv: list[str] | None = None, prog: str = "biomtl launch") -> int:
                      "the nodes), or --slurm")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(REPO))
-    from dist_train.config import ConfigError, load_config
-
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+    except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config = str(Path(args.config).resolve())
@@ -158,6 +161,3 @@ def run(argv: list[str] | None = None, prog: str = "biomtl launch") -> int:
     except KeyboardInterrupt:
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(run())

@@ -1,8 +1,8 @@
 """Test-only fault injection, driven by environment variables (unset: nothing happens).
 
-The trainer calls ``after_step(step, rank)`` after each optimizer step (after
-that step's checkpoint, if any), which lets the tests kill or break one rank at
-a known point, deterministically:
+``dist_train/main.py`` hands :func:`hook_from_env` to the trainer, which calls
+the hook after each optimizer step (after that step's checkpoint, if any); it
+lets the tests kill or break one rank at a known point, deterministically:
 
 - ``BIOMTL_FAULT_KILL_AT_STEP=K``: the fault rank SIGKILLs itself after step K,
   on the first attempt only (``TORCHELASTIC_RESTART_COUNT`` 0), so a restarted
@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Callable
 
 from launch.env import restart_count
 
 
 class InjectedFault(RuntimeError):
     pass
+
+
+def hook_from_env() -> Callable[[int, int], None] | None:
+    """:func:`after_step` when a ``BIOMTL_FAULT_*`` variable is set, else None."""
+    env = os.environ
+    return after_step if env.get("BIOMTL_FAULT_KILL_AT_STEP") or env.get("BIOMTL_FAULT_RAISE_AT_STEP") else None
 
 
 def after_step(step: int, rank: int) -> None:

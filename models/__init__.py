@@ -1,5 +1,3 @@
-"""Model pieces shared by the recipes: backbones, heads, losses, augmentations.
-
-``models.recipes`` holds one module per recipe (importing it registers them);
-``models.dcal`` is the Dual Cross-Attention Learning model.
-"""
+"""Pure ``torch.nn`` model pieces: backbones, heads, losses, augmentations and
+the networks of each recipe (``models.dcal`` is Dual Cross-Attention Learning).
+Nothing here imports ``recipes``, ``dist_train``, ``shards`` or ``launch``."""

@@ -7,6 +7,6 @@ batches per rank, exact resume, optional resampling), ``batching``
 (twin-aware P×K and triplet batches by random access), ``sources`` (one
 reader per raw dataset format), ``build`` (``biomtl shards create``),
 ``check`` (``info``/``verify``), ``cli`` (the ``biomtl shards`` command)."""
-from .manifest import Manifest, ShardEntry
+from .manifest import DataInfo, Manifest, ShardEntry
 
-__all__ = ["Manifest", "ShardEntry"]
+__all__ = ["DataInfo", "Manifest", "ShardEntry"]

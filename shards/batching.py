@@ -1,13 +1,13 @@
 """Twin-aware hard-negative batching: P×K batches and (anchor, positive, negative) triplets.
 
 Both loaders are *index based*: once per loader (cached per process) the
-split's tar files are indexed with :mod:`tarfile` — every sample key, its
+split's tar files are indexed (:func:`shards.reading.tar_members`) — every sample key, its
 shard and the byte offset and size of each member (tar members sit at fixed
 offsets) — and each sample's identity is read from its ``json``. A batch is
 then a pure function of ``(seed, epoch, rank, batch index)`` (not of the
 worker count): its sample indices are drawn by an RNG seeded from those, the
 samples are read by ``seek`` + ``read`` into the tar, decoded
-(:func:`shards.stream.decode_sample`) and transformed by the recipe with the
+(:func:`shards.reading.decode_sample`) and transformed by the recipe with the
 global RNGs seeded from ``(seed, epoch, rank, batch, row, role)``. So:
 
 * every rank yields exactly ``len(loader)`` batches (``max(1, split samples //
@@ -68,7 +68,6 @@ import collections
 import json
 import logging
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -78,8 +77,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest
-from .stream import (DATA_ERRORS, _collate, _CorruptTracker, _iterate, _preserved_global_rngs, _Shard,
-                     _shards_of, _WorkerInit, decode_sample, derive_seed, seed_global_rngs)
+from .reading import (DATA_ERRORS, CorruptTracker, Shard, WorkerInit, collate, decode_sample, derive_seed,
+                      iterate_batches, preserved_global_rngs, seed_global_rngs, shards_of, tar_members)
 
 log = logging.getLogger("shards.batching")
 
@@ -99,7 +98,7 @@ class SampleIndex:
     fields), ``errors``: shard -> the first error.
     """
 
-    shards: tuple[_Shard, ...]
+    shards: tuple[Shard, ...]
     keys: tuple[str, ...]
     shard_of: np.ndarray
     first: np.ndarray
@@ -134,7 +133,7 @@ def build_index(data_dir: str | os.PathLike, split: str, manifest: Manifest | No
     shard sha256s, sizes and mtimes (a changed dataset is indexed anew)."""
     data_dir = Path(data_dir)
     m = manifest or Manifest.load(data_dir)
-    shards = _shards_of(data_dir, m, split)
+    shards = shards_of(data_dir, m, split)
     want = None if fields is None else frozenset(fields) | {"json"}
     cache_key = (str(data_dir.resolve()), split, tuple(e.sha256 for e in m.splits[split]),
                  tuple(_stat(s.path) for s in shards), None if want is None else tuple(sorted(want)))
@@ -155,24 +154,19 @@ def build_index(data_dir: str | os.PathLike, split: str, manifest: Manifest | No
     errors: dict[str, str] = {}
     for si, sh in enumerate(shards):
         found: "collections.OrderedDict[str, list[tuple[str, int, int]]]" = collections.OrderedDict()
-        try:
-            size = os.path.getsize(sh.path)
-            with tarfile.open(sh.path, "r:") as tf:
-                for ti in tf:
-                    if not ti.isfile():
-                        continue
-                    kx = _split_name(ti.name)
-                    if kx is None:
-                        continue
-                    k, ext = kx
-                    if ti.offset_data + ti.size > size:
-                        errors.setdefault(sh.name, f"truncated: member {ti.name} ends past the end of the file")
-                        break
-                    if want is not None and ext not in want:
-                        continue
-                    found.setdefault(k, []).append((ext, ti.offset_data, ti.size))
-        except (tarfile.TarError, OSError, EOFError) as e:
-            errors.setdefault(sh.name, f"{type(e).__name__}: {e}"[:300])
+
+        def failed(exn: Exception, shard: Shard = sh) -> bool:
+            errors.setdefault(shard.name, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"[:300])
+            return False
+
+        for member in tar_members(sh.path, None, failed, with_data=False):
+            kx = _split_name(member["fname"])
+            if kx is None:
+                continue
+            k, ext = kx
+            if want is not None and ext not in want:
+                continue
+            found.setdefault(k, []).append((ext, member["offset"], member["size"]))
         n_ok = 0
         with _open_or_none(sh.path) as f:
             for k, members in found.items():
@@ -423,7 +417,7 @@ class _IndexedStream(IterableDataset):
         self.plan = plan
         self.transform = transform
 
-    def _sample(self, reader: _Reader, i: int, seed: int, tracker: _CorruptTracker, bad: set[int]):
+    def _sample(self, reader: _Reader, i: int, seed: int, tracker: CorruptTracker, bad: set[int]):
         """Transform of sample ``i`` (None if it is bad; counted once)."""
         if i in bad:
             return None
@@ -477,7 +471,7 @@ class _IndexedStream(IterableDataset):
                                f"last: {tracker.last}")
         # a row whose identity has no readable sample at all repeats a good row (identity included)
         filled = [o if o[0] is not None else good[k % len(good)] for k, o in enumerate(outs)]
-        batch = _collate([o for o, _ in filled])
+        batch = collate([o for o, _ in filled])
         batch["pk_identity"] = torch.tensor([ident for _, ident in filled], dtype=torch.long)
         return batch
 
@@ -505,7 +499,7 @@ class _IndexedStream(IterableDataset):
         if not good:
             raise RuntimeError(f"split {p.split!r} rank {p.rank}: no readable triplet in batch {j}; "
                                f"last: {tracker.last}")
-        return _collate([r if r is not None else good[k % len(good)] for k, r in enumerate(rows)])
+        return collate([r if r is not None else good[k % len(good)] for k, r in enumerate(rows)])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         p = self.plan
@@ -515,13 +509,13 @@ class _IndexedStream(IterableDataset):
         if len(mine) == 0:
             return
         per_row = 3 if p.mode == "triplet" else 1
-        tracker = _CorruptTracker(p.split, p.rank, w, len(mine) * p.rows * per_row, p.max_corrupt_fraction)
+        tracker = CorruptTracker(p.split, p.rank, w, len(mine) * p.rows * per_row, p.max_corrupt_fraction)
         reader = _Reader(p.index)
         bad: set[int] = set()
         make = self._batch_pk if p.mode == "pk" else self._batch_triplet
         try:
             for j in mine:
-                with _preserved_global_rngs(info is None):
+                with preserved_global_rngs(info is None):
                     batch = make(j, reader, tracker, bad)
                 batch["_corrupt"] = tracker.take()
                 yield batch
@@ -600,9 +594,9 @@ class IndexedTrainLoader:
         self._corrupt = 0
         p = self.plan
         ds = _IndexedStream(p, self.transform)
-        init = _WorkerInit(p.seed, p.epoch, p.rank, p.mode)
+        init = WorkerInit(p.seed, p.epoch, p.rank, p.mode)
         n = 0
-        for batch in _iterate(ds, self.num_workers, init, self.pin_memory, self.mp_context, self.prefetch_factor):
+        for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context, self.prefetch_factor):
             self._corrupt += int(batch.pop("_corrupt", 0))
             n += 1
             yield batch

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +34,11 @@ class VerifyResult:
 
 def _scan_labels(directory: Path, m: Manifest, split: str) -> dict[str, Any]:
     """split_stats for a manifest that has none (reads the json member of every sample)."""
-    from .stream import _Shard, _ShardReader
+    from .reading import Shard, ShardReader
 
     ids, labels, n = set(), {k: collections.Counter() for k in m.label_schemas}, 0
     for e in m.splits[split]:
-        for raw in _ShardReader(_Shard(str(directory / e.file), e.file, e.count), frozenset({"json"})):
+        for raw in ShardReader(Shard(str(directory / e.file), e.file, e.count), frozenset({"json"})):
             n += 1
             try:
                 meta = json.loads(raw.get("json", b"{}"))
@@ -81,7 +80,7 @@ def verify(directory: str | Path, splits: list[str] | None = None,
     valid, fields = the manifest's modalities, images/arrays/json decode, label
     indices within their schemas, boxes inside their image, sample count as in
     the manifest, no duplicate keys; protocol pairs name existing samples."""
-    from .stream import _Shard, _ShardReader, decode_sample
+    from .reading import Shard, ShardReader, decode_sample
 
     directory = Path(directory)
     m = Manifest.load(directory)
@@ -109,7 +108,7 @@ def verify(directory: str | Path, splits: list[str] | None = None,
                 res.problems.append(Problem(split, e.file, None, f"{p.stat().st_size} bytes, manifest says {e.bytes}"))
             elif file_sha256(p) != e.sha256:
                 res.problems.append(Problem(split, e.file, None, "sha256 mismatch"))
-            reader = _ShardReader(_Shard(str(p), e.file, e.count), None, None)
+            reader = ShardReader(Shard(str(p), e.file, e.count), None, None)
             n = 0
             for raw in reader:
                 n += 1

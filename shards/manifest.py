@@ -5,7 +5,7 @@
 twin pairs, the schema (class names) of every categorical label, the tar
 extensions each sample carries and per-modality image statistics. The stream
 reads sample counts from here (equal batches on every rank need the total
-before reading), and recipes get a :class:`dist_train.recipe.DataInfo` view.
+before reading), and recipes get a :class:`DataInfo` view.
 
 Fields (``biomtl-shards/1``; readers ignore fields they do not know, missing
 ones get their defaults, so older manifests still load):
@@ -28,7 +28,7 @@ ones get their defaults, so older manifests still load):
   "split": the split holding both samples}``. ``biomtl shards create`` also
   writes the pairs of each split as ``DIR/<split>_pairs.json``
   (``[{"img1": key, "img2": key, "label": 0|1}, ...]``), the file the DCAL
-  evaluator (``dist_train.evaluation.pairs_from_file``) reads;
+  evaluator (``recipes.verification.pairs_from_file``) reads;
 * ``split_stats``: per split ``{samples, identities, twin_pairs, bytes,
   labels: {label: {class name: count}}}`` (written by ``biomtl shards create``;
   ``biomtl shards info`` scans the shards when it is missing).
@@ -41,11 +41,39 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "biomtl-shards/1"
 TOOL_VERSION = "0.1.0"
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a recipe may know about the dataset, read from the manifest (and
+    stored in every checkpoint, so a model can be rebuilt without the data)."""
+
+    identities: tuple[str, ...]
+    twin_pairs: tuple[tuple[int, int], ...]
+    label_schemas: Mapping[str, tuple[str, ...]]
+    modalities: tuple[str, ...]
+    split_sizes: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def num_identities(self) -> int:
+        return len(self.identities)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for weights_only checkpoints)."""
+        return {"identities": list(self.identities), "twin_pairs": [list(p) for p in self.twin_pairs],
+                "label_schemas": {k: list(v) for k, v in self.label_schemas.items()},
+                "modalities": list(self.modalities), "split_sizes": dict(self.split_sizes)}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "DataInfo":
+        return DataInfo(identities=tuple(d["identities"]), twin_pairs=tuple(tuple(p) for p in d["twin_pairs"]),
+                        label_schemas={k: tuple(v) for k, v in d["label_schemas"].items()},
+                        modalities=tuple(d["modalities"]), split_sizes=dict(d.get("split_sizes", {})))
 
 
 @dataclass(frozen=True)
@@ -92,9 +120,7 @@ class Manifest:
         """The protocol pairs whose two samples are both in split ``name``."""
         return [p for p in self.pairs if p.get("split") == name]
 
-    def data_info(self):
-        from dist_train.recipe import DataInfo
-
+    def data_info(self) -> DataInfo:
         return DataInfo(
             identities=tuple(self.identities),
             twin_pairs=tuple((int(a), int(b)) for a, b in self.twin_pairs),

@@ -4,7 +4,7 @@ What comes from webdataset: grouping tar members into samples
 (``wds.tariterators.group_by_keys``), the shuffle buffer
 (``wds.filters.shuffle`` with an explicit ``random.Random``) and the stage
 composition (``wds.DataPipeline``). The tar members themselves are read by
-:func:`_tar_members`, a small ustar/pax/GNU reader with the semantics of
+:func:`tar_members`, a small ustar/pax/GNU reader with the semantics of
 webdataset's ``tar_file_iterator`` over :mod:`tarfile` (regular files only,
 ``__meta__`` files skipped, a bad or truncated header after the first ends
 the archive, truncated member data is an error) at ~4 instead of ~100 µs
@@ -56,309 +56,22 @@ out by the loader, so it survives worker processes); read it with
 from __future__ import annotations
 
 import collections
-import contextlib
-import hashlib
-import io
-import json
 import logging
 import random
-import re
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torch.utils.data._utils.collate import default_collate
+from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest
+from .reading import (DATA_ERRORS, CorruptTracker, Shard, ShardReader, WorkerInit, collate, decode_sample,
+                      derive_seed, expected_fields, iterate_batches, preserved_global_rngs, seed_global_rngs,
+                      shards_of)
 
 log = logging.getLogger("shards.stream")
-
-IMAGE_EXTS = {"png", "jpg", "jpeg", "pgm", "ppm", "gif", "bmp", "tif", "tiff", "webp"}
-# Exceptions from a recipe's transform that mean "this sample's data are bad"
-# (missing field, unreadable value); anything else is a bug and propagates.
-DATA_ERRORS = (KeyError, ValueError, OSError, EOFError, IndexError)
-
-
-# ---------------------------------------------------------------------------
-# small helpers
-# ---------------------------------------------------------------------------
-def derive_seed(*parts: Any) -> int:
-    """A stable 63-bit seed from any repr-able parts (Python's hash() is salted per process)."""
-    h = hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def seed_global_rngs(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's CPU global RNGs (not CUDA: that would
-    disturb the training process's GPU RNG when num_workers == 0)."""
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.default_generator.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def _preserved_global_rngs(enabled: bool):
-    """With num_workers == 0 the per-sample seeding runs in the training process;
-    put its RNG states back afterwards so the model's randomness is untouched."""
-    if not enabled:
-        yield
-        return
-    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(th)
-
-
-def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Decode by extension: images -> PIL.Image (mode kept, fully loaded),
-    ``.npy`` -> ndarray (no pickle), ``json`` -> dict, ``txt`` -> str,
-    ``cls``/``index`` -> int; ``__meta__`` fields and unknown extensions pass through."""
-    out: dict[str, Any] = {}
-    for k, v in raw.items():
-        if k.startswith("__"):
-            out[k] = v
-            continue
-        ext = k.rsplit(".", 1)[-1].lower()
-        if ext in IMAGE_EXTS:
-            from PIL import Image
-
-            img = Image.open(io.BytesIO(v))
-            img.load()
-            out[k] = img
-        elif ext == "npy":
-            out[k] = np.load(io.BytesIO(v), allow_pickle=False)
-        elif ext == "json":
-            out[k] = json.loads(v)
-        elif ext == "txt":
-            out[k] = v.decode("utf-8")
-        elif ext in ("cls", "index"):
-            out[k] = int(v.decode("utf-8").strip())
-        else:
-            out[k] = v
-    return out
-
-
-def _collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    return default_collate(rows)
-
-
-# ---------------------------------------------------------------------------
-# corrupt-data accounting (per worker)
-# ---------------------------------------------------------------------------
-class _CorruptTracker:
-    """Counts distinct lost samples of one worker in one iteration; raises above
-    ``max_fraction`` of the samples the worker is to deliver in this iteration."""
-
-    MAX_WARNINGS = 5
-
-    def __init__(self, split: str, rank: int, worker: int, planned: int, max_fraction: float):
-        self.split, self.rank, self.worker = split, rank, worker
-        self.planned = max(1, planned)
-        self.max_fraction = max_fraction
-        self.total = 0
-        self._reported = 0
-        self.by_shard: collections.Counter[str] = collections.Counter()
-        self.last = ""
-        self._seen: set[tuple[str, str | None]] = set()
-
-    def record(self, shard: str, key: str | None, what: str, n: int = 1) -> None:
-        """Count ``n`` lost samples (``key`` None: samples a shard failed to deliver).
-        A sample (or a shard's tail) met again on a later pass is not counted again."""
-        if n <= 0 or (shard, key) in self._seen:
-            return
-        self._seen.add((shard, key))
-        self.total += n
-        self.by_shard[shard] += n
-        self.last = f"{shard}{' key ' + key if key else ''}: {what}"
-        if self.total <= self.MAX_WARNINGS or self.total % 100 == 0:
-            more = " (further warnings suppressed)" if self.total == self.MAX_WARNINGS else ""
-            log.warning("skipping %d corrupt sample(s) [split %s, rank %d, worker %d, %d so far] in %s%s",
-                        n, self.split, self.rank, self.worker, self.total, self.last, more)
-        if self.total > self.max_fraction * self.planned:
-            worst, k = self.by_shard.most_common(1)[0]
-            raise RuntimeError(
-                f"too many corrupt samples in split {self.split!r} (rank {self.rank}, worker {self.worker}): "
-                f"{self.total} lost of {self.planned} planned samples > max_corrupt_fraction="
-                f"{self.max_fraction}; worst shard {worst} ({k} lost); last: {self.last}")
-
-    def take(self) -> int:
-        d = self.total - self._reported
-        self._reported = self.total
-        return d
-
-
-# ---------------------------------------------------------------------------
-# reading one shard
-# ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Shard:
-    path: str  # absolute
-    name: str  # relative to the dataset dir (as in the manifest)
-    count: int  # samples according to the manifest
-
-
-class _FieldSelector:
-    """Picklable ``select_files`` predicate: keep only the wanted extensions."""
-
-    def __init__(self, fields: frozenset[str]):
-        self.fields = fields
-
-    def __call__(self, fname: str) -> bool:
-        _, ext = wds.tariterators.base_plus_ext(fname)
-        return ext is not None and ext.lower() in self.fields
-
-
-_TAR_REGULAR = (b"0", b"\0", b"7")
-
-
-def _tar_number(field: bytes) -> int:
-    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256
-        n = int.from_bytes(field[1:], "big")
-        return n - (1 << (8 * (len(field) - 1))) if field[:1] == b"\xff" else n
-    field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
-
-
-def _tar_members(path: str, select: Callable[[str], bool] | None, handler: Callable[[Exception], bool],
-                 chunk: int = 1 << 16) -> Iterator[dict[str, Any]]:
-    """``{"fname", "data", "__url__"}`` per regular member of a tar file (see the module doc)."""
-    try:
-        f = open(path, "rb", buffering=chunk)
-    except OSError as exn:
-        handler(exn)
-        return
-    with f:
-        pax: dict[str, str] = {}  # this member's pax records (global ones included)
-        pax_global: dict[str, str] = {}
-        long_name: str | None = None
-        first = True
-        pending = False  # an extended header (pax, GNU long name) waits for its member's header
-        try:
-            while True:
-                h = f.read(512)
-                if len(h) < 512 or h.count(0) == 512:
-                    if pending:
-                        raise tarfile.ReadError("empty header" if not h.strip(b"\0") else "truncated header")
-                    if first and len(h) < 512:
-                        raise tarfile.ReadError("empty file" if not h else "truncated header")
-                    return  # end of archive (or a truncated header: tarfile ends there too)
-                stored = _tar_number(h[148:156])
-                if stored != sum(h[:148]) + 256 + sum(h[156:]):
-                    if first or pending:
-                        raise tarfile.ReadError("bad checksum")
-                    return  # tarfile treats an invalid later header as the end
-                first = False
-                kind = h[156:157]
-                size = int(pax["size"]) if "size" in pax else _tar_number(h[124:136])
-                padded = (size + 511) & ~511
-                if kind in (b"x", b"g", b"L", b"K"):
-                    data = f.read(padded)
-                    if len(data) < padded:
-                        raise tarfile.ReadError("unexpected end of data")
-                    data = data[:size]
-                    if kind == b"x":
-                        pax = {**pax_global, **_pax_records(data)}
-                    elif kind == b"g":
-                        pax_global.update(_pax_records(data))
-                        pax = {**pax_global, **pax}
-                    elif kind == b"L":
-                        long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    pending = True
-                    continue
-                pending = False
-                if "path" in pax:
-                    name = pax["path"]
-                elif long_name is not None:
-                    name = long_name
-                else:
-                    name = h[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                    if h[257:265] == b"ustar\x0000" and h[345:346] != b"\0":
-                        prefix = h[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                        name = f"{prefix}/{name}"
-                pax, long_name = dict(pax_global), None
-                wanted = (kind in _TAR_REGULAR and name
-                          and not ("/" not in name and name.startswith(wds.tariterators.meta_prefix)
-                                   and name.endswith(wds.tariterators.meta_suffix))
-                          and not re.match(r"__[^/]*__($|/)", name)
-                          and (select is None or select(name)))
-                if not wanted:
-                    if padded and len(f.read(padded)) < padded:
-                        raise tarfile.ReadError("unexpected end of data")
-                    continue
-                data = f.read(padded)
-                if len(data) < size:
-                    raise tarfile.ReadError("unexpected end of data")
-                yield {"fname": name, "data": data[:size] if padded != size else data, "__url__": path}
-                if len(data) < padded:  # tarfile fails when it moves on to the next header
-                    raise tarfile.ReadError("unexpected end of data")
-        except Exception as exn:
-            exn.args = (f"{exn.args[0] if exn.args else exn} @ {path}",) + exn.args[1:]
-            handler(exn)
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        sp = data.find(b" ", pos)
-        if sp < 0:
-            break
-        length = int(data[pos:sp])
-        if length <= 0:
-            break
-        rec = data[sp + 1:pos + length - 1]  # without the trailing newline
-        k, _, v = rec.partition(b"=")
-        out[k.decode("utf-8", "surrogateescape")] = v.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
-
-
-class _ShardReader:
-    """Iterate the complete samples of one tar (webdataset's tarfile_samples).
-
-    A read error (truncated or garbled tar, missing file) ends the shard. The
-    sample being assembled when it happened is kept only if it has every
-    expected field (``expect``: the manifest's modalities; without them, the
-    fields of the shard's previous sample). Afterwards ``n`` is the number of
-    samples yielded and ``error`` the error.
-    """
-
-    def __init__(self, shard: _Shard, fields: frozenset[str] | None, expect: frozenset[str] | None = None):
-        self.shard = shard
-        self.fields = fields
-        self.expect = expect
-        self.n = 0
-        self.error: str | None = None
-
-    def _handler(self, exn: Exception) -> bool:
-        if self.error is None:
-            self.error = f"{type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:300]
-        return False  # stop reading this shard
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        select = _FieldSelector(self.fields) if self.fields is not None else None
-        samples = wds.tariterators.group_by_keys(_tar_members(self.shard.path, select, self._handler),
-                                                 handler=self._handler)
-        expect = self.expect
-        try:
-            for s in samples:
-                have = frozenset(k for k in s if not k.startswith("__"))
-                if self.error is not None and (expect is None or not expect <= have):
-                    continue  # assembled across the failure point and incomplete
-                if expect is None:
-                    expect = have
-                self.n += 1
-                yield s
-        except Exception as exn:  # errors the webdataset handlers do not see
-            self._handler(exn)
-
 
 def _lost_positions(start: int, stop: int, base: int, slot: int, nslots: int) -> int:
     """How many of the positions base+start .. base+stop-1 belong to ``slot``."""
@@ -375,7 +88,7 @@ def _lost_positions(start: int, stop: int, base: int, slot: int, nslots: int) ->
 @dataclass(frozen=True)
 class _TrainPlan:
     split: str
-    shards: tuple[_Shard, ...]  # manifest order
+    shards: tuple[Shard, ...]  # manifest order
     total: int
     batch_size: int
     num_batches: int  # per rank per epoch
@@ -391,7 +104,7 @@ class _TrainPlan:
     expect: frozenset[str] | None
     resampled: bool = False
 
-    def slot_shards(self, logical_worker: int) -> tuple[list[_Shard], str, int, int]:
+    def slot_shards(self, logical_worker: int) -> tuple[list[Shard], str, int, int]:
         """(shards, mode, slot, nslots) for one (rank, logical worker) slot."""
         order = list(range(len(self.shards)))
         random.Random(derive_seed("shard-order", self.seed, self.epoch)).shuffle(order)
@@ -414,8 +127,8 @@ class _SlotSource:
     """One pass over the raw samples of one slot per call (hand-written: see the
     module doc); the pipeline repeats it, so the stream never runs dry."""
 
-    def __init__(self, shards: list[_Shard], mode: str, slot: int, nslots: int,
-                 fields: frozenset[str] | None, expect: frozenset[str] | None, tracker: _CorruptTracker):
+    def __init__(self, shards: list[Shard], mode: str, slot: int, nslots: int,
+                 fields: frozenset[str] | None, expect: frozenset[str] | None, tracker: CorruptTracker):
         self.shards, self.mode, self.slot, self.nslots = shards, mode, slot, nslots
         self.fields, self.expect, self.tracker = fields, expect, tracker
         self.cycle = -1
@@ -428,7 +141,7 @@ class _SlotSource:
         produced = 0
         base = 0
         for sh in self.shards:
-            reader = _ShardReader(sh, self.fields, self.expect)
+            reader = ShardReader(sh, self.fields, self.expect)
             j = 0
             for s in reader:
                 pos = base + j
@@ -455,8 +168,8 @@ class _ResampledSource:
     """An endless stream of one slot: whole shards drawn with replacement (weights
     = sample counts) by an RNG seeded per (seed, epoch, rank, logical worker)."""
 
-    def __init__(self, shards: list[_Shard], seed: int, tag: tuple[int, int], fields: frozenset[str] | None,
-                 expect: frozenset[str] | None, tracker: _CorruptTracker):
+    def __init__(self, shards: list[Shard], seed: int, tag: tuple[int, int], fields: frozenset[str] | None,
+                 expect: frozenset[str] | None, tracker: CorruptTracker):
         self.shards, self.seed, self.tag = shards, seed, tag
         self.fields, self.expect, self.tracker = fields, expect, tracker
 
@@ -466,7 +179,7 @@ class _ResampledSource:
         draw = empty = 0
         while True:
             sh = rng.choices(self.shards, weights=weights)[0]
-            reader = _ShardReader(sh, self.fields, self.expect)
+            reader = ShardReader(sh, self.fields, self.expect)
             for s in reader:
                 s["__cycle__"] = (*self.tag, draw)
                 s["__shard__"] = sh.name
@@ -515,7 +228,7 @@ class _TrainStream(IterableDataset):
         self.plan = plan
         self.transform = transform
 
-    def _process(self, item: _Item, tracker: _CorruptTracker) -> dict[str, Any] | None:
+    def _process(self, item: _Item, tracker: CorruptTracker) -> dict[str, Any] | None:
         if item.done:
             return item.out
         item.done = True
@@ -549,7 +262,7 @@ class _TrainStream(IterableDataset):
         if n_take <= 0:
             return
         B = p.batch_size
-        tracker = _CorruptTracker(p.split, p.rank, logical, n_take * B, p.max_corrupt_fraction)
+        tracker = CorruptTracker(p.split, p.rank, logical, n_take * B, p.max_corrupt_fraction)
         rng = random.Random(derive_seed("buffer", p.seed, p.epoch, p.rank, logical))
         if p.resampled:
             shards = list(p.shards)
@@ -576,7 +289,7 @@ class _TrainStream(IterableDataset):
         stream = _Peekable(it)
         in_process = info is None
         for _ in range(n_take):
-            with _preserved_global_rngs(in_process):
+            with preserved_global_rngs(in_process):
                 items = [stream.next() for _ in range(B)]
                 outs = [self._process(x, tracker) for x in items]
                 good = [o for o in outs if o is not None]
@@ -590,61 +303,9 @@ class _TrainStream(IterableDataset):
                     if o is not None:
                         good = [o]
                 filled = [o if o is not None else good[i % len(good)] for i, o in enumerate(outs)]
-                batch = _collate(filled)
+                batch = collate(filled)
             batch["_corrupt"] = tracker.take()
             yield batch
-
-
-class _WorkerInit:
-    """Per-(rank, worker) seeding of the global RNGs, one thread per worker."""
-
-    def __init__(self, seed: int, epoch: int, rank: int, tag: str):
-        self.seed, self.epoch, self.rank, self.tag = seed, epoch, rank, tag
-
-    def __call__(self, worker_id: int) -> None:
-        torch.set_num_threads(1)
-        seed_global_rngs(derive_seed("worker", self.tag, self.seed, self.epoch, self.rank, worker_id))
-
-
-def _iterate(ds: IterableDataset, num_workers: int, init: _WorkerInit, pin_memory: bool,
-             mp_context: str | None, prefetch_factor: int) -> Iterator[dict[str, Any]]:
-    """Batches of ``ds``: in this process, or from DataLoader worker processes."""
-    if num_workers <= 0:
-        yield from ds
-        return
-    dl = DataLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=init,
-                    # an explicit generator: the DataLoader's base-seed draw must not
-                    # consume the training process's global torch RNG
-                    generator=torch.Generator().manual_seed(0),
-                    pin_memory=pin_memory, multiprocessing_context=mp_context,
-                    prefetch_factor=prefetch_factor, persistent_workers=False)
-    it = iter(dl)
-    try:
-        yield from it
-    finally:
-        # stop the workers now (on errors and early breaks too), not whenever the
-        # iterator is garbage collected: live workers and their queue threads
-        # would otherwise outlast the epoch (and slow down later forks)
-        shutdown = getattr(it, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
-
-
-def _expected_fields(manifest: Manifest, fields: Sequence[str] | None) -> frozenset[str] | None:
-    """The fields every sample should have (manifest modalities, within ``fields``)."""
-    if not manifest.modalities:
-        return None
-    exp = frozenset(manifest.modalities)
-    if fields is not None:
-        exp &= frozenset(fields)
-    return exp or None
-
-
-def _shards_of(data_dir: Path, manifest: Manifest, split: str) -> tuple[_Shard, ...]:
-    if split not in manifest.splits:
-        raise KeyError(f"split {split!r} not in {data_dir}/manifest.json "
-                       f"(have: {', '.join(sorted(manifest.splits)) or 'none'})")
-    return tuple(_Shard(path=str(data_dir / e.file), name=e.file, count=e.count) for e in manifest.splits[split])
 
 
 class TrainLoader:
@@ -662,7 +323,7 @@ class TrainLoader:
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
         self.data_dir = Path(data_dir)
         self.manifest = Manifest.load(self.data_dir)
-        shards = _shards_of(self.data_dir, self.manifest, split)
+        shards = shards_of(self.data_dir, self.manifest, split)
         total = sum(s.count for s in shards)
         if total <= 0:
             raise ValueError(f"split {split!r} of {self.data_dir} has no samples")
@@ -675,7 +336,7 @@ class TrainLoader:
             workers=max(1, self.num_workers), seed=int(seed), epoch=int(epoch), skip_batches=int(skip_batches),
             shuffle_buffer=int(shuffle_buffer), max_corrupt_fraction=float(max_corrupt_fraction),
             fields=None if fields is None else frozenset(fields),
-            expect=_expected_fields(self.manifest, fields), resampled=bool(resampled))
+            expect=expected_fields(self.manifest, fields), resampled=bool(resampled))
         self._corrupt = 0
 
     def __len__(self) -> int:
@@ -694,9 +355,9 @@ class TrainLoader:
         self._corrupt = 0
         p = self.plan
         ds = _TrainStream(p, self.transform)
-        init = _WorkerInit(p.seed, p.epoch, p.rank, "train")
+        init = WorkerInit(p.seed, p.epoch, p.rank, "train")
         n = 0
-        for batch in _iterate(ds, self.num_workers, init, self.pin_memory, self.mp_context,
+        for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context,
                               self.prefetch_factor):
             self._corrupt += int(batch.pop("_corrupt", 0))
             n += 1
@@ -734,7 +395,7 @@ def build_train_loader(data_dir, split: str, transform: Callable[..., dict], bat
 @dataclass(frozen=True)
 class _EvalPlan:
     split: str
-    shards: tuple[_Shard, ...]
+    shards: tuple[Shard, ...]
     total: int
     batch_size: int
     rank: int
@@ -754,7 +415,7 @@ class _EvalStream(IterableDataset):
         self.transform = transform
         self._filler: dict[str, Any] | None = None
 
-    def _apply(self, raw: dict[str, Any], tracker: _CorruptTracker | None) -> dict[str, Any] | None:
+    def _apply(self, raw: dict[str, Any], tracker: CorruptTracker | None) -> dict[str, Any] | None:
         key, shard = raw.get("__key__", "?"), raw.get("__shard__", "?")
         try:
             sample = decode_sample({k: v for k, v in raw.items() if k != "__shard__"})
@@ -778,7 +439,7 @@ class _EvalStream(IterableDataset):
         """The padding row: the first good sample of the split, marked invalid."""
         if self._filler is None:
             for sh in self.plan.shards:
-                for raw in _ShardReader(sh, self.plan.fields, self.plan.expect):
+                for raw in ShardReader(sh, self.plan.fields, self.plan.expect):
                     raw["__shard__"] = sh.name
                     out = self._apply(raw, None)
                     if out is not None:
@@ -790,7 +451,7 @@ class _EvalStream(IterableDataset):
                 raise RuntimeError(f"split {self.plan.split!r}: no readable sample at all")
         return self._filler
 
-    def _positions(self, tracker: _CorruptTracker) -> Iterator[tuple[int, dict[str, Any] | None]]:
+    def _positions(self, tracker: CorruptTracker) -> Iterator[tuple[int, dict[str, Any] | None]]:
         """(row t of this rank, raw sample or None if lost) for t in 0..per_rank-1."""
         p = self.plan
         base = 0
@@ -800,7 +461,7 @@ class _EvalStream(IterableDataset):
             if base + (p.rank - base) % p.world_size >= last_pos:  # no row of this rank in the shard
                 base = last_pos
                 continue
-            reader = _ShardReader(sh, p.fields, p.expect)
+            reader = ShardReader(sh, p.fields, p.expect)
             j = 0
             for raw in reader:
                 pos = base + j
@@ -833,7 +494,7 @@ class _EvalStream(IterableDataset):
         if len(mine) == 0:
             return
         planned = sum(min(p.batch_size, p.per_rank - j * p.batch_size) for j in mine)
-        tracker = _CorruptTracker(p.split, p.rank, w, planned, p.max_corrupt_fraction)
+        tracker = CorruptTracker(p.split, p.rank, w, planned, p.max_corrupt_fraction)
         in_process = info is None
         rows: list[tuple[dict[str, Any], bool]] = []
         cur = -1
@@ -845,15 +506,15 @@ class _EvalStream(IterableDataset):
                 if rows:
                     yield self._batch(rows, tracker)
                 rows, cur = [], j
-            with _preserved_global_rngs(in_process):
+            with preserved_global_rngs(in_process):
                 out = self._apply(raw, tracker) if isinstance(raw, dict) else None
                 rows.append((out, True) if out is not None else (self._filler_row(), False))
         if rows:
             yield self._batch(rows, tracker)
 
     @staticmethod
-    def _batch(rows: list[tuple[dict[str, Any], bool]], tracker: _CorruptTracker) -> dict[str, Any]:
-        batch = _collate([r for r, _ in rows])
+    def _batch(rows: list[tuple[dict[str, Any], bool]], tracker: CorruptTracker) -> dict[str, Any]:
+        batch = collate([r for r, _ in rows])
         batch["_valid"] = torch.tensor([v for _, v in rows], dtype=torch.bool)
         batch["_corrupt"] = tracker.take()
         return batch
@@ -872,7 +533,7 @@ class EvalLoader:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.data_dir = Path(data_dir)
         self.manifest = Manifest.load(self.data_dir)
-        shards = _shards_of(self.data_dir, self.manifest, split)
+        shards = shards_of(self.data_dir, self.manifest, split)
         total = sum(s.count for s in shards)
         if total <= 0:
             raise ValueError(f"split {split!r} of {self.data_dir} has no samples")
@@ -885,7 +546,7 @@ class EvalLoader:
                               per_rank=per_rank, num_batches=-(-per_rank // batch_size),
                               max_corrupt_fraction=float(max_corrupt_fraction),
                               fields=None if fields is None else frozenset(fields),
-                              expect=_expected_fields(self.manifest, fields))
+                              expect=expected_fields(self.manifest, fields))
         self._corrupt = 0
 
     def __len__(self) -> int:
@@ -898,9 +559,9 @@ class EvalLoader:
         self._corrupt = 0
         p = self.plan
         ds = _EvalStream(p, self.transform)
-        init = _WorkerInit(0, 0, p.rank, "eval")
+        init = WorkerInit(0, 0, p.rank, "eval")
         n = 0
-        for batch in _iterate(ds, self.num_workers, init, self.pin_memory, self.mp_context,
+        for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context,
                               self.prefetch_factor):
             self._corrupt += int(batch.pop("_corrupt", 0))
             n += 1

@@ -45,3 +45,21 @@ def tiny_overrides(tmp_path: Path, **extra: object) -> list[str]:
 @pytest.fixture
 def facecom_config() -> Path:
     return REPO / "configs" / "facecom.yaml"
+
+
+def artifact_context(run_dir: Path, loaders: dict, is_main: bool = True, read_images=None):
+    """What the trainer hands to ``Recipe.write_artifacts``, for calling it directly:
+    the trainer's own atomic writer, and a gather over the default process group
+    when one is initialised (else this process alone)."""
+    import torch.distributed as dist
+
+    from dist_train.checkpoint import atomic_write
+    from dist_train.distributed import all_gather_objects
+    from recipes.base import ArtifactContext
+
+    def no_images(role, keys):
+        raise FileNotFoundError("no shards in this test")
+
+    assert dist.is_available()
+    return ArtifactContext(run_dir=Path(run_dir), is_main=is_main, loaders=loaders, gather=all_gather_objects,
+                           publish=atomic_write, read_images=read_images or no_images)

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from dist_train.config import ConfigError, load_config, recipe_params
-from dist_train.recipe import DataInfo, get_recipe
+from dist_train.preflight import load_checked_config
+from recipes.base import DataInfo, get_recipe
 from tests.conftest import REPO
 
 CONFIG = REPO / "configs" / "dcal_twins.yaml"
@@ -193,7 +194,7 @@ def test_mlflow_missing_is_a_one_line_config_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_mlflow)
     with pytest.raises(ConfigError, match="pip install mlflow") as exc:
-        load_config(CONFIG, ["logging.tracking=mlflow"])
+        load_checked_config(CONFIG, ["logging.tracking=mlflow"])
     assert "\n" not in str(exc.value)
     assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "true"
 

@@ -30,6 +30,7 @@ import torch
 
 from dist_train.checkpoint import safe_load
 from dist_train.config import ConfigError, load_config
+from dist_train.preflight import load_checked_config
 from tests.conftest import PYTHON, REPO, tiny_overrides
 
 CONFIG = REPO / "configs" / "facecom.yaml"
@@ -240,7 +241,7 @@ def _write_json(tmp_path: Path, data: dict) -> Path:
 def test_contradictions_are_config_errors(tmp_path: Path, data: dict, extra: dict, needle: str) -> None:
     path = _write_json(tmp_path, data)
     with pytest.raises(ConfigError, match=re.escape(needle)) as info:
-        load_config(CONFIG, tiny_overrides(tmp_path, train__strategy="deepspeed", deepspeed__config=str(path),
+        load_checked_config(CONFIG, tiny_overrides(tmp_path, train__strategy="deepspeed", deepspeed__config=str(path),
                                            **extra))
     assert "\n" not in str(info.value)
 

@@ -1,4 +1,4 @@
-"""Verification metrics and pair protocols (dist_train.evaluation) against known answers
+"""Verification metrics and pair protocols (recipes.verification) against known answers
 and direct (brute-force) computations."""
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dist_train import evaluation as ev
+from dist_train.checkpoint import atomic_write
+from recipes import verification as ev
+from recipes.verification_plots import write_report
 
 
 # ----------------------------------------------------------------------------- brute force references
@@ -227,8 +229,8 @@ def test_write_report_files(tmp_path):
     table = {"embedding": emb.astype(np.float32), "identity": ident, "twin": twin, "keys": keys}
     pairs = ev.generate_pairs(ident, twin)
     images = {k: Image.new("L", (20, 24), color=10 * i) for i, k in enumerate(keys)}
-    m = ev.write_report(tmp_path, table, pairs, threshold=0.5, threshold_source="test", images=images,
-                        identity_names=[f"id{i}" for i in range(6)], title="unit test")
+    m = write_report(tmp_path, table, pairs, atomic_write, threshold=0.5, threshold_source="test", images=images,
+                     identity_names=[f"id{i}" for i in range(6)], title="unit test")
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["pairs"] == {"genuine": 60, "impostor": 375, "twin_impostor": 25}
     assert saved["all_impostors"]["eer"] == pytest.approx(m["all_impostors"]["eer"])

@@ -12,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dist_train.recipe import DataInfo, get_recipe
+from recipes.base import DataInfo, get_recipe
+from tests.conftest import artifact_context
 from models import augment
 from models.backbones import WeightsError, build_backbone, read_state_dict
 from models.heads import ArcFace, CosFace, LinearHead, build_identity_head
 from models.losses import DynamicLossWeights, SupConLoss, TwinAwareTripletLoss, masked_cross_entropy, weighted_sum
-from models.recipes.facecom import FaceComMetrics, FaceComParams, FaceComRecipe, plot_validation_metrics
+from dist_train.checkpoint import atomic_write
+from recipes.facecom import FaceComMetrics, FaceComParams, FaceComRecipe, plot_validation_metrics
 
 
 # ----------------------------------------------------------------------------- heads
@@ -313,7 +315,7 @@ def test_write_artifacts(tmp_path):
     batches = [{"image": torch.randn(3, 3, 32, 32), "identity": torch.tensor([0, 1, 2]),
                 "gender": torch.tensor([0, 1, 0]), "_valid": torch.tensor([True, True, False]),
                 "__key__": ["k2", "k1", "pad"]}]
-    metrics = r.write_artifacts(tmp_path, model, {"test": batches}, is_main=True)
+    metrics = r.write_artifacts(model, artifact_context(tmp_path, {"test": batches}))
     assert model.training                                      # mode restored
     lines = (tmp_path / "submission.csv").read_text().splitlines()
     assert lines[0] == "key,gender,gender_confidence,identity,confidence"
@@ -323,10 +325,10 @@ def test_write_artifacts(tmp_path):
     assert 0.0 <= metrics["identity_top1"] <= 1.0
     # No test loader and no log: nothing fails, nothing returned.
     other = tmp_path / "other"
-    assert r.write_artifacts(other, model, {}, is_main=True) == {}
-    assert not plot_validation_metrics(other / "logs" / "validation_logs.csv", other / "x.png")
+    assert r.write_artifacts(model, artifact_context(other, {})) == {}
+    assert not plot_validation_metrics(other / "logs" / "validation_logs.csv", other / "x.png", atomic_write)
     (tmp_path / "empty.csv").write_text("step,epoch,combined\n")
-    assert not plot_validation_metrics(tmp_path / "empty.csv", tmp_path / "x.png")
+    assert not plot_validation_metrics(tmp_path / "empty.csv", tmp_path / "x.png", atomic_write)
 
 
 def _artifacts_worker(rank: int, world: int, port: int, run_dir: str) -> None:
@@ -342,7 +344,7 @@ def _artifacts_worker(rank: int, world: int, port: int, run_dir: str) -> None:
         batches = [{"image": torch.randn(2, 3, 32, 32), "identity": torch.tensor([0, 1]),
                     "gender": torch.tensor([0, 1]), "_valid": torch.tensor([True, k[1] != "pad"]),
                     "__key__": k} for k in keys]
-        metrics = r.write_artifacts(Path(run_dir), model, {"test": batches}, is_main=rank == 0)
+        metrics = r.write_artifacts(model, artifact_context(Path(run_dir), {"test": batches}, is_main=rank == 0))
         torch.save(metrics, Path(run_dir) / f"metrics{rank}.pt")
     finally:
         dist.destroy_process_group()

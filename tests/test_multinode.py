@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from dist_train.checkpoint import safe_load
+from dist_train.commands import launch_cmd
 from launch import cli as launch_cli
 from launch.env import detect, first_slurm_host, free_port, launch_id, restart_count, slurm_port, tasks_on_node
 from tests.conftest import PYTHON, REPO, tiny_overrides
@@ -81,7 +82,7 @@ def test_env_helpers() -> None:
 
 
 def _dry(capsys: pytest.CaptureFixture[str], *argv: str) -> list[str]:
-    assert launch_cli.run([*argv, "--dry-run"]) == 0
+    assert launch_cmd.run([*argv, "--dry-run"]) == 0
     return shlex.split(capsys.readouterr().out.strip())
 
 
@@ -126,10 +127,10 @@ def test_launch_slurm_script_choice(tmp_path: Path) -> None:
 
 
 def test_launch_refuses_mistakes_before_starting(capsys: pytest.CaptureFixture[str]) -> None:
-    assert launch_cli.run(["--config", str(CONFIG), "train.bogus=1", "--dry-run"]) == 2
+    assert launch_cmd.run(["--config", str(CONFIG), "train.bogus=1", "--dry-run"]) == 2
     assert "train.bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
-        launch_cli.run(["--config", str(CONFIG), "--nnodes", "2", "--dry-run"])
+        launch_cmd.run(["--config", str(CONFIG), "--nnodes", "2", "--dry-run"])
     assert exc.value.code == 2 and "--rdzv-endpoint" in capsys.readouterr().err
 
 

@@ -551,7 +551,7 @@ def test_synthetic_through_loaders(syn):
 
 
 def s_mode(syn) -> str:
-    from shards.stream import decode_sample
+    from shards.reading import decode_sample
 
     m = Manifest.load(syn)
     raw = next(iter(wds.WebDataset([str(syn / m.splits["train"][0].file)], shardshuffle=False)))

@@ -19,7 +19,8 @@ from shards.check import verify
 from shards.cli import run as shards_cli
 from shards.manifest import Manifest
 from shards.sources import InputError, Item, KeyMaker, sniff
-from shards.stream import build_eval_loader, build_train_loader, decode_sample
+from shards.reading import decode_sample
+from shards.stream import build_eval_loader, build_train_loader
 from tests.conftest import PYTHON, REPO, SHARED_DATA
 
 
@@ -185,7 +186,7 @@ def test_folder_create_twins_pairs_report(folder_ds, tmp_path, capsys):
     meta = json.loads(s["json"])
     assert meta == {"identity": 1, "identity_name": "id 1", "twin": 0, "path": "id 1/0.png"}
     # the evaluator reads the pairs file with the split's keys
-    from dist_train.evaluation import pairs_from_file
+    from recipes.verification import pairs_from_file
 
     keys = sorted(test_keys)
     pr = pairs_from_file(out / "test_pairs.json", keys)

@@ -1,4 +1,4 @@
-"""The stream's fast tar member reader (shards.stream._tar_members) against
+"""The stream's fast tar member reader (shards.reading.tar_members) against
 webdataset's tarfile-based reader: same samples, same failures, on tars in
 ustar, GNU and pax formats, long names, directories, meta files, truncation
 and garbage."""
@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import webdataset as wds
 
-from shards.stream import _Shard, _ShardReader
+from shards.reading import Shard, ShardReader
 
 FORMATS = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
 
@@ -47,7 +47,7 @@ def reference(path: Path, fields=None) -> tuple[list[dict], bool]:
 
 
 def ours(path: Path, fields=None) -> tuple[list[dict], bool]:
-    r = _ShardReader(_Shard(str(path), path.name, 0), None if fields is None else frozenset(fields), frozenset())
+    r = ShardReader(Shard(str(path), path.name, 0), None if fields is None else frozenset(fields), frozenset())
     out = [{k: v for k, v in s.items() if k != "__url__"} for s in r]
     return out, r.error is not None
 
@@ -96,5 +96,5 @@ def test_fast_reader_matches_webdataset(tmp_path, members, fmt, cut, garble, fie
 
 
 def test_missing_file_is_an_error(tmp_path):
-    r = _ShardReader(_Shard(str(tmp_path / "nope.tar"), "nope.tar", 3), None)
+    r = ShardReader(Shard(str(tmp_path / "nope.tar"), "nope.tar", 3), None)
     assert list(r) == [] and "FileNotFoundError" in r.error

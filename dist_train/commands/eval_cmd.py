@@ -11,7 +11,7 @@ training when the dataset was split by identity). The decision threshold:
 the validation split's pairs, else the checkpoint's (see :mod:`dist_train.inference`). Writes ``metrics.json``, ``roc.png``,
 ``score_histograms.png`` and ``hardest_errors.png`` into ``--output``
 (default: ``<run dir>/eval/<split>`` for a trainer checkpoint, else ``eval_<split>``).
-Metric definitions: :mod:`dist_train.evaluation`.
+Metric definitions: :mod:`recipes.verification`.
 """
 from __future__ import annotations
 
@@ -65,17 +65,22 @@ def resolve_data_dir(cfg: Any) -> Path:
 
 
 def default_output(checkpoint: Path, split: str) -> Path:
-    for parent in checkpoint.resolve().parents:
-        if parent.name == "checkpoints":
-            return parent.parent / "eval" / split
-    return Path(f"eval_{split}")
+    from dist_train.checkpoint import run_dir_of
+
+    run = run_dir_of(checkpoint)
+    return run / "eval" / split if run is not None else Path(f"eval_{split}")
 
 
 def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
     args = build_parser(prog).parse_args(argv)
-    from dist_train import evaluation as ev
+    from dist_train.checkpoint import atomic_write
     from dist_train.inference import CheckpointError, InferenceEngine
+    from dist_train.progress import progress_bar
+    from recipes import verification as ev
+    from recipes.verification_plots import write_report
     from shards.manifest import Manifest
+    from shards.reading import read_images_by_key
+    from shards.stream import build_eval_loader
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -100,8 +105,9 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
     print(engine.describe(), file=sys.stderr)
 
     def embed(split: str) -> dict[str, Any]:
-        return ev.embed_split(engine.embed_tensor, data_dir, split, engine.recipe.transform, args.batch_size,
-                              progress=progress, description=f"embedding {split}")
+        loader = build_eval_loader(data_dir, split, engine.recipe.transform, args.batch_size, 0, 1, 0)
+        with progress_bar(progress, f"embedding {split}", len(loader)) as advance:
+            return ev.embed_batches(engine.embed_tensor, loader, advance)
 
     def pairs_for(split: str, table: dict[str, Any], explicit: str | None) -> ev.Pairs:
         candidate = Path(explicit) if explicit else data_dir / f"{split}_pairs.json"
@@ -135,12 +141,12 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
         source = f"best accuracy on {val_split!r} pairs (--optimize-threshold)"
         extra["val_best_acc"] = val_acc
     out_dir = Path(args.output) if args.output else default_output(Path(args.checkpoint), args.split)
-    images = ev.load_images_by_key(data_dir, args.split, ev.hardest_error_keys(table, pairs))
+    images = read_images_by_key(data_dir, args.split, ev.hardest_error_keys(table, pairs))
     extra.update(checkpoint=str(args.checkpoint), data=str(data_dir), split=args.split,
                  recipe=engine.recipe_name)
-    metrics = ev.write_report(out_dir, table, pairs, threshold=threshold, threshold_source=source, images=images,
-                              identity_names=manifest.identities, extra=extra, seed=args.seed,
-                              title=f"{args.split} split")
+    metrics = write_report(out_dir, table, pairs, atomic_write, threshold=threshold, threshold_source=source,
+                           images=images, identity_names=manifest.identities, extra=extra, seed=args.seed,
+                           title=f"{args.split} split")
     _print_summary(metrics, out_dir)
     return 0
 

@@ -10,7 +10,7 @@ def build_strategy(name: str, **kwargs) -> Strategy:
 
         return DDPStrategy(**kwargs)
     if name == "deepspeed":
-        from dist_train.strategies.deepspeed import DeepSpeedStrategy  # noqa: F401  (added by the DeepSpeed issue)
+        from dist_train.strategies.deepspeed import DeepSpeedStrategy  # noqa: F401
 
         return DeepSpeedStrategy(**kwargs)
     raise ValueError(f"unknown strategy {name}")

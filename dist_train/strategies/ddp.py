@@ -12,18 +12,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_train.checkpoint import safe_load
+from recipes.batch import move_batch
 from dist_train.precision import Precision
 from dist_train.strategies.base import Strategy, StepStats
-
-
-def move_to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return type(batch)(move_to(v, device) for v in batch)
-    return batch
 
 
 class DDPStrategy(Strategy):
@@ -52,7 +43,7 @@ class DDPStrategy(Strategy):
         return self._module
 
     def micro_step(self, batch: Mapping[str, Any], loss_scale: float, boundary: bool) -> dict[str, Any]:
-        batch = move_to(batch, self.device)
+        batch = move_batch(batch, self.device)
         sync = contextlib.nullcontext() if boundary or self.model is self._module else self.model.no_sync()
         with sync:
             with self.precision.autocast():
@@ -79,7 +70,7 @@ class DDPStrategy(Strategy):
 
     @torch.no_grad()
     def eval_forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        batch = move_to(batch, self.device)
+        batch = move_batch(batch, self.device)
         with self.precision.autocast():
             return self._module(batch)
 

@@ -42,7 +42,7 @@ from torch import nn
 from dist_train.config import Config, ConfigError
 from dist_train.precision import Precision
 from dist_train.strategies.base import StepStats, Strategy
-from dist_train.strategies.ddp import move_to
+from recipes.batch import move_batch
 
 log = logging.getLogger("biomtl")
 
@@ -342,7 +342,7 @@ class DeepSpeedStrategy(Strategy):
 
     # -- the step ----------------------------------------------------------
     def _forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        batch = move_to(batch, self.device)
+        batch = move_batch(batch, self.device)
         # DeepSpeed's bf16/fp16 modes hold the weights in 16 bit but do not
         # cast inputs; autocast (as DDP uses) casts them where a layer needs
         # it and keeps losses / softmax / norms in fp32 as under DDP.

@@ -21,7 +21,13 @@ Conventions every source follows:
   and binary PGM/PPM with another maxval (the CMU ``_2``/``_4`` files have
   maxval 156, which Pillow decodes pixel by pixel in Python, ~7 ms for 64x60)
   are always converted (Pillow scales maxval to 255; the map is one-to-one);
-* arrays are ``.npy`` (no pickle), labels go into the sample's ``json``.
+* arrays are ``.npy`` (no pickle), labels go into the sample's ``json``;
+* untrusted input: no source unpickles or evaluates input data (no
+  ``pickle.load``, ``torch.load``, ``eval``; ``.npy`` arrays are read with
+  ``allow_pickle=False``; the ear metadata's object arrays go through a
+  restricted unpickler that builds plain data only), and every file is opened with
+  :func:`open_regular`, which refuses FIFOs, sockets and devices without
+  blocking on them (a fault "not a regular file", like an unreadable file).
 
 Formats: ``folder``, ``cmu``, ``thz``, ``photometric``, ``ear``, ``facecom``,
 ``synthetic`` (see each module's docstring).
@@ -33,6 +39,7 @@ import importlib
 import io
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -107,6 +114,79 @@ class Field:
     data: bytes
     stats: tuple[np.ndarray, np.ndarray, int] | None = None  # per-channel sum, sum of squares, count
     size: tuple[int, int] | None = None  # (width, height) of images
+
+
+# ---------------------------------------------------------------------------
+# files: only regular files are ever opened
+# ---------------------------------------------------------------------------
+class NotRegularFile(OSError):
+    """The path is a FIFO, socket, device or directory: never read (a FIFO would block forever)."""
+
+    def __init__(self, path: Path | str, what: str):
+        super().__init__(f"{path}: is a {what}, not a regular file")
+        self.path, self.what = str(path), what
+
+
+def file_type(mode: int) -> str:
+    """``st_mode`` -> "regular file", "FIFO", "socket", "character device", ..."""
+    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def is_regular(path: Path | str) -> bool:
+    """True for a regular file (symlinks followed); False for anything else, or when stat fails."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def open_regular(path: Path | str, mode: str = "rb", **kwargs: Any):
+    """``open(path, mode)`` for reading, but only a regular file (symlinks followed).
+
+    A FIFO, socket or device raises :class:`NotRegularFile` (an ``OSError``)
+    without blocking: the type is checked before opening, the file is opened
+    non-blocking and checked again on the descriptor (in case it was swapped
+    in between)."""
+    if any(c in mode for c in "wax+"):
+        raise ValueError(f"open_regular is for reading, got mode {mode!r}")
+    st = os.stat(path)  # FileNotFoundError etc. as from open()
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFile(path, file_type(st.st_mode))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(path, file_type(st.st_mode))
+        if getattr(os, "O_NONBLOCK", 0) and hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, mode, **kwargs)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: Path | str) -> bytes:
+    """The bytes of a regular file (see :func:`open_regular`)."""
+    with open_regular(path, "rb") as f:
+        return f.read()
+
+
+def read_file_bytes(path: Path | str) -> bytes:
+    """A sample's file, or :class:`SampleError` ("missing file", "not a regular file", "unreadable file")."""
+    try:
+        return read_regular(path)
+    except FileNotFoundError:
+        raise SampleError("missing file", str(path)) from None
+    except NotRegularFile as e:
+        raise SampleError("not a regular file", str(e)) from None
+    except OSError as e:
+        raise SampleError("unreadable file", f"{path}: {e}") from None
 
 
 class Source:
@@ -189,8 +269,12 @@ def require_file(path: Path | None, what: str) -> Path:
         raise InputError(f"{what} is required")
     if not path.exists():
         raise InputError(f"{what}: {path} does not exist")
-    if not path.is_file():
-        raise InputError(f"{what}: {path} is not a file")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise InputError(f"{what}: {path}: {e}") from None
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{what}: {path} is not a file (it is a {file_type(mode)})")
     return path
 
 
@@ -232,10 +316,11 @@ def sniff(head: bytes) -> str:
 
 
 def sniff_file(path: Path | str) -> str | None:
+    """The format of a regular file's first bytes; None when unreadable or not a regular file."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "rb") as f:
             return sniff(f.read(64))
-    except OSError:
+    except (OSError, ValueError):
         return None
 
 
@@ -289,12 +374,7 @@ def read_image(path: Path | str, ext: str, stats: bool = True) -> tuple[Field, A
     Returns (Field, PIL image)."""
     from PIL import Image
 
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise SampleError("missing file", str(path)) from None
-    except OSError as e:
-        raise SampleError("unreadable file", f"{path}: {e}") from None
+    data = read_file_bytes(path)
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -311,14 +391,40 @@ def read_image(path: Path | str, ext: str, stats: bool = True) -> tuple[Field, A
     return Field(data=data, stats=_pixel_stats(img) if stats else None, size=(w, h)), img
 
 
+def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of the ``.npy`` at ``f``'s position; ``f`` is left at the data."""
+    from numpy.lib import format as npformat
+
+    version = npformat.read_magic(f)
+    if version == (1, 0):
+        return npformat.read_array_header_1_0(f)
+    if version == (2, 0):
+        return npformat.read_array_header_2_0(f)
+    impl = None
+    for mod in ("numpy.lib._format_impl", "numpy.lib.format"):
+        try:
+            impl = getattr(importlib.import_module(mod), "_read_array_header", None)
+        except ImportError:
+            continue
+        if impl is not None:
+            break
+    if impl is None:
+        raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
+    return impl(f, version)
+
+
 def read_npy(path: Path | str) -> tuple[Field, np.ndarray]:
-    """Read one ``.npy`` (no pickle, numeric); stored as the original bytes."""
+    """Read one ``.npy`` (numeric; never unpickled: ``allow_pickle=False``); stored as the original bytes.
+    An object array (pickled Python objects) is a "undecodable array" fault."""
+    data = read_file_bytes(path)
     try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise SampleError("missing file", str(path)) from None
-    except OSError as e:
-        raise SampleError("unreadable file", f"{path}: {e}") from None
+        dtype = npy_header(io.BytesIO(data))[2]
+    except Exception as e:
+        raise SampleError("undecodable array", f"{path}: not a .npy array ({type(e).__name__}: "
+                                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if dtype.hasobject:
+        raise SampleError("undecodable array", f"{path}: object array (pickled Python objects) refused; "
+                                               "only numeric arrays are packed")
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:
@@ -329,7 +435,10 @@ def read_npy(path: Path | str) -> tuple[Field, np.ndarray]:
     return Field(data=data, stats=array_stats(arr)), arr
 
 
-def find_csvs(root: Path, given: list[str] | None) -> list[Path]:
+def find_csvs(root: Path, given: list[str] | None, faults: list[Fault] | None = None) -> list[Path]:
+    """The ``--csv`` files, else every ``*.csv`` under ``root`` (not in hidden folders). Found
+    ones that are not regular files (FIFOs, sockets, devices) are left out and, with
+    ``faults``, reported ("not a regular file")."""
     if given:
         out = []
         for g in given:
@@ -338,8 +447,20 @@ def find_csvs(root: Path, given: list[str] | None) -> list[Path]:
                 p = root / g
             out.append(require_file(p, "--csv"))
         return out
-    return sorted((p for p in root.rglob("*.csv") if not any(part.startswith(".") for part in p.parts)),
-                  key=lambda p: natural_key(str(p)))
+    found = []
+    for p in root.rglob("*.csv"):
+        if any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        if is_regular(p):
+            found.append(p)
+        elif not p.is_dir() and faults is not None:
+            try:
+                what = file_type(os.stat(p).st_mode)
+            except OSError as e:
+                faults.append(Fault("unreadable file", rel(p, root), str(e)))
+                continue
+            faults.append(Fault("not a regular file", rel(p, root), f"a {what}: not opened"))
+    return sorted(found, key=lambda p: natural_key(str(p)))
 
 
 def lower_header(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -349,4 +470,5 @@ def lower_header(row: Mapping[str, Any]) -> dict[str, Any]:
 
 __all__ = ["SOURCES", "Source", "Scan", "Item", "Field", "Fault", "SampleError", "InputError", "get_source",
            "KeyMaker", "sanitize", "natural_key", "choose_image_ext", "read_image", "read_npy", "sniff",
-           "array_stats", "IMAGE_SUFFIXES"]
+           "array_stats", "IMAGE_SUFFIXES", "NotRegularFile", "open_regular", "read_regular", "is_regular",
+           "file_type", "npy_header"]

@@ -26,8 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import (IMAGE_SUFFIXES, Fault, InputError, Item, KeyMaker, Scan, Source, choose_image_ext, read_image,
-               require_dir, require_file)
+from . import (IMAGE_SUFFIXES, Fault, InputError, Item, KeyMaker, Scan, Source, choose_image_ext, open_regular,
+               read_image, require_dir, require_file)
 
 IMAGE_KEYS = ("image", "file", "file_name", "filename", "path")
 IDENTITY_KEYS = ("identity", "id", "identity_id", "person_id", "subject")
@@ -67,7 +67,8 @@ class FacecomSource(Source):
         images = require_dir(root / "images", "--input/images")
         ann = require_file(root / "annotations.json", "--input/annotations.json")
         try:
-            data = json.loads(ann.read_text(encoding="utf-8"))
+            with open_regular(ann, "r", encoding="utf-8") as f:
+                data = json.loads(f.read())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{ann}: not readable JSON ({type(e).__name__}: {e})") from None
         scan = Scan(items=[])

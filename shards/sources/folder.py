@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import (IMAGE_SUFFIXES, Fault, InputError, Item, KeyMaker, Scan, Source, choose_image_ext,
-               natural_key, read_image, require_dir, require_file)
+               natural_key, open_regular, read_image, require_dir, require_file)
 
 
 class FolderLoader:
@@ -48,7 +48,8 @@ class FolderLoader:
 
 def read_twins(path: Path, identities: set[str], faults: list[Fault]) -> list[tuple[str, str]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path, "r", encoding="utf-8") as f:
+            data = json.loads(f.read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"--twins {path}: not readable JSON ({type(e).__name__}: {e})") from None
     if isinstance(data, dict) and "twin_pairs" in data:
@@ -79,7 +80,8 @@ def read_twins(path: Path, identities: set[str], faults: list[Fault]) -> list[tu
 def resolve_pairs(path: Path, root: Path, lookup: dict[str, str], faults: list[Fault]) -> list[tuple[str, str, int]]:
     """``[{"img1","img2","label"}]`` -> (key1, key2, label); ``lookup`` maps names to keys."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with open_regular(path, "r", encoding="utf-8") as f:
+            data = json.loads(f.read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"--pairs {path}: not readable JSON ({type(e).__name__}: {e})") from None
     if isinstance(data, dict) and "pairs" in data:

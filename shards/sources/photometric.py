@@ -11,7 +11,9 @@
 for at least one row); a row missing a picked map is a fault ("missing file").
 
 Per sample (key ``<id>_<session>``): ``albedo.npy`` / ``normal.npy`` /
-``depth.npy`` (the original files; numeric arrays, no pickle) and ``json``:
+``depth.npy`` (the original files; numeric arrays read with
+``allow_pickle=False``: an object array is an "undecodable array" fault, a
+FIFO/socket/device is "not a regular file" and never opened) and ``json``:
 ``identity`` (the ``id``), ``session``, and ``gender``, ``spectacles``,
 ``facial_hair``, ``pose``, ``emotion`` as class indices; their schemas are the
 sorted distinct CSV values (numerically sorted when all are integers). Bad
@@ -24,7 +26,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from . import Fault, InputError, Item, KeyMaker, Scan, Source, find_csvs, lower_header, read_npy, rel, require_dir
+from . import (Fault, InputError, Item, KeyMaker, Scan, Source, find_csvs, is_regular, lower_header, open_regular,
+               read_npy, rel, require_dir)
 
 MAPS = ("albedo", "normal", "depth")
 LABEL_COLUMNS = ("gender", "spectacles", "facial_hair", "pose", "emotion")
@@ -60,15 +63,21 @@ class PhotometricSource(Source):
     def scan(self, input_path: Path | None, args: argparse.Namespace) -> Scan:
         root = require_dir(input_path)
         given = getattr(args, "csv", None)
+        csv_faults: list[Fault] = []
         if given:
             csvs = find_csvs(root, given)
         else:
-            csvs = sorted(root.glob("*.csv"))
+            found = sorted(p for p in root.glob("*.csv") if not p.is_dir())
+            csvs = [p for p in found if is_regular(p)]
+            for p in found:  # a FIFO, socket or device named *.csv: reported, never opened
+                if p not in csvs:
+                    csv_faults.append(Fault("not a regular file", p.name, "not opened"))
             if len(csvs) > 1:
                 raise InputError(f"--input {root}: several CSV files ({', '.join(p.name for p in csvs)}); "
                                  "pick one with --csv")
         if not csvs:
-            raise InputError(f"--input {root}: no label CSV (id, session, Gender, ...) in it")
+            raise InputError(f"--input {root}: no label CSV (id, session, Gender, ...) in it"
+                             + (f" ({csv_faults[0]})" if csv_faults else ""))
         data = root / "data"
         if not data.is_dir():
             raise InputError(f"--input {root}: no data/ folder (data/<id>/<session>/albedo.npy ...)")
@@ -80,7 +89,7 @@ class PhotometricSource(Source):
                 raise InputError(f"--maps: {', '.join(bad) or 'empty'} not among {', '.join(MAPS)}")
         else:
             maps = None
-        scan = Scan(items=[])
+        scan = Scan(items=[], faults=csv_faults)
         keys = KeyMaker()
         seen: set[tuple[str, str]] = set()
         values: dict[str, set[str]] = {c: set() for c in LABEL_COLUMNS}
@@ -88,7 +97,7 @@ class PhotometricSource(Source):
         label_cols: list[str] = []
         for path in csvs:
             try:
-                with open(path, newline="", encoding="utf-8-sig") as f:
+                with open_regular(path, "r", newline="", encoding="utf-8-sig") as f:
                     reader = csv.DictReader(f)
                     header = [h.strip().lower() for h in (reader.fieldnames or [])]
                     if not {"id", "session"} <= set(header):

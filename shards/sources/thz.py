@@ -37,8 +37,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import (Fault, InputError, Item, KeyMaker, Scan, Source, choose_image_ext, find_csvs, lower_header,
-               natural_key, read_image, rel, require_dir)
+from . import (Fault, InputError, Item, KeyMaker, NotRegularFile, Scan, Source, choose_image_ext, find_csvs,
+               lower_header, natural_key, open_regular, read_image, rel, require_dir)
 
 POSTURES = ["front", "left", "right", "up", "down"]
 CONCEALED = ["unconcealed", "concealed"]
@@ -78,10 +78,12 @@ class ThzSource(Source):
 
     def scan(self, input_path: Path | None, args: argparse.Namespace) -> Scan:
         root = require_dir(input_path)
-        csvs = find_csvs(root, getattr(args, "csv", None))
+        csv_faults: list[Fault] = []  # *.csv FIFOs, sockets, devices: reported, never opened
+        csvs = find_csvs(root, getattr(args, "csv", None), csv_faults)
         if not csvs:
-            raise InputError(f"--input {root}: no *.csv triplet files (columns anchor,positive,negative)")
-        scan = Scan(items=[], schemas={"posture": POSTURES, "concealed": CONCEALED})
+            raise InputError(f"--input {root}: no *.csv triplet files (columns anchor,positive,negative)"
+                             + (f" (first fault: {csv_faults[0]})" if csv_faults else ""))
+        scan = Scan(items=[], faults=csv_faults, schemas={"posture": POSTURES, "concealed": CONCEALED})
         by_name: dict[str, list[Path]] | None = None
 
         def locate(value: str, csv_dir: Path) -> Path:
@@ -108,7 +110,7 @@ class ThzSource(Source):
         visible_mixed = False
         for path in csvs:
             try:
-                with open(path, newline="", encoding="utf-8-sig") as f:
+                with open_regular(path, "r", newline="", encoding="utf-8-sig") as f:
                     reader = csv.DictReader(f)
                     header = [h.strip().lower() for h in (reader.fieldnames or [])]
                     if not set(REQUIRED) <= set(header):
@@ -163,6 +165,8 @@ class ThzSource(Source):
                                                                ("visible_unconcealed", "visible_unconcealed"))
                                                               if r.get(c)}},
                             payload={"files": files}, origin=where))
+            except NotRegularFile as e:
+                scan.faults.append(Fault("not a regular file", rel(path, root), f"a {e.what}: not opened"))
             except (OSError, UnicodeDecodeError, csv.Error) as e:
                 scan.faults.append(Fault("bad csv", rel(path, root), f"{type(e).__name__}: {e}"))
         if visible_mixed:

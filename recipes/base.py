@@ -1,53 +1,34 @@
 """The contract between the trainer and a recipe.
 
 A recipe is data in, losses and metrics out. The trainer only ever talks to a
-recipe through this interface, so a new recipe (THz, photometric, ear, ...)
-needs no change to the trainer. A recipe knows nothing about distribution:
-metric state is gathered across ranks by the trainer.
+recipe through this interface and finds recipes through the registry, so a new
+recipe (THz, photometric, ear, ...) is one module in ``recipes/`` plus a config
+file. A recipe knows nothing about distribution: metric states are gathered by
+the trainer, and what ``write_artifacts`` needs (a gather function, a way to
+publish files atomically, the raw images of a split) comes in an
+:class:`ArtifactContext`.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import importlib
+import pkgutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from shards.manifest import DataInfo
 
-@dataclass(frozen=True)
-class DataInfo:
-    """What a recipe may know about the dataset, read from the shard manifest."""
-
-    identities: tuple[str, ...]
-    twin_pairs: tuple[tuple[int, int], ...]
-    label_schemas: Mapping[str, tuple[str, ...]]
-    modalities: tuple[str, ...]
-    split_sizes: Mapping[str, int] = field(default_factory=dict)
-
-    @property
-    def num_identities(self) -> int:
-        return len(self.identities)
-
-
-def data_info_dict(info: DataInfo) -> dict[str, Any]:
-    """Plain data (for weights_only checkpoints)."""
-    return {"identities": list(info.identities), "twin_pairs": [list(p) for p in info.twin_pairs],
-            "label_schemas": {k: list(v) for k, v in info.label_schemas.items()},
-            "modalities": list(info.modalities), "split_sizes": dict(info.split_sizes)}
-
-
-def data_info_from_dict(d: Mapping[str, Any]) -> DataInfo:
-    return DataInfo(identities=tuple(d["identities"]), twin_pairs=tuple(tuple(p) for p in d["twin_pairs"]),
-                    label_schemas={k: tuple(v) for k, v in d["label_schemas"].items()},
-                    modalities=tuple(d["modalities"]), split_sizes=dict(d.get("split_sizes", {})))
+__all__ = ["ArtifactContext", "DataInfo", "Metrics", "Recipe", "get_recipe", "recipe_names", "register"]
 
 
 class Metrics:
     """Accumulates per-rank state during evaluation; the trainer gathers the
-    states of all ranks (``all_gather_object``) and calls :meth:`compute` with
-    the list, so every rank obtains the same numbers."""
+    states of all ranks and calls :meth:`compute` with the list, so every rank
+    obtains the same numbers."""
 
     def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
         raise NotImplementedError
@@ -59,6 +40,26 @@ class Metrics:
     @staticmethod
     def compute(states: list[Any]) -> dict[str, float]:
         raise NotImplementedError
+
+
+@dataclass
+class ArtifactContext:
+    """What the trainer hands to :meth:`Recipe.write_artifacts`.
+
+    ``loaders``: evaluation loaders by role (``"val"``, ``"test"``; a role is
+    missing when the data has no such split). ``gather(obj)``: every rank's
+    ``obj`` as a list, in rank order (``[obj]`` on one process); every rank
+    must call it the same number of times. ``publish(path, write)``: calls
+    ``write(tmp_path)`` and renames the result to ``path`` atomically.
+    ``read_images(role, keys)``: ``{key: PIL.Image}`` straight from the shards
+    of that role's split (for pictures of hard cases)."""
+
+    run_dir: Path
+    is_main: bool
+    loaders: Mapping[str, Iterable[Any]]
+    gather: Callable[[Any], list[Any]]
+    publish: Callable[[Path, Callable[[Path], None]], Path]
+    read_images: Callable[[str, Sequence[str]], dict[str, Any]]
 
 
 class Recipe:
@@ -77,11 +78,11 @@ class Recipe:
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
         """Turn one decoded shard sample into tensors (runs in data workers).
 
-        ``sample`` maps shard extensions to decoded values: ``*.png``/``*.jpg``/
-        ``*.pgm`` -> ``PIL.Image``, ``*.npy`` -> ``np.ndarray``, ``json`` -> dict,
-        plus ``__key__``. Torch's, NumPy's and Python's global RNGs are seeded
-        per sample by the stream before this is called, so random
-        augmentations are reproducible and resumable.
+        ``sample`` maps shard extensions to decoded values: image members ->
+        ``PIL.Image``, ``*.npy`` -> ``np.ndarray``, ``json`` -> dict, plus
+        ``__key__``. Torch's, NumPy's and Python's global RNGs are seeded per
+        sample by the stream before this is called, so random augmentations
+        are reproducible and resumable.
         """
         raise NotImplementedError
 
@@ -101,10 +102,9 @@ class Recipe:
     def new_metrics(self) -> Metrics:
         raise NotImplementedError
 
-    def write_artifacts(self, run_dir: Path, model: nn.Module, loaders: Mapping[str, Any],
-                        is_main: bool) -> dict[str, float]:
-        """Called once after training on every rank (collectives allowed);
-        rank 0 (``is_main``) writes recipe-specific pictures and files."""
+    def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
+        """Called once after training on every rank; rank 0 (``ctx.is_main``)
+        writes recipe-specific pictures and files. Returns test metrics."""
         return {}
 
 
@@ -130,5 +130,14 @@ def get_recipe(name: str) -> type[Recipe]:
     return _REGISTRY[name]
 
 
+_HELPER_MODULES = {"base", "batch", "image_input", "verification", "verification_plots"}
+
+
 def _import_builtin_recipes() -> None:
-    import models.recipes  # noqa: F401  (registers the built-in recipes)
+    """Import every recipe module of this package (importing one registers it),
+    so adding a recipe touches no list anywhere."""
+    import recipes
+
+    for info in pkgutil.iter_modules(recipes.__path__):
+        if info.name not in _HELPER_MODULES and not info.name.startswith("_"):
+            importlib.import_module(f"recipes.{info.name}")

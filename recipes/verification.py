@@ -54,25 +54,24 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from recipes.batch import label_column, sample_keys, valid_mask
+
 log = logging.getLogger("biomtl.eval")
 
 FAR_TARGETS = (1e-1, 1e-2, 1e-3)
 FAR_EXTRA = 1e-4          # reported when there are >= 1 / FAR_EXTRA impostor pairs
 DEFAULT_MAX_PAIRS = 2_000_000
-IMAGE_EXTS = ("png", "jpg", "jpeg", "pgm", "ppm", "bmp", "tif", "tiff", "webp", "gif")
 
 __all__ = ["Pairs", "generate_pairs", "pairs_from_file", "pairs_from_rows", "verification_report", "eer_from_roc",
-           "best_accuracy_threshold", "balanced_accuracy", "kfold_accuracy", "summary_metrics", "embed_split",
-           "write_report", "load_images_by_key", "cosine_scores", "FAR_TARGETS"]
+           "best_accuracy_threshold", "balanced_accuracy", "kfold_accuracy", "summary_metrics", "embed_batches",
+           "cosine_scores", "FAR_TARGETS"]
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -400,311 +399,44 @@ def summary_metrics(report: Mapping[str, Mapping[str, Any]]) -> dict[str, float]
 
 # ----------------------------------------------------------------------------- embeddings of a split
 
-def embed_split(embed: Callable[[Any], Any], data_dir: str | os.PathLike, split: str,
-                transform: Callable[..., dict], batch_size: int = 64, num_workers: int = 0,
-                progress: bool = True, description: str | None = None) -> dict[str, Any]:
-    """Embed every sample of a shard split (single process).
+def embed_batches(embed: Callable[[Any], Any], batches: Iterable[Mapping[str, Any]],
+                  advance: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Embed every real row of an evaluation loader's batches.
 
-    ``embed(images_tensor) -> [B, D]`` tensor. Returns ``{"embedding" [N, D]
-    float32, "identity" [N], "twin" [N], "keys" list[str]}`` in manifest order.
+    ``embed(images_tensor) -> [B, D]`` tensor. Returns the *embedding table*
+    ``{"embedding" [N, D] float32, "identity" [N], "twin" [N], "keys" list[str]}``
+    in loader order, padding rows (``_valid`` False) left out.
     """
     import torch
 
-    from shards.stream import build_eval_loader
-
-    loader = build_eval_loader(data_dir, split, transform, batch_size, 0, 1, num_workers)
     embs, idents, twins, keys = [], [], [], []
-    with _progress(progress, description or f"embedding {split}", len(loader)) as advance:
-        for batch in loader:
-            valid = batch["_valid"].numpy().astype(bool)
-            with torch.no_grad():
-                e = embed(batch["image"])
-            e = e.detach().float().cpu().numpy()
-            n = e.shape[0]
-            idents.append(_col(batch, "identity", n)[valid])
-            twins.append(_col(batch, "twin", n)[valid])
-            embs.append(e[valid])
-            ks = batch.get("__key__") or [""] * n
-            keys += [str(k) for k, v in zip(ks, valid) if v]
+    for batch in batches:
+        with torch.no_grad():
+            e = embed(batch["image"]).detach().float().cpu().numpy()
+        n = e.shape[0]
+        valid = valid_mask(batch, n)
+        embs.append(e[valid])
+        idents.append(label_column(batch, "identity", n)[valid])
+        twins.append(label_column(batch, "twin", n)[valid])
+        keys += [k for k, v in zip(sample_keys(batch, n), valid) if v]
+        if advance is not None:
             advance()
     return {"embedding": np.concatenate(embs) if embs else np.zeros((0, 0), np.float32),
             "identity": np.concatenate(idents) if idents else np.zeros(0, np.int64),
             "twin": np.concatenate(twins) if twins else np.zeros(0, np.int64), "keys": keys}
 
 
-def _col(batch: Mapping[str, Any], key: str, n: int) -> np.ndarray:
-    v = batch.get(key)
-    if v is None:
-        return np.full(n, -1, np.int64)
-    return np.asarray(v.cpu().numpy() if hasattr(v, "cpu") else v, dtype=np.int64).reshape(-1)
-
-
-class _progress:
-    """A rich progress bar on a terminal (plain log lines otherwise); yields ``advance()``."""
-
-    def __init__(self, enabled: bool, description: str, total: int | None):
-        self.enabled, self.description, self.total = enabled, description, total
-        self.bar = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            console = Console(stderr=True)
-            self.bar = Progress(TextColumn(f"[bold]{self.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                                disable=not console.is_terminal)
-            self.task = self.bar.add_task(self.description, total=self.total)
-            self.bar.start()
-        return self._advance
-
-    def _advance(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def progress_bar(enabled: bool, description: str, total: int | None) -> _progress:
-    return _progress(enabled, description, total)
-
-
-# ----------------------------------------------------------------------------- images for the error grid
-
-def load_images_by_key(data_dir: str | os.PathLike, split: str, keys: Iterable[str],
-                       prefer: Sequence[str] = ("vis.png", "png", "jpg", "jpeg", "pgm")) -> dict[str, Any]:
-    """``{key: PIL.Image}`` read straight from the split's tar shards (first image
-    member by ``prefer``, else any image extension)."""
-    import io
-
-    from PIL import Image
-
-    from shards.manifest import Manifest
-
-    want = set(keys)
-    found: dict[str, dict[str, bytes]] = {}
-    m = Manifest.load(data_dir)
-    for path in m.shard_paths(data_dir, split):
-        if len(found) == len(want) and all(found.values()):
-            break
-        try:
-            with tarfile.open(path) as tf:
-                for member in tf:
-                    base, _, ext = member.name.partition(".")
-                    base = base.rsplit("/", 1)[-1]
-                    if base in want and ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
-                        fh = tf.extractfile(member)
-                        if fh is not None:
-                            found.setdefault(base, {})[ext] = fh.read()
-        except (OSError, tarfile.TarError) as exc:
-            log.warning("cannot read %s for the error grid: %s", path, exc)
-    out = {}
-    for key, members in found.items():
-        ext = next((e for e in prefer if e in members), next(iter(members)))
-        img = Image.open(io.BytesIO(members[ext]))
-        img.load()
-        out[key] = img
-    return out
-
-
-# ----------------------------------------------------------------------------- report files
-
-def _json_clean(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _json_clean(v) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-def _savefig(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-def plot_roc(report: Mapping[str, Any], path: Path, title: str = "") -> None:
-    """Both impostor kinds on one plot, log-scale FAR, EER points and FAR targets marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    styles = {"all": ("tab:blue", "all impostors"), "twin": ("tab:red", "twin impostors")}
-    floor = None
-    for block, (color, name) in styles.items():
-        r = report[block]
-        if "_roc" not in r:
-            if block == "twin" and not r.get("impostor_pairs"):
-                ax.plot([], [], color=color, ls=":", label=f"{name}: none in this split")
-            continue
-        fpr, tpr = r["_roc"]
-        n_imp = max(r["impostor_pairs"], 1)
-        lo = 0.5 / n_imp                      # show FAR = 0 at half the smallest non-zero FAR
-        floor = lo if floor is None else min(floor, lo)
-        x = np.maximum(fpr, lo)
-        label = (f"{name}: EER {100 * r['eer']:.2f}%, AUC {r['auc']:.4f}\n"
-                 f"   ({r['genuine_pairs']} genuine / {r['impostor_pairs']} impostor pairs)")
-        ax.step(x, tpr, where="post", color=color, label=label)
-        ax.plot([max(r["eer"], lo)], [1 - r["eer"]], "o", color=color, markersize=5)
-    if floor is None:
-        ax.text(0.5, 0.5, "no genuine/impostor pairs", ha="center", transform=ax.transAxes)
-    else:
-        ax.set_xscale("log")
-        ax.set_xlim(floor, 1.0)
-        for t in FAR_TARGETS:
-            if t > floor:
-                ax.axvline(t, color="grey", lw=0.6, ls=":")
-    ax.set_ylim(0, 1.01)
-    ax.set_xlabel("false accept rate (FAR, log scale; FAR = 0 drawn at the left edge)")
-    ax.set_ylabel("true accept rate (TAR = 1 - FRR)")
-    ax.set_title(title or "verification ROC")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right", fontsize=7.5)
-    fig.tight_layout()
-    _savefig(fig, path)
-
-
-def plot_histograms(scores: np.ndarray, pairs: Pairs, path: Path, threshold: float | None,
-                    title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    lo, hi = float(np.min(scores)) if scores.size else -1, float(np.max(scores)) if scores.size else 1
-    bins = np.linspace(lo, hi if hi > lo else lo + 1e-3, 60)
-    groups = [("genuine (same identity)", pairs.label, "tab:green"),
-              ("impostor, not twins", ~pairs.label & ~pairs.twin, "tab:blue"),
-              ("impostor, co-twins", pairs.twin, "tab:red")]
-    for name, mask, color in groups:
-        if mask.any():
-            ax.hist(scores[mask], bins=bins, density=True, alpha=0.45, color=color,
-                    label=f"{name} (n={int(mask.sum())})")
-    if threshold is not None and math.isfinite(threshold):
-        ax.axvline(threshold, color="black", ls="--", lw=1, label=f"threshold {threshold:.3f}")
-    ax.set_xlabel("similarity score (cosine)")
-    ax.set_ylabel("density (each group normalised)")
-    ax.set_title(title or "score distributions")
-    ax.legend(fontsize=7.5)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    _savefig(fig, path)
-
-
-def _pair_tile(img_a: Any, img_b: Any, size: int = 96) -> np.ndarray:
-    """Two images side by side (each resized to ``size`` px high) with a white gap."""
-    from PIL import Image
-
-    tiles = []
-    for img in (img_a, img_b):
-        if img is None:
-            tiles.append(np.full((size, size, 3), 200, np.uint8))
-            continue
-        img = img.convert("RGB")
-        w = max(1, round(img.width * size / img.height))
-        tiles.append(np.asarray(img.resize((w, size), Image.BILINEAR)))
-    gap = np.full((size, max(4, size // 16), 3), 255, np.uint8)
-    return np.concatenate([tiles[0], gap, tiles[1]], axis=1)
-
-
-def plot_hardest_errors(scores: np.ndarray, pairs: Pairs, keys: Sequence[str], identities: np.ndarray,
-                        images: Mapping[str, Any], path: Path, threshold: float, k: int = 6,
-                        names: Sequence[str] | None = None) -> None:
-    """Two rows of pair tiles: the highest-scoring impostor pairs (false accepts when
-    at or above the threshold) and the lowest-scoring genuine pairs (false rejects
-    when below)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    imp = np.flatnonzero(~pairs.label)
-    gen = np.flatnonzero(pairs.label)
-    fa = imp[np.argsort(-scores[imp], kind="stable")[:k]] if imp.size else imp
-    fr = gen[np.argsort(scores[gen], kind="stable")[:k]] if gen.size else gen
-    cols = max(len(fa), len(fr), 1)
-    fig, axes = plt.subplots(2, cols, figsize=(2.5 * cols + 0.6, 4.6), squeeze=False)
-
-    def label_of(i: int) -> str:
-        ident = int(identities[i])
-        if names is not None and 0 <= ident < len(names):
-            return str(names[ident])
-        return f"id {ident}"
-
-    rows = ((fa, "impostor", "highest-scoring\nimpostor pairs"), (fr, "genuine", "lowest-scoring\ngenuine pairs"))
-    for row, (idx, kind, row_title) in enumerate(rows):
-        for c in range(cols):
-            ax = axes[row, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c >= len(idx):
-                ax.axis("off")
-                continue
-            p = int(idx[c])
-            i, j = int(pairs.a[p]), int(pairs.b[p])
-            ax.imshow(_pair_tile(images.get(keys[i]), images.get(keys[j])))
-            s = float(scores[p])
-            wrong = s >= threshold if kind == "impostor" else s < threshold
-            verdict = ("FALSE ACCEPT" if kind == "impostor" else "FALSE REJECT") if wrong else "correct"
-            color = "tab:red" if wrong else "tab:green"
-            twin_tag = "  (co-twins)" if pairs.twin[p] else ""
-            ax.set_title(f"{label_of(i)} vs {label_of(j)}{twin_tag}", fontsize=8)
-            ax.set_xlabel(f"score {s:.3f}: {verdict}", fontsize=8.5, color=color)
-            for spine in ax.spines.values():
-                spine.set_edgecolor(color)
-                spine.set_linewidth(2)
-        axes[row, 0].set_ylabel(row_title, fontsize=9)
-    fig.suptitle(f"hardest pairs at threshold {threshold:.3f} (accept when score >= threshold)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    _savefig(fig, path)
-
-
-def write_report(out_dir: str | os.PathLike, table: Mapping[str, Any], pairs: Pairs, *,
-                 threshold: float | None = None, threshold_source: str = "none",
-                 images: Mapping[str, Any] | None = None, identity_names: Sequence[str] | None = None,
-                 extra: Mapping[str, Any] | None = None, seed: int = 0, title: str = "") -> dict[str, Any]:
-    """Score ``pairs`` on ``table`` (an :func:`embed_split` result), write
-    ``metrics.json``, ``roc.png``, ``score_histograms.png`` and (with ``images``)
-    ``hardest_errors.png`` into ``out_dir``; return the metrics dict."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    scores = cosine_scores(table["embedding"], pairs.a, pairs.b)
-    report = verification_report(scores, pairs.label, pairs.twin, seed=seed, threshold=threshold, keep_roc=True)
-    shown_thr = threshold if threshold is not None else report["all"].get("eer_threshold")
-    metrics = {"protocol": pairs.source, "pairs": pairs.counts(), "samples": int(len(table["keys"])),
-               "identities": int(np.unique(table["identity"][table["identity"] >= 0]).size),
-               "threshold": threshold, "threshold_source": threshold_source,
-               "all_impostors": report["all"], "twin_impostors": report["twin"], **(extra or {})}
-    (out / "metrics.json").write_text(json.dumps(_json_clean(metrics), indent=1) + "\n")
-    plot_roc(report, out / "roc.png", title=title and f"ROC: {title}")
-    if shown_thr is not None and math.isfinite(shown_thr):
-        plot_histograms(scores, pairs, out / "score_histograms.png", shown_thr,
-                        title=f"score distributions{': ' + title if title else ''}")
-        if images is not None:
-            plot_hardest_errors(scores, pairs, table["keys"], table["identity"], images, out / "hardest_errors.png",
-                                float(shown_thr), names=identity_names)
-    return metrics
+def merge_tables(tables: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One embedding table from the tables of several ranks (rank order)."""
+    return {"embedding": np.concatenate([t["embedding"] for t in tables if len(t["keys"])] or
+                                        [np.zeros((0, 0), np.float32)]),
+            "identity": np.concatenate([t["identity"] for t in tables]),
+            "twin": np.concatenate([t["twin"] for t in tables]),
+            "keys": [k for t in tables for k in t["keys"]]}
 
 
 def hardest_error_keys(table: Mapping[str, Any], pairs: Pairs, k: int = 6) -> list[str]:
-    """Sample keys the error grid of :func:`write_report` will show."""
+    """Sample keys the error grid of :func:`recipes.verification_plots.write_report` will show."""
     scores = cosine_scores(table["embedding"], pairs.a, pairs.b)
     imp, gen = np.flatnonzero(~pairs.label), np.flatnonzero(pairs.label)
     idx = np.concatenate([imp[np.argsort(-scores[imp], kind="stable")[:k]],

@@ -20,18 +20,17 @@ brightness/contrast jitter (global torch RNG: the stream seeds it per sample).
 
 Twin-aware batches
 ------------------
-The shard stream (``shards.stream.build_train_loader``) has no P x K / twin-aware
-batch sampler yet, so the PWCA distractor of each sample is picked *inside the
-batch* by :func:`models.dcal.pick_distractors` (a co-twin image when the batch
-has one, else an image of another identity). When a sampler that puts co-twins
-together lands and adds ``batch["distractor"]`` (batch indices), the model uses
-it as is; the recipe needs no change either way.
+The PWCA distractor of each sample is picked *inside the batch* by
+:func:`models.dcal.pick_distractors` (a co-twin image when the batch has one,
+else an image of another identity); ``data.batching=pk data.twin_prob=1`` puts
+co-twins into the same batches (``shards.batching``). A loader that adds
+``batch["distractor"]`` (batch indices) is used as is.
 
 Validation (identity-disjoint)
 ------------------------------
 :class:`VerificationMetrics` keeps the embeddings, identities and co-twin ids
 of the val split (per rank; the trainer gathers them) and reports verification
-metrics on generated pairs (:func:`dist_train.evaluation.generate_pairs`, at most
+metrics on generated pairs (:func:`recipes.verification.generate_pairs`, at most
 ``val_max_pairs``): ``eer``, ``auc``, ``tar_at_far_0.1/0.01/0.001`` (and
 ``1e-04`` with enough impostors), ``best_acc``, ``threshold`` (the best-accuracy
 threshold on these val pairs; :class:`dist_train.inference.InferenceEngine`
@@ -57,9 +56,12 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from dist_train.recipe import DataInfo, Metrics, Recipe, register
 from models.dcal import DCAL, DCALConfig
-from models.image_input import face_transforms, pick_rgb_image
+from recipes import verification as ev
+from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
+from recipes.batch import label_column, valid_mask
+from recipes.image_input import face_transforms, pick_rgb_image
+from recipes.verification_plots import write_report
 
 log = logging.getLogger("biomtl.dcal")
 
@@ -130,13 +132,6 @@ class DCALTwinsParams:
                           metric_weight=self.metric_weight, verif_weight=self.verif_weight)
 
 
-def _batch_col(batch: Mapping[str, Any], key: str, n: int) -> np.ndarray:
-    v = batch.get(key)
-    if v is None:
-        return np.full(n, -1, dtype=np.int64)
-    return torch.as_tensor(v).detach().cpu().numpy().astype(np.int64).reshape(-1)
-
-
 class VerificationMetrics(Metrics):
     """State: embeddings (float16 to keep the gather small), identities, co-twins."""
 
@@ -149,11 +144,10 @@ class VerificationMetrics(Metrics):
     def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
         e = outputs["embedding"].detach().float().cpu().numpy()
         n = e.shape[0]
-        v = batch.get("_valid")
-        valid = np.ones(n, bool) if v is None else torch.as_tensor(v).cpu().numpy().astype(bool).reshape(-1)
+        valid = valid_mask(batch, n)
         self.emb.append(e[valid].astype(np.float16))
-        self.ident.append(_batch_col(batch, "identity", n)[valid])
-        self.twin.append(_batch_col(batch, "twin", n)[valid])
+        self.ident.append(label_column(batch, "identity", n)[valid])
+        self.twin.append(label_column(batch, "twin", n)[valid])
 
     def state(self) -> dict[str, Any]:
         cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
@@ -163,17 +157,15 @@ class VerificationMetrics(Metrics):
 
     @staticmethod
     def compute(states: list[Any]) -> dict[str, float]:
-        from dist_train.evaluation import cosine_scores, generate_pairs, summary_metrics, verification_report
-
         states = [s for s in states if s["identity"].size]
         if not states:
             return {"eer": float("nan"), "auc": float("nan")}
         emb = np.concatenate([s["embedding"] for s in states]).astype(np.float32)
         ident = np.concatenate([s["identity"] for s in states])
         twin = np.concatenate([s["twin"] for s in states])
-        pairs = generate_pairs(ident, twin, max_pairs=states[0]["max_pairs"], seed=states[0]["seed"])
-        scores = cosine_scores(emb, pairs.a, pairs.b)
-        flat = summary_metrics(verification_report(scores, pairs.label, pairs.twin, seed=states[0]["seed"]))
+        pairs = ev.generate_pairs(ident, twin, max_pairs=states[0]["max_pairs"], seed=states[0]["seed"])
+        scores = ev.cosine_scores(emb, pairs.a, pairs.b)
+        flat = ev.summary_metrics(ev.verification_report(scores, pairs.label, pairs.twin, seed=states[0]["seed"]))
         keep = ("eer", "auc", "tar_at_far_0.1", "tar_at_far_0.01", "tar_at_far_0.001", "tar_at_far_0.0001",
                 "best_acc")
         out = {k: flat[k] for k in keep if k in flat}
@@ -223,26 +215,20 @@ class DCALTwinsRecipe(Recipe):
     def new_metrics(self) -> Metrics:
         return VerificationMetrics(self.params.val_max_pairs, self.params.pair_seed)
 
-    def write_artifacts(self, run_dir: Path, model: nn.Module, loaders: Mapping[str, Any],
-                        is_main: bool) -> dict[str, float]:
+    def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
         """Embed the val and test splits (all ranks), then on rank 0 the full test
         report in ``run_dir/eval/test`` with the threshold picked on val pairs."""
-        import torch.distributed as dist
-
-        from dist_train import evaluation as ev
-
         module = getattr(model, "module", model)
-        tables: dict[str, dict[str, Any] | None] = {}
-        for split in ("val", "test"):
-            loader = loaders.get(split) if loaders else None
-            tables[split] = _embed_loader(module, loader) if loader is not None else None
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, tables)
-            tables = {s: _merge([g[s] for g in gathered]) if gathered[0][s] is not None else None
-                      for s in ("val", "test")}
+        param = next(module.parameters())
+        was_training = module.training
+        module.eval()
+        local = {role: ev.embed_batches(lambda x: module.embed(x.to(param.device, param.dtype)), loader)
+                 for role, loader in ctx.loaders.items() if role in ("val", "test")}
+        module.train(was_training)
+        gathered = ctx.gather(local)
+        tables = {role: ev.merge_tables([g[role] for g in gathered]) for role in local}
         test = tables.get("test")
-        if test is None or not len(test["keys"]):
+        if test is None or not len(test["keys"]) or not ctx.is_main:
             return {}
         p = self.params
         pairs = ev.generate_pairs(test["identity"], test["twin"], p.val_max_pairs, p.pair_seed)
@@ -253,50 +239,19 @@ class DCALTwinsRecipe(Recipe):
             if vp.label.any() and (~vp.label).any():
                 _, threshold = ev.best_accuracy_threshold(ev.cosine_scores(val["embedding"], vp.a, vp.b), vp.label)
                 source = "best accuracy on generated val pairs"
-        if not is_main:
-            return {}
-        out_dir = Path(run_dir) / "eval" / "test"
+        out_dir = Path(ctx.run_dir) / "eval" / "test"
         images = None
-        data_dir = getattr(loaders.get("test"), "data_dir", None)
-        if data_dir is not None:
-            try:
-                images = ev.load_images_by_key(data_dir, loaders["test"].plan.split, ev.hardest_error_keys(test, pairs))
-            except Exception as exc:  # pictures are a nicety; never fail a finished training for them
-                log.warning("no error grid: %s", exc)
+        try:
+            images = ctx.read_images("test", ev.hardest_error_keys(test, pairs))
+        except Exception as exc:  # pictures are a nicety; never fail a finished training for them
+            log.warning("no error grid: %s", exc)
         model_name = "DCAL" if p.use_glca or p.use_pwca else "ViT baseline"
-        metrics = ev.write_report(out_dir, test, pairs, threshold=threshold, threshold_source=source,
-                                  images=images, identity_names=self.data_info.identities,
-                                  seed=p.pair_seed, title=f"test split, {model_name}")
+        metrics = write_report(out_dir, test, pairs, ctx.publish, threshold=threshold, threshold_source=source,
+                               images=images, identity_names=self.data_info.identities,
+                               seed=p.pair_seed, title=f"test split, {model_name}")
         log.info("test verification report in %s", out_dir)
         flat = {k: v for k, v in ev.summary_metrics({"all": metrics["all_impostors"],
                                                      "twin": metrics["twin_impostors"]}).items()
                 if k in ("eer", "auc", "tar_at_far_0.01", "tar_at_far_0.001", "acc_10fold", "acc_at_threshold",
                          "twin_eer", "twin_auc", "twin_tar_at_far_0.01")}
         return flat
-
-
-def _embed_loader(module: nn.Module, loader: Any) -> dict[str, Any]:
-    param = next(module.parameters())
-    was_training = module.training
-    module.eval()
-    embs, idents, twins, keys = [], [], [], []
-    with torch.no_grad():
-        for batch in loader:
-            valid = batch["_valid"].numpy().astype(bool)
-            e = module.embed(batch["image"].to(param.device, param.dtype)).float().cpu().numpy()
-            n = e.shape[0]
-            embs.append(e[valid])
-            idents.append(_batch_col(batch, "identity", n)[valid])
-            twins.append(_batch_col(batch, "twin", n)[valid])
-            keys += [str(k) for k, v in zip(batch.get("__key__") or [""] * n, valid) if v]
-    module.train(was_training)
-    return {"embedding": np.concatenate(embs) if embs else np.zeros((0, 0), np.float32),
-            "identity": np.concatenate(idents) if idents else np.zeros(0, np.int64),
-            "twin": np.concatenate(twins) if twins else np.zeros(0, np.int64), "keys": keys}
-
-
-def _merge(tables: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"embedding": np.concatenate([t["embedding"] for t in tables if len(t["keys"])]),
-            "identity": np.concatenate([t["identity"] for t in tables]),
-            "twin": np.concatenate([t["twin"] for t in tables]),
-            "keys": [k for t in tables for k in t["keys"]]}

@@ -1,7 +1,7 @@
 """FaceCom recipe: gender + identity from (possibly degraded) face images.
 
 Data (one shard sample):
-- image: the first of :data:`models.image_input.IMAGE_KEYS` that is present
+- image: the first of :data:`recipes.image_input.IMAGE_KEYS` that is present
   (``vis.png`` in the built-in synthetic shards; a decoded ``PIL.Image``; grey
   images are converted to RGB);
 - ``json``: ``identity`` (int, index into the manifest's identities; missing or
@@ -32,18 +32,19 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from dist_train.recipe import DataInfo, Metrics, Recipe, register
 from models.augment import degradation_transforms
 from models.backbones import build_backbone
 from models.heads import build_identity_head
-from models.image_input import face_transforms, pick_rgb_image
 from models.losses import masked_cross_entropy
+from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
+from recipes.batch import label_column, move_batch, sample_keys, valid_mask
+from recipes.image_input import face_transforms, pick_rgb_image
 
 log = logging.getLogger("biomtl.facecom")
 
@@ -122,20 +123,6 @@ class FaceComModel(nn.Module):
 
 # ----------------------------------------------------------------------------- metrics
 
-def _valid_mask(batch: Mapping[str, Any], n: int) -> np.ndarray:
-    v = batch.get("_valid")
-    if v is None:
-        return np.ones(n, dtype=bool)
-    return torch.as_tensor(v).detach().cpu().numpy().astype(bool).reshape(-1)
-
-
-def _labels(batch: Mapping[str, Any], key: str, n: int) -> np.ndarray:
-    v = batch.get(key)
-    if v is None:
-        return np.full(n, -1, dtype=np.int64)
-    return torch.as_tensor(v).detach().cpu().numpy().astype(np.int64).reshape(-1)
-
-
 class FaceComMetrics(Metrics):
     """State: per-row arrays (gender true/pred, identity true/pred, top-5 hit)."""
 
@@ -150,8 +137,8 @@ class FaceComMetrics(Metrics):
         g_logits = outputs["gender_logits"].detach().float().cpu()
         i_logits = outputs["identity_logits"].detach().float().cpu()
         n = g_logits.shape[0]
-        valid = _valid_mask(batch, n)
-        g_true, i_true = _labels(batch, "gender", n), _labels(batch, "identity", n)
+        valid = valid_mask(batch, n)
+        g_true, i_true = label_column(batch, "gender", n), label_column(batch, "identity", n)
         k = min(5, i_logits.shape[1])
         top5 = i_logits.topk(k, dim=1).indices.numpy()
         self.g_true.append(g_true[valid])
@@ -200,7 +187,7 @@ class FaceComMetrics(Metrics):
 
 # ----------------------------------------------------------------------------- artefacts
 
-def plot_validation_metrics(csv_path: Path, out_path: Path) -> bool:
+def plot_validation_metrics(csv_path: Path, out_path: Path, publish: Callable[[Path, Callable[[Path], None]], Any]) -> bool:
     """Plot every metric column of ``validation_logs.csv`` against ``step``.
 
     Panels: gender metrics, identity metrics, ``combined``, losses / others.
@@ -258,23 +245,11 @@ def plot_validation_metrics(csv_path: Path, out_path: Path) -> bool:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out_path)
+    try:
+        publish(out_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    finally:
+        plt.close(fig)
     return True
-
-
-def _move(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device)
-            if v.is_floating_point():
-                v = v.to(dtype)
-        out[k] = v
-    return out
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -320,57 +295,44 @@ class FaceComRecipe(Recipe):
     def new_metrics(self) -> Metrics:
         return FaceComMetrics()
 
-    def write_artifacts(self, run_dir: Path, model: nn.Module, loaders: Mapping[str, Any],
-                        is_main: bool) -> dict[str, float]:
-        """Predict ``loaders["test"]`` (all ranks), write ``submission.csv`` and
+    def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
+        """Predict the test split (all ranks), write ``submission.csv`` and
         ``plots/training_metrics.png`` on rank 0, return the test metrics."""
-        import torch.distributed as dist
-
-        run_dir = Path(run_dir)
+        run_dir = Path(ctx.run_dir)
         module = getattr(model, "module", model)
         rows: list[dict[str, Any]] = []
         metrics = FaceComMetrics()
-        loader = loaders.get("test") if loaders else None
+        loader = ctx.loaders.get("test")
         if loader is not None:
             param = next(module.parameters())
             was_training = module.training
             module.eval()
             with torch.no_grad():
                 for batch in loader:
-                    out = module(_move(batch, param.device, param.dtype))
+                    out = module(move_batch(batch, param.device, param.dtype))
                     metrics.update(out, batch)
-                    g_prob = out["gender_logits"].float().softmax(1).cpu()
-                    i_prob = out["identity_logits"].float().softmax(1).cpu()
-                    valid = _valid_mask(batch, g_prob.shape[0])
-                    keys = batch.get("__key__") or [str(i) for i in range(len(valid))]
-                    g_conf, g_pred = g_prob.max(1)
-                    i_conf, i_pred = i_prob.max(1)
-                    for j in np.flatnonzero(valid):
-                        rows.append({"key": str(keys[j]), "gender": int(g_pred[j]), "gender_confidence": float(g_conf[j]),
+                    g_conf, g_pred = out["gender_logits"].float().softmax(1).cpu().max(1)
+                    i_conf, i_pred = out["identity_logits"].float().softmax(1).cpu().max(1)
+                    n = g_pred.shape[0]
+                    keys = sample_keys(batch, n)
+                    for j in np.flatnonzero(valid_mask(batch, n)):
+                        rows.append({"key": keys[j], "gender": int(g_pred[j]), "gender_confidence": float(g_conf[j]),
                                      "identity": int(i_pred[j]), "confidence": float(i_conf[j])})
             module.train(was_training)
-        state = metrics.state()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (rows, state))
-            rows = [r for rs, _ in gathered for r in rs]
-            states = [s for _, s in gathered]
-        else:
-            states = [state]
-        test_metrics = FaceComMetrics.compute(states) if loader is not None else {}
-        if is_main:
+        gathered = ctx.gather((rows, metrics.state()))
+        rows = [r for rs, _ in gathered for r in rs]
+        test_metrics = FaceComMetrics.compute([s for _, s in gathered]) if loader is not None else {}
+        if ctx.is_main:
             if loader is not None:
-                self._write_submission(run_dir / "submission.csv", rows)
+                ctx.publish(run_dir / "submission.csv", lambda tmp: self._write_submission(tmp, rows))
             if not plot_validation_metrics(run_dir / "logs" / "validation_logs.csv",
-                                           run_dir / "plots" / "training_metrics.png"):
+                                           run_dir / "plots" / "training_metrics.png", ctx.publish):
                 log.info("no validation log to plot in %s", run_dir / "logs")
         return test_metrics
 
     def _write_submission(self, path: Path, rows: list[dict[str, Any]]) -> None:
         names = self.data_info.identities
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as fh:
+        with Path(path).open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["key", "gender", "gender_confidence", "identity", "confidence"])
             for r in sorted(rows, key=lambda r: r["key"]):
@@ -378,4 +340,3 @@ class FaceComRecipe(Recipe):
                 gname = self.gender_names[g] if g < len(self.gender_names) else str(g)
                 iname = names[r["identity"]] if r["identity"] < len(names) else str(r["identity"])
                 w.writerow([r["key"], gname, f"{r['gender_confidence']:.4f}", iname, f"{r['confidence']:.4f}"])
-        tmp.replace(path)
