@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dist_train import distributed  # noqa: E402
+from dist_train.checkpoint import atomic_write, final_model_path  # noqa: E402
 from dist_train.config import Config, ConfigError, dump_config, recipe_params  # noqa: E402
 from dist_train.preflight import load_checked_config  # noqa: E402
 from recipes.base import get_recipe  # noqa: E402
@@ -175,7 +176,8 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
         if ctx.is_main:
             if restart_count() == 0 and launch_id():
                 (run_dir / LAUNCH_FILE).write_text(launch_id() + "\n")
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
+            text = dump_config(cfg)
+            atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
             log.info("run directory: %s  (world size %d, %s, %s)", run_dir, ctx.world_size, ctx.device,
                      ctx.backend)
         seed_everything(cfg.experiment.seed)  # same initial weights on every rank
@@ -188,14 +190,13 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
         if trainer.state.step >= trainer.total_steps or trainer.state.stopped_early:
             # The consolidated fp32 weights for inference (any strategy, any ZeRO stage).
             from dist_train.config import resolved_config_dict
-            from dist_train.checkpoint import final_model_path
             from dist_train.export import export_live
 
             export_live(trainer.strategy, final_model_path(run_dir), resolved_config_dict(cfg),
                         recipe.data_info.to_dict(), ctx.is_main)
         if ctx.is_main:
-            (run_dir / "final_metrics.json").write_text(json.dumps(
-                {"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics}, indent=1))
+            text = json.dumps({"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics}, indent=1)
+            atomic_write(run_dir / "final_metrics.json", lambda tmp: tmp.write_text(text))
         return metrics
 
 

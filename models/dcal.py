@@ -21,8 +21,16 @@ Branches
   Attention rollout ``S^ = S-_L (x) ... (x) S-_1`` with ``S-_l = 0.5 mean_heads(S_l) + 0.5 I``
   (rows re-normalised; computed in float32 without gradient: it only selects
   tokens). The top ``R`` patch tokens by the CLS row of ``S^`` become the
-  local queries, plus the CLS token which is always a query; keys and values
-  are all tokens.
+  local queries ``Q^l``; keys and values are all tokens (global ``K^g, V^g``).
+  - **[choice]** The CLS token is *not* a GLCA query and the GLCA embedding is
+    the *mean of the R local query outputs*, then the (copied) final norm.
+    Why: the CLS query attends to every key, so with ``M = 1`` block the output
+    at the CLS position is the ordinary self-attention output of CLS whatever
+    tokens are selected: a GLCA "class token" taken there would not depend on
+    the rollout or the top-R selection at all (a random selection would give
+    exactly the same embedding). Pooling the outputs of exactly the selected
+    local queries makes the GLCA embedding what the paper describes: the most
+    attended local tokens, each refined by cross-attention to the whole image.
   - **[choice]** The GLCA block runs *in parallel to the last SA block*: its
     input is ``x_{L-1}`` (the input of SA block ``L``), so at initialisation
     GLCA computes what SA block ``L`` computes, restricted to the selected
@@ -31,8 +39,10 @@ Branches
   - **[choice]** ``R = round(top_r * num_patches)``, at least 1; ``top_r`` 0.1 (FGVC)
     or 0.3 (re-ID-like data). Register tokens (if any) are never selected.
   - **[choice]** The residual stream of the selected tokens is their ``x_{L-1}``;
-    the GLCA block's MLP and its own copy of the final norm follow, and the
-    GLCA class token is the output at the CLS position.
+    the GLCA block's MLP follows; the ``R`` outputs are mean-pooled, then the
+    GLCA block's own copies of the final ``norm`` and ``fc_norm`` are applied
+    (pool first, then norm: the embedding is a normalised vector, like the
+    SA class token). Below, "GLCA class token" means this pooled vector.
 * **PWCA** (pair-wise cross-attention), training only, ``T = L`` blocks whose
   weights are the SA blocks' (shared). For image ``i`` with distractor ``j``,
   block ``l`` uses the queries of ``i``'s PWCA state and keys/values
@@ -86,7 +96,7 @@ Batch keys used by :meth:`DCAL.forward`
   classification terms in eval, so identity-disjoint val splits work). Needed
   for any loss; without it ``loss`` is a zero tensor. In eval the classification
   terms of identity-disjoint splits are meaningless: judge with verification
-  metrics (:mod:`models.verification`) on ``embedding``;
+  metrics (:mod:`recipes.verification`) on ``embedding``;
 - ``twin``: long ``[B]``, identity index of the sample's co-twin or ``-1``
   (optional; makes the metric loss and the distractor choice twin-aware);
 - ``distractor``: long ``[B]`` batch indices (optional, overrides the picker).
@@ -229,13 +239,18 @@ def rollout(attn_maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return result / result.sum(dim=-1, keepdim=True)
 
 
-def select_top_tokens(rollout_map: torch.Tensor, ratio: float, num_prefix_tokens: int = 1) -> torch.Tensor:
-    """``[B, 1 + R]`` query indices: the CLS token (0) then the ``R`` patch tokens
-    with the highest CLS-row rollout score (in decreasing score order)."""
+def select_top_tokens(rollout_map: torch.Tensor, ratio: float, num_prefix_tokens: int = 1,
+                      include_cls: bool = True) -> torch.Tensor:
+    """Token indices of the ``R = round(ratio * num_patches)`` (at least 1) patch
+    tokens with the highest CLS-row rollout score, in decreasing score order:
+    ``[B, 1 + R]`` preceded by the CLS token (0) when ``include_cls``, else
+    ``[B, R]`` (what GLCA uses). Prefix tokens (CLS, registers) are never selected."""
     scores = rollout_map[:, 0, num_prefix_tokens:]
     n = scores.shape[1]
     r = min(n, max(1, int(round(ratio * n))))
     top = scores.topk(r, dim=1).indices + num_prefix_tokens
+    if not include_cls:
+        return top
     cls = torch.zeros(scores.shape[0], 1, dtype=top.dtype, device=top.device)
     return torch.cat([cls, top], dim=1)
 
@@ -376,10 +391,18 @@ class DCAL(nn.Module):
                 "attn": attn, "kv": kv, "grid": grid}
 
     def forward_glca(self, x_in_last: torch.Tensor, attn: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """GLCA: the top-``R`` patch tokens by the CLS row of the rollout of ``attn``
+        (all SA blocks) are the queries of the GLCA block over all tokens of
+        ``x_in_last``; returns ``cls`` (norms of the mean of the ``R`` outputs),
+        ``index`` ``[B, R]`` (the selected tokens) and ``rollout``.
+
+        CLS is deliberately not a query: its output would ignore the selection
+        (it attends to all keys anyway); see the module docstring."""
         r = rollout(attn)
-        idx = select_top_tokens(r, self.cfg.top_r, self.num_prefix_tokens)
+        idx = select_top_tokens(r, self.cfg.top_r, self.num_prefix_tokens, include_cls=False)
         o = block_forward(self.glca_block, x_in_last, query_index=idx)
-        return {"cls": self._cls(o["x"], self.glca_norm, self.glca_fc_norm), "index": idx, "rollout": r}
+        pooled = o["x"].mean(dim=1)
+        return {"cls": self.glca_fc_norm(self.glca_norm(pooled)), "index": idx, "rollout": r}
 
     def forward_pwca(self, x0: torch.Tensor, kv: Sequence[tuple[torch.Tensor, torch.Tensor]],
                      distractor: torch.Tensor) -> torch.Tensor:

@@ -199,6 +199,7 @@ def test_mlflow_missing_is_a_one_line_config_error(monkeypatch):
     assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "true"
 
 
+@pytest.mark.integration
 def test_two_ranks_gather_the_verification_state(tmp_path):
     """torchrun, 2 ranks: validation metrics and the test report see every sample once."""
     import json

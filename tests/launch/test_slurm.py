@@ -21,6 +21,8 @@ from dist_train.checkpoint import safe_load
 from tests.conftest import PYTHON, REPO
 from tests.slurm_cluster import SlurmCluster, require_slurm
 
+pytestmark = pytest.mark.integration  # torchrun / DeepSpeed / SLURM / full training runs
+
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 JOB_TIMEOUT = 300
 

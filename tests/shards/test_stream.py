@@ -167,6 +167,7 @@ def test_synthetic_deterministic(tmp_path, syn):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.integration
 def test_ensure_synthetic_recovers_from_crashes(tmp_path):
     import socket
 

@@ -350,6 +350,7 @@ def _artifacts_worker(rank: int, world: int, port: int, run_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_write_artifacts_gathers_all_ranks(tmp_path):
     import socket
 

@@ -33,6 +33,8 @@ from dist_train.config import ConfigError, load_config
 from dist_train.preflight import load_checked_config
 from tests.conftest import PYTHON, REPO, tiny_overrides
 
+pytestmark = pytest.mark.integration  # torchrun / DeepSpeed / SLURM / full training runs
+
 CONFIG = REPO / "configs" / "facecom.yaml"
 DS_CONFIGS = REPO / "configs" / "deepspeed"
 

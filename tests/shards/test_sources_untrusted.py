@@ -23,10 +23,8 @@ from shards.build import create
 from shards.cli import run as shards_cli
 from shards.manifest import Manifest
 from shards.sources import InputError, SampleError, read_npy
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
-while not (REPO / "shards").is_dir() and REPO != REPO.parent:  # (tests may live in a subfolder)
-    REPO = REPO.parent
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
 

@@ -15,6 +15,8 @@ from dist_train.config import load_config
 from dist_train.main import train
 from tests.conftest import PYTHON, REPO, tiny_overrides
 
+pytestmark = pytest.mark.integration  # torchrun / DeepSpeed / SLURM / full training runs
+
 CONFIG = REPO / "configs" / "facecom.yaml"
 
 

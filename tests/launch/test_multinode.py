@@ -149,6 +149,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.integration
 def test_two_nodes_c10d_rendezvous_on_loopback(tmp_path: Path) -> None:
     """The command ``biomtl launch --nnodes 2`` runs, started twice as on two
     hosts: each agent in its own working directory, one rank each, rendezvous on

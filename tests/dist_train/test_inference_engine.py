@@ -14,7 +14,7 @@ from PIL import Image
 
 from dist_train.config import load_config
 from tests.conftest import PYTHON, REPO
-from tests.test_dcal_recipe import CONFIG, dcal_overrides
+from tests.recipes.test_dcal_twins import CONFIG, dcal_overrides
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,7 @@ def _cli_here(capsys, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, rc, cap.out, cap.err)
 
 
+@pytest.mark.integration
 def test_round_trip_in_a_new_process(trained):
     run, _, images = trained
     a1, a2, b1 = _imgs(images)[0], _imgs(images)[1], _imgs(images)[2]

@@ -1,6 +1,7 @@
 """FaceCom on the built-in synthetic data learns: gender and identity clearly beat chance."""
 from __future__ import annotations
 
+import pytest
 import csv
 import json
 from pathlib import Path
@@ -8,6 +9,8 @@ from pathlib import Path
 from dist_train.config import load_config
 from dist_train.main import train
 from tests.conftest import REPO, tiny_overrides
+
+pytestmark = pytest.mark.integration  # torchrun / DeepSpeed / SLURM / full training runs
 
 IDENTITIES = 12
 

@@ -4,6 +4,7 @@ itself; a rank that raises brings the job down with its error, not a hang.
 Faults are injected deterministically by launch/faults.py (BIOMTL_FAULT_*)."""
 from __future__ import annotations
 
+import pytest
 import csv
 import os
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from dist_train.checkpoint import safe_load
 from tests.conftest import PYTHON, REPO, tiny_overrides
+
+pytestmark = pytest.mark.integration  # torchrun / DeepSpeed / SLURM / full training runs
 
 
 def _torchrun_restarting(tmp_path: Path, fault_env: dict[str, str], **overrides: object) -> subprocess.CompletedProcess:
