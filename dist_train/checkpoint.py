@@ -6,9 +6,13 @@ and makes every visible name appear atomically (write to a temp name, rename).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 BEST = "best"
 MODEL_FILE = "model.pt"          # consolidated fp32 weights written at the end of a run
+STAGING = ".staging"             # a checkpoint being written, before it is renamed to latest
 
 
 def checkpoint_path(run_dir: Path, name: str = LATEST, suffix: str = ".pt") -> Path:
@@ -46,22 +51,46 @@ def run_dir_of(path: Path) -> Path | None:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """The one way this toolkit publishes a file: ``write(tmp)`` next to ``path``,
     then rename, so a reader (or a resume after a crash) never sees half a file.
-    The temp file is removed when ``write`` fails."""
+    The temp file is removed when ``write`` fails; temp files of ``path`` left by
+    a killed process (any pid: one process writes a given name) are swept first.
+    An ``OSError`` names ``path`` (``write`` on an open file does not)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    _remove(tmp)  # left by an earlier process with our pid that was killed mid-write
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sweep_stale(path)
         write(tmp)
         _move_into_place(tmp, path)
-    except BaseException:
-        _remove(tmp)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            _remove(tmp)
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: Path) -> None:
+        # Through a Python file object: a failed write is then an OSError with
+        # its errno (ENOSPC...), where torch.save(obj, path_string) only says
+        # "basic_ios::clear: iostream error" or "unexpected pos".
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    atomic_write(path, write)
+
+
+_STALE = re.compile(r"\.(tmp|old)\d+$")
+
+
+def sweep_stale(path: Path) -> None:
+    """Remove what killed writers of ``path`` left beside it: ``.NAME.tmp<pid>``
+    (a temp file or folder) and ``.NAME.old<pid>`` (a folder being swapped out)."""
+    prefix = f".{Path(path).name}."
+    for leftover in Path(path).parent.glob(f"{glob.escape(prefix)}*"):
+        if _STALE.fullmatch(leftover.name[len(prefix) - 1:]):
+            _remove(leftover)
 
 
 def safe_load(path: Path, map_location: Any = "cpu") -> Any:
@@ -87,9 +116,14 @@ def _move_into_place(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst``; a directory ``dst`` is swapped, never half-written."""
     if dst.is_dir() and not dst.is_symlink():
         old = dst.with_name(f".{dst.name}.old{os.getpid()}")
+        _remove(old)
         os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old)
+        try:
+            os.replace(src, dst)
+        except BaseException:
+            os.replace(old, dst)  # keep the previous version under its name
+            raise
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
 
@@ -99,6 +133,26 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
+
+
+_TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "unexpected pos", "PytorchStreamWriter")
+
+
+def as_write_error(exc: BaseException, path: Path) -> BaseException:
+    """An ``OSError`` naming ``path`` for a failed checkpoint write; other
+    exceptions unchanged. ``torch.save(obj, path_string)`` (what DeepSpeed's
+    engine calls) reports a failed write as a RuntimeError without its cause;
+    a full disk is by far the usual one, so it is named when the folder has
+    (almost) no space left, else the write is reported as an I/O error."""
+    if isinstance(exc, OSError):
+        return OSError(exc.errno, exc.strerror or str(exc), str(path))
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in _TORCH_WRITE_FAILURES):
+        code = errno.EIO
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(Path(path).parent).free < (1 << 20):
+                code = errno.ENOSPC
+        return OSError(code, os.strerror(code), str(path))
+    return exc
 
 
 # ---------------------------------------------------------------------------
@@ -163,6 +217,19 @@ class CheckpointManager:
             (self.dir / "topk").mkdir(parents=True, exist_ok=True)
             if policy.every_steps:
                 (self.dir / "periodic").mkdir(parents=True, exist_ok=True)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Remove the staging checkpoint and the temp files of a process killed
+        while saving (nothing else writes here while this run's rank 0 lives),
+        so they neither pile up nor survive a resume."""
+        for folder in (self.dir, self.dir / "topk", self.dir / "periodic"):
+            if not folder.is_dir():
+                continue
+            for leftover in folder.iterdir():
+                if leftover.name.startswith(STAGING) or (leftover.name.startswith(".")
+                                                         and _STALE.search(leftover.name)):
+                    _remove(leftover)
 
     def path(self, name: str) -> Path:
         return self.dir / f"{name}{self.suffix}"
@@ -170,13 +237,22 @@ class CheckpointManager:
     def save(self, write: Callable[[Path], None], step: int, metrics: dict[str, float] | None) -> None:
         """``write(path)`` is called on every rank (DeepSpeed writes collectively);
         rank 0 then publishes the names."""
-        staging = self.dir / f".staging{self.suffix}"
+        staging = self.dir / f"{STAGING}{self.suffix}"
+        latest = self.path(LATEST)
         if self.is_main:
             _remove(staging)
-        write(staging)
+        try:
+            write(staging)
+        except (OSError, RuntimeError) as exc:
+            if self.is_main:
+                with contextlib.suppress(OSError):
+                    _remove(staging)
+            error = as_write_error(exc, latest)
+            if error is exc:
+                raise
+            raise error from exc
         if not self.is_main:
             return
-        latest = self.path(LATEST)
         _move_into_place(staging, latest)
         name = f"step_{step:08d}{self.suffix}"
         if self.policy.every_steps and step % self.policy.every_steps == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,14 @@ class ConfigError(ValueError):
 def path_field(default: str = "", **kw: Any) -> Any:
     """A string field that, when non-empty, must name an existing path."""
     return field(default=default, metadata={"path": True}, **kw)
+
+
+def nonfinite_field(default: float, **kw: Any) -> Any:
+    """A float field that may be ``inf``/``nan``; every other float must be finite."""
+    return field(default=default, metadata={"nonfinite": True}, **kw)
+
+
+NO_SPLIT = "none"  # data.val_split=none: train without validation
 
 
 @dataclass
@@ -53,9 +62,12 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000
     train_split: str = "train"
-    val_split: str = "val"
+    val_split: str = "val"  # "none": no validation (no best/top-k checkpoints, no early stopping)
     test_split: str = "test"
     max_corrupt_fraction: float = 0.01
+    # hash every shard against the manifest's sha256 before streaming it; a
+    # mismatch is a corrupt shard (counted, named). Off: hashing costs a read.
+    verify_checksums: bool = False
     resampled: bool = False  # stream: shards drawn with replacement, virtual epochs (shards/stream.py)
     batching: Literal["stream", "pk", "triplet"] = "stream"  # train batches; pk/triplet: shards/batching.py
     pk_k: int = 4  # pk: samples per identity; P = batch_size // pk_k identities per batch
@@ -130,7 +142,9 @@ class LoggingConfig:
 @dataclass
 class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"
-    timeout_s: int = 1800
+    # A stopped rank blocks the others in a collective for this long before the
+    # job fails; raise it when a first step (compilation, cold caches) is slower.
+    timeout_s: int = 300
 
 
 @dataclass
@@ -163,7 +177,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -185,15 +199,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     return None
                 continue
             try:
-                return _coerce(value, option, key)
+                return _coerce(value, option, key, finite)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # Optional[X]: X's own message says more
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: {value!r} matches none of {[_type_name(a) for a in args]}")
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         item_tp = args[0] if args else Any
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}[{i}]", finite) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -207,15 +223,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             # YAML 1.1 reads "3e-4" as a string; accept any float literal.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if finite and not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -234,7 +255,7 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), fields)}")
-        value = _coerce(value, hints[key], full)
+        value = _coerce(value, hints[key], full, finite=not fields[key].metadata.get("nonfinite"))
         if fields[key].metadata.get("path") and value and not Path(value).exists():
             raise ConfigError(f"{full}: path does not exist: {value}")
         kwargs[key] = value
@@ -313,22 +334,41 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    for key, value in {"train.max_steps": cfg.train.max_steps, "data.num_workers": cfg.data.num_workers,
-                       "train.stop_at_step": cfg.train.stop_at_step,
-                       "train.val_every_steps": cfg.train.val_every_steps,
-                       "checkpoint.every_steps": cfg.checkpoint.every_steps}.items():
+    t, sch = cfg.train, cfg.train.scheduler
+    for key, value in {"train.max_steps": t.max_steps, "data.num_workers": cfg.data.num_workers,
+                       "train.stop_at_step": t.stop_at_step,
+                       "train.val_every_steps": t.val_every_steps,
+                       "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                       "data.shuffle_buffer": cfg.data.shuffle_buffer,
+                       "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
+                       "train.momentum": t.momentum, "train.scheduler.warmup_steps": sch.warmup_steps,
+                       "train.early_stopping.min_delta": t.early_stopping.min_delta}.items():
         if value < 0:
             raise ConfigError(f"{key}: must be >= 0, got {value}")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr: must be > 0, got {cfg.train.lr}")
-    if cfg.train.val_every_epochs <= 0:
-        raise ConfigError(f"train.val_every_epochs: must be > 0, got {cfg.train.val_every_epochs}")
-    if len(cfg.train.betas) != 2:
-        raise ConfigError(f"train.betas: expected two numbers, got {cfg.train.betas}")
-    es = cfg.train.early_stopping
+    for key, value in {"train.scheduler.restart_period": sch.restart_period,
+                       "train.scheduler.restart_mult": sch.restart_mult,
+                       "train.early_stopping.patience": t.early_stopping.patience}.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
+    if t.val_every_epochs <= 0:
+        raise ConfigError(f"train.val_every_epochs: must be > 0, got {t.val_every_epochs}")
+    if not 0.0 <= cfg.data.max_corrupt_fraction < 1.0:
+        raise ConfigError(f"data.max_corrupt_fraction: must be in [0, 1), got {cfg.data.max_corrupt_fraction}")
+    for key, value in {"train.scheduler.warmup_ratio": sch.warmup_ratio,
+                       "train.scheduler.min_lr_ratio": sch.min_lr_ratio}.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas: expected two numbers in [0, 1), got {t.betas}")
+    es = t.early_stopping
     if len(es.modes) != len(es.metrics):
         raise ConfigError("train.early_stopping.modes: needs one mode (min|max) per metric "
                           f"in train.early_stopping.metrics, got {len(es.modes)} for {len(es.metrics)}")
+    if es.metrics and not validates(cfg):
+        raise ConfigError(f"train.early_stopping.metrics: early stopping needs validation, but "
+                          f"data.val_split is '{NO_SPLIT}'; set data.val_split or train.early_stopping.metrics=[]")
     if cfg.data.batching == "pk" and (cfg.data.pk_k < 1 or cfg.data.batch_size % cfg.data.pk_k):
         raise ConfigError(f"data.pk_k: must be >= 1 and divide data.batch_size ({cfg.data.batch_size}), "
                           f"got {cfg.data.pk_k}")
@@ -349,6 +389,11 @@ def validate(cfg: Config) -> None:
     recipe_params(cfg)  # raises ConfigError on bad recipe.params
 
 
+def validates(cfg: Config) -> bool:
+    """Whether the run validates (``data.val_split`` other than ``none``)."""
+    return cfg.data.val_split.strip().lower() != NO_SPLIT
+
+
 def recipe_params(cfg: Config) -> Any:
     from recipes.base import get_recipe
 
@@ -367,6 +412,17 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
                                    "deepspeed": {"config": ""}})
     cfg.data.shards = tree["data"].get("shards", "")
     return cfg
+
+
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf that differs
+    between two resolved config dicts (a resumed checkpoint's and this run's)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in list(old) + [k for k in new if k not in old]:
+            out += config_changes(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
 
 
 def dump_config(cfg: Config) -> str:

@@ -79,17 +79,20 @@ def shutdown() -> None:
 
 
 @contextlib.contextmanager
-def process_group(env: LaunchEnv, backend: str, timeout_s: int) -> Iterator[DistContext]:
+def process_group(env: LaunchEnv, backend: str, timeout_s: int,
+                  reported: tuple[type[BaseException], ...] = ()) -> Iterator[DistContext]:
     """Init, run, and always tear the group down.
 
-    On an exception the rank logs it with its number and re-raises; the
+    On an exception the rank logs it with its number and re-raises (except the
+    ``reported`` types, which the caller reports in one line itself); the
     launcher (torchrun / srun --kill-on-bad-exit) then stops the other ranks,
     and the collective timeout ends any rank still blocked in a collective."""
     ctx = init(env, backend, timeout_s)
     try:
         yield ctx
-    except BaseException:
-        log.exception("rank %d failed", env.rank)
+    except BaseException as exc:
+        if not isinstance(exc, reported):
+            log.exception("rank %d failed", env.rank)
         raise
     finally:
         shutdown()

@@ -9,6 +9,10 @@ Made from
 - a DDP ``.pt`` checkpoint (optimizer, scheduler and scaler state dropped);
 - a live strategy at the end of training (``run_dir/model.pt``).
 
+Every file read here is untrusted input and loads weights-only, DeepSpeed's
+included (see ``dist_train.strategies.deepspeed.checked_tag_dir``); a file
+that does not is an :class:`ExportError` naming it and the cause.
+
 ``load_exported`` rebuilds the recipe model from such a file alone.
 """
 from __future__ import annotations
@@ -59,59 +63,104 @@ def model_states_file(tag_dir: Path) -> Path:
     raise ExportError(f"{tag_dir}: no DeepSpeed model states file (incomplete checkpoint?)")
 
 
-def _deepspeed_export(ckpt_dir: Path) -> dict[str, Any]:
-    from dist_train.strategies.deepspeed import CLIENT_KEY, import_deepspeed
+def _payload(path: Path, model: Any, client: Any) -> dict[str, Any]:
+    """The consolidated file's content; what a checkpoint lacks is one line naming it."""
+    if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise ExportError(f"{path}: not a biomtl checkpoint (its model is not a state dict of tensors)")
+    if not isinstance(client, Mapping) or "config" not in client:
+        raise ExportError(f"{path}: the checkpoint has no config (written before checkpoints were self-describing, "
+                          "or not by biomtl)")
+    if not isinstance(client["config"], Mapping) or not isinstance(client.get("data_info"), Mapping):
+        raise ExportError(f"{path}: not a biomtl checkpoint (config / data_info missing or malformed)")
+    return {"model": _fp32(model), "config": client["config"], "data_info": client["data_info"]}
 
-    tag_file = ckpt_dir / "latest"
-    if not tag_file.is_file():
-        raise ExportError(f"{ckpt_dir}: not a DeepSpeed checkpoint directory (no 'latest' tag file)")
-    tag = tag_file.read_text().strip()
-    model_states = model_states_file(ckpt_dir / tag)
-    import_deepspeed()  # DS_ACCELERATOR on a machine without GPUs, before DeepSpeed's first use
-    # DeepSpeed's directory format pickles non-tensor objects, so it needs
-    # weights_only=False: acceptable only for checkpoints this toolkit wrote
-    # (trusted). The file written here is the safe, weights_only one.
-    states = torch.load(model_states, map_location="cpu", weights_only=False)
-    client = states.get(CLIENT_KEY)
-    if client is None:
+
+def _deepspeed_export(ckpt_dir: Path) -> dict[str, Any]:
+    from dist_train.strategies.deepspeed import (CLIENT_KEY, CheckpointLoadError, checked_tag_dir,
+                                                 load_checkpoint_file, weights_only_loads)
+
+    # DeepSpeed's directory format is untrusted input like any checkpoint:
+    # every file loads weights-only (DeepSpeed's few data classes allowed).
+    try:
+        tag_dir = checked_tag_dir(ckpt_dir)
+        model_states = model_states_file(tag_dir)
+        states = load_checkpoint_file(model_states)
+    except CheckpointLoadError as exc:
+        raise ExportError(str(exc)) from None
+    if not isinstance(states, Mapping) or not isinstance(states.get(CLIENT_KEY), Mapping):
         raise ExportError(f"{model_states}: no toolkit client state (not written by biomtl?)")
-    zero_files = sorted((ckpt_dir / tag).glob("*zero_pp_rank_*_optim_states.pt"))
-    stage = int((states.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0))
-    if stage > 0 or zero_files:
+    client = states[CLIENT_KEY]
+    zero_files = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    ds_config = states.get("ds_config")
+    zero = ds_config.get("zero_optimization", {}) if isinstance(ds_config, Mapping) else {}
+    stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
+    if stage or zero_files:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # zero_to_fp32 prints its progress (stdout) and a tqdm bar (stderr): keep them for --debug logs only.
         chatter = io.StringIO()
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            model = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        try:
+            with weights_only_loads(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                model = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag_dir.name)
+        except Exception as exc:  # noqa: BLE001 - a malformed partition set: one line, not zero_to_fp32's traceback
+            log.debug("zero_to_fp32: %s", chatter.getvalue())
+            cause = (str(exc).splitlines() or [""])[0][:200]
+            raise ExportError(f"{tag_dir}: DeepSpeed cannot consolidate the ZeRO partitions "
+                              f"({type(exc).__name__}: {cause})") from None
         log.debug("zero_to_fp32: %s", chatter.getvalue())
     else:
         # Stage 0: no ZeRO partitions; the module's own (full) weights. In
         # fp32 these are the trained weights; with bf16/fp16 DeepSpeed keeps
         # its fp32 master copy in the optimizer, and this is its 16-bit image.
-        model = states["module"]
-    return {"model": _fp32(model), "config": client["config"], "data_info": client["data_info"]}
+        model = states.get("module")
+    return _payload(model_states, model, client)
 
 
 def _ddp_export(path: Path) -> dict[str, Any]:
-    state = safe_load(path)
-    if not isinstance(state, dict) or "model" not in state:
+    from dist_train.strategies.deepspeed import load_problem
+
+    if not path.is_file():  # a FIFO would block the read
+        raise ExportError(f"{path}: not a regular file")
+    try:
+        state = safe_load(path)
+    except Exception as exc:  # noqa: BLE001 - an untrusted file: one line naming it and the cause
+        raise ExportError(f"{path}: {load_problem(path, exc)}") from None
+    if not isinstance(state, Mapping) or "model" not in state:
         raise ExportError(f"{path}: not a biomtl checkpoint (no 'model')")
     client = state.get("client") or {}
-    if "config" not in client:
-        if "config" in state:  # already an exported file
-            return {"model": _fp32(state["model"]), "config": state["config"], "data_info": state["data_info"]}
-        raise ExportError(f"{path}: the checkpoint has no config (written before checkpoints were self-describing)")
-    return {"model": _fp32(state["model"]), "config": client["config"], "data_info": client["data_info"]}
+    if isinstance(client, Mapping) and "config" not in client and "config" in state:  # already an exported file
+        client = state
+    return _payload(path, state["model"], client)
+
+
+def for_inference(payload: dict[str, Any]) -> dict[str, Any]:
+    """The payload as inference needs it: the recipe decides what the exported
+    model is (:meth:`recipes.base.Recipe.export_for_inference`, e.g. a student
+    without its teacher); the config then names that recipe and its params."""
+    from dist_train.config import config_from_dict, recipe_params, to_dict
+    from recipes.base import DataInfo, get_recipe
+
+    try:
+        cfg = config_from_dict(payload["config"])
+        recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), DataInfo.from_dict(payload["data_info"]))
+    except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
+        raise ExportError(f"the checkpoint's config does not describe a known recipe ({type(exc).__name__}: "
+                          f"{str(exc)[:200]})") from None
+    name, params, state = recipe.export_for_inference(payload["model"])
+    config = {**payload["config"], "recipe": {"name": name, "params": to_dict(params)}}
+    return {**payload, "model": state, "config": config}
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     """Write the consolidated file for a DeepSpeed directory or a DDP ``.pt``; returns ``output``."""
     path = resolve_checkpoint(checkpoint)
-    payload = _deepspeed_export(path) if path.is_dir() else _ddp_export(path)
+    payload = for_inference(_deepspeed_export(path) if path.is_dir() else _ddp_export(path))
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(payload, output)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(payload, output)
+    except OSError as exc:  # read-only folder, a file in the way, disk full: atomic_save leaves nothing behind
+        raise ExportError(f"--output {output}: cannot write it ({exc.strerror or type(exc).__name__})") from None
     return output
 
 
@@ -120,7 +169,7 @@ def export_live(strategy: Any, output: Path, config: dict[str, Any], data_info: 
     """End of training: every rank calls this (ZeRO-3 gathers collectively); rank 0 writes."""
     model = strategy.export_state_dict()
     if is_main:
-        atomic_save({"model": _fp32(model), "config": config, "data_info": data_info}, Path(output))
+        atomic_save(for_inference({"model": _fp32(model), "config": config, "data_info": data_info}), Path(output))
         log.info("exported the fp32 model to %s", output)
 
 

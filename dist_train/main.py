@@ -12,6 +12,7 @@ import random
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repo importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,7 +26,7 @@ import torch  # noqa: E402
 from dist_train import distributed  # noqa: E402
 from dist_train.checkpoint import atomic_write, final_model_path  # noqa: E402
 from dist_train.config import Config, ConfigError, dump_config, recipe_params  # noqa: E402
-from dist_train.preflight import load_checked_config  # noqa: E402
+from dist_train.preflight import check_resume, load_checked_config, synthetic_spec  # noqa: E402
 from recipes.base import get_recipe  # noqa: E402
 from launch import faults  # noqa: E402
 from launch.env import detect, launch_id, restart_count  # noqa: E402
@@ -62,17 +63,26 @@ def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
         if found is None:
             raise ConfigError(f"--resume latest: no checkpoint under {cfg.experiment.output_dir}/"
                               f"{cfg.experiment.name}_*/checkpoints/")
-        return found
-    path = Path(resume)
-    if not path.exists():
-        raise ConfigError(f"--resume: path does not exist: {resume}")
-    return path
+    else:
+        found = Path(resume)
+        if not found.exists():
+            raise ConfigError(f"--resume: path does not exist: {resume}")
+    # Before anything is created or written: the checkpoint loads weights-only
+    # (DeepSpeed's engine unpickles its folder itself, so every file of it is
+    # checked) and fits this config's recipe, optimizer and model shapes.
+    check_resume(cfg, found)
+    return found
 
 
 def run_dir_for(cfg: Config, resume: Path | None, is_main: bool) -> Path:
-    """The run directory; the same on every rank (rank 0 decides)."""
-    if resume is not None:
-        return _run_root_of(resume)
+    """The run directory; the same on every rank (rank 0 decides). A resumed
+    checkpoint inside a run (``RUN/checkpoints/...``) continues that run; one
+    anywhere else (a copied file) starts a new run directory, so that its
+    folder is never turned into a run."""
+    from dist_train.checkpoint import run_dir_of
+
+    if resume is not None and run_dir_of(resume) is not None:
+        return run_dir_of(resume)
     name = None
     if is_main:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -114,39 +124,31 @@ def restart_point(cfg: Config, resume: Path | None, is_main: bool) -> tuple[Path
 
 
 def _find_launch_run(cfg: Config, resume: Path | None) -> tuple[str, str | None] | None:
+    from dist_train.checkpoint import checkpoint_path, run_dir_of
+
     lid = launch_id()
     if lid is None:
         return None
     candidates = list(Path(cfg.experiment.output_dir).glob(f"{cfg.experiment.name}_*/{LAUNCH_FILE}"))
-    if resume is not None:
-        candidates.append(_run_root_of(resume) / LAUNCH_FILE)
+    if resume is not None and run_dir_of(resume) is not None:
+        candidates.append(run_dir_of(resume) / LAUNCH_FILE)
     marks = [m for m in candidates if m.is_file() and m.read_text().strip() == lid]
     if not marks:
         return None
     mark = max(marks, key=lambda m: m.stat().st_mtime)
-    from dist_train.checkpoint import checkpoint_path
-
     latest = checkpoint_path(mark.parent, suffix=checkpoint_suffix(cfg.train.strategy))
     if latest.exists() and latest.stat().st_mtime >= mark.stat().st_mtime:
         return str(mark.parent), str(latest)
     return str(mark.parent), str(resume) if resume is not None else None
 
 
-def _run_root_of(checkpoint: Path) -> Path:
-    from dist_train.checkpoint import run_dir_of
-
-    return run_dir_of(checkpoint) or checkpoint.parent
-
-
 def prepare_data(cfg: Config, ctx: distributed.DistContext) -> Path:
     if cfg.data.source == "shards":
         return Path(cfg.data.shards)
-    from shards.synthetic import SyntheticSpec, ensure_synthetic
+    from shards.synthetic import ensure_synthetic
 
     s = cfg.data.synthetic
-    spec = SyntheticSpec(num_identities=s.num_identities, samples_per_identity=s.samples_per_identity,
-                         twin_fraction=s.twin_fraction, image_size=s.image_size, split_by=s.split_by,
-                         modalities=tuple(s.modalities), seed=cfg.experiment.seed)
+    spec = synthetic_spec(cfg)
     # One writer per node (nodes may not share a filesystem); the data is a
     # pure function of the spec, so every node makes the same bytes.
     if ctx.env.is_local_main:
@@ -158,13 +160,16 @@ def prepare_data(cfg: Config, ctx: distributed.DistContext) -> Path:
 
 
 def train(cfg: Config, resume: Path | None) -> dict[str, float]:
+    from dist_train.checkpoint import run_dir_of
     from dist_train.run_logging import setup_console_logging
-    from dist_train.trainer import LoaderFactory, Trainer
     from shards.manifest import Manifest
 
     env = detect()
     setup_console_logging(env.is_main, env.rank)
-    with distributed.process_group(env, cfg.dist.backend, cfg.dist.timeout_s) as ctx:
+    # run() reports these in one line (a config mistake found once the data
+    # exists; an I/O failure naming the path): no rank traceback for them.
+    with distributed.process_group(env, cfg.dist.backend, cfg.dist.timeout_s,
+                                   reported=(ConfigError, OSError, PeerLost)) as ctx:
         data_dir = prepare_data(cfg, ctx)
         recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), Manifest.load(data_dir).data_info())
         restart = restart_point(cfg, resume, ctx.is_main)
@@ -173,43 +178,119 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
             log.info("restart %d: continuing %s from %s", restart_count(), run_dir, resume or "scratch")
         else:
             run_dir = run_dir_for(cfg, resume, ctx.is_main)
-        if ctx.is_main:
-            if restart_count() == 0 and launch_id():
-                (run_dir / LAUNCH_FILE).write_text(launch_id() + "\n")
-            text = dump_config(cfg)
-            atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
-            log.info("run directory: %s  (world size %d, %s, %s)", run_dir, ctx.world_size, ctx.device,
-                     ctx.backend)
-        seed_everything(cfg.experiment.seed)  # same initial weights on every rank
-        trainer = Trainer(cfg, ctx, recipe, data_dir, run_dir, LoaderFactory(cfg, ctx, data_dir, recipe),
-                          after_step=faults.hook_from_env())
-        seed_everything(cfg.experiment.seed + 1000 * ctx.rank)  # per-rank dropout etc.
-        if resume is not None:
-            trainer.resume(resume)
-        metrics = trainer.fit()
-        if trainer.state.step >= trainer.total_steps or trainer.state.stopped_early:
-            # The consolidated fp32 weights for inference (any strategy, any ZeRO stage).
-            from dist_train.config import resolved_config_dict
-            from dist_train.export import export_live
+            if resume is not None and ctx.is_main and run_dir_of(resume) is None:
+                log.info("%s is not inside a run's checkpoints/ folder: continuing it in a new run directory",
+                         resume)
+        try:
+            return _train_in(run_dir, cfg, ctx, recipe, data_dir, resume)
+        except OSError as exc:
+            if exc.filename is None:  # a bare write() failure: at least say where the run writes
+                exc.filename = str(run_dir)
+            raise
+        except RuntimeError as exc:
+            if lost_peer(exc):  # the rank that failed says why; this one only that it stopped
+                raise PeerLost(_first_words(exc)) from exc
+            raise
 
-            export_live(trainer.strategy, final_model_path(run_dir), resolved_config_dict(cfg),
-                        recipe.data_info.to_dict(), ctx.is_main)
-        if ctx.is_main:
-            text = json.dumps({"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics}, indent=1)
-            atomic_write(run_dir / "final_metrics.json", lambda tmp: tmp.write_text(text))
-        return metrics
+
+class PeerLost(RuntimeError):
+    """A collective failed because another rank died or stopped (its own error is the cause)."""
+
+
+# gloo's words when a peer process died, or stopped answering for dist.timeout_s
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "Broken pipe",
+              "Timed out waiting")
+
+
+def lost_peer(exc: BaseException) -> bool:
+    import torch.distributed as dist
+
+    return isinstance(exc, getattr(dist, "DistError", ())) or any(m in str(exc) for m in _PEER_LOST)
+
+
+def _first_words(exc: BaseException) -> str:
+    """gloo's '[.../pair.cc:561] Connection closed by peer [127.0.0.1]:5824. This is typically...'
+    -> 'Connection closed by peer [127.0.0.1]:5824'."""
+    text = (str(exc).splitlines() or [type(exc).__name__])[0]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0][:200]
+
+
+def _train_in(run_dir: Path, cfg: Config, ctx: distributed.DistContext, recipe: Any, data_dir: Path,
+              resume: Path | None) -> dict[str, float]:
+    from dist_train.trainer import LoaderFactory, Trainer
+
+    if ctx.is_main:
+        if restart_count() == 0 and launch_id():
+            (run_dir / LAUNCH_FILE).write_text(launch_id() + "\n")
+        text = dump_config(cfg)
+        atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
+        log.info("run directory: %s  (world size %d, %s, %s)", run_dir, ctx.world_size, ctx.device,
+                 ctx.backend)
+    seed_everything(cfg.experiment.seed)  # same initial weights on every rank
+    trainer = Trainer(cfg, ctx, recipe, data_dir, run_dir, LoaderFactory(cfg, ctx, data_dir, recipe),
+                      after_step=faults.hook_from_env())
+    seed_everything(cfg.experiment.seed + 1000 * ctx.rank)  # per-rank dropout etc.
+    if resume is not None:
+        trainer.resume(resume)
+    metrics = trainer.fit()
+    if trainer.state.step >= trainer.total_steps or trainer.state.stopped_early:
+        # The consolidated fp32 weights for inference (any strategy, any ZeRO stage).
+        from dist_train.config import resolved_config_dict
+        from dist_train.export import export_live
+
+        export_live(trainer.strategy, final_model_path(run_dir), resolved_config_dict(cfg),
+                    recipe.data_info.to_dict(), ctx.is_main)
+    if ctx.is_main:
+        text = json.dumps({"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics}, indent=1)
+        atomic_write(run_dir / "final_metrics.json", lambda tmp: tmp.write_text(text))
+    return metrics
 
 
 def run(argv: list[str] | None = None, prog: str = "dist_train/main.py") -> int:
+    """Exit codes: 0 done; 2 a mistake in the config, data or --resume, found
+    before anything is written (or, for data that only exists once the group
+    does, before training); 1 an I/O failure during the run (disk full, a
+    folder gone read-only). Each is one ``error:`` line on stderr."""
     args = build_arg_parser(prog).parse_args(argv)
+    env = detect()
     try:
         cfg = load_checked_config(args.config, args.overrides)
         resume = resolve_resume(cfg, args.resume)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if env.is_local_main:  # every rank finds the same mistake: one line per node
+            _error(str(exc))
         return 2
-    train(cfg, resume)
+    try:
+        train(cfg, resume)
+    except ConfigError as exc:
+        if env.is_main:
+            _error(str(exc))
+        return 2
+    except OSError as exc:
+        _error(f"{_rank_of(env)}I/O failure: {describe_os_error(exc)}")
+        log.debug("I/O failure", exc_info=True)
+        return 1
+    except PeerLost as exc:
+        _error(f"{_rank_of(env)}stopped: another rank failed or its connection was lost ({exc})")
+        return 1
     return 0
+
+
+def _rank_of(env: Any) -> str:
+    return f"rank {env.rank}: " if env.world_size > 1 else ""
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: cause`` in one line (``[Errno 28] ...`` and tracebacks say less to a user)."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {cause}" if paths else cause
+
+
+def _error(line: str) -> None:
+    print(f"error: {line.splitlines()[0] if line else 'failed'}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -177,10 +177,23 @@ class RunLogger:
             log.info("step %d/%d  epoch %d  loss %.4f  lr %.2e  %.0f samples/s", step, self.total_steps, epoch,
                      values.get("loss", float("nan")), values.get("lr", 0), values.get("samples_per_s", 0))
 
-    def log_epoch(self, epoch: int, step: int, seconds: float, corrupt: int) -> None:
+    MAX_SHARDS_LISTED = 5
+
+    def log_epoch(self, epoch: int, step: int, seconds: float, corrupt: Mapping[str, Any]) -> None:
+        """``corrupt``: ``{"samples": lost samples, "shards": {shard: lost samples}}`` of
+        the epoch, all ranks (``LoaderFactory.corrupt_summary``); any loss is also
+        printed, since a whole shard lost under a permissive
+        ``data.max_corrupt_fraction`` would otherwise show only in TensorBoard."""
+        lost, shards = int(corrupt["samples"]), dict(corrupt["shards"])
         if self.tb:
             self.tb.add_scalar("perf/epoch_time_s", seconds, step)
-            self.tb.add_scalar("data/corrupt_samples", corrupt, step)
+            self.tb.add_scalar("data/corrupt_samples", lost, step)
+        if lost:
+            worst = sorted(shards.items(), key=lambda kv: (-kv[1], kv[0]))
+            listed = ", ".join(f"{name} ({n})" for name, n in worst[:self.MAX_SHARDS_LISTED])
+            more = f", and {len(worst) - self.MAX_SHARDS_LISTED} more" if len(worst) > self.MAX_SHARDS_LISTED else ""
+            log.warning("epoch %d: skipped %d corrupt sample(s) in %d shard(s): %s%s", epoch, lost, len(shards),
+                        listed, more)
 
     def advance(self, step: int) -> None:
         if self.progress:

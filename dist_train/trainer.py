@@ -2,9 +2,11 @@
 checkpoints and exact resume. Recipe- and strategy-agnostic."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,7 +17,7 @@ import torch.distributed as dist
 from dist_train import distributed
 from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, atomic_write, checkpoint_path,
                                    rng_state, safe_load, set_rng_state)
-from dist_train.config import Config, resolved_config_dict
+from dist_train.config import Config, config_changes, resolved_config_dict, validates
 from dist_train.distributed import DistContext
 from dist_train.precision import Precision, resolve_precision
 from dist_train.run_logging import NullLogger, RunLogger
@@ -104,7 +106,11 @@ class Trainer:
             checkpoint_path(run_dir).parent,
             CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,
                              cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix)
-        self.val_points = self._validation_steps()
+        self.validates = validates(cfg)
+        self.val_points = self._validation_steps() if self.validates else set()
+        if not self.validates:
+            log.info("no validation (data.val_split=%s): only checkpoints/%s is kept, no best or top-k",
+                     cfg.data.val_split, LATEST)
         log.info("%s, precision %s, %d batches/epoch/rank, %d optimizer steps (accumulation %d)",
                  cfg.train.strategy.upper(), self.precision.name, self.batches_per_epoch, self.total_steps, accum)
 
@@ -123,6 +129,7 @@ class Trainer:
         return points
 
     def resume(self, path: Path) -> None:
+        fresh = _schedule_snapshot(self.strategy)  # this config's LR schedule at step 0, before the load
         client = self.strategy.load_checkpoint(path)
         loop = client["loop"]
         self.state = LoopState(**loop)
@@ -131,6 +138,22 @@ class Trainer:
         set_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else rng[0])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.epoch,
                  self.state.batch_in_epoch)
+        changes = [c for c in config_changes(client.get("config") or {}, resolved_config_dict(self.cfg))
+                   if c[0].startswith(_REPORTED_CHANGES) and not c[0].startswith(_UNREPORTED_CHANGES)]
+        old_total = client.get("total_steps", self.total_steps)
+        schedule_changed = old_total != self.total_steps or any(k.startswith(_SCHEDULE_KEYS) for k, _, _ in changes)
+        if changes or schedule_changed:
+            text = ", ".join(f"{k} {a} -> {b}" for k, a, b in changes) or "the number of steps per epoch"
+            if old_total != self.total_steps:
+                text += f" (total optimizer steps {old_total} -> {self.total_steps})"
+            log.warning("resuming with settings changed since the checkpoint: %s", text)
+        if schedule_changed:
+            if fresh is None or not _replay_schedule(self.strategy, fresh):
+                log.warning("the optimizer and LR schedule state come from the checkpoint unchanged (this strategy "
+                            "has no torch LR scheduler to recompute)")
+            else:
+                log.warning("the learning-rate schedule now follows the new settings from step %d (lr %g)",
+                            self.state.step, self.strategy.scheduler.get_last_lr()[0])
 
     def _client_state(self) -> dict[str, Any]:
         # config and data_info make a checkpoint self-describing: inference and
@@ -192,12 +215,12 @@ class Trainer:
                     epoch_done = st.batch_in_epoch >= n
                     if epoch_done:
                         logger.log_epoch(st.epoch, st.step, time.perf_counter() - epoch_start,
-                                         self.loaders.corrupt_count(loader))
+                                         self.loaders.corrupt_summary(loader))
                         st.epoch += 1
                         st.batch_in_epoch = 0
                     paused_from = time.perf_counter()
                     metrics = None
-                    if st.step in self.val_points or st.step == self.total_steps:
+                    if st.step in self.val_points or (st.step == self.total_steps and self.validates):
                         metrics = last_metrics = self.validate(logger)
                         validated_at = st.step
                         if stopper.update(metrics):
@@ -215,7 +238,7 @@ class Trainer:
                     interval["t0"] += time.perf_counter() - paused_from
                     if finished or epoch_done:
                         break
-            if validated_at != st.step and st.step >= self.total_steps:
+            if self.validates and validated_at != st.step and st.step >= self.total_steps:
                 last_metrics = self.validate(logger)
                 self.save(last_metrics)
             if st.step >= self.total_steps or st.stopped_early:
@@ -274,6 +297,46 @@ class Trainer:
         return values
 
 
+# Config keys whose change on --resume is reported; the schedule ones make the
+# resumed run recompute its LR schedule (and optimizer hyper-parameters).
+_REPORTED_CHANGES = ("train.", "data.", "recipe.", "checkpoint.")
+_UNREPORTED_CHANGES = ("train.stop_at_step", "train.log_every_steps", "data.shards", "data.num_workers",
+                       "data.synthetic.cache_dir")
+_SCHEDULE_KEYS = ("train.lr", "train.weight_decay", "train.betas", "train.momentum", "train.nesterov",
+                  "train.scheduler.", "train.max_steps", "train.epochs")
+
+
+def _schedule_snapshot(strategy: Strategy) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
+    """The optimizer's hyper-parameters and the LR scheduler's state as this
+    config built them (step 0), or None for a strategy without a torch scheduler."""
+    scheduler = getattr(strategy, "scheduler", None)
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        return None
+    groups = [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in scheduler.optimizer.param_groups]
+    return groups, copy.deepcopy(scheduler.state_dict())
+
+
+def _replay_schedule(strategy: Strategy, fresh: tuple[list[dict[str, Any]], dict[str, Any]]) -> bool:
+    """Restart the loaded scheduler from this config's step-0 state and step it
+    as often as the checkpoint's had been stepped: the LR (and weight decay,
+    betas...) of the new settings at the resumed step, for every scheduler
+    type (the loaded state would keep the old base LR and schedule length)."""
+    scheduler = strategy.scheduler
+    groups, state = fresh
+    param_groups = scheduler.optimizer.param_groups
+    if len(groups) != len(param_groups):
+        return False
+    steps = int(scheduler.last_epoch)
+    for group, saved in zip(param_groups, groups):
+        group.update(copy.deepcopy(saved))
+    scheduler.load_state_dict(copy.deepcopy(state))
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": replaying on purpose
+        warnings.simplefilter("ignore")
+        for _ in range(steps - int(scheduler.last_epoch)):
+            scheduler.step()
+    return True
+
+
 class LoaderFactory:
     """Builds the shard loaders the trainer iterates, from the config."""
 
@@ -290,7 +353,8 @@ class LoaderFactory:
 
             common = dict(rank=self.ctx.rank, world_size=self.ctx.world_size, num_workers=d.num_workers,
                           seed=self.cfg.experiment.seed, epoch=epoch, skip_batches=skip_batches,
-                          twin_prob=d.twin_prob, max_corrupt_fraction=d.max_corrupt_fraction)
+                          twin_prob=d.twin_prob, max_corrupt_fraction=d.max_corrupt_fraction,
+                          verify_checksums=d.verify_checksums)
             if d.batching == "pk":
                 return batching.build_pk_loader(self.data_dir, d.train_split, self.recipe.transform,
                                                 d.batch_size // d.pk_k, d.pk_k, **common)
@@ -299,7 +363,8 @@ class LoaderFactory:
         return self.stream.build_train_loader(
             self.data_dir, d.train_split, self.recipe.transform, d.batch_size, self.ctx.rank, self.ctx.world_size,
             d.num_workers, self.cfg.experiment.seed, epoch, skip_batches=skip_batches,
-            shuffle_buffer=d.shuffle_buffer, max_corrupt_fraction=d.max_corrupt_fraction, resampled=d.resampled)
+            shuffle_buffer=d.shuffle_buffer, max_corrupt_fraction=d.max_corrupt_fraction, resampled=d.resampled,
+            verify_checksums=d.verify_checksums)
 
     def train_batches_per_epoch(self) -> int:
         return len(self.train(0))
@@ -308,16 +373,31 @@ class LoaderFactory:
         counter = getattr(loader, "corrupt_count", None)
         return int(counter()) if callable(counter) else 0
 
+    def corrupt_summary(self, loader: Any) -> dict[str, Any]:
+        """What ``loader`` lost on all ranks in its last iteration: ``{"samples": n,
+        "shards": {shard: n}}``. A collective: every rank calls it at the same point."""
+        own = getattr(loader, "corrupt_summary", None)
+        mine = own() if callable(own) else {"samples": self.corrupt_count(loader), "shards": {}}
+        shards: dict[str, int] = {}
+        total = 0
+        for part in distributed.all_gather_objects(mine):
+            total += int(part["samples"])
+            for name, n in part["shards"].items():
+                shards[name] = shards.get(name, 0) + int(n)
+        return {"samples": total, "shards": shards}
+
     def _eval(self, split: str):
         d = self.cfg.data
         return self.stream.build_eval_loader(self.data_dir, split, self.recipe.transform, d.batch_size,
-                                             self.ctx.rank, self.ctx.world_size, d.num_workers)
+                                             self.ctx.rank, self.ctx.world_size, d.num_workers,
+                                             verify_checksums=d.verify_checksums)
 
     def val(self):
         return self._eval(self.cfg.data.val_split)
 
     def _roles(self) -> dict[str, str]:
-        return {"val": self.cfg.data.val_split, "test": self.cfg.data.test_split}
+        roles = {"val": self.cfg.data.val_split, "test": self.cfg.data.test_split}
+        return roles if validates(self.cfg) else {"test": roles["test"]}
 
     def eval_loaders(self) -> dict[str, Any]:
         from shards.manifest import Manifest

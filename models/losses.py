@@ -10,6 +10,12 @@
 - Metric losses for verification with twins: :class:`TwinAwareTripletLoss`
   (batch-hard triplet plus a term whose negatives are the co-twins) and
   :class:`SupConLoss` (supervised contrastive with up-weighted co-twin negatives).
+- Reconstruction (THz): :func:`charbonnier_loss`, :func:`ssim_index` (pytorch-msssim
+  SSIM / MS-SSIM, window sized to the image), :func:`psnr`, LPIPS from the ``lpips``
+  package with its trunk read from a local file (:func:`build_lpips`; never a random
+  trunk), and :class:`ReconstructionLoss` combining them.
+- Distillation: :func:`kd_logit_loss` (KL at temperature T, scaled by T^2) and
+  :func:`feature_distill_loss` (embedding directions).
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["masked_cross_entropy", "weighted_sum", "DynamicLossWeights", "FocalLoss",
-           "TwinAwareTripletLoss", "SupConLoss", "co_twin_mask"]
+           "TwinAwareTripletLoss", "SupConLoss", "co_twin_mask", "charbonnier_loss", "ssim_window", "ssim_index",
+           "psnr", "LpipsWeightsMissing", "lpips_weights_file", "require_lpips_weights", "build_lpips",
+           "lpips_distance", "ReconstructionLoss", "kd_logit_loss", "feature_distill_loss"]
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
@@ -202,3 +210,179 @@ class SupConLoss(nn.Module):
         log_prob = logits - log_denom
         mean_log_pos = (log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)
         return -mean_log_pos[anchors].mean()
+
+
+# ----------------------------------------------------------------------------- reconstruction and distillation
+# (THz recipes; :mod:`recipes.thz`, :mod:`recipes.thz_distill`)
+
+def charbonnier_loss(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """``mean(sqrt((pred - target)^2 + eps^2))``: a smooth L1 (Charbonnier penalty)."""
+    d = pred.float() - target.float()
+    return torch.sqrt(d * d + eps * eps).mean()
+
+
+def ssim_window(height: int, width: int, multiscale: bool = False, max_win: int = 11) -> int:
+    """The largest odd Gaussian window (at most ``max_win``) that fits the image:
+    SSIM filters with it in "valid" mode, so it must not exceed the short side;
+    MS-SSIM filters 4 times halved images and pytorch-msssim requires
+    ``short side > (win - 1) * 16``. Raises ``ValueError`` when no window >= 3 fits."""
+    side = min(int(height), int(width))
+    win = max_win if max_win % 2 else max_win - 1
+    while win >= 3 and (side <= (win - 1) * 16 if multiscale else side < win):
+        win -= 2
+    if win < 3:
+        need = "larger than 32 px (MS-SSIM halves the image 4 times)" if multiscale else "at least 3 px"
+        raise ValueError(f"{'MS-SSIM' if multiscale else 'SSIM'} needs images {need}; got {height}x{width}")
+    return win
+
+
+def ssim_index(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, multiscale: bool = False,
+               win_size: int | None = None, per_sample: bool = False) -> torch.Tensor:
+    """SSIM (or MS-SSIM) of ``[B, C, H, W]`` images from ``pytorch-msssim``, in float32,
+    with ``data_range`` set and the window sized to the image (:func:`ssim_window`).
+    A scalar mean, or ``[B]`` with ``per_sample``."""
+    from pytorch_msssim import ms_ssim, ssim
+
+    win = win_size or ssim_window(pred.shape[-2], pred.shape[-1], multiscale)
+    fn = ms_ssim if multiscale else ssim
+    return fn(pred.float(), target.float(), data_range=data_range, win_size=win, size_average=not per_sample)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Per-sample PSNR in dB, ``[B]`` (capped at 100 dB for identical images)."""
+    mse = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+    return (10.0 * torch.log10(data_range ** 2 / mse.clamp_min(1e-10))).clamp(max=100.0)
+
+
+# torchvision weight enums of the LPIPS trunks; the file name is the one torch.hub caches
+LPIPS_TRUNKS = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+
+
+class LpipsWeightsMissing(FileNotFoundError):
+    """The LPIPS backbone (ImageNet trunk) weights file is absent; one-line message."""
+
+
+def lpips_weights_file(net: str = "alex", path: str | None = None) -> "Path":
+    """Where the LPIPS trunk weights are read from: ``path`` when given, else the
+    torchvision cache ``$TORCH_HOME/hub/checkpoints/<torchvision file name>``."""
+    from pathlib import Path
+
+    if net not in LPIPS_TRUNKS:
+        raise ValueError(f"LPIPS net must be one of {sorted(LPIPS_TRUNKS)}, got {net!r}")
+    if path:
+        return Path(path).expanduser()
+    from torchvision import models
+
+    url = getattr(models, LPIPS_TRUNKS[net]).IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def require_lpips_weights(net: str = "alex", path: str | None = None) -> "Path":
+    """The trunk weights file, or :class:`LpipsWeightsMissing` saying how to provide it."""
+    f = lpips_weights_file(net, path)
+    if not f.is_file():
+        raise LpipsWeightsMissing(
+            f"LPIPS needs the ImageNet {net} weights at {f} (torchvision's file; copy it there, "
+            "set TORCH_HOME, or give its path) or an LPIPS weight of 0; it never runs with a random backbone")
+    return f
+
+
+def build_lpips(net: str = "alex", weights_path: str | None = None) -> nn.Module:
+    """The ``lpips`` package's LPIPS (v0.1 linear layers shipped with the package),
+    its trunk loaded from a local file (:func:`require_lpips_weights`), frozen, in
+    eval mode. No download: the package is told to build a random trunk, which is
+    then overwritten tensor by tensor; a trunk tensor the file lacks raises."""
+    import warnings
+
+    import lpips
+
+    f = require_lpips_weights(net, weights_path)
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise LpipsWeightsMissing(f"LPIPS weights {f} are not a readable state dict "
+                                  f"({type(exc).__name__})") from None
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, pnet_rand=True, pretrained=True, verbose=False)
+    trunk = model.net.state_dict()
+    # lpips slices keep torchvision's layer indices: net.slice<k>.<i>.* == features.<i>.*
+    mapped = {}
+    for name, value in trunk.items():
+        src = "features." + name.split(".", 1)[1]
+        if src not in state or tuple(state[src].shape) != tuple(value.shape):
+            raise LpipsWeightsMissing(f"LPIPS weights {f}: no {src} of shape {tuple(value.shape)} "
+                                      f"(not torchvision's {net} file?)")
+        mapped[name] = state[src]
+    model.net.load_state_dict(mapped, strict=True)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def lpips_distance(model: nn.Module, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample LPIPS ``[B]`` of ``[B, C, H, W]`` images in [0, 1] (grey images are
+    repeated to RGB; float32, outside autocast). The trunk needs >= 32 px (AlexNet)."""
+    def rgb(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
+
+    dev = pred.device
+    with torch.autocast(dev.type, enabled=False):
+        return model(rgb(pred), rgb(target), normalize=True).flatten()
+
+
+class ReconstructionLoss(nn.Module):
+    """``w_charb * Charbonnier + w_ssim * (1 - SSIM or MS-SSIM) + w_lpips * LPIPS`` on
+    images in ``[0, data_range]``; ``terms()`` gives the three parts unweighted.
+
+    The LPIPS network is built only when its weight is > 0 (its trunk weights must
+    then exist locally, see :func:`build_lpips`) and is kept out of this module's
+    parameters and state dict: it is a fixed measuring instrument, not part of the
+    trained model, so checkpoints stay small and inference never needs it."""
+
+    def __init__(self, charbonnier: float = 1.0, ssim: float = 1.0, lpips: float = 0.0,
+                 multiscale: bool = False, data_range: float = 1.0, lpips_net: str = "alex",
+                 lpips_weights: str | None = None, eps: float = 1e-3):
+        super().__init__()
+        self.w = {"charbonnier": float(charbonnier), "ssim": float(ssim), "lpips": float(lpips)}
+        self.multiscale, self.data_range, self.eps = multiscale, data_range, eps
+        self._lpips = [build_lpips(lpips_net, lpips_weights)] if lpips > 0 else []
+
+    def lpips_model(self, device: torch.device) -> nn.Module | None:
+        if not self._lpips:
+            return None
+        if next(self._lpips[0].parameters()).device != device:
+            self._lpips[0] = self._lpips[0].to(device)
+        return self._lpips[0]
+
+    def terms(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {"charbonnier": charbonnier_loss(pred, target, self.eps),
+               "ssim": 1.0 - ssim_index(pred, target, self.data_range, self.multiscale)}
+        lp = self.lpips_model(pred.device)
+        if lp is not None:
+            out["lpips"] = lpips_distance(lp, pred / self.data_range, target / self.data_range).mean()
+        return out
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.terms(pred, target)
+        return weighted_sum(terms, self.w), terms
+
+
+def kd_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:
+    """Hinton distillation: ``T^2 * KL(softmax(t / T) || softmax(s / T))``, batch mean.
+    The ``T^2`` keeps its gradients on the scale of a hard-label loss."""
+    T = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / T, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / T, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (T * T)
+
+
+def feature_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance of the L2-normalised embeddings (teacher detached):
+    ``2 - 2 cos`` per row, so it matches directions, not norms."""
+    s = F.normalize(student.float(), dim=1)
+    t = F.normalize(teacher.detach().float(), dim=1)
+    return ((s - t) ** 2).sum(1).mean()

@@ -22,7 +22,8 @@ from torch import nn
 
 from shards.manifest import DataInfo
 
-__all__ = ["ArtifactContext", "DataInfo", "Metrics", "Recipe", "get_recipe", "recipe_names", "register"]
+__all__ = ["ArtifactContext", "DataInfo", "EvalContext", "Metrics", "Recipe", "get_recipe", "recipe_names",
+           "register"]
 
 
 class Metrics:
@@ -60,6 +61,34 @@ class ArtifactContext:
     gather: Callable[[Any], list[Any]]
     publish: Callable[[Path, Callable[[Path], None]], Path]
     read_images: Callable[[str, Sequence[str]], dict[str, Any]]
+
+
+@dataclass
+class EvalContext:
+    """What ``biomtl eval`` hands to :meth:`Recipe.eval_report` (one process).
+
+    ``loader()``: the evaluated split's batches (the recipe's eval transform,
+    padding rows ``_valid=False``). ``table``: the split's embedding table
+    (:func:`recipes.verification.embed_batches`) and ``pairs`` the verification
+    pairs on it (the command's protocol: ``--pairs``, the dataset's pairs, else
+    generated); ``threshold`` with ``threshold_source`` as resolved by the
+    command. ``publish`` writes files atomically; ``extra`` is what the standard
+    report records about the run (checkpoint, data, split, recipe)."""
+
+    out_dir: Path
+    split: str
+    data_dir: Path
+    loader: Callable[[], Iterable[Any]]
+    table: Mapping[str, Any]
+    pairs: Any
+    threshold: float | None
+    threshold_source: str
+    publish: Callable[[Path, Callable[[Path], None]], Path]
+    identity_names: Sequence[str]
+    extra: Mapping[str, Any]
+    device: torch.device
+    seed: int = 0
+    progress: bool = False
 
 
 class Recipe:
@@ -102,10 +131,23 @@ class Recipe:
     def new_metrics(self) -> Metrics:
         raise NotImplementedError
 
+    def export_for_inference(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[str, Any, dict[str, Any]]:
+        """What the exported ``model.pt`` holds: ``(recipe name, its Params, weights)``.
+        Default: this recipe as trained. A recipe trained with privileged inputs
+        (a teacher that sees modalities inference never has) returns its
+        student's recipe and weights, so inference needs only what it will have."""
+        return self.name, self.params, dict(state_dict)
+
     def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
         """Called once after training on every rank; rank 0 (``ctx.is_main``)
         writes recipe-specific pictures and files. Returns test metrics."""
         return {}
+
+    def eval_report(self, model: nn.Module, ctx: EvalContext) -> dict[str, Any] | None:
+        """Optional: a recipe-specific ``biomtl eval`` report written into
+        ``ctx.out_dir`` (``model`` is in eval mode on ``ctx.device``); returns its
+        metrics. ``None`` (the default) means: the standard verification report."""
+        return None
 
 
 _REGISTRY: dict[str, type[Recipe]] = {}

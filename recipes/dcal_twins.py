@@ -61,10 +61,16 @@ from recipes import verification as ev
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
 from recipes.batch import label_column, valid_mask
 from recipes.image_input import face_transforms, pick_rgb_image
+from recipes.init_weights import check_init_from, load_init_weights
 from recipes.verification_plots import write_report
 
 log = logging.getLogger("biomtl.dcal")
 
+
+
+# Tensors whose shape follows the training identities or the active loss terms:
+# init_from may skip them (recipes/init_weights.py).
+DCAL_HEADS = ("head_sa.", "head_glca.", "loss_weights.", "verif.")
 
 
 @dataclass
@@ -78,6 +84,9 @@ class DCALTwinsParams:
     pretrained: bool = False                 # timm hub weights (needs network or the HF cache)
     weights_path: str = field(default="", metadata={"path": True})  # local .pth/.safetensors backbone weights
     backbone_lr_mult: float = 1.0
+    # A previous run's RUN/model.pt (or checkpoint) to start from, e.g. a run on many
+    # synthetic identities; the identity heads and loss weights may differ (recipes/init_weights.py).
+    init_from: str = field(default="", metadata={"path": True})
     # --- DCAL
     use_glca: bool = True
     use_pwca: bool = True                    # both False = the plain-ViT baseline
@@ -114,6 +123,10 @@ class DCALTwinsParams:
             raise ValueError("set either pretrained (timm hub) or weights_path (local file), not both")
         if self.patch_size < 0 or self.depth < 0:
             raise ValueError("patch_size and depth must be >= 0 (0 = the backbone's own)")
+        if self.init_from and (self.pretrained or self.weights_path):
+            raise ValueError("init_from already sets every backbone weight: drop pretrained / weights_path")
+        if self.init_from:
+            check_init_from(self.init_from, lambda: DCAL(self.model_config(1)), DCAL_HEADS, "dcal_twins")
 
     def model_config(self, num_classes: int) -> DCALConfig:
         kwargs = dict(self.backbone_kwargs)
@@ -205,7 +218,10 @@ class DCALTwinsRecipe(Recipe):
 
     # --- model
     def build_model(self) -> nn.Module:
-        return DCAL(self.params.model_config(self.data_info.num_identities))
+        model = DCAL(self.params.model_config(self.data_info.num_identities))
+        if self.params.init_from:
+            load_init_weights(model, self.params.init_from, DCAL_HEADS, self.name)
+        return model
 
     def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]] | None:
         model = getattr(model, "module", model)

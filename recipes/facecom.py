@@ -45,16 +45,25 @@ from models.losses import masked_cross_entropy
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
 from recipes.batch import label_column, move_batch, sample_keys, valid_mask
 from recipes.image_input import face_transforms, pick_rgb_image
+from recipes.init_weights import check_init_from, load_init_weights
 
 log = logging.getLogger("biomtl.facecom")
 
 
 
+# Tensors whose shape follows the training identities / label sets: init_from may skip them.
+FACECOM_HEADS = ("identity_head.", "gender_head.")
+
+
 @dataclass
 class FaceComParams:
     backbone: str = "resnet50"
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # more timm kwargs (channels, drop_path_rate, ...)
     pretrained: bool = False                 # timm hub weights (needs network or the HF cache)
     weights_path: str = field(default="", metadata={"path": True})  # local .pth/.safetensors backbone weights
+    # A previous run's RUN/model.pt (or checkpoint) to start from, e.g. a run on many
+    # synthetic identities; the identity/gender heads may differ (recipes/init_weights.py).
+    init_from: str = field(default="", metadata={"path": True})
     img_size: int = 64
     embedding_dim: int = 128
     # batchnorm is the usual face-embedding neck; layernorm/none make a step
@@ -87,6 +96,10 @@ class FaceComParams:
             raise ValueError("crop_scale_min must be in (0, 1]")
         if self.pretrained and self.weights_path:
             raise ValueError("set either pretrained (timm hub) or weights_path (local file), not both")
+        if self.init_from and (self.pretrained or self.weights_path):
+            raise ValueError("init_from already sets every backbone weight: drop pretrained / weights_path")
+        if self.init_from:
+            check_init_from(self.init_from, lambda: FaceComModel(self, 1), FACECOM_HEADS, "facecom")
 
 
 class FaceComModel(nn.Module):
@@ -94,7 +107,7 @@ class FaceComModel(nn.Module):
         super().__init__()
         self.alpha, self.beta, self.label_smoothing = p.alpha, p.beta, p.label_smoothing
         weights: bool | str = p.weights_path or p.pretrained
-        self.backbone, feat = build_backbone(p.backbone, weights, img_size=p.img_size)
+        self.backbone, feat = build_backbone(p.backbone, weights, img_size=p.img_size, **p.backbone_kwargs)
         norm = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}.get(p.embedding_norm)
         self.neck = nn.Sequential(nn.Dropout(p.dropout), nn.Linear(feat, p.embedding_dim),
                                   norm(p.embedding_dim) if norm else nn.Identity())
@@ -279,7 +292,10 @@ class FaceComRecipe(Recipe):
 
     # --- model
     def build_model(self) -> nn.Module:
-        return FaceComModel(self.params, self.data_info.num_identities, max(2, len(self.gender_names)))
+        model = FaceComModel(self.params, self.data_info.num_identities, max(2, len(self.gender_names)))
+        if self.params.init_from:
+            load_init_weights(model, self.params.init_from, FACECOM_HEADS, self.name)
+        return model
 
     def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]] | None:
         if self.params.backbone_lr_mult == 1.0:

@@ -7,12 +7,31 @@ from typing import Any, Mapping, Sequence
 
 from torchvision import transforms
 
-# Tried in order: the built-in synthetic shards, then what `biomtl shards create`
-# writes for folder / cmu / facecom sources (original bytes keep their extension).
-IMAGE_KEYS = ("vis.png", "png", "jpg", "jpeg", "pgm", "image.png", "image.jpg", "image.jpeg", "image.pgm",
-              "face.png", "face.jpg", "bmp")
+from shards.reading import IMAGE_EXTS
+
+# Member names tried in order: the built-in synthetic shards' visible image
+# (vis.<ext>; never thz.png), a bare extension, then what `biomtl shards create`
+# writes (image.<ext>: the original bytes keep their format) and face.<ext>.
+# <ext> runs over the shard decoder's own list, so every image format the
+# packer stores and the decoder reads is one the recipes accept.
+IMAGE_STEMS = ("vis", "", "image", "face")
+IMAGE_KEYS = tuple(f"{stem}.{ext}" if stem else ext for stem in IMAGE_STEMS for ext in IMAGE_EXTS)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class MissingImageError(KeyError):
+    """A sample without a member the recipes read as its image: bad data (the
+    stream counts it as a corrupt sample), with a message that says what the
+    sample has and what was expected."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+def expected_image_keys() -> str:
+    stems = " or ".join(f"{s}.<ext>" if s else "<ext>" for s in IMAGE_STEMS)
+    return f"{stems} with <ext> one of {', '.join(IMAGE_EXTS)}"
 
 
 def pick_rgb_image(sample: Mapping[str, Any]):
@@ -21,7 +40,9 @@ def pick_rgb_image(sample: Mapping[str, Any]):
         if key in sample:
             img = sample[key]
             return img if img.mode == "RGB" else img.convert("RGB")
-    raise KeyError(f"sample {sample.get('__key__')!r} has no image (looked for {IMAGE_KEYS}; has {sorted(sample)})")
+    members = sorted(k for k in sample if not k.startswith("__"))
+    raise MissingImageError(f"sample {sample.get('__key__')!r} has no image member: it has "
+                            f"{', '.join(members) or 'no members'}; expected {expected_image_keys()}")
 
 
 def face_transforms(img_size: int, augment: bool, crop_scale_min: float, p_flip: float,

@@ -26,7 +26,10 @@ vs twin impostors only; NaN when the split has no twin pair). Higher score =
 same identity; a pair is accepted when ``score >= threshold``.
 
 * ``auc``: ROC AUC (``sklearn.metrics.roc_curve`` + trapezoid ``auc``, equal to
-  ``roc_auc_score`` with ties counted half).
+  ``roc_auc_score`` with ties counted half). The ROC keeps every operating
+  point (``drop_intermediate=False``): dropping collinear points, sklearn's
+  default, leaves AUC and EER alone but loses thresholds that TAR@FAR needs
+  when scores tie.
 * ``eer``: the point where FAR = FRR on the piecewise-linear ROC (linear
   interpolation between the two ROC points where ``FRR - FAR`` changes sign);
   ``eer_threshold`` is the score threshold of the nearer of the two.
@@ -46,6 +49,11 @@ same identity; a pair is accepted when ``score >= threshold``.
 * ``acc_at_threshold`` (when a threshold is given: picked on the validation
   split with ``--optimize-threshold``, or the checkpoint's): plain accuracy,
   with ``far_at_threshold`` / ``frr_at_threshold``.
+
+Non-finite scores (NaN or inf: a diverged model's embeddings) make every
+metric NaN (pair counts stay) with one logged warning naming how many there
+are; the best threshold and k-fold accuracy are then NaN too, never a
+ranking of NaNs nor an exception from scikit-learn.
 
 Everything is vectorised (one sort per curve, cumulative sums); 2M pairs take
 about a second.
@@ -298,8 +306,20 @@ def balanced_accuracy(scores: np.ndarray, labels: np.ndarray, threshold: float) 
 
 def best_accuracy_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     """(best accuracy, threshold) over all thresholds; accept = ``score >= threshold``."""
-    s, y = _sorted_desc(np.asarray(scores, np.float64), np.asarray(labels, bool))
+    scores = np.asarray(scores, np.float64)
+    if _warn_nonfinite(scores, "best-accuracy threshold"):
+        return float("nan"), float("nan")
+    s, y = _sorted_desc(scores, np.asarray(labels, bool))
     return _best_threshold_sorted(s, y)
+
+
+def _warn_nonfinite(scores: np.ndarray, what: str) -> bool:
+    """Log one warning and return True when ``scores`` hold NaN or inf."""
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if bad:
+        log.warning("%s: %d of %d scores are not finite (NaN/inf: diverged embeddings?); reporting NaN",
+                    what, bad, scores.size)
+    return bad > 0
 
 
 def _fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
@@ -323,14 +343,16 @@ def kfold_accuracy(scores: np.ndarray, labels: np.ndarray, folds: int = 10, seed
     partition (by ``seed``). One sort, then cumulative sums per fold."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
     n = scores.size
-    if n < folds or labels.all() or not labels.any():
+    if n < folds or labels.all() or not labels.any() or _warn_nonfinite(scores, "k-fold accuracy"):
         return float("nan"), float("nan")
     s, y, f = _sorted_desc(scores, labels, _fold_ids(n, folds, seed))
     return _kfold_sorted(s, y, f, folds, _group_ends(s))
 
 
 def _curve_metrics(scores: np.ndarray, labels: np.ndarray, far_targets: Sequence[float], folds: int,
-                   seed: int, threshold: float | None) -> dict[str, Any]:
+                   seed: int, threshold: float | None, finite: bool = True) -> dict[str, Any]:
+    """One impostor set's metrics; all NaN (counts kept) when a class is empty or
+    ``finite`` is False (the caller found NaN/inf scores and said so once)."""
     from sklearn.metrics import auc, roc_curve
 
     nan = float("nan")
@@ -338,7 +360,7 @@ def _curve_metrics(scores: np.ndarray, labels: np.ndarray, far_targets: Sequence
     out: dict[str, Any] = {"genuine_pairs": n_gen, "impostor_pairs": n_imp}
     targets = list(far_targets) + ([FAR_EXTRA] if n_imp >= round(1 / FAR_EXTRA) and FAR_EXTRA not in far_targets
                                    else [])
-    if n_gen == 0 or n_imp == 0:
+    if n_gen == 0 or n_imp == 0 or not finite:
         out.update(auc=nan, eer=nan, eer_threshold=nan, best_acc=nan, best_threshold=nan,
                    acc_10fold=nan, acc_10fold_std=nan)
         for t in targets:
@@ -347,7 +369,7 @@ def _curve_metrics(scores: np.ndarray, labels: np.ndarray, far_targets: Sequence
         if threshold is not None:
             out.update(acc_at_threshold=nan, far_at_threshold=nan, frr_at_threshold=nan)
         return out
-    fpr, tpr, thr = roc_curve(labels, scores)
+    fpr, tpr, thr = roc_curve(labels, scores, drop_intermediate=False)
     out["auc"] = float(auc(fpr, tpr))
     out["eer"], out["eer_threshold"] = eer_from_roc(fpr, tpr, thr)
     for t in targets:
@@ -360,7 +382,9 @@ def _curve_metrics(scores: np.ndarray, labels: np.ndarray, far_targets: Sequence
     out["best_acc"], out["best_threshold"] = _best_threshold_sorted(s, y, None, ends)
     out["acc_10fold"], out["acc_10fold_std"] = (_kfold_sorted(s, y, f, folds, ends) if scores.size >= folds
                                                 else (nan, nan))
-    if threshold is not None:
+    if threshold is not None and not np.isfinite(threshold):   # (picked on NaN validation scores)
+        out.update(acc_at_threshold=nan, far_at_threshold=nan, frr_at_threshold=nan)
+    elif threshold is not None:
         acc = scores >= threshold
         out["acc_at_threshold"] = balanced_accuracy(scores, labels, threshold)
         out["far_at_threshold"] = float(acc[~labels].mean())
@@ -377,9 +401,10 @@ def verification_report(scores: np.ndarray, labels: np.ndarray, twin: np.ndarray
     scores = np.asarray(scores, np.float64).reshape(-1)
     labels = np.asarray(labels, bool).reshape(-1)
     twin = np.zeros_like(labels) if twin is None else (np.asarray(twin, bool).reshape(-1) & ~labels)
-    report = {"all": _curve_metrics(scores, labels, far_targets, folds, seed, threshold)}
+    finite = not _warn_nonfinite(scores, "verification metrics")
+    report = {"all": _curve_metrics(scores, labels, far_targets, folds, seed, threshold, finite)}
     sel = labels | twin
-    report["twin"] = _curve_metrics(scores[sel], labels[sel], far_targets, folds, seed, threshold)
+    report["twin"] = _curve_metrics(scores[sel], labels[sel], far_targets, folds, seed, threshold, finite)
     if not keep_roc:
         for block in report.values():
             block.pop("_roc", None)

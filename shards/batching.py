@@ -26,17 +26,22 @@ enough).
 P×K (:func:`build_pk_loader`). A batch holds ``P`` distinct identities × ``K``
 samples, rows identity-major (rows ``i*K .. i*K+K-1`` are identity ``i``), ``K``
 samples without replacement (with replacement when an identity has fewer).
-Identities are drawn about uniformly: the split's identities are grouped in
-units (a twin pair whose two members are in the split, or one identity),
-units are ordered by a weighted random permutation (weight = identities in
-the unit) and taken in turn. A twin unit enters the batch *with both twins*
-with probability ``twin_prob`` (else one twin, at random, enters alone), so
-for every twin pair with a member in a batch, the co-twin is there too with
-probability ``twin_prob`` — the hardest in-batch negative. (A twin unit
-met when only one slot is free is passed over, whatever its draw; only when
-the units run out — P close to the number of identities, or no singleton
-left for the last slot — does a lone twin fill it, or a left-out co-twin
-join.) The batch adds ``pk_identity``
+Every identity is in a batch with probability ``P / N`` (``N`` identities in
+the split), twins and singletons alike, and for every twin pair with a
+member in a batch the co-twin is there too with probability ``twin_prob``
+— the hardest in-batch negative. How: a twin pair whose two members are in
+the split is a *twin unit*; a present twin unit holds both twins with
+probability ``twin_prob``, else one of them (at random), so it fills
+``1 + twin_prob`` slots on average, and uniform identities need ``E[U] = 2 P T
+/ (N (1 + twin_prob))`` of the ``T`` twin units per batch. ``U`` is that
+expectation rounded up or down at random (probability = its fractional
+part), the ``U`` units are drawn uniformly, the rest of the batch is
+singletons drawn uniformly. Only when that does not fit exactly — more twin
+slots than ``P`` (the last unit is dropped), or too few singletons for the
+rest (P close to ``N``: more twin units join, one alone if one slot is left,
+then left-out co-twins) — does the batch deviate, so at ``twin_prob=1`` a lone
+twin appears only in the last slot of a batch that has no singleton left to
+fill it. The batch adds ``pk_identity``
 (LongTensor, the manifest identity index of each row) to what the
 transform returns.
 
@@ -60,7 +65,9 @@ unreadable), logged, and replaced by another sample of the same identity
 (P×K composition and triplet roles are kept); above ``max_corrupt_fraction``
 of the rows a worker is to deliver, the iteration raises ``RuntimeError``
 naming the worst shard — as does building a loader whose index lost more
-than that fraction of the split.
+than that fraction of the split. ``verify_checksums=True`` checks each
+shard's sha256 against the manifest when the split is indexed; a shard that
+differs is left out of the index and counted as lost, by name.
 """
 from __future__ import annotations
 
@@ -77,8 +84,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest
-from .reading import (DATA_ERRORS, CorruptTracker, Shard, WorkerInit, collate, decode_sample, derive_seed,
-                      iterate_batches, preserved_global_rngs, seed_global_rngs, shards_of, tar_members)
+from .reading import (DATA_ERRORS, CorruptTally, CorruptTracker, Shard, WorkerInit, checksum_problem, collate,
+                      decode_sample, derive_seed, iterate_batches, preserved_global_rngs, seed_global_rngs,
+                      shards_of, tar_members)
 
 log = logging.getLogger("shards.batching")
 
@@ -128,15 +136,17 @@ def _split_name(name: str) -> tuple[str, str] | None:
 
 
 def build_index(data_dir: str | os.PathLike, split: str, manifest: Manifest | None = None,
-                fields: Sequence[str] | None = None) -> SampleIndex:
+                fields: Sequence[str] | None = None, verify_checksums: bool = False) -> SampleIndex:
     """Index one split (see :class:`SampleIndex`); cached per process by the
-    shard sha256s, sizes and mtimes (a changed dataset is indexed anew)."""
+    shard sha256s, sizes and mtimes (a changed dataset is indexed anew).
+    ``verify_checksums``: a shard whose sha256 is not the manifest's is lost whole."""
     data_dir = Path(data_dir)
     m = manifest or Manifest.load(data_dir)
     shards = shards_of(data_dir, m, split)
     want = None if fields is None else frozenset(fields) | {"json"}
     cache_key = (str(data_dir.resolve()), split, tuple(e.sha256 for e in m.splits[split]),
-                 tuple(_stat(s.path) for s in shards), None if want is None else tuple(sorted(want)))
+                 tuple(_stat(s.path) for s in shards), None if want is None else tuple(sorted(want)),
+                 bool(verify_checksums))
     hit = _INDEX_CACHE.get(cache_key)
     if hit is not None:
         return hit
@@ -159,6 +169,11 @@ def build_index(data_dir: str | os.PathLike, split: str, manifest: Manifest | No
             errors.setdefault(shard.name, f"{type(exn).__name__}: {exn.args[0] if exn.args else exn}"[:300])
             return False
 
+        mismatch = checksum_problem(sh) if verify_checksums else None
+        if mismatch is not None:
+            errors[sh.name] = mismatch
+            lost[sh.name] = sh.count
+            continue
         for member in tar_members(sh.path, None, failed, with_data=False):
             kx = _split_name(member["fname"])
             if kx is None:
@@ -195,6 +210,9 @@ def build_index(data_dir: str | os.PathLike, split: str, manifest: Manifest | No
         if n_ok < sh.count:
             lost[sh.name] = sh.count - n_ok
             errors.setdefault(sh.name, f"{n_ok} usable samples of {sh.count}")
+    for name, n in lost.items():  # every damaged shard by name, once per process (the index is cached)
+        log.warning("skipping %d corrupt sample(s) [split %s, when indexing] in %s: %s", n, split, name,
+                    errors.get(name, ""))
     idx = SampleIndex(shards=shards, keys=tuple(keys), shard_of=np.asarray(shard_of, np.int32),
                       first=np.asarray(first, np.int64), m_ext=np.asarray(m_ext, np.int16),
                       m_offset=np.asarray(m_off, np.int64), m_size=np.asarray(m_size, np.int64),
@@ -303,37 +321,47 @@ class _Groups:
         return _Groups(ids=ids, samples=samples, pos=pos, twin=twin, units=tuple(units))
 
 
+def _round_at_random(x: float, rng: np.random.Generator) -> int:
+    """``floor(x)`` or ``ceil(x)``, with expectation ``x``."""
+    return int(x) + int(rng.random() < x - int(x))
+
+
 def pk_plan(groups: _Groups, P: int, K: int, twin_prob: float, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """One P×K batch: ``P*K`` (identity, sample index) rows, identity-major."""
-    units = groups.units
-    w = np.array([len(u) for u in units], np.float64)
-    order = np.argsort(-(rng.random(len(units)) ** (1.0 / w)), kind="stable")
-    chosen: list[int] = []
-    leftovers: list[int] = []
-    left_out: list[int] = []
-    for ui in order.tolist():
-        room = P - len(chosen)
-        if room <= 0:
+    """One P×K batch: ``P*K`` (identity, sample index) rows, identity-major
+    (how the identities are drawn: the module doc)."""
+    singles = [u[0] for u in groups.units if len(u) == 1]
+    pairs = [u for u in groups.units if len(u) == 2]
+    n_ids = len(singles) + 2 * len(pairs)
+    if not 0 < P <= n_ids:
+        raise ValueError(f"a P×K batch needs 1 <= P <= {n_ids} identities (P={P})")
+    n_units = _round_at_random(min(float(len(pairs)), 2.0 * P * len(pairs) / (n_ids * (1.0 + twin_prob))), rng)
+    n_both = _round_at_random(twin_prob * n_units, rng)
+    order = rng.permutation(len(pairs))
+    # slots of each twin unit in draw order: of the first n_units, n_both hold both twins (a rounded count,
+    # not one coin per unit, so the batch rarely overflows); units beyond join only to fill, one coin each
+    size = np.where(rng.random(len(pairs)) < twin_prob, 2, 1)
+    size[:n_units] = np.r_[np.full(n_both, 2), np.ones(n_units - n_both, np.int64)][rng.permutation(n_units)]
+    first = rng.integers(2, size=len(pairs))  # the twin that enters a lone unit (and comes first in a pair)
+    slots = int(size[:n_units].sum())
+    while slots > P:  # the last unit does not fit
+        n_units -= 1
+        slots -= int(size[n_units])
+    while P - slots > len(singles) and n_units < len(pairs):  # too few singletons: more twin units
+        if P - slots == 1:
+            size[n_units] = 1
+        slots += int(size[n_units])
+        n_units += 1
+    for k in range(n_units):  # still too few (P close to N): left-out co-twins join
+        if P - slots <= len(singles):
             break
-        u = units[ui]
-        if len(u) == 1:
-            chosen.append(u[0])
-            continue
-        pick = int(rng.integers(2))
-        if room < 2:  # a twin unit needs room for both: passed over (so the rate stays twin_prob)
-            leftovers.append(u[pick])
-            continue
-        if rng.random() < twin_prob:
-            chosen += [u[pick], u[1 - pick]]
-        else:
-            chosen.append(u[pick])
-            left_out.append(u[1 - pick])
-    # only when the units ran out: a passed-over twin alone, then left-out co-twins
-    for i in leftovers + left_out:
-        if len(chosen) >= P:
-            break
-        if i not in chosen:
-            chosen.append(i)
+        if size[k] == 1:
+            size[k], slots = 2, slots + 1
+    blocks: list[tuple[int, ...]] = []
+    for k in range(n_units):
+        a, b = pairs[order[k]][first[k]], pairs[order[k]][1 - first[k]]
+        blocks.append((a, b) if size[k] == 2 else (a,))
+    blocks += [(singles[i],) for i in rng.permutation(len(singles))[:P - slots]]
+    chosen = [i for j in rng.permutation(len(blocks)) for i in blocks[j]]
     rows: list[tuple[int, int]] = []
     for i in chosen:
         s = groups.samples[groups.pos[i]]
@@ -530,7 +558,8 @@ class IndexedTrainLoader:
     def __init__(self, mode: str, data_dir, split: str, transform: Callable[..., dict], rows: int, P: int, K: int,
                  twin_prob: float, rank: int, world_size: int, num_workers: int, seed: int, epoch: int,
                  skip_batches: int = 0, max_corrupt_fraction: float = 0.01, fields: Sequence[str] | None = None,
-                 pin_memory: bool = False, mp_context: str | None = None, prefetch_factor: int = 2):
+                 pin_memory: bool = False, mp_context: str | None = None, prefetch_factor: int = 2,
+                 verify_checksums: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if skip_batches < 0:
@@ -540,7 +569,7 @@ class IndexedTrainLoader:
         self.data_dir = Path(data_dir)
         self.manifest = Manifest.load(self.data_dir)
         total = self.manifest.split_size(split) if split in self.manifest.splits else None
-        index = build_index(self.data_dir, split, self.manifest, fields)
+        index = build_index(self.data_dir, split, self.manifest, fields, verify_checksums)
         if total is None or total <= 0:
             raise ValueError(f"split {split!r} of {self.data_dir} has no samples")
         if index.lost:
@@ -571,7 +600,7 @@ class IndexedTrainLoader:
                           rank=int(rank), world_size=int(world_size), workers=max(1, self.num_workers),
                           seed=int(seed), epoch=int(epoch), skip_batches=int(skip_batches),
                           max_corrupt_fraction=float(max_corrupt_fraction), anchors=anchors)
-        self._corrupt = 0
+        self._corrupt = CorruptTally()
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -583,7 +612,12 @@ class IndexedTrainLoader:
     def corrupt_count(self) -> int:
         """Samples found unusable when indexing the split, plus those that failed
         to read/decode/transform in the current/last iteration of this rank."""
-        return self._corrupt + self.plan.index.total_lost
+        return self._corrupt.count() + self.plan.index.total_lost
+
+    def corrupt_summary(self) -> dict[str, Any]:
+        """``{"samples": lost samples, "shards": {shard: lost samples}}``: what
+        :meth:`corrupt_count` counts, per shard."""
+        return self._corrupt.summary(self.plan.index.lost)
 
     def batch_rows(self, j: int) -> list[tuple]:
         """The sample indices of batch ``j`` (P×K: (identity, sample); triplet:
@@ -591,13 +625,13 @@ class IndexedTrainLoader:
         return self.plan.batch_rows(j)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self._corrupt = 0
+        self._corrupt.reset()
         p = self.plan
         ds = _IndexedStream(p, self.transform)
         init = WorkerInit(p.seed, p.epoch, p.rank, p.mode)
         n = 0
         for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context, self.prefetch_factor):
-            self._corrupt += int(batch.pop("_corrupt", 0))
+            self._corrupt.add(batch)
             n += 1
             yield batch
         if n != self.num_remaining:
@@ -608,28 +642,29 @@ def build_pk_loader(data_dir, split: str, transform: Callable[..., dict], P: int
                     world_size: int, num_workers: int, seed: int, epoch: int, skip_batches: int = 0,
                     twin_prob: float = 1.0, max_corrupt_fraction: float = 0.01,
                     fields: Sequence[str] | None = None, pin_memory: bool = False, mp_context: str | None = None,
-                    prefetch_factor: int = 2) -> IndexedTrainLoader:
+                    prefetch_factor: int = 2, verify_checksums: bool = False) -> IndexedTrainLoader:
     """P×K training batches (``P*K`` rows; see the module doc).
     ``len(loader) == max(1, split samples // (world_size * P * K))``."""
     if P < 1 or K < 1:
         raise ValueError(f"P and K must be >= 1, got P={P}, K={K}")
     return IndexedTrainLoader("pk", data_dir, split, transform, P * K, P, K, twin_prob, rank, world_size,
                               num_workers, seed, epoch, skip_batches, max_corrupt_fraction, fields, pin_memory,
-                              mp_context, prefetch_factor)
+                              mp_context, prefetch_factor, verify_checksums)
 
 
 def build_triplet_loader(data_dir, split: str, transform: Callable[..., dict], batch_size: int, rank: int,
                          world_size: int, num_workers: int, seed: int, epoch: int, skip_batches: int = 0,
                          twin_prob: float = 1.0, max_corrupt_fraction: float = 0.01,
                          fields: Sequence[str] | None = None, pin_memory: bool = False,
-                         mp_context: str | None = None, prefetch_factor: int = 2) -> IndexedTrainLoader:
+                         mp_context: str | None = None, prefetch_factor: int = 2,
+                         verify_checksums: bool = False) -> IndexedTrainLoader:
     """(anchor, positive, negative) training batches of ``batch_size`` triplets
     (see the module doc). ``len(loader) == max(1, split samples // (world_size * batch_size))``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return IndexedTrainLoader("triplet", data_dir, split, transform, batch_size, 0, 0, twin_prob, rank,
                               world_size, num_workers, seed, epoch, skip_batches, max_corrupt_fraction, fields,
-                              pin_memory, mp_context, prefetch_factor)
+                              pin_memory, mp_context, prefetch_factor, verify_checksums)
 
 
 __all__ = ["SampleIndex", "build_index", "build_pk_loader", "build_triplet_loader", "IndexedTrainLoader",

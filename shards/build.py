@@ -13,6 +13,12 @@ an interrupted or failed run leaves no directory that looks like a dataset
 (no manifest, no shards under ``DIR``). ``DIR`` must not exist, be empty, or
 (with ``overwrite``) is replaced only after the new one is complete.
 
+The staging directory is removed on every error, on Ctrl-C and on SIGTERM
+(turned into ``SystemExit(143)`` while packing, so the cleanup runs). What
+SIGKILL or a crash leaves (``.DIR.tmp-...`` or, mid-``overwrite``, the old
+dataset as ``.DIR.old-<host>-<pid>-<n>``) is swept by the next ``create`` of
+the same ``DIR`` on the same host, once the pid in its name is no longer alive.
+
 Splits. ``split_by="identity"``: identities (with their co-twins: a twin pair
 is never split) are shuffled by ``seed`` and dealt to the splits by sample
 count deficit, every split with a positive ratio getting at least one
@@ -33,13 +39,16 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +61,8 @@ from .sources import Fault, InputError, Item, SampleError, Scan, get_source, nat
 from .writer import ShardSplitWriter
 
 REPORT_NAME = "report.json"
+
+log = logging.getLogger("shards.build")
 
 
 class StrictFailure(RuntimeError):
@@ -226,6 +237,13 @@ def _init_worker(loader) -> None:
         pass
 
 
+def _init_pool_worker(loader) -> None:
+    # a forked worker inherits the parent's SIGTERM-raises handler; the pool's
+    # terminate() must simply end it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(loader)
+
+
 def _load(item: Item) -> tuple[str, dict[str, Any] | None, Fault | None]:
     try:
         return item.key, _LOADER(item), None
@@ -242,7 +260,7 @@ def _load_all(loader, items: list[Item], workers: int) -> Iterator[tuple[str, di
         return
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(loader,)) as pool:
+    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(loader,)) as pool:
         yield from pool.imap(_load, items, chunksize=max(1, min(16, len(items) // (workers * 8) or 1)))
 
 
@@ -290,8 +308,83 @@ class _Stats:
 # ---------------------------------------------------------------------------
 # create
 # ---------------------------------------------------------------------------
-def _tmp_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10 ** 9}"
+def _tmp_dir(out: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of ``out`` named for this host and process (what the sweep reads)."""
+    return out.parent / f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10 ** 9}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True  # not a process id we may judge (kill(0) would signal our group)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def sweep_stale_staging(out: Path) -> list[Path]:
+    """Remove the staging folders (``.DIR.tmp-<host>-<pid>-<n>``) and set-aside old
+    datasets (``.DIR.old-...``) of ``out`` that a killed ``create`` left: named for
+    this host and a pid no longer alive. Other hosts' and live processes' stay,
+    and so does an old dataset unless its replacement ``out`` is complete (a
+    SIGKILL between the two renames of ``_install`` leaves it the only copy)."""
+    removed: list[Path] = []
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    host = socket.gethostname()
+    kinds = ("tmp", "old") if (out / MANIFEST_NAME).is_file() else ("tmp",)
+    for kind in kinds:
+        head = f".{out.name}.{kind}-{host}-"
+        for p in siblings:
+            if not p.name.startswith(head):
+                continue
+            pid, _, n = p.name[len(head):].partition("-")
+            if not (pid.isdigit() and n.isdigit()) or _pid_alive(int(pid)):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+                log.info("removed %s, left by an interrupted 'shards create' (pid %s)", p, pid)
+    return removed
+
+
+class _SigtermGuard:
+    """While packing, SIGTERM (``kill``, a scheduler's stop) raises
+    ``SystemExit(143)`` in the main thread instead of ending the process on the
+    spot, so the staging folder is removed on the way out; a second SIGTERM
+    during that cleanup is ignored. The signal is also remembered and
+    :meth:`check` raises again at the next sample: an exception raised while
+    Python runs a finalizer (multiprocessing has many) is printed and dropped.
+    Outside the main thread no handler can be installed: nothing changes there
+    (the next ``create`` sweeps what a kill leaves)."""
+
+    def __init__(self):
+        self.received = 0
+        self.previous: Any = None
+        self.active = threading.current_thread() is threading.main_thread()
+
+    def _stop(self, signum, frame):
+        self.received = signum
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    def check(self) -> None:
+        if self.received:
+            raise SystemExit(128 + self.received)
+
+    def __enter__(self) -> "_SigtermGuard":
+        if self.active:
+            self.previous = signal.signal(signal.SIGTERM, self._stop)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.active:
+            signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -303,6 +396,16 @@ def _check_output(out: Path, overwrite: bool) -> None:
             raise InputError(f"--output: {out} is {what}; pick another directory or pass --overwrite")
     if out.parent.exists() and not out.parent.is_dir():
         raise InputError(f"--output: {out.parent} is not a directory")
+    # The staging folder is made beside ``out`` (and its missing parents): say
+    # now, in one line, when a file is in the way or the place is read-only.
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"--output: cannot create {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--output: cannot create {out}: {existing} is not writable (permission denied or a "
+                         f"read-only file system)")
 
 
 def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.PathLike, *,
@@ -382,8 +485,9 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
 
     plan = assign_splits(items, split_list, split_by, seed, twin_pairs, pinned)
     total = sum(len(v) for v in plan.values())
+    sweep_stale_staging(out)
     tmp = _tmp_dir(out)
-    tmp.mkdir(parents=True)  # (and the output's parent folders)
+    sigterm = _SigtermGuard().__enter__()
     stats = _Stats()
     written = {n: _SplitCount(schemas) for n in names}
     pair_keys = {k for k1, k2, _ in scan.pairs for k in (k1, k2)}
@@ -392,12 +496,14 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
     modalities: set[str] | None = None
     done = 0
     try:
+        tmp.mkdir(parents=True)  # (and the output's parent folders)
         for name in names:
             entries: list[ShardEntry] = []
             with ShardSplitWriter(tmp, name, maxcount=maxcount, maxsize=maxsize) as w:
                 by_key = {it.key: it for it in plan[name]}
                 for key, fields, fault in _load_all(scan.loader, plan[name], workers):
                     done += 1
+                    sigterm.check()
                     if progress is not None:
                         progress(name, done, total)
                     if fault is not None:
@@ -474,10 +580,13 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
                 (tmp / f"{name}_pairs.json").write_text(json.dumps(sp, indent=1) + "\n")
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
         manifest.save(tmp)
+        sigterm.check()
         _install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        sigterm.__exit__()
     return CreateResult(out_dir=out, manifest=manifest, report=report, seconds=time.perf_counter() - t0,
                         samples=n_written)
 
@@ -499,11 +608,26 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
         if any(out.iterdir()):
             if not overwrite:
                 raise InputError(f"--output: {out} appeared while packing; not replaced")
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns() % 10 ** 9}"
+            old = _tmp_dir(out, "old")
+    # no SIGTERM between setting the old dataset aside and moving the new one in
+    # (it is handled right after: the new dataset is then complete)
+    blocked = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        if old is not None:
             os.rename(out, old)
-        else:
+        elif out.exists():
             out.rmdir()
-    os.rename(tmp, out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out)  # put the previous dataset back
+            raise
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

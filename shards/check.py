@@ -38,7 +38,7 @@ def _scan_labels(directory: Path, m: Manifest, split: str) -> dict[str, Any]:
 
     ids, labels, n = set(), {k: collections.Counter() for k in m.label_schemas}, 0
     for e in m.splits[split]:
-        for raw in ShardReader(Shard(str(directory / e.file), e.file, e.count), frozenset({"json"})):
+        for raw in ShardReader(Shard(str(m.shard_path(directory, e)), e.file, e.count), frozenset({"json"})):
             n += 1
             try:
                 meta = json.loads(raw.get("json", b"{}"))
@@ -99,7 +99,7 @@ def verify(directory: str | Path, splits: list[str] | None = None,
         keys_by_split[split] = seen
         for e in m.splits[split]:
             res.shards += 1
-            p = directory / e.file
+            p = m.shard_path(directory, e)
             if not p.is_file():
                 res.problems.append(Problem(split, e.file, None, "missing"))
                 done += e.count

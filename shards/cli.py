@@ -153,6 +153,11 @@ def cmd_create(args: argparse.Namespace, prog: str, argv: list[str]) -> int:
         if progress is not None:
             progress.stop()
         return _err(prog, str(e))
+    except OSError as e:  # disk full while packing: the staging folder is already removed
+        if progress is not None:
+            progress.stop()
+        where = f"{e.filename}: " if e.filename else f"{args.output}: "
+        return _err(prog, f"{where}{e.strerror or e}", 1)
     if progress is not None:
         progress.stop()
     out = _console()

@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -76,9 +76,33 @@ class DataInfo:
                         modalities=tuple(d["modalities"]), split_sizes=dict(d.get("split_sizes", {})))
 
 
+def shard_file_problem(root: str | os.PathLike, file: str) -> str | None:
+    """Why a shard ``file`` named by a manifest is not a file inside the
+    dataset directory ``root`` (None when it is): an absolute name, a ``..``
+    component, or a path that resolves outside ``root`` (a symlinked parent
+    or shard). A manifest is untrusted input: nothing outside its dataset is
+    ever opened for it."""
+    if not file or "\0" in file:
+        return "is not a file name"
+    if file.startswith(("/", "\\")) or os.path.isabs(file):
+        return "is an absolute path"
+    if ".." in re.split(r"[/\\]", file):
+        return "climbs out of the dataset directory with '..'"
+    base = Path(root).resolve()
+    if not (base / file).resolve().is_relative_to(base):
+        return "resolves outside the dataset directory (a symlink)"
+    return None
+
+
+class UnsafeShardPath(ValueError):
+    """A manifest names a shard file outside its dataset directory; one line."""
+
+
 @dataclass(frozen=True)
 class ShardEntry:
-    """One tar shard. ``file`` is relative to the dataset directory."""
+    """One tar shard. ``file`` is relative to the dataset directory and stays
+    inside it (:func:`shard_file_problem`, checked by :meth:`Manifest.load`
+    and :meth:`Manifest.shard_path`)."""
 
     file: str
     count: int
@@ -111,10 +135,24 @@ class Manifest:
             raise KeyError(f"split {name!r} not in manifest (have: {', '.join(sorted(self.splits)) or 'none'})")
         return sum(e.count for e in self.splits[name])
 
+    def shard_path(self, root: str | os.PathLike, entry: ShardEntry) -> Path:
+        """``root / entry.file``; an :class:`UnsafeShardPath` when that is not inside ``root``."""
+        problem = shard_file_problem(root, entry.file)
+        if problem is not None:
+            shown = entry.file if len(entry.file) <= 120 else entry.file[:117] + "..."
+            raise UnsafeShardPath(f"{Path(root) / MANIFEST_NAME}: shard file {shown!r} {problem}; "
+                                  f"shard files must be inside {root}")
+        return Path(root) / entry.file
+
+    def check_shard_paths(self, root: str | os.PathLike) -> None:
+        """Every shard file of every split is inside ``root`` (else :class:`UnsafeShardPath`)."""
+        for entries in self.splits.values():
+            for e in entries:
+                self.shard_path(root, e)
+
     def shard_paths(self, root: str | os.PathLike, name: str) -> list[Path]:
-        root = Path(root)
         self.split_size(name)  # raises a clear KeyError for an unknown split
-        return [root / e.file for e in self.splits[name]]
+        return [self.shard_path(root, e) for e in self.splits[name]]
 
     def split_pairs(self, name: str) -> list[dict[str, Any]]:
         """The protocol pairs whose two samples are both in split ``name``."""
@@ -159,7 +197,10 @@ class Manifest:
         directory.mkdir(parents=True, exist_ok=True)
         target = directory / MANIFEST_NAME
         text = json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=".manifest-", suffix=".tmp", dir=directory)
+        # Not mkstemp: its 0600 would hide the manifest from the other users of a
+        # shared dataset; 0666 minus the umask gives what the shards get.
+        tmp = directory / f".manifest-{os.getpid()}-{os.urandom(6).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
@@ -190,9 +231,11 @@ class Manifest:
             fmt = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"{path}: not a biomtl shard manifest (format={fmt!r}, expected {FORMAT!r})")
         try:
-            return Manifest.from_dict(d)
+            manifest = Manifest.from_dict(d)
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+        manifest.check_shard_paths(directory)  # every reader loads the manifest here first
+        return manifest
 
     def verify(self, directory: str | os.PathLike, splits: list[str] | None = None) -> list[str]:
         """Check sizes and sha256 of the shards; returns a list of problems (empty = fine)."""
@@ -200,7 +243,7 @@ class Manifest:
         problems = []
         for name in splits or list(self.splits):
             for e in self.splits[name]:
-                p = directory / e.file
+                p = self.shard_path(directory, e)
                 if not p.is_file():
                     problems.append(f"{e.file}: missing")
                     continue

@@ -23,6 +23,7 @@ import logging
 import os
 import random
 import re
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +35,14 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from .manifest import Manifest
+from .manifest import Manifest, file_sha256
 
 log = logging.getLogger("shards.stream")
 
-IMAGE_EXTS = {"png", "jpg", "jpeg", "pgm", "ppm", "gif", "bmp", "tif", "tiff", "webp"}
+# The extensions the decoder turns into images, in order of preference; the
+# recipes derive the member names they accept from it (recipes/image_input.py),
+# so every format `biomtl shards create` stores is one they read.
+IMAGE_EXTS = ("png", "jpg", "jpeg", "pgm", "ppm", "gif", "bmp", "tif", "tiff", "webp")
 # Exceptions from a recipe's transform that mean "this sample's data are bad"
 # (missing field, unreadable value); anything else is a bug and propagates.
 DATA_ERRORS = (KeyError, ValueError, OSError, EOFError, IndexError)
@@ -115,7 +119,11 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 class CorruptTracker:
     """Counts distinct lost samples of one worker in one iteration; raises above
-    ``max_fraction`` of the samples the worker is to deliver in this iteration."""
+    ``max_fraction`` of the samples the worker is to deliver in this iteration.
+
+    Logged: the first event of every shard (a shard lost whole under a
+    permissive fraction is never silent), the first few events overall, then
+    every 100th lost sample."""
 
     MAX_WARNINGS = 5
 
@@ -124,8 +132,9 @@ class CorruptTracker:
         self.planned = max(1, planned)
         self.max_fraction = max_fraction
         self.total = 0
-        self._reported = 0
         self.by_shard: collections.Counter[str] = collections.Counter()
+        self._taken: collections.Counter[str] = collections.Counter()
+        self.first = ""
         self.last = ""
         self._seen: set[tuple[str, str | None]] = set()
 
@@ -135,24 +144,85 @@ class CorruptTracker:
         if n <= 0 or (shard, key) in self._seen:
             return
         self._seen.add((shard, key))
+        new_shard = shard not in self.by_shard
         self.total += n
         self.by_shard[shard] += n
         self.last = f"{shard}{' key ' + key if key else ''}: {what}"
-        if self.total <= self.MAX_WARNINGS or self.total % 100 == 0:
-            more = " (further warnings suppressed)" if self.total == self.MAX_WARNINGS else ""
+        self.first = self.first or self.last
+        if new_shard or self.total <= self.MAX_WARNINGS or self.total % 100 == 0:
+            more = (" (from now on: the first of each shard and every 100th)"
+                    if self.total >= self.MAX_WARNINGS and self.total - n < self.MAX_WARNINGS else "")
             log.warning("skipping %d corrupt sample(s) [split %s, rank %d, worker %d, %d so far] in %s%s",
                         n, self.split, self.rank, self.worker, self.total, self.last, more)
         if self.total > self.max_fraction * self.planned:
             worst, k = self.by_shard.most_common(1)[0]
+            first = f"first: {self.first}; " if self.first != self.last else ""
             raise RuntimeError(
                 f"too many corrupt samples in split {self.split!r} (rank {self.rank}, worker {self.worker}): "
                 f"{self.total} lost of {self.planned} planned samples > max_corrupt_fraction="
-                f"{self.max_fraction}; worst shard {worst} ({k} lost); last: {self.last}")
+                f"{self.max_fraction}; worst shard {worst} ({k} lost); {first}last: {self.last}")
 
-    def take(self) -> int:
-        d = self.total - self._reported
-        self._reported = self.total
+    def take(self) -> dict[str, int]:
+        """Samples lost per shard since the last call: they travel with the batch
+        (``"_corrupt"``) out of the worker process to the loader's :class:`CorruptTally`."""
+        d = {s: n - self._taken[s] for s, n in self.by_shard.items() if n > self._taken[s]}
+        self._taken.update(d)
         return d
+
+
+class CorruptTally:
+    """A loader's lost samples per shard in its current/last iteration, summed from
+    the ``"_corrupt"`` entries of its batches (every worker's :meth:`CorruptTracker.take`)."""
+
+    def __init__(self):
+        self.by_shard: collections.Counter[str] = collections.Counter()
+
+    def reset(self) -> None:
+        self.by_shard.clear()
+
+    def add(self, batch: dict[str, Any]) -> None:
+        """Take the batch's ``"_corrupt"`` entry out and count it."""
+        self.by_shard.update(batch.pop("_corrupt", None) or {})
+
+    def count(self) -> int:
+        return sum(self.by_shard.values())
+
+    def summary(self, extra: dict[str, int] | None = None) -> dict[str, Any]:
+        """``{"samples": lost samples, "shards": {shard: lost samples}}`` (plus ``extra``)."""
+        shards = collections.Counter(self.by_shard)
+        shards.update(extra or {})
+        return {"samples": sum(shards.values()), "shards": dict(shards)}
+
+
+# ---------------------------------------------------------------------------
+# optional checksum verification (data.verify_checksums)
+# ---------------------------------------------------------------------------
+_CHECKED: dict[tuple[str, int, int, str], str | None] = {}
+
+
+def checksum_problem(shard: "Shard") -> str | None:
+    """None when the file's sha256 is the manifest's, else what is wrong. A file
+    that cannot be read is left to the reader (it reports it as such). Cached
+    per process by path, size, mtime and expected sum: each shard is hashed
+    once per process, not on every pass."""
+    try:
+        st = os.stat(shard.path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the hash; the reader refuses it
+        return None
+    key = (shard.path, st.st_size, st.st_mtime_ns, shard.sha256)
+    if key not in _CHECKED:
+        try:
+            actual = file_sha256(shard.path)
+        except OSError:
+            return None
+        _CHECKED[key] = None if actual == shard.sha256 else (
+            f"ChecksumMismatch: sha256 {actual[:16]}... of {shard.name} is not the manifest's "
+            f"{shard.sha256[:16] or '(none)'}... (data.verify_checksums)")
+        if len(_CHECKED) > 4096:
+            _CHECKED.pop(next(iter(_CHECKED)))
+    return _CHECKED[key]
 
 
 # ---------------------------------------------------------------------------
@@ -163,6 +233,7 @@ class Shard:
     path: str  # absolute
     name: str  # relative to the dataset dir (as in the manifest)
     count: int  # samples according to the manifest
+    sha256: str = ""  # according to the manifest (checked only with verify_checksums)
 
 
 class FieldSelector:
@@ -184,7 +255,10 @@ def _tar_number(field: bytes) -> int:
         n = int.from_bytes(field[1:], "big")
         return n - (1 << (8 * (len(field) - 1))) if field[:1] == b"\xff" else n
     field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
+    try:
+        return int(field, 8) if field else 0
+    except ValueError:  # int()'s message would quote the file's bytes into logs and errors
+        raise tarfile.ReadError("not a tar header (invalid number field)") from None
 
 
 def unsafe_member_name(name: str) -> bool:
@@ -307,13 +381,17 @@ class ShardReader:
     sample being assembled when it happened is kept only if it has every
     expected field (``expect``: the manifest's modalities; without them, the
     fields of the shard's previous sample). Afterwards ``n`` is the number of
-    samples yielded and ``error`` the error.
+    samples yielded and ``error`` the error. With ``verify`` the file's sha256
+    is checked against the manifest first; a mismatch is an error that ends the
+    shard before its first sample (the whole shard counts as corrupt).
     """
 
-    def __init__(self, shard: Shard, fields: frozenset[str] | None, expect: frozenset[str] | None = None):
+    def __init__(self, shard: Shard, fields: frozenset[str] | None, expect: frozenset[str] | None = None,
+                 verify: bool = False):
         self.shard = shard
         self.fields = fields
         self.expect = expect
+        self.verify = verify
         self.n = 0
         self.error: str | None = None
 
@@ -323,6 +401,10 @@ class ShardReader:
         return False  # stop reading this shard
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.verify:
+            self.error = checksum_problem(self.shard)
+            if self.error is not None:
+                return
         select = FieldSelector(self.fields) if self.fields is not None else None
         samples = wds.tariterators.group_by_keys(tar_members(self.shard.path, select, self._handler),
                                                  handler=self._handler)
@@ -390,7 +472,9 @@ def shards_of(data_dir: Path, manifest: Manifest, split: str) -> tuple[Shard, ..
     if split not in manifest.splits:
         raise KeyError(f"split {split!r} not in {data_dir}/manifest.json "
                        f"(have: {', '.join(sorted(manifest.splits)) or 'none'})")
-    return tuple(Shard(path=str(data_dir / e.file), name=e.file, count=e.count) for e in manifest.splits[split])
+    # shard_path: never a file outside the dataset (a manifest is untrusted input)
+    return tuple(Shard(path=str(manifest.shard_path(data_dir, e)), name=e.file, count=e.count, sha256=e.sha256)
+                 for e in manifest.splits[split])
 
 
 

@@ -49,9 +49,15 @@ is always ``batch_size`` consecutive raw samples of its worker's stream): a
 sample that fails to decode or transform is replaced by a repeat of a good
 sample of the same batch (or, if the whole batch is bad, of the next good one
 in the stream, peeked without consuming), so batch shapes stay fixed and
-resume stays exact. The count travels with each batch (``"_corrupt"``, taken
-out by the loader, so it survives worker processes); read it with
-``loader.corrupt_count()`` after (or during) an iteration.
+resume stays exact. The count travels with each batch (``"_corrupt"``: lost
+samples per shard, taken out by the loader, so it survives worker
+processes); read it with ``loader.corrupt_count()`` or, per shard,
+``loader.corrupt_summary()`` after (or during) an iteration.
+
+``verify_checksums=True`` hashes each shard (once per process) before it is
+streamed and treats a sha256 that differs from the manifest's as a corrupt
+shard: all its samples are counted as lost, under its name, and above
+``max_corrupt_fraction`` the run stops naming it.
 """
 from __future__ import annotations
 
@@ -67,9 +73,9 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest
-from .reading import (DATA_ERRORS, CorruptTracker, Shard, ShardReader, WorkerInit, collate, decode_sample,
-                      derive_seed, expected_fields, iterate_batches, preserved_global_rngs, seed_global_rngs,
-                      shards_of)
+from .reading import (DATA_ERRORS, CorruptTally, CorruptTracker, Shard, ShardReader, WorkerInit, collate,
+                      decode_sample, derive_seed, expected_fields, iterate_batches, preserved_global_rngs,
+                      seed_global_rngs, shards_of)
 
 log = logging.getLogger("shards.stream")
 
@@ -103,6 +109,7 @@ class _TrainPlan:
     fields: frozenset[str] | None
     expect: frozenset[str] | None
     resampled: bool = False
+    verify_checksums: bool = False
 
     def slot_shards(self, logical_worker: int) -> tuple[list[Shard], str, int, int]:
         """(shards, mode, slot, nslots) for one (rank, logical worker) slot."""
@@ -128,9 +135,10 @@ class _SlotSource:
     module doc); the pipeline repeats it, so the stream never runs dry."""
 
     def __init__(self, shards: list[Shard], mode: str, slot: int, nslots: int,
-                 fields: frozenset[str] | None, expect: frozenset[str] | None, tracker: CorruptTracker):
+                 fields: frozenset[str] | None, expect: frozenset[str] | None, tracker: CorruptTracker,
+                 verify: bool = False):
         self.shards, self.mode, self.slot, self.nslots = shards, mode, slot, nslots
-        self.fields, self.expect, self.tracker = fields, expect, tracker
+        self.fields, self.expect, self.tracker, self.verify = fields, expect, tracker, verify
         self.cycle = -1
 
     def __call__(self) -> Iterator[dict[str, Any]]:
@@ -141,7 +149,7 @@ class _SlotSource:
         produced = 0
         base = 0
         for sh in self.shards:
-            reader = ShardReader(sh, self.fields, self.expect)
+            reader = ShardReader(sh, self.fields, self.expect, self.verify)
             j = 0
             for s in reader:
                 pos = base + j
@@ -169,9 +177,9 @@ class _ResampledSource:
     = sample counts) by an RNG seeded per (seed, epoch, rank, logical worker)."""
 
     def __init__(self, shards: list[Shard], seed: int, tag: tuple[int, int], fields: frozenset[str] | None,
-                 expect: frozenset[str] | None, tracker: CorruptTracker):
+                 expect: frozenset[str] | None, tracker: CorruptTracker, verify: bool = False):
         self.shards, self.seed, self.tag = shards, seed, tag
-        self.fields, self.expect, self.tracker = fields, expect, tracker
+        self.fields, self.expect, self.tracker, self.verify = fields, expect, tracker, verify
 
     def __call__(self) -> Iterator[dict[str, Any]]:
         rng = random.Random(self.seed)
@@ -179,7 +187,7 @@ class _ResampledSource:
         draw = empty = 0
         while True:
             sh = rng.choices(self.shards, weights=weights)[0]
-            reader = ShardReader(sh, self.fields, self.expect)
+            reader = ShardReader(sh, self.fields, self.expect, self.verify)
             for s in reader:
                 s["__cycle__"] = (*self.tag, draw)
                 s["__shard__"] = sh.name
@@ -270,7 +278,7 @@ class _TrainStream(IterableDataset):
             bufsize = max(1, min(p.shuffle_buffer, p.total, (n_skip + n_take) * B))
             source: Callable[[], Iterator[dict[str, Any]]] = _ResampledSource(
                 shards, derive_seed("resample", p.seed, p.epoch, p.rank, logical), (p.rank, logical),
-                p.fields, p.expect, tracker)
+                p.fields, p.expect, tracker, p.verify_checksums)
         else:
             shards, mode, slot, nslots = p.slot_shards(logical)
             if mode == "shard":
@@ -278,7 +286,7 @@ class _TrainStream(IterableDataset):
             else:
                 per_cycle = len(range(slot, p.total, nslots))
             bufsize = max(1, min(p.shuffle_buffer, per_cycle, (n_skip + n_take) * B))
-            source = _SlotSource(shards, mode, slot, nslots, p.fields, p.expect, tracker)
+            source = _SlotSource(shards, mode, slot, nslots, p.fields, p.expect, tracker, p.verify_checksums)
         # the buffer is flushed at the end of each pass over the slot's data, so a
         # sample is not repeated before all others of its slot have been seen
         # (resampled: one endless pass)
@@ -297,7 +305,7 @@ class _TrainStream(IterableDataset):
                 while not good:  # the whole batch is bad: borrow the next good sample (not consumed)
                     if ahead > 2 * per_cycle + B:
                         raise RuntimeError(f"split {p.split!r} rank {p.rank}: no decodable sample in "
-                                           f"{', '.join(s.name for s in shards)}; last: {tracker.last}")
+                                           f"{', '.join(s.name for s in shards)}; first failure: {tracker.first}")
                     o = self._process(stream.peek(ahead), tracker)
                     ahead += 1
                     if o is not None:
@@ -314,7 +322,7 @@ class TrainLoader:
 
     def __init__(self, data_dir, split, transform, batch_size, rank, world_size, num_workers, seed, epoch,
                  skip_batches=0, shuffle_buffer=1000, max_corrupt_fraction=0.01, fields=None,
-                 pin_memory=False, mp_context=None, prefetch_factor=2, resampled=False):
+                 pin_memory=False, mp_context=None, prefetch_factor=2, resampled=False, verify_checksums=False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -336,8 +344,9 @@ class TrainLoader:
             workers=max(1, self.num_workers), seed=int(seed), epoch=int(epoch), skip_batches=int(skip_batches),
             shuffle_buffer=int(shuffle_buffer), max_corrupt_fraction=float(max_corrupt_fraction),
             fields=None if fields is None else frozenset(fields),
-            expect=expected_fields(self.manifest, fields), resampled=bool(resampled))
-        self._corrupt = 0
+            expect=expected_fields(self.manifest, fields), resampled=bool(resampled),
+            verify_checksums=bool(verify_checksums))
+        self._corrupt = CorruptTally()
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -349,17 +358,22 @@ class TrainLoader:
 
     def corrupt_count(self) -> int:
         """Samples lost to corrupt data in the current/last iteration of this rank."""
-        return self._corrupt
+        return self._corrupt.count()
+
+    def corrupt_summary(self) -> dict[str, Any]:
+        """``{"samples": lost samples, "shards": {shard: lost samples}}`` of the
+        current/last iteration of this rank."""
+        return self._corrupt.summary()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self._corrupt = 0
+        self._corrupt.reset()
         p = self.plan
         ds = _TrainStream(p, self.transform)
         init = WorkerInit(p.seed, p.epoch, p.rank, "train")
         n = 0
         for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context,
                               self.prefetch_factor):
-            self._corrupt += int(batch.pop("_corrupt", 0))
+            self._corrupt.add(batch)
             n += 1
             yield batch
         if n != self.num_remaining:  # would desynchronise the ranks' collectives
@@ -371,7 +385,7 @@ def build_train_loader(data_dir, split: str, transform: Callable[..., dict], bat
                        shuffle_buffer: int = 1000, max_corrupt_fraction: float = 0.01,
                        fields: Sequence[str] | None = None, pin_memory: bool = False,
                        mp_context: str | None = None, prefetch_factor: int = 2,
-                       resampled: bool = False) -> TrainLoader:
+                       resampled: bool = False, verify_checksums: bool = False) -> TrainLoader:
     """The training stream of one rank for one epoch.
 
     ``len(loader) == max(1, samples_in_split // (world_size * batch_size))`` on
@@ -382,11 +396,13 @@ def build_train_loader(data_dir, split: str, transform: Callable[..., dict], bat
     global RNGs seeded from ``(seed, epoch, key, pass)``. ``fields`` restricts
     the tar members read (extensions, e.g. ``["vis.png", "json"]``).
     ``resampled=True``: shards drawn with replacement, virtual epochs (module doc).
+    ``verify_checksums=True``: a shard whose sha256 is not the manifest's is corrupt (module doc).
     """
     return TrainLoader(data_dir, split, transform, batch_size, rank, world_size, num_workers, seed, epoch,
                        skip_batches=skip_batches, shuffle_buffer=shuffle_buffer,
                        max_corrupt_fraction=max_corrupt_fraction, fields=fields, pin_memory=pin_memory,
-                       mp_context=mp_context, prefetch_factor=prefetch_factor, resampled=resampled)
+                       mp_context=mp_context, prefetch_factor=prefetch_factor, resampled=resampled,
+                       verify_checksums=verify_checksums)
 
 
 # ---------------------------------------------------------------------------
@@ -406,6 +422,7 @@ class _EvalPlan:
     max_corrupt_fraction: float
     fields: frozenset[str] | None
     expect: frozenset[str] | None
+    verify_checksums: bool = False
 
 
 class _EvalStream(IterableDataset):
@@ -414,21 +431,25 @@ class _EvalStream(IterableDataset):
         self.plan = plan
         self.transform = transform
         self._filler: dict[str, Any] | None = None
+        self._first_failure = ""  # the first sample's reason, quoted when nothing is readable
+
+    def _failed(self, tracker: CorruptTracker | None, shard: str, key: str, what: str) -> None:
+        self._first_failure = self._first_failure or f"{shard} key {key}: {what}"
+        if tracker is not None:
+            tracker.record(shard, key, what)
 
     def _apply(self, raw: dict[str, Any], tracker: CorruptTracker | None) -> dict[str, Any] | None:
         key, shard = raw.get("__key__", "?"), raw.get("__shard__", "?")
         try:
             sample = decode_sample({k: v for k, v in raw.items() if k != "__shard__"})
         except Exception as exn:
-            if tracker is not None:
-                tracker.record(shard, key, f"decode failed: {type(exn).__name__}: {exn}")
+            self._failed(tracker, shard, key, f"decode failed: {type(exn).__name__}: {exn}")
             return None
         seed_global_rngs(derive_seed("eval", key))
         try:
             out = self.transform(sample, train=False)
         except DATA_ERRORS as exn:
-            if tracker is not None:
-                tracker.record(shard, key, f"transform failed: {type(exn).__name__}: {exn}")
+            self._failed(tracker, shard, key, f"transform failed: {type(exn).__name__}: {exn}")
             return None
         if not isinstance(out, dict):
             raise TypeError(f"transform must return a dict, got {type(out).__name__}")
@@ -438,8 +459,10 @@ class _EvalStream(IterableDataset):
     def _filler_row(self) -> dict[str, Any]:
         """The padding row: the first good sample of the split, marked invalid."""
         if self._filler is None:
+            shard_error = ""
             for sh in self.plan.shards:
-                for raw in ShardReader(sh, self.plan.fields, self.plan.expect):
+                reader = ShardReader(sh, self.plan.fields, self.plan.expect, self.plan.verify_checksums)
+                for raw in reader:
                     raw["__shard__"] = sh.name
                     out = self._apply(raw, None)
                     if out is not None:
@@ -447,8 +470,10 @@ class _EvalStream(IterableDataset):
                         break
                 if self._filler is not None:
                     break
+                shard_error = shard_error or (f"{sh.name}: {reader.error}" if reader.error else "")
             if self._filler is None:
-                raise RuntimeError(f"split {self.plan.split!r}: no readable sample at all")
+                why = self._first_failure or shard_error or "the shards hold no sample"
+                raise RuntimeError(f"split {self.plan.split!r}: no readable sample at all; first failure: {why}")
         return self._filler
 
     def _positions(self, tracker: CorruptTracker) -> Iterator[tuple[int, dict[str, Any] | None]]:
@@ -461,7 +486,7 @@ class _EvalStream(IterableDataset):
             if base + (p.rank - base) % p.world_size >= last_pos:  # no row of this rank in the shard
                 base = last_pos
                 continue
-            reader = ShardReader(sh, p.fields, p.expect)
+            reader = ShardReader(sh, p.fields, p.expect, p.verify_checksums)
             j = 0
             for raw in reader:
                 pos = base + j
@@ -526,7 +551,8 @@ class EvalLoader:
     repeat a sample with ``_valid`` False)."""
 
     def __init__(self, data_dir, split, transform, batch_size, rank, world_size, num_workers=0,
-                 max_corrupt_fraction=0.01, fields=None, pin_memory=False, mp_context=None, prefetch_factor=2):
+                 max_corrupt_fraction=0.01, fields=None, pin_memory=False, mp_context=None, prefetch_factor=2,
+                 verify_checksums=False):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -546,24 +572,30 @@ class EvalLoader:
                               per_rank=per_rank, num_batches=-(-per_rank // batch_size),
                               max_corrupt_fraction=float(max_corrupt_fraction),
                               fields=None if fields is None else frozenset(fields),
-                              expect=expected_fields(self.manifest, fields))
-        self._corrupt = 0
+                              expect=expected_fields(self.manifest, fields),
+                              verify_checksums=bool(verify_checksums))
+        self._corrupt = CorruptTally()
 
     def __len__(self) -> int:
         return self.plan.num_batches
 
     def corrupt_count(self) -> int:
-        return self._corrupt
+        return self._corrupt.count()
+
+    def corrupt_summary(self) -> dict[str, Any]:
+        """``{"samples": lost samples, "shards": {shard: lost samples}}`` of the
+        current/last iteration of this rank."""
+        return self._corrupt.summary()
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self._corrupt = 0
+        self._corrupt.reset()
         p = self.plan
         ds = _EvalStream(p, self.transform)
         init = WorkerInit(0, 0, p.rank, "eval")
         n = 0
         for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context,
                               self.prefetch_factor):
-            self._corrupt += int(batch.pop("_corrupt", 0))
+            self._corrupt.add(batch)
             n += 1
             yield batch
         if n != p.num_batches:
@@ -573,10 +605,11 @@ class EvalLoader:
 def build_eval_loader(data_dir, split: str, transform: Callable[..., dict], batch_size: int, rank: int,
                       world_size: int, num_workers: int = 0, max_corrupt_fraction: float = 0.01,
                       fields: Sequence[str] | None = None, pin_memory: bool = False,
-                      mp_context: str | None = None, prefetch_factor: int = 2) -> EvalLoader:
+                      mp_context: str | None = None, prefetch_factor: int = 2,
+                      verify_checksums: bool = False) -> EvalLoader:
     """Evaluation stream of one rank: rank ``r`` takes sample ``i`` (manifest
     order) where ``i % world_size == r``; ``transform(sample, train=False)``;
     batches carry ``_valid`` (bool tensor) and ``__key__`` (list of str)."""
     return EvalLoader(data_dir, split, transform, batch_size, rank, world_size, num_workers=num_workers,
                       max_corrupt_fraction=max_corrupt_fraction, fields=fields, pin_memory=pin_memory,
-                      mp_context=mp_context, prefetch_factor=prefetch_factor)
+                      mp_context=mp_context, prefetch_factor=prefetch_factor, verify_checksums=verify_checksums)

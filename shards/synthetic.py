@@ -9,6 +9,14 @@ code gives the photometric-stereo maps (albedo, unit normals, depth) and a
 THz-like rendering of the same capture (frontal illumination, blurred, low
 contrast, fabric nearly transparent).
 
+Modalities (``SyntheticSpec.modalities``, :data:`MODALITIES`): ``vis``
+(``vis.png``), ``vis_target`` (``vis_target.png``: the same capture without
+the concealment), ``thz`` (``thz.png`` through thin fabric + ``thz_target.png``
+unconcealed), ``thz_dense`` (``thz.png`` through dense fabric that hides most
+of the lower face + ``thz_target.png``; the THz recipes' default, since thin
+fabric leaves nothing to reconstruct) and ``maps`` (albedo / normal / depth).
+Adding a modality never changes the bytes of the others for the same spec.
+
 Per sample: one of five head postures (the face frame is rotated in 3D and
 the image is ray-traced back onto the height field), an emotion (mouth curve,
 brows, eye opening), spectacles, concealment (a scarf or mask over the lower
@@ -55,6 +63,12 @@ LABEL_SCHEMAS: dict[str, list[str]] = {
     "concealed": ["unconcealed", "concealed"],
 }
 
+# vis: visible image (concealed when the sample is); vis_target: the same capture unconcealed;
+# thz: THz image through thin fabric (concealment barely visible) + thz_target (unconcealed);
+# thz_dense: THz through dense fabric, written as thz.png + thz_target.png (so it replaces thz);
+# maps: photometric-stereo albedo / normal / depth.
+MODALITIES = ("vis", "vis_target", "thz", "thz_dense", "maps")
+
 # yaw (deg, + turns the face to image-right) and pitch (deg, + looks up) per posture
 _POSTURE_ANGLES = {0: (0.0, 0.0), 1: (-28.0, 0.0), 2: (28.0, 0.0), 3: (0.0, 22.0), 4: (0.0, -22.0)}
 
@@ -76,9 +90,12 @@ class SyntheticSpec:
         object.__setattr__(self, "splits", tuple((str(n), float(r)) for n, r in
                                                  (self.splits.items() if isinstance(self.splits, dict)
                                                   else self.splits)))
-        bad = set(self.modalities) - {"vis", "thz", "maps"}
+        bad = set(self.modalities) - set(MODALITIES)
         if bad or not self.modalities:
-            raise ValueError(f"modalities must be a non-empty subset of vis, thz, maps; got {self.modalities}")
+            raise ValueError(f"modalities must be a non-empty subset of {', '.join(MODALITIES)}; "
+                             f"got {self.modalities}")
+        if {"thz", "thz_dense"} <= set(self.modalities):
+            raise ValueError("modalities thz and thz_dense both write thz.png: choose one")
         if self.split_by not in ("sample", "identity"):
             raise ValueError(f"split_by must be 'sample' or 'identity', got {self.split_by!r}")
         if self.num_identities < 1 or self.samples_per_identity < 1:
@@ -364,8 +381,9 @@ def _sample_params(spec: SyntheticSpec, identity: int, index: int) -> dict[str, 
 
 
 def render_sample(spec: SyntheticSpec, identity: int, index: int) -> dict[str, Any]:
-    """Draw sample ``index`` of ``identity``: a dict with ``vis`` (HxWx3 uint8),
-    ``thz``/``thz_target`` (HxW uint8), ``albedo``/``normal`` (HxWx3 float32),
+    """Draw sample ``index`` of ``identity``: a dict with ``vis``/``vis_target`` (HxWx3
+    uint8; ``vis_target`` without the concealment), ``thz``/``thz_dense``/``thz_target``
+    (HxW uint8; thin fabric, dense fabric, unconcealed), ``albedo``/``normal`` (HxWx3 float32),
     ``depth`` (HxW float32) and ``labels`` (the json label dict)."""
     w = _world(spec)
     lat = w.latents[identity]
@@ -558,6 +576,7 @@ def render_sample(spec: SyntheticSpec, identity: int, index: int) -> dict[str, A
 
     # concealment over the lower face (a scarf or a mask)
     occ = np.zeros((S, S), np.float32)
+    albedo_bare = albedo.copy() if sp["concealed"] else albedo  # _mix below works in place
     if sp["concealed"]:
         top = tip_y - 0.02 + sp["occ_top"] + 0.05 * (x / fw) ** 2
         width = fw * (1.08 if sp["occ_kind"] == 0 else 1.0)
@@ -571,6 +590,7 @@ def render_sample(spec: SyntheticSpec, identity: int, index: int) -> dict[str, A
         albedo = _mix(albedo, oc * folds, occ)
 
     albedo = np.clip(albedo, 0.0, 1.0).astype(np.float32)
+    albedo_bare = np.clip(albedo_bare, 0.0, 1.0).astype(np.float32) if sp["concealed"] else albedo
 
     # --- visible image: lit albedo ----------------------------------------------
     la, le = sp["light_az"], sp["light_el"]
@@ -578,10 +598,17 @@ def render_sample(spec: SyntheticSpec, identity: int, index: int) -> dict[str, A
     L = (L / np.linalg.norm(L)).astype(np.float32)
     ndl = np.clip(normal @ L, 0.0, 1.0)
     spec_ = 0.06 * ndl ** 12 * face
-    vis = albedo * (sp["ambient"] + sp["light_i"] * ndl)[..., None] + spec_[..., None]
-    vis = vis * (1.0 + np.asarray(sp["tint"], np.float32))
-    vis = vis + rng.normal(0, sp["noise"], vis.shape).astype(np.float32)
-    vis8 = (np.clip(vis, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+    def lit(alb):
+        out = alb * (sp["ambient"] + sp["light_i"] * ndl)[..., None] + spec_[..., None]
+        return out * (1.0 + np.asarray(sp["tint"], np.float32))
+
+    # One noise draw shared by the visible image and its unconcealed twin (vis_target):
+    # the RNG stream, and so every older output, is what it was before vis_target existed.
+    vis_noise = rng.normal(0, sp["noise"], (S, S, 3)).astype(np.float32)
+    vis8 = (np.clip(lit(albedo) + vis_noise, 0, 1) * 255 + 0.5).astype(np.uint8)
+    vis_target8 = (np.clip(lit(albedo_bare) + vis_noise, 0, 1) * 255 + 0.5).astype(np.uint8) \
+        if sp["concealed"] else vis8
 
     # --- THz: frontal source, geometry-dominated, blurred, fabric nearly transparent
     thz_alb = 0.62 * face + 0.45 * (hair + hair_back) * (1 - face) + 0.5 * (neck + ears) * (1 - face)
@@ -601,8 +628,18 @@ def render_sample(spec: SyntheticSpec, identity: int, index: int) -> dict[str, A
         img = img * (1 + 0.02 * speck) + 0.006 * speck
         return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
+    def thz_dense_render(occl):
+        # Dense fabric (modality thz_dense): it absorbs most of the face's signal and
+        # shows its own weave, so the unconcealed target has to be inferred, not copied.
+        img = thz_clean * (1 - 0.65 * occl) + occl * (0.12 + 0.14 * fabric)
+        img = _blur(img, 0.9 * S / 64.0)
+        img = 0.18 + 0.62 * img
+        img = img * (1 + 0.02 * speck) + 0.006 * speck
+        return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
     thz_target = thz_render(np.zeros_like(occ))
     thz = thz_render(occ) if sp["concealed"] else thz_target
+    thz_dense = thz_dense_render(occ) if sp["concealed"] else thz_target
 
     labels = {
         "identity": int(identity),
@@ -615,7 +652,8 @@ def render_sample(spec: SyntheticSpec, identity: int, index: int) -> dict[str, A
         "concealed": int(sp["concealed"]),
         "twin": int(w.twins[identity]),
     }
-    return {"vis": vis8, "thz": thz, "thz_target": thz_target, "albedo": albedo,
+    return {"vis": vis8, "vis_target": vis_target8, "thz": thz, "thz_dense": thz_dense, "thz_target": thz_target,
+            "albedo": albedo,
             "normal": normal.astype(np.float32), "depth": depth, "labels": labels}
 
 
@@ -623,8 +661,10 @@ def _sample_fields(spec: SyntheticSpec, r: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"json": r["labels"]}
     if "vis" in spec.modalities:
         out["vis.png"] = r["vis"]
-    if "thz" in spec.modalities:
-        out["thz.png"] = r["thz"]
+    if "vis_target" in spec.modalities:
+        out["vis_target.png"] = r["vis_target"]
+    if "thz" in spec.modalities or "thz_dense" in spec.modalities:  # exclusive: both write thz.png
+        out["thz.png"] = r["thz_dense"] if "thz_dense" in spec.modalities else r["thz"]
         out["thz_target.png"] = r["thz_target"]
     if "maps" in spec.modalities:
         out["albedo.npy"] = r["albedo"].astype(np.float16)

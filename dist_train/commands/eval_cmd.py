@@ -12,6 +12,11 @@ the validation split's pairs, else the checkpoint's (see :mod:`dist_train.infere
 ``score_histograms.png`` and ``hardest_errors.png`` into ``--output``
 (default: ``<run dir>/eval/<split>`` for a trainer checkpoint, else ``eval_<split>``).
 Metric definitions: :mod:`recipes.verification`.
+
+A recipe may replace the report with its own (``Recipe.eval_report``, e.g. the
+THz recipes: per-sample / per-identity / per-posture tables, reconstruction
+grids, posture confusion, plus this verification report); it receives the
+embedding table, the pairs and the threshold resolved here.
 """
 from __future__ import annotations
 
@@ -77,6 +82,7 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
     from dist_train.inference import CheckpointError, InferenceEngine
     from dist_train.progress import progress_bar
     from recipes import verification as ev
+    from recipes.base import EvalContext
     from recipes.verification_plots import write_report
     from shards.manifest import Manifest
     from shards.reading import read_images_by_key
@@ -141,9 +147,16 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
         source = f"best accuracy on {val_split!r} pairs (--optimize-threshold)"
         extra["val_best_acc"] = val_acc
     out_dir = Path(args.output) if args.output else default_output(Path(args.checkpoint), args.split)
-    images = read_images_by_key(data_dir, args.split, ev.hardest_error_keys(table, pairs))
     extra.update(checkpoint=str(args.checkpoint), data=str(data_dir), split=args.split,
                  recipe=engine.recipe_name)
+    own = engine.recipe.eval_report(engine.model, EvalContext(
+        out_dir=out_dir, split=args.split, data_dir=data_dir,
+        loader=lambda: build_eval_loader(data_dir, args.split, engine.recipe.transform, args.batch_size, 0, 1, 0),
+        table=table, pairs=pairs, threshold=threshold, threshold_source=source, publish=atomic_write,
+        identity_names=manifest.identities, extra=extra, device=engine.device, seed=args.seed, progress=progress))
+    if own is not None:  # the recipe wrote its own report (Recipe.eval_report)
+        return 0
+    images = read_images_by_key(data_dir, args.split, ev.hardest_error_keys(table, pairs))
     metrics = write_report(out_dir, table, pairs, atomic_write, threshold=threshold, threshold_source=source,
                            images=images, identity_names=manifest.identities, extra=extra, seed=args.seed,
                            title=f"{args.split} split")

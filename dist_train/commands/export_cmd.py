@@ -26,8 +26,8 @@ def run(argv: list[str] | None = None, prog: str = "biomtl export") -> int:
 
     try:
         out = export_checkpoint(args.checkpoint, args.output)
-    except (ExportError, FileNotFoundError) as exc:
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+    except (ExportError, OSError) as exc:  # OSError names its path: an unreadable checkpoint, say
+        print(f"error: {(str(exc).splitlines() or [type(exc).__name__])[0]}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

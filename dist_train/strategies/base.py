@@ -35,7 +35,16 @@ class Strategy(abc.ABC):
 
     @abc.abstractmethod
     def optimizer_step(self) -> StepStats:
-        """Clip, step the optimizer and the LR schedule, zero the gradients."""
+        """Clip, step the optimizer and the LR schedule, zero the gradients.
+        An update skipped for an fp16 overflow leaves the LR schedule where it
+        was: after ``N`` applied updates the LR is the schedule's value at
+        ``N``, however many windows were skipped (the trainer's step counter
+        counts windows, skipped ones included)."""
+
+    @property
+    def skipped_steps(self) -> int:
+        """Updates skipped for fp16 overflow so far (kept across a resume)."""
+        return 0
 
     @abc.abstractmethod
     def eval_forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,7 @@ class DDPStrategy(Strategy):
         self.optimizer = make_optimizer(model)
         self.scheduler = make_scheduler(self.optimizer)
         self.scaler = precision.make_scaler()
+        self._skipped_steps = 0
 
     @property
     def module(self) -> nn.Module:
@@ -61,12 +62,19 @@ class DDPStrategy(Strategy):
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        # GradScaler backs the scale off exactly when it found inf/NaN and skipped optimizer.step()
         skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
-        if not skipped:
+        if skipped:  # the schedule follows applied updates (as DeepSpeed's engine does)
+            self._skipped_steps += 1
+        else:
             self.scheduler.step()
         return StepStats(lr=lr, grad_norm=norm if math.isfinite(norm) else float("nan"), skipped=skipped)
+
+    @property
+    def skipped_steps(self) -> int:
+        return self._skipped_steps
 
     @torch.no_grad()
     def eval_forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -81,7 +89,7 @@ class DDPStrategy(Strategy):
 
         atomic_save({"model": self._module.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                     "client": client_state}, path)
+                     "skipped_steps": self._skipped_steps, "client": client_state}, path)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         state = safe_load(path)
@@ -90,4 +98,5 @@ class DDPStrategy(Strategy):
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        self._skipped_steps = int(state.get("skipped_steps", 0))
         return state["client"]

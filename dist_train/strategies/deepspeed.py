@@ -26,14 +26,19 @@ toolkit runs without it unless the strategy is chosen.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
 import os
+import pickle
+import re
 import sys
 import warnings
+import zipfile
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -289,6 +294,129 @@ def keep_batchnorm_stats_fp32(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------
+# Checkpoint directories are untrusted input: every file loads weights-only.
+#
+# DeepSpeed reads its directory format with torch.load(weights_only=False)
+# (TorchCheckpointEngine, zero_to_fp32), so a crafted directory would run code
+# in `biomtl export` or `--resume`. Every *.pt of a directory is therefore
+# loaded weights-only before DeepSpeed sees it (`checked_tag_dir`), and
+# DeepSpeed's own reads run under `weights_only_loads()`.
+
+# torch's switch that makes every torch.load weights-only, also those that
+# pass weights_only=False (documented in torch.load; read on every call).
+_FORCE_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+_TAG_FILE = "latest"
+_MAX_TAG_BYTES = 255
+
+
+class CheckpointLoadError(ConfigError):
+    """A checkpoint file or directory that does not load weights-only; the
+    message is one line naming the file and the cause."""
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """The classes DeepSpeed pickles into its checkpoint files besides tensors
+    and plain containers: the loss scalers (16-bit and ZeRO optimizer states),
+    the ZeRO stage enum and the fragment addresses of the flat fp32 partitions.
+    Plain data holders: the weights-only unpickler fills their fields with
+    tensors and primitives; nothing in the file chooses code to run."""
+    import_deepspeed()
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` in the block, DeepSpeed's included, is weights-only
+    and accepts DeepSpeed's safe globals. Besides the pre-check this leaves no
+    window for a file swapped in after it was checked."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY_ENV)
+    os.environ[_FORCE_WEIGHTS_ONLY_ENV] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY_ENV, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY_ENV] = previous
+
+
+def load_problem(path: Path, exc: BaseException) -> str:
+    """Why ``path`` did not load with ``torch.load(weights_only=True)``, in a
+    few words; never the file's bytes (a refused global is named, as torch
+    names it, since that is what the user needs to know)."""
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"cannot read it ({err.strerror or type(err).__name__})"
+    if size == 0:
+        return "empty file"
+    if isinstance(exc, OSError) and exc.errno != errno.EINVAL:
+        return f"cannot read it ({exc.strerror or type(exc).__name__})"
+    message = str(exc)
+    if isinstance(exc, OSError):  # EINVAL: torch's reader seeking past the end of a cut-off file
+        return "truncated or corrupt"
+    if "PytorchStreamReader" in message or "zip archive" in message:
+        return "truncated or corrupt (not a complete PyTorch zip archive)"
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in message:
+        refused = re.search(r"GLOBAL ([\w.]{1,120})", message)
+        if refused:
+            # (a cut-off file can name half a global: hence "or corrupt")
+            return (f"refused: it pickles {refused.group(1)}, and only tensors and plain data are loaded "
+                    "(a file that may run code when unpickled, or a corrupt one)")
+    return "not a PyTorch checkpoint file (or truncated / corrupt)"
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:
+    """One file of a DeepSpeed checkpoint (or any toolkit checkpoint file),
+    loaded weights-only with DeepSpeed's safe globals; a file that does not
+    load is a one-line :class:`CheckpointLoadError`. Zip archives are
+    memory-mapped, so checking a large file reads little more than its pickle."""
+    path = Path(path)
+    if not path.is_file():  # a FIFO would block the read
+        raise CheckpointLoadError(f"{path}: not a regular file")
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # noqa: BLE001 - every failure of an untrusted file is the same one line
+        raise CheckpointLoadError(f"{path}: {load_problem(path, exc)}") from None
+
+
+def checked_tag_dir(ckpt_dir: str | Path) -> Path:
+    """The tag folder of a DeepSpeed checkpoint directory (the one its
+    ``latest`` file names), after every ``*.pt`` under the directory loaded
+    weights-only. The tag must name a folder inside the directory. Raises
+    :class:`CheckpointLoadError` (one line naming the file) before DeepSpeed
+    reads anything."""
+    ckpt_dir = Path(ckpt_dir)
+    tag_file = ckpt_dir / _TAG_FILE
+    if not tag_file.is_file():
+        raise CheckpointLoadError(f"{ckpt_dir}: not a DeepSpeed checkpoint directory (no regular "
+                                    f"'{_TAG_FILE}' tag file)")
+    try:
+        with tag_file.open("rb") as fh:
+            raw = fh.read(_MAX_TAG_BYTES + 1)
+    except OSError as exc:
+        raise CheckpointLoadError(f"{tag_file}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    tag = raw.decode("utf-8", "replace").strip()
+    tag_dir = ckpt_dir / tag
+    inside = tag_dir.resolve().parent == ckpt_dir.resolve()
+    if (len(raw) > _MAX_TAG_BYTES or not tag or tag in (".", "..") or "/" in tag or "\\" in tag or not inside
+            or not tag_dir.is_dir()):
+        raise CheckpointLoadError(f"{tag_file}: does not name a checkpoint folder inside {ckpt_dir}")
+    files = sorted(ckpt_dir.rglob("*.pt"))
+    if not any(f.parent == tag_dir for f in files):
+        raise CheckpointLoadError(f"{tag_dir}: no .pt files (incomplete checkpoint?)")
+    for f in files:
+        load_checkpoint_file(f)
+    return tag_dir
+
+
+# ---------------------------------------------------------------------------
 
 
 class DeepSpeedStrategy(Strategy):
@@ -426,17 +554,15 @@ class DeepSpeedStrategy(Strategy):
                                     save_latest=True)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        # DeepSpeed's own loader reads its directory format with
-        # torch.load(weights_only=False) (it pickles its config and optimizer
-        # wrappers' state). That is acceptable for resuming from a directory
-        # this toolkit's run wrote (trusted); anything shared with others
-        # should be the consolidated file of `biomtl export`, which is plain
-        # tensors and loads with weights_only=True.
-        path = Path(path)
-        if not (path / "latest").is_file():
-            raise FileNotFoundError(f"{path} is not a DeepSpeed checkpoint directory (no 'latest' tag file)")
-        load_path, client = self.engine.load_checkpoint(str(path), tag=None, load_optimizer_states=True,
-                                                        load_lr_scheduler_states=True)
+        # DeepSpeed's own loader unpickles its directory format
+        # (weights_only=False): every file is checked weights-only first (the
+        # entry point already did so before writing anything, this covers a
+        # restart's own checkpoint too), and DeepSpeed's reads run
+        # weights-only as well, with the tag that was checked.
+        tag_dir = checked_tag_dir(path)
+        with weights_only_loads():
+            load_path, client = self.engine.load_checkpoint(str(path), tag=tag_dir.name, load_optimizer_states=True,
+                                                            load_lr_scheduler_states=True)
         if load_path is None or client is None or CLIENT_KEY not in client:
             raise RuntimeError(f"{path}: DeepSpeed could not load the checkpoint (or it has no toolkit state)")
         return client[CLIENT_KEY]
@@ -465,5 +591,6 @@ class DeepSpeedStrategy(Strategy):
         return out
 
 
-__all__ = ["DeepSpeedStrategy", "build_ds_config", "check_toolkit_config", "import_deepspeed",
-           "load_user_ds_config", "TAG", "CLIENT_KEY"]
+__all__ = ["DeepSpeedStrategy", "CheckpointLoadError", "build_ds_config", "check_toolkit_config",
+           "checked_tag_dir", "deepspeed_safe_globals", "import_deepspeed", "load_checkpoint_file", "load_problem",
+           "load_user_ds_config", "weights_only_loads", "TAG", "CLIENT_KEY"]

@@ -56,7 +56,7 @@ SOURCES: dict[str, str] = {
     "synthetic": "shards.sources.synthetic",
 }
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".pgm", ".gif", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".gif", ".bmp", ".tif", ".tiff", ".webp")
 STORABLE = ("jpg", "png", "pgm", "ppm", "gif", "bmp")  # kept as original bytes
 
 

@@ -19,7 +19,10 @@ naming it wins; later rows are counted in ``created_with.notes``):
   visible image is not stored: negatives are other samples);
 * ``json``: ``identity``, ``posture`` (front/left/right/up/down),
   ``concealed`` (unconcealed/concealed), ``sample`` (the ``<sample>`` part),
-  ``files`` (the CSV values).
+  ``target_posture`` (0-4, the posture of ``thz_target``: the THz recipes
+  reconstruct the target from the anchor, so a row whose positive shows
+  another posture asks for a pose change too; such rows are kept and counted
+  in ``created_with.notes.target_posture_differs``), ``files`` (the CSV values).
 
 The field names match the synthetic dataset, so THz recipes read both. The
 triplets themselves are not stored: the ``triplet`` batching draws
@@ -106,6 +109,7 @@ class ThzSource(Source):
         keys = KeyMaker()
         seen: dict[str, str] = {}
         duplicates = 0
+        other_posture = 0
         has_visible: bool | None = None
         visible_mixed = False
         for path in csvs:
@@ -156,10 +160,12 @@ class ThzSource(Source):
                         key = keys(Path(r["anchor"]).stem)
                         seen[anchor_id] = key
                         ident, posture, concealed, sample = a
+                        if pos[1] != posture:
+                            other_posture += 1
                         scan.items.append(Item(
                             key=key, identity=ident,
                             labels={"posture": POSTURES[posture], "concealed": CONCEALED[concealed]},
-                            meta={"sample": sample, "files": {k: r[c] for k, c in
+                            meta={"sample": sample, "target_posture": pos[1], "files": {k: r[c] for k, c in
                                                               (("anchor", "anchor"), ("positive", "positive"),
                                                                ("visible_concealed", "visible_concealed"),
                                                                ("visible_unconcealed", "visible_unconcealed"))
@@ -180,7 +186,7 @@ class ThzSource(Source):
         names = sorted(scan.items[0].payload["files"])
         exts = {n: choose_image_ext([it.payload["files"][n] for it in scan.items]) for n in names}
         scan.notes = {"csvs": [rel(p, root) for p in csvs], "duplicate_anchor_rows": duplicates,
-                      "image_ext": exts}
+                      "target_posture_differs": other_posture, "image_ext": exts}
         scan.items.sort(key=lambda it: natural_key(it.key))
         scan.loader = ThzLoader(exts)
         return scan

@@ -145,6 +145,71 @@ def test_far_1e4_only_with_enough_impostors():
     assert "tar_at_far_0.0001" not in r
 
 
+def test_tied_scores_keep_every_operating_point():
+    # genuine .9 .8 .7 .1, impostor .9 .8 .7: at t=.8 FAR 2/3, TAR 1/2. The ROC points
+    # (1/3, 1/4), (2/3, 1/2), (1, 3/4) are collinear; dropping the middle one (sklearn's
+    # default) reported TAR 0.25 at FAR <= 0.67.
+    s = [.9, .9, .8, .8, .7, .7, .1]
+    y = [1, 0, 1, 0, 1, 0, 1]
+    r = ev.verification_report(s, y, far_targets=(0.67, 0.34))["all"]
+    gen, imp = _split(s, y)
+    assert r["tar_at_far_0.67"] == 0.5 == _tar_direct(gen, imp, 0.67)
+    assert r["thr_at_far_0.67"] == 0.8
+    assert r["tar_at_far_0.34"] == 0.25 == _tar_direct(gen, imp, 0.34)
+    assert r["auc"] == pytest.approx(_auc_direct(gen, imp))
+    assert r["eer"] == pytest.approx(4 / 7)  # FRR - FAR = 1 - 7/4 FAR on the line through the points
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_scores_give_nan_metrics_and_one_warning(bad, caplog):
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(20, bool), np.zeros(40, bool)]
+    twin = np.r_[np.zeros(20, bool), np.ones(5, bool), np.zeros(35, bool)]
+    scores = rng.normal(size=60) + labels
+    scores[[3, 30, 50]] = bad                         # a diverged model: a few scores NaN or inf
+    with caplog.at_level("WARNING", logger="biomtl.eval"):
+        r = ev.verification_report(scores, labels, twin, threshold=0.5)
+    warnings = [rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING"]
+    assert len(warnings) == 1 and "3 of 60 scores are not finite" in warnings[0], warnings
+    for block in ("all", "twin"):
+        for key in ("auc", "eer", "eer_threshold", "best_acc", "best_threshold", "acc_10fold", "tar_at_far_0.1",
+                    "acc_at_threshold", "far_at_threshold"):
+            assert np.isnan(r[block][key]), (block, key)
+    assert r["all"]["genuine_pairs"] == 20 and r["all"]["impostor_pairs"] == 40  # the counts stay
+    assert all(np.isnan(v) for k, v in ev.summary_metrics(r).items() if "pairs" not in k)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="biomtl.eval"):
+        assert all(np.isnan(ev.best_accuracy_threshold(scores, labels)))   # not a threshold ranked among NaNs
+        assert all(np.isnan(ev.kfold_accuracy(scores, labels)))
+    assert sum("3 of 60" in rec.getMessage() for rec in caplog.records) == 2
+
+
+def test_validation_metrics_of_a_diverged_model_are_nan_not_an_exception(caplog):
+    """The dcal_twins recipe's validation metrics on embeddings with a NaN row (fp16 blew up)."""
+    import torch
+
+    from recipes.dcal_twins import VerificationMetrics
+
+    rng = np.random.default_rng(1)
+    ident = np.repeat(np.arange(6), 4)
+    emb = rng.normal(size=(ident.size, 8)).astype(np.float32)
+    emb[5] = np.nan
+    m = VerificationMetrics(seed=0)
+    m.update({"embedding": torch.from_numpy(emb)}, {"identity": torch.from_numpy(ident),
+                                                    "twin": torch.full((ident.size,), -1)})
+    with caplog.at_level("WARNING", logger="biomtl.eval"):
+        out = VerificationMetrics.compute([m.state()])
+    assert np.isnan(out["eer"]) and np.isnan(out["auc"]) and np.isnan(out["threshold"])
+    n_pairs = ident.size * (ident.size - 1) // 2
+    assert any(f"{ident.size - 1} of {n_pairs} scores are not finite" in r.getMessage() for r in caplog.records)
+
+
+def test_nan_threshold_gives_nan_accuracy():
+    r = ev.verification_report([0.9, 0.7, 0.4, 0.6, 0.2], [1, 1, 1, 0, 0], threshold=float("nan"))["all"]
+    assert np.isnan(r["acc_at_threshold"]) and np.isnan(r["far_at_threshold"]) and np.isnan(r["frr_at_threshold"])
+    assert r["eer"] == pytest.approx(1 / 3)                  # the scores themselves are fine
+
+
 def test_accuracy_at_a_given_threshold():
     r = ev.verification_report([0.9, 0.7, 0.4, 0.6, 0.2], [1, 1, 1, 0, 0], threshold=0.5)["all"]
     assert r["far_at_threshold"] == pytest.approx(0.5) and r["frr_at_threshold"] == pytest.approx(1 / 3)

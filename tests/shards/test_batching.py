@@ -131,12 +131,29 @@ def test_pk_twin_cooccurrence_rate(twin_prob):
     assert abs(rate - twin_prob) < 4 * sigma + 0.01, (rate, twin_prob, with_member)
 
 
-def test_pk_identities_about_uniform():
-    per = [3] * 20
-    groups, _ = fake_groups(per, [(0, 1), (2, 3), (4, 5)])
-    c = collections.Counter(r[0] for b in range(1000) for r in pk_plan(groups, 4, 1, 1.0, np.random.default_rng(b)))
-    freq = np.array([c[i] for i in range(20)]) / 1000
-    assert freq.min() > 0.12 and freq.max() < 0.30  # expectation 4/20 = 0.2
+@pytest.mark.parametrize("twin_prob", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("n_ids, n_pairs, P", [(20, 3, 4), (30, 10, 5)])
+def test_pk_identities_uniform(n_ids, n_pairs, P, twin_prob):
+    """Each identity is in P/N of the batches, twins as often as singletons, whatever
+    twin_prob (the old weighted unit order gave twins 0.54-0.66x at twin_prob 0 and
+    1.12-1.46x at 1 here); the co-twin rules hold in every batch."""
+    pairs = [(2 * k, 2 * k + 1) for k in range(n_pairs)]
+    groups, _ = fake_groups([3] * n_ids, pairs)
+    batches = 4000
+    c = collections.Counter()
+    for b in range(batches):
+        idents = [r[0] for r in pk_plan(groups, P, 1, twin_prob, np.random.default_rng([5, b]))]
+        c.update(idents)
+        present = set(idents)
+        together = [a in present and t in present for a, t in pairs if a in present or t in present]
+        if twin_prob == 1.0:
+            assert all(together)  # singletons are left for every odd slot: co-twins always together
+        if twin_prob == 0.0:
+            assert not any(together)
+    freq = np.array([c[i] for i in range(n_ids)]) / batches
+    ratio = freq[:2 * n_pairs].mean() / freq[2 * n_pairs:].mean()
+    assert 0.95 < ratio < 1.05, ratio  # 4000 batches: the ratio's sd is ~1.5%
+    assert np.all(np.abs(freq / (P / n_ids) - 1) < 0.15), freq  # every identity ~P/N (sd 3-4%)
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import io
 import tarfile
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 import webdataset as wds
@@ -98,3 +99,25 @@ def test_fast_reader_matches_webdataset(tmp_path, members, fmt, cut, garble, fie
 def test_missing_file_is_an_error(tmp_path):
     r = ShardReader(Shard(str(tmp_path / "nope.tar"), "nope.tar", 3), None)
     assert list(r) == [] and "FileNotFoundError" in r.error
+
+
+@pytest.mark.parametrize("evil", ["../evil.json", "a/../../evil.json", "/abs/evil.json"])
+def test_member_names_leaving_the_shard_are_refused_at_read_time(tmp_path, evil):
+    """Shards are untrusted: a member named absolute or with ``..`` is never a
+    sample; reading stops there with an error (the shard counts as corrupt)."""
+    p = tmp_path / "t.tar"
+    write_tar(p, [("a.json", b"{}"), (evil, b'{"x": 1}'), ("b.json", b"{}")], "pax")
+    r = ShardReader(Shard(str(p), p.name, 3), None, frozenset({"json"}))
+    keys = [s["__key__"] for s in r]
+    assert keys == ["a"]
+    assert r.error is not None and "unsafe member name" in r.error
+
+
+def test_a_file_that_is_not_a_tar_is_an_error_without_its_bytes(tmp_path):
+    line = "root:x:0:0:root:/root:/bin/bash\n"
+    p = tmp_path / "passwd.tar"
+    p.write_text(line * 40)
+    r = ShardReader(Shard(str(p), p.name, 3), None)
+    assert list(r) == [] and r.error is not None
+    shown = r.error.replace(str(p), "")
+    assert not any((line * 2)[i:i + 5] in shown for i in range(len(line))), r.error  # no 5 bytes of it

@@ -1,0 +1,141 @@
+"""``recipe.params.init_from``: start a recipe model from a previous run's weights.
+
+The file is a previous run's exported model (``RUN/model.pt``) or one of its
+trainer checkpoints (``RUN/checkpoints/best.pt``); both hold the recipe
+model's state dict under ``"model"`` and are read with
+``torch.load(weights_only=True)``. (A run directory is not accepted: which
+file a run directory holds is dist_train's knowledge, and recipes do not
+import dist_train.)
+
+What must fit, and what may not: every parameter or buffer *outside* the
+recipe's head prefixes (the backbone, the neck, DCAL's GLCA block) must be in
+the file with the same shape, and the file must hold nothing else outside
+them, else :class:`InitFromError` names the first offending tensor (one
+line). Head tensors (identity classifiers, whose size is the number of
+training identities; learned loss weights) are loaded when their shape fits
+and otherwise keep their fresh initialisation, with an info line: that is
+the pretrain-on-many-identities, fine-tune-on-few case.
+
+The check runs twice: when the recipe's params are validated (a config error,
+exit 2, before any run directory exists: see :func:`check_init_from`, which
+builds the model on the meta device and reads only the file's shapes) and
+when the real model is built (:func:`load_init_weights`).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+log = logging.getLogger("biomtl.init_from")
+
+__all__ = ["InitFromError", "InitReport", "read_init_state", "plan_init", "check_init_from", "load_init_weights"]
+
+
+class InitFromError(ValueError):
+    """``init_from`` names a file that does not fit the model (one-line message)."""
+
+
+@dataclass
+class InitReport:
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    skipped_heads: list[str] = field(default_factory=list)   # head tensors of another shape, or not in the file
+
+
+def read_init_state(path: str | os.PathLike, recipe: str | None = None) -> dict[str, torch.Tensor]:
+    """The model state dict of an exported model or trainer checkpoint file.
+
+    ``recipe``: when the file says which recipe wrote it, it must be this one."""
+    p = Path(path)
+    if not p.is_file():
+        what = "a folder; pass its model file (RUN/model.pt or a checkpoint .pt)" if p.is_dir() else "not found"
+        raise InitFromError(f"init_from {p}: {what}")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an untrusted file: one line naming it and the cause
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise InitFromError(f"init_from {p}: not a weights-only torch file ({first[:200]})") from None
+    model = state.get("model") if isinstance(state, Mapping) else None
+    if not isinstance(model, Mapping) or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise InitFromError(f"init_from {p}: no model state dict (expected a biomtl model.pt or trainer checkpoint)")
+    config = state.get("config") or (state.get("client") or {}).get("config") or {}
+    written_by = (config.get("recipe") or {}).get("name") if isinstance(config, Mapping) else None
+    if recipe is not None and written_by is not None and written_by != recipe:
+        raise InitFromError(f"init_from {p}: a {written_by} model; this recipe is {recipe}")
+    return dict(model)
+
+
+def _is_head(name: str, head_prefixes: Sequence[str]) -> bool:
+    return any(name.startswith(prefix) for prefix in head_prefixes)
+
+
+def plan_init(path: str, file_shapes: Mapping[str, tuple[int, ...]], model_shapes: Mapping[str, tuple[int, ...]],
+              head_prefixes: Sequence[str]) -> InitReport:
+    """Which tensors load and which head tensors keep their initialisation;
+    :class:`InitFromError` on the first non-head tensor that does not fit."""
+    report = InitReport(path)
+    for name, shape in model_shapes.items():
+        head = _is_head(name, head_prefixes)
+        if name not in file_shapes:
+            if head:
+                report.skipped_heads.append(name)
+                continue
+            raise InitFromError(f"init_from {path}: {name} {list(shape)} is not in the file (another architecture? "
+                                f"init_from needs the same backbone settings)")
+        if tuple(file_shapes[name]) != tuple(shape):
+            if head:
+                report.skipped_heads.append(name)
+                continue
+            raise InitFromError(f"init_from {path}: {name} is {list(file_shapes[name])} in the file but "
+                                f"{list(shape)} in this model (init_from needs the same backbone settings)")
+        report.loaded.append(name)
+    extra = [name for name in file_shapes if name not in model_shapes and not _is_head(name, head_prefixes)]
+    if extra:
+        raise InitFromError(f"init_from {path}: {extra[0]} (and {len(extra) - 1} more) in the file has no place "
+                            f"in this model (another architecture?)")
+    return report
+
+
+@lru_cache(maxsize=8)
+def _file_shapes(path: str, mtime_ns: int, size: int, recipe: str | None) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    # Keyed by mtime and size: params are validated again at every checkpoint save.
+    return tuple((k, tuple(v.shape)) for k, v in read_init_state(path, recipe).items())
+
+
+def check_init_from(path: str, build_model: Callable[[], nn.Module], head_prefixes: Sequence[str],
+                    recipe: str | None = None) -> InitReport:
+    """Validate ``init_from`` without loading weights into anything: the model
+    ``build_model()`` makes on the meta device against the file's shapes."""
+    st = os.stat(path) if os.path.isfile(path) else None
+    if st is None:
+        read_init_state(path, recipe)  # raises the right one-line error
+    file_shapes = dict(_file_shapes(str(path), st.st_mtime_ns, st.st_size, recipe))
+    with torch.device("meta"):
+        model = build_model()
+    return plan_init(str(path), file_shapes, {k: tuple(v.shape) for k, v in model.state_dict().items()},
+                     head_prefixes)
+
+
+def load_init_weights(model: nn.Module, path: str, head_prefixes: Sequence[str],
+                      recipe: str | None = None) -> InitReport:
+    """Load ``path`` into ``model`` (see the module doc); a model on the meta
+    device (shape checks) is only checked."""
+    state = read_init_state(path, recipe)
+    own = model.state_dict()
+    report = plan_init(str(path), {k: tuple(v.shape) for k, v in state.items()},
+                       {k: tuple(v.shape) for k, v in own.items()}, head_prefixes)
+    if any(t.is_meta for t in own.values()):
+        return report
+    model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)
+    log.info("init_from %s: loaded %d tensors", path, len(report.loaded))
+    if report.skipped_heads:
+        log.info("init_from %s: %d head tensors of another shape or not in the file keep their fresh "
+                 "initialisation: %s", path, len(report.skipped_heads), ", ".join(report.skipped_heads))
+    return report

@@ -1,0 +1,216 @@
+"""``thz_distill`` recipe: learning with privileged information. A teacher sees THz
+*and* visible images, the student (the ``thz_mtl`` network) sees THz alone and
+learns from the teacher; inference needs the student only.
+
+Data: what ``thz_mtl`` reads (:mod:`recipes.thz`) plus the visible image of the
+same capture: ``vis.<ext>`` (default; concealed when the THz image is) or
+``vis_target.<ext>`` (``teacher_visible: vis_target``: the unconcealed one).
+Synthetic: ``modalities: [thz_dense, vis]`` (add ``vis_target`` for the
+second). ``transform`` adds ``"vis"`` ``[3, S, S]`` in [0, 1], with the same
+geometric augmentation as the THz pair (visible images are not corrupted).
+
+Model (:class:`ThzDistillModel`):
+
+- teacher :class:`models.thz.ThzTeacherNet` (THz + visible encoders, dual
+  cross-attention, the three heads), student :class:`models.thz.ThzMtlNet`;
+- ``loss = student task losses + teacher_weight * teacher task losses (unless
+  frozen) + feature_weight * ||n(P s_emb) - n(t_emb)||^2 + logit_weight * T^2
+  KL(softmax(t_posture / T) || softmax(s_posture / T))`` with the teacher's
+  outputs detached in the distillation terms (the teacher learns from its own
+  task losses only) and ``P`` a learned linear map when the teacher's embedding
+  width (``teacher_embedding_dim``) differs from the student's, else identity;
+- ``distill_full_triplet``: the teacher runs, and the distillation terms are
+  taken, on anchors, positives and negatives (true) or on anchors only;
+- ``freeze_teacher``: the teacher's parameters are not trained (no gradient,
+  BatchNorm statistics fixed); its weights come from ``teacher_weights``, a
+  trained ``thz_distill`` model file (``model.pt``) or checkpoint whose
+  ``teacher.*`` tensors are loaded strictly. A frozen teacher without weights
+  stops training at the first step (it would teach noise).
+
+``terms``: the student's (``supcon``, ``posture``, ``reconstruction``, ...),
+the teacher's prefixed ``teacher_``, ``distill_feature``, ``distill_logit``.
+
+Evaluation runs the student only (validation metrics, ``embed``, the reports),
+so validation, ``biomtl eval`` / ``verify`` / ``extract`` and
+:class:`dist_train.inference.InferenceEngine` never need visible images.
+``write_artifacts`` writes the ``thz_mtl`` report for the student and
+``student.pt``: the student alone as a ``thz_mtl`` exported model (its own
+config, no teacher tensor), with the decision threshold picked on the val split.
+``model.pt`` (the trainer's export) holds teacher and student.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from models.backbones import WeightsError, read_state_dict
+from models.losses import feature_distill_loss, kd_logit_loss
+from models.thz import ThzTeacherNet
+from recipes.base import ArtifactContext, DataInfo, register
+from recipes.thz import ThzMtlModel, ThzMtlParams, ThzMtlRecipe, task_losses, triplet_rows
+
+log = logging.getLogger("biomtl.thz")
+
+STUDENT_FILE = "student.pt"  # in the run directory, beside model.pt
+
+
+@dataclass
+class ThzDistillParams(ThzMtlParams):
+    # --- teacher
+    teacher_visible: Literal["vis", "vis_target"] = "vis"
+    teacher_embedding_dim: int = 0           # 0 = the student's embedding_dim
+    fusion_dim: int = 64                     # dual cross-attention width
+    fusion_heads: int = 4
+    teacher_weight: float = 1.0              # weight of the teacher's own task losses (joint training)
+    freeze_teacher: bool = False
+    teacher_weights: str = field(default="", metadata={"path": True})  # a trained thz_distill model / checkpoint
+    # --- distillation
+    feature_weight: float = 1.0
+    logit_weight: float = 1.0
+    kd_temperature: float = 3.0
+    distill_full_triplet: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kd_temperature <= 0:
+            raise ValueError("kd_temperature must be > 0")
+        if min(self.teacher_weight, self.feature_weight, self.logit_weight) < 0:
+            raise ValueError("teacher_weight, feature_weight and logit_weight must be >= 0")
+        if self.fusion_dim < 1 or self.fusion_heads < 1 or self.fusion_dim % self.fusion_heads:
+            raise ValueError(f"fusion_dim ({self.fusion_dim}) must be a positive multiple of fusion_heads "
+                             f"({self.fusion_heads})")
+        if self.teacher_embedding_dim < 0:
+            raise ValueError("teacher_embedding_dim must be >= 0 (0 = the student's)")
+
+    def student_params(self) -> ThzMtlParams:
+        """The student's own ``thz_mtl`` parameters (what ``student.pt`` records)."""
+        names = {f.name for f in fields(ThzMtlParams)}
+        return ThzMtlParams(**{n: copy.deepcopy(getattr(self, n)) for n in names})
+
+
+def load_teacher(teacher: nn.Module, path: str) -> None:
+    """The ``teacher.*`` tensors of a thz_distill model file / checkpoint, strictly."""
+    state = read_state_dict(path)
+    prefix = next((p for p in ("teacher.", "module.teacher.") if any(k.startswith(p) for k in state)), None)
+    if prefix is None:
+        raise WeightsError(f"teacher_weights {path}: no teacher.* tensors (not a thz_distill model?)")
+    sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = teacher.state_dict()
+    missing = sorted(set(own) - set(sub))
+    bad = [k for k in own if k in sub and tuple(sub[k].shape) != tuple(own[k].shape)]
+    if missing or bad:
+        raise WeightsError(f"teacher_weights {path}: does not fit this teacher "
+                           f"({len(missing)} tensors missing, {len(bad)} of another shape, e.g. {(missing + bad)[:3]})")
+    teacher.load_state_dict({k: sub[k] for k in own}, strict=True)
+
+
+class ThzDistillModel(nn.Module):
+    ROW_KEYS = ThzMtlModel.ROW_KEYS + ("vis",)
+
+    def __init__(self, p: ThzDistillParams, twin_pairs: Sequence[Sequence[int]] = (), num_identities: int = 0):
+        super().__init__()
+        self.p = p
+        self.student = ThzMtlModel(p.student_params(), twin_pairs, num_identities)
+        tcfg = p.net_config()
+        if p.teacher_embedding_dim:
+            tcfg.embedding_dim = p.teacher_embedding_dim
+        self.teacher = ThzTeacherNet(tcfg, vis_chans=3, fusion_dim=p.fusion_dim, fusion_heads=p.fusion_heads)
+        self.feature_proj = (nn.Linear(p.embedding_dim, tcfg.embedding_dim, bias=False)
+                             if tcfg.embedding_dim != p.embedding_dim else nn.Identity())
+        self.teacher_loaded = bool(p.teacher_weights)
+        if p.teacher_weights:
+            load_teacher(self.teacher, p.teacher_weights)
+        if p.freeze_teacher:
+            for q in self.teacher.parameters():
+                q.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "ThzDistillModel":
+        super().train(mode)
+        if self.p.freeze_teacher:
+            self.teacher.eval()  # fixed BatchNorm statistics
+        return self
+
+    # inference: the student alone
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student.embed(images)
+
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.student.predict(images)
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        if not self.training:
+            return self.student(batch)
+        p = self.p
+        if p.freeze_teacher and not self.teacher_loaded:
+            raise RuntimeError("thz_distill: freeze_teacher=true needs recipe.params.teacher_weights=FILE "
+                               "(a trained thz_distill model); a frozen untrained teacher teaches nothing")
+        rows, n = triplet_rows(batch, self.ROW_KEYS)
+        if "identity" in rows:
+            rows["twin"] = self.student.co_twins(rows["identity"])
+        if "vis" not in rows:
+            raise KeyError("thz_distill needs the visible image of every training row (batch key 'vis')")
+        s_out = self.student.net(rows["image"], rows.get("posture"))
+        loss, terms = task_losses(s_out, rows, self.student.supcon, self.student.recon, p.label_smoothing,
+                                  p.task_weights)
+        m = rows["image"].shape[0] if p.distill_full_triplet else n
+        t_rows = {k: v[:m] for k, v in rows.items()}
+        with torch.set_grad_enabled(not p.freeze_teacher):
+            t_out = self.teacher(t_rows["image"], t_rows["vis"], t_rows.get("posture"),
+                                 reconstruct=not p.freeze_teacher)
+        if not p.freeze_teacher:
+            t_loss, t_terms = task_losses(t_out, t_rows, self.student.supcon, self.student.recon, p.label_smoothing,
+                                          p.task_weights, prefix="teacher_")
+            loss = loss + p.teacher_weight * t_loss
+            terms.update(t_terms)
+        terms["distill_feature"] = feature_distill_loss(self.feature_proj(s_out["embedding"][:m]), t_out["embedding"])
+        terms["distill_logit"] = kd_logit_loss(s_out["posture_logits"][:m], t_out["posture_logits"], p.kd_temperature)
+        loss = loss + p.feature_weight * terms["distill_feature"] + p.logit_weight * terms["distill_logit"]
+        return {"loss": loss, "terms": terms, **self.student.anchor_outputs(s_out, rows, n)}
+
+
+@register
+class ThzDistillRecipe(ThzMtlRecipe):
+    name = "thz_distill"
+    Params = ThzDistillParams
+
+    def __init__(self, params: ThzDistillParams, data_info: DataInfo):
+        super().__init__(params, data_info)
+        self.extra_images = {"vis": (params.teacher_visible, 3)}
+
+    def build_model(self) -> nn.Module:
+        return ThzDistillModel(self.params, self.data_info.twin_pairs, self.data_info.num_identities)
+
+    def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
+        from recipes import thz_report
+
+        metrics = thz_report.after_training(self, model, ctx, extra={"model": "student (THz only)"})
+        if ctx.is_main:
+            self.publish_student(getattr(model, "module", model), Path(ctx.run_dir), ctx.publish,
+                                 metrics.get("threshold"))
+        return metrics
+
+    def publish_student(self, model: "ThzDistillModel", run_dir: Path, publish: Any,
+                        threshold: float | None) -> Path:
+        """``run_dir/student.pt``: the student as a ``thz_mtl`` exported model (the
+        format :class:`dist_train.inference.InferenceEngine` reads), no teacher."""
+        import dataclasses
+
+        import yaml
+
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())  # the run's resolved config
+        config["recipe"] = {"name": ThzMtlRecipe.name, "params": dataclasses.asdict(self.params.student_params())}
+        state = {k: (v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()).clone()
+                 for k, v in model.student.state_dict().items()}
+        obj: dict[str, Any] = {"model": state, "config": config, "data_info": self.data_info.to_dict()}
+        if threshold is not None:
+            obj["threshold"] = float(threshold)
+        path = run_dir / STUDENT_FILE
+        publish(path, lambda tmp: torch.save(obj, tmp))
+        log.info("student (THz only, thz_mtl) exported to %s", path)
+        return path
