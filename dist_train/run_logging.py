@@ -199,6 +199,13 @@ class RunLogger:
         if self.progress:
             self.progress.update(self.task, completed=step)
 
+    def log_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """``{tag: [3|1, H, W] float in [0, 1] or uint8}`` to TensorBoard (``val/<tag>``)."""
+        if self.tb:
+            for tag, image in images.items():
+                self.tb.add_image(f"val/{tag}", image, step, dataformats="CHW")
+            self.tb.flush()
+
     def log_validation(self, step: int, epoch: int, metrics: Mapping[str, float], split: str = "val") -> None:
         csv_log = self.val_csv if split == "val" else self.test_csv
         csv_log.append({"step": step, "epoch": epoch, **{k: _round(v) for k, v in metrics.items()}})

@@ -279,8 +279,11 @@ class Trainer:
         self.strategy.eval()
         metrics = self.recipe.new_metrics()
         loss_sum = torch.zeros(2, dtype=torch.float64)
-        for batch in self.loaders.val():
+        pictures: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(self.loaders.val()):
             out = self.strategy.eval_forward(batch)
+            if i == 0 and self.ctx.is_main:  # the same samples at every validation, so pictures compare
+                pictures = self.recipe.validation_images(out, batch)
             valid = batch["_valid"]
             n_valid = float(valid.sum())
             # The batch loss averages padding rows too; weighting by valid rows
@@ -293,6 +296,8 @@ class Trainer:
         values = {"loss": total[0] / max(total[1], 1.0), **values}
         log.info("validation took %.1f s", time.perf_counter() - started)
         logger.log_validation(self.state.step, self.state.epoch, values)
+        if pictures:
+            logger.log_images(self.state.step, pictures)
         self.strategy.train()
         return values
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ArcFace", "CosFace", "LinearHead", "build_identity_head"]
+__all__ = ["ArcFace", "CosFace", "LinearHead", "MagLinear", "build_identity_head"]
 
 
 class _CosineHead(nn.Module):
@@ -109,3 +109,28 @@ def build_identity_head(kind: str, in_features: int, num_classes: int, s: float 
     if kind == "cosface":
         return CosFace(in_features, num_classes, s=s, m=0.35 if m is None else m)
     raise ValueError(f"unknown identity head {kind!r} (linear | arcface | cosface)")
+
+
+class MagLinear(nn.Module):
+    """MagFace's classifier (Meng et al. 2021): ``(cos(theta_j), a)`` where ``a`` is the
+    feature magnitude ``|emb|`` clamped to ``[l_a, u_a]`` (the margin and the
+    regulariser of :class:`models.losses.MagFaceLoss` read it). The magnitude is
+    not normalised away, so its gradient reaches the features; the cosines are
+    float32 as in the other margin heads."""
+
+    def __init__(self, in_features: int, num_classes: int, l_a: float = 10.0, u_a: float = 110.0):
+        super().__init__()
+        if num_classes < 1 or not 0 < l_a < u_a:
+            raise ValueError(f"MagLinear needs num_classes >= 1 and 0 < l_a < u_a (got {num_classes}, {l_a}, {u_a})")
+        self.in_features, self.num_classes, self.l_a, self.u_a = in_features, num_classes, float(l_a), float(u_a)
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.xavier_uniform_(self.weight)
+
+    def forward(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = emb.float()
+        magnitude = emb.norm(dim=1).clamp(self.l_a, self.u_a)
+        cos = F.linear(F.normalize(emb, dim=1), F.normalize(self.weight.float(), dim=1)).clamp(-1.0, 1.0)
+        return cos, magnitude
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, num_classes={self.num_classes}, l_a={self.l_a}, u_a={self.u_a}"

@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 import torch
@@ -28,7 +29,8 @@ from torch import nn
 __all__ = ["masked_cross_entropy", "weighted_sum", "DynamicLossWeights", "FocalLoss",
            "TwinAwareTripletLoss", "SupConLoss", "co_twin_mask", "charbonnier_loss", "ssim_window", "ssim_index",
            "psnr", "LpipsWeightsMissing", "lpips_weights_file", "require_lpips_weights", "build_lpips",
-           "lpips_distance", "ReconstructionLoss", "kd_logit_loss", "feature_distill_loss"]
+           "lpips_distance", "ReconstructionLoss", "kd_logit_loss", "feature_distill_loss",
+           "MagFaceLoss", "magface_lambda_g_bound"]
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
@@ -97,11 +99,15 @@ class DynamicLossWeights(nn.Module):
 
 
 class FocalLoss(nn.Module):
-    """Multi-class focal loss ``-(1-p_y)^gamma log p_y``; labels outside ``[0, C)`` ignored."""
+    """Multi-class focal loss ``-alpha (1-p_y)^gamma log p_y`` (Lin et al. 2017);
+    labels outside ``[0, C)`` ignored. ``weight`` (per class) gives the weighted
+    mean over rows, as ``F.cross_entropy(weight=...)`` does; ``alpha`` scales the
+    whole loss (with ``gamma=0``, ``alpha=1`` it is the cross-entropy)."""
 
-    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None):
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None, alpha: float = 1.0):
         super().__init__()
         self.gamma = gamma
+        self.alpha = float(alpha)
         self.register_buffer("weight", weight if weight is not None else None, persistent=False)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -112,7 +118,7 @@ class FocalLoss(nn.Module):
         logp = F.log_softmax(logits[valid].float(), dim=1)
         y = labels[valid]
         logp_y = logp.gather(1, y[:, None]).squeeze(1)
-        loss = -((1 - logp_y.exp()) ** self.gamma) * logp_y
+        loss = -self.alpha * ((1 - logp_y.exp()) ** self.gamma) * logp_y
         if self.weight is not None:
             w = self.weight[y]
             return (loss * w).sum() / w.sum()
@@ -386,3 +392,82 @@ def feature_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.
     s = F.normalize(student.float(), dim=1)
     t = F.normalize(teacher.detach().float(), dim=1)
     return ((s - t) ** 2).sum(1).mean()
+
+
+def magface_lambda_g_bound(s: float, l_a: float, u_a: float, l_m: float, u_m: float) -> float:
+    """The smallest regulariser weight for which MagFace's theorem holds (Meng et
+    al. 2021, Sec. 3.3 and supplementary): ``lambda_g >= s K / (-g'(l_a))`` with
+    ``K`` the largest slope of the margin ``m(a)`` (linear here: ``(u_m - l_m) /
+    (u_a - l_a)``) and ``g'(a) = -1/a^2 + 1/u_a^2``, i.e.
+    ``s K l_a^2 u_a^2 / (u_a^2 - l_a^2)`` (22.6 for the paper's s=64, [10, 110],
+    [0.45, 0.8]; its code uses 35)."""
+    k = (u_m - l_m) / (u_a - l_a)
+    return s * k * l_a ** 2 * u_a ** 2 / (u_a ** 2 - l_a ** 2)
+
+
+class MagFaceLoss(nn.Module):
+    """MagFace loss on :class:`models.heads.MagLinear` outputs ``(cos, a)``.
+
+    - margin ``m(a) = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m`` (linear, increasing);
+    - target logit ``s * cos(theta_y + m(a))``, with ArcFace's fallback
+      ``s * (cos(theta_y) - m sin m)`` past ``theta_y > pi - m`` (the official code);
+    - regulariser ``g(a) = 1/a + a/u_a^2`` (strictly convex, minimum at ``a = u_a``);
+    - ``loss = CE(logits, y; weight) + lambda_g * mean(g(a))`` over labelled rows.
+
+    :meth:`forward` returns ``(loss, parts)`` with ``parts = {"ce", "g"}``; labels
+    ``-1`` are ignored (graph-connected 0 when none is labelled). ``lambda_g``
+    below :func:`magface_lambda_g_bound` breaks the paper's convergence
+    guarantee: :meth:`check` says so (the recipe logs it as a warning)."""
+
+    def __init__(self, s: float = 64.0, l_a: float = 10.0, u_a: float = 110.0, l_m: float = 0.45,
+                 u_m: float = 0.8, lambda_g: float = 35.0, weight: torch.Tensor | None = None):
+        super().__init__()
+        if not 0 < l_a < u_a or not 0 <= l_m <= u_m or s <= 0 or lambda_g < 0:
+            raise ValueError(f"MagFace needs 0 < l_a < u_a, 0 <= l_m <= u_m, s > 0, lambda_g >= 0 "
+                             f"(got l_a={l_a}, u_a={u_a}, l_m={l_m}, u_m={u_m}, s={s}, lambda_g={lambda_g})")
+        self.s, self.l_a, self.u_a, self.l_m, self.u_m, self.lambda_g = s, l_a, u_a, l_m, u_m, lambda_g
+        self.register_buffer("weight", weight if weight is not None else None, persistent=False)
+
+    def check(self) -> str | None:
+        """Why this configuration breaks MagFace's guarantee, or None."""
+        bound = magface_lambda_g_bound(self.s, self.l_a, self.u_a, self.l_m, self.u_m)
+        if self.lambda_g < bound:
+            return (f"MagFace lambda_g={self.lambda_g:g} is below the paper's bound s*K*l_a^2*u_a^2/(u_a^2-l_a^2)="
+                    f"{bound:.3g} (s={self.s:g}, a in [{self.l_a:g}, {self.u_a:g}], m in [{self.l_m:g}, "
+                    f"{self.u_m:g}]): feature magnitudes may not converge to a unique optimum")
+        return None
+
+    def margin(self, a: torch.Tensor) -> torch.Tensor:
+        return (self.u_m - self.l_m) / (self.u_a - self.l_a) * (a - self.l_a) + self.l_m
+
+    def regularizer(self, a: torch.Tensor) -> torch.Tensor:
+        return 1.0 / a + a / self.u_a ** 2
+
+    def logits(self, cos: torch.Tensor, a: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``s * cos`` with the magnitude-aware margin on each labelled row's target."""
+        labels = labels.long()
+        C = cos.shape[1]
+        valid = (labels >= 0) & (labels < C)
+        idx = labels.clamp(0, C - 1).unsqueeze(1)
+        cos_y = cos.gather(1, idx)
+        m = self.margin(a).unsqueeze(1)
+        sin_y = torch.sqrt((1.0 - cos_y * cos_y).clamp(min=1e-7))
+        phi = cos_y * torch.cos(m) - sin_y * torch.sin(m)
+        phi = torch.where(cos_y > torch.cos(math.pi - m), phi, cos_y - torch.sin(math.pi - m) * m)
+        new_y = torch.where(valid.unsqueeze(1), phi, cos_y)
+        return cos.scatter(1, idx, new_y) * self.s
+
+    def forward(self, cos: torch.Tensor, a: torch.Tensor,
+                labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = labels.long()
+        C = cos.shape[1]
+        if bool((labels >= C).any()):
+            raise ValueError(f"label {int(labels.max())} out of range for {C} classes")
+        valid = labels >= 0
+        if not bool(valid.any()):
+            zero = cos.float().sum() * 0.0 + a.float().sum() * 0.0
+            return zero, {"ce": zero, "g": zero}
+        logits = self.logits(cos[valid].float(), a[valid].float(), labels[valid])
+        ce = F.cross_entropy(logits, labels[valid], weight=self.weight)
+        g = self.regularizer(a[valid].float()).mean()
+        return ce + self.lambda_g * g, {"ce": ce, "g": g}

@@ -131,6 +131,12 @@ class Recipe:
     def new_metrics(self) -> Metrics:
         raise NotImplementedError
 
+    def validation_images(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Optional pictures of the first validation batch (the same samples every
+        time), logged to TensorBoard as ``val/<tag>`` at every validation on rank 0:
+        ``{tag: [3|1, H, W] float in [0, 1]}``, e.g. input | output | target grids."""
+        return {}
+
     def export_for_inference(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[str, Any, dict[str, Any]]:
         """What the exported ``model.pt`` holds: ``(recipe name, its Params, weights)``.
         Default: this recipe as trained. A recipe trained with privileged inputs
