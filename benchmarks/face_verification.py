@@ -1,11 +1,63 @@
-"""PLACEHOLDER (being written)."""
+"""Face verification on small real datasets: no-training baselines vs the recipes, in one run.
+
+    python benchmarks/face_verification.py                    # everything -> runs/face_verification/
+    python benchmarks/face_verification.py --quick            # smoke test: 1 seed, 1/10 of the steps
+    python benchmarks/face_verification.py --datasets orl --models cnn --seeds 0 --out /tmp/fv
+
+Everything goes through the toolkit: ``biomtl shards create`` packs the data,
+``dist_train/main.py`` trains (one subprocess per run, configs in
+``configs/face_verification/``), ``biomtl eval`` scores the exported
+``RUN/model.pt`` on the test split. The table and ``results.json`` are
+written into ``--out``; every run directory keeps its logs and the
+evaluation pictures (``RUN/eval/benchmark/``).
+
+Data (identity-disjoint: no test identity is ever trained on)
+--------------------------------------------------------------
+* ``orl``: ``../shared/data/orl_faces``, ``--format folder``, ``train=0.75,test=0.25``
+  by identity, seed 0: 30 train / 10 test identities (300 / 100 images).
+* ``cmu``: ``../shared/data/cmu_faces`` at scale 4 (32x30), ``--format cmu``:
+  15 train / 5 test identities (465 / 159 images).
+* ``synthetic``: the built-in faces with co-twins, ``--format synthetic
+  --identities 80 --samples 8 --size 64 --twin-fraction 0.5``, ``train=0.7,val=0.15,
+  test=0.15`` by identity (co-twins stay together), seed 0; the twin-impostor
+  EER is genuine pairs vs co-twin pairs only.
+* ``pretrain``: 1200 synthetic identities x 6 images (``--seed 1000``: other
+  people than the ``synthetic`` set), ``train=0.97,val=0.03``. Each recipe is
+  trained on it once per training seed; the runs on ``orl``/``cmu``/``synthetic``
+  then start from that run's ``model.pt`` (``recipe.params.init_from``); the
+  identity heads, whose size differs, keep their fresh initialisation.
+* closed set: ORL, every identity, 5 train / 5 test images each
+  (``--split-by sample --splits train=0.5,test=0.5``): identification accuracy
+  of the nearest training image (cosine), for the baselines and every recipe
+  (FaceCom also by its identity classifier).
+
+Baselines (no training; grey images resized to 32x32, values in [0, 1]):
+``pixels`` (cosine of the pixels minus the mean training image), ``Eigenfaces``
+(PCA, 50 components, fitted on the training identities' images, cosine of the
+projections, not whitened), ``Fisherfaces`` (PCA to 60 components then LDA
+fitted on the training identities).
+
+Metrics: ``biomtl eval`` on all genuine / all impostor pairs of the test
+identities (``recipes.verification``): EER, TAR@FAR=1e-2, AUC; the final
+weights of each run are scored (the schedule was picked on validation
+identities carved out of the training identities, never on the test split:
+docs/results.md). Each training run gets ``--threads`` CPU threads (default 1:
+on a shared 2-core box, two OpenMP threads mostly spin and burn CPU time);
+"train CPU s" is ``getrusage(RUSAGE_CHILDREN)`` (user + system) of the training
+subprocess and everything it started; the load average before each run is kept.
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import resource
+import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -13,26 +65,97 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
+CONFIGS = REPO / "configs" / "face_verification"
+
+# --- data -----------------------------------------------------------------------------------------------------
+PACK: dict[str, list[str]] = {
+    "orl": ["--format", "folder", "--input", str(SHARED / "orl_faces"), "--splits", "train=0.75,test=0.25",
+            "--split-by", "identity", "--seed", "0"],
+    "cmu": ["--format", "cmu", "--input", str(SHARED / "cmu_faces"), "--scale", "4",
+            "--splits", "train=0.75,test=0.25", "--split-by", "identity", "--seed", "0"],
+    "synthetic": ["--format", "synthetic", "--identities", "80", "--samples", "8", "--size", "64",
+                  "--twin-fraction", "0.5", "--modalities", "vis", "--splits", "train=0.7,val=0.15,test=0.15",
+                  "--split-by", "identity", "--seed", "0"],
+    "pretrain": ["--format", "synthetic", "--identities", "1200", "--samples", "6", "--size", "64",
+                 "--twin-fraction", "0.5", "--modalities", "vis", "--splits", "train=0.97,val=0.03",
+                 "--split-by", "identity", "--seed", "1000"],
+    "orl_closed": ["--format", "folder", "--input", str(SHARED / "orl_faces"), "--splits", "train=0.5,test=0.5",
+                   "--split-by", "sample", "--seed", "0"],
+}
+QUICK_PRETRAIN = ["--identities", "200"]  # --quick: a small pretraining set
 
 
-def split_images(data_dir: Path, split: str, size: int) -> dict[str, Any]:
-    """Every image of a shard split as raw pixels in [0, 1] at ``size`` x ``size``
-    (grey scans stay one channel, colour images keep three), with identities and
-    co-twin ids as the recipes see them."""
+# --- models ---------------------------------------------------------------------------------------------------
+@dataclass
+class Model:
+    label: str
+    config: str                                   # under configs/face_verification/
+    overrides: dict[str, Any] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)   # optimizer steps per dataset (picked on dev splits)
+
+
+MODELS = {
+    "cnn": Model("FaceCom CNN (ResNet-18/4 width, 64 px)", "cnn.yaml",
+                 steps={"pretrain": 2000, "orl": 300, "cmu": 300, "synthetic": 300, "orl_closed": 300}),
+    "vit": Model("ViT (DCAL recipe, use_glca=use_pwca=false)", "dcal.yaml",
+                 {"recipe.params.use_glca": "false", "recipe.params.use_pwca": "false"},
+                 steps={"pretrain": 2000, "orl": 300, "cmu": 300, "synthetic": 300, "orl_closed": 300}),
+    "dcal": Model("DCAL (SA + GLCA + PWCA)", "dcal.yaml",
+                  steps={"pretrain": 2000, "orl": 300, "cmu": 300, "synthetic": 300, "orl_closed": 300}),
+}
+BASELINES = ("pixels", "eigenfaces", "fisherfaces")
+
+
+def cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_tool(args: Sequence[str], threads: int, log_file: Path) -> tuple[float, float]:
+    """Run one toolkit command from the repo root; (CPU s of it and its children, wall s).
+    Its output goes to ``log_file``; a failure stops the benchmark naming the log."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    c0, t0 = cpu_children(), time.perf_counter()
+    with log_file.open("w") as log:
+        rc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-15:])
+        raise SystemExit(f"failed (exit {rc}): {' '.join(args[:6])} ...\n{tail}\nfull log: {log_file}")
+    return cpu_children() - c0, time.perf_counter() - t0
+
+
+def pack(kind: str, out: Path, quick: bool) -> Path:
+    """``biomtl shards create`` once per dataset (reused when already there)."""
+    target = out / "shards" / (kind + ("_quick" if quick and kind == "pretrain" else ""))
+    if (target / "manifest.json").is_file():
+        return target
+    args = list(PACK[kind])
+    if quick and kind == "pretrain":
+        args[args.index("--identities") + 1] = QUICK_PRETRAIN[1]
+    run_tool(["-m", "dist_train.cli", "shards", "create", *args, "--output", str(target), "--no-progress",
+              "--workers", "1"], 1, out / "logs" / f"pack_{target.name}.log")
+    return target
+
+
+# --- baselines ------------------------------------------------------------------------------------------------
+def split_images(data_dir: Path, split: str, size: int = 32) -> dict[str, Any]:
+    """Every image of a shard split as grey pixels in [0, 1] at ``size`` x ``size``,
+    with identities and co-twin ids (the embedding table of ``recipes.verification``)."""
     import torch
     from torchvision.transforms import functional as TF
 
+    from recipes import verification as ev
+    from recipes.image_input import pick_rgb_image
     from shards.manifest import Manifest
     from shards.stream import build_eval_loader
-    from recipes.image_input import IMAGE_KEYS
 
     co_twin: dict[int, int] = {}
     for a, b in Manifest.load(data_dir).data_info().twin_pairs:
         co_twin[int(a)], co_twin[int(b)] = int(b), int(a)
 
     def transform(sample: dict[str, Any], train: bool) -> dict[str, Any]:
-        img = next(sample[k] for k in IMAGE_KEYS if k in sample)
-        img = img if img.mode in ("L", "RGB") else img.convert("RGB")
+        img = pick_rgb_image(sample).convert("L")
         meta = sample.get("json") or {}
         ident = int(meta.get("identity", -1))
         twin = meta.get("twin")
@@ -40,7 +163,269 @@ def split_images(data_dir: Path, split: str, size: int) -> dict[str, Any]:
         return {"image": TF.to_tensor(TF.resize(img, [size, size], antialias=True)),
                 "identity": torch.tensor(ident), "twin": torch.tensor(twin)}
 
+    return ev.embed_batches(lambda x: x.flatten(1), build_eval_loader(data_dir, split, transform, 64, 0, 1, 0))
+
+
+def baseline_embeddings(name: str, train: np.ndarray, train_ids: np.ndarray, test: np.ndarray) -> np.ndarray:
+    from sklearn.decomposition import PCA
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    if name == "pixels":
+        return test - train.mean(0)
+    if name == "eigenfaces":
+        return PCA(min(50, len(train) - 1)).fit(train).transform(test)
+    pca = PCA(min(60, len(train) - 1)).fit(train)
+    lda = LinearDiscriminantAnalysis().fit(pca.transform(train), train_ids)
+    return lda.transform(pca.transform(test))
+
+
+def verification_metrics(table: dict[str, Any]) -> dict[str, Any]:
+    """All genuine / impostor pairs of a split, as ``biomtl eval`` reports them."""
     from recipes import verification as ev
 
-    loader = build_eval_loader(data_dir, split, transform, 64, 0, 1, 0)
-    return ev.embed_batches(lambda x: x.flatten(1), loader)
+    pairs = ev.generate_pairs(table["identity"], table["twin"])
+    report = ev.verification_report(ev.cosine_scores(table["embedding"], pairs.a, pairs.b), pairs.label, pairs.twin)
+    return flat_metrics(report["all"], report["twin"], pairs.counts())
+
+
+def flat_metrics(all_imp: dict[str, Any], twin_imp: dict[str, Any], pairs: Any = None) -> dict[str, Any]:
+    out = {"eer": all_imp["eer"], "tar_at_far_1e-2": all_imp["tar_at_far_0.01"], "auc": all_imp["auc"],
+           "twin_eer": twin_imp.get("eer"), "genuine_pairs": all_imp["genuine_pairs"],
+           "impostor_pairs": all_imp["impostor_pairs"], "twin_pairs": twin_imp.get("impostor_pairs", 0)}
+    if out["twin_eer"] is not None and not np.isfinite(out["twin_eer"]):
+        out["twin_eer"] = None
+    return out
+
+
+def nearest_neighbour_accuracy(gallery: dict[str, Any], probes: dict[str, Any]) -> float:
+    g = gallery["embedding"] / np.linalg.norm(gallery["embedding"], axis=1, keepdims=True).clip(1e-12)
+    p = probes["embedding"] / np.linalg.norm(probes["embedding"], axis=1, keepdims=True).clip(1e-12)
+    nearest = (p @ g.T).argmax(1)
+    return float((gallery["identity"][nearest] == probes["identity"]).mean())
+
+
+def run_baselines(data_dir: Path, test_split: str = "test") -> list[dict[str, Any]]:
+    train, test = split_images(data_dir, "train"), split_images(data_dir, test_split)
+    rows = []
+    for name in BASELINES:
+        emb = baseline_embeddings(name, train["embedding"], train["identity"], test["embedding"])
+        rows.append({"model": name, **verification_metrics({**test, "embedding": emb})})
+    return rows
+
+
+def closed_set_baselines(data_dir: Path) -> list[dict[str, Any]]:
+    gallery, probes = split_images(data_dir, "train"), split_images(data_dir, "test")
+    rows = []
+    for name in BASELINES:
+        g = baseline_embeddings(name, gallery["embedding"], gallery["identity"], gallery["embedding"])
+        p = baseline_embeddings(name, gallery["embedding"], gallery["identity"], probes["embedding"])
+        if name == "pixels":  # centred by the gallery mean, like the probes
+            g = gallery["embedding"] - gallery["embedding"].mean(0)
+        rows.append({"model": name, "nn_accuracy": nearest_neighbour_accuracy({**gallery, "embedding": g},
+                                                                              {**probes, "embedding": p})})
+    return rows
+
+
+# --- recipes --------------------------------------------------------------------------------------------------
+def train(model_key: str, dataset: str, data_dir: Path, seed: int, steps: int, out: Path, threads: int,
+          init_from: Path | None, val_split: str = "none") -> dict[str, Any]:
+    m = MODELS[model_key]
+    name = f"{dataset}_{model_key}_seed{seed}"
+    runs = out / "runs"
+    o = {"experiment.name": name, "experiment.output_dir": str(runs), "experiment.seed": seed,
+         "data.source": "shards", "data.shards": str(data_dir), "data.val_split": val_split,
+         "train.max_steps": steps, "logging.progress": "false", **m.overrides}
+    if val_split != "none":
+        o["train.val_every_steps"] = max(1, steps // 2)
+    if init_from is not None:
+        o["recipe.params.init_from"] = str(init_from)
+    before = set(runs.glob(f"{name}_*")) if runs.is_dir() else set()
+    load = os.getloadavg()[0]
+    cpu, wall = run_tool(["dist_train/main.py", "--config", str(CONFIGS / m.config),
+                          *[f"{k}={v}" for k, v in o.items()]], threads, out / "logs" / f"train_{name}.log")
+    (run_dir,) = set(runs.glob(f"{name}_*")) - before
+    return {"model": model_key, "dataset": dataset, "seed": seed, "steps": steps, "run": str(run_dir),
+            "train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1), "load_before": round(load, 2),
+            "init_from": str(init_from) if init_from else None}
+
+
+def evaluate(row: dict[str, Any], data_dir: Path, out: Path, threads: int) -> dict[str, Any]:
+    """``biomtl eval`` of the run's exported model on the test split."""
+    run_dir = Path(row["run"])
+    report = run_dir / "eval" / "benchmark"
+    cpu, _ = run_tool(["-m", "dist_train.cli", "eval", "--checkpoint", str(run_dir / "model.pt"), "--data",
+                       str(data_dir), "--split", "test", "--output", str(report), "--no-progress", "--device",
+                       "cpu"], threads, out / "logs" / f"eval_{run_dir.name}.log")
+    m = json.loads((report / "metrics.json").read_text())
+    return {**row, **flat_metrics(m["all_impostors"], m["twin_impostors"]), "eval_cpu_s": round(cpu, 1)}
+
+
+def closed_set_accuracy(row: dict[str, Any], data_dir: Path) -> dict[str, Any]:
+    """Nearest training image (cosine of the recipe's embeddings) for every test image."""
+    from dist_train.inference import InferenceEngine
+    from recipes import verification as ev
+    from shards.stream import build_eval_loader
+
+    run_dir = Path(row["run"])
+    engine = InferenceEngine.from_checkpoint(run_dir / "model.pt", "cpu")
+    tables = {s: ev.embed_batches(engine.embed_tensor, build_eval_loader(data_dir, s, engine.recipe.transform, 64,
+                                                                         0, 1, 0)) for s in ("train", "test")}
+    out = {**row, "nn_accuracy": nearest_neighbour_accuracy(tables["train"], tables["test"])}
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    if "test_identity_top1" in final:  # FaceCom's own classifier on the test images
+        out["classifier_accuracy"] = final["test_identity_top1"]
+    return out
+
+
+# --- report ---------------------------------------------------------------------------------------------------
+def pct(x: float | None) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{100 * x:.1f}"
+
+
+def mean_spread(values: Sequence[float | None]) -> str:
+    """``mean ± half the range`` in percent over seeds (one seed: the value)."""
+    v = [x for x in values if x is not None and np.isfinite(x)]
+    if not v:
+        return "n/a"
+    if len(v) == 1:
+        return pct(v[0])
+    return f"{100 * np.mean(v):.1f} ± {100 * (max(v) - min(v)) / 2:.1f}"
+
+
+def verification_table(baselines: dict[str, list[dict]], rows: list[dict], datasets: Sequence[str]) -> str:
+    lines = ["| data: test ids / images | model | seeds | EER % | TAR@FAR=1e-2 % | AUC % | twin-impostor EER % "
+             "| train CPU s (per run) |", "|---|---|---|---|---|---|---|---|"]
+    for ds in datasets:
+        where = DATA_NOTES.get(ds, ds)
+        for b in baselines.get(ds, []):
+            twin = pct(b["twin_eer"]) if b["twin_pairs"] else "-"
+            lines.append(f"| {where} | {b['model']} (no training) | - | {pct(b['eer'])} | "
+                         f"{pct(b['tar_at_far_1e-2'])} | {pct(b['auc'])} | {twin} | 0 |")
+        for key in MODELS:
+            rs = [r for r in rows if r["dataset"] == ds and r["model"] == key]
+            if not rs:
+                continue
+            twin = mean_spread([r["twin_eer"] for r in rs]) if rs[0]["twin_pairs"] else "-"
+            pre = " + synthetic pretraining" if rs[0].get("init_from") else ""
+            cpu = np.mean([r["train_cpu_s"] for r in rs])
+            pre_cpu = np.mean([r.get("pretrain_cpu_s") or 0 for r in rs])
+            cpu_text = f"{cpu:.0f}" + (f" (+{pre_cpu:.0f} pretraining)" if pre_cpu else "")
+            lines.append(f"| {where} | {MODELS[key].label}{pre} | {len(rs)} | {mean_spread([r['eer'] for r in rs])} | "
+                         f"{mean_spread([r['tar_at_far_1e-2'] for r in rs])} | {mean_spread([r['auc'] for r in rs])} | "
+                         f"{twin} | {cpu_text} |")
+    return "\n".join(lines)
+
+
+def closed_set_table(baselines: list[dict], rows: list[dict]) -> str:
+    lines = ["| model | seeds | nearest-neighbour accuracy % | classifier accuracy % | train CPU s |",
+             "|---|---|---|---|---|"]
+    for b in baselines:
+        lines.append(f"| {b['model']} (no training) | - | {pct(b['nn_accuracy'])} | - | 0 |")
+    for key in MODELS:
+        rs = [r for r in rows if r["model"] == key]
+        if rs:
+            cls = mean_spread([r.get("classifier_accuracy") for r in rs]) if "classifier_accuracy" in rs[0] else "-"
+            lines.append(f"| {MODELS[key].label} | {len(rs)} | {mean_spread([r['nn_accuracy'] for r in rs])} | "
+                         f"{cls} | {np.mean([r['train_cpu_s'] for r in rs]):.0f} |")
+    return "\n".join(lines)
+
+
+DATA_NOTES = {"orl": "ORL: 10 / 100", "cmu": "CMU (32x30): 5 / 159", "synthetic": "synthetic co-twins: test split"}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "face_verification")
+    ap.add_argument("--datasets", default="orl,cmu,synthetic", help="of orl, cmu, synthetic")
+    ap.add_argument("--models", default="cnn,vit,dcal", help="recipes to train, of cnn, vit, dcal ('' = baselines)")
+    ap.add_argument("--seeds", default="0,1,2", help="training seeds (mean ± half-range in the table)")
+    ap.add_argument("--closed-set", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the ORL 5+5 closed-set identification protocol")
+    ap.add_argument("--pretrain", action=argparse.BooleanOptionalAction, default=True,
+                    help="start the real-data runs from a synthetic pretraining run (recipe.params.init_from)")
+    ap.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, a tenth of the steps, "
+                                                          "200 pretraining identities")
+    ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's steps")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads per training run (default 1)")
+    args = ap.parse_args()
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",") if s.strip()]
+    scale = args.steps_scale * (0.1 if args.quick else 1.0)
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for d in datasets:
+        if d not in DATA_NOTES:
+            raise SystemExit(f"--datasets: unknown {d!r} (orl, cmu, synthetic)")
+    for m in models:
+        if m not in MODELS:
+            raise SystemExit(f"--models: unknown {m!r} ({', '.join(MODELS)})")
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    started = {"load_avg": os.getloadavg(), "cpus": os.cpu_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    data = {d: pack(d, out, args.quick) for d in datasets}
+    baselines = {d: run_baselines(p) for d, p in data.items()}
+    for d, rs in baselines.items():
+        for r in rs:
+            print(json.dumps({"dataset": d, **r}), flush=True)
+
+    steps = lambda key, ds: max(10, int(round(MODELS[key].steps[ds] * scale)))  # noqa: E731
+    pretrained: dict[tuple[str, int], dict[str, Any]] = {}
+    if args.pretrain and models:
+        pre_dir = pack("pretrain", out, args.quick)
+        for key in models:
+            for seed in seeds:
+                row = train(key, "pretrain", pre_dir, seed, steps(key, "pretrain"), out, args.threads, None, "val")
+                pretrained[(key, seed)] = row
+                print(json.dumps(row), flush=True)
+
+    rows: list[dict[str, Any]] = []
+    for ds in datasets:
+        for key in models:
+            for seed in seeds:
+                pre = pretrained.get((key, seed))
+                init = Path(pre["run"]) / "model.pt" if pre else None
+                val = "val" if ds == "synthetic" else "none"
+                row = train(key, ds, data[ds], seed, steps(key, ds), out, args.threads, init, val)
+                row = evaluate(row, data[ds], out, args.threads)
+                row["pretrain_cpu_s"] = pre["train_cpu_s"] if pre else None
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    closed_rows: list[dict[str, Any]] = []
+    closed_base: list[dict[str, Any]] = []
+    if args.closed_set:
+        cdir = pack("orl_closed", out, args.quick)
+        closed_base = closed_set_baselines(cdir)
+        for key in models:
+            for seed in seeds:
+                pre = pretrained.get((key, seed))
+                init = Path(pre["run"]) / "model.pt" if pre else None
+                row = train(key, "orl_closed", cdir, seed, steps(key, "orl_closed"), out, args.threads, init)
+                row = closed_set_accuracy(row, cdir)
+                closed_rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    total = {"wall_s": round(time.perf_counter() - t0, 1), "benchmark_process_cpu_s": round(time.process_time() - c0, 1),
+             "children_cpu_s": round(cpu_children(), 1), "load_avg_end": os.getloadavg()}
+    result = {"command": " ".join(sys.argv), "started": started, "total": total, "baselines": baselines,
+              "runs": rows, "pretraining": list(pretrained.values()), "closed_set_baselines": closed_base,
+              "closed_set": closed_rows}
+    (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
+    md = ["## Verification (identity-disjoint test split; mean ± half-range over seeds)", "",
+          verification_table(baselines, rows, datasets), ""]
+    if args.closed_set:
+        md += ["## Closed set: ORL, 5 train / 5 test images per identity (200 test images)", "",
+               closed_set_table(closed_base, closed_rows), ""]
+    md.append(f"Total: {total['wall_s']:.0f} s wall; {total['children_cpu_s']:.0f} CPU s in the toolkit "
+              f"subprocesses, {total['benchmark_process_cpu_s']:.0f} CPU s in this process (baselines, closed-set "
+              f"embeddings); load average {started['load_avg'][0]:.1f} at the start, "
+              f"{total['load_avg_end'][0]:.1f} at the end ({started['cpus']} CPUs).")
+    text = "\n".join(md) + "\n"
+    (out / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -77,7 +77,39 @@ def train_and_read(recipe: str, config: Path, seed: int, args: argparse.Namespac
     row = {"recipe": recipe, "seed": seed, "run": str(run), "wall_s": round(time.time() - t0, 1),
            "cpu_s": round(c1.children_user - c0.children_user + c1.children_system - c0.children_system, 1)}
     row.update({k: final.get(f"test_{k}") for k in KEYS})
+    if "distill" in recipe:
+        row["teacher"] = teacher_metrics(run)
     return row
+
+
+def teacher_metrics(run: Path) -> dict:
+    """The distillation teacher itself (THz + visible) on the test split, from the run's
+    last checkpoint (``model.pt`` holds the student only)."""
+    import torch
+
+    from dist_train.checkpoint import LATEST, checkpoint_path
+    from dist_train.inference import InferenceEngine
+    from recipes.batch import valid_mask
+    from recipes.dcal_twins import VerificationMetrics
+    from shards.stream import build_eval_loader
+
+    torch.set_num_threads(1)
+    engine = InferenceEngine.from_checkpoint(checkpoint_path(run, LATEST), "cpu")
+    teacher, recipe = engine.model.teacher.eval(), engine.recipe
+    from dist_train.commands.eval_cmd import resolve_data_dir
+
+    data = resolve_data_dir(engine.config)
+    ver = VerificationMetrics()
+    hits, total = 0, 0
+    with torch.no_grad():
+        for batch in build_eval_loader(data, "test", recipe.transform, 32, 0, 1, 0):
+            out = teacher(batch["image"], batch["vis"], reconstruct=False)
+            ver.update(out, batch)
+            valid = torch.as_tensor(valid_mask(batch, len(batch["image"])))
+            hits += int(((out["posture_logits"].argmax(1) == batch["posture"]) & valid).sum())
+            total += int(valid.sum())
+    v = VerificationMetrics.compute([ver.state()])
+    return {"eer": v["eer"], "auc": v["auc"], "posture_acc": hits / max(total, 1)}
 
 
 def references(seed: int, args: argparse.Namespace) -> dict:
@@ -135,6 +167,11 @@ def table(rows: list[dict], refs: list[dict]) -> str:
         lines.append(f"| {recipe} | {cell(rs, 'ssim', '{:.3f}')} | {cell(rs, 'ssim_concealed', '{:.3f}')} | "
                      f"{cell(rs, 'psnr', '{:.2f}')} | {cell(rs, 'posture_acc', '{:.3f}')} | "
                      f"{cell(rs, 'eer', '{:.3f}')} | {cell(rs, 'auc', '{:.3f}')} | {cell(rs, 'cpu_s', '{:.0f}')} |")
+    teachers = [r["teacher"] for r in rows if "teacher" in r]
+    if teachers:
+        lines.append(f"| thz_distill teacher (THz + visible; not exported) | - | - | - | "
+                     f"{cell(teachers, 'posture_acc', '{:.3f}')} | {cell(teachers, 'eer', '{:.3f}')} | "
+                     f"{cell(teachers, 'auc', '{:.3f}')} | - |")
     un = [dict(r["untrained"]) for r in refs]
     lines.append(f"| untrained (initial weights) | {cell(un, 'ssim', '{:.3f}')} | {cell(un, 'ssim_concealed', '{:.3f}')} "
                  f"| {cell(un, 'psnr', '{:.2f}')} | {cell(un, 'posture_acc', '{:.3f}')} | {cell(un, 'eer', '{:.3f}')} "

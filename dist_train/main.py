@@ -27,7 +27,7 @@ from dist_train import distributed  # noqa: E402
 from dist_train.checkpoint import atomic_write, final_model_path  # noqa: E402
 from dist_train.config import Config, ConfigError, dump_config, recipe_params  # noqa: E402
 from dist_train.preflight import check_resume, load_checked_config, synthetic_spec  # noqa: E402
-from recipes.base import get_recipe  # noqa: E402
+from recipes.base import RecipeDataError, get_recipe  # noqa: E402
 from launch import faults  # noqa: E402
 from launch.env import detect, launch_id, restart_count  # noqa: E402
 
@@ -171,7 +171,10 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
     with distributed.process_group(env, cfg.dist.backend, cfg.dist.timeout_s,
                                    reported=(ConfigError, OSError, PeerLost)) as ctx:
         data_dir = prepare_data(cfg, ctx)
-        recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), Manifest.load(data_dir).data_info())
+        try:
+            recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), Manifest.load(data_dir).data_info())
+        except RecipeDataError as exc:  # the recipe refuses these data (e.g. a modality it needs is missing)
+            raise ConfigError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         restart = restart_point(cfg, resume, ctx.is_main)
         if restart is not None:  # torchrun restarted the group: go on in the first attempt's run
             run_dir, resume = restart

@@ -6,7 +6,9 @@
 - :func:`weighted_sum`: ``sum_i w_i * L_i`` over named terms.
 - :class:`DynamicLossWeights`: learned weighting ``0.5 * sum_i (exp(-w_i) L_i + w_i)``
   (Kendall et al. 2018, as used by DCAL); the ``w_i`` are parameters of the module.
-- :class:`FocalLoss`.
+- :class:`FocalLoss` (alpha, gamma, per-class weights).
+- :class:`MagFaceLoss` (on :class:`models.heads.MagLinear`) and :func:`magface_lambda_g_bound`
+  (the paper's smallest admissible regulariser weight).
 - Metric losses for verification with twins: :class:`TwinAwareTripletLoss`
   (batch-hard triplet plus a term whose negatives are the co-twins) and
   :class:`SupConLoss` (supervised contrastive with up-weighted co-twin negatives).

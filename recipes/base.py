@@ -22,8 +22,13 @@ from torch import nn
 
 from shards.manifest import DataInfo
 
-__all__ = ["ArtifactContext", "DataInfo", "EvalContext", "Metrics", "Recipe", "get_recipe", "recipe_names",
+__all__ = ["ArtifactContext", "DataInfo", "EvalContext", "Metrics", "Recipe", "RecipeDataError", "get_recipe", "recipe_names",
            "register"]
+
+
+class RecipeDataError(ValueError):
+    """The recipe cannot train on these data (e.g. a modality it needs is missing).
+    Raised from ``Recipe.__init__``; the trainer reports it as one line, exit 2."""
 
 
 class Metrics:

@@ -56,6 +56,7 @@ import torch
 from torch import nn
 from torchvision import transforms
 
+from models.conv_stem import ConvStemPatchEmbed
 from models.dcal import DCAL, DCALConfig
 from recipes import verification as ev
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
@@ -71,6 +72,9 @@ log = logging.getLogger("biomtl.dcal")
 # Tensors whose shape follows the training identities or the active loss terms:
 # init_from may skip them (recipes/init_weights.py).
 DCAL_HEADS = ("head_sa.", "head_glca.", "loss_weights.", "verif.")
+# GLCA starts as a copy of the last SA block (models/dcal.py): a plain-ViT run's file has no GLCA
+# weights, and DCAL started from it copies them from the loaded last block again.
+DCAL_GLCA = ("glca_block.", "glca_norm.", "glca_fc_norm.")
 
 
 @dataclass
@@ -80,6 +84,9 @@ class DCALTwinsParams:
     img_size: int = 64
     patch_size: int = 0                      # 0: the backbone's own (16); e.g. 8 for small images
     depth: int = 0                           # 0: the backbone's own number of blocks
+    # A hybrid ViT: 3x3 stride-2 convolutions instead of the patchify layer (models/conv_stem.py);
+    # patch_size must then be a power of two. Better for small data sets, same blocks for DCAL.
+    conv_stem: bool = False
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # more timm kwargs (drop_path_rate, ...)
     pretrained: bool = False                 # timm hub weights (needs network or the HF cache)
     weights_path: str = field(default="", metadata={"path": True})  # local .pth/.safetensors backbone weights
@@ -108,6 +115,9 @@ class DCALTwinsParams:
     p_flip: float = 0.5
     crop_scale_min: float = 0.8              # RandomResizedCrop lower scale; 1.0 disables the crop
     jitter: float = 0.2                      # brightness/contrast jitter strength; 0 disables
+    # Grey input (three equal channels) for training and inference: grey real face sets then
+    # look like colour pretraining data, which can no longer lean on skin or hair colour.
+    grayscale: bool = False
     # --- validation
     val_max_pairs: int = 2_000_000           # cap on generated val pairs
     pair_seed: int = 0
@@ -123,10 +133,12 @@ class DCALTwinsParams:
             raise ValueError("set either pretrained (timm hub) or weights_path (local file), not both")
         if self.patch_size < 0 or self.depth < 0:
             raise ValueError("patch_size and depth must be >= 0 (0 = the backbone's own)")
+        if self.conv_stem and (self.pretrained or self.weights_path):
+            raise ValueError("conv_stem replaces the patch embedding: no pretrained / weights_path weights fit it")
         if self.init_from and (self.pretrained or self.weights_path):
             raise ValueError("init_from already sets every backbone weight: drop pretrained / weights_path")
         if self.init_from:
-            check_init_from(self.init_from, lambda: DCAL(self.model_config(1)), DCAL_HEADS, "dcal_twins")
+            check_init_from(self.init_from, lambda: DCAL(self.model_config(1)), DCAL_HEADS, "dcal_twins", DCAL_GLCA)
 
     def model_config(self, num_classes: int) -> DCALConfig:
         kwargs = dict(self.backbone_kwargs)
@@ -134,6 +146,8 @@ class DCALTwinsParams:
             kwargs["patch_size"] = self.patch_size
         if self.depth:
             kwargs["depth"] = self.depth
+        if self.conv_stem:
+            kwargs["embed_layer"] = ConvStemPatchEmbed
         return DCALConfig(num_classes=max(num_classes, 1), backbone=self.backbone, pretrained=self.pretrained,
                           weights_path=self.weights_path, img_size=self.img_size, backbone_kwargs=kwargs,
                           use_glca=self.use_glca, use_pwca=self.use_pwca, top_r=self.top_r, head=self.head,
@@ -200,6 +214,9 @@ class DCALTwinsRecipe(Recipe):
         p = params
         jitter = [transforms.ColorJitter(brightness=p.jitter, contrast=p.jitter)] if p.jitter > 0 else []
         self.train_tf, self.eval_tf = face_transforms(p.img_size, p.augment, p.crop_scale_min, p.p_flip, jitter)
+        if p.grayscale:
+            self.train_tf = transforms.Compose([transforms.Grayscale(3), self.train_tf])
+            self.eval_tf = transforms.Compose([transforms.Grayscale(3), self.eval_tf])
         self.co_twin = {}
         for a, b in data_info.twin_pairs:
             self.co_twin[int(a)], self.co_twin[int(b)] = int(b), int(a)
@@ -220,7 +237,13 @@ class DCALTwinsRecipe(Recipe):
     def build_model(self) -> nn.Module:
         model = DCAL(self.params.model_config(self.data_info.num_identities))
         if self.params.init_from:
-            load_init_weights(model, self.params.init_from, DCAL_HEADS, self.name)
+            report = load_init_weights(model, self.params.init_from, DCAL_HEADS, self.name, DCAL_GLCA)
+            if report.derived_missing:  # DCAL's own initialisation rule, on the loaded weights
+                model.glca_block.load_state_dict(model.vit.blocks[-1].state_dict())
+                model.glca_norm.load_state_dict(model.vit.norm.state_dict())
+                model.glca_fc_norm.load_state_dict(model.vit.fc_norm.state_dict())
+                log.info("init_from %s has no GLCA weights (a plain-ViT run): GLCA starts as a copy of the "
+                         "loaded last block", self.params.init_from)
         return model
 
     def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]] | None:

@@ -37,11 +37,12 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 import torch
 from torch import nn
+from torchvision import transforms
 
 from models.augment import degradation_transforms
 from models.backbones import build_backbone
 from models.heads import build_identity_head
-from models.losses import masked_cross_entropy
+from models.losses import SupConLoss, TwinAwareTripletLoss, masked_cross_entropy
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
 from recipes.batch import label_column, move_batch, sample_keys, valid_mask
 from recipes.image_input import face_transforms, pick_rgb_image
@@ -66,6 +67,10 @@ class FaceComParams:
     init_from: str = field(default="", metadata={"path": True})
     img_size: int = 64
     embedding_dim: int = 128
+    # avg: global average pooling. flatten: the whole last feature map goes into the
+    # embedding layer (the ArcFace "BN-Dropout-FC-BN" output layer), so the embedding
+    # keeps *where* on the face a feature is: what few training identities cannot teach.
+    embedding_pool: Literal["avg", "flatten"] = "avg"
     # batchnorm is the usual face-embedding neck; layernorm/none make a step
     # independent of how a batch is split (exact gradient-accumulation parity).
     embedding_norm: Literal["batchnorm", "layernorm", "none"] = "batchnorm"
@@ -76,6 +81,13 @@ class FaceComParams:
     margin_s: float = 30.0
     margin_m: float | None = None             # None: 0.5 rad for ArcFace, 0.35 for CosFace
     label_smoothing: float = 0.0
+    # A metric loss on the embedding beside the identity classifier (for verification of
+    # identities never trained on); both are twin-aware (co-twins as hard negatives) and
+    # want several images per identity in a batch: data.batching=pk.
+    metric_loss: Literal["none", "triplet", "supcon"] = "none"
+    metric_weight: float = 1.0
+    triplet_margin: float = 0.3
+    supcon_temperature: float = 0.1
     backbone_lr_mult: float = 1.0             # LR multiplier of the backbone (e.g. 0.1 when pretrained)
     augment: bool = True
     p_blur: float = 0.3
@@ -85,15 +97,24 @@ class FaceComParams:
     p_jpeg: float = 0.3
     p_flip: float = 0.5
     crop_scale_min: float = 0.85              # RandomResizedCrop lower scale; 1.0 disables the crop
+    # Face-preserving geometry / occlusion: a small rotation+shift (degrees; the shift is
+    # degrees/100 of the size) and random erasing of a patch of 2-15 % of the image.
+    rotate_degrees: float = 0.0
+    p_erase: float = 0.0
+    # Grey input (three equal channels) for training and inference: the grey real face sets
+    # then look like colour pretraining data, which can no longer lean on skin or hair colour.
+    grayscale: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("p_blur", "p_noise", "p_low_light", "p_haze", "p_jpeg", "p_flip"):
+        for name in ("p_blur", "p_noise", "p_low_light", "p_haze", "p_jpeg", "p_flip", "p_erase"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.img_size < 8 or self.embedding_dim < 1:
             raise ValueError("img_size must be >= 8 and embedding_dim >= 1")
         if not 0.0 < self.crop_scale_min <= 1.0:
             raise ValueError("crop_scale_min must be in (0, 1]")
+        if not 0.0 <= self.rotate_degrees <= 45.0:
+            raise ValueError(f"rotate_degrees must be in [0, 45], got {self.rotate_degrees}")
         if self.pretrained and self.weights_path:
             raise ValueError("set either pretrained (timm hub) or weights_path (local file), not both")
         if self.init_from and (self.pretrained or self.weights_path):
@@ -102,21 +123,40 @@ class FaceComParams:
             check_init_from(self.init_from, lambda: FaceComModel(self, 1), FACECOM_HEADS, "facecom")
 
 
+def _flat_feature_size(backbone: nn.Module, img_size: int) -> int:
+    """Values in the unpooled feature map of one image (eval mode: the probe leaves
+    BatchNorm statistics alone; on the meta device it computes nothing)."""
+    param = next(backbone.parameters())
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        out = backbone(torch.zeros(1, 3, img_size, img_size, device=param.device, dtype=param.dtype))
+    backbone.train(was_training)
+    return int(out[0].numel())
+
+
 class FaceComModel(nn.Module):
     def __init__(self, p: FaceComParams, num_identities: int, num_genders: int = 2):
         super().__init__()
         self.alpha, self.beta, self.label_smoothing = p.alpha, p.beta, p.label_smoothing
         weights: bool | str = p.weights_path or p.pretrained
-        self.backbone, feat = build_backbone(p.backbone, weights, img_size=p.img_size, **p.backbone_kwargs)
+        kwargs = dict(p.backbone_kwargs, **({"global_pool": ""} if p.embedding_pool == "flatten" else {}))
+        self.backbone, feat = build_backbone(p.backbone, weights, img_size=p.img_size, **kwargs)
+        if p.embedding_pool == "flatten":
+            feat = _flat_feature_size(self.backbone, p.img_size)
         norm = {"batchnorm": nn.BatchNorm1d, "layernorm": nn.LayerNorm}.get(p.embedding_norm)
         self.neck = nn.Sequential(nn.Dropout(p.dropout), nn.Linear(feat, p.embedding_dim),
                                   norm(p.embedding_dim) if norm else nn.Identity())
         self.gender_head = nn.Linear(p.embedding_dim, num_genders)
         self.identity_head = build_identity_head(p.identity_head, p.embedding_dim, max(num_identities, 1),
                                                  s=p.margin_s, m=p.margin_m)
+        self.metric_weight = p.metric_weight
+        self.metric = {"triplet": lambda: TwinAwareTripletLoss(p.triplet_margin),
+                       "supcon": lambda: SupConLoss(p.supcon_temperature, twin_negative_weight=2.0),
+                       "none": lambda: None}[p.metric_loss]()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.neck(self.backbone(images))
+        return self.neck(self.backbone(images).flatten(1))
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         emb = self.embed(batch["image"])
@@ -131,6 +171,10 @@ class FaceComModel(nn.Module):
         l_i = masked_cross_entropy(identity_logits, identity, self.label_smoothing) if identity is not None else zero
         out["terms"] = {"gender": l_g, "identity": l_i}
         out["loss"] = self.alpha * l_g + self.beta * l_i
+        if self.metric is not None:
+            l_m = self.metric(emb, identity, batch.get("twin")) if identity is not None else zero
+            out["terms"]["metric"] = l_m
+            out["loss"] = out["loss"] + self.metric_weight * l_m
         return out
 
 
@@ -276,19 +320,34 @@ class FaceComRecipe(Recipe):
         super().__init__(params, data_info)
         p = params
         degrade = [degradation_transforms(p.p_blur, p.p_noise, p.p_low_light, p.p_haze, p.p_jpeg)]
+        if p.rotate_degrees > 0:
+            shift = p.rotate_degrees / 100.0
+            degrade.insert(0, transforms.RandomAffine(p.rotate_degrees, translate=(shift, shift)))
         self.train_tf, self.eval_tf = face_transforms(p.img_size, p.augment, p.crop_scale_min, p.p_flip, degrade)
+        if p.augment and p.p_erase > 0:  # on the normalised tensor: the erased patch is the mean colour
+            self.train_tf = transforms.Compose([self.train_tf, transforms.RandomErasing(p.p_erase, (0.02, 0.15))])
+        if p.grayscale:
+            self.train_tf = transforms.Compose([transforms.Grayscale(3), self.train_tf])
+            self.eval_tf = transforms.Compose([transforms.Grayscale(3), self.eval_tf])
         schema = data_info.label_schemas.get("gender") if data_info.label_schemas else None
         self.gender_names = tuple(schema) if schema else ("0", "1")
+        self.co_twin = {}
+        for a, b in data_info.twin_pairs:
+            self.co_twin[int(a)], self.co_twin[int(b)] = int(b), int(a)
 
     # --- data
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
         img = pick_rgb_image(sample)
         meta = sample.get("json") or {}
         identity = meta.get("identity", -1)
+        identity = -1 if identity is None else int(identity)
         gender = meta.get("gender", -1)
+        twin = meta.get("twin")
+        twin = self.co_twin.get(identity, -1) if twin is None else int(twin)
         return {"image": (self.train_tf if train else self.eval_tf)(img),
-                "identity": torch.tensor(-1 if identity is None else int(identity), dtype=torch.long),
-                "gender": torch.tensor(-1 if gender is None else int(gender), dtype=torch.long)}
+                "identity": torch.tensor(identity, dtype=torch.long),
+                "gender": torch.tensor(-1 if gender is None else int(gender), dtype=torch.long),
+                "twin": torch.tensor(twin, dtype=torch.long)}
 
     # --- model
     def build_model(self) -> nn.Module:

@@ -14,7 +14,12 @@ them, else :class:`InitFromError` names the first offending tensor (one
 line). Head tensors (identity classifiers, whose size is the number of
 training identities; learned loss weights) are loaded when their shape fits
 and otherwise keep their fresh initialisation, with an info line: that is
-the pretrain-on-many-identities, fine-tune-on-few case.
+the pretrain-on-many-identities, fine-tune-on-few case. *Derived* tensors
+(DCAL's GLCA block, a copy of the last transformer block at initialisation)
+must fit when present; when the file lacks them (a plain-ViT run) they are
+listed in ``InitReport.derived_missing`` for the recipe to derive again from
+the loaded weights, and a file's derived tensors that the model lacks are
+ignored (a plain ViT started from a DCAL run).
 
 The check runs twice: when the recipe's params are validated (a config error,
 exit 2, before any run directory exists: see :func:`check_init_from`, which
@@ -47,6 +52,7 @@ class InitReport:
     path: str
     loaded: list[str] = field(default_factory=list)
     skipped_heads: list[str] = field(default_factory=list)   # head tensors of another shape, or not in the file
+    derived_missing: list[str] = field(default_factory=list)  # derived tensors the file lacks
 
 
 def read_init_state(path: str | os.PathLike, recipe: str | None = None) -> dict[str, torch.Tensor]:
@@ -77,15 +83,19 @@ def _is_head(name: str, head_prefixes: Sequence[str]) -> bool:
 
 
 def plan_init(path: str, file_shapes: Mapping[str, tuple[int, ...]], model_shapes: Mapping[str, tuple[int, ...]],
-              head_prefixes: Sequence[str]) -> InitReport:
-    """Which tensors load and which head tensors keep their initialisation;
-    :class:`InitFromError` on the first non-head tensor that does not fit."""
+              head_prefixes: Sequence[str], derived_prefixes: Sequence[str] = ()) -> InitReport:
+    """Which tensors load, which head tensors keep their initialisation and which
+    derived tensors the file lacks; :class:`InitFromError` on the first other
+    tensor that does not fit."""
     report = InitReport(path)
     for name, shape in model_shapes.items():
         head = _is_head(name, head_prefixes)
         if name not in file_shapes:
             if head:
                 report.skipped_heads.append(name)
+                continue
+            if _is_head(name, derived_prefixes):
+                report.derived_missing.append(name)
                 continue
             raise InitFromError(f"init_from {path}: {name} {list(shape)} is not in the file (another architecture? "
                                 f"init_from needs the same backbone settings)")
@@ -96,7 +106,8 @@ def plan_init(path: str, file_shapes: Mapping[str, tuple[int, ...]], model_shape
             raise InitFromError(f"init_from {path}: {name} is {list(file_shapes[name])} in the file but "
                                 f"{list(shape)} in this model (init_from needs the same backbone settings)")
         report.loaded.append(name)
-    extra = [name for name in file_shapes if name not in model_shapes and not _is_head(name, head_prefixes)]
+    extra = [name for name in file_shapes if name not in model_shapes
+             and not _is_head(name, tuple(head_prefixes) + tuple(derived_prefixes))]
     if extra:
         raise InitFromError(f"init_from {path}: {extra[0]} (and {len(extra) - 1} more) in the file has no place "
                             f"in this model (another architecture?)")
@@ -110,7 +121,7 @@ def _file_shapes(path: str, mtime_ns: int, size: int, recipe: str | None) -> tup
 
 
 def check_init_from(path: str, build_model: Callable[[], nn.Module], head_prefixes: Sequence[str],
-                    recipe: str | None = None) -> InitReport:
+                    recipe: str | None = None, derived_prefixes: Sequence[str] = ()) -> InitReport:
     """Validate ``init_from`` without loading weights into anything: the model
     ``build_model()`` makes on the meta device against the file's shapes."""
     st = os.stat(path) if os.path.isfile(path) else None
@@ -120,17 +131,17 @@ def check_init_from(path: str, build_model: Callable[[], nn.Module], head_prefix
     with torch.device("meta"):
         model = build_model()
     return plan_init(str(path), file_shapes, {k: tuple(v.shape) for k, v in model.state_dict().items()},
-                     head_prefixes)
+                     head_prefixes, derived_prefixes)
 
 
 def load_init_weights(model: nn.Module, path: str, head_prefixes: Sequence[str],
-                      recipe: str | None = None) -> InitReport:
+                      recipe: str | None = None, derived_prefixes: Sequence[str] = ()) -> InitReport:
     """Load ``path`` into ``model`` (see the module doc); a model on the meta
     device (shape checks) is only checked."""
     state = read_init_state(path, recipe)
     own = model.state_dict()
     report = plan_init(str(path), {k: tuple(v.shape) for k, v in state.items()},
-                       {k: tuple(v.shape) for k, v in own.items()}, head_prefixes)
+                       {k: tuple(v.shape) for k, v in own.items()}, head_prefixes, derived_prefixes)
     if any(t.is_meta for t in own.values()):
         return report
     model.load_state_dict({k: state[k] for k in report.loaded}, strict=False)

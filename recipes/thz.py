@@ -55,8 +55,11 @@ pairs generated from the split (``eer``, ``auc``, ``tar_at_far_*``,
 ``best_acc``, ``threshold``, ``twin_*``). The configs keep the best checkpoint
 by ``ssim``.
 
-After training (:meth:`ThzMtlRecipe.write_artifacts`) and for ``biomtl eval``
-(:meth:`ThzMtlRecipe.eval_report`): the report of :mod:`recipes.thz_report`.
+At every validation, TensorBoard gets ``val/concealed_reconstruction_target``
+(:meth:`ThzMtlRecipe.validation_images`: the first validation batch, so the same
+samples each time). After training (:meth:`ThzMtlRecipe.write_artifacts`) and for
+``biomtl eval`` (:meth:`ThzMtlRecipe.eval_report`): the report of
+:mod:`recipes.thz_report`.
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ from torch import nn
 from models.losses import (ReconstructionLoss, SupConLoss, lpips_distance, lpips_weights_file, masked_cross_entropy,
                            psnr, ssim_index, ssim_window)
 from models.thz import NUM_POSTURES, ThzMtlNet, ThzNetConfig
-from models.thz_augment import PROFILES, ThzAugment
+from models.thz_augment import ThzAugment
 from recipes.base import ArtifactContext, DataInfo, EvalContext, Metrics, Recipe, register
 from recipes.batch import label_column, valid_mask
 from recipes.dcal_twins import VerificationMetrics
@@ -406,6 +409,21 @@ class ThzMtlRecipe(Recipe):
     # --- evaluation
     def new_metrics(self) -> Metrics:
         return ThzMetrics(self.params.val_max_pairs, self.params.pair_seed)
+
+    def validation_images(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """TensorBoard, every validation: the first validation batch's rows as
+        concealed input | reconstruction | target (up to ``report_grid`` rows)."""
+        from torchvision.utils import make_grid
+
+        if "reconstruction" not in outputs or "target" not in batch:
+            return {}
+        k = min(self.params.report_grid, outputs["reconstruction"].shape[0])
+        tiles = []
+        for i in range(k):
+            for img in (batch["image"][i], outputs["reconstruction"][i], batch["target"][i]):
+                img = img.detach().float().cpu().clamp(0, 1)
+                tiles.append(img[:1].expand(3, -1, -1) if img.shape[0] != 3 else img)
+        return {"concealed_reconstruction_target": make_grid(tiles, nrow=3, padding=2, pad_value=1.0)}
 
     def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
         from recipes import thz_report

@@ -23,8 +23,8 @@ Model (:class:`ThzDistillModel`):
   taken, on anchors, positives and negatives (true) or on anchors only;
 - ``freeze_teacher``: the teacher's parameters are not trained (no gradient,
   BatchNorm statistics fixed); its weights come from ``teacher_weights``, a
-  trained ``thz_distill`` model file (``model.pt``) or checkpoint whose
-  ``teacher.*`` tensors are loaded strictly. A frozen teacher without weights
+  ``thz_distill`` checkpoint (``RUN/checkpoints/*.pt``; ``model.pt`` holds the
+  student only) whose ``teacher.*`` tensors are loaded strictly. A frozen teacher without weights
   stops training at the first step (it would teach noise).
 
 ``terms``: the student's (``supcon``, ``posture``, ``reconstruction``, ...),
@@ -33,17 +33,17 @@ the teacher's prefixed ``teacher_``, ``distill_feature``, ``distill_logit``.
 Evaluation runs the student only (validation metrics, ``embed``, the reports),
 so validation, ``biomtl eval`` / ``verify`` / ``extract`` and
 :class:`dist_train.inference.InferenceEngine` never need visible images.
-``write_artifacts`` writes the ``thz_mtl`` report for the student and
-``student.pt``: the student alone as a ``thz_mtl`` exported model (its own
-config, no teacher tensor), with the decision threshold picked on the val split.
-``model.pt`` (the trainer's export) holds teacher and student.
+``write_artifacts`` writes the ``thz_mtl`` report for the student, and the
+exported ``model.pt`` holds the student alone (:meth:`ThzDistillRecipe.export_for_inference`):
+a ``thz_mtl`` model with its own params, no teacher tensor. Checkpoints keep both
+(training resumes with its teacher). Data without the teacher's visible images
+is refused when the recipe is built (one line, before training).
 """
 from __future__ import annotations
 
 import copy
 import logging
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -52,13 +52,10 @@ from torch import nn
 from models.backbones import WeightsError, read_state_dict
 from models.losses import feature_distill_loss, kd_logit_loss
 from models.thz import ThzTeacherNet
-from recipes.base import ArtifactContext, DataInfo, register
+from recipes.base import ArtifactContext, DataInfo, RecipeDataError, register
 from recipes.thz import ThzMtlModel, ThzMtlParams, ThzMtlRecipe, task_losses, triplet_rows
 
 log = logging.getLogger("biomtl.thz")
-
-STUDENT_FILE = "student.pt"  # in the run directory, beside model.pt
-
 
 @dataclass
 class ThzDistillParams(ThzMtlParams):
@@ -69,7 +66,7 @@ class ThzDistillParams(ThzMtlParams):
     fusion_heads: int = 4
     teacher_weight: float = 1.0              # weight of the teacher's own task losses (joint training)
     freeze_teacher: bool = False
-    teacher_weights: str = field(default="", metadata={"path": True})  # a trained thz_distill model / checkpoint
+    teacher_weights: str = field(default="", metadata={"path": True})  # a thz_distill checkpoint (teacher.*)
     # --- distillation
     feature_weight: float = 1.0
     logit_weight: float = 1.0
@@ -89,7 +86,7 @@ class ThzDistillParams(ThzMtlParams):
             raise ValueError("teacher_embedding_dim must be >= 0 (0 = the student's)")
 
     def student_params(self) -> ThzMtlParams:
-        """The student's own ``thz_mtl`` parameters (what ``student.pt`` records)."""
+        """The student's own ``thz_mtl`` parameters (what the exported ``model.pt`` records)."""
         names = {f.name for f in fields(ThzMtlParams)}
         return ThzMtlParams(**{n: copy.deepcopy(getattr(self, n)) for n in names})
 
@@ -99,7 +96,8 @@ def load_teacher(teacher: nn.Module, path: str) -> None:
     state = read_state_dict(path)
     prefix = next((p for p in ("teacher.", "module.teacher.") if any(k.startswith(p) for k in state)), None)
     if prefix is None:
-        raise WeightsError(f"teacher_weights {path}: no teacher.* tensors (not a thz_distill model?)")
+        raise WeightsError(f"teacher_weights {path}: no teacher.* tensors (not a thz_distill checkpoint? "
+                           "its model.pt holds the student only)")
     sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = teacher.state_dict()
     missing = sorted(set(own) - set(sub))
@@ -149,7 +147,7 @@ class ThzDistillModel(nn.Module):
         p = self.p
         if p.freeze_teacher and not self.teacher_loaded:
             raise RuntimeError("thz_distill: freeze_teacher=true needs recipe.params.teacher_weights=FILE "
-                               "(a trained thz_distill model); a frozen untrained teacher teaches nothing")
+                               "(a thz_distill checkpoint); a frozen untrained teacher teaches nothing")
         rows, n = triplet_rows(batch, self.ROW_KEYS)
         if "identity" in rows:
             rows["twin"] = self.student.co_twins(rows["identity"])
@@ -182,6 +180,11 @@ class ThzDistillRecipe(ThzMtlRecipe):
     def __init__(self, params: ThzDistillParams, data_info: DataInfo):
         super().__init__(params, data_info)
         self.extra_images = {"vis": (params.teacher_visible, 3)}
+        stems = {str(m).split(".", 1)[0] for m in data_info.modalities}
+        if data_info.modalities and params.teacher_visible not in stems:
+            raise RecipeDataError(f"thz_distill: the teacher needs {params.teacher_visible}.<ext> images, the data has "
+                             f"{', '.join(sorted(data_info.modalities))} (synthetic: add "
+                             f"{params.teacher_visible} to data.synthetic.modalities)")
 
     def build_model(self) -> nn.Module:
         return ThzDistillModel(self.params, self.data_info.twin_pairs, self.data_info.num_identities)
@@ -189,28 +192,12 @@ class ThzDistillRecipe(ThzMtlRecipe):
     def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
         from recipes import thz_report
 
-        metrics = thz_report.after_training(self, model, ctx, extra={"model": "student (THz only)"})
-        if ctx.is_main:
-            self.publish_student(getattr(model, "module", model), Path(ctx.run_dir), ctx.publish,
-                                 metrics.get("threshold"))
-        return metrics
+        return thz_report.after_training(self, model, ctx, extra={"model": "student (THz only)"})
 
-    def publish_student(self, model: "ThzDistillModel", run_dir: Path, publish: Any,
-                        threshold: float | None) -> Path:
-        """``run_dir/student.pt``: the student as a ``thz_mtl`` exported model (the
-        format :class:`dist_train.inference.InferenceEngine` reads), no teacher."""
-        import dataclasses
-
-        import yaml
-
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())  # the run's resolved config
-        config["recipe"] = {"name": ThzMtlRecipe.name, "params": dataclasses.asdict(self.params.student_params())}
-        state = {k: (v.detach().float().cpu() if v.is_floating_point() else v.detach().cpu()).clone()
-                 for k, v in model.student.state_dict().items()}
-        obj: dict[str, Any] = {"model": state, "config": config, "data_info": self.data_info.to_dict()}
-        if threshold is not None:
-            obj["threshold"] = float(threshold)
-        path = run_dir / STUDENT_FILE
-        publish(path, lambda tmp: torch.save(obj, tmp))
-        log.info("student (THz only, thz_mtl) exported to %s", path)
-        return path
+    def export_for_inference(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[str, Any, dict[str, Any]]:
+        """``model.pt`` holds the student alone, as a ``thz_mtl`` model with its own params."""
+        prefix = "student."
+        student = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not student:
+            raise KeyError("no student.* tensors in the thz_distill state dict")
+        return ThzMtlRecipe.name, self.params.student_params(), student

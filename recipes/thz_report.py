@@ -18,15 +18,14 @@ threshold picked on the val split) and by ``biomtl eval`` for their checkpoints
   on the split's pairs: ``metrics.json`` (which also holds the reconstruction and
   posture summaries), ``roc.png``, ``score_histograms.png``, ``hardest_errors.png``.
 
-A rich table (per posture and overall) is printed. After training, the same
-reconstruction grid and the confusion matrix go to TensorBoard (``run_dir/tb``,
-at the last validated step), and ``plots/latest_val.png`` plots every validation
-metric of ``logs/validation_logs.csv``.
+A rich table (per posture and overall) is printed. After training,
+``plots/latest_val.png`` plots the validation metrics of
+``logs/validation_logs.csv`` by kind (``plots/latest.png``, the training
+curves, is the trainer's).
 """
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -397,41 +396,11 @@ def flat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- entry points
 
-def _last_validated_step(run_dir: Path) -> int:
-    try:
-        with (run_dir / "logs" / "validation_logs.csv").open(newline="") as fh:
-            steps = [int(float(r["step"])) for r in csv.DictReader(fh) if r.get("step")]
-        return max(steps) if steps else 0
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def tensorboard_pictures(run_dir: Path, t: Mapping[str, Any], cm: np.ndarray, tag: str) -> None:
-    """The reconstruction grid and the confusion matrix as TensorBoard images."""
-    from torch.utils.tensorboard import SummaryWriter
-    from torchvision.utils import make_grid
-
-    step = _last_validated_step(run_dir)
-    tiles = []
-    for _, inp, rec, tgt, _ in t["shown"]:
-        for img in (inp, rec, tgt):
-            a = torch.from_numpy(np.asarray(img)).float() / 255.0
-            tiles.append(a[None].expand(3, -1, -1) if a.ndim == 2 else a.permute(2, 0, 1))
-    writer = SummaryWriter(log_dir=str(run_dir / "tb"))
-    try:
-        if tiles:
-            writer.add_image(f"{tag}/concealed|reconstruction|target", make_grid(tiles, nrow=3, padding=2), step)
-        norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-        writer.add_image(f"{tag}/posture_confusion", torch.from_numpy(norm).float()[None], step)
-    finally:
-        writer.close()
-
-
 def after_training(recipe: Any, model: nn.Module, ctx: ArtifactContext,
                    extra: Mapping[str, Any] | None = None) -> dict[str, float]:
     """``write_artifacts`` of the THz recipes: collect val and test on every rank,
-    gather, and on rank 0 write the test report (threshold from val pairs), the
-    TensorBoard pictures and ``plots/latest_val.png``. Returns the test metrics."""
+    gather, and on rank 0 write the test report (threshold from val pairs) and
+    ``plots/latest_val.png``. Returns the test metrics."""
     p = recipe.params
     module = getattr(model, "module", model)
     local = {role: collect(module, loader, p.report_grid) for role, loader in ctx.loaders.items()
@@ -458,10 +427,6 @@ def after_training(recipe: Any, model: nn.Module, ctx: ArtifactContext,
                                identity_names=recipe.data_info.identities, posture_names=recipe.posture_names,
                                extra={"split": "test", "recipe": recipe.name, **(extra or {})}, seed=p.pair_seed,
                                title=f"test split, {recipe.name}")
-    try:
-        tensorboard_pictures(run_dir, test, np.asarray(metrics["posture"]["confusion"]), "test")
-    except Exception as exc:  # pictures are a nicety; never fail a finished training for them
-        log.warning("no TensorBoard pictures: %s", exc)
     log.info("THz test report in %s", out_dir)
     flat = flat_metrics(metrics)
     if threshold is not None:

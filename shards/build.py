@@ -260,8 +260,18 @@ def _load_all(loader, items: list[Item], workers: int) -> Iterator[tuple[str, di
         return
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("fork" if "fork" in methods else "spawn")
-    with ctx.Pool(workers, initializer=_init_pool_worker, initargs=(loader,)) as pool:
+    pool = ctx.Pool(workers, initializer=_init_pool_worker, initargs=(loader,))
+    try:
         yield from pool.imap(_load, items, chunksize=max(1, min(16, len(items) // (workers * 8) or 1)))
+        # Done: let the workers finish on their own. terminate() (the context
+        # manager's exit) signals workers that may not have installed their
+        # SIGTERM disposition yet, and joining such a worker can block.
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 # ---------------------------------------------------------------------------

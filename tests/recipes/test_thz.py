@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
-from dist_train.config import ConfigError, build_dataclass, dump_config, load_config, recipe_params
+from dist_train.config import ConfigError, build_dataclass, load_config, recipe_params
 from recipes.base import DataInfo, get_recipe
 from shards.synthetic import SyntheticSpec, _sample_fields, render_sample
 from tests.conftest import PYTHON, REPO
@@ -258,21 +258,25 @@ def test_frozen_teacher_comes_from_a_file_and_does_not_move(tmp_path):
         _recipe("thz_distill", freeze_teacher=True, teacher_weights=str(tmp_path / "student_only.pt")).build_model()
 
 
-def test_student_export_is_a_thz_mtl_model_that_verifies_thz_pairs(tmp_path):
+def test_the_export_is_the_student_alone_as_a_thz_mtl_model_that_verifies_thz_pairs(tmp_path):
+    from dist_train.checkpoint import atomic_save
+    from dist_train.config import resolved_config_dict
+    from dist_train.export import for_inference
     from dist_train.inference import InferenceEngine
 
     cfg = load_config(DISTILL_CONFIG, thz_overrides(tmp_path, recipe__params__fusion_dim=8,
                                                     recipe__params__fusion_heads=2))
     r = get_recipe("thz_distill")(recipe_params(cfg), INFO)
     model = r.build_model().eval()
-    (tmp_path / "config.yaml").write_text(dump_config(cfg))
-    from dist_train.checkpoint import atomic_write
-
-    path = r.publish_student(model, tmp_path, atomic_write, threshold=0.42)
-    obj = torch.load(path, weights_only=True)
-    assert obj["config"]["recipe"]["name"] == "thz_mtl" and not any("teacher" in k for k in obj["model"])
-    assert obj["model"].keys() == model.student.state_dict().keys() and obj["threshold"] == 0.42
-    engine = InferenceEngine.from_checkpoint(path, "cpu")
+    # what the trainer's export does at the end of training (dist_train.export.export_live)
+    payload = for_inference({"model": model.state_dict(), "config": resolved_config_dict(cfg),
+                             "data_info": INFO.to_dict()})
+    assert payload["config"]["recipe"]["name"] == "thz_mtl" and not any("teacher" in k for k in payload["model"])
+    assert payload["model"].keys() == model.student.state_dict().keys()
+    assert payload["config"]["recipe"]["params"]["embedding_dim"] == 16
+    assert "kd_temperature" not in payload["config"]["recipe"]["params"]
+    atomic_save({**payload, "threshold": 0.42}, tmp_path / "model.pt")
+    engine = InferenceEngine.from_checkpoint(tmp_path / "model.pt", "cpu")
     assert engine.recipe_name == "thz_mtl" and engine.threshold == 0.42
     files = []
     for i, k in ((0, 0), (0, 1), (3, 0)):
@@ -285,6 +289,44 @@ def test_student_export_is_a_thz_mtl_model_that_verifies_thz_pairs(tmp_path):
             dim=1)
     assert res[0]["score"] == pytest.approx(float(e[0] @ e[1]), abs=1e-5)
     assert res[1]["score"] == pytest.approx(float(e[0] @ e[2]), abs=1e-5)
+
+
+def test_distillation_refuses_data_without_visible_images(tmp_path):
+    from recipes.base import RecipeDataError
+
+    info = DataInfo(identities=("a", "b"), twin_pairs=(), label_schemas={},
+                    modalities=("json", "thz.png", "thz_target.png"))
+    with pytest.raises(RecipeDataError, match="needs vis.<ext> images"):
+        _recipe_with("thz_distill", info)
+    assert _recipe_with("thz_mtl", info).name == "thz_mtl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([PYTHON, "dist_train/main.py", "--config", str(DISTILL_CONFIG),
+                           *thz_overrides(tmp_path, recipe__params__fusion_dim=8, recipe__params__fusion_heads=2,
+                                          data__synthetic__modalities="[thz_dense]")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "needs vis.<ext> images" in lines[0], proc.stderr[-2000:]
+    with pytest.raises(RecipeDataError, match="vis_target"):
+        _recipe_with("thz_distill", DataInfo(identities=("a",), twin_pairs=(), label_schemas={},
+                                             modalities=("json", "thz.png", "vis.png")), teacher_visible="vis_target")
+
+
+def _recipe_with(name: str, info: DataInfo, **params):
+    cls = get_recipe(name)
+    base = {k: v for k, v in TINY.items() if k in {f.name for f in dataclasses.fields(cls.Params)}}
+    return cls(build_dataclass(cls.Params, {**base, **params}), info)
+
+
+def test_validation_pictures_show_input_reconstruction_target():
+    r = _recipe("thz_mtl", report_grid=2)
+    model = r.build_model().eval()
+    batch = default_collate([r.transform(_sample(i, 0), False) for i in range(3)])
+    with torch.no_grad():
+        pics = r.validation_images(model(batch), batch)
+    (grid,) = pics.values()
+    assert grid.shape == (3, 2 * 32 + 3 * 2, 3 * 32 + 4 * 2)         # 2 rows x 3 tiles, padding 2
+    assert float(grid.min()) >= 0 and float(grid.max()) <= 1
+    assert torch.allclose(grid[0, 2:34, 2:34], batch["image"][0, 0])  # top-left: the first input
 
 
 def test_shards_of_the_thz_source_feed_both_recipes(tmp_path):
@@ -351,7 +393,7 @@ def _run_torchrun(tmp_path: Path, config: Path, name: str, **extra) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / name
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dist_train/main.py",
-           "--config", str(config), *thz_overrides(out, logging__tracking="none", **extra)]
+           "--config", str(config), *thz_overrides(out, **extra)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = list((out / "runs").iterdir())
@@ -378,20 +420,25 @@ def test_both_recipes_train_under_two_process_torchrun_and_the_student_verifies_
         for name in ("per_identity.csv", "per_posture.csv", "reconstructions.png", "posture_confusion.png",
                      "roc.png", "metrics.json"):
             assert (run / "eval" / "test" / name).is_file(), name
-        assert (run / "tb").is_dir()
-    assert (distill / "student.pt").is_file() and not (mtl / "student.pt").exists()
-    student = torch.load(distill / "student.pt", weights_only=True)
-    assert not any("teacher" in k for k in student["model"])
-    engine = InferenceEngine.from_checkpoint(distill / "student.pt", "cpu")
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0}).Reload()
+        assert [e.step for e in events.Images("val/concealed_reconstruction_target")] == [2]
+    student = torch.load(distill / "model.pt", weights_only=True)            # the student alone
+    assert student["config"]["recipe"]["name"] == "thz_mtl" and not any("teacher" in k for k in student["model"])
+    checkpoint = torch.load(distill / "checkpoints" / "latest.pt", weights_only=True)
+    assert any(k.startswith("teacher.") for k in checkpoint["model"])      # resuming keeps the teacher
+    engine = InferenceEngine.from_checkpoint(distill / "model.pt", "cpu")
     files = []
     for i, k in ((0, 0), (0, 1), (5, 0)):
         files.append(tmp_path / f"thz_{i}_{k}.png")
         Image.fromarray(render_sample(SPEC, i, k)["thz_dense"]).save(files[-1])   # THz only: no visible image
     res = engine.batch_verify([(files[0], files[1]), (files[0], files[2])])
     assert all(-1.0 <= x["score"] <= 1.0 and isinstance(x["match"], bool) for x in res)
-    whole = InferenceEngine.from_checkpoint(distill / "model.pt", "cpu")   # teacher + student: embeds THz alone
-    assert whole.extract_features(files).shape == (3, 16)
-    assert eval_cmd.run(["--checkpoint", str(distill / "student.pt"), "--output", str(tmp_path / "ev"),
+    assert engine.threshold_source.startswith("validation")                 # the run's own val threshold
+    whole = InferenceEngine.from_checkpoint(distill / "checkpoints" / "latest.pt", "cpu")   # teacher + student
+    assert whole.recipe_name == "thz_distill" and whole.extract_features(files).shape == (3, 16)
+    assert eval_cmd.run(["--checkpoint", str(distill / "model.pt"), "--output", str(tmp_path / "ev"),
                          "--no-progress", "--device", "cpu"]) == 0
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert report["samples"] == n_test and 0.0 <= report["reconstruction"]["ssim"] <= 1.0

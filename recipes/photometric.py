@@ -1,0 +1,553 @@
+"""Photometric-stereo multi-task face recognition: ``photometric_mtl`` (one
+modality) and ``photometric_concat`` (albedo + normal + depth networks whose
+identity embeddings are concatenated).
+
+Data (one shard sample; the built-in synthetic set with modality ``maps`` and
+``biomtl shards create --format photometric`` write the same members)
+----------------------------------------------------------------------------
+- ``albedo.npy`` (HxWx3, or HxW), ``normal.npy`` (HxWx3, unit normals),
+  ``depth.npy`` (HxW); ``photometric_mtl`` also reads a grey image
+  (``modality: image``: the first of :data:`recipes.image_input.IMAGE_KEYS`, e.g.
+  CMU faces' ``image.png``);
+- ``json``: ``identity`` and the attributes under their own names or an alias:
+  ``gender``, ``emotion`` (``expression``), ``pose`` (``posture``),
+  ``facial_hair``, ``spectacles`` (``sunglasses``); ``-1``/missing = unlabelled.
+  An attribute is a task when the manifest has a label schema for it (its class
+  count); listed attributes the data lacks are left out (logged).
+
+``transform`` -> ``{"image" | "albedo", "normal", "depth": float [C, S, S], "identity",
+<attribute>...: long}``: albedo and grey images scaled to about zero mean / unit
+range, normals as they are, depth standardised per sample; training adds
+:class:`models.photometric.ArrayAugment` (rectangle crop, Gaussian noise).
+
+Model (:class:`PhotometricModel`)
+---------------------------------
+Per modality a :class:`models.photometric.PhotometricEncoder` (``ir_se``,
+``cbam_resnet`` or timm ``convnextv2_*``; with ``separation`` the Feature
+Separation Module splits identity / non-identity parts). The identity parts
+(``embedding_dim`` each; 3x for concat) go to MagLinear + MagFace; the
+non-identity parts to one linear head per attribute with focal loss; with
+``adversarial_weight > 0`` (and separation) adversarial attribute heads read the
+identity part through a gradient reversal layer (lambda schedule
+``2/(1+exp(-gamma p)) - 1``, ``p`` = training steps / ``grl_steps``), so the
+identity part sheds attribute information. ``task_weighting: uncertainty``
+weights identity and attribute losses by learned log-variances
+(:class:`models.losses.DynamicLossWeights`); ``fixed`` uses ``task_weights``.
+``terms``: ``identity`` (MagFace CE + g), ``magface_g``, each attribute, ``adv_<attribute>``.
+
+Metrics: ``identity_top1``, ``identity_macro_f1``; per attribute ``<a>_acc``,
+``<a>_macro_f1``, ``<a>_auc`` (one-vs-rest ROC AUC, macro over the classes
+present, sklearn); ``attr_mean_acc``; ``score`` = mean of identity top-1 and the
+attribute accuracies; verification (``eer``, ``auc``, ``tar_at_far_*``,
+:class:`recipes.dcal_twins.VerificationMetrics`) on pairs generated from the
+split when ``verification`` is on: identity-disjoint only when the data were
+split by identity (``split_by: identity``); on a closed-set split the pairs are
+among training identities. ``write_artifacts``: the test metrics and
+``plots/confusion_matrices.png`` (one panel per task).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.backbones import build_backbone
+from models.heads import MagLinear
+from models.losses import DynamicLossWeights, FocalLoss, MagFaceLoss
+from models.photometric import (ArrayAugment, CbamResNet, GradientReversal, IRSE, PhotometricEncoder,
+                                TimmFeatures)
+from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, RecipeDataError, register
+from recipes.batch import label_column, move_batch, valid_mask
+from recipes.dcal_twins import VerificationMetrics
+from recipes.image_input import IMAGE_KEYS
+
+log = logging.getLogger("biomtl.photometric")
+
+MAPS = ("albedo", "normal", "depth")
+MAP_CHANNELS = {"albedo": 3, "normal": 3, "depth": 1, "image": 1}
+# attribute -> label names it may have in a dataset (first found in the manifest's schemas wins)
+ATTRIBUTE_ALIASES: dict[str, tuple[str, ...]] = {
+    "gender": ("gender",), "emotion": ("emotion", "expression"), "pose": ("pose", "posture"),
+    "facial_hair": ("facial_hair",), "spectacles": ("spectacles", "sunglasses")}
+
+
+class MissingModalityError(RecipeDataError):
+    """The data lack a member the recipe needs (one-line message)."""
+
+
+@dataclass
+class PhotometricParams:
+    modality: Literal["albedo", "normal", "depth", "image"] = "albedo"  # photometric_mtl only
+    backbone: Literal["ir_se", "cbam_resnet", "convnextv2"] = "cbam_resnet"
+    img_size: int = 64                       # IR-SE: divisible by 16 (112 is the classic IR-SE-50)
+    embedding_dim: int = 512                 # identity embedding per modality
+    separation: bool = True                  # Feature Separation Module (identity / non-identity parts)
+    nonid_dim: int = 256
+    dropout: float = 0.0
+    # ir_se
+    irse_blocks: list[int] = field(default_factory=lambda: [3, 4, 14, 3])   # IR-SE-50
+    irse_widths: list[int] = field(default_factory=lambda: [64, 128, 256, 512])
+    # cbam_resnet
+    cbam_width: int = 32
+    cbam_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    # convnextv2 (timm)
+    convnext_name: str = "convnextv2_atto"
+    pretrained: bool = False                 # timm hub weights (network or the HF cache; never a silent fallback)
+    weights_path: str = field(default="", metadata={"path": True})
+    # identity: MagFace
+    magface_s: float = 64.0
+    magface_l_a: float = 10.0
+    magface_u_a: float = 110.0
+    magface_l_m: float = 0.45
+    magface_u_m: float = 0.8
+    magface_lambda_g: float = 35.0
+    identity_class_weights: list[float] = field(default_factory=list)   # [] = equal
+    # attributes
+    attributes: list[str] = field(default_factory=lambda: list(ATTRIBUTE_ALIASES))
+    focal_gamma: float = 2.0
+    focal_alpha: float = 1.0
+    attribute_class_weights: dict[str, list[float]] = field(default_factory=dict)
+    adversarial_weight: float = 0.1          # GRL attribute heads on the identity part (needs separation)
+    grl_gamma: float = 10.0
+    grl_steps: int = 1000                    # training steps over which lambda rises to 1
+    # task weighting
+    task_weighting: Literal["uncertainty", "fixed"] = "uncertainty"
+    task_weights: dict[str, float] = field(default_factory=dict)   # fixed: {identity: 1, gender: 1, ...}
+    # augmentation
+    augment: bool = True
+    p_crop: float = 0.5
+    crop_scale_min: float = 0.8
+    p_noise: float = 0.3
+    noise_std: float = 0.05
+    # evaluation
+    verification: bool = True
+    val_max_pairs: int = 200_000
+    pair_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.img_size < 16 or self.embedding_dim < 1 or self.nonid_dim < 1:
+            raise ValueError("img_size must be >= 16, embedding_dim and nonid_dim >= 1")
+        if self.backbone == "ir_se" and (self.img_size % 16 or len(self.irse_blocks) != 4
+                                         or len(self.irse_widths) != 4):
+            raise ValueError(f"ir_se needs img_size divisible by 16 (got {self.img_size}) and four "
+                             "irse_blocks / irse_widths")
+        if self.backbone == "cbam_resnet" and (self.cbam_width < 1 or not self.cbam_blocks):
+            raise ValueError("cbam_width must be >= 1 and cbam_blocks non-empty")
+        if self.backbone == "convnextv2" and not self.convnext_name.startswith("convnextv2_"):
+            raise ValueError(f"convnext_name must be a timm convnextv2_* model, got {self.convnext_name!r}")
+        if self.pretrained and self.weights_path:
+            raise ValueError("set either pretrained (timm hub) or weights_path (local file), not both")
+        if (self.pretrained or self.weights_path) and self.backbone != "convnextv2":
+            raise ValueError("pretrained / weights_path are for backbone convnextv2 (ir_se and cbam_resnet start "
+                             "from random weights)")
+        unknown = [a for a in self.attributes if a not in ATTRIBUTE_ALIASES]
+        if unknown:
+            raise ValueError(f"attributes: unknown {unknown} (known: {', '.join(ATTRIBUTE_ALIASES)})")
+        bad = [k for k in self.attribute_class_weights if k not in self.attributes]
+        if bad:
+            raise ValueError(f"attribute_class_weights: {bad} not among attributes {self.attributes}")
+        bad = [k for k in self.task_weights if k not in ("identity", *self.attributes)]
+        if bad:
+            raise ValueError(f"task_weights: {bad} not among identity, {', '.join(self.attributes)}")
+        if min([self.adversarial_weight, self.focal_gamma, self.focal_alpha, *self.task_weights.values(),
+                *self.identity_class_weights,
+                *(w for ws in self.attribute_class_weights.values() for w in ws)], default=0.0) < 0:
+            raise ValueError("loss weights, class weights, focal gamma/alpha must be >= 0")
+        if self.grl_steps < 1:
+            raise ValueError("grl_steps must be >= 1")
+        for name, p in (("p_crop", self.p_crop), ("p_noise", self.p_noise)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        if not 0.0 < self.crop_scale_min <= 1.0:
+            raise ValueError("crop_scale_min must be in (0, 1]")
+        MagFaceLoss(self.magface_s, self.magface_l_a, self.magface_u_a, self.magface_l_m, self.magface_u_m,
+                    self.magface_lambda_g)  # raises on an impossible range
+
+    def magface_loss(self, weight: torch.Tensor | None = None) -> MagFaceLoss:
+        return MagFaceLoss(self.magface_s, self.magface_l_a, self.magface_u_a, self.magface_l_m,
+                           self.magface_u_m, self.magface_lambda_g, weight)
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_encoder(p: PhotometricParams, in_chans: int) -> PhotometricEncoder:
+    if p.backbone == "ir_se":
+        bb: nn.Module = IRSE(in_chans, p.img_size, p.embedding_dim, p.irse_blocks, p.irse_widths, p.dropout)
+    elif p.backbone == "cbam_resnet":
+        bb = CbamResNet(in_chans, p.embedding_dim, p.cbam_width, p.cbam_blocks)
+    else:
+        weights: bool | str = p.weights_path or p.pretrained
+        model, feat = build_backbone(p.convnext_name, weights, in_chans=in_chans)
+        bb = TimmFeatures(model, feat)
+    return PhotometricEncoder(bb, p.embedding_dim, p.separation, p.nonid_dim, p.dropout)
+
+
+class PhotometricModel(nn.Module):
+    """``forward(batch)`` -> ``loss``, ``terms``, ``embedding`` (the concatenated identity
+    parts), ``identity_logits`` (``s * cos``, no margin), ``<attribute>_logits``."""
+
+    def __init__(self, p: PhotometricParams, inputs: Sequence[tuple[str, int]], num_identities: int,
+                 attributes: Sequence[tuple[str, int]]):
+        super().__init__()
+        self.inputs = [k for k, _ in inputs]
+        self.attributes = [a for a, _ in attributes]
+        self.encoders = nn.ModuleDict({k: build_encoder(p, c) for k, c in inputs})
+        emb_dim = sum(e.embedding_dim for e in self.encoders.values())
+        attr_dim = sum(e.attr_dim for e in self.encoders.values())
+        self.identity_head = MagLinear(emb_dim, max(1, num_identities), p.magface_l_a, p.magface_u_a)
+        id_w = torch.tensor(p.identity_class_weights, dtype=torch.float32) if p.identity_class_weights else None
+        if id_w is not None and id_w.numel() != max(1, num_identities):
+            raise ValueError(f"identity_class_weights has {id_w.numel()} values for {num_identities} identities")
+        self.magface = p.magface_loss(id_w)
+        self.attr_heads = nn.ModuleDict({a: nn.Linear(attr_dim, c) for a, c in attributes})
+        self.focal = nn.ModuleDict()
+        for a, c in attributes:
+            w = p.attribute_class_weights.get(a)
+            if w and len(w) != c:
+                raise ValueError(f"attribute_class_weights.{a} has {len(w)} values for {c} classes")
+            self.focal[a] = FocalLoss(p.focal_gamma, torch.tensor(w, dtype=torch.float32) if w else None,
+                                      alpha=p.focal_alpha)
+        self.adv_weight = p.adversarial_weight if p.separation and attributes else 0.0
+        if self.adv_weight > 0:
+            self.grl = GradientReversal(p.grl_steps, p.grl_gamma)
+            self.adv_heads = nn.ModuleDict({a: nn.Linear(emb_dim, c) for a, c in attributes})
+        names = ["identity", *self.attributes]
+        self.task_weighting = DynamicLossWeights(names) if p.task_weighting == "uncertainty" else None
+        self.fixed_weights = {n: float(p.task_weights.get(n, 1.0)) for n in names}
+
+    def features(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, attrs = zip(*(self.encoders[k](batch[k]) for k in self.inputs))
+        return torch.cat(ids, 1), torch.cat(attrs, 1)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """One-input models (photometric_mtl): the identity embedding of ``images``."""
+        if len(self.inputs) != 1:
+            raise ValueError(f"embed() takes one input; this model needs {', '.join(self.inputs)}")
+        return self.features({self.inputs[0]: images})[0]
+
+    def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        emb, attr_feat = self.features(batch)
+        cos, magnitude = self.identity_head(emb)
+        out: dict[str, Any] = {"embedding": emb, "identity_logits": cos * self.magface.s, "magnitude": magnitude}
+        zero = emb.float().sum() * 0.0
+        identity = batch.get("identity")
+        if identity is not None:
+            l_id, parts = self.magface(cos, magnitude, identity)
+        else:
+            l_id, parts = zero + magnitude.sum() * 0.0, {"g": zero}
+        terms: dict[str, torch.Tensor] = {"identity": l_id, "magface_g": parts["g"].detach()}
+        for a in self.attributes:
+            logits = self.attr_heads[a](attr_feat)
+            out[f"{a}_logits"] = logits
+            labels = batch.get(a)
+            terms[a] = self.focal[a](logits, labels) if labels is not None else logits.float().sum() * 0.0
+        task_terms = {n: terms[n] for n in ("identity", *self.attributes)}
+        if self.task_weighting is not None:
+            loss = self.task_weighting(task_terms)
+        else:
+            loss = sum(self.fixed_weights[n] * v for n, v in task_terms.items())
+        if self.adv_weight > 0:
+            reversed_emb = self.grl(emb)
+            for a in self.attributes:
+                logits = self.adv_heads[a](reversed_emb)
+                labels = batch.get(a)
+                terms[f"adv_{a}"] = (F.cross_entropy(logits.float(), labels.long(), ignore_index=-1)
+                                     if labels is not None and bool((labels >= 0).any())
+                                     else logits.float().sum() * 0.0)
+                loss = loss + self.adv_weight * terms[f"adv_{a}"]
+        out["loss"] = loss
+        out["terms"] = terms
+        return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def one_vs_rest_auc(y: np.ndarray, prob: np.ndarray) -> float:
+    """Macro ROC AUC over the classes that have both positives and negatives in ``y``."""
+    from sklearn.metrics import roc_auc_score
+
+    aucs = [roc_auc_score(y == c, prob[:, c]) for c in range(prob.shape[1]) if 0 < (y == c).sum() < y.size]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+class PhotometricMetrics(Metrics):
+    """State: identity truth/prediction, per attribute truth and class
+    probabilities, and the verification state (embeddings, identities)."""
+
+    def __init__(self, attributes: Sequence[str], verification: bool, max_pairs: int = 200_000, seed: int = 0):
+        self.attributes = list(attributes)
+        self.verification = VerificationMetrics(max_pairs, seed) if verification else None
+        self.cols: dict[str, list[np.ndarray]] = {}
+
+    def _add(self, key: str, v: np.ndarray) -> None:
+        self.cols.setdefault(key, []).append(v)
+
+    def update(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> None:
+        if self.verification is not None:
+            self.verification.update(outputs, batch)
+        logits = outputs["identity_logits"].detach().float().cpu()
+        n = logits.shape[0]
+        valid = valid_mask(batch, n)
+        self._add("identity", label_column(batch, "identity", n)[valid])
+        self._add("identity_pred", logits.argmax(1).numpy()[valid])
+        for a in self.attributes:
+            self._add(a, label_column(batch, a, n)[valid])
+            self._add(f"{a}_prob", outputs[f"{a}_logits"].detach().float().softmax(1).cpu().numpy()[valid])
+
+    def state(self) -> dict[str, Any]:
+        return {"attributes": self.attributes,
+                "verification": self.verification.state() if self.verification is not None else None,
+                **{k: np.concatenate(v) for k, v in self.cols.items()}}
+
+    @staticmethod
+    def task_predictions(states: list[Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{task: (labelled truth, prediction)}`` over all ranks (identity first)."""
+        states = [s for s in states if "identity" in s]
+        if not states:
+            return {}
+        out = {}
+        y = np.concatenate([s["identity"] for s in states])
+        yp = np.concatenate([s["identity_pred"] for s in states])
+        out["identity"] = (y[y >= 0], yp[y >= 0])
+        for a in states[0]["attributes"]:
+            y = np.concatenate([s[a] for s in states])
+            prob = np.concatenate([s[f"{a}_prob"] for s in states])
+            out[a] = (y[y >= 0], prob[y >= 0].argmax(1))
+        return out
+
+    @staticmethod
+    def compute(states: list[Any]) -> dict[str, float]:
+        from sklearn.metrics import f1_score
+
+        nan = float("nan")
+        out: dict[str, float] = {}
+        full = [s for s in states if "identity" in s]
+        preds = PhotometricMetrics.task_predictions(states)
+        accs = []
+        for task, (y, yp) in preds.items():
+            key = "identity_top1" if task == "identity" else f"{task}_acc"
+            out[key] = float((y == yp).mean()) if y.size else nan
+            out[f"{task}_macro_f1"] = float(f1_score(y, yp, average="macro", zero_division=0)) if y.size else nan
+            if task != "identity":
+                yy = np.concatenate([s[task] for s in full])
+                prob = np.concatenate([s[f"{task}_prob"] for s in full])
+                out[f"{task}_auc"] = one_vs_rest_auc(yy[yy >= 0], prob[yy >= 0]) if (yy >= 0).any() else nan
+                accs.append(out[key])
+        accs = [v for v in accs if not math.isnan(v)]
+        out["attr_mean_acc"] = float(np.mean(accs)) if accs else nan
+        parts = [v for v in [out.get("identity_top1", nan), *accs] if not math.isnan(v)]
+        out["score"] = float(np.mean(parts)) if parts else nan
+        ver = [s["verification"] for s in states if s.get("verification") is not None]
+        if ver:
+            out.update(VerificationMetrics.compute(ver))
+        return out
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _array_tensor(arr: np.ndarray, chans: int, what: str) -> torch.Tensor:
+    a = np.asarray(arr)
+    if a.dtype.kind not in "fiu":
+        raise ValueError(f"{what}: expected a numeric array, got dtype {a.dtype}")
+    a = a.astype(np.float32)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3:
+        raise ValueError(f"{what}: expected HxW or HxWxC, got shape {a.shape}")
+    if a.shape[2] == 1 and chans == 3:
+        a = np.repeat(a, 3, 2)
+    if a.shape[2] != chans:
+        raise ValueError(f"{what}: expected {chans} channel(s), got shape {a.shape}")
+    return torch.from_numpy(np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)).permute(2, 0, 1).contiguous()
+
+
+def normalise(kind: str, t: torch.Tensor) -> torch.Tensor:
+    """Albedo / grey image to about [-2, 2] (0..255 data rescaled first), normals as
+    they are, depth standardised per sample (its unit and offset vary by scanner)."""
+    if kind in ("albedo", "image"):
+        if float(t.max()) > 1.5:
+            t = t / 255.0
+        return (t - 0.5) / 0.25
+    if kind == "depth":
+        return (t - t.mean()) / t.std().clamp(min=1e-6)
+    return t
+
+
+def _resize(t: torch.Tensor, size: int) -> torch.Tensor:
+    if t.shape[-2:] == (size, size):
+        return t
+    return F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def _label(meta: Mapping[str, Any], keys: Sequence[str]) -> int:
+    for k in keys:
+        v = meta.get(k)
+        if v is not None:
+            return int(v)
+    return -1
+
+
+# ----------------------------------------------------------------------------- recipe
+
+class _PhotometricBase(Recipe):
+    Params = PhotometricParams
+
+    def input_kinds(self) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def __init__(self, params: PhotometricParams, data_info: DataInfo):
+        super().__init__(params, data_info)
+        self._check_modalities(data_info)
+        schemas = data_info.label_schemas or {}
+        self.tasks: list[tuple[str, str, int]] = []   # (attribute, label key in the data, classes)
+        for a in params.attributes:
+            key = next((k for k in ATTRIBUTE_ALIASES[a] if k in schemas), None)
+            if key is None:
+                log.info("attribute %s: no label schema (%s) in the data: not a task", a,
+                         "/".join(ATTRIBUTE_ALIASES[a]))
+                continue
+            self.tasks.append((a, key, max(2, len(schemas[key]))))
+        self.class_names = {a: tuple(schemas[k]) for a, k, _ in self.tasks}
+        self.augment = (ArrayAugment(params.p_crop, (params.crop_scale_min, 1.0), p_noise=params.p_noise,
+                                     noise_std=params.noise_std) if params.augment else None)
+        warning = params.magface_loss().check()
+        if warning:
+            log.warning("%s", warning)
+
+    def _check_modalities(self, info: DataInfo) -> None:
+        have = set(info.modalities)
+        if not have:  # a DataInfo without member names (tests, old checkpoints): the transform checks
+            return
+        missing = []
+        for kind in self.input_kinds():
+            if kind == "image":
+                if not have & set(IMAGE_KEYS):
+                    missing.append("a grey image (image.png, ...)")
+            elif f"{kind}.npy" not in have:
+                missing.append(f"{kind}.npy")
+        if missing:
+            raise MissingModalityError(f"{self.name}: the data lack {', '.join(missing)} (they have "
+                                       f"{', '.join(sorted(have))}); photometric data: synthetic modality 'maps' or "
+                                       "biomtl shards create --format photometric")
+
+    def _input(self, sample: Mapping[str, Any], kind: str) -> torch.Tensor:
+        key = sample.get("__key__")
+        if kind == "image":
+            img = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+            if img is None:
+                raise MissingModalityError(f"sample {key!r} has no image member (has {sorted(sample)})")
+            t = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32))[None]
+        else:
+            arr = sample.get(f"{kind}.npy")
+            if arr is None:
+                raise MissingModalityError(f"sample {key!r} has no {kind}.npy (has {sorted(sample)})")
+            t = _array_tensor(arr, MAP_CHANNELS[kind], f"sample {key!r} {kind}.npy")
+        return normalise(kind, _resize(t, self.params.img_size))
+
+    def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kind in self.input_kinds():
+            t = self._input(sample, kind)
+            if train and self.augment is not None:
+                t = self.augment(t)
+            out[self.input_key(kind)] = t
+        meta = sample.get("json") or {}
+        out["identity"] = torch.tensor(_label(meta, ("identity",)), dtype=torch.long)
+        for a, key, _ in self.tasks:
+            out[a] = torch.tensor(_label(meta, (key,)), dtype=torch.long)
+        return out
+
+    def input_key(self, kind: str) -> str:
+        return kind
+
+    def build_model(self) -> nn.Module:
+        inputs = [(self.input_key(k), MAP_CHANNELS[k]) for k in self.input_kinds()]
+        return PhotometricModel(self.params, inputs, self.data_info.num_identities,
+                                [(a, c) for a, _, c in self.tasks])
+
+    def new_metrics(self) -> Metrics:
+        return PhotometricMetrics([a for a, _, _ in self.tasks], self.params.verification,
+                                  self.params.val_max_pairs, self.params.pair_seed)
+
+    def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
+        """Test metrics (all ranks) and, on rank 0, ``plots/confusion_matrices.png``."""
+        loader = ctx.loaders.get("test")
+        if loader is None:
+            return {}
+        module = getattr(model, "module", model)
+        metrics = self.new_metrics()
+        param = next(module.parameters())
+        was_training = module.training
+        module.eval()
+        with torch.no_grad():
+            for batch in loader:
+                metrics.update(module(move_batch(batch, param.device, param.dtype)), batch)
+        module.train(was_training)
+        states = ctx.gather(metrics.state())
+        result = PhotometricMetrics.compute(states)
+        if ctx.is_main:
+            preds = PhotometricMetrics.task_predictions(states)
+            if preds:
+                ctx.publish(Path(ctx.run_dir) / "plots" / "confusion_matrices.png",
+                            lambda tmp: self._plot_confusions(tmp, preds))
+        return result
+
+    def _plot_confusions(self, path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from sklearn.metrics import confusion_matrix
+
+        n_classes = {"identity": max(1, self.data_info.num_identities), **{a: c for a, _, c in self.tasks}}
+        fig, axes = plt.subplots(1, len(preds), figsize=(4.2 * len(preds), 4.2), squeeze=False)
+        for ax, (task, (y, yp)) in zip(axes[0], preds.items()):
+            c = n_classes[task]
+            cm = confusion_matrix(y, yp, labels=list(range(c))) if y.size else np.zeros((c, c), int)
+            ax.imshow(cm, cmap="Blues")
+            acc = float((y == yp).mean()) if y.size else float("nan")
+            ax.set_title(f"{task} (acc {acc:.3f}, n={y.size})", fontsize=9)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            names = self.class_names.get(task)
+            if names and c <= 12:
+                ax.set_xticks(range(c), names, rotation=45, fontsize=7, ha="right")
+                ax.set_yticks(range(c), names, fontsize=7)
+                for i in range(c):
+                    for j in range(c):
+                        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6)
+        fig.tight_layout()
+        try:
+            fig.savefig(path, dpi=90, format="png")
+        finally:
+            plt.close(fig)
+
+
+@register
+class PhotometricMtlRecipe(_PhotometricBase):
+    """One modality (``params.modality``) -> identity + attributes."""
+
+    name = "photometric_mtl"
+
+    def input_kinds(self) -> tuple[str, ...]:
+        return (self.params.modality,)
+
+    def input_key(self, kind: str) -> str:
+        return "image"   # one input: the key InferenceEngine and the embedding table use
+
+
+@register
+class PhotometricConcatRecipe(_PhotometricBase):
+    """Albedo, normal and depth networks; identity embeddings concatenated (3 x embedding_dim)."""
+
+    name = "photometric_concat"
+
+    def input_kinds(self) -> tuple[str, ...]:
+        return MAPS

@@ -1,0 +1,209 @@
+"""The photometric recipes (photometric_mtl, photometric_concat): configs, the
+transform on synthetic albedo / normal / depth, each backbone learning a batch,
+both recipes under the trainer, the refusal of data lacking a modality, and a
+two-process torchrun run."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import default_collate
+
+from dist_train.config import build_dataclass, load_config, recipe_params
+from recipes.base import DataInfo, get_recipe
+from shards.synthetic import LABEL_SCHEMAS, SyntheticSpec, _sample_fields, render_sample
+from tests.conftest import PYTHON, REPO
+
+MTL_CONFIG = REPO / "configs" / "photometric_mtl.yaml"
+CONCAT_CONFIG = REPO / "configs" / "photometric_concat.yaml"
+SPEC = SyntheticSpec(num_identities=4, image_size=32, modalities=("maps",))
+MAP_MEMBERS = ("albedo.npy", "depth.npy", "json", "normal.npy")
+INFO = DataInfo(identities=tuple(f"p{i}" for i in range(4)), twin_pairs=(),
+                label_schemas={k: tuple(v) for k, v in LABEL_SCHEMAS.items()}, modalities=MAP_MEMBERS)
+TINY = {"img_size": 32, "embedding_dim": 32, "nonid_dim": 16, "cbam_width": 4, "cbam_blocks": [1, 1],
+        "irse_blocks": [1, 1, 1, 1], "irse_widths": [8, 8, 16, 16]}
+BACKBONES = {"ir_se": {}, "cbam_resnet": {}, "convnextv2": {"convnext_name": "convnextv2_atto"}}
+
+
+def _recipe(name: str = "photometric_mtl", info: DataInfo = INFO, **params):
+    cls = get_recipe(name)
+    return cls(build_dataclass(cls.Params, {**TINY, **params}, prefix="recipe.params"), info)
+
+
+def _sample(identity: int, index: int) -> dict:
+    """A decoded synthetic shard sample (what the stream hands to ``transform``)."""
+    f = _sample_fields(SPEC, render_sample(SPEC, identity, index))
+    return {**f, "__key__": f"id{identity}_s{index}"}
+
+
+def _batch(recipe, train: bool = True) -> dict:
+    return default_collate([recipe.transform(_sample(i, k), train) for i in range(4) for k in range(2)])
+
+
+def photometric_overrides(tmp_path: Path, **extra: object) -> list[str]:
+    """configs/photometric_*.yaml as a seconds-long CPU run."""
+    values = {
+        "experiment.output_dir": str(tmp_path / "runs"),
+        "data.synthetic.cache_dir": str(tmp_path.parent / "synthetic-cache-photometric"),
+        "data.synthetic.num_identities": 6,
+        "data.synthetic.samples_per_identity": 8,
+        "data.synthetic.image_size": 32,
+        "data.batch_size": 8,
+        "recipe.params.img_size": 32,
+        "recipe.params.cbam_width": 4,
+        "recipe.params.cbam_blocks": "[1,1]",
+        "recipe.params.embedding_dim": 32,
+        "recipe.params.nonid_dim": 8,
+        "train.precision": "fp32",
+        "train.max_steps": 3,
+        "train.val_every_steps": 3,
+        "train.log_every_steps": 1,
+        "logging.progress": "false",
+        "logging.plot": "false",
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def test_configs_are_valid_and_watch_several_metrics():
+    for config, name in ((MTL_CONFIG, "photometric_mtl"), (CONCAT_CONFIG, "photometric_concat")):
+        cfg = load_config(config, [])
+        params = recipe_params(cfg)
+        assert cfg.recipe.name == name and params.embedding_dim == 512
+        assert cfg.train.early_stopping.metrics == ["identity_top1", "attr_mean_acc"]
+        assert cfg.data.synthetic.modalities == ["maps"] and cfg.checkpoint.monitor == "score"
+        assert params.magface_loss().check() is None            # the configs keep MagFace's lambda_g bound
+
+
+def test_transform_reads_maps_and_aliased_labels():
+    concat = _recipe("photometric_concat", augment=False)
+    out = concat.transform(_sample(1, 3), train=False)
+    assert out["albedo"].shape == (3, 32, 32) and out["normal"].shape == (3, 32, 32)
+    assert out["depth"].shape == (1, 32, 32)
+    assert abs(float(out["depth"].mean())) < 1e-4                  # depth standardised per sample
+    labels = render_sample(SPEC, 1, 3)["labels"]
+    assert int(out["identity"]) == 1 and int(out["pose"]) == labels["posture"]   # pose <- posture
+    assert [a for a, _, _ in concat.tasks] == ["gender", "emotion", "pose", "facial_hair", "spectacles"]
+    mtl = _recipe(modality="normal")
+    assert set(mtl.transform(_sample(0, 0), True)) == {"image", "identity", "gender", "emotion", "pose",
+                                                       "facial_hair", "spectacles"}
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+def test_each_backbone_learns_a_batch(backbone):
+    torch.manual_seed(0)
+    recipe = _recipe(backbone=backbone, augment=False, **BACKBONES[backbone])
+    model = recipe.build_model().train()
+    batch = _batch(recipe)
+    opt = torch.optim.AdamW(model.parameters(), 3e-3)
+    losses = []
+    for _ in range(6):
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        assert model.identity_head.weight.grad is not None and model.task_weighting.log_vars.grad is not None
+        opt.step()
+        losses.append(float(out["loss"].detach()))
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert out["embedding"].shape == (8, 32) and {"identity", "gender", "adv_gender"} <= set(out["terms"])
+
+
+def test_concat_embeds_three_networks_and_metrics_cover_every_task():
+    torch.manual_seed(0)
+    recipe = _recipe("photometric_concat")
+    model = recipe.build_model().eval()
+    batch = _batch(recipe, train=False)
+    with torch.no_grad():
+        out = model(batch)
+    assert set(model.encoders) == {"albedo", "normal", "depth"} and out["embedding"].shape == (8, 3 * 32)
+    metrics = recipe.new_metrics()
+    metrics.update(out, batch)
+    res = type(metrics).compute([metrics.state()])
+    for key in ("identity_top1", "gender_acc", "emotion_macro_f1", "pose_auc", "spectacles_acc", "attr_mean_acc",
+                "score", "eer", "auc"):
+        assert key in res, key
+    assert 0.0 <= res["identity_top1"] <= 1.0 and 0.0 <= res["eer"] <= 1.0
+
+
+def test_concat_refuses_data_without_a_modality_in_one_line(tmp_path):
+    from recipes.photometric import MissingModalityError
+
+    no_depth = DataInfo(identities=INFO.identities, twin_pairs=(), label_schemas=INFO.label_schemas,
+                        modalities=("albedo.npy", "json", "normal.npy"))
+    with pytest.raises(MissingModalityError, match="lack depth.npy") as exc:
+        _recipe("photometric_concat", info=no_depth)
+    assert "\n" not in str(exc.value)
+    _recipe("photometric_mtl", info=no_depth, modality="albedo")      # one modality present: fine
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([PYTHON, "dist_train/main.py", "--config", str(CONCAT_CONFIG),
+                           *photometric_overrides(tmp_path, data__synthetic__modalities="[vis]")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert "lack albedo.npy, normal.npy, depth.npy" in proc.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("config", [MTL_CONFIG, CONCAT_CONFIG], ids=["mtl", "concat"])
+def test_both_recipes_train_under_the_trainer(tmp_path, config):
+    from dist_train.main import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        metrics = train(load_config(config, photometric_overrides(tmp_path, logging__tracking="none")), None)
+    finally:
+        torch.set_num_threads(threads)
+    (run,) = list((tmp_path / "runs").iterdir())
+    assert 0.0 <= metrics["identity_top1"] <= 1.0 and 0.0 <= metrics["pose_acc"] <= 1.0
+    assert (run / "plots" / "confusion_matrices.png").stat().st_size > 1000
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert "test_identity_top1" in final and "test_spectacles_auc" in final
+    header = (run / "logs" / "train_logs.csv").read_text().splitlines()[0]
+    assert "identity" in header and "adv_gender" in header
+
+
+@pytest.mark.integration
+def test_both_recipes_train_under_two_process_torchrun(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for config, name in ((MTL_CONFIG, "mtl"), (CONCAT_CONFIG, "concat")):
+        out = tmp_path / name
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dist_train/main.py",
+               "--config", str(config), *photometric_overrides(out, logging__tracking="none",
+                                                              recipe__params__backbone="ir_se",
+                                                              recipe__params__irse_blocks="[1,1,1,1]",
+                                                              recipe__params__irse_widths="[4,4,8,8]")]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (run,) = list((out / "runs").iterdir())
+        final = json.loads((run / "final_metrics.json").read_text())
+        assert 0.0 <= final["test_identity_top1"] <= 1.0 and 0.0 <= final["test_gender_acc"] <= 1.0
+        assert (run / "plots" / "confusion_matrices.png").is_file() and (run / "model.pt").is_file()
+
+
+def test_cmu_faces_feed_photometric_mtl_as_one_grey_modality(tmp_path):
+    from shards.cli import run as shards_cli
+    from shards.manifest import Manifest
+    from shards.stream import build_eval_loader
+    from tests.conftest import shared_dataset
+
+    raw = shared_dataset("cmu_faces")
+    out = tmp_path / "cmu"
+    assert shards_cli(["create", "--format", "cmu", "--input", str(raw), "--output", str(out), "--scale", "4",
+                       "--split-by", "sample", "--workers", "1", "--no-progress"]) == 0
+    info = Manifest.load(out).data_info()
+    with pytest.raises(ValueError, match="lack albedo.npy"):
+        _recipe("photometric_mtl", info=info)                       # no photometric maps in CMU faces
+    recipe = _recipe("photometric_mtl", info=info, modality="image", attributes=["pose", "emotion", "spectacles"])
+    # pose <- pose, emotion <- expression, spectacles <- sunglasses; no gender / facial hair labels
+    assert [(a, k, c) for a, k, c in recipe.tasks] == [("pose", "pose", 4), ("emotion", "expression", 4),
+                                                      ("spectacles", "sunglasses", 2)]
+    batch = next(iter(build_eval_loader(out, "test", recipe.transform, 8, 0, 1, 0)))
+    assert batch["image"].shape == (8, 1, 32, 32) and int(batch["identity"].min()) >= 0
+    torch.manual_seed(0)
+    out_ = recipe.build_model().train()(batch)
+    assert torch.isfinite(out_["loss"]) and set(out_["terms"]) >= {"pose", "emotion", "spectacles", "identity"}
