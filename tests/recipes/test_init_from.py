@@ -129,3 +129,23 @@ def test_trainer_runs_from_a_previous_runs_model_file(tmp_path):
     assert run(["--config", str(REPO / "configs" / "facecom.yaml"), *tiny_overrides(third), *wrong,
                 f"recipe.params.init_from={model_file}"]) == 2
     assert not (third / "runs").exists()
+
+
+def test_dcal_from_a_plain_vit_run_copies_glca_from_the_loaded_last_block(tmp_path, caplog):
+    """DCAL's GLCA block starts as a copy of the last SA block: started from a
+    plain-ViT run (no GLCA weights in the file) it is copied from the loaded one."""
+    torch.manual_seed(0)
+    vit = recipe("dcal_twins", 9, use_glca=False, use_pwca=False).build_model()
+    path = save_model(tmp_path / "vit.pt", vit, "dcal_twins")
+    torch.manual_seed(1)
+    with caplog.at_level(logging.INFO, logger="biomtl.dcal"):
+        dcal = recipe("dcal_twins", 4, init_from=str(path)).build_model()
+    last = vit.vit.blocks[-1].state_dict()
+    for k, v in dcal.glca_block.state_dict().items():
+        assert torch.equal(v, last[k]), k
+    assert torch.equal(dcal.glca_norm.weight, vit.vit.norm.weight)
+    assert any("copy of the loaded last block" in r.getMessage() for r in caplog.records)
+    # and back: a plain ViT from the DCAL run's file ignores the GLCA weights
+    dcal_file = save_model(tmp_path / "dcal.pt", dcal, "dcal_twins")
+    again = recipe("dcal_twins", 4, use_glca=False, use_pwca=False, init_from=str(dcal_file)).build_model()
+    assert torch.equal(again.vit.blocks[0].attn.qkv.weight, vit.vit.blocks[0].attn.qkv.weight)
