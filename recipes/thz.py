@@ -218,7 +218,7 @@ class ThzMtlModel(nn.Module):
     ``embedding``, ``posture_logits``, ``reconstruction``, ``gate`` and, in eval mode
     with targets, ``quality`` (per-sample ``ssim``/``psnr``/``lpips``)."""
 
-    # Not "twin": a triplet batch's neg_twin is the batcher's "negative is the co-twin" flag
+    # Not "twin": a triplet batch carries co-twins per row only where the transform returns them
     # (shards.batching), so the rows' co-twins come from the identities (:meth:`co_twins`).
     ROW_KEYS = ("image", "target", "identity", "posture")
 

@@ -56,7 +56,8 @@ Layout: the transform's outputs of the three samples side by side, the
 positive's and negative's keys prefixed ``pos_`` and ``neg_`` (e.g. a
 transform returning ``{"image", "identity"}`` gives ``image``, ``identity``,
 ``pos_image``, ``pos_identity``, ``neg_image``, ``neg_identity``), plus
-``neg_twin`` (bool tensor: the negative is the anchor's co-twin) and the
+``neg_is_co_twin`` (bool tensor: the negative is the anchor's co-twin; named apart
+from ``neg_twin``, the negative's own field when the transform returns ``twin``) and the
 sample keys ``__key__``, ``__pos_key__``, ``__neg_key__`` (lists of str).
 
 Corrupt data: a sample that cannot be read, decoded or transformed is
@@ -521,7 +522,7 @@ class _IndexedStream(IterableDataset):
             for prefix, o in (("pos_", p_out), ("neg_", n_out)):
                 for k, v in o.items():
                     row[f"__{prefix}key__" if k == "__key__" else prefix + k] = v
-            row["neg_twin"] = torch.tensor(twin)
+            row["neg_is_co_twin"] = torch.tensor(twin)  # not neg_twin: that is the negative's own "twin"
             rows.append(row)
         good = [r for r in rows if r is not None]
         if not good:

@@ -80,7 +80,7 @@ def _triplet_batch(recipe, anchors=((0, 0), (2, 1), (4, 2)), train=True) -> dict
     batch = {}
     for role, rs in rows.items():
         batch.update({role + key: v for key, v in default_collate(rs).items()})
-    batch["neg_twin"] = torch.tensor([twin_of(i) == (i + 1) % 6 for i, _ in anchors])   # the batcher's flag
+    batch["neg_is_co_twin"] = torch.tensor([twin_of(i) == (i + 1) % 6 for i, _ in anchors])   # the batcher's flag
     return batch
 
 
@@ -190,7 +190,7 @@ def test_mtl_model_trains_on_anchors_positives_and_negatives():
     assert out["terms"]["supcon"].item() > 0                             # every anchor has its positive
     out["loss"].backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
-    # co-twins come from the manifest's pairs (INFO: 0 <-> 1), not from the batch's neg_twin flag
+    # co-twins come from the manifest's pairs (INFO: 0 <-> 1), not from the batch's neg_is_co_twin flag
     assert model.co_twins(torch.tensor([0, 1, 2, -1, 99])).tolist() == [1, 0, -1, -1, -1]
     weighted = get_recipe("thz_mtl")(build_dataclass(get_recipe("thz_mtl").Params, {**TINY_MTL,
                                                                                      "twin_negative_weight": 4.0}),

@@ -247,14 +247,14 @@ def test_triplet_loader_layout_anchors_and_resume(twins_ds):
     assert [len(x) for x in L] == [6, 6] and [len(x) for x in bs] == [6, 6]
     b = bs[0][0]
     assert set(b) == {"identity", "k", "ident_from_data", "r", "pos_identity", "pos_k", "pos_ident_from_data",
-                      "pos_r", "neg_identity", "neg_k", "neg_ident_from_data", "neg_r", "neg_twin", "__key__",
+                      "pos_r", "neg_identity", "neg_k", "neg_ident_from_data", "neg_r", "neg_is_co_twin", "__key__",
                       "__pos_key__", "__neg_key__"}
     anchors = []
     for batch in bs[0] + bs[1]:
         assert (batch["identity"] == batch["pos_identity"]).all()
         assert (batch["identity"] != batch["neg_identity"]).all()
         twin = {0: 1, 1: 0, 2: 3, 3: 2, 4: 5, 5: 4}
-        for a, n, t in zip(batch["identity"].tolist(), batch["neg_identity"].tolist(), batch["neg_twin"].tolist()):
+        for a, n, t in zip(batch["identity"].tolist(), batch["neg_identity"].tolist(), batch["neg_is_co_twin"].tolist()):
             assert t == (twin.get(a) == n) and (t or a not in twin)  # twin_prob=1: always the co-twin
         anchors += batch["__key__"]
     assert len(anchors) == 48 and len(set(anchors)) == 48  # every sample is an anchor once per epoch
@@ -298,12 +298,25 @@ def test_no_identity_leakage_across_identity_disjoint_splits(tmp_path):
     assert seen <= split_ids["train"]
 
 
+def test_triplet_flag_leaves_the_negatives_own_twin_field(twins_ds):
+    """A transform that returns ``twin`` (DCAL, THz) gets the negative's co-twin id in
+    ``neg_twin``; the batcher's co-twin flag has its own name and does not overwrite it."""
+    twin = {0: 1, 1: 0, 2: 3, 3: 2, 4: 5, 5: 4}
+
+    def with_twin(sample, train):
+        out = tf(sample, train)
+        return {**out, "twin": twin.get(out["identity"], -1)}
+    for b in build_triplet_loader(twins_ds, "train", with_twin, 4, 0, 1, 0, seed=2, epoch=0):
+        assert b["neg_twin"].tolist() == [twin.get(n, -1) for n in b["neg_identity"].tolist()]
+        assert b["neg_is_co_twin"].dtype == torch.bool
+
+
 def test_twin_across_splits_is_never_a_negative(tmp_path):
     # a manifest whose pair (0, 12) spans train and val: the train loaders must not look for 12
     make_ids(tmp_path, [3] * 6, [(0, 12)], n_identities=16)
     make_ids(tmp_path, [3], split="val", id_offset=12, n_identities=16)
     for b in build_triplet_loader(tmp_path, "train", tf, 6, 0, 1, 0, seed=0, epoch=0):
-        assert not b["neg_twin"].any() and 12 not in b["neg_identity"].tolist()
+        assert not b["neg_is_co_twin"].any() and 12 not in b["neg_identity"].tolist()
 
 
 # ---------------------------------------------------------------------------
