@@ -145,6 +145,10 @@ class DistConfig:
     # A stopped rank blocks the others in a collective for this long before the
     # job fails; raise it when a first step (compilation, cold caches) is slower.
     timeout_s: int = 300
+    # Intra-op CPU threads per rank: 0 = this host's usable cores / its ranks (at least 1).
+    # OpenMP threads that outnumber the cores spin against each other: a rank sharing
+    # cores with another process ran 5-20x slower (benchmarks/face_verification.py notes).
+    cpu_threads: int = 0
 
 
 @dataclass
@@ -339,6 +343,7 @@ def validate(cfg: Config) -> None:
                        "train.stop_at_step": t.stop_at_step,
                        "train.val_every_steps": t.val_every_steps,
                        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                       "dist.cpu_threads": cfg.dist.cpu_threads,
                        "data.shuffle_buffer": cfg.data.shuffle_buffer,
                        "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
                        "train.momentum": t.momentum, "train.scheduler.warmup_steps": sch.warmup_steps,

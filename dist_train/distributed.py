@@ -48,7 +48,25 @@ def pick_device(env: LaunchEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init(env: LaunchEnv, backend: str = "auto", timeout_s: int = 1800) -> DistContext:
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask: cgroups/taskset/srun --cpus-per-task)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def pick_cpu_threads(env: LaunchEnv, requested: int = 0) -> tuple[int, str]:
+    """Intra-op threads for this rank and why: ``requested`` when > 0, else its share
+    of the host's cores (torchrun's own default is 1 thread per rank when it starts
+    several, whatever the core count)."""
+    if requested > 0:
+        return requested, "dist.cpu_threads"
+    cores, ranks = usable_cores(), max(1, env.local_world_size)
+    return max(1, cores // ranks), f"{cores} usable cores / {ranks} rank(s) on this host"
+
+
+def init(env: LaunchEnv, backend: str = "auto", timeout_s: int = 1800, cpu_threads: int = 0) -> DistContext:
     """Join (or, for one process, create) the process group.
 
     A world of one still gets a real group so that collectives used by the
@@ -57,6 +75,10 @@ def init(env: LaunchEnv, backend: str = "auto", timeout_s: int = 1800) -> DistCo
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("dist.backend=nccl needs CUDA GPUs; none are visible (use gloo or auto)")
     device = pick_device(env)
+    threads, why = pick_cpu_threads(env, cpu_threads)
+    torch.set_num_threads(threads)
+    if env.local_rank == 0:
+        log.info("%d intra-op CPU thread(s) per rank (%s)", threads, why)
     os.environ["MASTER_ADDR"] = env.master_addr
     os.environ["MASTER_PORT"] = str(env.master_port)
     # Fail a hung collective instead of waiting forever; NCCL needs async error
@@ -80,14 +102,14 @@ def shutdown() -> None:
 
 @contextlib.contextmanager
 def process_group(env: LaunchEnv, backend: str, timeout_s: int,
-                  reported: tuple[type[BaseException], ...] = ()) -> Iterator[DistContext]:
+                  reported: tuple[type[BaseException], ...] = (), cpu_threads: int = 0) -> Iterator[DistContext]:
     """Init, run, and always tear the group down.
 
     On an exception the rank logs it with its number and re-raises (except the
     ``reported`` types, which the caller reports in one line itself); the
     launcher (torchrun / srun --kill-on-bad-exit) then stops the other ranks,
     and the collective timeout ends any rank still blocked in a collective."""
-    ctx = init(env, backend, timeout_s)
+    ctx = init(env, backend, timeout_s, cpu_threads)
     try:
         yield ctx
     except BaseException as exc:

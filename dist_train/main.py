@@ -169,7 +169,7 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
     # run() reports these in one line (a config mistake found once the data
     # exists; an I/O failure naming the path): no rank traceback for them.
     with distributed.process_group(env, cfg.dist.backend, cfg.dist.timeout_s,
-                                   reported=(ConfigError, OSError, PeerLost)) as ctx:
+                                   reported=(ConfigError, OSError, PeerLost), cpu_threads=cfg.dist.cpu_threads) as ctx:
         data_dir = prepare_data(cfg, ctx)
         try:
             recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), Manifest.load(data_dir).data_info())

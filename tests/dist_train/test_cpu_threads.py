@@ -1,0 +1,53 @@
+"""Each rank gets its share of the host's cores as intra-op threads (issue 16):
+OpenMP threads that outnumber the cores spin against each other."""
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+
+from dist_train import distributed
+from dist_train.config import ConfigError, load_config
+from launch.env import LaunchEnv
+from tests.conftest import REPO
+
+
+def env(local_world: int, local_rank: int = 0) -> LaunchEnv:
+    return LaunchEnv(kind="torchrun", rank=local_rank, local_rank=local_rank, world_size=local_world,
+                     local_world_size=local_world, node_rank=0, master_addr="127.0.0.1", master_port=1)
+
+
+@pytest.mark.parametrize("cores, ranks, expected", [(16, 2, 8), (16, 3, 5), (2, 2, 1), (2, 4, 1), (8, 1, 8)])
+def test_share_of_the_usable_cores(monkeypatch, cores, ranks, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    threads, why = distributed.pick_cpu_threads(env(ranks))
+    assert threads == expected and f"{cores} usable cores / {ranks} rank(s)" in why
+
+
+def test_configured_count_wins(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert distributed.pick_cpu_threads(env(2), 3) == (3, "dist.cpu_threads")
+
+
+def test_init_applies_and_prints_the_choice(monkeypatch, caplog):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    before = torch.get_num_threads()
+    single = LaunchEnv(kind="single", rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,
+                       master_addr="127.0.0.1", master_port=0)
+    monkeypatch.setattr(distributed, "pick_device", lambda e: torch.device("cpu"))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # no group needed for this check
+    try:
+        with caplog.at_level(logging.INFO, logger="dist_train.distributed"):
+            distributed.init(single, "gloo", 60)
+        assert torch.get_num_threads() == 3
+        assert any("3 intra-op CPU thread(s) per rank (3 usable cores / 1 rank(s) on this host)" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_negative_count_is_a_config_error():
+    with pytest.raises(ConfigError, match="dist.cpu_threads"):
+        load_config(REPO / "configs" / "facecom.yaml", ["dist.cpu_threads=-1"])
