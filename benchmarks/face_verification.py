@@ -267,7 +267,7 @@ def train(model_key: str, dataset: str, data_dir: Path, seed: int, steps: int, o
     runs = out / "runs"
     o = {"experiment.name": name, "experiment.output_dir": str(runs), "experiment.seed": seed,
          "data.source": "shards", "data.shards": str(data_dir), "data.val_split": "none",
-         "train.max_steps": steps, "logging.progress": "false", **m.overrides, **m.per_dataset.get(dataset, {})}
+         "train.max_steps": steps, "logging.progress": "false", "dist.cpu_threads": threads, **m.overrides, **m.per_dataset.get(dataset, {})}
     if init_from is not None:
         o["recipe.params.init_from"] = str(init_from)
     before = set(runs.glob(f"{name}_*")) if runs.is_dir() else set()

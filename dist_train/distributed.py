@@ -62,6 +62,11 @@ def pick_cpu_threads(env: LaunchEnv, requested: int = 0) -> tuple[int, str]:
     several, whatever the core count)."""
     if requested > 0:
         return requested, "dist.cpu_threads"
+    # One process not started by a launcher: OMP_NUM_THREADS is the user's own choice
+    # (torchrun sets it to 1 for every rank it starts, so there it says nothing).
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if env.kind == "single" and omp.isdigit() and int(omp) > 0:
+        return int(omp), "OMP_NUM_THREADS"
     cores, ranks = usable_cores(), max(1, env.local_world_size)
     return max(1, cores // ranks), f"{cores} usable cores / {ranks} rank(s) on this host"
 

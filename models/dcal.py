@@ -131,7 +131,30 @@ from models.losses import (DynamicLossWeights, SupConLoss, TwinAwareTripletLoss,
                            masked_cross_entropy, weighted_sum)
 
 __all__ = ["DCALConfig", "DCAL", "pick_distractors", "rollout", "select_top_tokens", "block_forward",
-           "attention_forward", "PairVerificationHead", "check_supported"]
+           "attention_forward", "PairVerificationHead", "check_supported", "check_backbone_name"]
+
+# timm modules whose models are VisionTransformers made of Block+Attention: plain ViTs,
+# DeiT, and the hybrids (a ResNet stem whose feature map is the token grid).
+_ATTENTION_MODULES = ("timm.models.vision_transformer", "timm.models.vision_transformer_hybrid",
+                      "timm.models.deit")
+BACKBONE_OPTIONS = ("a timm ViT (vit_tiny_patch16_224, vit_small_patch16_224, deit_small_patch16_224), "
+                    "a timm hybrid ResNet+ViT (vit_tiny_r_s16_p8_224, vit_small_r26_s32_224, "
+                    "vit_base_r50_s16_224), or a ViT with conv_stem: true")
+
+
+def check_backbone_name(name: str) -> None:
+    """Raise ``ValueError`` (one line naming the options) unless timm's ``name``
+    builds a ViT with attention blocks: DCAL's GLCA/PWCA and the rollout are
+    made of attention maps, which a pure CNN (ResNet, ConvNeXt, ...) has none of."""
+    from timm.models import is_model, model_entrypoint
+
+    if not is_model(name):
+        raise ValueError(f"backbone '{name}' is not a timm model; DCAL takes {BACKBONE_OPTIONS}")
+    module = model_entrypoint(name).__module__
+    if module not in _ATTENTION_MODULES:
+        kind = module.rsplit(".", 1)[-1]
+        raise ValueError(f"backbone '{name}' ({kind}) has no ViT attention blocks, which DCAL needs; "
+                         f"use {BACKBONE_OPTIONS}")
 
 
 # ----------------------------------------------------------------------------- attention re-implementation
@@ -331,6 +354,7 @@ class DCAL(nn.Module):
         self.cfg = cfg
         backbone = backbone_module
         if backbone is None:
+            check_backbone_name(cfg.backbone)
             weights: bool | str = cfg.weights_path or cfg.pretrained
             backbone, _ = build_backbone(cfg.backbone, weights, img_size=cfg.img_size, **cfg.backbone_kwargs)
         check_supported(backbone)

@@ -57,7 +57,7 @@ from torch import nn
 from torchvision import transforms
 
 from models.conv_stem import ConvStemPatchEmbed
-from models.dcal import DCAL, DCALConfig
+from models.dcal import DCAL, DCALConfig, check_backbone_name
 from recipes import verification as ev
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
 from recipes.batch import label_column, valid_mask
@@ -125,6 +125,7 @@ class DCALTwinsParams:
     def __post_init__(self) -> None:
         if self.img_size < 8:
             raise ValueError(f"img_size must be >= 8, got {self.img_size}")
+        check_backbone_name(self.backbone)
         if not 0.0 < self.top_r <= 1.0:
             raise ValueError(f"top_r must be in (0, 1], got {self.top_r}")
         if not 0.0 <= self.p_flip <= 1.0 or not 0.0 < self.crop_scale_min <= 1.0 or self.jitter < 0:

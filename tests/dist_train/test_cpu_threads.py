@@ -21,9 +21,19 @@ def env(local_world: int, local_rank: int = 0) -> LaunchEnv:
 
 @pytest.mark.parametrize("cores, ranks, expected", [(16, 2, 8), (16, 3, 5), (2, 2, 1), (2, 4, 1), (8, 1, 8)])
 def test_share_of_the_usable_cores(monkeypatch, cores, ranks, expected):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     threads, why = distributed.pick_cpu_threads(env(ranks))
     assert threads == expected and f"{cores} usable cores / {ranks} rank(s)" in why
+
+
+def test_omp_num_threads_is_kept_for_one_process_but_not_under_torchrun(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what torchrun exports for every rank it starts
+    assert distributed.pick_cpu_threads(env(2))[0] == 8
+    single = LaunchEnv(kind="single", rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,
+                       master_addr="127.0.0.1", master_port=0)
+    assert distributed.pick_cpu_threads(single) == (1, "OMP_NUM_THREADS")
 
 
 def test_configured_count_wins(monkeypatch):
@@ -32,6 +42,7 @@ def test_configured_count_wins(monkeypatch):
 
 
 def test_init_applies_and_prints_the_choice(monkeypatch, caplog):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
     before = torch.get_num_threads()
     single = LaunchEnv(kind="single", rank=0, local_rank=0, world_size=1, local_world_size=1, node_rank=0,

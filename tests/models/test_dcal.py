@@ -383,3 +383,26 @@ def test_local_weights_and_unsupported_backbones(tmp_path):
         DCALConfig(top_r=0.0)
     with pytest.raises(ValueError):
         DCAL(num_classes=0, **TINY)
+
+
+def test_pure_cnn_backbone_is_refused_with_the_options():
+    # Before: DCAL(backbone="resnet18") built the CNN and raised TypeError from check_supported.
+    for name in ("resnet18", "convnext_atto"):
+        with pytest.raises(ValueError, match="no ViT attention blocks") as err:
+            DCAL(num_classes=3, backbone=name, img_size=32)
+        message = str(err.value)
+        assert "\n" not in message and "vit_small_r26_s32_224" in message and "conv_stem" in message
+    with pytest.raises(ValueError, match="not a timm model"):
+        DCAL(num_classes=3, backbone="resnet_does_not_exist", img_size=32)
+
+
+def test_hybrid_resnet_vit_tokens_come_from_the_resnet_stem():
+    from timm.layers import HybridEmbed
+
+    model = DCAL(num_classes=3, backbone="vit_small_r26_s32_224", img_size=64,
+                 backbone_kwargs=dict(depth=1)).eval()
+    assert isinstance(model.vit.patch_embed, HybridEmbed)
+    assert "ResNet" in type(model.vit.patch_embed.backbone).__name__
+    # stride 32: a 2x2 token grid at 64 px, and the rollout covers exactly that grid
+    assert model.attention_rollout(torch.randn(2, 3, 64, 64)).shape == (2, 2, 2)
+    assert model.embed(torch.randn(2, 3, 64, 64)).shape == (2, 2 * model.vit.embed_dim)

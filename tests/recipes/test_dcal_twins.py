@@ -224,3 +224,15 @@ def test_two_ranks_gather_the_verification_state(tmp_path):
     assert report["samples"] == n                        # no padding row, no sample twice
     per_id = n // report["identities"]
     assert report["pairs"]["genuine"] == report["identities"] * per_id * (per_id - 1) // 2
+
+
+def test_recipe_params_refuse_a_cnn_backbone_in_one_line():
+    from dist_train.config import ConfigError, build_dataclass
+    from recipes.dcal_twins import DCALTwinsParams
+
+    with pytest.raises(ConfigError, match="recipe.params: backbone 'resnet18'") as err:
+        build_dataclass(DCALTwinsParams, {"backbone": "resnet18"}, prefix="recipe.params")
+    assert "\n" not in str(err.value) and "hybrid" in str(err.value)
+    params = build_dataclass(DCALTwinsParams, {"backbone": "vit_small_r26_s32_224", "depth": 1},
+                             prefix="recipe.params")
+    assert params.model_config(3).backbone == "vit_small_r26_s32_224"
