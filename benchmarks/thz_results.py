@@ -15,6 +15,12 @@ the training seed. The *final* weights are evaluated on the test split
 (identities never seen in training): the recipe's end-of-training report
 (``RUN/eval/test/metrics.json``; the student only for ``thz_distill``).
 
+``--frozen-teacher`` adds a two-stage student per seed: the joint run's teacher
+(trained by then) is loaded frozen (``freeze_teacher``, ``teacher_weights``) and a
+fresh student is distilled from it with ``--frozen-feature`` / ``--frozen-relation``
+(similarity-preserving: the batch's pairwise cosine similarities) and no
+posture-logit term.
+
 ``--residual`` trains both with residual reconstruction experts
 (``recipe.params.residual=true``: the expert corrects the input's logit).
 
@@ -63,10 +69,14 @@ def overrides(out: Path, seed: int, args: argparse.Namespace, distill: bool) -> 
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def train_and_read(recipe: str, config: Path, seed: int, args: argparse.Namespace) -> dict:
-    out = args.out / "runs" / recipe.split()[0]
+FROZEN = "thz_distill (student of the frozen trained teacher)"
+
+
+def train_and_read(recipe: str, config: Path, seed: int, args: argparse.Namespace, extra: tuple[str, ...] = (),
+                   folder: str = "") -> dict:
+    out = args.out / "runs" / (folder or recipe.split()[0])
     cmd = [sys.executable, str(REPO / "dist_train" / "main.py"), "--config", str(config),
-           *overrides(out, seed, args, "distill" in recipe)]
+           *overrides(out, seed, args, "distill" in recipe), *extra]
     t0, c0 = time.time(), os.times()
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     c1 = os.times()
@@ -77,9 +87,20 @@ def train_and_read(recipe: str, config: Path, seed: int, args: argparse.Namespac
     row = {"recipe": recipe, "seed": seed, "run": str(run), "wall_s": round(time.time() - t0, 1),
            "cpu_s": round(c1.children_user - c0.children_user + c1.children_system - c0.children_system, 1)}
     row.update({k: final.get(f"test_{k}") for k in KEYS})
-    if "distill" in recipe:
+    if "distill" in recipe and not extra:
         row["teacher"] = teacher_metrics(run)
     return row
+
+
+def frozen_teacher_run(joint: dict, seed: int, args: argparse.Namespace) -> dict:
+    """A second student, distilled from the joint run's teacher (trained by then, and
+    frozen), with the ``--frozen-*`` weights; no posture-logit term."""
+    from dist_train.checkpoint import LATEST, checkpoint_path
+
+    extra = ("recipe.params.freeze_teacher=true", f"recipe.params.teacher_weights={checkpoint_path(Path(joint['run']), LATEST)}",
+             f"recipe.params.feature_weight={args.frozen_feature}", "recipe.params.logit_weight=0",
+             f"recipe.params.relation_weight={args.frozen_relation}")
+    return train_and_read(FROZEN, RECIPES["thz_distill (student)"], seed, args, extra, folder="thz_distill_frozen")
 
 
 def teacher_metrics(run: Path) -> dict:
@@ -162,8 +183,10 @@ def table(rows: list[dict], refs: list[dict]) -> str:
     head = ("| model | test SSIM | SSIM, concealed | PSNR dB | posture acc | EER | AUC | CPU s / run |\n"
             "|---|---|---|---|---|---|---|---|\n")
     lines = []
-    for recipe in RECIPES:
+    for recipe in (*RECIPES, FROZEN):
         rs = [r for r in rows if r["recipe"] == recipe]
+        if not rs:
+            continue
         lines.append(f"| {recipe} | {cell(rs, 'ssim', '{:.3f}')} | {cell(rs, 'ssim_concealed', '{:.3f}')} | "
                      f"{cell(rs, 'psnr', '{:.2f}')} | {cell(rs, 'posture_acc', '{:.3f}')} | "
                      f"{cell(rs, 'eer', '{:.3f}')} | {cell(rs, 'auc', '{:.3f}')} | {cell(rs, 'cpu_s', '{:.0f}')} |")
@@ -194,6 +217,10 @@ def main() -> int:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--fusion-dim", type=int, default=32)
     ap.add_argument("--residual", action="store_true", help="residual reconstruction experts (both recipes)")
+    ap.add_argument("--frozen-teacher", action="store_true",
+                    help="also distil a fresh student from each seed's trained teacher, frozen (two stages)")
+    ap.add_argument("--frozen-feature", type=float, default=0.0, help="feature_weight of that student")
+    ap.add_argument("--frozen-relation", type=float, default=1.0, help="relation_weight of that student")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows, refs = [], []
@@ -201,6 +228,9 @@ def main() -> int:
         refs.append(references(seed, args))
         for recipe, config in RECIPES.items():
             rows.append(train_and_read(recipe, config, seed, args))
+            print(json.dumps(rows[-1]), flush=True)
+        if args.frozen_teacher:
+            rows.append(frozen_teacher_run(rows[-1], seed, args))
             print(json.dumps(rows[-1]), flush=True)
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "rows": rows, "references": refs}, indent=1))

@@ -396,6 +396,16 @@ def feature_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.
     return ((s - t) ** 2).sum(1).mean()
 
 
+def relation_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Similarity-preserving distillation (Tung & Mori, ICCV 2019), on embeddings: the
+    mean squared difference of the two batches' cosine-similarity matrices (teacher
+    detached). It transfers which samples the teacher finds alike, not where its
+    embedding points, so the student keeps its own embedding space (and widths may differ)."""
+    s = F.normalize(student.float(), dim=1)
+    t = F.normalize(teacher.detach().float(), dim=1)
+    return ((s @ s.T - t @ t.T) ** 2).mean()
+
+
 def magface_lambda_g_bound(s: float, l_a: float, u_a: float, l_m: float, u_m: float) -> float:
     """The smallest regulariser weight for which MagFace's theorem holds (Meng et
     al. 2021, Sec. 3.3 and supplementary): ``lambda_g >= s K / (-g'(l_a))`` with

@@ -15,7 +15,9 @@ Model (:class:`ThzDistillModel`):
   cross-attention, the three heads), student :class:`models.thz.ThzMtlNet`;
 - ``loss = student task losses + teacher_weight * teacher task losses (unless
   frozen) + feature_weight * ||n(P s_emb) - n(t_emb)||^2 + logit_weight * T^2
-  KL(softmax(t_posture / T) || softmax(s_posture / T))`` with the teacher's
+  KL(softmax(t_posture / T) || softmax(s_posture / T)) + relation_weight *
+  mean((S_s - S_t)^2)`` (``S``: the batch's cosine-similarity matrix of the
+  embeddings, similarity-preserving distillation) with the teacher's
   outputs detached in the distillation terms (the teacher learns from its own
   task losses only) and ``P`` a learned linear map when the teacher's embedding
   width (``teacher_embedding_dim``) differs from the student's, else identity;
@@ -28,7 +30,8 @@ Model (:class:`ThzDistillModel`):
   stops training at the first step (it would teach noise).
 
 ``terms``: the student's (``supcon``, ``posture``, ``reconstruction``, ...),
-the teacher's prefixed ``teacher_``, ``distill_feature``, ``distill_logit``.
+the teacher's prefixed ``teacher_``, ``distill_feature``, ``distill_logit``,
+``distill_relation``.
 
 Evaluation runs the student only (validation metrics, ``embed``, the reports),
 so validation, ``biomtl eval`` / ``verify`` / ``extract`` and
@@ -50,7 +53,7 @@ import torch
 from torch import nn
 
 from models.backbones import WeightsError, read_state_dict
-from models.losses import feature_distill_loss, kd_logit_loss
+from models.losses import feature_distill_loss, kd_logit_loss, relation_distill_loss
 from models.thz import ThzTeacherNet
 from recipes.base import ArtifactContext, DataInfo, RecipeDataError, register
 from recipes.thz import ThzMtlModel, ThzMtlParams, ThzMtlRecipe, task_losses, triplet_rows
@@ -70,6 +73,7 @@ class ThzDistillParams(ThzMtlParams):
     # --- distillation
     feature_weight: float = 1.0
     logit_weight: float = 1.0
+    relation_weight: float = 0.0             # similarity-preserving (pairwise cosine) distillation
     kd_temperature: float = 3.0
     distill_full_triplet: bool = True
 
@@ -77,8 +81,8 @@ class ThzDistillParams(ThzMtlParams):
         super().__post_init__()
         if self.kd_temperature <= 0:
             raise ValueError("kd_temperature must be > 0")
-        if min(self.teacher_weight, self.feature_weight, self.logit_weight) < 0:
-            raise ValueError("teacher_weight, feature_weight and logit_weight must be >= 0")
+        if min(self.teacher_weight, self.feature_weight, self.logit_weight, self.relation_weight) < 0:
+            raise ValueError("teacher_weight, feature_weight, logit_weight and relation_weight must be >= 0")
         if self.fusion_dim < 1 or self.fusion_heads < 1 or self.fusion_dim % self.fusion_heads:
             raise ValueError(f"fusion_dim ({self.fusion_dim}) must be a positive multiple of fusion_heads "
                              f"({self.fusion_heads})")
@@ -168,7 +172,9 @@ class ThzDistillModel(nn.Module):
             terms.update(t_terms)
         terms["distill_feature"] = feature_distill_loss(self.feature_proj(s_out["embedding"][:m]), t_out["embedding"])
         terms["distill_logit"] = kd_logit_loss(s_out["posture_logits"][:m], t_out["posture_logits"], p.kd_temperature)
-        loss = loss + p.feature_weight * terms["distill_feature"] + p.logit_weight * terms["distill_logit"]
+        terms["distill_relation"] = relation_distill_loss(s_out["embedding"][:m], t_out["embedding"])
+        loss = (loss + p.feature_weight * terms["distill_feature"] + p.logit_weight * terms["distill_logit"]
+                + p.relation_weight * terms["distill_relation"])
         return {"loss": loss, "terms": terms, **self.student.anchor_outputs(s_out, rows, n)}
 
 

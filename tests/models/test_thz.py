@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from models.losses import (LpipsWeightsMissing, ReconstructionLoss, SupConLoss, build_lpips, charbonnier_loss,
                            feature_distill_loss, kd_logit_loss, lpips_distance, lpips_weights_file, psnr,
-                           ssim_index, ssim_window)
+                           relation_distill_loss, ssim_index, ssim_window)
 from models.thz import (CustomResNetEncoder, DualCrossAttention, MoEUNetDecoder, ThzMtlNet, ThzNetConfig,
                         ThzTeacherNet, TimmEncoder)
 from models.thz_augment import PROFILES, ThzAugment
@@ -136,6 +136,21 @@ def test_feature_distillation_is_two_minus_two_cosine():
     t = torch.tensor([[1.0, 1.0], [0.0, 5.0]])
     cos = torch.tensor([1 / math.sqrt(2), 1.0])
     assert feature_distill_loss(s, t).item() == pytest.approx((2 - 2 * cos).mean().item(), rel=1e-6)
+
+
+def test_relation_distillation_compares_cosine_similarity_matrices():
+    # student rows: (1,0), (0,1), (1,1)/sqrt2 -> cosines 0, .707, .707; teacher: all parallel -> cosines 1
+    s = torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]], requires_grad=True)
+    t = torch.tensor([[1.0, 1.0], [2.0, 2.0], [5.0, 5.0]], requires_grad=True)
+    c = 1 / math.sqrt(2)
+    off = [(0 - 1) ** 2, (c - 1) ** 2, (c - 1) ** 2]            # the pairs (0,1), (0,2), (1,2), each twice
+    loss = relation_distill_loss(s, t)
+    assert loss.item() == pytest.approx(2 * sum(off) / 9, rel=1e-6)
+    loss.backward()
+    assert t.grad is None and s.grad.abs().sum() > 0
+    # a rotated and rescaled copy of the teacher has the same similarities: nothing to learn
+    rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
+    assert relation_distill_loss(3 * t.detach() @ rot, t).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_reconstruction_loss_weights_its_terms():
