@@ -205,8 +205,8 @@ def baseline_embeddings(name: str, train: np.ndarray, train_ids: np.ndarray, tes
     if name == "pixels":
         return test - train.mean(0)
     if name == "eigenfaces":
-        return PCA(min(50, len(train) - 1)).fit(train).transform(test)
-    pca = PCA(min(60, len(train) - 1)).fit(train)
+        return PCA(min(50, len(train) - 1), svd_solver="full").fit(train).transform(test)
+    pca = PCA(min(60, len(train) - 1), svd_solver="full").fit(train)  # deterministic (no randomized SVD)
     lda = LinearDiscriminantAnalysis().fit(pca.transform(train), train_ids)
     return lda.transform(pca.transform(test))
 
@@ -379,8 +379,19 @@ def main() -> int:
     ap.add_argument("--steps-scale", type=float, default=1.0, help="multiply every run's steps")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads per training run (default 1)")
     ap.add_argument("--jobs", type=int, default=1, help="training runs at a time (each with --threads threads)")
+    ap.add_argument("--seeds-for", action="append", default=[], metavar="MODEL=S,S",
+                    help="other training seeds for one model, e.g. --seeds-for dcal=0,1 (repeatable)")
+    ap.add_argument("--closed-set-models", default="", help="models of the closed-set protocol (default: --models)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the runs OUT/results.json already holds (pretraining too) and do the rest")
     args = ap.parse_args()
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",") if s.strip()]
+    model_seeds: dict[str, list[int]] = {}
+    for item in args.seeds_for:
+        key, _, values = item.partition("=")
+        if key not in MODELS or not values:
+            raise SystemExit(f"--seeds-for: expected MODEL=S,S with MODEL of {', '.join(MODELS)}, got {item!r}")
+        model_seeds[key] = [0] if args.quick else [int(v) for v in values.split(",") if v.strip()]
     scale = args.steps_scale * (0.1 if args.quick else 1.0)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -406,6 +417,16 @@ def main() -> int:
     steps = lambda key, ds: max(10, int(round(MODELS[key].steps[ds] * scale)))  # noqa: E731
     result: dict[str, Any] = {"command": " ".join(sys.argv), "started": started, "baselines": baselines,
                               "pretraining": {}, "runs": [], "closed_set_baselines": [], "closed_set": []}
+    kept: set[tuple[str, str, int]] = set()
+    if args.resume and (out / "results.json").is_file():
+        # runs whose directories are still there; the rest is done again
+        old = json.loads((out / "results.json").read_text())
+        result["pretraining"] = {k: v for k, v in old.get("pretraining", {}).items()
+                                 if v and Path(v["run"], "model.pt").is_file()}
+        for part in ("runs", "closed_set"):
+            result[part] = [r for r in old.get(part, []) if Path(r["run"], "model.pt").is_file()]
+            kept |= {(r["dataset"], r["model"], r["seed"]) for r in result[part]}
+        result["resumed_from"] = old.get("command")
 
     def save() -> None:  # after every run: an interrupted benchmark keeps what it measured
         (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
@@ -430,9 +451,8 @@ def main() -> int:
         def pretrain(key: str) -> dict[str, Any]:
             row = train(key, "pretrain", pre_dir, 0, steps(key, "pretrain"), out, args.threads, None)
             return evaluate(row, pre_dir, out, args.threads, split="val")
-        for key in dict.fromkeys(MODELS[m].pretrain_with for m in models):
-            pretrained[key] = None  # type: ignore[assignment]  # keeps the order
-        run_parallel([(lambda k=k: pretrain(k), finish(pretrained, k)) for k in pretrained], args.jobs)
+        todo = [k for k in dict.fromkeys(MODELS[m].pretrain_with for m in models) if k not in pretrained]
+        run_parallel([(lambda k=k: pretrain(k), finish(pretrained, k)) for k in todo], args.jobs)
 
     def init_for(key: str) -> tuple[Path | None, float | None]:
         pre = pretrained.get(MODELS[key].pretrain_with)
@@ -454,12 +474,16 @@ def main() -> int:
     closed_base: list[dict[str, Any]] = []
     # the slowest recipe first, so that the last runs do not leave a core idle
     order = sorted(models, key=lambda k: ("dcal", "vit", "cnn").index(k))
+    seeds_of = lambda key: model_seeds.get(key, seeds)  # noqa: E731
     tasks: list[Task] = [(lambda d=ds, k=key, s=seed: open_set_run(d, k, s), finish(rows))
-                         for key in order for ds in datasets for seed in seeds]
+                         for key in order for ds in datasets for seed in seeds_of(key) if (ds, key, seed) not in kept]
     if args.closed_set:
         cdir = pack("orl_closed", out, args.quick)
         closed_base = result["closed_set_baselines"] = closed_set_baselines(cdir)
-        tasks += [(lambda k=key, s=seed: closed_set_run(k, s), finish(closed_rows)) for key in order for seed in seeds]
+        closed_models = [m.strip() for m in (args.closed_set_models or args.models).split(",") if m.strip()]
+        tasks += [(lambda k=key, s=seed: closed_set_run(k, s), finish(closed_rows))
+                  for key in order if key in closed_models for seed in seeds_of(key)
+                  if ("orl_closed", key, seed) not in kept]
     run_parallel(tasks, args.jobs)
     rows.sort(key=lambda r: (datasets.index(r["dataset"]), r["model"], r["seed"]))
     closed_rows.sort(key=lambda r: (r["model"], r["seed"]))
