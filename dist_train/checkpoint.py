@@ -204,7 +204,8 @@ class CheckpointManager:
     - ``latest``: the most recent save (what ``--resume latest`` loads);
     - ``best``: best value of ``monitor`` so far;
     - ``topk/step_XXXXXXXX``: the ``top_k`` best validated saves;
-    - ``periodic/step_XXXXXXXX``: every ``every_steps`` optimizer steps, kept.
+    - ``periodic/step_XXXXXXXX``: every ``every_steps`` optimizer steps, and every
+      save the caller marks ``periodic`` (the trainer: every N-th epoch end), kept.
     ``suffix`` is ``.pt`` for file checkpoints, empty for directory ones.
     """
 
@@ -234,9 +235,11 @@ class CheckpointManager:
     def path(self, name: str) -> Path:
         return self.dir / f"{name}{self.suffix}"
 
-    def save(self, write: Callable[[Path], None], step: int, metrics: dict[str, float] | None) -> None:
+    def save(self, write: Callable[[Path], None], step: int, metrics: dict[str, float] | None,
+             periodic: bool = False) -> None:
         """``write(path)`` is called on every rank (DeepSpeed writes collectively);
-        rank 0 then publishes the names."""
+        rank 0 then publishes the names. ``periodic``: keep this one under ``periodic/``
+        whatever ``every_steps`` says."""
         staging = self.dir / f"{STAGING}{self.suffix}"
         latest = self.path(LATEST)
         if self.is_main:
@@ -255,7 +258,7 @@ class CheckpointManager:
             return
         _move_into_place(staging, latest)
         name = f"step_{step:08d}{self.suffix}"
-        if self.policy.every_steps and step % self.policy.every_steps == 0:
+        if periodic or (self.policy.every_steps and step % self.policy.every_steps == 0):
             _link_or_copy(latest, self.dir / "periodic" / name)
         value = None if metrics is None else metrics.get(self.policy.monitor)
         if value is None:

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("dist_train.commands.eval_cmd", "verification metrics + ROC/histogram/error pictures of a checkpoint"),
     "extract": ("dist_train.commands.extract_cmd", "embeddings of a folder of images (+ similarity matrix, PCA/t-SNE)"),
     "verify": ("dist_train.commands.verify_cmd", "same person or not? score and decision for two images"),
+    "predict": ("dist_train.commands.predict_cmd", "FaceCom: gender + identity (top-5) of images -> submission-style CSV"),
+    "demo": ("dist_train.commands.demo_cmd", "local web page (Gradio): verify a pair with attention maps, nearest identities"),
     "export": ("dist_train.commands.export_cmd", "checkpoint (DeepSpeed dir or DDP .pt) -> one fp32 model file"),
     "shards": ("shards.cli", "pack raw datasets into WebDataset shards; info; verify"),
     "launch": ("dist_train.commands.launch_cmd", "torchrun here (1 or N nodes) or sbatch slurm/<recipe>.sh; --dry-run prints it"),

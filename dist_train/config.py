@@ -121,6 +121,10 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     log_every_steps: int = 10
     find_unused_parameters: bool = False
+    # torch.compile of the training model (ddp strategy); the first steps pay for compilation
+    compile: bool = False
+    # conv nets: weights and 4-D image batches in channels-last (NHWC), faster with bf16 on GPUs
+    channels_last: bool = False
 
 
 @dataclass
@@ -129,12 +133,13 @@ class CheckpointConfig:
     mode: Literal["min", "max"] = "min"
     top_k: int = 1
     every_steps: int = 0  # periodic checkpoints kept forever; 0 = off
+    every_epochs: int = 0  # also kept forever: at the end of every N-th epoch; 0 = off
     save_last: bool = True
 
 
 @dataclass
 class LoggingConfig:
-    tracking: Literal["tensorboard", "mlflow", "none"] = "tensorboard"  # mlflow: dist_train/tracking.py
+    tracking: Literal["tensorboard", "mlflow", "wandb", "none"] = "tensorboard"  # mlflow, wandb: dist_train/tracking.py
     progress: bool = True
     plot: bool = True
 
@@ -301,20 +306,49 @@ def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
+BASE_KEY = "base"  # a config file may name the file it builds on (a preset)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: mappings merge key by key, anything else (lists too) replaces."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_config_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The YAML tree of ``path`` merged over its ``base:`` file (a path relative to
+    ``path``'s folder), recursively; a base that comes back round is refused."""
+    if not path.is_file():
+        where = f" (base of {chain[-1]})" if chain else ""
+        raise ConfigError(f"--config: file not found: {path}{where}")
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in chain + (resolved,))
+        raise ConfigError(f"--config {chain[0]}: '{BASE_KEY}' files form a cycle: {cycle}")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"--config {path}: invalid YAML: {first}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: the top level must be a mapping")
+    base = loaded.pop(BASE_KEY, None)
+    if base is None:
+        return loaded
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"--config {path}: '{BASE_KEY}' must be the path of a config file, got {base!r}")
+    return deep_merge(read_config_tree(path.parent / base, chain + (resolved,)), loaded)
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config: file not found: {path}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            first = str(exc).splitlines()[0]
-            raise ConfigError(f"--config {path}: invalid YAML: {first}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: the top level must be a mapping")
-        tree = loaded
+        tree = read_config_tree(Path(path))
     for text in overrides:
         parts, value = parse_override(text)
         apply_override(tree, parts, value)
@@ -343,6 +377,7 @@ def validate(cfg: Config) -> None:
                        "train.stop_at_step": t.stop_at_step,
                        "train.val_every_steps": t.val_every_steps,
                        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+                       "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
                        "dist.cpu_threads": cfg.dist.cpu_threads,
                        "data.shuffle_buffer": cfg.data.shuffle_buffer,
                        "train.grad_clip": t.grad_clip, "train.weight_decay": t.weight_decay,
@@ -385,6 +420,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.shards: no manifest.json in {cfg.data.shards}")
     if cfg.train.strategy == "deepspeed" and not cfg.deepspeed.config:
         raise ConfigError("deepspeed.config: required when train.strategy is 'deepspeed'")
+    if cfg.train.strategy == "deepspeed" and (cfg.train.compile or cfg.train.channels_last):
+        raise ConfigError("train.compile / train.channels_last: supported with train.strategy=ddp "
+                          "(DeepSpeed has its own compile setting in its JSON config)")
     try:
         get_recipe(cfg.recipe.name)
     except KeyError:

@@ -3,7 +3,9 @@
     from dist_train.inference import InferenceEngine
 
     engine = InferenceEngine.from_checkpoint("runs/dcal_twins_.../checkpoints/best.pt")  # CPU or GPU
-    engine.verify_pair("a.png", "b.png")      # {"score": 0.83, "match": True, "threshold": 0.41}
+    engine.verify_pair("a.png", "b.png")      # {"score": 0.83, "match": True, "threshold": 0.41, ...}
+    # ... plus the original DCAL code's names: "verification_score" (= score),
+    # "verification_decision" (= match)
     feats = engine.extract_features(["a.png", "b.png", pil_image])   # [N, D] L2-normalised
     engine.batch_verify([("a.png", "b.png"), ("a.png", "c.png")])
     engine.attention_maps(["a.png"])         # DCAL: [N, H', W'] attention rollout (CLS row)
@@ -55,7 +57,17 @@ from dist_train.checkpoint import (BEST, LATEST, atomic_save, checkpoint_path, f
 
 DEFAULT_THRESHOLD = 0.5  # cosine; used only when neither the caller nor the checkpoint gives one
 
-__all__ = ["InferenceEngine", "CheckpointError", "load_model_file", "save_exported", "DEFAULT_THRESHOLD"]
+__all__ = ["InferenceEngine", "CheckpointError", "load_model_file", "save_exported", "DEFAULT_THRESHOLD",
+           "verification_result"]
+
+
+def verification_result(score: float, threshold: float) -> dict[str, Any]:
+    """One pair's result. ``verification_score`` / ``verification_decision`` are the
+    original DCAL code's names for ``score`` / ``match`` (same values), so its
+    scripts read these results unchanged."""
+    match = bool(score >= threshold)
+    return {"score": score, "match": match, "threshold": threshold,
+            "verification_score": score, "verification_decision": match}
 
 
 class CheckpointError(ValueError):
@@ -272,7 +284,7 @@ class InferenceEngine:
         f = self.extract_features([img1, img2])
         score = float(np.dot(f[0], f[1]))
         thr = self.threshold if threshold is None else float(threshold)
-        return {"score": score, "match": bool(score >= thr), "threshold": thr}
+        return verification_result(score, thr)
 
     def batch_verify(self, pairs: Sequence[tuple[Any, Any]], threshold: float | None = None,
                      batch_size: int | None = None, progress: bool = False) -> list[dict[str, Any]]:
@@ -295,7 +307,29 @@ class InferenceEngine:
         f = self.extract_features(items, batch_size, progress)
         idx = np.asarray(index)
         scores = np.einsum("ij,ij->i", f[idx[:, 0]], f[idx[:, 1]])
-        return [{"score": float(s), "match": bool(s >= thr), "threshold": thr} for s in scores]
+        return [verification_result(float(s), thr) for s in scores]
+
+    # --- classification heads ----------------------------------------------------------------
+    def load_images(self, items: Sequence[Any]) -> tuple[list[int], list[torch.Tensor], list[tuple[int, str]]]:
+        """Preprocess each item on its own: ``(indices of the good ones, their tensors,
+        [(index, one-line reason)] of those that cannot be read)``."""
+        good, tensors, bad = [], [], []
+        for i, item in enumerate(items):
+            try:
+                tensors.append(self.preprocess([item])[0])
+            except (OSError, ValueError, TypeError) as exc:
+                bad.append((i, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
+                continue
+            good.append(i)
+        return good, tensors, bad
+
+    @torch.no_grad()
+    def head_probabilities(self, images: torch.Tensor) -> dict[str, np.ndarray]:
+        """``{head: [B, classes] softmax}`` for every ``<head>_logits`` output of the
+        model's eval forward (FaceCom: ``gender``, ``identity``)."""
+        out = self.model({"image": images.to(self.device)})
+        return {k[:-len("_logits")]: v.float().softmax(1).cpu().numpy()
+                for k, v in out.items() if k.endswith("_logits") and torch.is_tensor(v) and v.dim() == 2}
 
     # --- DCAL ---------------------------------------------------------------------------------
     @torch.no_grad()

@@ -98,7 +98,16 @@ def run_dir_for(cfg: Config, resume: Path | None, is_main: bool) -> Path:
 LAUNCH_FILE = "launch_id"  # in a run directory: the launch that started it (see restart_point)
 
 
-def restart_point(cfg: Config, resume: Path | None, is_main: bool) -> tuple[Path, Path | None] | None:
+def attempt_of_group() -> int:
+    """The restart count of this attempt, the same on every rank: the largest
+    of the ranks' counts. An agent started anew after its host was lost (its
+    own count 0) joins a group whose other agents restarted: the group is a
+    restart, and every rank must take the same path through the collectives."""
+    return max(distributed.all_gather_objects(restart_count()))
+
+
+def restart_point(cfg: Config, resume: Path | None, is_main: bool,
+                  attempt: int | None = None) -> tuple[Path, Path | None] | None:
     """After torchrun restarted the worker group (or SLURM requeued the job):
     the first attempt's run directory and the checkpoint to go on from, so the
     run resumes by itself; None on a first attempt or when no run is found.
@@ -107,15 +116,17 @@ def restart_point(cfg: Config, resume: Path | None, is_main: bool) -> tuple[Path
     rendezvous id, shared by all attempts) into its run directory; a restart
     takes the newest run directory carrying the same id, and its ``latest``
     checkpoint if this launch saved it, else the checkpoint the first attempt
-    started from (``resume``; None = from scratch)."""
-    if restart_count() == 0:
+    started from (``resume``; None = from scratch). ``attempt``: the group's
+    (:func:`attempt_of_group`; None: this process's restart count)."""
+    attempt = restart_count() if attempt is None else attempt
+    if attempt == 0:
         return None
     found = None
     if is_main:
         found = _find_launch_run(cfg, resume)
         if found is None:
             log.warning("restart %d: no run directory of launch %s under %s; starting a new run",
-                        restart_count(), launch_id(), cfg.experiment.output_dir)
+                        attempt, launch_id(), cfg.experiment.output_dir)
     found = distributed.broadcast_object(found)
     if found is None:
         return None
@@ -175,17 +186,18 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
             recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), Manifest.load(data_dir).data_info())
         except RecipeDataError as exc:  # the recipe refuses these data (e.g. a modality it needs is missing)
             raise ConfigError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
-        restart = restart_point(cfg, resume, ctx.is_main)
+        attempt = attempt_of_group()
+        restart = restart_point(cfg, resume, ctx.is_main, attempt)
         if restart is not None:  # torchrun restarted the group: go on in the first attempt's run
             run_dir, resume = restart
-            log.info("restart %d: continuing %s from %s", restart_count(), run_dir, resume or "scratch")
+            log.info("restart %d: continuing %s from %s", attempt, run_dir, resume or "scratch")
         else:
             run_dir = run_dir_for(cfg, resume, ctx.is_main)
             if resume is not None and ctx.is_main and run_dir_of(resume) is None:
                 log.info("%s is not inside a run's checkpoints/ folder: continuing it in a new run directory",
                          resume)
         try:
-            return _train_in(run_dir, cfg, ctx, recipe, data_dir, resume)
+            return _train_in(run_dir, cfg, ctx, recipe, data_dir, resume, attempt)
         except OSError as exc:
             if exc.filename is None:  # a bare write() failure: at least say where the run writes
                 exc.filename = str(run_dir)
@@ -221,16 +233,20 @@ def _first_words(exc: BaseException) -> str:
 
 
 def _train_in(run_dir: Path, cfg: Config, ctx: distributed.DistContext, recipe: Any, data_dir: Path,
-              resume: Path | None) -> dict[str, float]:
+              resume: Path | None, attempt: int = 0) -> dict[str, float]:
+    from dist_train.rank_report import describe_this_rank
     from dist_train.trainer import LoaderFactory, Trainer
 
+    places = distributed.all_gather_objects(describe_this_rank(ctx.backend))
     if ctx.is_main:
-        if restart_count() == 0 and launch_id():
+        if attempt == 0 and launch_id():
             (run_dir / LAUNCH_FILE).write_text(launch_id() + "\n")
         text = dump_config(cfg)
         atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
         log.info("run directory: %s  (world size %d, %s, %s)", run_dir, ctx.world_size, ctx.device,
                  ctx.backend)
+        for rank, place in enumerate(places):
+            log.info("rank %d: %s", rank, place)
     seed_everything(cfg.experiment.seed)  # same initial weights on every rank
     trainer = Trainer(cfg, ctx, recipe, data_dir, run_dir, LoaderFactory(cfg, ctx, data_dir, recipe),
                       after_step=faults.hook_from_env())
@@ -238,6 +254,14 @@ def _train_in(run_dir: Path, cfg: Config, ctx: distributed.DistContext, recipe: 
     if resume is not None:
         trainer.resume(resume)
     metrics = trainer.fit()
+    if cfg.train.strategy == "ddp" and ctx.world_size > 1:  # (ZeRO shards differ by design)
+        from dist_train.rank_report import weights_digest
+
+        digests = distributed.all_gather_objects(weights_digest(trainer.strategy.module))
+        if ctx.is_main and len(set(digests)) == 1:
+            log.info("weights identical on all %d ranks (digest %s)", len(digests), digests[0])
+        elif ctx.is_main:
+            log.warning("weights differ between ranks: %s", ", ".join(f"rank {r} {d}" for r, d in enumerate(digests)))
     if trainer.state.step >= trainer.total_steps or trainer.state.stopped_early:
         # The consolidated fp32 weights for inference (any strategy, any ZeRO stage).
         from dist_train.config import resolved_config_dict

@@ -25,6 +25,10 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) 
         from dist_train.tracking import require_mlflow
 
         require_mlflow()
+    if cfg.logging.tracking == "wandb":  # an optional extra
+        from dist_train.tracking import require_wandb
+
+        require_wandb()
     check_writable_folder("experiment.output_dir", cfg.experiment.output_dir)
     if cfg.data.source == "synthetic" and not _synthetic_cache(cfg).is_dir():
         check_writable_folder("data.synthetic.cache_dir", cfg.data.synthetic.cache_dir)

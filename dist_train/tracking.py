@@ -14,6 +14,15 @@
   ``mlflow ui --backend-store-uri run_dir/mlruns``. Needs the optional extra
   (``pip install mlflow`` or ``pip install biomtl[mlflow]``); without it the
   config is refused with a one-line error before anything starts.
+* ``wandb``: TensorBoard as above *and* a Weights & Biases run in **offline**
+  mode in ``run_dir/wandb`` (``WANDB_MODE=offline`` for this run: nothing is
+  sent, no account or API key is needed). Logged: the resolved config, every
+  train/validation/test scalar at its optimizer step; at the end the config,
+  CSV logs, plots and evaluation report are saved into the run's files. A
+  resumed run continues the same W&B run (its id is kept in
+  ``run_dir/wandb/biomtl_run_id``). Upload later, from a machine with network
+  and ``wandb login``: ``wandb sync run_dir/wandb/offline-run-*``. Needs the
+  optional extra (``pip install wandb`` or ``pip install 'biomtl[wandb]'``).
 * ``none``: no tracker and no TensorBoard: only the local CSV logs, plots,
   checkpoints and artefacts in the run directory.
 
@@ -23,12 +32,14 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
 log = logging.getLogger("biomtl")
 
-__all__ = ["Tracker", "MLflowTracker", "TrackingError", "require_mlflow", "tracker_for_run", "flatten"]
+__all__ = ["Tracker", "MLflowTracker", "WandbTracker", "TrackingError", "require_mlflow", "require_wandb",
+           "tracker_for_run", "flatten"]
 
 RUN_ID_FILE = "biomtl_run_id"   # in run_dir/mlruns: the MLflow run a resumed run continues
 
@@ -67,6 +78,17 @@ def require_mlflow() -> None:
     except ImportError:
         raise ConfigError("logging.tracking: 'mlflow' needs the optional extra: pip install mlflow "
                           "(or pip install 'biomtl[mlflow]'); or use tensorboard / none") from None
+
+
+def require_wandb() -> None:
+    """Raise :class:`dist_train.config.ConfigError` (one line) if wandb is missing."""
+    from dist_train.config import ConfigError
+
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError("logging.tracking: 'wandb' needs the optional extra: pip install wandb "
+                          "(or pip install 'biomtl[wandb]'); or use tensorboard / mlflow / none") from None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -160,9 +182,66 @@ class MLflowTracker(Tracker):
             log.warning("mlflow: could not close run: %s", exc)
 
 
+class WandbTracker(Tracker):
+    """A Weights & Biases run, offline, in ``run_dir/wandb`` (synced later with ``wandb sync``)."""
+
+    def __init__(self, run_dir: Path, experiment: str, run_name: str):
+        try:
+            import wandb
+        except ImportError:
+            raise TrackingError("logging.tracking: 'wandb' needs the optional extra: pip install wandb") from None
+        self.dir = (run_dir / "wandb").resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        id_file = self.dir / RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        self.run = wandb.init(project=experiment, name=run_name, id=run_id, resume="allow", mode="offline",
+                              dir=str(run_dir.resolve()), reinit="create_new",
+                              settings=wandb.Settings(console="off", save_code=False, x_disable_stats=True,
+                                                      silent=True))
+        self.params_logged = False
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.params_logged:
+            return
+        try:
+            self.run.config.update(dict(params), allow_val_change=True)
+        except Exception as exc:  # noqa: BLE001 (tracking must never stop training)
+            log.warning("wandb: could not log the config: %s", exc)
+        self.params_logged = True
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import math
+
+        values = {k: float(v) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and math.isfinite(float(v))}
+        try:
+            if values:
+                self.run.log(values, step=int(step))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("wandb: could not log metrics at step %d: %s", step, exc)
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        for p in paths:
+            try:
+                if p.is_dir():
+                    self.run.save(str(p / "**" / "*"), base_path=str(p.parent.parent), policy="end")
+                elif p.is_file():
+                    self.run.save(str(p), base_path=str(p.parent.parent), policy="end")
+            except Exception as exc:  # noqa: BLE001
+                log.warning("wandb: could not save %s: %s", p, exc)
+
+    def close(self, status: str = "FINISHED") -> None:
+        try:
+            self.run.finish(exit_code=0 if status == "FINISHED" else 1)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("wandb: could not close run: %s", exc)
+
+
 def tracker_for_run(run_dir: Path, tracking: str | None = None) -> Tracker | None:
     """The tracker of ``logging.tracking`` (read from ``run_dir/config.yaml`` when
-    not given): an :class:`MLflowTracker` for ``mlflow``, else None."""
+    not given): an :class:`MLflowTracker` for ``mlflow``, a :class:`WandbTracker`
+    for ``wandb``, else None."""
     config: dict[str, Any] = {}
     cfg_file = run_dir / "config.yaml"
     if cfg_file.is_file():
@@ -174,10 +253,10 @@ def tracker_for_run(run_dir: Path, tracking: str | None = None) -> Tracker | Non
             config = {}
     if tracking is None:
         tracking = (config.get("logging") or {}).get("tracking", "tensorboard")
-    if tracking != "mlflow":
+    if tracking not in ("mlflow", "wandb"):
         return None
     experiment = str((config.get("experiment") or {}).get("name", "biomtl"))
-    tracker = MLflowTracker(run_dir, experiment, run_dir.name)
+    tracker = (MLflowTracker if tracking == "mlflow" else WandbTracker)(run_dir, experiment, run_dir.name)
     if config:
         tracker.log_params(config)
     return tracker

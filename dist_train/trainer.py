@@ -20,6 +20,7 @@ from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, 
 from dist_train.config import Config, config_changes, resolved_config_dict, validates
 from dist_train.distributed import DistContext
 from dist_train.precision import Precision, resolve_precision
+from dist_train.rank_report import StepTimer, straggler
 from dist_train.run_logging import NullLogger, RunLogger
 from dist_train.schedulers import build_scheduler
 from dist_train.strategies import Strategy, build_strategy
@@ -73,7 +74,9 @@ def build_optimizer(cfg: Config, recipe: Recipe) -> Callable[[torch.nn.Module], 
     def make(model: torch.nn.Module) -> torch.optim.Optimizer:
         groups = recipe.param_groups(model, t.lr) or [{"params": [p for p in model.parameters() if p.requires_grad]}]
         if t.optimizer == "adamw":
-            return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+            # one fused kernel per step on GPUs (the strategy has moved the model there by now)
+            fused = all(p.is_cuda and p.is_floating_point() for g in groups for p in g["params"]) or None
+            return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=fused)
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
                                weight_decay=t.weight_decay)
 
@@ -107,6 +110,7 @@ class Trainer:
             CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,
                              cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix)
         self.validates = validates(cfg)
+        self.step_timer = StepTimer(ctx.device, ctx.rank, ctx.world_size)  # per-rank step time: stragglers
         self.val_points = self._validation_steps() if self.validates else set()
         if not self.validates:
             log.info("no validation (data.val_split=%s): only checkpoints/%s is kept, no best or top-k",
@@ -162,10 +166,25 @@ class Trainer:
                 "rng": distributed.all_gather_objects(rng_state()), "total_steps": self.total_steps,
                 "config": resolved_config_dict(self.cfg), "data_info": self.recipe.data_info.to_dict()}
 
-    def save(self, metrics: dict[str, float] | None) -> None:
+    def save(self, metrics: dict[str, float] | None, periodic: bool = False) -> None:
         client = self._client_state()
-        self.checkpoints.save(lambda p: self.strategy.save_checkpoint(p, client), self.state.step, metrics)
+        self.checkpoints.save(lambda p: self.strategy.save_checkpoint(p, client), self.state.step, metrics,
+                              periodic)
         distributed.barrier()
+
+    def epoch_start(self, epoch: int) -> None:
+        """The recipe's ``on_epoch_start`` hook (when it has one), on every rank, with
+        the model in eval mode and the global RNGs left as they were (resume stays exact)."""
+        if type(self.recipe).on_epoch_start is Recipe.on_epoch_start:
+            return
+        saved = rng_state()
+        self.strategy.eval()
+        ctx = ArtifactContext(run_dir=self.run_dir, is_main=self.ctx.is_main,
+                              loaders={"train": self.loaders.train_eval()}, gather=distributed.all_gather_objects,
+                              publish=atomic_write, read_images=self.loaders.read_images)
+        self.recipe.on_epoch_start(self.strategy.module, epoch, ctx)
+        self.strategy.train()
+        set_rng_state(saved)
 
     # ------------------------------------------------------------------
     def fit(self) -> dict[str, float]:
@@ -182,6 +201,8 @@ class Trainer:
         global_batch = cfg.data.batch_size * self.ctx.world_size
         try:
             while st.step < min(self.total_steps, stop_at) and not st.stopped_early:
+                if st.batch_in_epoch == 0:  # a resume mid-epoch finds the hook's state in the checkpoint
+                    self.epoch_start(st.epoch)
                 loader = self.loaders.train(st.epoch, st.batch_in_epoch)
                 n = self.batches_per_epoch
                 self.strategy.train()
@@ -193,6 +214,8 @@ class Trainer:
                     window_start = (i // accum) * accum
                     window_len = min(accum, n - window_start)  # a short last window still averages right
                     boundary = i + 1 == window_start + window_len
+                    if i == window_start:
+                        self.step_timer.meet()
                     out = self.strategy.micro_step(batch, 1.0 / window_len, boundary)
                     for key, value in {"loss": out["loss"], **out.get("terms", {})}.items():
                         window_terms[key] = window_terms.get(key, 0.0) + float(value.detach()) / window_len
@@ -229,13 +252,15 @@ class Trainer:
                                      st.step, ", ".join(cfg.train.early_stopping.metrics),
                                      cfg.train.early_stopping.patience)
                     periodic = cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0
+                    epoch_periodic = bool(cfg.checkpoint.every_epochs and epoch_done
+                                          and st.epoch % cfg.checkpoint.every_epochs == 0)
                     finished = st.step >= min(self.total_steps, stop_at) or st.stopped_early
-                    if metrics is not None or periodic or finished:
-                        self.save(metrics)
-                    if self.after_step is not None:
-                        self.after_step(st.step, self.ctx.rank)
+                    if metrics is not None or periodic or epoch_periodic or finished:
+                        self.save(metrics, epoch_periodic)
                     # Throughput counts training only; validation and checkpoints are timed apart.
                     interval["t0"] += time.perf_counter() - paused_from
+                    if self.after_step is not None:  # counted: an injected delay is this rank's own time
+                        self.after_step(st.step, self.ctx.rank)
                     if finished or epoch_done:
                         break
             if self.validates and validated_at != st.step and st.step >= self.total_steps:
@@ -266,6 +291,13 @@ class Trainer:
         seconds = max(time.perf_counter() - interval["t0"], 1e-9)
         values = {k: float(v) for k, v in zip(keys, local)}
         values.update(lr=stats.lr, grad_norm=stats.grad_norm, samples_per_s=interval["samples"] / seconds)
+        per_rank = self.step_timer.per_rank(seconds, windows)
+        slowest = max(range(len(per_rank)), key=per_rank.__getitem__)
+        values.update(step_s_slowest=per_rank[slowest], slowest_rank=slowest)
+        if self.ctx.is_main and straggler(per_rank) is not None:
+            log.warning("step %d: rank %d is a straggler: %.3f s/step of its own vs %.3f on the fastest (s/step by "
+                        "rank: %s; where each rank runs: the 'rank N:' lines at the start)", self.state.step,
+                        slowest, per_rank[slowest], min(per_rank), " ".join(f"{t:.3f}" for t in per_rank))
         if stats.skipped:
             log.warning("step %d: fp16 overflow, optimizer step skipped", self.state.step)
         for key, value in values.items():
@@ -298,8 +330,20 @@ class Trainer:
         logger.log_validation(self.state.step, self.state.epoch, values)
         if pictures:
             logger.log_images(self.state.step, pictures)
+            self._save_pictures(pictures)
         self.strategy.train()
         return values
+
+
+    def _save_pictures(self, pictures: dict[str, torch.Tensor]) -> None:
+        """The validation pictures the recipe also wants as PNG files (rank 0, atomic)."""
+        from torchvision.utils import save_image
+
+        for tag, image in pictures.items():
+            rel = self.recipe.validation_image_file(tag, self.state.epoch)
+            if rel:
+                atomic_write(self.run_dir / rel, lambda tmp, im=image: save_image(
+                             im.float() / 255.0 if im.dtype == torch.uint8 else im.float(), tmp, format="png"))
 
 
 # Config keys whose change on --resume is reported; the schedule ones make the
@@ -350,6 +394,8 @@ class LoaderFactory:
 
         self.stream = stream
         self.cfg, self.ctx, self.data_dir, self.recipe = cfg, ctx, data_dir, recipe
+        # page-locked batches: the strategies' non_blocking copies overlap with compute only from them
+        self.pin_memory = ctx.device.type == "cuda"
 
     def train(self, epoch: int, skip_batches: int = 0):
         d = self.cfg.data
@@ -359,7 +405,7 @@ class LoaderFactory:
             common = dict(rank=self.ctx.rank, world_size=self.ctx.world_size, num_workers=d.num_workers,
                           seed=self.cfg.experiment.seed, epoch=epoch, skip_batches=skip_batches,
                           twin_prob=d.twin_prob, max_corrupt_fraction=d.max_corrupt_fraction,
-                          verify_checksums=d.verify_checksums)
+                          verify_checksums=d.verify_checksums, pin_memory=self.pin_memory)
             if d.batching == "pk":
                 return batching.build_pk_loader(self.data_dir, d.train_split, self.recipe.transform,
                                                 d.batch_size // d.pk_k, d.pk_k, **common)
@@ -369,7 +415,7 @@ class LoaderFactory:
             self.data_dir, d.train_split, self.recipe.transform, d.batch_size, self.ctx.rank, self.ctx.world_size,
             d.num_workers, self.cfg.experiment.seed, epoch, skip_batches=skip_batches,
             shuffle_buffer=d.shuffle_buffer, max_corrupt_fraction=d.max_corrupt_fraction, resampled=d.resampled,
-            verify_checksums=d.verify_checksums)
+            verify_checksums=d.verify_checksums, pin_memory=self.pin_memory)
 
     def train_batches_per_epoch(self) -> int:
         return len(self.train(0))
@@ -399,6 +445,10 @@ class LoaderFactory:
 
     def val(self):
         return self._eval(self.cfg.data.val_split)
+
+    def train_eval(self):
+        """The training split with the evaluation transform, each sample once over the ranks."""
+        return self._eval(self.cfg.data.train_split)
 
     def _roles(self) -> dict[str, str]:
         roles = {"val": self.cfg.data.val_split, "test": self.cfg.data.test_split}

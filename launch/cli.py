@@ -7,7 +7,13 @@
     biomtl launch ... --dry-run                                       # print the command(s), run nothing
 
 Locally it runs torchrun (``python -m torch.distributed.run``): ``--standalone``
-on one node, c10d rendezvous at ``--rdzv-endpoint`` for several. With
+on one node, c10d rendezvous at ``--rdzv-endpoint`` for several. The host whose
+address the endpoint names runs the rendezvous store: torchrun guesses that
+from this machine's hostname, which fails where the name does not resolve to
+that address (several interfaces, containers, network namespaces), so this
+command checks it itself (can it bind the endpoint's address?) and then tells
+torchrun (``--rdzv-conf=is_host=true``); ``--dry-run`` prints the command of the
+rendezvous host and of the others. With
 ``--slurm`` it submits ``slurm/<recipe>.sh`` (the script whose name the
 config's recipe name starts with, else ``slurm/train.sh``) with the config and
 overrides as script arguments. The config is loaded and validated first (by
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +50,9 @@ def build_arg_parser(prog: str) -> argparse.ArgumentParser:
                         "latest checkpoint [local: 0; SLURM: the script's default, 3]")
     p.add_argument("--rdzv-endpoint", default=None,
                    help="HOST:PORT of the c10d rendezvous (several nodes, local mode): the same on every host")
+    p.add_argument("--local-addr", default=None,
+                   help="several nodes: this host's address that the other hosts reach (torchrun tells the "
+                        "workers rank 0's as MASTER_ADDR) [the address on the route to the rendezvous host]")
     p.add_argument("--rdzv-id", default=None,
                    help="rendezvous id, the same on every host [biomtl-<experiment.name>]")
     p.add_argument("--slurm", action="store_true", help="submit slurm/<recipe>.sh with sbatch instead")
@@ -63,7 +73,54 @@ def local_gpus() -> int:
         return 0
 
 
-def torchrun_command(args: argparse.Namespace, config: str, python: str = sys.executable) -> list[str]:
+def hosts_rendezvous(endpoint: str) -> bool:
+    """Whether this host should run the c10d rendezvous store of ``HOST:PORT``:
+    HOST resolves to an address of this host (it can bind it) other than
+    loopback, and nothing listens on PORT there yet. torchrun decides that
+    from the hostname alone and, where the name does not resolve to the
+    endpoint's address, no agent hosts the store and the rendezvous times out.
+    Loopback is left to torchrun (several agents on one machine: the first
+    one to bind hosts, the others connect)."""
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return False
+    for family, _, _, _, sockaddr in infos:
+        if sockaddr[0].startswith("127.") or sockaddr[0] == "::1":
+            return False
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((sockaddr[0], int(port) if port.isdigit() else 0))
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def address_towards(endpoint: str) -> str | None:
+    """This host's address on the route to the endpoint's host (a UDP
+    ``connect`` only asks the routing table: nothing is sent), None where
+    there is no route. torchrun hands the rank-0 host's address to every worker
+    as MASTER_ADDR; by default that is its hostname, which may resolve to
+    loopback or to a network the other hosts cannot reach."""
+    host = endpoint.rpartition(":")[0].strip("[]")
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host, 9, proto=socket.IPPROTO_UDP)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect(sockaddr)
+            return probe.getsockname()[0]
+    except (OSError, UnicodeError, IndexError):
+        return None
+
+
+def torchrun_command(args: argparse.Namespace, config: str, python: str = sys.executable,
+                     is_host: bool | None = None, local_addr: str | None = None) -> list[str]:
+    """The torchrun command of this host; with several nodes ``is_host``:
+    whether it runs the rendezvous store (None: :func:`hosts_rendezvous`), and
+    ``local_addr``: the address other hosts reach it at (None: ``--local-addr``,
+    else :func:`address_towards` the endpoint; "" leaves it to torchrun)."""
     nproc = args.nproc_per_node or local_gpus() or 1
     cmd = [python, "-m", "torch.distributed.run"]
     if args.nnodes == 1 and not args.rdzv_endpoint:
@@ -71,6 +128,12 @@ def torchrun_command(args: argparse.Namespace, config: str, python: str = sys.ex
     else:
         cmd += [f"--nnodes={args.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}",
                 f"--rdzv-id={args.rdzv_id}"]
+        if is_host if is_host is not None else hosts_rendezvous(args.rdzv_endpoint):
+            cmd.append("--rdzv-conf=is_host=true")
+        if local_addr is None:
+            local_addr = args.local_addr or address_towards(args.rdzv_endpoint)
+        if local_addr:
+            cmd.append(f"--local-addr={local_addr}")
     cmd += [f"--nproc-per-node={nproc}", f"--max-restarts={args.max_restarts or 0}",
             str(REPO / "dist_train" / "main.py"), "--config", config]
     if args.resume:
@@ -146,6 +209,14 @@ def run(argv: list[str] | None, prog: str, load_config: Callable[[str, Sequence[
         extra_env, cmd = sbatch_command(args, config, cfg.recipe.name)
     else:
         extra_env, cmd = dict(RESTART_ENV), torchrun_command(args, config)
+    if args.dry_run and not args.slurm and args.nnodes > 1:
+        host = args.rdzv_endpoint.rpartition(":")[0]
+        print(f"# on the rendezvous host ({host}):\n"
+              f"{shell_line(extra_env, torchrun_command(args, config, is_host=True, local_addr=host))}\n"
+              f"# on each of the other {args.nnodes - 1} host(s), ADDR its own address that the others reach "
+              f"(biomtl launch with these arguments there fills it in):\n"
+              f"{shell_line(extra_env, torchrun_command(args, config, is_host=False, local_addr='ADDR'))}")
+        return 0
     if args.dry_run:
         print(shell_line(extra_env, cmd))
         return 0

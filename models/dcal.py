@@ -15,7 +15,11 @@ Branches
   ``timm.models.vision_transformer.Block`` + ``timm.layers.Attention`` are
   accepted (ViT, DeiT, the hybrid ResNet-ViTs such as ``vit_small_r26_s32_224``,
   ...); anything else raises ``TypeError`` rather than silently computing
-  something different.
+  something different. A backbone *name* is checked first
+  (:func:`check_backbone_name`): a pure CNN such as ``resnet18`` has no
+  attention maps at all and is refused with a ``ValueError`` naming the options
+  (ViT/DeiT, hybrid ResNet+ViT, or a ViT with a convolutional stem,
+  ``models/conv_stem.py``).
 * **GLCA** (global-local cross-attention), ``M = 1`` block with its own weights,
   initialised as a deep copy of the last SA block (and of the final norm).
   Attention rollout ``S^ = S-_L (x) ... (x) S-_1`` with ``S-_l = 0.5 mean_heads(S_l) + 0.5 I``
@@ -153,8 +157,8 @@ def check_backbone_name(name: str) -> None:
     module = model_entrypoint(name).__module__
     if module not in _ATTENTION_MODULES:
         kind = module.rsplit(".", 1)[-1]
-        raise ValueError(f"backbone '{name}' ({kind}) has no ViT attention blocks, which DCAL needs; "
-                         f"use {BACKBONE_OPTIONS}")
+        raise ValueError(f"backbone '{name}' ({kind}) has no timm ViT Block/Attention layers, which DCAL's "
+                         f"attention branches need; use {BACKBONE_OPTIONS}")
 
 
 # ----------------------------------------------------------------------------- attention re-implementation

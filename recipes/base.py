@@ -142,6 +142,27 @@ class Recipe:
         ``{tag: [3|1, H, W] float in [0, 1]}``, e.g. input | output | target grids."""
         return {}
 
+    def validation_image_file(self, tag: str, epoch: int) -> str | None:
+        """Optional: also save the picture ``tag`` of :meth:`validation_images` as a PNG
+        at this path, relative to the run directory (rank 0, atomically; e.g.
+        ``f"collages/epoch_{epoch:04d}.png"``). ``epoch``: epochs completed when the
+        validation ran. ``None`` (the default): TensorBoard only."""
+        return None
+
+    def on_epoch_start(self, model: nn.Module, epoch: int, ctx: ArtifactContext) -> None:
+        """Optional: runs on every rank before training epoch ``epoch`` (0-based) starts,
+        the first one included, with ``model`` (the bare module, not a DDP wrapper) in
+        eval mode. ``ctx.loaders["train"]``: the training split through the evaluation
+        transform, every sample once over all ranks (padding rows ``_valid=False``);
+        ``ctx.gather`` as in :meth:`write_artifacts` (every rank calls it equally often).
+        Use it for state recomputed from the data now and then (e.g. pseudo-labels):
+        keep that state in the model (buffers or ``get_extra_state``) so checkpoints
+        carry it, since a run resumed in the middle of an epoch does not call the hook
+        again. The trainer restores the global RNG states afterwards; parameters
+        changed here keep their optimizer state (a ZeRO strategy keeps its own master
+        copy of them: change buffers, not parameters, there)."""
+        return None
+
     def export_for_inference(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[str, Any, dict[str, Any]]:
         """What the exported ``model.pt`` holds: ``(recipe name, its Params, weights)``.
         Default: this recipe as trained. A recipe trained with privileged inputs

@@ -54,6 +54,8 @@ log = logging.getLogger("biomtl.facecom")
 
 # Tensors whose shape follows the training identities / label sets: init_from may skip them.
 FACECOM_HEADS = ("identity_head.", "gender_head.")
+# submission.csv (and the first columns of `biomtl predict`): names and top-class probabilities
+SUBMISSION_COLUMNS = ["key", "gender", "gender_confidence", "identity", "confidence"]
 
 
 @dataclass
@@ -409,7 +411,7 @@ class FaceComRecipe(Recipe):
         names = self.data_info.identities
         with Path(path).open("w", newline="") as fh:
             w = csv.writer(fh)
-            w.writerow(["key", "gender", "gender_confidence", "identity", "confidence"])
+            w.writerow(SUBMISSION_COLUMNS)
             for r in sorted(rows, key=lambda r: r["key"]):
                 g = r["gender"]
                 gname = self.gender_names[g] if g < len(self.gender_names) else str(g)

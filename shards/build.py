@@ -27,7 +27,10 @@ by sample. ``split_by="sample"``: each identity's samples are shuffled and cut
 by the ratios (at least one per split with a positive ratio when the identity
 has enough samples). Samples used by protocol pairs are pinned to
 ``pairs_split`` (with ``identity`` splits, their whole identity groups).
-Within a split the samples are shuffled by ``seed`` before writing.
+Within a split the samples are shuffled by ``seed`` before writing. A source
+may fix the splits itself (``Scan.splits``, e.g. ``folder`` input with
+``ROOT/{train,val,test}/``): those are kept as they are and ``splits`` /
+``split_by`` / ``pairs_split`` are not used.
 
 Faults (missing file, undecodable image or array, bad CSV row, box outside
 the image, ...) are listed in the report (printed, and ``DIR/report.json``)
@@ -458,10 +461,14 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
     items = scan.items
     if split_by == "identity" and not any(it.identity is not None for it in items):
         raise InputError(f"--split-by identity: the {fmt} input has no identities; use --split-by sample")
+    if scan.splits:  # the input's own splits (train first: its pixels give the image statistics)
+        order = {"train": 0, "val": 1, "test": 2}
+        fixed = sorted(set(scan.splits.values()), key=lambda n: (order.get(n, 3), n))
+        split_list = [(n, 1.0) for n in fixed]
     names = [n for n, _ in split_list]
     pin_to = None
     pinned: dict[str, str] = {}
-    if scan.pairs:
+    if scan.pairs and not scan.splits:
         pin_to = pairs_split or ("test" if "test" in names else names[-1])
         if pin_to not in names:
             raise InputError(f"--pairs-split: {pin_to!r} is not one of the splits ({', '.join(names)})")
@@ -493,7 +500,11 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
             good.append(it)
     items = good
 
-    plan = assign_splits(items, split_list, split_by, seed, twin_pairs, pinned)
+    if scan.splits:
+        plan = {n: [it for it in items if scan.splits[it.key] == n] for n in names}
+        plan = {n: [v[j] for j in _perm(random.Random(f"order-{seed}-{n}"), len(v))] for n, v in plan.items()}
+    else:
+        plan = assign_splits(items, split_list, split_by, seed, twin_pairs, pinned)
     total = sum(len(v) for v in plan.values())
     sweep_stale_staging(out)
     tmp = _tmp_dir(out)

@@ -21,6 +21,11 @@
 #                           run's latest checkpoint by itself
 #   BIOMTL_RDZV_HOST        rendezvous host (default: the allocation's first node name; set an
 #                           address or another name where node names do not resolve to the network to use)
+#                           With the default, the first node's agent is told that it hosts the rendezvous
+#                           (torchrun --rdzv-conf=is_host=true): torchrun's own guess compares the endpoint
+#                           with the hostname and fails where a node's name is not its hostname. Each agent
+#                           advertises its hostname (FQDN) to the others as MASTER_ADDR: it must resolve to an
+#                           address the other nodes reach.
 #   BIOMTL_RDZV_PORT        rendezvous port (default 20000 + job id % 20000)
 #   BIOMTL_REPO             the biomtl checkout (default: the submit dir)
 #   BIOMTL_PYTHON           interpreter (default: $BIOMTL_REPO/.venv/bin/python, else python3/python)
@@ -102,14 +107,22 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( CPUS / NPROC > 0 ? CPUS / NPROC :
 export PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 
+# The node that hosts the rendezvous store (its SLURM_NODEID), when known: the first node by default.
+if [[ -z "${BIOMTL_RDZV_HOST:-}" ]]; then RDZV_NODE=0; else RDZV_NODE=""; fi
+export BIOMTL_RDZV_NODE="$RDZV_NODE"
+
 echo "biomtl: job $SLURM_JOB_ID on $NNODES node(s) [$SLURM_JOB_NODELIST], $NPROC rank(s) per node," \
-     "rendezvous $HEAD:$PORT, max restarts $MAX_RESTARTS"
+     "rendezvous $HEAD:$PORT${RDZV_NODE:+ (hosted by node $RDZV_NODE)}, max restarts $MAX_RESTARTS"
 echo "biomtl: $PY $REPO/dist_train/main.py --config $CONFIG ${RESUME[*]-} ${ENV_OVERRIDES[*]-} ${ARGS[*]-}"
 
 # srun does not pass the job's --cpus-per-task on to the step (SLURM >= 22.05): say it.
+# Each task decides for itself whether its node hosts the rendezvous store.
+# shellcheck disable=SC2016
 exec srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" \
   --kill-on-bad-exit=1 \
-  "$PY" -m torch.distributed.run \
+  bash -c 'py="$1"; shift; conf=()
+    if [[ -n "$BIOMTL_RDZV_NODE" && "$SLURM_NODEID" == "$BIOMTL_RDZV_NODE" ]]; then conf=(--rdzv-conf=is_host=true); fi
+    exec "$py" -m torch.distributed.run ${conf[@]+"${conf[@]}"} "$@"' biomtl-agent "$PY" \
     --nnodes="$NNODES" --nproc-per-node="$NPROC" \
     --rdzv-backend=c10d --rdzv-endpoint="$HEAD:$PORT" --rdzv-id="$SLURM_JOB_ID" \
     --max-restarts="$MAX_RESTARTS" \

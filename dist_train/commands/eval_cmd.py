@@ -6,7 +6,9 @@
 Pairs: ``--pairs FILE``, else ``DIR/<split>_pairs.json`` when the dataset has one,
 else the manifest's ``pairs`` of the split, else genuine / twin impostor /
 general impostor pairs generated from the split (identity-disjoint from
-training when the dataset was split by identity). The decision threshold:
+training when the dataset was split by identity). ``--pairs`` may also name image
+files (the original DCAL ``test_pairs.json``): those images are embedded from
+disk, no split needed (:mod:`dist_train.commands.path_pairs`). The decision threshold:
 ``--threshold``, else (``--optimize-threshold``) the best-accuracy threshold on
 the validation split's pairs, else the checkpoint's (see :mod:`dist_train.inference`). Writes ``metrics.json``, ``roc.png``,
 ``score_histograms.png`` and ``hardest_errors.png`` into ``--output``
@@ -37,7 +39,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--checkpoint", required=True, help="trainer checkpoint (.pt) or exported model file")
     ap.add_argument("--data", default=None, help="shard directory (default: the checkpoint's own data)")
     ap.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    ap.add_argument("--pairs", default=None, help='JSON list of {"img1", "img2", "label"} sample keys')
+    ap.add_argument("--pairs", default=None, help='JSON list of {"img1", "img2", "label"}: sample keys of the '
+                    "split, or image files (the original DCAL test_pairs.json; see dist_train/commands/path_pairs.py)")
+    ap.add_argument("--image-root", default=None,
+                    help="folder of the relative image paths of --pairs (default: the pairs file's folder)")
     ap.add_argument("--optimize-threshold", action="store_true",
                     help="pick the decision threshold on the validation split (best accuracy)")
     ap.add_argument("--val-split", default=None, help="split for --optimize-threshold (default: the config's)")
@@ -89,10 +94,24 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
     from shards.stream import build_eval_loader
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.pairs and not Path(args.pairs).is_file():
+        return fail(f"--pairs: file not found: {args.pairs}")
     try:
         engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device, batch_size=args.batch_size)
     except CheckpointError as exc:
         return fail(str(exc))
+    path_pairs = None
+    if args.pairs:
+        from dist_train.commands.path_pairs import read_path_pairs
+
+        try:
+            path_pairs = read_path_pairs(Path(args.pairs), Path(args.image_root) if args.image_root else None)
+        except ValueError as exc:
+            return fail(str(exc))
+        if path_pairs is not None and not (args.optimize_threshold and args.threshold is None):
+            threshold = engine.threshold if args.threshold is None else args.threshold
+            source = f"checkpoint ({engine.threshold_source})" if args.threshold is None else "--threshold"
+            return _eval_image_files(args, engine, *path_pairs, threshold, source, {})
     try:
         data_dir = Path(args.data) if args.data else resolve_data_dir(engine.config)
         manifest = Manifest.load(data_dir)
@@ -100,8 +119,6 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
         return fail(str(exc).splitlines()[0])
     if args.split not in manifest.splits:
         return fail(f"split {args.split!r} not in {data_dir} (have: {', '.join(sorted(manifest.splits))})")
-    if args.pairs and not Path(args.pairs).is_file():
-        return fail(f"--pairs: file not found: {args.pairs}")
     val_split = args.val_split or engine.config.data.val_split
     if args.optimize_threshold and args.threshold is None:
         if val_split not in manifest.splits or val_split == args.split:
@@ -126,6 +143,15 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
                                       source=f"{data_dir}/manifest.json pairs ({split})")
         return ev.generate_pairs(table["identity"], table["twin"], args.max_pairs, args.seed)
 
+    if path_pairs is not None:  # image files, with a threshold picked on the data's val split
+        val = embed(val_split)
+        vp = pairs_for(val_split, val, None)
+        if not vp.label.any() or vp.label.all():
+            return fail(f"split {val_split!r} has no genuine or no impostor pairs to pick a threshold on")
+        val_acc, threshold = ev.best_accuracy_threshold(ev.cosine_scores(val["embedding"], vp.a, vp.b), vp.label)
+        return _eval_image_files(args, engine, *path_pairs, threshold,
+                                 f"best accuracy on {val_split!r} pairs (--optimize-threshold)",
+                                 {"val_best_acc": val_acc, "data": str(data_dir)})
     table = embed(args.split)
     try:
         pairs = pairs_for(args.split, table, args.pairs)
@@ -160,6 +186,37 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
     metrics = write_report(out_dir, table, pairs, atomic_write, threshold=threshold, threshold_source=source,
                            images=images, identity_names=manifest.identities, extra=extra, seed=args.seed,
                            title=f"{args.split} split")
+    _print_summary(metrics, out_dir)
+    return 0
+
+
+def _eval_image_files(args: argparse.Namespace, engine: Any, rows: list[dict[str, Any]], files: list[Path],
+                      threshold: float, source: str, extra: dict[str, Any]) -> int:
+    """The verification report of pairs that name image files (no shard split involved)."""
+    from PIL import Image
+
+    from dist_train.checkpoint import atomic_write
+    from dist_train.commands.path_pairs import table_from_files
+    from recipes import verification as ev
+    from recipes.verification_plots import write_report
+
+    progress = not args.no_progress
+    print(engine.describe(), file=sys.stderr)
+    try:
+        table = table_from_files(rows, files, lambda fs: engine.extract_features(fs, progress=progress))
+        pairs = ev.pairs_from_rows(rows, table["keys"], source=str(args.pairs))
+    except (OSError, KeyError, ValueError) as exc:
+        return fail(str(exc).strip("'\"").splitlines()[0])
+    if not pairs.label.any() or pairs.label.all():
+        return fail(f"--pairs {args.pairs}: the pairs need both genuine and impostor pairs (got {pairs.counts()})")
+    by_key = dict(zip(table["keys"], files))
+    images = {k: Image.open(by_key[k]).convert("RGB") for k in ev.hardest_error_keys(table, pairs)}
+    out_dir = Path(args.output) if args.output else default_output(Path(args.checkpoint), "pairs")
+    extra = {**extra, "checkpoint": str(args.checkpoint), "split": f"image files of {args.pairs}",
+             "recipe": engine.recipe_name}
+    metrics = write_report(out_dir, table, pairs, atomic_write, threshold=threshold, threshold_source=source,
+                           images=images, identity_names=table["identity_names"], extra=extra, seed=args.seed,
+                           title=f"pairs of {Path(args.pairs).name}")
     _print_summary(metrics, out_dir)
     return 0
 

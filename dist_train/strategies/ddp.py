@@ -21,11 +21,15 @@ class DDPStrategy(Strategy):
     def __init__(self, model: nn.Module, device: torch.device, precision: Precision,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  make_scheduler: Callable[[torch.optim.Optimizer], Any], grad_clip: float,
-                 find_unused_parameters: bool = False, **_: Any):
+                 find_unused_parameters: bool = False, cfg: Any = None, **_: Any):
+        train_cfg = getattr(cfg, "train", None)
+        self.channels_last = bool(getattr(train_cfg, "channels_last", False))
         self.device = device
         self.precision = precision
         self.grad_clip = grad_clip
         model.to(device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
         self._module = model
         world = dist.get_world_size() if dist.is_initialized() else 1
         # A world of one skips the wrapper: nothing to synchronise.
@@ -34,6 +38,9 @@ class DDPStrategy(Strategy):
             self.model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=find_unused_parameters)
+        self._ddp = self.model  # no_sync lives on the DDP wrapper, also under torch.compile
+        if getattr(train_cfg, "compile", False):
+            self.model = torch.compile(self.model)
         self.optimizer = make_optimizer(model)
         self.scheduler = make_scheduler(self.optimizer)
         self.scaler = precision.make_scaler()
@@ -44,8 +51,8 @@ class DDPStrategy(Strategy):
         return self._module
 
     def micro_step(self, batch: Mapping[str, Any], loss_scale: float, boundary: bool) -> dict[str, Any]:
-        batch = move_batch(batch, self.device)
-        sync = contextlib.nullcontext() if boundary or self.model is self._module else self.model.no_sync()
+        batch = self._to_device(batch)
+        sync = contextlib.nullcontext() if boundary or self._ddp is self._module else self._ddp.no_sync()
         with sync:
             with self.precision.autocast():
                 out = self.model(batch)
@@ -78,9 +85,17 @@ class DDPStrategy(Strategy):
 
     @torch.no_grad()
     def eval_forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        batch = move_batch(batch, self.device)
+        batch = self._to_device(batch)
         with self.precision.autocast():
             return self._module(batch)
+
+    def _to_device(self, batch: Mapping[str, Any]) -> Any:
+        batch = move_batch(batch, self.device)
+        if self.channels_last:  # the image batches, in the layout the weights are in
+            batch = {k: v.contiguous(memory_format=torch.channels_last)
+                     if isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() else v
+                     for k, v in batch.items()}
+        return batch
 
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
         if dist.is_initialized() and dist.get_rank() != 0:

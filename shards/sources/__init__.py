@@ -104,6 +104,9 @@ class Scan:
     twin_pairs: list[tuple[str, str]] = field(default_factory=list)  # identity names
     pairs: list[tuple[str, str, int]] = field(default_factory=list)  # (key1, key2, label) protocol pairs
     notes: dict[str, Any] = field(default_factory=dict)  # goes into the manifest's created_with
+    # key -> split name fixed by the input itself (folder: ROOT/{train,val,test}/<identity>/);
+    # when set, every item has one and `shards create` keeps these splits instead of drawing them
+    splits: dict[str, str] = field(default_factory=dict)
     loader: Callable[[Item], dict[str, Any]] | None = None  # picklable: reads one item in a worker
 
 

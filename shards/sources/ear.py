@@ -1,7 +1,11 @@
-"""``ear``: ear images with bounding boxes from a metadata file (``.npy``, ``.json`` or ``.csv``).
+"""``ear``: ear images with bounding boxes from a metadata file (``.npy``, ``.json`` or ``.csv``),
+or a folder with one sub-folder of images per subject and no boxes (the AMI Ear Database).
 
 ::
 
+    --input DIR        ROOT/<subject>/*.{jpg,png,...} (the ``folder`` layout): every image is an
+                       ear crop already, its box is the whole image (``bbox_raw`` = [0, 0, W, H]);
+                       identity = the sub-folder
     --input META       the metadata, one of (told apart by content, then suffix):
       META.npy   a dict {'image_paths': [...], 'bboxes': [[x1, y1, x2, y2], ...]} saved with
                  np.save (optional 'identities' or 'labels': one identity per image); or an
@@ -47,6 +51,9 @@ format) and the box with them, so the crop happens at read time
 * A box that is not 4 finite numbers with x1 < x2, y1 < y2 is a fault ("bad
   box"); one that does not overlap the image at all is "box outside image"; a
   box partly outside is clipped (``bbox_clipped: true``).
+* An image path that leads outside ``--root`` (absolute elsewhere, ``..``, or
+  a symlink resolving outside) is a fault ("path outside dataset") and is never
+  opened: the metadata is untrusted.
 """
 from __future__ import annotations
 
@@ -358,8 +365,9 @@ class EarLoader:
 
     def __call__(self, item: Item) -> dict[str, Any]:
         f, img = read_image(item.payload["path"], self.ext)
-        box, clipped = buffered_box(item.payload["bbox"], img.size[0], img.size[1], self.buffer)
-        extra = {"bbox": box, "bbox_raw": [float(v) for v in item.payload["bbox"]], "buffer": self.buffer}
+        raw = item.payload.get("bbox") or [0.0, 0.0, float(img.size[0]), float(img.size[1])]  # None: whole image
+        box, clipped = buffered_box(raw, img.size[0], img.size[1], self.buffer)
+        extra = {"bbox": box, "bbox_raw": [float(v) for v in raw], "buffer": self.buffer}
         if clipped:
             extra["bbox_clipped"] = True
         return {f"image.{self.ext}": f, "json": extra}
@@ -367,7 +375,8 @@ class EarLoader:
 
 class EarSource(Source):
     name = "ear"
-    help = ("ear metadata: .npy (dict {'image_paths', 'bboxes'[, 'identities']} or records; never unpickles code), "
+    help = ("ROOT/<subject>/*.jpg (no boxes: whole image), or ear metadata: .npy (dict "
+            "{'image_paths', 'bboxes'[, 'identities']} or records; never unpickles code), "
             ".json (same dict or [{image_path, bbox, identity}]) or .csv (image_path,x1,y1,x2,y2[,identity]) "
             "[--root DIR] [--buffer 0.1] [--identity auto|parent|none]")
 
@@ -385,11 +394,13 @@ class EarSource(Source):
                             "images' parent folders (default auto)")
 
     def scan(self, input_path: Path | None, args: argparse.Namespace) -> Scan:
-        meta_path = require_file(input_path, "--input")
-        root = require_dir(getattr(args, "root", None) or meta_path.parent, "--root")
         buffer = float(getattr(args, "buffer", 0.1))
         if not (0.0 <= buffer <= 5.0):
             raise InputError(f"--buffer: must be in [0, 5], got {buffer}")
+        if input_path is not None and input_path.is_dir():
+            return self._scan_subject_folders(input_path, args, buffer)
+        meta_path = require_file(input_path, "--input")
+        root = require_dir(getattr(args, "root", None) or meta_path.parent, "--root")
         entries, ids_given, faults, meta_format = read_metadata(meta_path)
         if not entries:
             raise InputError(f"--input {meta_path}: no images" + (f" (first fault: {faults[0]})" if faults else ""))
@@ -417,6 +428,9 @@ class EarSource(Source):
                 continue
             pp = PurePosixPath(sp)
             full = Path(sp) if pp.is_absolute() else root / sp
+            if not _inside_root(full, root):
+                scan.faults.append(Fault("path outside dataset", e.where, f"not under --root {root}; not opened"))
+                continue
             ident = (_text(e.identity) if mode == "given" else pp.parent.name or None if mode == "parent" else None)
             key = keys(pp.with_suffix("").as_posix().replace("/", "_"))
             scan.items.append(Item(key=key, identity=ident, meta={"path": sp},
@@ -429,6 +443,30 @@ class EarSource(Source):
                       "metadata_format": meta_format}
         scan.loader = EarLoader(ext, buffer)
         return scan
+
+    def _scan_subject_folders(self, root: Path, args: argparse.Namespace, buffer: float) -> Scan:
+        """ROOT/<subject>/*.jpg without boxes: the ``folder`` source's scan, whole-image boxes."""
+        from .folder import SOURCE as FOLDER
+
+        if getattr(args, "root", None) is not None:
+            raise InputError("--root is for a metadata --input; a folder --input is its own root")
+        scan = FOLDER.scan(root, argparse.Namespace())
+        ext = scan.notes["image_ext"]
+        for item in scan.items:
+            item.payload["bbox"] = None
+        scan.notes = {**scan.notes, "buffer": buffer, "identity": "parent", "root": str(root), "image_ext": ext,
+                      "metadata_format": "folders (whole image = box)"}
+        scan.loader = EarLoader(ext, buffer)
+        return scan
+
+
+def _inside_root(path: Path, root: Path) -> bool:
+    """``path`` resolves (symlinks followed) to somewhere under ``root``."""
+    try:
+        Path(path).resolve().relative_to(Path(root).resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
 
 
 SOURCE = EarSource()

@@ -6,6 +6,24 @@
     --twins twin_pairs.json   [["id_a", "id_b"], ...]   (optional)
     --pairs test_pairs.json   [{"img1": ..., "img2": ..., "label": 0|1}, ...]   (optional)
 
+The original DCAL layout is understood too::
+
+    ROOT/{train,val,test}/<identity>/*.jpg            (split folders: kept, not redrawn)
+    ROOT/[<split>/]dataset_infor.json or ROOT/<split>_dataset_infor.json
+        {"<identity>": ["path/to/img.jpg", ...], ...}  (then the images come from this list)
+    ROOT/twin_pairs_infor.json                          (read when --twins is not given)
+        [["id_a", "id_b"], ...] | {"twin_pairs": [...]} | {"train": [...], "val": [...], "test": [...]}
+        (a pair may also be {"id1": ..., "id2": ...})
+
+* Split folders: when ROOT holds ``train``/``val``/``test`` folders, each is a
+  ``<identity>/`` tree and its samples stay in that split (an identity may be
+  in several); ``--splits``/``--split-by``/``--pairs-split`` are then not used,
+  other top-level folders are ignored (listed).
+* ``dataset_infor.json``: a relative path is read from the JSON's folder; a path
+  not found there (e.g. the absolute path of the machine that wrote the file)
+  is looked up as ``<split folder>/<identity>/<file name>``; a file outside
+  ROOT is never opened. Unresolvable entries are faults ("bad dataset_infor entry").
+
 ``../shared/data/orl_faces`` is this layout: ``s1/1.pgm`` .. ``s40/10.pgm``
 (binary PGM, stored as-is under ``image.pgm``).
 
@@ -48,14 +66,9 @@ class FolderLoader:
 
 def read_twins(path: Path, identities: set[str], faults: list[Fault]) -> list[tuple[str, str]]:
     try:
-        with open_regular(path, "r", encoding="utf-8") as f:
-            data = json.loads(f.read())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"--twins {path}: not readable JSON ({type(e).__name__}: {e})") from None
-    if isinstance(data, dict) and "twin_pairs" in data:
-        data = data["twin_pairs"]
-    if not isinstance(data, list):
-        raise InputError(f"--twins {path}: expected a list of [id_a, id_b] pairs")
+        data = read_twin_info(path)
+    except InputError as e:
+        raise InputError(f"--twins {e}") from None
     out: list[tuple[str, str]] = []
     paired: set[str] = set()
     for i, p in enumerate(data):
@@ -123,13 +136,111 @@ def resolve_pairs(path: Path, root: Path, lookup: dict[str, str], faults: list[F
     return out
 
 
+SPLIT_FOLDERS = ("train", "val", "test")
+DATASET_INFO = "dataset_infor.json"      # the original DCAL code's {identity: [image paths]}
+TWIN_INFO = "twin_pairs_infor.json"      # the original DCAL code's twin pairs
+
+
+def identity_folder_images(base: Path, scan: Scan, prefix: str = "") -> list[tuple[str, Path]]:
+    """``[(identity, image)]`` of ``base/<identity>/*`` in natural order (what is passed over
+    goes into ``scan.ignored``, named with ``prefix``)."""
+    out: list[tuple[str, Path]] = []
+    other = 0
+    for d in sorted(os.scandir(base), key=lambda e: natural_key(e.name)):
+        if not d.is_dir():
+            if d.name.lower().endswith(IMAGE_SUFFIXES):
+                scan.ignored.append(f"{prefix}{d.name}: image outside an identity folder")
+            continue
+        if d.name.startswith((".", "_")):
+            n = sum(1 for _ in Path(d.path).rglob("*") if _.is_file())
+            scan.ignored.append(f"{prefix}{d.name}/: folder starting with '{d.name[0]}' ({n} files)")
+            continue
+        for e in sorted(os.scandir(d.path), key=lambda e: natural_key(e.name)):
+            if e.is_dir():
+                scan.ignored.append(f"{prefix}{d.name}/{e.name}/: nested folder")
+            elif e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith("."):
+                out.append((d.name, Path(e.path)))
+            else:
+                other += 1
+    if other:
+        scan.ignored.append(f"{prefix}{other} non-image file(s) inside identity folders")
+    return out
+
+
+def dataset_info_images(info: Path, root: Path, base: Path, faults: list[Fault]) -> list[tuple[str, Path]]:
+    """``[(identity, image)]`` listed by a ``dataset_infor.json`` (``{identity: [paths]}``).
+
+    A relative path is read from the JSON file's folder; a path that is not there
+    (e.g. the absolute path of the machine the file was made on) is looked up as
+    ``base/<identity>/<file name>``. A file outside ``root`` is never opened (a fault)."""
+    try:
+        with open_regular(info, "r", encoding="utf-8") as f:
+            data = json.loads(f.read())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{info}: not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+        raise InputError(f"{info}: expected {{identity: [image paths]}}")
+    root_r = root.resolve()
+    out: list[tuple[str, Path]] = []
+    for ident in sorted(data, key=natural_key):
+        for i, text in enumerate(data[ident]):
+            where = f"{info.name}[{ident}][{i}]"
+            if not isinstance(text, str) or not text.lower().endswith(IMAGE_SUFFIXES):
+                faults.append(Fault("bad dataset_infor entry", where, f"not an image path: {text!r}"[:200]))
+                continue
+            p = Path(text.replace("\\", "/"))
+            found, outside = None, False
+            for cand in ((p,) if p.is_absolute() else (info.parent / p,)) + (base / str(ident) / p.name,):
+                if not cand.is_file():
+                    continue
+                try:
+                    cand.resolve().relative_to(root_r)
+                except ValueError:
+                    outside = True
+                    continue
+                found = cand
+                break
+            if found is None:
+                faults.append(Fault("bad dataset_infor entry", where,
+                                    f"{'outside the dataset' if outside else 'image not found'}: {text}"[:300]))
+            else:
+                out.append((str(ident), found))
+    return out
+
+
+def read_twin_info(path: Path) -> list[Any]:
+    """Twin pairs of a ``twin_pairs_infor.json``: a list of ``[id_a, id_b]`` (or
+    ``{"id1", "id2"}``), under ``"twin_pairs"`` or per split (``{"train": [...], ...}``)."""
+    try:
+        with open_regular(path, "r", encoding="utf-8") as f:
+            data = json.loads(f.read())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+    if isinstance(data, dict) and "twin_pairs" in data:
+        data = data["twin_pairs"]
+    if isinstance(data, dict):  # per split
+        data = [p for v in data.values() if isinstance(v, list) for p in v]
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a list of [id_a, id_b] twin pairs")
+    return [[p.get("id1"), p.get("id2")] if isinstance(p, dict) and {"id1", "id2"} <= set(p) else p for p in data]
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(os.path.normpath(path)).relative_to(os.path.normpath(root)).as_posix()
+    except ValueError:  # a listed file reached through a symlink inside ROOT
+        return Path(os.path.relpath(path.resolve(), root.resolve())).as_posix()
+
+
 class FolderSource(Source):
     name = "folder"
-    help = "ROOT/<identity>/*.{jpg,png,pgm,...} [--twins twin_pairs.json] [--pairs test_pairs.json]"
+    help = ("ROOT/[{train,val,test}/]<identity>/*.{jpg,png,pgm,...} [dataset_infor.json] [twin_pairs_infor.json] "
+            "[--twins twin_pairs.json] [--pairs test_pairs.json]")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         g = parser.add_argument_group("folder options")
-        g.add_argument("--twins", type=Path, help="folder: JSON list of [identity_a, identity_b] twin pairs")
+        g.add_argument("--twins", type=Path, help="folder: JSON list of [identity_a, identity_b] twin pairs "
+                       f"(default: ROOT/{TWIN_INFO} when present)")
         g.add_argument("--pairs", type=Path, help="folder: JSON list of {img1, img2, label} evaluation pairs")
 
     def scan(self, input_path: Path | None, args: argparse.Namespace) -> Scan:
@@ -139,51 +250,52 @@ class FolderSource(Source):
         lookup: dict[str, str] = {}
         basenames: dict[str, list[str]] = {}
         paths: list[Path] = []
-        ident_dirs = []
-        for entry in sorted(os.scandir(root), key=lambda e: natural_key(e.name)):
-            if entry.is_dir():
-                if entry.name.startswith((".", "_")):
-                    n = sum(1 for _ in Path(entry.path).rglob("*") if _.is_file())
-                    scan.ignored.append(f"{entry.name}/: folder starting with '{entry.name[0]}' ({n} files)")
-                else:
-                    ident_dirs.append(Path(entry.path))
-            elif entry.name.lower().endswith(IMAGE_SUFFIXES):
-                scan.ignored.append(f"{entry.name}: image outside an identity folder")
-        if not ident_dirs:
-            raise InputError(f"--input {root}: no identity folders (expected ROOT/<identity>/*.jpg ...)")
-        other = 0
-        for d in ident_dirs:
-            ident = d.name
-            files = []
-            for e in sorted(os.scandir(d), key=lambda e: natural_key(e.name)):
-                if e.is_dir():
-                    scan.ignored.append(f"{ident}/{e.name}/: nested folder")
-                elif e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith("."):
-                    files.append(Path(e.path))
-                else:
-                    other += 1
-            for p in files:
+        tops = [e for e in sorted(os.scandir(root), key=lambda e: natural_key(e.name)) if e.is_dir()]
+        split_dirs = [Path(e.path) for e in tops if e.name in SPLIT_FOLDERS]
+        if split_dirs:  # the original's data/{train,val,test}/person_*/: keep its splits
+            scan.ignored += [f"{e.name}/: not a split folder ({', '.join(SPLIT_FOLDERS)})" for e in tops
+                             if e.name not in SPLIT_FOLDERS and not e.name.startswith((".", "_"))]
+            parts: list[tuple[str | None, Path]] = [(d.name, d) for d in split_dirs]
+        else:
+            parts = [(None, root)]
+        info_read = []
+        for split, base in parts:
+            infos = [base / DATASET_INFO] + ([root / f"{split}_{DATASET_INFO}"] if split else [])
+            info = next((f for f in infos if f.is_file()), None)
+            if info is not None:
+                entries = dataset_info_images(info, root, base, scan.faults)
+                info_read.append(info.relative_to(root).as_posix())
+            else:
+                entries = identity_folder_images(base, scan, f"{split}/" if split else "")
+            for ident, p in entries:
                 key = keys(ident, p.stem)
-                relp = f"{ident}/{p.name}"
+                relp = _relative(p, root)
                 scan.items.append(Item(key=key, identity=ident, meta={"path": relp}, payload={"path": str(p)},
                                        origin=relp))
+                if split:
+                    scan.splits[key] = split
                 lookup[relp] = key
+                lookup.setdefault(f"{ident}/{p.name}", key)
                 basenames.setdefault(p.name, []).append(key)
                 paths.append(p)
-        if other:
-            scan.ignored.append(f"{other} non-image file(s) inside identity folders")
+        if not scan.items:
+            if not split_dirs and not info_read and not any(not e.name.startswith((".", "_")) for e in tops):
+                raise InputError(f"--input {root}: no identity folders (expected ROOT/<identity>/*.jpg ...)")
+            raise InputError(f"--input {root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the identity folders")
         for name, ks in basenames.items():
             if len(ks) == 1:
                 lookup.setdefault(name, ks[0])
-        if not scan.items:
-            raise InputError(f"--input {root}: no images ({', '.join(IMAGE_SUFFIXES)}) in the identity folders")
         ext = choose_image_ext(paths)
         ids = {it.identity for it in scan.items}
-        if getattr(args, "twins", None) is not None:
-            scan.twin_pairs = read_twins(require_file(args.twins, "--twins"), ids, scan.faults)
+        twins_file = getattr(args, "twins", None)
+        if twins_file is None and (root / TWIN_INFO).is_file():
+            twins_file = root / TWIN_INFO
+        if twins_file is not None:
+            scan.twin_pairs = read_twins(require_file(twins_file, "--twins"), ids, scan.faults)
         if getattr(args, "pairs", None) is not None:
             scan.pairs = resolve_pairs(require_file(args.pairs, "--pairs"), root, lookup, scan.faults)
-        scan.notes = {"image_ext": ext}
+        scan.notes = {"image_ext": ext, "splits_from": "folders" if split_dirs else "drawn",
+                      "dataset_infor": info_read, "twins_from": str(twins_file) if twins_file else None}
         scan.loader = FolderLoader(ext)
         return scan
 

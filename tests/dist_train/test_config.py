@@ -70,3 +70,43 @@ def test_ci_runs_the_readme_commands() -> None:
     assert "dist_train/main.py --config configs/facecom.yaml" in main_job
     assert setup in ci.splitlines()
     assert ci.strip().splitlines()[-1] == test_command
+
+
+def test_base_config_is_merged_deep_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "root.yaml").write_text("recipe: {name: dcal_twins, params: {depth: 4, top_r: 0.3}}\n"
+                                        "train: {lr: 0.01, epochs: 3}\n")
+    (tmp_path / "presets" / "mid.yaml").write_text("base: ../root.yaml\nrecipe: {params: {depth: 2}}\n")
+    (tmp_path / "presets" / "leaf.yaml").write_text("base: mid.yaml\ntrain: {epochs: 1}\n")
+    cfg = load_config(tmp_path / "presets" / "leaf.yaml", ["train.lr=0.5"])
+    assert cfg.recipe.name == "dcal_twins"
+    assert cfg.recipe.params == {"depth": 2, "top_r": 0.3}      # merged key by key, the leaf's wins
+    assert (cfg.train.epochs, cfg.train.lr) == (1, 0.5)          # command-line overrides come last
+
+
+def test_base_config_cycle_and_missing_base_are_one_line_errors(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="form a cycle") as err:
+        load_config(tmp_path / "a.yaml")
+    assert "\n" not in str(err.value)
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="'base' must be the path"):
+        load_config(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize("preset", ["single_gpu", "multi_node", "cpu_debug", "no_tracking"])
+def test_dcal_presets_build_on_the_default(preset: str) -> None:
+    default = load_config(REPO / "configs" / "dcal_twins.yaml")
+    cfg = load_config(REPO / "configs" / "dcal_twins" / f"{preset}.yaml")
+    assert cfg.recipe.name == "dcal_twins"
+    assert cfg.recipe.params["backbone"] == default.recipe.params["backbone"]   # inherited
+    expected = {"single_gpu": lambda c: c.recipe.params["depth"] == 0 and c.data.num_workers == 4,
+                "multi_node": lambda c: c.dist.backend == "nccl" and c.data.batching == "pk"
+                and c.data.batch_size == 64,                                    # two levels of base
+                "cpu_debug": lambda c: c.train.max_steps == 4 and c.train.precision == "fp32",
+                "no_tracking": lambda c: c.logging.tracking == "none" and c.train.epochs == default.train.epochs}
+    assert expected[preset](cfg)

@@ -230,3 +230,155 @@ def test_command_errors_are_one_line_exit_2(trained, tmp_path, capsys):
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, proc.stderr)
+
+
+def test_results_carry_the_original_field_names(trained, capsys):
+    from dist_train.inference import InferenceEngine
+
+    run, _, images = trained
+    a, _, b = _imgs(images)[:3]
+    e = InferenceEngine.from_checkpoint(run, device="cpu")
+    for r in [e.verify_pair(a, b)] + e.batch_verify([(a, a), (a, b)]):
+        assert r["verification_score"] == r["score"] and r["verification_decision"] is r["match"]
+    proc = _cli_here(capsys, "verify", "--checkpoint", str(run), str(a), str(b), "--json")
+    res = json.loads(proc.stdout)
+    assert res["verification_score"] == res["score"] and res["verification_decision"] == res["match"]
+
+
+def test_eval_pairs_file_of_image_paths(trained, tmp_path, capsys):
+    """The original's test_pairs.json names image files; eval embeds them from disk (no split)."""
+    from dist_train.inference import InferenceEngine
+    from sklearn.metrics import roc_auc_score
+
+    run, _, images = trained
+    files = _imgs(images)                                   # 3 identity folders x 2 images
+    rel = [p.relative_to(images).as_posix() for p in files]
+    rows = [{"img1": rel[0], "img2": rel[1], "label": 1}, {"img1": rel[2], "img2": rel[3], "label": 1},
+            {"img1": rel[0], "img2": rel[2], "label": 0}, {"img1": rel[1], "img2": rel[4], "label": 0},
+            [rel[4], rel[5], 1], {"img1": str(files[3]), "img2": rel[5], "label": 0, "twin": True}]
+    pairs_file = images / "test_pairs.json"                 # relative paths: from the file's folder
+    pairs_file.write_text(json.dumps(rows))
+    proc = _cli_here(capsys, "eval", "--checkpoint", str(run), "--pairs", str(pairs_file),
+                     "--output", str(tmp_path / "out"), "--no-progress", "--threshold", "0.5")
+    pairs_file.unlink()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert m["pairs"]["genuine"] == 3 and m["pairs"]["impostor"] == 3 and m["pairs"]["twin_impostor"] == 1
+    assert m["samples"] == 6 and m["identities"] == 3 and m["threshold"] == 0.5
+    engine = InferenceEngine.from_checkpoint(run, device="cpu")
+    scores = [r["score"] for r in engine.batch_verify(
+        [(files[0], files[1]), (files[2], files[3]), (files[0], files[2]), (files[1], files[4]),
+         (files[4], files[5]), (files[3], files[5])])]
+    assert m["all_impostors"]["auc"] == pytest.approx(roc_auc_score([1, 1, 0, 0, 1, 0], scores), abs=1e-6)
+    with Image.open(tmp_path / "out" / "hardest_errors.png") as im:
+        assert im.format == "PNG"
+    # a path that is no file: one line, exit 2
+    bad = tmp_path / "bad_pairs.json"
+    bad.write_text(json.dumps([{"img1": "nope/1.png", "img2": rel[0], "label": 1}]))
+    proc = _cli_here(capsys, "eval", "--checkpoint", str(run), "--pairs", str(bad), "--image-root", str(images))
+    assert proc.returncode == 2 and "image not found: nope/1.png" in proc.stderr
+
+
+def test_predict_refuses_a_checkpoint_without_gender_head(trained, tmp_path, capsys):
+    run, _, images = trained
+    proc = _cli_here(capsys, "predict", "--checkpoint", str(run), "--input", str(images),
+                     "--output", str(tmp_path / "p.csv"), "--no-progress")
+    assert proc.returncode == 2 and "needs a FaceCom checkpoint" in proc.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_demo_functions_verify_refuse_and_search(trained, tmp_path):
+    """What the demo page calls, without a browser: the same score as the engine, attention
+    pictures, non-images refused naming the file, nearest identities of the gallery."""
+    from dist_train.commands.demo_cmd import Demo, DemoError
+    from dist_train.inference import InferenceEngine
+
+    run, _, images = trained
+    a, _, b = _imgs(images)[:3]
+    engine = InferenceEngine.from_checkpoint(run, device="cpu")
+    demo = Demo(engine, gallery=images)
+    r = demo.verify(str(a), str(b))
+    assert r["score"] == pytest.approx(engine.verify_pair(a, b)["score"], abs=1e-6)
+    assert r["decision"].startswith("MATCH" if r["match"] else "NO MATCH")
+    assert all(v.shape == (224, 224, 3) and v.dtype == np.uint8 for v in r["views"])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with pytest.raises(DemoError, match="image 2: notes.png is not an image"):
+        demo.verify(str(a), str(text))
+    rows, shown = demo.nearest(str(b))
+    assert rows[0][1] == b.parent.name and rows[0][2] == pytest.approx(1.0, abs=1e-4)   # itself is in the gallery
+    assert len(rows) == 3 and [row[0] for row in rows] == [1, 2, 3] and shown[0][0] == str(b)
+    with pytest.raises(DemoError, match="--gallery"):
+        Demo(engine).nearest(str(b))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_demo_page_in_a_headless_browser(trained, tmp_path, capsys, monkeypatch):
+    """The real page in Debian's Chromium (Playwright drives it; no browser download):
+    it loads, a pair is submitted, the score shown is `biomtl verify`'s, a file that is
+    not an image is refused with the page's message. The screenshot is kept under the
+    test's tmp dir and copied to $CI_ARTIFACTS when that is set."""
+    import os
+    import shutil
+
+    pytest.importorskip("gradio", reason="optional extra: pip install 'biomtl[demo]'")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (dev extra)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium not installed (apt-get install chromium; .ci/run does)")
+    from dist_train.commands import demo_cmd
+
+    run, _, images = trained
+    a, _, b = _imgs(images)[:3]
+    expected = json.loads(_cli_here(capsys, "verify", "--checkpoint", str(run), str(a), str(b), "--json",
+                                    "--device", "cpu").stdout)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
+    app = demo_cmd.start(["--checkpoint", str(run), "--gallery", str(images), "--port", str(_free_port()),
+                          "--device", "cpu"], block=False)
+    assert not isinstance(app, int), capsys.readouterr().err
+    shot = tmp_path / "demo_page.png"
+    try:
+        assert app.server_name == "127.0.0.1"                    # localhost unless --host says otherwise
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1200, "height": 1000})
+                page.goto(app.local_url)
+                page.locator("#verify").wait_for(timeout=60_000)
+                for sel, img in (("#image1", a), ("#image2", b)):
+                    page.locator(f"{sel} input[type=file]").set_input_files(str(img))
+                    page.locator(f"{sel} a[data-testid=download-link]").wait_for(timeout=60_000)  # uploaded
+                page.click("#verify")
+                page.wait_for_function("() => { const e = document.querySelector('#decision textarea');"
+                                       " return e && e.value !== ''; }", timeout=120_000)
+                shown = float(page.locator("#score input").input_value())
+                decision = page.locator("#decision textarea").input_value()
+                page.screenshot(path=str(shot), full_page=True)
+                assert shown == pytest.approx(expected["score"], abs=1e-6)   # the page shows 6 decimals
+                assert decision.startswith("MATCH" if expected["match"] else "NO MATCH")
+                assert f"{expected['threshold']:.4f}" in decision
+                assert page.locator("#view1 img").count() == 1 and page.locator("#view2 img").count() == 1
+                fake = tmp_path / "fake.png"
+                fake.write_text("a text file with an image name")
+                page.locator("#image2 button[aria-label=Clear]").click()
+                page.locator("#image2 input[type=file]").set_input_files(str(fake))
+                page.locator("#image2 a[data-testid=download-link]").wait_for(timeout=60_000)
+                page.click("#verify")
+                page.get_by_text("image 2: fake.png is not an image").first.wait_for(timeout=60_000)
+            finally:
+                browser.close()
+    finally:
+        app.close()
+    with Image.open(shot) as im:
+        assert im.format == "PNG" and im.size[0] >= 1200
+    if os.environ.get("CI_ARTIFACTS"):
+        Path(os.environ["CI_ARTIFACTS"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["CI_ARTIFACTS"]) / shot.name)

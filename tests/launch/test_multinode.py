@@ -96,12 +96,47 @@ def test_launch_one_node_is_standalone(capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_launch_several_nodes_use_c10d(capsys: pytest.CaptureFixture[str]) -> None:
-    words = _dry(capsys, "--config", str(CONFIG), "--nnodes", "2", "--rdzv-endpoint", "host0:29400",
-                 "--nproc-per-node", "4", "--max-restarts", "3", "--resume", "latest")
-    assert words[1:8] == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--rdzv-backend=c10d",
-                          "--rdzv-endpoint=host0:29400", "--rdzv-id=biomtl-facecom"]
-    assert words[8:10] == ["--nproc-per-node=4", "--max-restarts=3"]
-    assert words[-2:] == ["--resume", "latest"]
+    """One command per kind of host: the rendezvous host is told it hosts the
+    store (torchrun's own guess compares hostnames, wrong where the name does
+    not resolve to the endpoint's address); the others are not."""
+    assert launch_cmd.run(["--config", str(CONFIG), "--nnodes", "2", "--rdzv-endpoint", "host0:29400",
+                           "--nproc-per-node", "4", "--max-restarts", "3", "--resume", "latest", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.startswith("#") for line in lines] == [True, False, True, False]
+    assert "rendezvous host (host0)" in lines[0] and "other 1 host" in lines[2]
+    head, other = shlex.split(lines[1]), shlex.split(lines[3])
+    for words in (head, other):
+        assert words[1:8] == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--rdzv-backend=c10d",
+                              "--rdzv-endpoint=host0:29400", "--rdzv-id=biomtl-facecom"]
+        assert words[-2:] == ["--resume", "latest"]
+    # each host advertises its own address (rank 0's becomes the workers' MASTER_ADDR)
+    assert head[8:12] == ["--rdzv-conf=is_host=true", "--local-addr=host0", "--nproc-per-node=4",
+                          "--max-restarts=3"]
+    assert other[8:11] == ["--local-addr=ADDR", "--nproc-per-node=4", "--max-restarts=3"]
+    assert "ADDR its own address" in lines[2]
+
+
+def test_launch_knows_when_it_hosts_the_rendezvous() -> None:
+    """An address of this host (not loopback) whose port is free: host it; a
+    name that does not resolve, loopback (torchrun's own first-come choice) or
+    a port already served: do not. (An address of another host: in
+    tests/launch/test_two_hosts.py, where there is one.)"""
+    import socket
+
+    assert not launch_cli.hosts_rendezvous("127.0.0.1:29400")
+    assert not launch_cli.hosts_rendezvous("no-such-host.invalid:29400")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("198.51.100.1", 9))  # no packet sent: asks the routing table for our address
+            addr = probe.getsockname()[0]
+        except OSError:
+            pytest.skip("no route off this host: no non-loopback address to try")
+    with socket.socket() as busy:
+        busy.bind((addr, 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert not launch_cli.hosts_rendezvous(f"{addr}:{port}")
+    assert launch_cli.hosts_rendezvous(f"{addr}:{port}")
 
 
 def test_launch_slurm_submits_the_recipe_script(capsys: pytest.CaptureFixture[str]) -> None:

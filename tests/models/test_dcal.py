@@ -388,7 +388,7 @@ def test_local_weights_and_unsupported_backbones(tmp_path):
 def test_pure_cnn_backbone_is_refused_with_the_options():
     # Before: DCAL(backbone="resnet18") built the CNN and raised TypeError from check_supported.
     for name in ("resnet18", "convnext_atto"):
-        with pytest.raises(ValueError, match="no ViT attention blocks") as err:
+        with pytest.raises(ValueError, match="has no timm ViT Block/Attention layers") as err:
             DCAL(num_classes=3, backbone=name, img_size=32)
         message = str(err.value)
         assert "\n" not in message and "vit_small_r26_s32_224" in message and "conv_stem" in message

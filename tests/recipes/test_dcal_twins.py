@@ -236,3 +236,67 @@ def test_recipe_params_refuse_a_cnn_backbone_in_one_line():
     params = build_dataclass(DCALTwinsParams, {"backbone": "vit_small_r26_s32_224", "depth": 1},
                              prefix="recipe.params")
     assert params.model_config(3).backbone == "vit_small_r26_s32_224"
+
+
+def _wandb_records(path):
+    """The records of an offline W&B run file. W&B no longer ships a reader; the file
+    is a LevelDB-style log (7-byte file header, 32 KiB blocks, chunks of
+    crc32/length/type headers) of protobuf ``Record``s, decoded with W&B's own protobufs."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, buf, out = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        buf += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk
+            record = pb.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+            buf = b""
+    return out
+
+
+def test_wandb_offline_tracking(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="optional extra: pip install wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "")           # offline needs no account
+    run, _ = _train(tmp_path, logging__tracking="wandb", train__max_steps=2, train__val_every_steps=2)
+    assert list((run / "tb").glob("events.out.tfevents.*"))    # TensorBoard stays on
+    (offline,) = (run / "wandb").glob("offline-run-*")          # offline: `wandb sync` uploads it later
+    run_id = (run / "wandb" / "biomtl_run_id").read_text().strip()
+    assert offline.name.endswith(run_id)
+    records = _wandb_records(offline / f"run-{run_id}.wandb")
+    history = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "history":
+            for item in r.history.item:
+                history.setdefault(item.key or "/".join(item.nested_key), []).append(
+                    (r.history.step.num, float(item.value_json)))
+    assert [s for s, _ in history["train/loss"]] == [1, 2]
+    assert {"val/eer", "val/auc", "test/eer"} <= set(history)
+    config = [r.config for r in records if r.WhichOneof("record_type") == "config"]
+    keys = {u.key for c in config for u in c.update}
+    assert {"recipe", "train", "data"} <= keys
+    assert (offline / "files" / run.name / "config.yaml").is_file()   # the run's artefacts, saved at the end
+    exit_records = [r for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exit_records and exit_records[-1].exit.exit_code == 0
+
+
+def test_wandb_missing_is_a_one_line_config_error(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_wandb(name, *args, **kwargs):
+        if name == "wandb" or name.startswith("wandb."):
+            raise ImportError("No module named 'wandb'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_wandb)
+    with pytest.raises(ConfigError, match="pip install wandb") as exc:
+        load_checked_config(CONFIG, ["logging.tracking=wandb"])
+    assert "\n" not in str(exc.value)

@@ -411,7 +411,7 @@ def test_loader_factory_and_config(twins_ds, tmp_path):
         load_config(REPO / "configs" / "facecom.yaml", tiny_overrides(tmp_path, data__twin_prob=1.5))
     with pytest.raises(ConfigError, match="data.batching"):
         load_config(REPO / "configs" / "facecom.yaml", tiny_overrides(tmp_path, data__batching="pq"))
-    ctx = types.SimpleNamespace(rank=1, world_size=2)
+    ctx = types.SimpleNamespace(rank=1, world_size=2, device=torch.device("cpu"))
     recipe = types.SimpleNamespace(transform=tf)
     f = LoaderFactory(cfg, ctx, twins_ds, recipe)
     L = f.train(0, skip_batches=1)

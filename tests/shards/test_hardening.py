@@ -211,7 +211,7 @@ def test_verify_checksums_from_the_config(flipped, tmp_path):
     def factory(*overrides: str) -> LoaderFactory:
         cfg = load_config(REPO / "configs" / "facecom.yaml", tiny_overrides(tmp_path) + [
             "data.source=shards", f"data.shards={flipped}", "data.batch_size=4", *overrides])
-        return LoaderFactory(cfg, types.SimpleNamespace(rank=0, world_size=1), flipped,
+        return LoaderFactory(cfg, types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")), flipped,
                              types.SimpleNamespace(transform=tf))
 
     off = factory()

@@ -250,7 +250,8 @@ def test_cli_usage_errors_are_one_line_exit_2(folder_ds, tmp_path, capsys):
         ["create", "--format", "folder", "--input", str(folder_ds), "--output", str(tmp_path / "o"),
          "--twins", str(tmp_path / "nope.json")],
         ["create", "--format", "folder", "--input", str(tmp_path), "--output", str(folder_ds)],  # not empty
-        ["create", "--format", "ear", "--input", str(folder_ds), "--output", str(tmp_path / "o")],  # a dir
+        ["create", "--format", "ear", "--input", str(folder_ds), "--output", str(tmp_path / "o"),
+         "--root", str(folder_ds)],  # a subject-folder --input is its own root
         ["info", str(tmp_path / "missing")],
         ["verify", str(folder_ds)],  # no manifest
     ]
@@ -580,3 +581,40 @@ def test_synthetic_create_and_stream(tmp_path, capsys):
     assert len(list(L)) == n // 2
     E = build_eval_loader(out, "val", tf, 2, 0, 1)
     assert sum(int(b["_valid"].sum()) for b in E) == m.split_size("val")
+
+
+def test_folder_split_folders_dataset_infor_and_twin_pairs_infor(tmp_path, capsys):
+    """The original DCAL layout: data/{train,val,test}/person_*/ are kept as splits (not
+    redrawn: a random draw would move identities), test/dataset_infor.json lists the test
+    images (a foreign absolute path found by identity + file name; a path escaping ROOT and a
+    missing file are faults), twin_pairs_infor.json gives the twins without --twins."""
+    root = tmp_path / "data"
+    layout = {"train": ["person_1", "person_2", "person_3", "person_4"], "val": ["person_5", "person_6"],
+              "test": ["person_7", "person_8"]}
+    for split, people in layout.items():
+        for person in people:
+            for k in range(3):
+                save(img(len(person) + k), root / split / person / f"{k}.png", "PNG")
+    save(img(99), tmp_path / "outside.png", "PNG")
+    (root / "test" / "dataset_infor.json").write_text(json.dumps({
+        "person_7": ["person_7/0.png", "/kaggle/input/nd-twin/test/person_7/2.png"],
+        "person_8": ["person_8/1.png", "../../outside.png", "person_8/nope.png"]}))
+    (root / "twin_pairs_infor.json").write_text(json.dumps(
+        {"train": [["person_1", "person_2"]], "test": [{"id1": "person_7", "id2": "person_8"}]}))
+    out = tmp_path / "out"
+    rc, o, e = cli(["create", "--format", "folder", "--input", str(root), "--output", str(out),
+                    "--splits", "train=0.5,test=0.5", "--workers", "1"], capsys)     # --splits not used
+    assert rc == 0, e
+    m = Manifest.load(out)
+    assert sorted(m.splits) == ["test", "train", "val"]
+    names = {s: sorted(x["json"]["path"] for x in samples_of(out, s)) for s in m.splits}
+    assert names["train"] == sorted(f"train/{p}/{k}.png" for p in layout["train"] for k in range(3))
+    assert names["val"] == sorted(f"val/{p}/{k}.png" for p in layout["val"] for k in range(3))
+    assert names["test"] == ["test/person_7/0.png", "test/person_7/2.png", "test/person_8/1.png"]
+    assert m.twin_pairs == [(0, 1), (6, 7)]
+    rep = json.loads((out / "report.json").read_text())
+    bad = [f for f in rep["faults"] if f["kind"] == "bad dataset_infor entry"]
+    assert {f["detail"] for f in bad} == {"outside the dataset: ../../outside.png",
+                                          "image not found: person_8/nope.png"}
+    assert m.created_with["notes"]["splits_from"] == "folders"
+    assert m.created_with["notes"]["dataset_infor"] == ["test/dataset_infor.json"]

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every GPU figure of docs/benchmarks.md in one run (issue 16): throughput with and without
+# torch.compile, FLOPs, MFU against the measured bf16 matmul rate, loader headroom, profiles.
+#   benchmarks/gpu_all.sh [OUT_DIR]        # default runs/gpu_bench; JSON + logs + profiles there
+# Sizes are the targets' (DCAL ViT-S/16 at 224, photometric ConvNeXt V2 at 224) plus each recipe's
+# default config; the loaders use 8 workers (what a GPU node gives one rank).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-runs/gpu_bench}"
+mkdir -p "$OUT"
+PY="${PYTHON:-.venv/bin/python}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.csv"
+run() {  # name config overrides...
+  local name=$1 config=$2; shift 2
+  "$PY" benchmarks/train_throughput.py --config "$config" --device cuda --steps 50 --warmup 15 \
+      --json "$OUT/$name.json" --set data.num_workers=8 "$@" 2>&1 | tee "$OUT/$name.log"
+}
+run dcal_vit_s16_224 configs/dcal_twins.yaml recipe.params.backbone=vit_small_patch16_224 \
+    recipe.params.img_size=224 recipe.params.patch_size=16 recipe.params.depth=0 \
+    data.synthetic.image_size=224 data.batch_size=64
+run photometric_convnextv2_224 configs/photometric_mtl.yaml recipe.params.backbone=convnextv2 \
+    recipe.params.convnext_name=convnextv2_tiny recipe.params.img_size=224 data.synthetic.image_size=224 \
+    data.batch_size=64 train.channels_last=true
+run facecom_default configs/facecom.yaml
+run thz_mtl_default configs/thz_mtl.yaml
+echo "results: $OUT/*.json"

@@ -1,0 +1,109 @@
+"""Where each rank runs, and how long its steps take: what a user needs to find
+a misconfigured interface or a straggling host in a multi-node run.
+
+- :func:`describe_this_rank`: host, and the interface and address the
+  collectives use (``GLOO_SOCKET_IFNAME`` / ``NCCL_SOCKET_IFNAME`` when set);
+  rank 0 logs every rank's line once at the start.
+- :func:`weights_digest`: after a DDP run every rank's parameters must be equal;
+  rank 0 logs whether they are.
+- :class:`StepTimer`: each rank's *own* time per optimizer step. A step's
+  wall time is the same on every rank (the gradient all-reduce waits for the
+  slowest), so the timer has the ranks meet before each step and subtracts
+  the time a rank waited there: what remains is the time that rank itself
+  took (loading, computing, anything it did alone), and the slowest rank is the
+  one with the largest value. A wait inside the gradient all-reduce (a rank
+  computing slower during backward) still lands in every rank's own time.
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import struct
+import time
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("biomtl")
+
+STRAGGLER_RATIO = 1.5  # a rank this much slower than the median (and > STRAGGLER_MIN_S more) is named
+STRAGGLER_MIN_S = 0.05
+
+
+def interface_address(name: str) -> str | None:
+    """IPv4 address of interface ``name`` (SIOCGIFADDR; the standard library
+    lists interface names but not their addresses), None if it has none."""
+    SIOCGIFADDR = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(packed[20:24])
+
+
+def describe_this_rank(backend: str) -> str:
+    var = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
+    ifname = os.environ.get(var, "")
+    where = f"host {socket.gethostname()}"
+    if ifname and not ifname.startswith("^") and "," not in ifname:
+        return f"{where}, {var}={ifname} ({interface_address(ifname) or 'no IPv4 address'})"
+    return f"{where}, {var} {'=' + ifname if ifname else 'unset'} (the backend picks the interface)"
+
+
+class StepTimer:
+    """Per-rank own time per step (see the module doc); a no-op in a world of one."""
+
+    def __init__(self, device: torch.device, rank: int, world_size: int):
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.waited = 0.0
+
+    def meet(self) -> None:
+        """All ranks meet here (before each optimizer step's first micro-batch)."""
+        if self.world_size == 1:
+            return
+        started = time.perf_counter()
+        token = torch.zeros(1, device=self.device)
+        dist.all_reduce(token)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.waited += time.perf_counter() - started
+
+    def per_rank(self, seconds: float, steps: int) -> list[float]:
+        """Every rank's own seconds per step over an interval of ``seconds``
+        wall time and ``steps`` steps (a collective); restarts the count."""
+        own = max(seconds - self.waited, 0.0) / max(steps, 1)
+        self.waited = 0.0
+        if self.world_size == 1:
+            return [own]
+        times = torch.zeros(self.world_size, dtype=torch.float64, device=self.device)
+        times[self.rank] = own
+        dist.all_reduce(times)
+        return times.cpu().tolist()
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short digest of a module's parameters, computed where they live (sum
+    and absolute sum of each tensor in float64): equal weights give equal
+    digests on every rank of a data-parallel run. Buffers are left out: batch
+    norm statistics follow each rank's own batches (DDP broadcasts rank 0's at
+    the next forward)."""
+    import hashlib
+
+    with torch.no_grad():
+        tensors = [t for t in module.parameters() if t.numel()]
+        sums = torch.stack([torch.stack([t.double().sum(), t.double().abs().sum()]) for t in tensors])
+    return hashlib.sha256(sums.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def straggler(per_rank: list[float]) -> int | None:
+    """The rank that is clearly slower than the others, else None."""
+    if len(per_rank) < 2:
+        return None
+    ordered = sorted(per_rank)
+    median = ordered[(len(ordered) - 1) // 2]  # lower median: with two ranks, the faster one
+    slowest = max(range(len(per_rank)), key=per_rank.__getitem__)
+    worst = per_rank[slowest]
+    return slowest if worst > STRAGGLER_RATIO * median and worst - median > STRAGGLER_MIN_S else None

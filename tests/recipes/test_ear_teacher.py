@@ -1,0 +1,232 @@
+"""ear_teacher (issue 14): crop, collage, pseudo-labels, pretrained weights, and a
+2-process torchrun run with extraction."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from recipes.ear_teacher import (EarTeacherModel, EarTeacherParams, EarTeacherRecipe, assign_pseudo_labels, collage,
+                                 ear_crop, key_hash)
+from shards.manifest import DataInfo
+from tests.conftest import PYTHON, REPO
+
+CONFIG = REPO / "configs" / "ear_teacher.yaml"
+NO_DATA = DataInfo(identities=[], twin_pairs=[], label_schemas={}, modalities=[])
+TINY = dict(backbone="convnext_atto", dims=[8, 16, 32, 64], depths=[1, 1, 1, 1], img_size=32, projection_dim=16,
+            projection_hidden=32, predictor_hidden=8, decoder_width=16, num_pseudo_classes=4)
+
+
+def tiny_params(**kw) -> EarTeacherParams:
+    return EarTeacherParams(**{**TINY, **kw})
+
+
+def _sample(size=(100, 60), **meta):
+    arr = np.arange(size[0] * size[1] * 3, dtype=np.uint32).reshape(size[1], size[0], 3) % 251
+    return {"image.jpg": Image.fromarray(arr.astype(np.uint8)), "json": meta, "__key__": "k"}
+
+
+# ----------------------------------------------------------------------------- crop
+
+def test_crop_grows_the_box_by_the_buffer_and_clips_it_to_the_image():
+    inside = ear_crop(_sample(bbox_raw=[20, 10, 70, 50]), 0.1)        # 50 x 40 box, +5 / +4 per side
+    assert inside.size == (60, 48)
+    assert np.array_equal(np.asarray(inside), np.asarray(_sample()["image.jpg"].crop((15, 6, 75, 54))))
+    corner = ear_crop(_sample(bbox_raw=[2, 1, 42, 31]), 0.1)          # would start at (-2, -2): clipped at 0
+    assert corner.size == (46, 34)
+    assert np.array_equal(np.asarray(corner), np.asarray(_sample()["image.jpg"].crop((0, 0, 46, 34))))
+    edge = ear_crop(_sample(bbox_raw=[60, 20, 100, 60]), 0.25)        # right / bottom borders
+    assert edge.size == (50, 50)                                      # 50..100 x 10..60
+    whole = ear_crop({"png": _sample()["image.jpg"], "json": {}}, 0.1)  # no box: the whole image
+    assert whole.size == (100, 60)
+
+
+def test_synthetic_ear_sample_crops_to_its_box():
+    from shards.synthetic import SyntheticSpec, _sample_fields, render_sample
+
+    spec = SyntheticSpec(num_identities=3, samples_per_identity=2, image_size=48, modalities=("ear",))
+    fields = _sample_fields(spec, render_sample(spec, 1, 0))
+    x1, y1, x2, y2 = fields["json"]["ear_bbox"]
+    assert 0 <= x1 < x2 <= 48 and 0 <= y1 < y2 <= 48 and (x2 - x1) * (y2 - y1) < 0.6 * 48 * 48
+    sample = {"ear.png": Image.fromarray(fields["ear.png"]), "json": fields["json"], "__key__": "s"}
+    crop = ear_crop(sample, 0.0)
+    assert crop.size == (int(x2 - x1), int(y2 - y1))
+    out = EarTeacherRecipe(tiny_params(), NO_DATA).transform(sample, train=True)
+    assert out["image"].shape == out["view2"].shape == (3, 32, 32) and int(out["identity"]) == 1
+
+
+# ----------------------------------------------------------------------------- collage
+
+def test_collage_has_originals_on_top_and_reconstructions_below(tmp_path):
+    from torchvision.utils import save_image
+
+    n, s, pad = 5, 16, 2
+    originals = torch.zeros(n, 3, s, s)
+    originals[:, 0] = 1.0                                             # red tiles
+    recon = torch.zeros(n, 3, s, s)
+    recon[:, 2] = 1.0                                                 # blue tiles
+    grid = collage(originals, recon, padding=pad)
+    save_image(grid, tmp_path / "c.png")
+    img = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))
+    assert img.shape == (2 * (s + pad) + pad, n * (s + pad) + pad, 3)
+    for col in range(n):
+        x = pad + col * (s + pad) + s // 2
+        assert tuple(img[pad + s // 2, x]) == (255, 0, 0)              # top row: originals
+        assert tuple(img[2 * pad + s + s // 2, x]) == (0, 0, 255)      # bottom row: reconstructions
+    assert tuple(img[0, 0]) == (255, 255, 255)                        # white padding
+
+
+# ----------------------------------------------------------------------------- pseudo-labels
+
+def _clustered(seed: int, n_ids: int = 6, per: int = 8, dim: int = 16):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_ids, dim))
+    ident = np.repeat(np.arange(n_ids), per)
+    emb = centres[ident] + 0.1 * rng.normal(size=(len(ident), dim))
+    keys = np.array([key_hash(f"s{i}") for i in range(len(ident))])
+    return keys, emb, ident
+
+
+def test_pseudo_labels_are_deterministic_carry_information_and_follow_the_embedding():
+    from sklearn.metrics import normalized_mutual_info_score as nmi
+
+    keys, emb, ident = _clustered(0)
+    k1, l1, c1 = assign_pseudo_labels(keys, emb, 6, seed=3)
+    perm = np.random.default_rng(1).permutation(len(keys))            # another row order: same labels per key
+    k2, l2, _ = assign_pseudo_labels(keys[perm], emb[perm], 6, seed=3)
+    assert np.array_equal(k1, k2) and np.array_equal(l1, l2) and c1.shape == (6, 16)
+    by_key = dict(zip(keys, ident))
+    assert nmi([by_key[k] for k in k1], l1) > 0.95                    # clusters of a structured embedding = identities
+    shuffled = emb[np.random.default_rng(2).permutation(len(emb))]    # the embedding changes: so do the labels
+    _, l3, _ = assign_pseudo_labels(keys, shuffled, 6, seed=3)
+    assert nmi(l1, l3) < 0.6
+    _, l4, _ = assign_pseudo_labels(keys, emb, 50, seed=3)             # k capped at the number of samples
+    assert len(np.unique(l4)) <= len(keys)
+
+
+def test_model_keeps_the_label_table_in_its_state_dict_and_looks_rows_up():
+    m = EarTeacherModel(tiny_params())
+    m.set_pseudo_labels(np.array([30, 10, 20]), np.array([2, 0, 1]))
+    assert m.pseudo_labels(torch.tensor([20, 99, 10, 30])).tolist() == [1, -1, 0, 2]
+    fresh = EarTeacherModel(tiny_params())
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.pseudo_labels(torch.tensor([10, 20, 30])).tolist() == [0, 1, 2]
+    batch = {"image": torch.rand(4, 3, 32, 32), "view2": torch.rand(4, 3, 32, 32),
+             "key_hash": torch.tensor([10, 20, 30, 99])}
+    out = m(batch)
+    assert set(out["terms"]) == {"reconstruction", "simsiam", "metric"} and out["embedding"].shape == (4, 16)
+    out["loss"].backward()
+    assert m.head.weight.grad.abs().sum() > 0                         # the pseudo-labelled rows train the head
+
+
+def test_on_epoch_start_assigns_labels_from_an_embedding_pass_and_reinitialises_the_head(tmp_path):
+    from tests.conftest import artifact_context
+
+    recipe = EarTeacherRecipe(tiny_params(pseudo_label_every=2), NO_DATA)
+    model = recipe.build_model().eval()
+    torch.manual_seed(0)
+    images = torch.rand(12, 3, 32, 32)
+    batches = [{"image": images[i:i + 4], "key_hash": torch.arange(i, i + 4) * 7 + 1,
+                "identity": torch.arange(i, i + 4) % 3, "_valid": torch.tensor([True, True, True, i < 8])}
+               for i in (0, 4, 8)]
+    ctx = artifact_context(tmp_path, {"train": batches})
+    recipe.on_epoch_start(model, 1, ctx)                              # not a reassignment epoch
+    assert model.table_keys.numel() == 0
+    before = model.head.weight.detach().clone()
+    recipe.on_epoch_start(model, 2, ctx)
+    assert model.table_keys.numel() == 11                              # the padding row is left out
+    assert not torch.equal(before, model.head.weight)
+    labels = model.pseudo_labels(torch.arange(12) * 7 + 1)
+    assert labels[:11].ge(0).all() and labels[11] == -1
+    again = recipe.build_model().eval()
+    again.load_state_dict(model.state_dict(), strict=False)
+    again.set_extra_state(torch.zeros(2, 0, dtype=torch.long))
+    recipe.on_epoch_start(again, 2, ctx)                              # same weights + seed: same labels
+    assert torch.equal(again.pseudo_labels(torch.arange(12) * 7 + 1), labels)
+
+
+# ----------------------------------------------------------------------------- weights
+
+def test_local_pretrained_weights_load_and_a_missing_file_is_one_clear_error(tmp_path):
+    from models.backbones import WeightsError
+
+    donor = EarTeacherModel(tiny_params())
+    torch.save(donor.net.encoder.state_dict(), tmp_path / "enc.pth")
+    m = EarTeacherModel(tiny_params(weights_path=str(tmp_path / "enc.pth")))
+    assert all(torch.equal(a, b) for a, b in zip(m.net.encoder.state_dict().values(),
+                                                 donor.net.encoder.state_dict().values()))
+    with pytest.raises(WeightsError, match="not found"):
+        EarTeacherModel(tiny_params(weights_path=str(tmp_path / "missing.pth")))
+
+
+def test_config_refuses_a_missing_weights_file(tmp_path):
+    from dist_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="nope.pth"):     # the trainer's one-line error (exit 2), before anything
+        load_config(CONFIG, [f"recipe.params.weights_path={tmp_path / 'nope.pth'}"])
+
+
+# ----------------------------------------------------------------------------- under the trainer
+
+def ear_overrides(tmp_path: Path, **extra: object) -> list[str]:
+    values = {
+        "experiment.output_dir": str(tmp_path / "runs"),
+        "data.synthetic.cache_dir": str(tmp_path.parent / "synthetic-cache-ear"),
+        "data.synthetic.num_identities": 12,
+        "data.synthetic.samples_per_identity": 4,
+        "data.synthetic.image_size": 40,
+        "data.batch_size": 4,
+        "recipe.params.backbone": "convnext_atto",
+        "recipe.params.dims": "[8,16,32,64]",
+        "recipe.params.depths": "[1,1,1,1]",
+        "recipe.params.img_size": 32,
+        "recipe.params.projection_dim": 16,
+        "recipe.params.projection_hidden": 32,
+        "recipe.params.decoder_width": 16,
+        "recipe.params.num_pseudo_classes": 8,
+        "recipe.params.noise": 0.05,
+        "train.precision": "fp32",
+        "train.epochs": 2,
+        "train.log_every_steps": 1,
+        "checkpoint.every_epochs": 1,
+        "logging.progress": "false",
+        "logging.plot": "false",
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.mark.integration
+def test_trains_under_two_process_torchrun_and_extracts_n_by_d_features(tmp_path):
+    from dist_train.commands import extract_cmd
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dist_train/main.py",
+           "--config", str(CONFIG), *ear_overrides(tmp_path)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = list((tmp_path / "runs").iterdir())
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert np.isfinite(final["loss"]) and np.isfinite(final["reconstruction_mse"])
+    collages = sorted(p.name for p in (run / "reconstruction_collages").iterdir())
+    assert collages == ["epoch_0001.png", "epoch_0002.png"]             # one per validation (every epoch)
+    assert len(list((run / "checkpoints" / "periodic").iterdir())) == 2  # checkpoint.every_epochs=1
+    assert (run / "checkpoints" / "best.pt").is_file() and len(list((run / "checkpoints" / "topk").iterdir())) == 2
+    state = torch.load(run / "model.pt", weights_only=True)["model"]
+    assert state["_extra_state"].shape[0] == 2 and state["_extra_state"].shape[1] > 0   # the pseudo-label table
+    images = tmp_path / "imgs"
+    for subject in ("a", "b"):
+        (images / subject).mkdir(parents=True)
+        for k in range(3):
+            Image.fromarray(np.random.default_rng(k).integers(0, 255, (50, 30, 3), dtype=np.uint8)).save(
+                images / subject / f"{k}.png")
+    assert extract_cmd.run(["--checkpoint", str(run / "model.pt"), "--images", str(images),
+                            "--output", str(tmp_path / "f.npz"), "--device", "cpu", "--no-progress"]) == 0
+    feats = np.load(tmp_path / "f.npz")["features"]
+    assert feats.shape == (6, 16) and np.allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-4)

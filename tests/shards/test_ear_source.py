@@ -1,0 +1,88 @@
+"""The ear source (issue 14): subject folders without boxes (AMI), metadata paths
+that lead outside the dataset, and the synthetic ear modality."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shards.build import create
+from shards.sources import InputError
+from tests.conftest import shared_dataset
+
+
+def _samples(out: Path) -> dict[str, dict]:
+    import webdataset as wds
+
+    from shards.manifest import Manifest
+
+    m = Manifest.load(out)
+    files = [str(out / e.file) for v in m.splits.values() for e in v]
+    return {s["__key__"]: s for s in wds.WebDataset(files, shardshuffle=False)}
+
+
+def _subjects(root: Path, n: int = 3, per: int = 2) -> Path:
+    for i in range(n):
+        for k in range(per):
+            p = root / f"{i:03d}" / f"{i:03d}_v{k}_ear.jpg"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((30, 20, 3), 40 * i + k, np.uint8)).save(p)
+    return root
+
+
+def test_subject_folders_pack_whole_image_boxes_with_identities(tmp_path):
+    root = _subjects(tmp_path / "ami")
+    r = create("ear", root, tmp_path / "out", splits="train=0.67,test=0.33", split_by="identity")
+    s = _samples(tmp_path / "out")
+    assert len(s) == 6 and not r.report["faults"]
+    meta = json.loads(s["000_000_v0_ear"]["json"])
+    assert meta["bbox_raw"] == [0.0, 0.0, 20.0, 30.0] and meta["bbox"] == [0, 0, 20, 30]   # buffer clipped away
+    assert s["000_000_v0_ear"]["image.jpg"] == (root / "000" / "000_v0_ear.jpg").read_bytes()
+    names = {json.loads(x["json"])["identity"] for x in s.values()}
+    assert names == {0, 1, 2}
+
+
+def test_metadata_paths_outside_the_root_are_faults_and_never_opened(tmp_path):
+    root = _subjects(tmp_path / "ds")
+    secret = tmp_path / "secret.jpg"
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(secret)
+    (root / "link.jpg").symlink_to(secret)
+    meta = root / "meta.json"
+    meta.write_text(json.dumps([
+        {"image_path": "000/000_v0_ear.jpg", "bbox": [1, 1, 10, 10], "identity": "a"},
+        {"image_path": "000/000_v1_ear.jpg", "bbox": [1, 1, 10, 10], "identity": "a"},
+        {"image_path": "../secret.jpg", "bbox": [1, 1, 5, 5], "identity": "b"},
+        {"image_path": str(secret), "bbox": [1, 1, 5, 5], "identity": "b"},
+        {"image_path": "link.jpg", "bbox": [1, 1, 5, 5], "identity": "b"},
+        {"image_path": str(root / "001" / "001_v0_ear.jpg"), "bbox": [1, 1, 5, 5], "identity": "c"},
+    ]))
+    r = create("ear", meta, tmp_path / "out", splits="train=1", split_by="sample")
+    kinds = sorted(f["kind"] for f in r.report["faults"])
+    assert kinds == ["path outside dataset"] * 3
+    assert len(_samples(tmp_path / "out")) == 3          # the absolute path inside the root is fine
+
+
+def test_a_root_option_with_a_folder_input_is_refused(tmp_path):
+    import argparse
+
+    root = _subjects(tmp_path / "ami")
+    with pytest.raises(InputError, match="--root"):
+        create("ear", root, tmp_path / "out", options=argparse.Namespace(root=root))
+    assert not (tmp_path / "out").exists()
+
+
+def test_ami_ears_pack_as_subject_folders(tmp_path):
+    data = shared_dataset("ami_ears")
+    subjects = sorted(p.name for p in data.iterdir() if p.is_dir())[:3]
+    small = tmp_path / "ami3"
+    for s in subjects:                                    # three subjects, copied
+        shutil.copytree(data / s, small / s)
+    r = create("ear", small, tmp_path / "out", splits="train=0.67,test=0.33", split_by="identity")
+    samples = _samples(tmp_path / "out")
+    assert len(samples) == 21 and not r.report["faults"]
+    meta = json.loads(samples[f"{subjects[0]}_{subjects[0]}_back_ear"]["json"])
+    assert meta["bbox_raw"] == [0.0, 0.0, 492.0, 702.0]
