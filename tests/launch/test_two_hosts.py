@@ -26,7 +26,7 @@ import pytest
 from dist_train.checkpoint import safe_load
 from launch import cli as launch_cli
 from tests.conftest import PYTHON, REPO, tiny_overrides
-from tests.netns import Host, TwoHosts, pids_in, two_hosts  # noqa: F401  (the fixture)
+from tests.netns import Host, TwoHosts, pids_in
 
 pytestmark = pytest.mark.integration
 
@@ -113,7 +113,7 @@ class Agents:
 
 
 @pytest.fixture
-def agents(tmp_path: Path, two_hosts: TwoHosts) -> Iterator[Agents]:  # noqa: F811
+def agents(tmp_path: Path, two_hosts: TwoHosts) -> Iterator[Agents]:
     a = Agents(tmp_path, two_hosts)
     try:
         yield a
@@ -149,7 +149,7 @@ def _rank_of(log: str, host: Host) -> int:
     return ranks[0]
 
 
-def test_two_hosts_train_as_one_world_and_export_once(tmp_path: Path, two_hosts: TwoHosts,  # noqa: F811
+def test_two_hosts_train_as_one_world_and_export_once(tmp_path: Path, two_hosts: TwoHosts,
                                                       agents: Agents) -> None:
     """``biomtl launch`` with the same arguments on each host: inside host A it
     finds that it hosts the rendezvous (A's hostname resolves to loopback, not
@@ -199,7 +199,7 @@ def _slow_run(tmp_path: Path, steps: int, **extra: object) -> list[str]:
 
 
 def test_lost_host_comes_back_and_the_run_resumes_without_losing_a_step(
-        tmp_path: Path, two_hosts: TwoHosts, agents: Agents) -> None:  # noqa: F811
+        tmp_path: Path, two_hosts: TwoHosts, agents: Agents) -> None:
     """Host B (agent and worker) is SIGKILLed after the step-4 checkpoint; host
     A's worker fails at once (its peer's connection closed), A's agent waits
     in a new rendezvous round (--max-restarts 1) until B's agent is started
@@ -232,7 +232,7 @@ def test_lost_host_comes_back_and_the_run_resumes_without_losing_a_step(
 
 
 def test_lost_host_without_restarts_stops_the_survivor_naming_the_peer(
-        tmp_path: Path, two_hosts: TwoHosts, agents: Agents) -> None:  # noqa: F811
+        tmp_path: Path, two_hosts: TwoHosts, agents: Agents) -> None:
     """Without restarts, host A ends on its own soon after B is killed (well
     within dist.timeout_s), exit non-zero, with one error line that names B's
     address; no hang."""
@@ -256,7 +256,7 @@ def test_lost_host_without_restarts_stops_the_survivor_naming_the_peer(
     assert 4 <= ckpt["client"]["loop"]["step"] < 12
 
 
-def test_link_down_longer_than_the_timeout_stops_both_hosts(tmp_path: Path, two_hosts: TwoHosts,  # noqa: F811
+def test_link_down_longer_than_the_timeout_stops_both_hosts(tmp_path: Path, two_hosts: TwoHosts,
                                                             agents: Agents) -> None:
     """The link goes down after the step-4 checkpoint and stays down past
     dist.timeout_s: both workers stop with a clear error (no hang); the link
@@ -288,7 +288,7 @@ def test_link_down_longer_than_the_timeout_stops_both_hosts(tmp_path: Path, two_
 
 
 def test_link_blip_and_a_slow_host_the_run_completes_and_names_the_straggler(
-        tmp_path: Path, two_hosts: TwoHosts, agents: Agents) -> None:  # noqa: F811
+        tmp_path: Path, two_hosts: TwoHosts, agents: Agents) -> None:
     """Host B sleeps 2 s after each step (a slow host), and the link is down
     for 2 s (well below dist.timeout_s) after the step-2 checkpoint: TCP
     retransmits, the run completes with every step once, and the logs name B's
