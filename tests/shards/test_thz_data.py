@@ -56,7 +56,7 @@ def test_modalities_choose_the_fields():
     assert np.array_equal(both["thz.png"], r["thz_dense"]) and np.array_equal(both["vis_target.png"], r["vis_target"])
     thin = _sample_fields(SyntheticSpec(modalities=("thz",)), r)
     assert set(thin) == {"json", "thz.png", "thz_target.png"} and np.array_equal(thin["thz.png"], r["thz"])
-    assert set(MODALITIES) == {"vis", "vis_target", "thz", "thz_dense", "maps"}
+    assert set(MODALITIES) == {"vis", "vis_target", "thz", "thz_dense", "maps", "ear"}
     with pytest.raises(ValueError, match="both write thz.png"):
         SyntheticSpec(modalities=("thz", "thz_dense"))
     with pytest.raises(ValueError, match="vis_target"):
