@@ -21,6 +21,7 @@ class DistContext:
     env: LaunchEnv
     device: torch.device
     backend: str
+    cpu_threads: str = ""  # the intra-op thread choice, logged once the run starts
 
     @property
     def rank(self) -> int:
@@ -82,8 +83,6 @@ def init(env: LaunchEnv, backend: str = "auto", timeout_s: int = 1800, cpu_threa
     device = pick_device(env)
     threads, why = pick_cpu_threads(env, cpu_threads)
     torch.set_num_threads(threads)
-    if env.local_rank == 0:
-        log.info("%d intra-op CPU thread(s) per rank (%s)", threads, why)
     os.environ["MASTER_ADDR"] = env.master_addr
     os.environ["MASTER_PORT"] = str(env.master_port)
     # Fail a hung collective instead of waiting forever; NCCL needs async error
@@ -96,7 +95,8 @@ def init(env: LaunchEnv, backend: str = "auto", timeout_s: int = 1800, cpu_threa
         dist.init_process_group(backend=backend, init_method="env://", rank=env.rank,
                                 world_size=env.world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    return DistContext(env=env, device=device, backend=backend)
+    return DistContext(env=env, device=device, backend=backend,
+                       cpu_threads=f"{threads} intra-op CPU thread(s) per rank ({why})")
 
 
 def shutdown() -> None:

@@ -247,6 +247,7 @@ def _train_in(run_dir: Path, cfg: Config, ctx: distributed.DistContext, recipe: 
                  ctx.backend)
         for rank, place in enumerate(places):
             log.info("rank %d: %s", rank, place)
+        log.info("%s", ctx.cpu_threads)
     seed_everything(cfg.experiment.seed)  # same initial weights on every rank
     trainer = Trainer(cfg, ctx, recipe, data_dir, run_dir, LoaderFactory(cfg, ctx, data_dir, recipe),
                       after_step=faults.hook_from_env())

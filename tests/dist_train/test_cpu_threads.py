@@ -2,7 +2,6 @@
 OpenMP threads that outnumber the cores spin against each other."""
 from __future__ import annotations
 
-import logging
 import os
 
 import pytest
@@ -41,7 +40,7 @@ def test_configured_count_wins(monkeypatch):
     assert distributed.pick_cpu_threads(env(2), 3) == (3, "dist.cpu_threads")
 
 
-def test_init_applies_and_prints_the_choice(monkeypatch, caplog):
+def test_init_applies_and_describes_the_choice(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
     before = torch.get_num_threads()
@@ -50,13 +49,24 @@ def test_init_applies_and_prints_the_choice(monkeypatch, caplog):
     monkeypatch.setattr(distributed, "pick_device", lambda e: torch.device("cpu"))
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # no group needed for this check
     try:
-        with caplog.at_level(logging.INFO, logger="dist_train.distributed"):
-            distributed.init(single, "gloo", 60)
+        ctx = distributed.init(single, "gloo", 60)
         assert torch.get_num_threads() == 3
-        assert any("3 intra-op CPU thread(s) per rank (3 usable cores / 1 rank(s) on this host)" in r.getMessage()
-                   for r in caplog.records)
+        # logged by the run once it starts (not before: a config error must stay one line)
+        assert ctx.cpu_threads == "3 intra-op CPU thread(s) per rank (3 usable cores / 1 rank(s) on this host)"
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_run_logs_the_choice(tmp_path):
+    import subprocess
+
+    from tests.conftest import PYTHON, tiny_overrides
+
+    proc = subprocess.run([PYTHON, str(REPO / "dist_train" / "main.py"), "--config", str(REPO / "configs" / "facecom.yaml"),
+                           *tiny_overrides(tmp_path, train__max_steps=1), "dist.cpu_threads=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 intra-op CPU thread(s) per rank (dist.cpu_threads)" in proc.stdout + proc.stderr
 
 
 def test_negative_count_is_a_config_error():
