@@ -90,13 +90,18 @@ def read_twins(path: Path, identities: set[str], faults: list[Fault]) -> list[tu
     return out
 
 
-def resolve_pairs(path: Path, root: Path, lookup: dict[str, str], faults: list[Fault]) -> list[tuple[str, str, int]]:
-    """``[{"img1","img2","label"}]`` -> (key1, key2, label); ``lookup`` maps names to keys."""
+def read_json(path: Path, what: str) -> Any:
+    """A regular file's JSON, or one :class:`InputError` line naming ``what``."""
     try:
         with open_regular(path, "r", encoding="utf-8") as f:
-            data = json.loads(f.read())
+            return json.loads(f.read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"--pairs {path}: not readable JSON ({type(e).__name__}: {e})") from None
+        raise InputError(f"{what}: not readable JSON ({type(e).__name__}: {e})") from None
+
+
+def resolve_pairs(path: Path, root: Path, lookup: dict[str, str], faults: list[Fault]) -> list[tuple[str, str, int]]:
+    """``[{"img1","img2","label"}]`` -> (key1, key2, label); ``lookup`` maps names to keys."""
+    data = read_json(path, f"--pairs {path}")
     if isinstance(data, dict) and "pairs" in data:
         data = data["pairs"]
     if not isinstance(data, list):
@@ -211,11 +216,7 @@ def dataset_info_images(info: Path, root: Path, base: Path, faults: list[Fault])
 def read_twin_info(path: Path) -> list[Any]:
     """Twin pairs of a ``twin_pairs_infor.json``: a list of ``[id_a, id_b]`` (or
     ``{"id1", "id2"}``), under ``"twin_pairs"`` or per split (``{"train": [...], ...}``)."""
-    try:
-        with open_regular(path, "r", encoding="utf-8") as f:
-            data = json.loads(f.read())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+    data = read_json(path, str(path))
     if isinstance(data, dict) and "twin_pairs" in data:
         data = data["twin_pairs"]
     if isinstance(data, dict):  # per split
