@@ -334,7 +334,6 @@ class Trainer:
         self.strategy.train()
         return values
 
-
     def _save_pictures(self, pictures: dict[str, torch.Tensor]) -> None:
         """The validation pictures the recipe also wants as PNG files (rank 0, atomic)."""
         from torchvision.utils import save_image
