@@ -6,7 +6,9 @@ and synthetic faces at 112x112 and 224x224 written out as a folder of PNGs):
 * pack: ``shards.build.create`` (the ``biomtl shards create`` code) with 1
   and 2 worker processes, images/s;
 * stream: ``shards.stream.build_train_loader`` (shard shuffle, shuffle
-  buffer, decode, transform, batching) with 0, 1 and 2 DataLoader workers;
+  buffer, decode, transform, batching) with 0, 1 and 2 DataLoader workers,
+  handing over float32 batches (0, 1, 2 workers) or, as the recipes do,
+  8-bit pixel batches that the consumer normalises (1, 2 workers);
 * per-file: a map-style ``torch.utils.data.Dataset`` that opens each image
   file from the raw folder with PIL (how the seed projects load data) in a
   ``DataLoader(shuffle=True)`` with 1 and 2 workers;
@@ -51,6 +53,7 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from torchvision import transforms as T  # noqa: E402
 
+from models.pixels import PixelInput  # noqa: E402
 from shards.build import create  # noqa: E402
 from shards.manifest import Manifest  # noqa: E402
 from shards.stream import build_train_loader  # noqa: E402
@@ -58,14 +61,20 @@ from shards.stream import build_train_loader  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 CMU = REPO.parent / "shared" / "data" / "cmu_faces"
 BATCH = 32
+MEAN, STD = (0.5,) * 3, (0.25,) * 3
+PIXELS = PixelInput(MEAN, STD)
 
 
 class Augment:
-    """The same augmentation for every loader (picklable)."""
+    """The same augmentation for every loader (picklable). ``pixels=True``: the
+    recipes' way since the 8-bit hand-off: the worker stops at uint8 and the
+    consumer normalises (:class:`models.pixels.PixelInput`, on the training
+    device in a real run; in the main process here, and timed)."""
 
-    def __init__(self, size: tuple[int, int]):
+    def __init__(self, size: tuple[int, int], pixels: bool = False):
+        tail = [T.PILToTensor()] if pixels else [T.ToTensor(), T.Normalize(MEAN, STD)]
         self.tf = T.Compose([T.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.9, 1.1), antialias=True),
-                             T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize([0.5] * 3, [0.25] * 3)])
+                             T.RandomHorizontalFlip(), *tail])
 
     def image(self, img: Image.Image) -> torch.Tensor:
         return self.tf(img.convert("RGB"))
@@ -118,14 +127,15 @@ def _cpu() -> float:
 def _measure(make_iter, seconds: float) -> tuple[float, float, float]:
     """Over whole epochs lasting >= ``seconds``: (samples/s over whole epochs,
     steady-state samples/s from each epoch's first batch to its last, samples
-    per CPU-second)."""
+    per CPU-second). 8-bit batches are normalised as they arrive, so every
+    method delivers the same normalised floats."""
     t0, c0 = time.perf_counter(), _cpu()
     n = n_steady = 0
     steady = 0.0
     while True:
         t_first = None
         for b in make_iter():
-            k = int(b["image"].shape[0])
+            k = int(PIXELS(b["image"]).shape[0])
             n += k
             if t_first is None:
                 t_first = time.perf_counter()
@@ -178,7 +188,7 @@ def prepare(name: str, work: Path) -> tuple[str, Path, dict, tuple[int, int]]:
 
 def bench(name: str, work: Path, seconds: float, repeats: int) -> dict:
     fmt, raw, opts, size = prepare(name, work)
-    aug = Augment(size)
+    aug, aug_pixels = Augment(size), Augment(size, pixels=True)
     res: dict = {"dataset": name}
     # --- pack
     for workers in (1, 2):
@@ -219,9 +229,9 @@ def bench(name: str, work: Path, seconds: float, repeats: int) -> dict:
     # --- stream vs per-file
     epoch = [0]
 
-    def stream(w):
+    def stream(w, tf=aug):
         epoch[0] += 1
-        return build_train_loader(out, "train", aug, BATCH, 0, 1, w, seed=0, epoch=epoch[0], shuffle_buffer=1000)
+        return build_train_loader(out, "train", tf, BATCH, 0, 1, w, seed=0, epoch=epoch[0], shuffle_buffer=1000)
 
     def perfile(w):
         return DataLoader(PerFile(files, aug), batch_size=BATCH, shuffle=True, num_workers=w, drop_last=True,
@@ -232,6 +242,7 @@ def bench(name: str, work: Path, seconds: float, repeats: int) -> dict:
                                                drop_last=True, persistent_workers=False)}
     for w in (1, 2):
         methods[f"stream_{w}w"] = lambda w=w: stream(w)
+        methods[f"stream_u8_{w}w"] = lambda w=w: stream(w, aug_pixels)
         methods[f"perfile_{w}w"] = lambda w=w: perfile(w)
     for k, (wall, steady, cpu) in _compare(methods, seconds, repeats).items():
         res[k], res[f"{k}_steady"], res[f"{k}_per_cpu_s"] = wall, steady, cpu
@@ -241,8 +252,9 @@ def bench(name: str, work: Path, seconds: float, repeats: int) -> dict:
 def table(rows: list[dict]) -> str:
     head = ("| dataset | samples (stored as) | pack 1w / 2w | bare decode | stream 1w | stream 2w "
             "| per-file 1w | per-file 2w | stream 1w / bare | stream / per-file (1w, 2w) |")
-    lines = ["Samples/s, steady state (epoch start-up excluded) and, in brackets, over whole epochs "
-             "(DataLoader worker start-up included):", "", head, "|" + "|".join(["---"] * 10) + "|"]
+    lines = ["The stream as the recipes run it (8-bit hand-off, normalised by the consumer). Samples/s, "
+             "steady state (epoch start-up excluded) and, in brackets, over whole epochs (DataLoader worker "
+             "start-up included):", "", head, "|" + "|".join(["---"] * 10) + "|"]
 
     def both(r, k):
         return f"{r[k + '_steady']:.0f} ({r[k]:.0f})"
@@ -250,30 +262,33 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['dataset']} | {r['samples']} ({r['stored_as']}, {r['bytes_per_sample'] / 1024:.1f} KiB) "
-            f"| {r['pack_1w']:.0f} / {r['pack_2w']:.0f} | {r['bare_steady']:.0f} | {both(r, 'stream_1w')} "
-            f"| {both(r, 'stream_2w')} | {both(r, 'perfile_1w')} | {both(r, 'perfile_2w')} "
-            f"| {r['stream_1w_steady'] / r['bare_steady']:.0%} ({r['stream_1w'] / r['bare']:.0%}) "
-            f"| {r['stream_1w_steady'] / r['perfile_1w_steady']:.2f}x, "
-            f"{r['stream_2w_steady'] / r['perfile_2w_steady']:.2f}x |")
-    lines += ["", "References, steady-state samples/s: the stream without workers (in the main process), and a "
-              "map-style Dataset over the same bytes already in memory with 1 worker (the DataLoader's own "
-              "ceiling: what any 1-worker loader can reach here):", "",
-              "| dataset | bare decode | stream 0w (in-process) | in-memory Dataset 1w | stream 1w "
-              "| stream 0w / bare | in-memory 1w / bare | stream 1w / in-memory 1w |",
-              "|" + "|".join(["---"] * 8) + "|"]
+            f"| {r['pack_1w']:.0f} / {r['pack_2w']:.0f} | {r['bare_steady']:.0f} | {both(r, 'stream_u8_1w')} "
+            f"| {both(r, 'stream_u8_2w')} | {both(r, 'perfile_1w')} | {both(r, 'perfile_2w')} "
+            f"| {r['stream_u8_1w_steady'] / r['bare_steady']:.0%} ({r['stream_u8_1w'] / r['bare']:.0%}) "
+            f"| {r['stream_u8_1w_steady'] / r['perfile_1w_steady']:.2f}x, "
+            f"{r['stream_u8_2w_steady'] / r['perfile_2w_steady']:.2f}x |")
+    lines += ["", "Where the gap to bare goes, steady-state samples/s: the stream without workers (in the main "
+              "process), a map-style Dataset over the same bytes already in memory with 1 worker (the "
+              "DataLoader's own ceiling with float batches), the stream handing over float32 (before the "
+              "8-bit hand-off) and 8-bit pixels:", "",
+              "| dataset | bare decode | stream 0w | in-memory Dataset 1w | stream 1w float | stream 1w uint8 "
+              "| stream 0w / bare | in-memory 1w / bare | float 1w / bare | uint8 1w / bare |",
+              "|" + "|".join(["---"] * 10) + "|"]
     for r in rows:
-        b, s0, m1, s1 = (r[f"{k}_steady"] for k in ("bare", "stream_0w", "memory_1w", "stream_1w"))
-        lines.append(f"| {r['dataset']} | {b:.0f} | {s0:.0f} | {m1:.0f} | {s1:.0f} | {s0 / b:.0%} | {m1 / b:.0%} "
-                     f"| {s1 / m1:.0%} |")
-    keys = ("bare", "stream_0w", "memory_1w", "stream_1w", "stream_2w", "perfile_1w", "perfile_2w")
+        b, s0, m1, s1, u1 = (r[f"{k}_steady"] for k in ("bare", "stream_0w", "memory_1w", "stream_1w",
+                                                          "stream_u8_1w"))
+        lines.append(f"| {r['dataset']} | {b:.0f} | {s0:.0f} | {m1:.0f} | {s1:.0f} | {u1:.0f} | {s0 / b:.0%} "
+                     f"| {m1 / b:.0%} | {s1 / b:.0%} | {u1 / b:.0%} |")
+    keys = ("bare", "stream_0w", "memory_1w", "stream_1w", "stream_u8_1w", "stream_u8_2w", "perfile_1w",
+            "perfile_2w")
     lines += ["", "Samples per CPU-second (main process + its workers, whole epochs; other users' load changes "
               "this much less than wall time):", "",
-              "| dataset | " + " | ".join(k.replace("_", " ") for k in keys) + " | stream 1w / bare |",
+              "| dataset | " + " | ".join(k.replace("_", " ") for k in keys) + " | stream u8 1w / bare |",
               "|" + "|".join(["---"] * (len(keys) + 2)) + "|"]
     for r in rows:
         c = {k: r[f"{k}_per_cpu_s"] for k in keys}
         lines.append(f"| {r['dataset']} | " + " | ".join(f"{c[k]:.0f}" for k in keys)
-                     + f" | {c['stream_1w'] / c['bare']:.0%} |")
+                     + f" | {c['stream_u8_1w'] / c['bare']:.0%} |")
     return "\n".join(lines)
 
 

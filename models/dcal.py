@@ -133,6 +133,7 @@ from models.backbones import build_backbone  # noqa: E402
 from models.heads import build_identity_head  # noqa: E402
 from models.losses import (DynamicLossWeights, SupConLoss, TwinAwareTripletLoss, co_twin_mask,  # noqa: E402
                            masked_cross_entropy, weighted_sum)
+from models.pixels import PixelInput  # noqa: E402
 
 __all__ = ["DCALConfig", "DCAL", "pick_distractors", "rollout", "select_top_tokens", "block_forward",
            "attention_forward", "PairVerificationHead", "check_supported", "check_backbone_name"]
@@ -362,6 +363,7 @@ class DCAL(nn.Module):
             weights: bool | str = cfg.weights_path or cfg.pretrained
             backbone, _ = build_backbone(cfg.backbone, weights, img_size=cfg.img_size, **cfg.backbone_kwargs)
         check_supported(backbone)
+        self.pixels = PixelInput()  # training batches arrive as 8-bit pixels
         self.vit = backbone
         dim = backbone.embed_dim
         self.dim = dim
@@ -389,7 +391,7 @@ class DCAL(nn.Module):
     # --- branches ------------------------------------------------------------
     def _embed_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         vit = self.vit
-        x = vit.patch_embed(images)
+        x = vit.patch_embed(self.pixels(images))
         grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(vit.patch_embed.grid_size)
         x = vit._pos_embed(x)
         x = vit.patch_drop(x)

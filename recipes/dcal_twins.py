@@ -14,7 +14,8 @@ Data (one shard sample)
   = unlabelled) and optionally ``twin`` (identity index of the co-twin, ``-1`` =
   none). Without ``twin`` the co-twin comes from the manifest's ``twin_pairs``.
 
-``transform`` -> ``{"image": float [3, S, S] (ImageNet-normalised), "identity": long,
+``transform`` -> ``{"image": [3, S, S] (training: uint8 pixels, normalised on the device by
+:class:`models.pixels.PixelInput`; evaluation: float, ImageNet-normalised), "identity": long,
 "twin": long}``. Training adds a mild random resized crop, a horizontal flip and
 brightness/contrast jitter (global torch RNG: the stream seeds it per sample).
 

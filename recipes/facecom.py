@@ -8,7 +8,8 @@ Data (one shard sample):
   ``-1`` = unlabelled) and ``gender`` (int 0/1; missing or ``-1`` = unlabelled).
   Unlabelled rows are ignored by the losses and the metrics.
 
-``transform`` -> ``{"image": float [3, S, S] (ImageNet-normalised), "identity": long,
+``transform`` -> ``{"image": [3, S, S] (training: uint8 pixels, normalised on the device by
+:class:`models.pixels.PixelInput`; evaluation: float, ImageNet-normalised), "identity": long,
 "gender": long}``. Training adds the degradation augmentations
 (:mod:`models.augment`), a horizontal flip and a mild random resized crop.
 
@@ -43,9 +44,10 @@ from models.augment import degradation_transforms
 from models.backbones import build_backbone
 from models.heads import build_identity_head
 from models.losses import SupConLoss, TwinAwareTripletLoss, masked_cross_entropy
+from models.pixels import PixelInput
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
 from recipes.batch import label_column, move_batch, sample_keys, valid_mask
-from recipes.image_input import face_transforms, pick_rgb_image
+from recipes.image_input import IMAGENET_MEAN, face_transforms, pick_rgb_image
 from recipes.init_weights import check_init_from, load_init_weights
 
 log = logging.getLogger("biomtl.facecom")
@@ -143,6 +145,7 @@ class FaceComModel(nn.Module):
         self.alpha, self.beta, self.label_smoothing = p.alpha, p.beta, p.label_smoothing
         weights: bool | str = p.weights_path or p.pretrained
         kwargs = dict(p.backbone_kwargs, **({"global_pool": ""} if p.embedding_pool == "flatten" else {}))
+        self.pixels = PixelInput()  # training batches arrive as 8-bit pixels
         self.backbone, feat = build_backbone(p.backbone, weights, img_size=p.img_size, **kwargs)
         if p.embedding_pool == "flatten":
             feat = _flat_feature_size(self.backbone, p.img_size)
@@ -158,7 +161,7 @@ class FaceComModel(nn.Module):
                        "none": lambda: None}[p.metric_loss]()
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.neck(self.backbone(images).flatten(1))
+        return self.neck(self.backbone(self.pixels(images)).flatten(1))
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         emb = self.embed(batch["image"])
@@ -326,8 +329,10 @@ class FaceComRecipe(Recipe):
             shift = p.rotate_degrees / 100.0
             degrade.insert(0, transforms.RandomAffine(p.rotate_degrees, translate=(shift, shift)))
         self.train_tf, self.eval_tf = face_transforms(p.img_size, p.augment, p.crop_scale_min, p.p_flip, degrade)
-        if p.augment and p.p_erase > 0:  # on the normalised tensor: the erased patch is the mean colour
-            self.train_tf = transforms.Compose([self.train_tf, transforms.RandomErasing(p.p_erase, (0.02, 0.15))])
+        if p.augment and p.p_erase > 0:  # on the 8-bit tensor: the erased patch is the mean colour
+            mean_rgb = [round(255 * m) for m in IMAGENET_MEAN]
+            self.train_tf = transforms.Compose([self.train_tf,
+                                                transforms.RandomErasing(p.p_erase, (0.02, 0.15), value=mean_rgb)])
         if p.grayscale:
             self.train_tf = transforms.Compose([transforms.Grayscale(3), self.train_tf])
             self.eval_tf = transforms.Compose([transforms.Grayscale(3), self.eval_tf])

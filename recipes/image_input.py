@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 from torchvision import transforms
 
+from models.pixels import IMAGENET_MEAN, IMAGENET_STD
 from shards.reading import IMAGE_EXTS
 
 # Member names tried in order: the built-in synthetic shards' visible image
@@ -16,8 +17,6 @@ from shards.reading import IMAGE_EXTS
 # packer stores and the decoder reads is one the recipes accept.
 IMAGE_STEMS = ("vis", "", "image", "face")
 IMAGE_KEYS = tuple(f"{stem}.{ext}" if stem else ext for stem in IMAGE_STEMS for ext in IMAGE_EXTS)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class MissingImageError(KeyError):
@@ -49,7 +48,10 @@ def face_transforms(img_size: int, augment: bool, crop_scale_min: float, p_flip:
                     extra: Sequence[Any] = ()) -> tuple[transforms.Compose, transforms.Compose]:
     """(train, eval) pipelines: eval resizes; train adds a mild random resized
     crop, a horizontal flip and the recipe's ``extra`` PIL augmentations when
-    ``augment`` is on. Both end in ToTensor + ImageNet normalisation."""
+    ``augment`` is on. Train ends in an 8-bit tensor (the network's
+    :class:`models.pixels.PixelInput` normalises it on the training device, so
+    workers hand over a quarter of the bytes); eval ends in ToTensor + ImageNet
+    normalisation, the float input every evaluation path and picture expects."""
     size = (img_size, img_size)
     norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train: list[Any] = []
@@ -61,4 +63,4 @@ def face_transforms(img_size: int, augment: bool, crop_scale_min: float, p_flip:
         if p_flip > 0:
             train.append(transforms.RandomHorizontalFlip(p_flip))
         train.extend(extra)
-    return transforms.Compose([*train, *norm]), transforms.Compose([transforms.Resize(size), *norm])
+    return transforms.Compose([*train, transforms.PILToTensor()]), transforms.Compose([transforms.Resize(size), *norm])

@@ -91,9 +91,9 @@ class DDPStrategy(Strategy):
 
     def _to_device(self, batch: Mapping[str, Any]) -> Any:
         batch = move_batch(batch, self.device)
-        if self.channels_last:  # the image batches, in the layout the weights are in
+        if self.channels_last:  # the image batches (float or 8-bit pixels), in the layout the weights are in
             batch = {k: v.contiguous(memory_format=torch.channels_last)
-                     if isinstance(v, torch.Tensor) and v.dim() == 4 and v.is_floating_point() else v
+                     if isinstance(v, torch.Tensor) and v.dim() == 4 else v
                      for k, v in batch.items()}
         return batch
 

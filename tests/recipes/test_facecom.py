@@ -243,7 +243,8 @@ def test_transform_keys_and_determinism():
     x = r.transform(sample, train=True)
     torch.manual_seed(7)
     y = r.transform(sample, train=True)
-    assert x["image"].shape == (3, 32, 32) and x["image"].dtype == torch.float32
+    # training hands 8-bit pixels to the loader; the network normalises them
+    assert x["image"].shape == (3, 32, 32) and x["image"].dtype == torch.uint8
     assert torch.equal(x["image"], y["image"])
     assert x["identity"].item() == 3 and x["gender"].item() == 1 and x["identity"].dtype == torch.long
     grey = {"jpg": _face(40).convert("L"), "json": {"identity": 1}}
@@ -251,6 +252,30 @@ def test_transform_keys_and_determinism():
     assert z["image"].shape == (3, 32, 32) and z["gender"].item() == -1
     with pytest.raises(KeyError):
         r.transform({"json": {}}, train=False)
+
+
+def test_training_pixels_reach_the_network_as_the_evaluation_floats():
+    """Without augmentation the train transform (uint8) and the eval transform (normalised
+    float) resize alike; the model must embed both to the same vector."""
+    r = _recipe(augment=False)
+    sample = {"__key__": "a", "vis.png": _face(40), "json": {"identity": 3}}
+    pixels, floats = r.transform(sample, train=True)["image"], r.transform(sample, train=False)["image"]
+    assert pixels.dtype == torch.uint8 and floats.dtype == torch.float32
+    model = r.build_model().eval()
+    with torch.no_grad():
+        assert torch.allclose(model.pixels(pixels[None]), floats[None], atol=1e-6)
+        assert torch.allclose(model.embed(pixels[None]), model.embed(floats[None]), atol=1e-5)
+
+
+def test_random_erasing_fills_with_the_mean_colour():
+    r = _recipe(p_erase=1.0, crop_scale_min=1.0, p_flip=0.0, p_blur=0, p_noise=0, p_low_light=0, p_haze=0,
+                p_jpeg=0)
+    img = Image.new("RGB", (40, 40), (255, 255, 255))
+    torch.manual_seed(0)
+    out = r.transform({"__key__": "a", "vis.png": img, "json": {"identity": 0}}, train=True)["image"]
+    erased = (out != 255).any(0)
+    assert erased.any() and not erased.all()
+    assert out[:, erased].T.unique(dim=0).tolist() == [[124, 116, 104]]
 
 
 @pytest.mark.parametrize("head", ["linear", "arcface", "cosface"])

@@ -1,0 +1,42 @@
+"""models.pixels.PixelInput: 8-bit pixels in, the ImageNet-normalised floats
+torchvision's ToTensor + Normalize would give out; floats untouched."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from models.pixels import IMAGENET_MEAN, IMAGENET_STD, PixelInput
+
+
+def _image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 256, (20, 24, 3), dtype=np.uint8))
+
+
+def test_uint8_matches_to_tensor_and_normalize():
+    img = _image()
+    ref = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)(transforms.ToTensor()(img))
+    out = PixelInput()(transforms.PILToTensor()(img)[None])
+    assert out.dtype == torch.float32
+    assert torch.allclose(out[0], ref, atol=1e-6)
+
+
+def test_float_input_is_returned_unchanged():
+    x = torch.randn(2, 3, 8, 8)
+    assert PixelInput()(x) is x
+
+
+def test_no_state_and_exact_after_a_half_precision_cast():
+    """A bf16 engine casts the module: the constants must not be rounded with it,
+    and checkpoints must not change (no state dict entries)."""
+    m = PixelInput()
+    assert m.state_dict() == {}
+    u8 = transforms.PILToTensor()(_image(1))[None]
+    ref = PixelInput()(u8)
+    assert torch.equal(m.to(torch.bfloat16)(u8), ref)
+
+
+def test_channels_last_layout_is_kept():
+    u8 = transforms.PILToTensor()(_image(2))[None].contiguous(memory_format=torch.channels_last)
+    assert PixelInput()(u8).is_contiguous(memory_format=torch.channels_last)
