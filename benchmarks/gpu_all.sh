@@ -23,4 +23,7 @@ run photometric_convnextv2_224 configs/photometric_mtl.yaml recipe.params.backbo
     data.batch_size=64 train.channels_last=true
 run facecom_default configs/facecom.yaml
 run thz_mtl_default configs/thz_mtl.yaml
+# the trainer's step against a bare loop on the GPU (wall-clock rates; target: within 3 %)
+"$PY" benchmarks/trainer_overhead.py --steps 300 --warmup 30 --repeats 3 --image-size 112 --precision bf16 \
+    2>&1 | grep -v "INFO" | tee "$OUT/trainer_overhead.log"
 echo "results: $OUT/*.json"
