@@ -14,11 +14,15 @@ Data (one shard sample)
 ``transform``: the crop is the box grown by ``buffer`` (10 %) of its size on
 every side, clipped to the image borders (:func:`ear_crop`), resized to
 ``img_size`` (square) and normalised with the ImageNet mean/std. In training
-two views are drawn, each with the switchable augmentations (``flip``,
-``rotation`` degrees, ``brightness`` factor range, Gaussian ``noise`` std,
-``crop_jitter``: the box scaled/shifted by up to that fraction; all off by
-default, so SimSiam's two views are then identical and its term is trivial:
-turn them on for it to teach anything). Output: ``image`` (and
+two views are drawn, each with the switchable augmentations (``flip``;
+one affine warp of ``rotation`` degrees, ``zoom`` scale range and ``shift``
+translation; ``brightness``, ``contrast``, ``saturation`` factor ranges,
+``hue`` shift, ``grayscale`` probability, Gaussian ``noise`` std;
+``crop_jitter``: the box scaled/shifted by up to that fraction before the
+resize). All are off in :class:`EarTeacherParams`, so SimSiam's two views
+and the instance pseudo-labels teach nothing until they are turned on;
+``configs/ear_teacher.yaml`` turns on the set measured on AMI ears
+(docs/results.md). Output: ``image`` (and
 ``view2`` in training), ``key_hash`` (a stable 63-bit hash of the sample key,
 :func:`key_hash`), ``identity`` (``-1`` when unknown; metrics only).
 
@@ -27,16 +31,31 @@ Model (:class:`EarTeacherModel` around :class:`models.ear.EarTeacherNet`)
 ``loss = reconstruction_weight * MSE(decoder(view 1), view 1)
         + simsiam_weight * SimSiam(view 1, view 2)
         + metric_weight * CE(ArcFace|CosFace(projection), pseudo-label)``
-(``metric_loss: none`` drops the last term). The reconstruction target is
+(``metric_loss: none`` drops the last term; with ``pseudo_labels: instance``
+the margin term on both views is the instance-discrimination loss). The reconstruction target is
 the normalised input. ``terms``: ``reconstruction``, ``simsiam``, ``metric``.
 ``embed`` (inference, ``biomtl extract``) returns the projection.
 
-Pseudo-labels (:meth:`EarTeacherRecipe.on_epoch_start`, :func:`assign_pseudo_labels`)
---------------------------------------------------------------------------------
+Pseudo-labels (:meth:`EarTeacherRecipe.on_epoch_start`, :func:`assign_pseudo_labels`, :func:`instance_labels`)
+--------------------------------------------------------------------------------------------------------------
 Before every ``pseudo_label_every``-th epoch (epoch 0 included) each rank
 embeds its share of the training split (evaluation transform, no
 augmentation; every sample once over the ranks); the L2-normalised
-projections and key hashes are gathered; rank 0 runs scikit-learn's
+projections and key hashes are gathered.
+
+``pseudo_labels: instance`` (exemplar labels, Dosovitskiy et al. 2014): every
+training sample is its own class (numbered in key-hash order), the head has
+one row per training sample (the manifest's train split size overrides
+``num_pseudo_classes``) and is re-initialised from the current embeddings at
+every reassignment, so with ``pseudo_label_every: 1`` it is a memory bank of
+last epoch's embeddings (Wu et al. 2018, non-parametric instance
+discrimination) and the margin loss pulls the two augmented views towards
+their own sample and away from all others. This is what makes the embedding
+identity-bearing on AMI ears; it needs the augmentations on and a soft
+softmax (``scale`` 10, ``margin`` 0: ArcFace's s 30 / m 0.3 cannot fit 350
+instances and degrades the embedding).
+
+``pseudo_labels: kmeans``: rank 0 runs scikit-learn's
 ``KMeans(k = min(num_pseudo_classes, samples), random_state=pseudo_label_seed,
 n_init=kmeans_n_init)`` on them, sorted by key hash (so the labels depend on
 the embeddings and the seed only, not on rank or loader order), and every rank
@@ -61,6 +80,7 @@ and their reconstructions (bottom row) go to TensorBoard
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -104,8 +124,9 @@ class EarTeacherParams:
     metric_weight: float = 0.1
     margin: float = 0.3
     scale: float = 30.0
-    # --- pseudo-labels (k-means on the training embeddings)
-    num_pseudo_classes: int = 512
+    # --- pseudo-labels: k-means clusters of the training embeddings, or one class per training sample
+    pseudo_labels: Literal["kmeans", "instance"] = "kmeans"
+    num_pseudo_classes: int = 512            # k-means: k (capped at the samples); instance: >= training samples
     pseudo_label_every: int = 1              # epochs between reassignments
     pseudo_label_seed: int = 0
     kmeans_n_init: int = 3
@@ -113,7 +134,13 @@ class EarTeacherParams:
     buffer: float = 0.1                      # box growth per side, then clipped to the image
     flip: bool = False
     rotation: float = 0.0                    # max degrees
+    zoom: float = 0.0                        # scale factor in [1 - z, 1 + z] (about the centre)
+    shift: float = 0.0                       # translation up to this fraction of the size, per axis
     brightness: float = 0.0                  # factor in [1 - b, 1 + b]
+    contrast: float = 0.0                    # factor in [1 - c, 1 + c]
+    saturation: float = 0.0                  # factor in [1 - s, 1 + s]
+    hue: float = 0.0                         # shift in [-h, h] (a fraction of the hue circle, <= 0.5)
+    grayscale: float = 0.0                   # probability of a grey view
     noise: float = 0.0                       # Gaussian std on the [0, 1] image
     crop_jitter: float = 0.0                 # box scale and shift up to this fraction of its size, per view
     # --- evaluation
@@ -125,12 +152,16 @@ class EarTeacherParams:
         if self.img_size < 16 or self.projection_dim < 1 or self.num_pseudo_classes < 1:
             raise ValueError("img_size must be >= 16, projection_dim and num_pseudo_classes >= 1")
         if min(self.reconstruction_weight, self.simsiam_weight, self.metric_weight, self.rotation,
-               self.brightness, self.noise, self.buffer, self.crop_jitter) < 0:
+               self.brightness, self.noise, self.buffer, self.crop_jitter, self.zoom, self.shift,
+               self.contrast, self.saturation, self.hue, self.grayscale) < 0:
             raise ValueError("loss weights, buffer and augmentation strengths must be >= 0")
         if self.pseudo_label_every < 1 or self.kmeans_n_init < 1 or self.collage_samples < 1:
             raise ValueError("pseudo_label_every, kmeans_n_init and collage_samples must be >= 1")
-        if self.brightness >= 1 or self.crop_jitter >= 0.5:
-            raise ValueError("brightness must be < 1 (factor range [1 - b, 1 + b]) and crop_jitter < 0.5")
+        if max(self.brightness, self.contrast, self.saturation, self.zoom) >= 1 or self.crop_jitter >= 0.5:
+            raise ValueError("brightness, contrast, saturation and zoom must be < 1 (factor range [1 - x, 1 + x]) "
+                             "and crop_jitter < 0.5")
+        if self.hue > 0.5 or self.grayscale > 1 or self.shift >= 0.5:
+            raise ValueError("hue must be <= 0.5, grayscale (a probability) <= 1 and shift < 0.5")
         if (self.dims and len(self.dims) != 4) or (self.depths and len(self.depths) != 4):
             raise ValueError("dims and depths list the 4 ConvNeXt stages (or are empty: the backbone's own)")
 
@@ -216,10 +247,22 @@ def augment_view(t: torch.Tensor, p: EarTeacherParams) -> torch.Tensor:
 
     if p.flip and random.random() < 0.5:
         t = TF.hflip(t)
-    if p.rotation > 0:
-        t = TF.rotate(t, random.uniform(-p.rotation, p.rotation), interpolation=TF.InterpolationMode.BILINEAR)
+    if p.rotation > 0 or p.zoom > 0 or p.shift > 0:
+        size = t.shape[-1]
+        t = TF.affine(t, angle=random.uniform(-p.rotation, p.rotation),
+                      translate=[round(random.uniform(-p.shift, p.shift) * size) for _ in range(2)],
+                      scale=random.uniform(1 - p.zoom, 1 + p.zoom), shear=[0.0],
+                      interpolation=TF.InterpolationMode.BILINEAR)
     if p.brightness > 0:
         t = t * random.uniform(1 - p.brightness, 1 + p.brightness)
+    if p.contrast > 0:
+        t = TF.adjust_contrast(t.clamp(0, 1), random.uniform(1 - p.contrast, 1 + p.contrast))
+    if p.saturation > 0:
+        t = TF.adjust_saturation(t.clamp(0, 1), random.uniform(1 - p.saturation, 1 + p.saturation))
+    if p.hue > 0:
+        t = TF.adjust_hue(t.clamp(0, 1), random.uniform(-p.hue, p.hue))
+    if p.grayscale > 0 and random.random() < p.grayscale:
+        t = TF.rgb_to_grayscale(t.clamp(0, 1), num_output_channels=3)
     if p.noise > 0:
         t = t + torch.randn_like(t) * p.noise
     return t.clamp(0, 1)
@@ -241,6 +284,22 @@ def assign_pseudo_labels(keys: np.ndarray, embeddings: np.ndarray, num_classes: 
     k = max(1, min(int(num_classes), len(keys)))
     km = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit(x)
     return keys, km.labels_.astype(np.int64), km.cluster_centers_.astype(np.float32)
+
+
+def instance_labels(keys: np.ndarray, embeddings: np.ndarray, num_classes: int
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exemplar pseudo-labels (Dosovitskiy et al. 2014): every sample its own class, numbered
+    in key order; the "centroids" are the L2-normalised embeddings themselves, so the head
+    re-initialised from them is a memory bank of the current embeddings (Wu et al. 2018).
+    Same return as :func:`assign_pseudo_labels`."""
+    keys = np.asarray(keys, dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    if len(keys) > num_classes:
+        raise ValueError(f"pseudo_labels: instance needs num_pseudo_classes >= the training samples "
+                         f"({len(keys)} > {num_classes})")
+    x = np.asarray(embeddings, dtype=np.float64)[order]
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return keys[order], np.arange(len(keys), dtype=np.int64), x.astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- model
@@ -355,6 +414,9 @@ class EarTeacherRecipe(Recipe):
     Params = EarTeacherParams
 
     def __init__(self, params: EarTeacherParams, data_info: DataInfo):
+        train_samples = int(data_info.split_sizes.get("train", 0))
+        if params.pseudo_labels == "instance" and train_samples:  # one head row per training sample
+            params = dataclasses.replace(params, num_pseudo_classes=train_samples)
         super().__init__(params, data_info)
 
     # --- data
@@ -407,11 +469,14 @@ class EarTeacherRecipe(Recipe):
             all_keys = np.concatenate([k for k, _, _ in parts])
             all_emb = np.concatenate([e for _, e, _ in parts])
             all_ids = np.concatenate([i for _, _, i in parts])
-            sorted_keys, labels, centroids = assign_pseudo_labels(all_keys, all_emb, p.num_pseudo_classes,
-                                                                  p.pseudo_label_seed, p.kmeans_n_init)
+            if p.pseudo_labels == "instance":
+                sorted_keys, labels, centroids = instance_labels(all_keys, all_emb, p.num_pseudo_classes)
+            else:
+                sorted_keys, labels, centroids = assign_pseudo_labels(all_keys, all_emb, p.num_pseudo_classes,
+                                                                      p.pseudo_label_seed, p.kmeans_n_init)
             result = (sorted_keys, labels, centroids)
             ids = all_ids[np.argsort(all_keys, kind="stable")]
-            if (ids >= 0).all() and len(np.unique(ids)) > 1:
+            if p.pseudo_labels == "kmeans" and (ids >= 0).all() and len(np.unique(ids)) > 1:
                 from sklearn.metrics import normalized_mutual_info_score
 
                 log.info("epoch %d: %d pseudo-labels over %d samples; NMI with the (unused) identities %.3f",

@@ -155,6 +155,60 @@ def test_on_epoch_start_assigns_labels_from_an_embedding_pass_and_reinitialises_
     assert torch.equal(again.pseudo_labels(torch.arange(12) * 7 + 1), labels)
 
 
+def test_instance_labels_give_every_sample_its_own_class_in_key_order():
+    from recipes.ear_teacher import instance_labels
+
+    keys = np.array([30, 10, 20])
+    emb = np.array([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    k, labels, centroids = instance_labels(keys, emb, num_classes=3)
+    assert k.tolist() == [10, 20, 30] and labels.tolist() == [0, 1, 2]
+    assert np.allclose(centroids, [[0, 1], [0.5 ** 0.5, 0.5 ** 0.5], [1, 0]], atol=1e-6)  # normalised, key order
+    k2, labels2, _ = instance_labels(keys[::-1], emb[::-1], num_classes=3)                  # row order is irrelevant
+    assert k2.tolist() == k.tolist() and labels2.tolist() == labels.tolist()
+    with pytest.raises(ValueError, match="num_pseudo_classes"):
+        instance_labels(keys, emb, num_classes=2)
+
+
+def test_instance_mode_sizes_the_head_to_the_train_split_and_makes_it_a_memory_bank(tmp_path):
+    from tests.conftest import artifact_context
+
+    data = DataInfo(identities=[], twin_pairs=[], label_schemas={}, modalities=[], split_sizes={"train": 11})
+    recipe = EarTeacherRecipe(tiny_params(pseudo_labels="instance", num_pseudo_classes=4), data)
+    model = recipe.build_model().eval()
+    assert model.head.weight.shape[0] == 11                           # one row per training image, not 4
+    torch.manual_seed(0)
+    images = torch.rand(12, 3, 32, 32)
+    batches = [{"image": images[i:i + 4], "key_hash": torch.arange(i, i + 4) * 7 + 1,
+                "identity": torch.arange(i, i + 4) % 3, "_valid": torch.tensor([True, True, True, i < 8])}
+               for i in (0, 4, 8)]
+    recipe.on_epoch_start(model, 0, artifact_context(tmp_path, {"train": batches}))
+    labels = model.pseudo_labels(torch.arange(11) * 7 + 1)
+    assert sorted(labels.tolist()) == list(range(11))                 # every image its own class
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(model.embed(images[:11]), dim=1)
+    assert torch.allclose(model.head.weight[labels], z, atol=1e-5)    # the head = the current embeddings
+
+
+def test_augmentations_are_off_by_default_and_each_one_changes_the_view():
+    import random
+
+    from recipes.ear_teacher import augment_view
+
+    torch.manual_seed(0)
+    random.seed(0)
+    image = torch.rand(3, 32, 32) * 0.8 + 0.1
+    assert torch.equal(augment_view(image, tiny_params()), image)
+    for name, value in [("rotation", 10.0), ("zoom", 0.2), ("shift", 0.1), ("brightness", 0.3),
+                        ("contrast", 0.3), ("saturation", 0.3), ("hue", 0.1), ("grayscale", 1.0), ("noise", 0.05)]:
+        views = [augment_view(image, tiny_params(**{name: value})) for _ in range(4)]
+        assert any(not torch.allclose(v, image, atol=1e-3) for v in views), name   # a draw can be ~identity
+        assert all(v.shape == image.shape and 0 <= float(v.min()) and float(v.max()) <= 1 for v in views)
+    with pytest.raises(ValueError):
+        tiny_params(zoom=1.0)
+    with pytest.raises(ValueError):
+        tiny_params(hue=0.6)
+
+
 # ----------------------------------------------------------------------------- weights
 
 def test_local_pretrained_weights_load_and_a_missing_file_is_one_clear_error(tmp_path):
