@@ -62,12 +62,6 @@ def pack(data: Path, out: Path, train_subjects: int, total: int) -> Path:
     return out
 
 
-def train_size(shards: Path) -> int:
-    from shards.manifest import Manifest
-
-    return Manifest.load(shards).split_size("train")
-
-
 def overrides(args: argparse.Namespace, shards: Path, seed: int, out_dir: Path) -> list[str]:
     o = {"experiment.name": f"ear_bench_s{seed}", "experiment.seed": seed, "experiment.output_dir": str(out_dir),
          "data.source": "shards", "data.shards": str(shards), "data.val_split": "none", "data.test_split": "test",
@@ -76,8 +70,7 @@ def overrides(args: argparse.Namespace, shards: Path, seed: int, out_dir: Path) 
          "recipe.params.projection_hidden": 4 * args.projection_dim,
          "recipe.params.decoder_width": args.decoder_width,
          "recipe.params.pseudo_labels": args.pseudo_labels,
-         "recipe.params.num_pseudo_classes": args.pseudo_classes or (
-             train_size(shards) if args.pseudo_labels == "instance" else 64),
+         "recipe.params.num_pseudo_classes": args.pseudo_classes,  # instance labels: the recipe uses the split size
          "recipe.params.scale": args.scale, "recipe.params.margin": args.margin,
          "recipe.params.reconstruction_weight": args.reconstruction_weight,
          "recipe.params.pseudo_label_every": args.pseudo_every,
@@ -179,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--projection-dim", type=int, default=128)
     ap.add_argument("--decoder-width", type=int, default=64)
     ap.add_argument("--pseudo-labels", choices=["instance", "kmeans"], default="instance")
-    ap.add_argument("--pseudo-classes", type=int, default=0, help="head rows = k-means k (0: the training images for instance labels, 64 for k-means)")
+    ap.add_argument("--pseudo-classes", type=int, default=64,
+                    help="k-means k (instance labels: one class per training image, whatever this is)")
     ap.add_argument("--pseudo-every", type=int, default=1)
     ap.add_argument("--metric-loss", default="arcface")
     ap.add_argument("--metric-weight", type=float, default=1.0)

@@ -72,8 +72,9 @@ class CsvLog:
             writer.writerows(self.rows)
 
 
-# per-rank step time (dist_train/rank_report.py): performance, not losses to plot
-PERF_KEYS = ("step_s_slowest", "slowest_rank")
+# performance columns (throughput, gradient norm, per-rank step time from dist_train/rank_report.py):
+# TensorBoard's perf/ section, not losses to plot
+PERF_KEYS = ("samples_per_s", "grad_norm", "step_s_slowest", "slowest_rank")
 
 
 def plot_curves(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]], out: Path) -> None:
@@ -92,7 +93,7 @@ def plot_curves(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]
             ys.append(float(value))
         return xs, ys
 
-    skip = {"step", "epoch", "lr", "samples_per_s", "epoch_time_s", "grad_norm", "time", *PERF_KEYS}
+    skip = {"step", "epoch", "lr", "epoch_time_s", "time", *PERF_KEYS}
     loss_keys = [k for k in (train_rows[0] if train_rows else {}) if k not in skip]
     # Losses share a panel (train solid, validation dashed); metrics get their own.
     val_loss_keys = [k for k in (val_rows[0] if val_rows else {}) if k not in skip and "loss" in k]
@@ -167,7 +168,7 @@ class RunLogger:
     def log_train(self, step: int, epoch: int, values: Mapping[str, float]) -> None:
         row = {"step": step, "epoch": epoch, **{k: _round(v) for k, v in values.items()}}
         self.train_csv.append(row)
-        tags = {(f"train/{k}" if k not in ("lr", "samples_per_s", "grad_norm", *PERF_KEYS) else f"perf/{k}"): v
+        tags = {(f"train/{k}" if k not in ("lr", *PERF_KEYS) else f"perf/{k}"): v
                 for k, v in values.items()}
         if self.tb:
             for tag, value in tags.items():

@@ -110,7 +110,7 @@ def test_pseudo_labels_are_deterministic_carry_information_and_follow_the_embedd
     shuffled = emb[np.random.default_rng(2).permutation(len(emb))]    # the embedding changes: so do the labels
     _, l3, _ = assign_pseudo_labels(keys, shuffled, 6, seed=3, n_init=1)
     assert nmi(l1, l3) < 0.6
-    _, l4, _ = assign_pseudo_labels(keys, emb, 50, seed=3, n_init=1)             # k capped at the number of samples
+    _, l4, _ = assign_pseudo_labels(keys, emb, 50, seed=3, n_init=1)  # k capped at the number of samples
     assert len(np.unique(l4)) <= len(keys)
 
 
