@@ -246,14 +246,24 @@ def ssim_window(height: int, width: int, multiscale: bool = False, max_win: int 
 
 def ssim_index(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, multiscale: bool = False,
                win_size: int | None = None, per_sample: bool = False) -> torch.Tensor:
-    """SSIM (or MS-SSIM) of ``[B, C, H, W]`` images from ``pytorch-msssim``, in float32,
-    with ``data_range`` set and the window sized to the image (:func:`ssim_window`).
-    A scalar mean, or ``[B]`` with ``per_sample``."""
+    """SSIM (or MS-SSIM) of ``[B, C, H, W]`` images from ``pytorch-msssim``, with ``data_range``
+    set and the window sized to the image (:func:`ssim_window`). Computed in float32, or in
+    float64 when an input is float64. A scalar mean, or ``[B]`` with ``per_sample``."""
     from pytorch_msssim import ms_ssim, ssim
 
     win = win_size or ssim_window(pred.shape[-2], pred.shape[-1], multiscale)
+    dtype = torch.float64 if torch.float64 in (pred.dtype, target.dtype) else torch.float32
     fn = ms_ssim if multiscale else ssim
-    return fn(pred.float(), target.float(), data_range=data_range, win_size=win, size_average=not per_sample)
+    return fn(pred.to(dtype), target.to(dtype), data_range=data_range, size_average=not per_sample,
+              win=_gauss_window(win, pred.shape[1], dtype))
+
+
+def _gauss_window(size: int, channels: int, dtype: torch.dtype, sigma: float = 1.5) -> torch.Tensor:
+    """pytorch-msssim's 1-D Gaussian window for 2-D images (``[C, 1, 1, size]``), built in ``dtype``: its own is
+    built in float32, whose weights do not sum to 1 in float64, and on flat regions
+    sigma^2 = E[x^2] - mu^2 then carries ``1 - sum(w)`` instead of cancelling."""
+    g = torch.exp(-((torch.arange(size, dtype=dtype) - size // 2) ** 2) / (2 * sigma ** 2))
+    return (g / g.sum()).reshape(1, 1, 1, size).repeat(channels, 1, 1, 1)
 
 
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:

@@ -18,6 +18,7 @@ from models.losses import (LpipsWeightsMissing, ReconstructionLoss, SupConLoss, 
 from models.thz import (CustomResNetEncoder, DualCrossAttention, MoEUNetDecoder, ThzMtlNet, ThzNetConfig,
                         ThzTeacherNet, TimmEncoder)
 from models.thz_augment import PROFILES, ThzAugment
+from tests.tolerance import ssim_atol
 
 TINY = ThzNetConfig(width=4, depth=2, embedding_dim=16, projection_dim=8, projection_hidden=16)
 
@@ -52,22 +53,45 @@ def _gauss_ssim(x: np.ndarray, y: np.ndarray, win: int, sigma: float = 1.5, data
 
 
 def test_ssim_wrapper_against_a_direct_computation_and_constant_images():
+    # The formula is checked in float64 (the wrapper computes in float64 when given it), where
+    # the bound is ~1e-10 and a wrong constant, window or data range is far outside it; float32
+    # is then held to its own derived bound against float64. Flat images are the worst case:
+    # sigma^2 = E[x^2] - mu^2 cancels to rounding noise that C2 = 9e-4 divides (tests/tolerance.py).
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(2, 1, 14, 14, generator=g)
-    y = (x + 0.2 * torch.rand(2, 1, 14, 14, generator=g)).clamp(0, 1)
+    x = torch.rand(2, 1, 14, 14, generator=g, dtype=torch.float64)
+    y = (x + 0.2 * torch.rand(2, 1, 14, 14, generator=g, dtype=torch.float64)).clamp(0, 1)
+    win = ssim_window(14, 14)
+    tol64, tol32 = ssim_atol(win, dtype=torch.float64), ssim_atol(win, dtype=torch.float32)
     per = ssim_index(x, y, per_sample=True)
-    assert per.shape == (2,)
+    assert per.shape == (2,) and per.dtype == torch.float64
     for b in range(2):
-        direct = _gauss_ssim(x[b, 0].double().numpy(), y[b, 0].double().numpy(), win=11)
-        assert per[b].item() == pytest.approx(direct, abs=1e-4)
-    assert ssim_index(x, y).item() == pytest.approx(per.mean().item(), abs=1e-6)
+        direct = _gauss_ssim(x[b, 0].numpy(), y[b, 0].numpy(), win=win)
+        assert per[b].item() == pytest.approx(direct, rel=0, abs=tol64)
+    assert ssim_index(x, y).item() == pytest.approx(per.mean().item(), rel=0, abs=tol64)
+    assert torch.allclose(ssim_index(x.float(), y.float(), per_sample=True).double(), per, rtol=0, atol=tol32)
     # constant images: no variance, SSIM = luminance term (2ab + C1) / (a^2 + b^2 + C1)
     a, b, c1 = 0.3, 0.7, 0.01 ** 2
-    got = ssim_index(torch.full((1, 1, 16, 16), a), torch.full((1, 1, 16, 16), b)).item()
-    assert got == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-4)
-    assert ssim_index(x, x).item() == pytest.approx(1.0, abs=1e-5)
-    # data_range matters: the same images on a 0..255 scale give the same SSIM
-    assert ssim_index(x * 255, y * 255, data_range=255.0).item() == pytest.approx(ssim_index(x, y).item(), abs=1e-4)
+    expected = (2 * a * b + c1) / (a * a + b * b + c1)
+    flat_a, flat_b = torch.full((1, 1, 16, 16), a, dtype=torch.float64), torch.full((1, 1, 16, 16), b, dtype=torch.float64)
+    flat_tol64, flat_tol32 = ssim_atol(ssim_window(16, 16), dtype=torch.float64), ssim_atol(ssim_window(16, 16))
+    assert ssim_index(flat_a, flat_b).item() == pytest.approx(expected, rel=0, abs=flat_tol64)
+    assert ssim_index(flat_a.float(), flat_b.float()).item() == pytest.approx(expected, rel=0, abs=flat_tol32)
+    assert ssim_index(x, x).item() == pytest.approx(1.0, rel=0, abs=tol64)
+    assert ssim_index(x.float(), x.float()).item() == pytest.approx(1.0, rel=0, abs=tol32)
+    # data_range matters: the same images on a 0..255 scale give the same SSIM (C1, C2 scale with L^2)
+    assert ssim_index(x * 255, y * 255, data_range=255.0).item() == pytest.approx(ssim_index(x, y).item(), rel=0,
+                                                                                  abs=2 * tol64)
+    assert abs(ssim_index(x * 255, y * 255, data_range=1.0).item() - ssim_index(x, y).item()) > 100 * tol64
+
+
+def test_ssim_tolerances_catch_wrong_constants():
+    """The float64 bound is tight enough to tell the right SSIM from plausible wrong ones."""
+    a, b = 0.3, 0.7
+    right = (2 * a * b + 0.01 ** 2) / (a * a + b * b + 0.01 ** 2)
+    for wrong_c1 in (0.01, 0.03 ** 2, 0.0):
+        wrong = (2 * a * b + wrong_c1) / (a * a + b * b + wrong_c1)
+        assert abs(wrong - right) > 1e3 * ssim_atol(11, dtype=torch.float64)
+    assert ssim_atol(11, dtype=torch.float64) < 1e-9 < ssim_atol(11, dtype=torch.float32) < 0.05
 
 
 def test_ssim_windows_fit_the_image():
