@@ -25,7 +25,10 @@ Conventions every source follows:
 * untrusted input: no source unpickles or evaluates input data (no
   ``pickle.load``, ``torch.load``, ``eval``; ``.npy`` arrays are read with
   ``allow_pickle=False``; the ear metadata's object arrays go through a
-  restricted unpickler that builds plain data only), and every file is opened with
+  restricted unpickler that builds plain data only); a file the input names or
+  holds (CSV value, annotation, metadata path, a symlink in the tree) is read only
+  when it resolves inside the input: :func:`inside_input`, the one rule every
+  source calls, refuses the input in one line otherwise; and every file is opened with
   :func:`open_regular`, which refuses FIFOs, sockets and devices without
   blocking on them (a fault "not a regular file", like an unreadable file).
 
@@ -257,6 +260,35 @@ def rel(path: Path | str, root: Path | None) -> str:
     return str(p)
 
 
+def inside_input(path: Path | str, root: Path | str, named_by: str) -> Path:
+    """``path`` when it is inside the dataset ``root``, else one :class:`InputError` line.
+
+    The one rule for every file a source reads because the input names it (a
+    CSV value, an annotation, a metadata path, ``dataset_infor.json``) or holds
+    it (a tree walked for images, where a symlink may point anywhere): the path,
+    symlinks followed, must resolve inside ``root``. An absolute path inside the
+    root is fine; an absolute path elsewhere, a ``..`` that climbs out, or a
+    symlink resolving out refuses the whole input, before anything is written:
+    a dataset that names files elsewhere is not packed half (the user fixes the
+    input or passes the right ``--input``). ``named_by`` says where the path came
+    from (``train.csv:4``, ``annotations.json[3]``)."""
+    p = Path(path)
+    base = Path(root).resolve()
+    try:
+        target = p.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise InputError(f"{named_by}: {str(p)[:200]} cannot be resolved ({e}); not read") from None
+    if target.is_relative_to(base):
+        return p
+    lexical = Path(os.path.normpath(os.path.abspath(p)))
+    if not (lexical.is_relative_to(Path(os.path.normpath(os.path.abspath(root)))) or lexical.is_relative_to(base)):
+        why = "climbs out with '..'" if ".." in p.parts else "is an absolute path"
+    else:
+        why = "is a symlink (or in a symlinked folder)"
+    raise InputError(f"{named_by}: {str(p)[:200]} {why} that leads outside the input {root}; biomtl reads only "
+                     f"files inside --input")
+
+
 def require_dir(path: Path | None, what: str = "--input") -> Path:
     if path is None:
         raise InputError(f"{what} is required for this format")
@@ -455,7 +487,7 @@ def find_csvs(root: Path, given: list[str] | None, faults: list[Fault] | None = 
         if any(part.startswith(".") for part in p.relative_to(root).parts):
             continue
         if is_regular(p):
-            found.append(p)
+            found.append(inside_input(p, root, rel(p, root)))
         elif not p.is_dir() and faults is not None:
             try:
                 what = file_type(os.stat(p).st_mode)
@@ -474,4 +506,4 @@ def lower_header(row: Mapping[str, Any]) -> dict[str, Any]:
 __all__ = ["SOURCES", "Source", "Scan", "Item", "Field", "Fault", "SampleError", "InputError", "get_source",
            "KeyMaker", "sanitize", "natural_key", "choose_image_ext", "read_image", "read_npy", "sniff",
            "array_stats", "IMAGE_SUFFIXES", "NotRegularFile", "open_regular", "read_regular", "is_regular",
-           "file_type", "npy_header"]
+           "file_type", "npy_header", "inside_input"]
