@@ -371,18 +371,12 @@ def choose_image_ext(paths: Iterable[Path | str]) -> str:
 
 
 def _pixel_stats(img) -> tuple[np.ndarray, np.ndarray, int]:
+    """Of the 8-bit image training decodes (``img`` from :func:`shards.images.to_8bit`), in [0, 1]."""
     if img.mode in ("1", "P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
         img = img.convert("RGB")
     elif img.mode in ("LA", "La"):
         img = img.convert("L")
-    a = np.asarray(img)
-    if a.dtype == np.uint8:
-        scale = 255.0
-    elif a.dtype.kind in "ui":
-        scale = 65535.0 if a.max(initial=0) > 255 else 255.0
-    else:
-        scale = 1.0
-    return array_stats(a.astype(np.float64) / scale)
+    return array_stats(np.asarray(img).astype(np.float64) / 255.0)
 
 
 def array_stats(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -396,8 +390,9 @@ def array_stats(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def encode_png(img) -> bytes:
+    """Lossless PNG of an 8-bit image (:func:`shards.images.to_8bit` first)."""
     buf = io.BytesIO()
-    if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+    if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
         img = img.convert("RGB")
     img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
@@ -405,14 +400,15 @@ def encode_png(img) -> bytes:
 
 def read_image(path: Path | str, ext: str, stats: bool = True) -> tuple[Field, Any]:
     """Read and fully decode one image; the stored bytes are the original file
-    when its format is ``ext``, else a lossless PNG (``ext`` must then be png).
-    Returns (Field, PIL image)."""
-    from PIL import Image
+    when its format is ``ext``, else a PNG of the decoded 8-bit pixels (``ext``
+    must then be png). Returns (Field, PIL image with 8-bit samples): the pixels
+    training will decode (:mod:`shards.images`; a 16-bit original keeps its
+    bytes in the shard, and the reader maps it the same way)."""
+    from ..images import open_image
 
     data = read_file_bytes(path)
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        img = open_image(data, str(path))
         w, h = img.size
         if w < 1 or h < 1:
             raise ValueError("empty image")
