@@ -60,3 +60,16 @@ def test_engine_and_demo_see_the_8bit_pixels(faces_and_run):
     np.testing.assert_allclose(f16[:2], f8, atol=16 * eps)
     np.testing.assert_allclose(f16[2], f8[0], atol=16 * eps)  # a uint16 array is scaled, not wrapped
     assert np.array_equal(np.asarray(read_upload(str(files[2, 16]), "image 1"))[..., 0], orl_face(2))
+
+
+def test_verify_refuses_an_image_whose_range_is_unknown(faces_and_run, capsys, tmp_path):
+    from dist_train.cli import main
+
+    run, files = faces_and_run
+    tif = tmp_path / "floats.tif"  # 0..255 as floats: not the 0..1 convention, refused rather than guessed
+    Image.fromarray(orl_face(1).astype(np.float32), "F").save(tif)
+    capsys.readouterr()
+    rc = main(["verify", "--checkpoint", str(run), str(tif), str(files[2, 8]), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert "floats.tif" in err and "[0, 1]" in err, err
