@@ -441,6 +441,8 @@ def foreign_entries(directory: Path) -> list[str] | None:
 
 def _check_replaceable(out: Path) -> None:
     """``--overwrite`` may replace ``out`` only when biomtl wrote all of it."""
+    if out.is_symlink():  # the swap would move the link, and the old files be removed through it
+        raise InputError(f"--output: {out} is a symlink; --overwrite replaces only a real folder: name its target")
     foreign = foreign_entries(out)
     if foreign is None:
         raise InputError(f"--output: {out} is not empty and biomtl did not write it (no loadable {MANIFEST_NAME}); "

@@ -25,7 +25,7 @@ def _faces(root: Path) -> Path:
 
 
 def _tree(root: Path) -> dict[str, str]:
-    """Every path under ``root`` (and ``root``'s siblings' names) -> content hash: what must not change."""
+    """Every path beside and under ``root`` (its parent's whole tree) -> content hash: what must not change."""
     out = {}
     for p in sorted(root.parent.rglob("*")):
         out[str(p.relative_to(root.parent))] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
@@ -116,3 +116,43 @@ def test_overwrite_of_a_biomtl_dataset_replaces_it(tmp_path, capsys):
     # the old test split is gone with the dataset it belonged to; nothing is left beside it
     assert not (out / "test").exists() and Path("test") in old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]
+
+
+def test_a_failed_overwrite_leaves_the_old_dataset_as_it_was(tmp_path, capsys):
+    raw = _faces(tmp_path / "raw")
+    out = tmp_path / "out"
+    assert shards_cli(_create(raw, out)) == 0
+    (raw / "id0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    before = _tree(out)
+    assert shards_cli(_create(raw, out, "--overwrite", "--strict")) == 1  # built beside it, failed, dropped
+    assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "raw"]
+
+
+def test_the_old_dataset_is_removed_by_name_only(tmp_path, caplog):
+    """After the swap the set-aside dataset loses only its manifest's files: a file that
+    appeared there after the last check stays (and is reported)."""
+    import logging
+
+    from shards.build import _remove_owned, owned_entries
+
+    raw = _faces(tmp_path / "raw")
+    old = tmp_path / "old"
+    assert shards_cli(_create(raw, old)) == 0
+    owned = owned_entries(old)
+    assert {"manifest.json", "report.json", "train", "test"} <= owned
+    (old / "train" / "late.txt").write_text("appeared after the check")
+    with caplog.at_level(logging.WARNING, logger="shards.build"):
+        _remove_owned(old, owned)
+    assert sorted(p.relative_to(old).as_posix() for p in old.rglob("*")) == ["train", "train/late.txt"]
+    assert any(str(old) in r.getMessage() for r in caplog.records)
+
+
+def test_overwrite_through_a_symlinked_output_is_refused(tmp_path, capsys):
+    raw = _faces(tmp_path / "raw")
+    real = tmp_path / "real"
+    assert shards_cli(_create(raw, real)) == 0
+    (tmp_path / "link").symlink_to(real)
+    before = _tree(real)
+    _refused(capsys, _create(raw, tmp_path / "link", "--overwrite"), "symlink")
+    assert _tree(real) == before and (tmp_path / "link").is_symlink()
