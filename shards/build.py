@@ -11,7 +11,13 @@ Everything is written into a temporary sibling directory
 (``.DIR.tmp-<host>-<pid>-<n>``) that is renamed to ``DIR`` only when complete:
 an interrupted or failed run leaves no directory that looks like a dataset
 (no manifest, no shards under ``DIR``). ``DIR`` must not exist, be empty, or
-(with ``overwrite``) is replaced only after the new one is complete.
+(with ``overwrite``) is replaced only after the new one is complete, and only
+when biomtl wrote all of it: a loadable manifest and nothing but its files
+(``manifest.json``, ``report.json``, ``<split>_pairs.json``, the shards and
+their split folders; :func:`foreign_entries`). A folder holding anything else
+is refused, and so is an output that is the input, lies inside the input, or
+holds the input: ``--overwrite`` never deletes what biomtl did not write. The
+old dataset's files are removed one by one, by name, after the swap.
 
 The staging directory is removed on every error, on Ctrl-C and on SIGTERM
 (turned into ``SystemExit(143)`` while packing, so the cleanup runs). What
@@ -400,6 +406,68 @@ class _SigtermGuard:
             signal.signal(signal.SIGTERM, self.previous if self.previous is not None else signal.SIG_DFL)
 
 
+def owned_entries(directory: Path) -> set[str] | None:
+    """The paths (relative, POSIX) ``biomtl shards create`` writes into a dataset
+    folder, by its manifest: the manifest, the report, each split's pairs file,
+    the shards and their folders. None when ``directory`` holds no loadable
+    manifest (then biomtl did not make it)."""
+    try:
+        manifest = Manifest.load(directory)
+    except (OSError, ValueError):
+        return None
+    owned = {MANIFEST_NAME, REPORT_NAME} | {f"{name}_pairs.json" for name in manifest.splits}
+    for entries in manifest.splits.values():
+        for e in entries:
+            parts = Path(e.file).parts
+            owned.update(Path(*parts[:i]).as_posix() for i in range(1, len(parts) + 1))
+    return owned
+
+
+def foreign_entries(directory: Path) -> list[str] | None:
+    """What in ``directory`` biomtl did not write (relative paths, sorted; symlinks
+    count as foreign: they are not biomtl's). None when it is not a biomtl dataset."""
+    owned = owned_entries(directory)
+    if owned is None:
+        return None
+    found = []
+    for dirpath, dirnames, filenames in os.walk(directory):  # (does not follow symlinked folders)
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            relp = p.relative_to(directory).as_posix()
+            if relp not in owned or p.is_symlink():
+                found.append(relp)
+    return sorted(found, key=natural_key)
+
+
+def _check_replaceable(out: Path) -> None:
+    """``--overwrite`` may replace ``out`` only when biomtl wrote all of it."""
+    if out.is_symlink():  # the swap would move the link, and the old files be removed through it
+        raise InputError(f"--output: {out} is a symlink; --overwrite replaces only a real folder: name its target")
+    foreign = foreign_entries(out)
+    if foreign is None:
+        raise InputError(f"--output: {out} is not empty and biomtl did not write it (no loadable {MANIFEST_NAME}); "
+                         "--overwrite replaces only a dataset made by 'biomtl shards create': pick another directory")
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise InputError(f"--output: {out} holds files biomtl did not write ({shown}); not replaced: move them "
+                         "or pick another directory")
+
+
+def _check_input_output(inp: Path | None, out: Path) -> None:
+    """The output is neither the input, nor inside it (a later scan would read the
+    shards, and --overwrite would replace the input), nor holding it."""
+    if inp is None:
+        return
+    i, o = inp.resolve(), out.resolve()
+    if i == o:
+        raise InputError(f"--output: {out} is the input; pick another directory")
+    if inp.is_dir() and o.is_relative_to(i):
+        raise InputError(f"--output: {out} is inside the input {inp}; pick a directory outside it")
+    if i.is_relative_to(o):
+        raise InputError(f"--output: the input {inp} is inside the output {out}; pick an output that does "
+                         "not hold the input")
+
+
 def _check_output(out: Path, overwrite: bool) -> None:
     if out.exists():
         if not out.is_dir():
@@ -407,6 +475,8 @@ def _check_output(out: Path, overwrite: bool) -> None:
         if any(out.iterdir()) and not overwrite:
             what = "a shard dataset" if (out / MANIFEST_NAME).exists() else "not empty"
             raise InputError(f"--output: {out} is {what}; pick another directory or pass --overwrite")
+        if any(out.iterdir()):
+            _check_replaceable(out)
     if out.parent.exists() and not out.parent.is_dir():
         raise InputError(f"--output: {out.parent} is not a directory")
     # The staging folder is made beside ``out`` (and its missing parents): say
@@ -447,12 +517,13 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
     if workers < 0:
         raise InputError(f"--workers: must be >= 0, got {workers}")
     out = Path(output).absolute()
-    _check_output(out, overwrite)
     inp = Path(input_path).expanduser() if input_path is not None else None
     if source.needs_input and inp is None:
         raise InputError(f"--input is required for --format {fmt}")
     if inp is not None and not inp.exists():
         raise InputError(f"--input: {inp} does not exist")
+    _check_input_output(inp, out)
+    _check_output(out, overwrite)
 
     scan: Scan = source.scan(inp, opts)
     faults = list(scan.faults)
@@ -625,10 +696,13 @@ def _source_defaults(source) -> argparse.Namespace:
 
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     old = None
+    owned: set[str] = set()
     if out.exists():
         if any(out.iterdir()):
             if not overwrite:
                 raise InputError(f"--output: {out} appeared while packing; not replaced")
+            _check_replaceable(out)  # again: packing took a while
+            owned = owned_entries(out) or set()
             old = _tmp_dir(out, "old")
     # no SIGTERM between setting the old dataset aside and moving the new one in
     # (it is handled right after: the new dataset is then complete)
@@ -650,7 +724,28 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
         if blocked:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove_owned(old, owned)
+
+
+def _remove_owned(old: Path, owned: set[str]) -> None:
+    """Delete the set-aside dataset by name (its manifest's files, then the emptied
+    folders): a file that appeared there after the last check is left, with a warning."""
+    for relp in sorted(owned, key=lambda r: r.count("/"), reverse=True):
+        p = old / relp
+        try:
+            if p.is_dir() and not p.is_symlink():
+                p.rmdir()
+            else:
+                p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError:
+            pass  # (a folder that is not empty: reported below)
+    try:
+        old.rmdir()
+    except OSError:
+        log.warning("the previous dataset was replaced; %s still holds files biomtl did not write, left there",
+                    old)
 
 
 class _SplitCount:

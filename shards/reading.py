@@ -35,6 +35,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
+from .images import open_image
 from .manifest import Manifest, file_sha256
 
 log = logging.getLogger("shards.stream")
@@ -82,7 +83,8 @@ def preserved_global_rngs(enabled: bool):
 
 
 def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """Decode by extension: images -> PIL.Image (mode kept, fully loaded),
+    """Decode by extension: images -> PIL.Image (fully loaded, 8-bit samples:
+    :func:`shards.images.open_image` scales 16-bit grey),
     ``.npy`` -> ndarray (no pickle), ``json`` -> dict, ``txt`` -> str,
     ``cls``/``index`` -> int; ``__meta__`` fields and unknown extensions pass through."""
     out: dict[str, Any] = {}
@@ -92,11 +94,7 @@ def decode_sample(raw: dict[str, Any]) -> dict[str, Any]:
             continue
         ext = k.rsplit(".", 1)[-1].lower()
         if ext in IMAGE_EXTS:
-            from PIL import Image
-
-            img = Image.open(io.BytesIO(v))
-            img.load()
-            out[k] = img
+            out[k] = open_image(v, f"{raw.get('__key__', '?')}.{k}")
         elif ext == "npy":
             out[k] = np.load(io.BytesIO(v), allow_pickle=False)
         elif ext == "json":
@@ -484,8 +482,6 @@ def read_images_by_key(data_dir: str | os.PathLike, split: str, keys: Sequence[s
     """``{key: PIL.Image}`` read straight from a split's shards (the first image
     member by ``prefer``, else any image member), for pictures of chosen samples.
     Unreadable shards are logged and passed over: pictures are a nicety."""
-    from PIL import Image
-
     want = set(keys)
     found: dict[str, dict[str, bytes]] = {}
 
@@ -503,7 +499,5 @@ def read_images_by_key(data_dir: str | os.PathLike, split: str, keys: Sequence[s
     out = {}
     for key, members in found.items():
         ext = next((e for e in prefer if e in members), next(iter(members)))
-        img = Image.open(io.BytesIO(members[ext]))
-        img.load()
-        out[key] = img
+        out[key] = open_image(members[ext], f"{key}.{ext}")
     return out

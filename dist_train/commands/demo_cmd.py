@@ -49,15 +49,17 @@ class DemoError(ValueError):
 
 def read_upload(path: Any, what: str):
     """The uploaded file as a PIL image, or :class:`DemoError` naming it."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from shards.images import UnsupportedImage, open_image
 
     if path is None:
         raise DemoError(f"{what}: no file uploaded")
     p = Path(path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", ""))
     try:
-        with Image.open(p) as img:
-            img.load()
-            return img.convert("RGB")
+        return open_image(p, f"{what}: {p.name}").convert("RGB")
+    except UnsupportedImage as exc:
+        raise DemoError(str(exc)) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise DemoError(f"{what}: {p.name} is not an image (expected "
                         f"{', '.join(s.lstrip('.').upper() for s in sorted(IMAGE_SUFFIXES))})") from None

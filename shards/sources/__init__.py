@@ -25,7 +25,10 @@ Conventions every source follows:
 * untrusted input: no source unpickles or evaluates input data (no
   ``pickle.load``, ``torch.load``, ``eval``; ``.npy`` arrays are read with
   ``allow_pickle=False``; the ear metadata's object arrays go through a
-  restricted unpickler that builds plain data only), and every file is opened with
+  restricted unpickler that builds plain data only); a file the input names or
+  holds (CSV value, annotation, metadata path, a symlink in the tree) is read only
+  when it resolves inside the input: :func:`inside_input`, the one rule every
+  source calls, refuses the input in one line otherwise; and every file is opened with
   :func:`open_regular`, which refuses FIFOs, sockets and devices without
   blocking on them (a fault "not a regular file", like an unreadable file).
 
@@ -257,6 +260,35 @@ def rel(path: Path | str, root: Path | None) -> str:
     return str(p)
 
 
+def inside_input(path: Path | str, root: Path | str, named_by: str) -> Path:
+    """``path`` when it is inside the dataset ``root``, else one :class:`InputError` line.
+
+    The one rule for every file a source reads because the input names it (a
+    CSV value, an annotation, a metadata path, ``dataset_infor.json``) or holds
+    it (a tree walked for images, where a symlink may point anywhere): the path,
+    symlinks followed, must resolve inside ``root``. An absolute path inside the
+    root is fine; an absolute path elsewhere, a ``..`` that climbs out, or a
+    symlink resolving out refuses the whole input, before anything is written:
+    a dataset that names files elsewhere is not packed half (the user fixes the
+    input or passes the right ``--input``). ``named_by`` says where the path came
+    from (``train.csv:4``, ``annotations.json[3]``)."""
+    p = Path(path)
+    base = Path(root).resolve()
+    try:
+        target = p.resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise InputError(f"{named_by}: {str(p)[:200]} cannot be resolved ({e}); not read") from None
+    if target.is_relative_to(base):
+        return p
+    lexical = Path(os.path.normpath(os.path.abspath(p)))
+    if not (lexical.is_relative_to(Path(os.path.normpath(os.path.abspath(root)))) or lexical.is_relative_to(base)):
+        why = "climbs out with '..'" if ".." in p.parts else "is an absolute path"
+    else:
+        why = "is a symlink (or in a symlinked folder)"
+    raise InputError(f"{named_by}: {str(p)[:200]} {why} that leads outside the input {root}; biomtl reads only "
+                     f"files inside --input")
+
+
 def require_dir(path: Path | None, what: str = "--input") -> Path:
     if path is None:
         raise InputError(f"{what} is required for this format")
@@ -339,18 +371,12 @@ def choose_image_ext(paths: Iterable[Path | str]) -> str:
 
 
 def _pixel_stats(img) -> tuple[np.ndarray, np.ndarray, int]:
+    """Of the 8-bit image training decodes (``img`` from :func:`shards.images.to_8bit`), in [0, 1]."""
     if img.mode in ("1", "P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
         img = img.convert("RGB")
     elif img.mode in ("LA", "La"):
         img = img.convert("L")
-    a = np.asarray(img)
-    if a.dtype == np.uint8:
-        scale = 255.0
-    elif a.dtype.kind in "ui":
-        scale = 65535.0 if a.max(initial=0) > 255 else 255.0
-    else:
-        scale = 1.0
-    return array_stats(a.astype(np.float64) / scale)
+    return array_stats(np.asarray(img).astype(np.float64) / 255.0)
 
 
 def array_stats(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -364,8 +390,9 @@ def array_stats(a: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
 
 
 def encode_png(img) -> bytes:
+    """Lossless PNG of an 8-bit image (:func:`shards.images.to_8bit` first)."""
     buf = io.BytesIO()
-    if img.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
+    if img.mode not in ("1", "L", "LA", "P", "RGB", "RGBA"):
         img = img.convert("RGB")
     img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
@@ -373,14 +400,15 @@ def encode_png(img) -> bytes:
 
 def read_image(path: Path | str, ext: str, stats: bool = True) -> tuple[Field, Any]:
     """Read and fully decode one image; the stored bytes are the original file
-    when its format is ``ext``, else a lossless PNG (``ext`` must then be png).
-    Returns (Field, PIL image)."""
-    from PIL import Image
+    when its format is ``ext``, else a PNG of the decoded 8-bit pixels (``ext``
+    must then be png). Returns (Field, PIL image with 8-bit samples): the pixels
+    training will decode (:mod:`shards.images`; a 16-bit original keeps its
+    bytes in the shard, and the reader maps it the same way)."""
+    from ..images import open_image
 
     data = read_file_bytes(path)
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        img = open_image(data, str(path))
         w, h = img.size
         if w < 1 or h < 1:
             raise ValueError("empty image")
@@ -455,7 +483,7 @@ def find_csvs(root: Path, given: list[str] | None, faults: list[Fault] | None = 
         if any(part.startswith(".") for part in p.relative_to(root).parts):
             continue
         if is_regular(p):
-            found.append(p)
+            found.append(inside_input(p, root, rel(p, root)))
         elif not p.is_dir() and faults is not None:
             try:
                 what = file_type(os.stat(p).st_mode)
@@ -474,4 +502,4 @@ def lower_header(row: Mapping[str, Any]) -> dict[str, Any]:
 __all__ = ["SOURCES", "Source", "Scan", "Item", "Field", "Fault", "SampleError", "InputError", "get_source",
            "KeyMaker", "sanitize", "natural_key", "choose_image_ext", "read_image", "read_npy", "sniff",
            "array_stats", "IMAGE_SUFFIXES", "NotRegularFile", "open_regular", "read_regular", "is_regular",
-           "file_type", "npy_header"]
+           "file_type", "npy_header", "inside_input"]

@@ -28,7 +28,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import Fault, InputError, Item, KeyMaker, Scan, Source, choose_image_ext, natural_key, read_image, require_dir
+from . import (Fault, InputError, Item, KeyMaker, Scan, Source, choose_image_ext, inside_input, natural_key,
+               read_image, require_dir)
 
 POSES = ["straight", "left", "right", "up"]
 EXPRESSIONS = ["neutral", "happy", "sad", "angry"]
@@ -87,6 +88,7 @@ class CmuSource(Source):
                 if scale != want:
                     other_scale += 1
                     continue
+                inside_input(p, root, relp)  # a symlinked file or identity folder stays inside
                 key = keys(f"{m['id']}_{m['pose']}_{m['expr']}_{m['eyes']}")
                 scan.items.append(Item(key=key, identity=d.name,
                                        labels={"pose": m["pose"], "expression": m["expr"], "sunglasses": m["eyes"]},

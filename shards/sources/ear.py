@@ -52,8 +52,9 @@ format) and the box with them, so the crop happens at read time
   box"); one that does not overlap the image at all is "box outside image"; a
   box partly outside is clipped (``bbox_clipped: true``).
 * An image path that leads outside ``--root`` (absolute elsewhere, ``..``, or
-  a symlink resolving outside) is a fault ("path outside dataset") and is never
-  opened: the metadata is untrusted.
+  a symlink resolving outside) refuses the input in one line, before anything
+  is read or written (:func:`shards.sources.inside_input`, the rule of every
+  source): the metadata is untrusted.
 """
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import (Fault, InputError, Item, KeyMaker, NotRegularFile, SampleError, Scan, Source, choose_image_ext,
-               lower_header, npy_header, open_regular, read_image, require_dir, require_file)
+               inside_input, lower_header, npy_header, open_regular, read_image, require_dir, require_file)
 
 IMAGE_KEYS = ("image_path", "path", "image", "file")
 BOX_KEYS = ("bbox", "box")
@@ -428,9 +429,7 @@ class EarSource(Source):
                 continue
             pp = PurePosixPath(sp)
             full = Path(sp) if pp.is_absolute() else root / sp
-            if not _inside_root(full, root):
-                scan.faults.append(Fault("path outside dataset", e.where, f"not under --root {root}; not opened"))
-                continue
+            inside_input(full, root, e.where)
             ident = (_text(e.identity) if mode == "given" else pp.parent.name or None if mode == "parent" else None)
             key = keys(pp.with_suffix("").as_posix().replace("/", "_"))
             scan.items.append(Item(key=key, identity=ident, meta={"path": sp},
@@ -458,15 +457,6 @@ class EarSource(Source):
                       "metadata_format": "folders (whole image = box)"}
         scan.loader = EarLoader(ext, buffer)
         return scan
-
-
-def _inside_root(path: Path, root: Path) -> bool:
-    """``path`` resolves (symlinks followed) to somewhere under ``root``."""
-    try:
-        Path(path).resolve().relative_to(Path(root).resolve())
-        return True
-    except (ValueError, OSError, RuntimeError):
-        return False
 
 
 SOURCE = EarSource()

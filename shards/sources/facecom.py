@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import (IMAGE_SUFFIXES, Fault, InputError, Item, KeyMaker, Scan, Source, choose_image_ext, open_regular,
+from . import (IMAGE_SUFFIXES, Fault, InputError, Item, KeyMaker, Scan, Source, choose_image_ext, inside_input,
+               open_regular,
                read_image, require_dir, require_file)
 
 IMAGE_KEYS = ("image", "file", "file_name", "filename", "path")
@@ -65,7 +66,8 @@ class FacecomSource(Source):
     def scan(self, input_path: Path | None, args: argparse.Namespace) -> Scan:
         root = require_dir(input_path)
         images = require_dir(root / "images", "--input/images")
-        ann = require_file(root / "annotations.json", "--input/annotations.json")
+        ann = inside_input(require_file(root / "annotations.json", "--input/annotations.json"), root,
+                           "annotations.json")
         try:
             with open_regular(ann, "r", encoding="utf-8") as f:
                 data = json.loads(f.read())
@@ -86,9 +88,10 @@ class FacecomSource(Source):
                 scan.faults.append(Fault("bad annotation", where, f"needs image and identity, has "
                                                                   f"{', '.join(sorted(rec)) or 'nothing'}"))
                 continue
-            relp = str(img).replace("\\", "/").lstrip("/")
+            relp = str(img).replace("\\", "/")
             if relp.startswith("images/") and not (images / relp).exists():
                 relp = relp[len("images/"):]
+            inside_input(images / relp, root, where)  # (an absolute path stays absolute)
             if relp in used:
                 scan.faults.append(Fault("bad annotation", where, f"{relp} annotated twice"))
                 continue

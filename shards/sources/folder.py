@@ -21,8 +21,11 @@ The original DCAL layout is understood too::
   other top-level folders are ignored (listed).
 * ``dataset_infor.json``: a relative path is read from the JSON's folder; a path
   not found there (e.g. the absolute path of the machine that wrote the file)
-  is looked up as ``<split folder>/<identity>/<file name>``; a file outside
-  ROOT is never opened. Unresolvable entries are faults ("bad dataset_infor entry").
+  is looked up as ``<split folder>/<identity>/<file name>``. A listed path
+  leading outside ROOT (``..``, a symlink, an absolute path that exists
+  elsewhere), like an image symlinked out of an identity folder, refuses the
+  input (``shards.sources.inside_input``). Entries not found are faults ("bad
+  dataset_infor entry").
 
 ``../shared/data/orl_faces`` is this layout: ``s1/1.pgm`` .. ``s40/10.pgm``
 (binary PGM, stored as-is under ``image.pgm``).
@@ -51,7 +54,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import (IMAGE_SUFFIXES, Fault, InputError, Item, KeyMaker, Scan, Source, choose_image_ext,
+from . import (IMAGE_SUFFIXES, Fault, InputError, Item, KeyMaker, Scan, Source, choose_image_ext, inside_input,
                natural_key, open_regular, read_image, require_dir, require_file)
 
 
@@ -146,9 +149,11 @@ DATASET_INFO = "dataset_infor.json"      # the original DCAL code's {identity: [
 TWIN_INFO = "twin_pairs_infor.json"      # the original DCAL code's twin pairs
 
 
-def identity_folder_images(base: Path, scan: Scan, prefix: str = "") -> list[tuple[str, Path]]:
+def identity_folder_images(base: Path, scan: Scan, prefix: str = "", root: Path | None = None
+                           ) -> list[tuple[str, Path]]:
     """``[(identity, image)]`` of ``base/<identity>/*`` in natural order (what is passed over
-    goes into ``scan.ignored``, named with ``prefix``)."""
+    goes into ``scan.ignored``, named with ``prefix``). An image (or identity folder) that
+    is a symlink out of ``root`` (default ``base``) refuses the input (:func:`inside_input`)."""
     out: list[tuple[str, Path]] = []
     other = 0
     for d in sorted(os.scandir(base), key=lambda e: natural_key(e.name)):
@@ -164,7 +169,7 @@ def identity_folder_images(base: Path, scan: Scan, prefix: str = "") -> list[tup
             if e.is_dir():
                 scan.ignored.append(f"{prefix}{d.name}/{e.name}/: nested folder")
             elif e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith("."):
-                out.append((d.name, Path(e.path)))
+                out.append((d.name, inside_input(e.path, root or base, f"{prefix}{d.name}/{e.name}")))
             else:
                 other += 1
     if other:
@@ -177,7 +182,10 @@ def dataset_info_images(info: Path, root: Path, base: Path, faults: list[Fault])
 
     A relative path is read from the JSON file's folder; a path that is not there
     (e.g. the absolute path of the machine the file was made on) is looked up as
-    ``base/<identity>/<file name>``. A file outside ``root`` is never opened (a fault)."""
+    ``base/<identity>/<file name>``. A listed path that leads outside ``root`` (``..``, a
+    symlink, an absolute path that exists elsewhere) refuses the input (:func:`inside_input`);
+    an absolute path that does not exist here is the writing machine's and only its
+    ``<identity>/<file name>`` inside ``root`` is looked up."""
     try:
         with open_regular(info, "r", encoding="utf-8") as f:
             data = json.loads(f.read())
@@ -185,7 +193,6 @@ def dataset_info_images(info: Path, root: Path, base: Path, faults: list[Fault])
         raise InputError(f"{info}: not readable JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise InputError(f"{info}: expected {{identity: [image paths]}}")
-    root_r = root.resolve()
     out: list[tuple[str, Path]] = []
     for ident in sorted(data, key=natural_key):
         for i, text in enumerate(data[ident]):
@@ -194,22 +201,14 @@ def dataset_info_images(info: Path, root: Path, base: Path, faults: list[Fault])
                 faults.append(Fault("bad dataset_infor entry", where, f"not an image path: {text!r}"[:200]))
                 continue
             p = Path(text.replace("\\", "/"))
-            found, outside = None, False
-            for cand in ((p,) if p.is_absolute() else (info.parent / p,)) + (base / str(ident) / p.name,):
-                if not cand.is_file():
-                    continue
-                try:
-                    cand.resolve().relative_to(root_r)
-                except ValueError:
-                    outside = True
-                    continue
-                found = cand
-                break
+            listed = p if p.is_absolute() else info.parent / p
+            if not p.is_absolute() or listed.exists():
+                inside_input(listed, root, where)
+            found = next((c for c in (listed, base / str(ident) / p.name) if c.is_file()), None)
             if found is None:
-                faults.append(Fault("bad dataset_infor entry", where,
-                                    f"{'outside the dataset' if outside else 'image not found'}: {text}"[:300]))
+                faults.append(Fault("bad dataset_infor entry", where, f"image not found: {text}"[:300]))
             else:
-                out.append((str(ident), found))
+                out.append((str(ident), inside_input(found, root, where)))
     return out
 
 
@@ -264,10 +263,11 @@ class FolderSource(Source):
             infos = [base / DATASET_INFO] + ([root / f"{split}_{DATASET_INFO}"] if split else [])
             info = next((f for f in infos if f.is_file()), None)
             if info is not None:
+                inside_input(info, root, info.relative_to(root).as_posix())
                 entries = dataset_info_images(info, root, base, scan.faults)
                 info_read.append(info.relative_to(root).as_posix())
             else:
-                entries = identity_folder_images(base, scan, f"{split}/" if split else "")
+                entries = identity_folder_images(base, scan, f"{split}/" if split else "", root)
             for ident, p in entries:
                 key = keys(ident, p.stem)
                 relp = _relative(p, root)
@@ -290,7 +290,7 @@ class FolderSource(Source):
         ids = {it.identity for it in scan.items}
         twins_file = getattr(args, "twins", None)
         if twins_file is None and (root / TWIN_INFO).is_file():
-            twins_file = root / TWIN_INFO
+            twins_file = inside_input(root / TWIN_INFO, root, TWIN_INFO)
         if twins_file is not None:
             scan.twin_pairs = read_twins(require_file(twins_file, "--twins"), ids, scan.faults)
         if getattr(args, "pairs", None) is not None:

@@ -26,7 +26,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from . import (Fault, InputError, Item, KeyMaker, Scan, Source, find_csvs, is_regular, lower_header, open_regular,
+from . import (Fault, InputError, Item, KeyMaker, Scan, Source, find_csvs, inside_input, is_regular, lower_header,
+               open_regular,
                read_npy, rel, require_dir)
 
 MAPS = ("albedo", "normal", "depth")
@@ -68,7 +69,7 @@ class PhotometricSource(Source):
             csvs = find_csvs(root, given)
         else:
             found = sorted(p for p in root.glob("*.csv") if not p.is_dir())
-            csvs = [p for p in found if is_regular(p)]
+            csvs = [inside_input(p, root, p.name) for p in found if is_regular(p)]
             for p in found:  # a FIFO, socket or device named *.csv: reported, never opened
                 if p not in csvs:
                     csv_faults.append(Fault("not a regular file", p.name, "not opened"))
@@ -118,9 +119,10 @@ class PhotometricSource(Source):
                             scan.faults.append(Fault("bad csv row", where, f"duplicate id {ident} session {session}"))
                             continue
                         seen.add((ident, session))
-                        d = data / ident / session
+                        d = inside_input(data / ident / session, root, where)
                         for m in MAPS:
                             if (d / f"{m}.npy").is_file():
+                                inside_input(d / f"{m}.npy", root, where)  # (a symlinked map)
                                 present.add(m)
                         labels = {c: str(r[c]) for c in label_cols}
                         for c, v in labels.items():

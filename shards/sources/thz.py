@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from . import (Fault, InputError, Item, KeyMaker, NotRegularFile, Scan, Source, choose_image_ext, find_csvs,
-               lower_header, natural_key, open_regular, read_image, rel, require_dir)
+               inside_input, lower_header, natural_key, open_regular, read_image, rel, require_dir)
 
 POSTURES = ["front", "left", "right", "up", "down"]
 CONCEALED = ["unconcealed", "concealed"]
@@ -89,7 +89,10 @@ class ThzSource(Source):
         scan = Scan(items=[], faults=csv_faults, schemas={"posture": POSTURES, "concealed": CONCEALED})
         by_name: dict[str, list[Path]] | None = None
 
-        def locate(value: str, csv_dir: Path) -> Path:
+        def locate(value: str, csv_dir: Path, where: str) -> Path:
+            return inside_input(find(value, csv_dir), root, where)
+
+        def find(value: str, csv_dir: Path) -> Path:
             nonlocal by_name
             p = Path(value)
             if p.is_absolute():
@@ -152,11 +155,11 @@ class ThzSource(Source):
                         if anchor_id in seen:
                             duplicates += 1
                             continue
-                        files = {"thz": str(locate(r["anchor"], path.parent)),
-                                 "thz_target": str(locate(r["positive"], path.parent))}
+                        files = {"thz": str(locate(r["anchor"], path.parent, where)),
+                                 "thz_target": str(locate(r["positive"], path.parent, where))}
                         if has_visible:
-                            files["vis"] = str(locate(r["visible_concealed"], path.parent))
-                            files["vis_target"] = str(locate(r["visible_unconcealed"], path.parent))
+                            files["vis"] = str(locate(r["visible_concealed"], path.parent, where))
+                            files["vis_target"] = str(locate(r["visible_unconcealed"], path.parent, where))
                         key = keys(Path(r["anchor"]).stem)
                         seen[anchor_id] = key
                         ident, posture, concealed, sample = a

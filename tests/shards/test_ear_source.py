@@ -46,7 +46,10 @@ def test_subject_folders_pack_whole_image_boxes_with_identities(tmp_path):
     assert names == {0, 1, 2}
 
 
-def test_metadata_paths_outside_the_root_are_faults_and_never_opened(tmp_path):
+@pytest.mark.parametrize("way_out", ["../secret.jpg", "absolute", "link.jpg"])
+def test_metadata_paths_outside_the_root_refuse_the_input(tmp_path, way_out):
+    """The one rule of every source (issue 22): refused in one line, nothing written
+    (was: a fault per entry, the rest packed). An absolute path inside the root is fine."""
     root = _subjects(tmp_path / "ds")
     secret = tmp_path / "secret.jpg"
     Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(secret)
@@ -55,15 +58,17 @@ def test_metadata_paths_outside_the_root_are_faults_and_never_opened(tmp_path):
     meta.write_text(json.dumps([
         {"image_path": "000/000_v0_ear.jpg", "bbox": [1, 1, 10, 10], "identity": "a"},
         {"image_path": "000/000_v1_ear.jpg", "bbox": [1, 1, 10, 10], "identity": "a"},
-        {"image_path": "../secret.jpg", "bbox": [1, 1, 5, 5], "identity": "b"},
-        {"image_path": str(secret), "bbox": [1, 1, 5, 5], "identity": "b"},
-        {"image_path": "link.jpg", "bbox": [1, 1, 5, 5], "identity": "b"},
         {"image_path": str(root / "001" / "001_v0_ear.jpg"), "bbox": [1, 1, 5, 5], "identity": "c"},
     ]))
-    r = create("ear", meta, tmp_path / "out", splits="train=1", split_by="sample")
-    kinds = sorted(f["kind"] for f in r.report["faults"])
-    assert kinds == ["path outside dataset"] * 3
-    assert len(_samples(tmp_path / "out")) == 3          # the absolute path inside the root is fine
+    r = create("ear", meta, tmp_path / "ok", splits="train=1", split_by="sample")
+    assert len(_samples(tmp_path / "ok")) == 3 and not r.report["faults"]
+    records = json.loads(meta.read_text())
+    records.append({"image_path": str(secret) if way_out == "absolute" else way_out, "bbox": [1, 1, 5, 5],
+                    "identity": "b"})
+    meta.write_text(json.dumps(records))
+    with pytest.raises(InputError, match="leads outside the input"):
+        create("ear", meta, tmp_path / "out", splits="train=1", split_by="sample")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_root_option_with_a_folder_input_is_refused(tmp_path):

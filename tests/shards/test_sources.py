@@ -586,8 +586,9 @@ def test_synthetic_create_and_stream(tmp_path, capsys):
 def test_folder_split_folders_dataset_infor_and_twin_pairs_infor(tmp_path, capsys):
     """The original DCAL layout: data/{train,val,test}/person_*/ are kept as splits (not
     redrawn: a random draw would move identities), test/dataset_infor.json lists the test
-    images (a foreign absolute path found by identity + file name; a path escaping ROOT and a
-    missing file are faults), twin_pairs_infor.json gives the twins without --twins."""
+    images (a foreign absolute path found by identity + file name; a missing file is a fault;
+    a path escaping ROOT refuses the input: tests/shards/test_input_confinement.py),
+    twin_pairs_infor.json gives the twins without --twins."""
     root = tmp_path / "data"
     layout = {"train": ["person_1", "person_2", "person_3", "person_4"], "val": ["person_5", "person_6"],
               "test": ["person_7", "person_8"]}
@@ -598,7 +599,7 @@ def test_folder_split_folders_dataset_infor_and_twin_pairs_infor(tmp_path, capsy
     save(img(99), tmp_path / "outside.png", "PNG")
     (root / "test" / "dataset_infor.json").write_text(json.dumps({
         "person_7": ["person_7/0.png", "/kaggle/input/nd-twin/test/person_7/2.png"],
-        "person_8": ["person_8/1.png", "../../outside.png", "person_8/nope.png"]}))
+        "person_8": ["person_8/1.png", "person_8/nope.png"]}))
     (root / "twin_pairs_infor.json").write_text(json.dumps(
         {"train": [["person_1", "person_2"]], "test": [{"id1": "person_7", "id2": "person_8"}]}))
     out = tmp_path / "out"
@@ -614,7 +615,6 @@ def test_folder_split_folders_dataset_infor_and_twin_pairs_infor(tmp_path, capsy
     assert m.twin_pairs == [(0, 1), (6, 7)]
     rep = json.loads((out / "report.json").read_text())
     bad = [f for f in rep["faults"] if f["kind"] == "bad dataset_infor entry"]
-    assert {f["detail"] for f in bad} == {"outside the dataset: ../../outside.png",
-                                          "image not found: person_8/nope.png"}
+    assert {f["detail"] for f in bad} == {"image not found: person_8/nope.png"}
     assert m.created_with["notes"]["splits_from"] == "folders"
     assert m.created_with["notes"]["dataset_infor"] == ["test/dataset_infor.json"]
