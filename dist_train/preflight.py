@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from dist_train.config import (NO_SPLIT, Config, ConfigError, config_from_dict, load_config, resolved_config_dict,
+from dist_train.config import (NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config, resolved_config_dict,
                                validates)
 
 
@@ -79,7 +79,8 @@ def _available_splits(cfg: Config) -> tuple[str, dict[str, int]]:
 
 def check_splits(cfg: Config) -> None:
     """The train split, and the validation split unless ``data.val_split=none``,
-    exist and hold samples; a missing one fails here instead of after training."""
+    exist and hold samples; a test split named other than the default exists.
+    A missing one fails here instead of after training."""
     where, sizes = _available_splits(cfg)
     have = ", ".join(f"{name} ({n})" for name, n in sizes.items()) if cfg.data.source == "shards" \
         else ", ".join(sizes)
@@ -95,6 +96,11 @@ def check_splits(cfg: Config) -> None:
         hint = f"data.val_split={others[0]}" if others else "data.val_split=NAME"
         raise ConfigError(f"data.val_split: validation split '{d.val_split}' {state} in {where} (splits: {have}); "
                           f"set {hint}, or train without validation: data.val_split={NO_SPLIT}")
+    # The test split is optional (data without one is tested on nothing), but
+    # one named other than the default must exist: a typo would go unnoticed.
+    if d.test_split not in sizes and d.test_split not in (DataConfig().test_split, NO_SPLIT):
+        raise ConfigError(f"data.test_split: split '{d.test_split}' does not exist in {where} (splits: {have}); "
+                          f"set data.test_split to one of them, or data.test_split={NO_SPLIT}")
 
 
 # ---------------------------------------------------------------------------

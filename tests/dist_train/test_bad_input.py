@@ -366,3 +366,26 @@ def test_a_failed_folder_swap_keeps_the_previous_version(tmp_path: Path, monkeyp
         _move_into_place(new, old)
     assert (old / "f").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".staging", "latest"]
+
+
+# ---------------------------------------------------------------------------
+# Silent acceptance (issue 22, point 11)
+
+
+def test_an_unknown_test_split_names_the_splits(tmp_path: Path, no_val_shards: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data.test_split: split 'nosuch' does not exist in .* "
+                                          r"\(splits: .*train \(\d+\).*\)") as err:
+        load_checked_config(FACECOM, tiny_overrides(tmp_path) + ["data.source=shards", f"data.shards={no_val_shards}",
+                                                                 "data.val_split=none", "data.test_split=nosuch"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"data.test_split: split 'nosuch' does not exist in the synthetic data"):
+        load_checked_config(FACECOM, tiny_overrides(tmp_path) + ["data.test_split=nosuch"])
+    # the default name may be missing (data without a test split), and none says: no test split
+    load_checked_config(FACECOM, tiny_overrides(tmp_path) + ["data.test_split=none"])
+
+
+def test_an_escaping_experiment_name_exits_2_writing_nothing(tmp_path: Path) -> None:
+    proc = _main(tmp_path, "experiment.name=../../escape")
+    assert proc.returncode == 2
+    assert _one_error_line(proc.stderr).startswith("error: experiment.name: must be a single folder name")
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.parent.glob("escape_*"))
