@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dist_train.commands import fail
+from dist_train.commands import fail, output_clash
 
 log = logging.getLogger("biomtl.eval")
 
@@ -96,6 +96,12 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.pairs and not Path(args.pairs).is_file():
         return fail(f"--pairs: file not found: {args.pairs}")
+    clash = args.output and (output_clash("--output", args.output, [("--checkpoint", args.checkpoint),
+                                                                     ("--pairs", args.pairs),
+                                                                     ("--image-root", args.image_root)])
+                             or output_clash("--output", args.output, [("--data", args.data)], folders_whole=True))
+    if clash:
+        return fail(clash)
     try:
         engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device, batch_size=args.batch_size)
     except CheckpointError as exc:
@@ -117,6 +123,9 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
         manifest = Manifest.load(data_dir)
     except (FileNotFoundError, ValueError) as exc:
         return fail(str(exc).splitlines()[0])
+    clash = args.output and output_clash("--output", args.output, [("--data", data_dir)], folders_whole=True)
+    if clash:  # the checkpoint's own data: the report is not written into the dataset
+        return fail(clash)
     if args.split not in manifest.splits:
         return fail(f"split {args.split!r} not in {data_dir} (have: {', '.join(sorted(manifest.splits))})")
     val_split = args.val_split or engine.config.data.val_split

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train.commands import fail
+from dist_train.commands import fail, output_clash
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -41,6 +41,10 @@ def run(argv: list[str] | None = None, prog: str = "biomtl verify") -> int:
             return fail(f"image not found: {img}")
     if args.show_attention and Path(args.show_attention).suffix.lower() != ".png":
         return fail(f"--show-attention must name a .png file, got {args.show_attention}")
+    clash = args.show_attention and output_clash("--show-attention", args.show_attention, [
+        ("image1", args.image1), ("image2", args.image2), ("--checkpoint", args.checkpoint)])
+    if clash:
+        return fail(clash)
     try:
         engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device)
     except CheckpointError as exc:

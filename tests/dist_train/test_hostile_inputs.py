@@ -1,0 +1,122 @@
+"""What a user types, from a hostile-testing pass (issue 22): no command writes
+onto one of its inputs, whatever the spelling; image files are opened bounded
+(regular files only, pixels checked from the header); verification labels are
+exactly 0 or 1. Each refusal is one ``error:`` line, exit 2, nothing written."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dist_train.cli import main
+from tests.dist_train.test_predict import facecom_model  # noqa: F401 - the fixture (an exported tiny model)
+
+
+def _run(capsys, *args: str) -> tuple[int, list[str]]:
+    capsys.readouterr()
+    rc = main(list(args))
+    return rc, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def _image(path: Path, size: int = 40) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Output onto input (point 5)
+
+
+@pytest.fixture
+def trainer_run(tmp_path: Path, facecom_model: Path) -> Path:  # noqa: F811
+    """A run directory whose checkpoints/latest.pt is a loadable model file."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    shutil.copy(facecom_model, ckpt / "latest.pt")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotted", "symlink", "hardlink", "run_dir"])
+def test_export_never_replaces_the_checkpoint_it_reads(trainer_run: Path, capsys, spelling: str) -> None:
+    latest = trainer_run / "checkpoints" / "latest.pt"
+    before = latest.read_bytes()
+    checkpoint, output = str(latest), str(latest)
+    if spelling == "dotted":
+        output = str(trainer_run / "checkpoints" / ".." / "checkpoints" / "." / "latest.pt")
+    elif spelling == "symlink":
+        (trainer_run / "link.pt").symlink_to(latest)
+        output = str(trainer_run / "link.pt")
+    elif spelling == "hardlink":
+        os.link(latest, trainer_run / "hard.pt")
+        output = str(trainer_run / "hard.pt")
+    elif spelling == "run_dir":
+        checkpoint = str(trainer_run)
+    rc, lines = _run(capsys, "export", "--checkpoint", checkpoint, "--output", output)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: --output ") and \
+        "the input --checkpoint" in lines[0], lines
+    assert latest.read_bytes() == before
+    assert sorted(p.name for p in latest.parent.iterdir()) == ["latest.pt"]  # no temp file either
+
+
+def test_export_to_another_file_still_works(trainer_run: Path, tmp_path: Path, capsys) -> None:
+    rc, lines = _run(capsys, "export", "--checkpoint", str(trainer_run), "--output", str(tmp_path / "model.pt"))
+    assert rc == 0 and (tmp_path / "model.pt").is_file(), lines
+
+
+@pytest.mark.parametrize("spelling", ["same", "symlink"])
+def test_predict_never_overwrites_its_input_list(facecom_model: Path, tmp_path: Path, capsys,  # noqa: F811
+                                                 spelling: str) -> None:
+    _image(tmp_path / "a.png")
+    listing = tmp_path / "list.csv"
+    listing.write_text("path\na.png\n")
+    output = listing
+    if spelling == "symlink":
+        (tmp_path / "out").mkdir()
+        output = tmp_path / "out" / "preds.csv"
+        output.symlink_to(listing)
+    rc, lines = _run(capsys, "predict", "--checkpoint", str(facecom_model), "--input", str(listing),
+                     "--output", str(output), "--no-progress")
+    assert rc == 2 and lines == [f"error: --output {output} is the input --input {listing}; write the output "
+                                 f"somewhere else (an input is never overwritten)"]
+    assert listing.read_text() == "path\na.png\n"
+
+
+def test_verify_attention_picture_never_overwrites_an_image(facecom_model: Path, tmp_path: Path,  # noqa: F811
+                                                           capsys) -> None:
+    a, b = _image(tmp_path / "a.png"), _image(tmp_path / "b.png", 32)
+    before = b.read_bytes()
+    rc, lines = _run(capsys, "verify", "--checkpoint", str(facecom_model), str(a), str(b),
+                     "--show-attention", str(tmp_path / "." / "b.png"))
+    assert rc == 2 and len(lines) == 1 and "is the input image2" in lines[0], lines
+    assert b.read_bytes() == before
+
+
+def test_extract_plot_never_overwrites_an_image(facecom_model: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    images = [_image(tmp_path / "imgs" / "s1" / f"{i}.png") for i in range(3)]
+    before = images[0].read_bytes()
+    rc, lines = _run(capsys, "extract", "--checkpoint", str(facecom_model), "--images", str(tmp_path / "imgs"),
+                     "--output", str(tmp_path / "f.npz"), "--plot", "pca", "--plot-output", str(images[0]),
+                     "--no-progress")
+    assert rc == 2 and len(lines) == 1 and "--plot-output" in lines[0] and "the input --images" in lines[0], lines
+    assert images[0].read_bytes() == before and not (tmp_path / "f.npz").exists()
+
+
+def test_eval_output_is_not_the_data_or_the_pairs(facecom_model: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text("[]")
+    rc, lines = _run(capsys, "eval", "--checkpoint", str(facecom_model), "--pairs", str(pairs),
+                     "--output", str(pairs))
+    assert rc == 2 and len(lines) == 1 and "is the input --pairs" in lines[0], lines
+    assert pairs.read_text() == "[]"
+    (tmp_path / "data").mkdir()
+    rc, lines = _run(capsys, "eval", "--checkpoint", str(facecom_model), "--data", str(tmp_path / "data"),
+                     "--output", str(tmp_path / "data" / "report"))
+    assert rc == 2 and len(lines) == 1 and "is inside the input --data" in lines[0], lines
+    assert list((tmp_path / "data").iterdir()) == []
