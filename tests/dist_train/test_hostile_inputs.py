@@ -120,3 +120,36 @@ def test_eval_output_is_not_the_data_or_the_pairs(facecom_model: Path, tmp_path:
                      "--output", str(tmp_path / "data" / "report"))
     assert rc == 2 and len(lines) == 1 and "is inside the input --data" in lines[0], lines
     assert list((tmp_path / "data").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------
+# Verification labels are exactly 0 or 1 (point 11)
+
+
+@pytest.mark.parametrize("label", [2, -1, 0.9, "1", True, None])
+def test_a_pair_label_other_than_0_or_1_is_refused(label) -> None:
+    from recipes.verification import pairs_from_rows
+
+    rows = [{"img1": "a", "img2": "b", "label": 1}, {"img1": "a", "img2": "c", "label": label}]
+    with pytest.raises(ValueError, match=r"pairs.json: pair 1: label must be 0 \(impostor\) or 1 \(genuine\)"):
+        pairs_from_rows(rows, ["a", "b", "c"], source="pairs.json")
+
+
+def test_labels_0_and_1_still_read() -> None:
+    from recipes.verification import pairs_from_rows
+
+    rows = [{"img1": "a", "img2": "b", "label": 1}, {"img1": "a", "img2": "c", "label": 0},
+            {"img1": "b", "img2": "c", "label": 1.0}]
+    assert pairs_from_rows(rows, ["a", "b", "c"]).label.tolist() == [True, False, True]
+
+
+def test_eval_of_image_pairs_with_label_2_is_one_line(facecom_model: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    for i in range(4):
+        _image(tmp_path / f"p{i % 2}" / f"{i}.png", 32 + i)
+    rows = [["p0/0.png", "p0/2.png", 1], ["p0/0.png", "p1/1.png", 0], ["p1/1.png", "p1/3.png", 2]]
+    (tmp_path / "pairs.json").write_text(json.dumps(rows))
+    rc, lines = _run(capsys, "eval", "--checkpoint", str(facecom_model), "--pairs", str(tmp_path / "pairs.json"),
+                     "--threshold", "0.5", "--output", str(tmp_path / "out"), "--no-progress")
+    assert rc == 2 and len(lines) == 2 and "pair 2: label must be 0 (impostor) or 1 (genuine), got 2" in lines[-1], \
+        lines
+    assert not (tmp_path / "out").exists()
