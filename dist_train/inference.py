@@ -166,15 +166,9 @@ def _to_pil(item: Any):
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, (str, os.PathLike)):
-        p = Path(item)
-        if not p.is_file():
-            raise FileNotFoundError(f"image not found: {p}")
-        try:
-            img = Image.open(p)
-            img.load()
-        except Exception as exc:
-            raise ValueError(f"cannot read image {p}: {type(exc).__name__}: {exc}") from None
-        return img
+        from dist_train.image_files import read_image_file
+
+        return read_image_file(item)  # regular files only, pixels bounded; ImageFileError is a ValueError
     if isinstance(item, np.ndarray):
         arr = item
         if arr.dtype != np.uint8:

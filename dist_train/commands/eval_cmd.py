@@ -202,10 +202,9 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
 def _eval_image_files(args: argparse.Namespace, engine: Any, rows: list[dict[str, Any]], files: list[Path],
                       threshold: float, source: str, extra: dict[str, Any]) -> int:
     """The verification report of pairs that name image files (no shard split involved)."""
-    from PIL import Image
-
     from dist_train.checkpoint import atomic_write
     from dist_train.commands.path_pairs import table_from_files
+    from dist_train.image_files import read_image_file
     from recipes import verification as ev
     from recipes.verification_plots import write_report
 
@@ -219,7 +218,7 @@ def _eval_image_files(args: argparse.Namespace, engine: Any, rows: list[dict[str
     if not pairs.label.any() or pairs.label.all():
         return fail(f"--pairs {args.pairs}: the pairs need both genuine and impostor pairs (got {pairs.counts()})")
     by_key = dict(zip(table["keys"], files))
-    images = {k: Image.open(by_key[k]).convert("RGB") for k in ev.hardest_error_keys(table, pairs)}
+    images = {k: read_image_file(by_key[k]).convert("RGB") for k in ev.hardest_error_keys(table, pairs)}
     out_dir = Path(args.output) if args.output else default_output(Path(args.checkpoint), "pairs")
     extra = {**extra, "checkpoint": str(args.checkpoint), "split": f"image files of {args.pairs}",
              "recipe": engine.recipe_name}

@@ -79,10 +79,12 @@ def write_attention_figure(path: Path, images: list[str], maps: np.ndarray, resu
     import matplotlib.pyplot as plt
     from PIL import Image
 
+    from dist_train.image_files import read_image_file
+
     fig, axes = plt.subplots(1, 4, figsize=(11.5, 3.4), gridspec_kw={"width_ratios": [1, 1, 1, 1]})
     im = None
     for k, (img_path, amap) in enumerate(zip(images, maps)):
-        img = Image.open(img_path).convert("RGB")
+        img = read_image_file(img_path).convert("RGB")
         view = np.asarray(img.resize((model_size, model_size), Image.BILINEAR).resize((display, display),
                                                                                         Image.NEAREST))
         heat = np.asarray(Image.fromarray((amap * 255).astype(np.uint8)).resize((display, display), Image.BILINEAR),

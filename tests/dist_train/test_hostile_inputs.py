@@ -153,3 +153,153 @@ def test_eval_of_image_pairs_with_label_2_is_one_line(facecom_model: Path, tmp_p
     assert rc == 2 and len(lines) == 2 and "pair 2: label must be 0 (impostor) or 1 (genuine), got 2" in lines[-1], \
         lines
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------
+# Image files: regular files only, pixels bounded from the header (point 9)
+
+
+def _png_declaring(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (what a
+    decompression bomb looks like before decoding)."""
+    import struct
+    import zlib
+
+    _image(path, 8)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _within(seconds: float, call, *args):
+    """``call(*args)`` on a thread; fails (instead of hanging the suite) when it blocks."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = call(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{call.__name__} blocked for {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.mark.parametrize("width, height", [(13_000, 13_000), (20_000, 20_000), (7_000, 6_000)])
+def test_too_many_pixels_are_refused_from_the_header(tmp_path: Path, width: int, height: int) -> None:
+    from dist_train.image_files import MAX_IMAGE_PIXELS, ImageFileError, read_image_file
+
+    assert width * height > MAX_IMAGE_PIXELS
+    bomb = _png_declaring(tmp_path / "bomb.png", width, height)
+    with pytest.raises(ImageFileError, match=r"bomb.png: .*refused before decoding") as err:
+        read_image_file(bomb)
+    assert "\n" not in str(err.value)
+
+
+def test_an_image_within_the_bound_reads(tmp_path: Path) -> None:
+    from dist_train.image_files import read_image_file
+
+    img = read_image_file(_image(tmp_path / "a.png", 40))
+    assert img.size == (40, 40) and img.mode == "RGB"
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    from dist_train.image_files import ImageFileError, read_image_file
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageFileError, match="pipe.png: not a regular file"):
+        _within(30, read_image_file, fifo)
+    with pytest.raises(ImageFileError, match="not a regular file"):
+        read_image_file(tmp_path)
+
+
+@pytest.fixture
+def demo(facecom_model: Path):  # noqa: F811
+    from dist_train.commands.demo_cmd import Demo
+    from dist_train.inference import InferenceEngine
+
+    return Demo(InferenceEngine.from_checkpoint(facecom_model, device="cpu"))
+
+
+def test_demo_refuses_a_fifo_and_a_bomb_naming_the_upload(demo, tmp_path: Path) -> None:
+    from dist_train.commands.demo_cmd import DemoError
+
+    a = _image(tmp_path / "a.png")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(DemoError, match=r"^image 2: pipe.png: not a regular file"):
+        _within(30, demo.verify, str(a), str(fifo))
+    bomb = _png_declaring(tmp_path / "bomb.png", 13_000, 13_000)
+    with pytest.raises(DemoError, match=r"^image 1: bomb.png: 13000x13000 pixels is more than the 40,000,000 "):
+        demo.verify(str(bomb), str(a))
+
+
+def test_the_page_shows_the_one_line_as_a_gradio_error(demo, tmp_path: Path) -> None:
+    gr = pytest.importorskip("gradio", reason="optional extra: pip install 'biomtl[demo]'")
+    from dist_train.commands.demo_cmd import on_page
+
+    a, bomb = _image(tmp_path / "a.png"), _png_declaring(tmp_path / "bomb.png", 20_000, 20_000)
+    with pytest.raises(gr.Error) as err:
+        on_page(demo.verify, str(a), str(bomb))
+    assert str(err.value.message).startswith("image 2: bomb.png: the image declares more than 40,000,000 pixels")
+
+
+def test_predict_skips_a_bomb_and_a_fifo_in_one_line_each(facecom_model: Path, tmp_path: Path,  # noqa: F811
+                                                          capsys) -> None:
+    _image(tmp_path / "in" / "a.png")
+    _png_declaring(tmp_path / "in" / "bomb.png", 13_000, 13_000)
+    os.mkfifo(tmp_path / "in" / "pipe.png")
+    (tmp_path / "list.csv").write_text("path\nin/a.png\nin/bomb.png\nin/pipe.png\n")
+    rc = _within(120, main, ["predict", "--checkpoint", str(facecom_model), "--input", str(tmp_path / "list.csv"),
+                             "--output", str(tmp_path / "p.csv"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "skipped in/bomb.png: " in err and "refused before decoding" in err
+    assert "skipped in/pipe.png: " in err and "not a regular file" in err
+    with (tmp_path / "p.csv").open(newline="") as fh:
+        assert [r["key"] for r in csv.DictReader(fh)] == ["in/a.png"]
+
+
+@pytest.mark.integration  # starts the Gradio server in a new process
+def test_demo_removes_its_uploads_when_it_ends(facecom_model: Path, tmp_path: Path) -> None:  # noqa: F811
+    """SIGTERM ends `biomtl demo` through its cleanup: the folder of uploads is gone."""
+    import signal
+    import socket
+    import subprocess
+
+    pytest.importorskip("gradio", reason="optional extra: pip install 'biomtl[demo]'")
+    from tests.conftest import PYTHON, REPO
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = tmp_path / "gradio_tmp"
+    temp.mkdir()
+    proc = subprocess.Popen([PYTHON, "-m", "dist_train.cli", "demo", "--checkpoint", str(facecom_model),
+                             "--port", str(port), "--device", "cpu"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "GRADIO_TEMP_DIR": str(temp)})
+    try:
+        for line in proc.stdout:  # Gradio's own lines, then ours once the page serves
+            if line.startswith("biomtl demo:"):
+                break
+        assert line.startswith("biomtl demo:"), proc.stderr.read()
+        (upload_dir,) = temp.iterdir()  # this process's own folder
+        (upload_dir / "upload.png").write_bytes(b"an upload")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert list(temp.iterdir()) == []
