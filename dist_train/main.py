@@ -27,6 +27,8 @@ from dist_train import distributed  # noqa: E402
 from dist_train.checkpoint import atomic_write, final_model_path  # noqa: E402
 from dist_train.config import Config, ConfigError, dump_config, recipe_params  # noqa: E402
 from dist_train.preflight import check_resume, load_checked_config, synthetic_spec  # noqa: E402
+from models.backbones import WeightsError  # noqa: E402
+from models.losses import LpipsWeightsMissing  # noqa: E402
 from recipes.base import RecipeDataError, get_recipe  # noqa: E402
 from launch import faults  # noqa: E402
 from launch.env import detect, launch_id, restart_count  # noqa: E402
@@ -198,8 +200,10 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
                          resume)
         try:
             return _train_in(run_dir, cfg, ctx, recipe, data_dir, resume, attempt)
+        except (WeightsError, LpipsWeightsMissing) as exc:  # readable tensors that do not fit the model
+            raise ConfigError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
         except OSError as exc:
-            if exc.filename is None:  # a bare write() failure: at least say where the run writes
+            if exc.filename is None and exc.errno is not None:  # a bare write() failure: say where the run writes
                 exc.filename = str(run_dir)
             raise
         except RuntimeError as exc:

@@ -1,7 +1,7 @@
 """Everything checked before a run starts: the config file and overrides
 (:func:`dist_train.config.load_config`), the options only the chosen strategy
-and tracker understand (checked by their own modules), where the run will
-write, which splits the data has, and a ``--resume`` checkpoint. A mistake is
+and tracker understand (checked by their own modules), the weights files the
+recipe parameters name, where the run will write, which splits the data has, and a ``--resume`` checkpoint. A mistake is
 one ``ConfigError`` line before any process group, directory or file exists."""
 from __future__ import annotations
 
@@ -29,11 +29,40 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) 
         from dist_train.tracking import require_wandb
 
         require_wandb()
+    check_weight_files(cfg)
     check_writable_folder("experiment.output_dir", cfg.experiment.output_dir)
     if cfg.data.source == "synthetic" and not _synthetic_cache(cfg).is_dir():
         check_writable_folder("data.synthetic.cache_dir", cfg.data.synthetic.cache_dir)
     check_splits(cfg)
     return cfg
+
+
+# ---------------------------------------------------------------------------
+# Weights files named by recipe.params
+
+WEIGHT_FIELDS = ("weights_path", "weights")  # name endings: weights_path, lpips_weights, teacher_weights
+
+
+def check_weight_files(cfg: Config) -> None:
+    """Every weights file a recipe parameter names (a path field ending in
+    :data:`WEIGHT_FIELDS`) loads weights-only and holds tensors, read by their
+    owner :func:`models.backbones.read_state_dict`: a text file, pickled code
+    or a file of no tensors is one line here, not a traceback once the run
+    directory exists. (``init_from`` is checked by the recipes' own Params.)"""
+    import dataclasses
+
+    from dist_train.config import recipe_params
+    from models.backbones import WeightsError, read_state_dict
+
+    params = recipe_params(cfg)
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if not (f.metadata.get("path") and value and f.name.endswith(WEIGHT_FIELDS)):
+            continue
+        try:
+            read_state_dict(value)
+        except WeightsError as exc:
+            raise ConfigError(f"recipe.params.{f.name}: {(str(exc).splitlines() or [''])[0][:300]}") from None
 
 
 # ---------------------------------------------------------------------------

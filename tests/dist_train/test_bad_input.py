@@ -389,3 +389,96 @@ def test_an_escaping_experiment_name_exits_2_writing_nothing(tmp_path: Path) -> 
     assert proc.returncode == 2
     assert _one_error_line(proc.stderr).startswith("error: experiment.name: must be a single folder name")
     assert not (tmp_path / "runs").exists() and not list(tmp_path.parent.glob("escape_*"))
+
+
+# ---------------------------------------------------------------------------
+# Weights files named by recipe.params (issue 22, point 10)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+@pytest.fixture(params=["text", "pickled code", "no tensors"])
+def bad_weights(request, tmp_path: Path) -> Path:
+    path = tmp_path / "weights.pth"
+    if request.param == "text":
+        path.write_text("these are not weights\n")
+    elif request.param == "pickled code":
+        torch.save({"w": _RunsCode()}, path)
+    else:
+        torch.save({"note": "no tensors here"}, path)
+    return path
+
+
+def test_a_bad_weights_path_is_found_before_the_run(tmp_path: Path, bad_weights: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"^recipe.params.weights_path: .*{bad_weights}") as err:
+        load_checked_config(FACECOM, tiny_overrides(tmp_path) + [f"recipe.params.weights_path={bad_weights}"])
+    assert "\n" not in str(err.value)
+
+
+def test_a_text_weights_path_exits_2_writing_nothing(tmp_path: Path) -> None:
+    text = tmp_path / "weights.pth"
+    text.write_text("these are not weights\n")
+    proc = _main(tmp_path, f"recipe.params.weights_path={text}")
+    assert proc.returncode == 2
+    assert _one_error_line(proc.stderr).startswith(f"error: recipe.params.weights_path: cannot read weights file {text}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_lpips_weights_are_found_before_the_run(tmp_path: Path, bad_weights: Path) -> None:
+    overrides = [f"experiment.output_dir={tmp_path / 'runs'}", f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+                 "recipe.params.lpips_weight=0.1", f"recipe.params.lpips_weights={bad_weights}"]
+    with pytest.raises(ConfigError, match=rf"^recipe.params.lpips_weights: .*{bad_weights}") as err:
+        load_checked_config(REPO / "configs" / "thz_mtl.yaml", overrides)
+    assert "\n" not in str(err.value) and "Errno" not in str(err.value)
+
+
+def test_weights_that_do_not_fit_and_errno_less_os_errors_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Found once the model is built (tensors of the wrong shapes): exit 2, the
+    loader's own line; a library's FileNotFoundError('message') has no errno and
+    its message is the line, not '[Errno None] None: RUN'."""
+    import dist_train.main as main_module
+    from models.backbones import WeightsError
+    from models.losses import LpipsWeightsMissing
+
+    for exc, code, line in [
+        (WeightsError("w.pth: shape mismatch for 1 tensors: conv1.weight"), 2,
+         "error: w.pth: shape mismatch for 1 tensors: conv1.weight"),
+        (LpipsWeightsMissing("LPIPS weights x.pth: no features.0.weight of shape (64, 3, 11, 11)"), 2,
+         "error: LPIPS weights x.pth: no features.0.weight of shape (64, 3, 11, 11)"),
+        (FileNotFoundError("a library's own message"), 1, "error: I/O failure: a library's own message"),
+    ]:
+        def fail(*args, _exc=exc, **kwargs):
+            raise _exc
+
+        monkeypatch.setattr(main_module, "_train_in", fail)
+        capsys.readouterr()
+        assert main_module.run(["--config", str(FACECOM), *tiny_overrides(tmp_path)]) == code
+        assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")] == [line]
+
+
+def test_disk_full_is_named_even_when_the_removed_partial_file_frees_the_space(tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint larger than the free space fills the disk, then its partial file is
+    removed: the space is back, but the failure was a full disk, not an I/O error."""
+    import shutil
+
+    ckpt = tmp_path / "checkpoints"
+    real_usage = shutil.disk_usage
+
+    def usage(path):  # full while the partial staging file is there
+        full = any(p.name.startswith(".staging") for p in ckpt.iterdir())
+        return shutil._ntuple_diskusage(100, 100, 0) if full else real_usage(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    manager = CheckpointManager(ckpt, CheckpointPolicy("loss", "min", 1, 0), is_main=True)
+
+    def write(path: Path) -> None:
+        path.write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file")
+
+    with pytest.raises(OSError) as info:
+        manager.save(write, step=1, metrics=None)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(ckpt / "latest.pt")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["topk"]
