@@ -482,3 +482,45 @@ def test_disk_full_is_named_even_when_the_removed_partial_file_frees_the_space(t
         manager.save(write, step=1, metrics=None)
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(ckpt / "latest.pt")
     assert sorted(p.name for p in ckpt.iterdir()) == ["topk"]
+
+
+# ---------------------------------------------------------------------------
+# Corrupt data found while training (issue 22, point 10)
+
+
+def _half_corrupt_shards(root: Path, n: int = 16) -> Path:
+    """Train and val splits where every other sample's image is bytes no decoder reads."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from shards.writer import ShardSplitWriter
+
+    def png(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((32, 32, 3), i * 7 % 255, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    splits = {}
+    for split in ("train", "val"):
+        with ShardSplitWriter(root, split) as w:
+            for i in range(n):
+                w.write({"__key__": f"{split}{i}", "vis.png": png(i) if i % 2 else b"not a png",
+                         "json": {"identity": i % 4, "gender": i % 2}})
+        splits[split] = w.close()
+    Manifest(splits=splits, identities=["a", "b", "c", "d"], label_schemas={"gender": ["f", "m"]},
+             modalities=["json", "vis.png"]).save(root)
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_too_many_corrupt_samples_is_one_line_exit_1(tmp_path: Path, workers: int) -> None:
+    data = _half_corrupt_shards(tmp_path / "data")
+    proc = _main(tmp_path, "data.source=shards", f"data.shards={data}", f"data.num_workers={workers}",
+                 "data.max_corrupt_fraction=0.1", "train.max_steps=2")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: training stopped: too many corrupt samples in split "
+                                                     "'train'"), proc.stderr[-3000:]
+    assert "max_corrupt_fraction=0.1" in errors[0] and "Traceback" not in proc.stderr
