@@ -421,6 +421,17 @@ def _check_output(out: Path, overwrite: bool) -> None:
                          f"read-only file system)")
 
 
+def _check_apart(inp: Path, out: Path) -> None:
+    """The dataset is written apart from what it is read from: an ``--output``
+    that is the input, holds it or lies inside it would be read while being
+    written, or (``--overwrite``) replaced with the input in it."""
+    i, o = inp.resolve(), out.resolve()
+    if i == o or i.is_relative_to(o) or o.is_relative_to(i):
+        where = "is" if i == o else "contains" if i.is_relative_to(o) else "is inside"
+        raise InputError(f"--output: {out} {where} the input {inp}; write the shards somewhere else "
+                         f"(an input is never overwritten)")
+
+
 def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.PathLike, *,
            splits: str | list[tuple[str, float]] = "train=0.8,val=0.1,test=0.1", split_by: str = "identity",
            seed: int = 0, maxcount: int = 1000, maxsize: int = 1 << 30, workers: int = 1, strict: bool = False,
@@ -447,8 +458,10 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
     if workers < 0:
         raise InputError(f"--workers: must be >= 0, got {workers}")
     out = Path(output).absolute()
-    _check_output(out, overwrite)
     inp = Path(input_path).expanduser() if input_path is not None else None
+    if inp is not None and inp.exists():
+        _check_apart(inp, out)  # first: "--overwrite" must not be the hint when the output is the input
+    _check_output(out, overwrite)
     if source.needs_input and inp is None:
         raise InputError(f"--input is required for --format {fmt}")
     if inp is not None and not inp.exists():
