@@ -82,7 +82,16 @@ def default_output(checkpoint: Path, split: str) -> Path:
 
 
 def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
+    from shards.reading import CorruptDataError, corrupt_data_line
+
     args = build_parser(prog).parse_args(argv)
+    try:
+        return _evaluate(args)
+    except CorruptDataError as exc:  # the split cannot be read: before any report file is written
+        return fail(corrupt_data_line(exc))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from dist_train.checkpoint import atomic_write
     from dist_train.inference import CheckpointError, InferenceEngine
     from dist_train.progress import progress_bar

@@ -303,3 +303,14 @@ def test_demo_removes_its_uploads_when_it_ends(facecom_model: Path, tmp_path: Pa
             proc.kill()
             proc.wait()
     assert list(temp.iterdir()) == []
+
+
+def test_eval_of_an_unreadable_split_is_one_line(facecom_model: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    from tests.dist_train.test_bad_input import _half_corrupt_shards
+
+    data = _half_corrupt_shards(tmp_path / "data")
+    rc, lines = _run(capsys, "eval", "--checkpoint", str(facecom_model), "--data", str(data), "--split", "val",
+                     "--output", str(tmp_path / "out"), "--no-progress")
+    assert rc == 2 and lines[-1].startswith("error: too many corrupt samples in split 'val'"), lines
+    assert not any("Traceback" in line for line in lines)
+    assert not (tmp_path / "out").exists()
