@@ -11,8 +11,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from dist_train.config import (NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config, resolved_config_dict,
-                               validates)
+from dist_train.config import (NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config,
+                               resolved_config_dict, validates)
 
 
 def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:

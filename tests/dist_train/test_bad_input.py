@@ -423,7 +423,8 @@ def test_a_text_weights_path_exits_2_writing_nothing(tmp_path: Path) -> None:
     text.write_text("these are not weights\n")
     proc = _main(tmp_path, f"recipe.params.weights_path={text}")
     assert proc.returncode == 2
-    assert _one_error_line(proc.stderr).startswith(f"error: recipe.params.weights_path: cannot read weights file {text}")
+    line = _one_error_line(proc.stderr)
+    assert line.startswith(f"error: recipe.params.weights_path: cannot read weights file {text}")
     assert not (tmp_path / "runs").exists()
 
 

@@ -143,7 +143,8 @@ def test_labels_0_and_1_still_read() -> None:
     assert pairs_from_rows(rows, ["a", "b", "c"]).label.tolist() == [True, False, True]
 
 
-def test_eval_of_image_pairs_with_label_2_is_one_line(facecom_model: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+def test_eval_of_image_pairs_with_label_2_is_one_line(facecom_model: Path, tmp_path: Path,  # noqa: F811
+                                                      capsys) -> None:
     for i in range(4):
         _image(tmp_path / f"p{i % 2}" / f"{i}.png", 32 + i)
     rows = [["p0/0.png", "p0/2.png", 1], ["p0/0.png", "p1/1.png", 0], ["p1/1.png", "p1/3.png", 2]]

@@ -22,7 +22,8 @@ BAD_FIELDS = [
     ({"identities": "abc"}, "'identities' must be a list, got str"),
     ({"twin_pairs": [[0]]}, "'twin_pairs[0]' must be two identity indices"),
     ({"label_schemas": {"gender": "mf"}}, "'label_schemas.gender' must be a list of class names"),
-    ({"pairs": [{"key1": "a", "key2": "b", "label": 2}]}, "'pairs[0]' must be a mapping with key1, key2 and label 0 or 1"),
+    ({"pairs": [{"key1": "a", "key2": "b", "label": 2}]},
+     "'pairs[0]' must be a mapping with key1, key2 and label 0 or 1"),
 ]
 
 
