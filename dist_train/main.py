@@ -183,7 +183,7 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
     # run() reports these in one line (a config mistake found once the data
     # exists; an I/O failure naming the path): no rank traceback for them.
     with distributed.process_group(env, cfg.dist.backend, cfg.dist.timeout_s,
-                                   reported=(ConfigError, OSError, PeerLost, CorruptDataError),
+                                   reported=(ConfigError, OSError, PeerLost, CorruptDataError, FloatingPointError),
                                    cpu_threads=cfg.dist.cpu_threads) as ctx:
         data_dir = prepare_data(cfg, ctx)
         try:
@@ -286,8 +286,8 @@ def run(argv: list[str] | None = None, prog: str = "dist_train/main.py") -> int:
     """Exit codes: 0 done; 2 a mistake in the config, data or --resume, found
     before anything is written (or, for data that only exists once the group
     does, before training); 1 an I/O failure during the run (disk full, a
-    folder gone read-only) or more corrupt samples than
-    ``data.max_corrupt_fraction``. Each is one ``error:`` line on stderr."""
+    folder gone read-only), more corrupt samples than
+    ``data.max_corrupt_fraction``, a loss that is no longer finite. Each is one ``error:`` line on stderr."""
     args = build_arg_parser(prog).parse_args(argv)
     env = detect()
     try:
@@ -312,6 +312,9 @@ def run(argv: list[str] | None = None, prog: str = "dist_train/main.py") -> int:
         return 1
     except CorruptDataError as exc:  # found while streaming: the run's checkpoints stay; fix the data, --resume
         _error(f"{_rank_of(env)}training stopped: {corrupt_data_line(exc)}")
+        return 1
+    except FloatingPointError as exc:  # the trainer's check of the logged losses: the run diverged
+        _error(f"{_rank_of(env)}training stopped: {exc} (the loss diverged: lower train.lr or set train.grad_clip)")
         return 1
     return 0
 

@@ -436,10 +436,11 @@ def test_bad_lpips_weights_are_found_before_the_run(tmp_path: Path, bad_weights:
     assert "\n" not in str(err.value) and "Errno" not in str(err.value)
 
 
-def test_weights_that_do_not_fit_and_errno_less_os_errors_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_weights_that_do_not_fit_errno_less_os_errors_and_divergence_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     """Found once the model is built (tensors of the wrong shapes): exit 2, the
     loader's own line; a library's FileNotFoundError('message') has no errno and
-    its message is the line, not '[Errno None] None: RUN'."""
+    its message is the line, not '[Errno None] None: RUN'; a loss gone NaN
+    (what train.lr=1e30 did) is exit 1 with the step and the hint."""
     import dist_train.main as main_module
     from models.backbones import WeightsError
     from models.losses import LpipsWeightsMissing
@@ -450,6 +451,8 @@ def test_weights_that_do_not_fit_and_errno_less_os_errors_are_one_line(tmp_path:
         (LpipsWeightsMissing("LPIPS weights x.pth: no features.0.weight of shape (64, 3, 11, 11)"), 2,
          "error: LPIPS weights x.pth: no features.0.weight of shape (64, 3, 11, 11)"),
         (FileNotFoundError("a library's own message"), 1, "error: I/O failure: a library's own message"),
+        (FloatingPointError("step 4: gender is nan"), 1,
+         "error: training stopped: step 4: gender is nan (the loss diverged: lower train.lr or set train.grad_clip)"),
     ]:
         def fail(*args, _exc=exc, **kwargs):
             raise _exc
