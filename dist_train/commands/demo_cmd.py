@@ -12,8 +12,12 @@ Tab "Nearest identities": a query image against the images of ``--gallery``
 The page binds to 127.0.0.1 unless ``--host`` says otherwise (anyone who can
 reach it can run the model on their images); Gradio's analytics are off and
 nothing is shared. Uploads that are not readable images (PNG, JPEG, PGM,
-BMP, TIFF, WebP) are refused with a message naming the file. Needs the
-optional extra ``pip install 'biomtl[demo]'`` (Gradio).
+BMP, TIFF, WebP), not regular files, or larger than
+:data:`dist_train.image_files.MAX_IMAGE_PIXELS` (40 Mpx, read from the header
+before decoding) are refused with a one-line message on the page naming the
+file. Uploads (and Gradio's other temp files) live in a temp folder of this
+process, removed when the demo ends (Ctrl-C, SIGTERM). Needs the optional
+extra ``pip install 'biomtl[demo]'`` (Gradio).
 """
 from __future__ import annotations
 
