@@ -247,10 +247,10 @@ class CheckpointManager:
         try:
             write(staging)
         except (OSError, RuntimeError) as exc:
+            error = as_write_error(exc, latest)  # before the partial file is gone and frees the space again
             if self.is_main:
                 with contextlib.suppress(OSError):
                     _remove(staging)
-            error = as_write_error(exc, latest)
             if error is exc:
                 raise
             raise error from exc

@@ -33,6 +33,11 @@ def nonfinite_field(default: float, **kw: Any) -> Any:
 
 
 NO_SPLIT = "none"  # data.val_split=none: train without validation
+# Bounds of values that otherwise overflow deep inside (timedelta, RNG seeds) or
+# only make a run diverge: one line at load time instead of a traceback.
+MAX_LR = 10.0
+MAX_TIMEOUT_S = 7 * 24 * 3600
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch and random take it too
 
 
 @dataclass
@@ -279,6 +284,81 @@ def to_dict(obj: Any) -> Any:
 
 
 # --------------------------------------------------------------------------
+# YAML from users: bounded. PyYAML composes nested nodes recursively (5 000
+# levels are a RecursionError) and shares aliased nodes, so a 1 KB file can
+# stand for 10**9 values that asdict / dump_config then copy one by one.
+
+YAML_MAX_DEPTH = 64          # nesting levels; the configs use fewer than 6
+YAML_MAX_VALUES = 100_000    # values once every alias is expanded
+YAML_MAX_BYTES = 1 << 20     # a config file; the largest shipped is a few KB
+
+
+class _InvalidYaml(ConfigError):
+    """Text that is not YAML at all (an override value is then the plain string)."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > YAML_MAX_DEPTH:
+                raise ConfigError(f"YAML nested deeper than {YAML_MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_values(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Scalars + collections under ``node`` with aliases expanded (each node is
+    counted once per reference; ``sizes`` memoises shared nodes)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = YAML_MAX_VALUES + 1  # a node under itself (a recursive alias): refused too
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        sizes[id(node)] = min(1 + sum(_expanded_values(c, sizes) for c in children), YAML_MAX_VALUES + 1)
+    return sizes[id(node)]
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """The one reader of YAML that a user hands over (config files, ``base:``
+    presets, override values): ``yaml.safe_load`` with the nesting depth and the
+    alias expansion bounded; a breach or a syntax error is one ``ConfigError``
+    line starting with ``where`` that quotes nothing of the text."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_values(node, {}) > YAML_MAX_VALUES:
+            raise ConfigError(f"YAML aliases expand to more than {YAML_MAX_VALUES} values (a 'billion laughs'?)")
+        return loader.construct_document(node)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except yaml.YAMLError as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]  # the problem; later lines quote the text
+        raise _InvalidYaml(f"{where}: invalid YAML: {first}") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml_file(path: Path, where: str) -> Any:
+    """``path``'s YAML (:func:`load_yaml`); only a regular, small, UTF-8 file is read."""
+    try:
+        if path.stat().st_size > YAML_MAX_BYTES:
+            raise ConfigError(f"{where}: larger than {YAML_MAX_BYTES >> 20} MiB, not a config file")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read it ({exc.strerror or type(exc).__name__})") from None
+    return load_yaml(text, where)
+
+
+# --------------------------------------------------------------------------
 # Overrides and loading.
 
 
@@ -290,8 +370,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = load_yaml(raw, f"override '{key}'") if raw.strip() else ""
+    except _InvalidYaml:  # not YAML: the plain string the user typed
         value = raw
     return key.split("."), value
 
@@ -321,8 +401,10 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_config_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """The YAML tree of ``path`` merged over its ``base:`` file (a path relative to
-    ``path``'s folder), recursively; a base that comes back round is refused."""
+    """The YAML tree of ``path`` merged over its ``base:`` file, recursively; a
+    base that comes back round is refused. As documented, a base is a path
+    relative to ``path``'s folder naming a .yaml/.yml file; a file whose top level
+    is not config sections is refused without quoting it (it may be anything)."""
     if not path.is_file():
         where = f" (base of {chain[-1]})" if chain else ""
         raise ConfigError(f"--config: file not found: {path}{where}")
@@ -330,19 +412,36 @@ def read_config_tree(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in chain + (resolved,))
         raise ConfigError(f"--config {chain[0]}: '{BASE_KEY}' files form a cycle: {cycle}")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
-        raise ConfigError(f"--config {path}: invalid YAML: {first}") from None
+    loaded = read_yaml_file(path, f"--config {path}") or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"--config {path}: the top level must be a mapping")
+    _check_sections(path, loaded)
     base = loaded.pop(BASE_KEY, None)
     if base is None:
         return loaded
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"--config {path}: '{BASE_KEY}' must be the path of a config file, got {base!r}")
+    if Path(base).is_absolute() or base.startswith("~"):
+        raise ConfigError(f"--config {path}: '{BASE_KEY}' must be a path relative to {path.parent} "
+                          f"(the config's own folder), e.g. ../dcal_twins.yaml")
+    if Path(base).suffix.lower() not in (".yaml", ".yml"):
+        raise ConfigError(f"--config {path}: '{BASE_KEY}' must name a .yaml or .yml file")
     return deep_merge(read_config_tree(path.parent / base, chain + (resolved,)), loaded)
+
+
+def _check_sections(path: Path, tree: dict[Any, Any]) -> None:
+    """Every top-level key is a section of :class:`Config` (or ``base``). An
+    unknown key close to a section is a typo, named with the fix; otherwise the
+    file is not a config and none of it is repeated."""
+    sections = [f.name for f in dataclasses.fields(Config)] + [BASE_KEY]
+    for key in tree:
+        if key in sections:
+            continue
+        close = difflib.get_close_matches(str(key), sections, n=1, cutoff=0.6) if isinstance(key, str) else []
+        if close:
+            raise ConfigError(f"unknown config key '{key}' (did you mean '{close[0]}'?)")
+        raise ConfigError(f"--config {path}: not a biomtl config (a top-level key is none of the sections "
+                          f"{', '.join(sections)})")
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -390,8 +489,18 @@ def validate(cfg: Config) -> None:
                        "train.early_stopping.patience": t.early_stopping.patience}.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr: must be > 0, got {t.lr}")
+    if not 0 < t.lr <= MAX_LR:
+        raise ConfigError(f"train.lr: must be > 0 and at most {MAX_LR:g}, got {t.lr}")
+    if not 0 < cfg.dist.timeout_s <= MAX_TIMEOUT_S:
+        raise ConfigError(f"dist.timeout_s: must be in [1, {MAX_TIMEOUT_S}] (7 days), got {cfg.dist.timeout_s}")
+    if not 0 <= cfg.experiment.seed <= MAX_SEED:
+        raise ConfigError(f"experiment.seed: must be in [0, {MAX_SEED}], got {cfg.experiment.seed}")
+    if sch.power <= 0:
+        raise ConfigError(f"train.scheduler.power: must be > 0, got {sch.power}")
+    name = cfg.experiment.name
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0") or len(name) > 100:
+        raise ConfigError(f"experiment.name: must be a single folder name (no '/', '\\', '..'; at most 100 "
+                          f"characters), got {name[:100]!r}")
     if t.val_every_epochs <= 0:
         raise ConfigError(f"train.val_every_epochs: must be > 0, got {t.val_every_epochs}")
     if not 0.0 <= cfg.data.max_corrupt_fraction < 1.0:

@@ -153,7 +153,12 @@ def for_inference(payload: dict[str, Any]) -> dict[str, Any]:
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     """Write the consolidated file for a DeepSpeed directory or a DDP ``.pt``; returns ``output``."""
+    from dist_train.commands import output_clash
+
     path = resolve_checkpoint(checkpoint)
+    clash = output_clash("--output", output, [("--checkpoint", path)], folders_whole=True)
+    if clash is not None:  # replacing the trainer checkpoint would end the run's resume
+        raise ExportError(clash)
     payload = for_inference(_deepspeed_export(path) if path.is_dir() else _ddp_export(path))
     output = Path(output)
     try:

@@ -54,7 +54,7 @@ import torch  # noqa: E402
 
 from dist_train.checkpoint import (BEST, LATEST, atomic_save, checkpoint_path, final_model_path, is_run_dir,  # noqa: E402
                                    run_dir_of)
-from shards.images import UnsupportedImage, open_image, sixteen_to_8bit, to_8bit  # noqa: E402
+from shards.images import sixteen_to_8bit, to_8bit  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.5  # cosine; used only when neither the caller nor the checkpoint gives one
 
@@ -167,15 +167,9 @@ def _to_pil(item: Any):
     if isinstance(item, Image.Image):
         return to_8bit(item)
     if isinstance(item, (str, os.PathLike)):
-        p = Path(item)
-        if not p.is_file():
-            raise FileNotFoundError(f"image not found: {p}")
-        try:
-            return open_image(p)
-        except UnsupportedImage:
-            raise
-        except Exception as exc:
-            raise ValueError(f"cannot read image {p}: {type(exc).__name__}: {exc}") from None
+        from dist_train.image_files import read_image_file
+
+        return read_image_file(item)  # regular files only, pixels bounded; ImageFileError is a ValueError
     if isinstance(item, np.ndarray):
         arr = item
         if arr.dtype == np.uint16:  # 16-bit pixels: scaled like a 16-bit file, not wrapped

@@ -27,7 +27,10 @@ from dist_train import distributed  # noqa: E402
 from dist_train.checkpoint import atomic_write, final_model_path  # noqa: E402
 from dist_train.config import Config, ConfigError, dump_config, recipe_params  # noqa: E402
 from dist_train.preflight import check_resume, load_checked_config, synthetic_spec  # noqa: E402
+from models.backbones import WeightsError  # noqa: E402
+from models.losses import LpipsWeightsMissing  # noqa: E402
 from recipes.base import RecipeDataError, get_recipe  # noqa: E402
+from shards.reading import CorruptDataError, corrupt_data_line  # noqa: E402
 from launch import faults  # noqa: E402
 from launch.env import detect, launch_id, restart_count  # noqa: E402
 
@@ -180,7 +183,8 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
     # run() reports these in one line (a config mistake found once the data
     # exists; an I/O failure naming the path): no rank traceback for them.
     with distributed.process_group(env, cfg.dist.backend, cfg.dist.timeout_s,
-                                   reported=(ConfigError, OSError, PeerLost), cpu_threads=cfg.dist.cpu_threads) as ctx:
+                                   reported=(ConfigError, OSError, PeerLost, CorruptDataError, FloatingPointError),
+                                   cpu_threads=cfg.dist.cpu_threads) as ctx:
         data_dir = prepare_data(cfg, ctx)
         try:
             recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), Manifest.load(data_dir).data_info())
@@ -198,8 +202,10 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
                          resume)
         try:
             return _train_in(run_dir, cfg, ctx, recipe, data_dir, resume, attempt)
+        except (WeightsError, LpipsWeightsMissing) as exc:  # readable tensors that do not fit the model
+            raise ConfigError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
         except OSError as exc:
-            if exc.filename is None:  # a bare write() failure: at least say where the run writes
+            if exc.filename is None and exc.errno is not None:  # a bare write() failure: say where the run writes
                 exc.filename = str(run_dir)
             raise
         except RuntimeError as exc:
@@ -280,7 +286,8 @@ def run(argv: list[str] | None = None, prog: str = "dist_train/main.py") -> int:
     """Exit codes: 0 done; 2 a mistake in the config, data or --resume, found
     before anything is written (or, for data that only exists once the group
     does, before training); 1 an I/O failure during the run (disk full, a
-    folder gone read-only). Each is one ``error:`` line on stderr."""
+    folder gone read-only), more corrupt samples than
+    ``data.max_corrupt_fraction``, a loss that is no longer finite. Each is one ``error:`` line on stderr."""
     args = build_arg_parser(prog).parse_args(argv)
     env = detect()
     try:
@@ -302,6 +309,12 @@ def run(argv: list[str] | None = None, prog: str = "dist_train/main.py") -> int:
         return 1
     except PeerLost as exc:
         _error(f"{_rank_of(env)}stopped: another rank failed or its connection was lost ({exc})")
+        return 1
+    except CorruptDataError as exc:  # found while streaming: the run's checkpoints stay; fix the data, --resume
+        _error(f"{_rank_of(env)}training stopped: {corrupt_data_line(exc)}")
+        return 1
+    except FloatingPointError as exc:  # the trainer's check of the logged losses: the run diverged
+        _error(f"{_rank_of(env)}training stopped: {exc} (the loss diverged: lower train.lr or set train.grad_clip)")
         return 1
     return 0
 

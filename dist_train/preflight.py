@@ -1,7 +1,7 @@
 """Everything checked before a run starts: the config file and overrides
 (:func:`dist_train.config.load_config`), the options only the chosen strategy
-and tracker understand (checked by their own modules), where the run will
-write, which splits the data has, and a ``--resume`` checkpoint. A mistake is
+and tracker understand (checked by their own modules), the weights files the
+recipe parameters name, where the run will write, which splits the data has, and a ``--resume`` checkpoint. A mistake is
 one ``ConfigError`` line before any process group, directory or file exists."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from dist_train.config import (NO_SPLIT, Config, ConfigError, config_from_dict, load_config, resolved_config_dict,
-                               validates)
+from dist_train.config import (NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config,
+                               resolved_config_dict, validates)
 
 
 def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -29,11 +29,40 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) 
         from dist_train.tracking import require_wandb
 
         require_wandb()
+    check_weight_files(cfg)
     check_writable_folder("experiment.output_dir", cfg.experiment.output_dir)
     if cfg.data.source == "synthetic" and not _synthetic_cache(cfg).is_dir():
         check_writable_folder("data.synthetic.cache_dir", cfg.data.synthetic.cache_dir)
     check_splits(cfg)
     return cfg
+
+
+# ---------------------------------------------------------------------------
+# Weights files named by recipe.params
+
+WEIGHT_FIELDS = ("weights_path", "weights")  # name endings: weights_path, lpips_weights, teacher_weights
+
+
+def check_weight_files(cfg: Config) -> None:
+    """Every weights file a recipe parameter names (a path field ending in
+    :data:`WEIGHT_FIELDS`) loads weights-only and holds tensors, read by their
+    owner :func:`models.backbones.read_state_dict`: a text file, pickled code
+    or a file of no tensors is one line here, not a traceback once the run
+    directory exists. (``init_from`` is checked by the recipes' own Params.)"""
+    import dataclasses
+
+    from dist_train.config import recipe_params
+    from models.backbones import WeightsError, read_state_dict
+
+    params = recipe_params(cfg)
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if not (f.metadata.get("path") and value and f.name.endswith(WEIGHT_FIELDS)):
+            continue
+        try:
+            read_state_dict(value)
+        except WeightsError as exc:
+            raise ConfigError(f"recipe.params.{f.name}: {(str(exc).splitlines() or [''])[0][:300]}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -79,7 +108,8 @@ def _available_splits(cfg: Config) -> tuple[str, dict[str, int]]:
 
 def check_splits(cfg: Config) -> None:
     """The train split, and the validation split unless ``data.val_split=none``,
-    exist and hold samples; a missing one fails here instead of after training."""
+    exist and hold samples; a test split named other than the default exists.
+    A missing one fails here instead of after training."""
     where, sizes = _available_splits(cfg)
     have = ", ".join(f"{name} ({n})" for name, n in sizes.items()) if cfg.data.source == "shards" \
         else ", ".join(sizes)
@@ -95,6 +125,11 @@ def check_splits(cfg: Config) -> None:
         hint = f"data.val_split={others[0]}" if others else "data.val_split=NAME"
         raise ConfigError(f"data.val_split: validation split '{d.val_split}' {state} in {where} (splits: {have}); "
                           f"set {hint}, or train without validation: data.val_split={NO_SPLIT}")
+    # The test split is optional (data without one is tested on nothing), but
+    # one named other than the default must exist: a typo would go unnoticed.
+    if d.test_split not in sizes and d.test_split not in (DataConfig().test_split, NO_SPLIT):
+        raise ConfigError(f"data.test_split: split '{d.test_split}' does not exist in {where} (splits: {have}); "
+                          f"set data.test_split to one of them, or data.test_split={NO_SPLIT}")
 
 
 # ---------------------------------------------------------------------------

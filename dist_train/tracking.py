@@ -245,12 +245,13 @@ def tracker_for_run(run_dir: Path, tracking: str | None = None) -> Tracker | Non
     config: dict[str, Any] = {}
     cfg_file = run_dir / "config.yaml"
     if cfg_file.is_file():
-        import yaml
+        from dist_train.config import ConfigError, read_yaml_file
 
         try:
-            config = yaml.safe_load(cfg_file.read_text()) or {}
-        except yaml.YAMLError:
+            config = read_yaml_file(cfg_file, str(cfg_file)) or {}
+        except ConfigError:
             config = {}
+        config = config if isinstance(config, dict) else {}
     if tracking is None:
         tracking = (config.get("logging") or {}).get("tracking", "tensorboard")
     if tracking not in ("mlflow", "wandb"):

@@ -225,10 +225,12 @@ def pairs_from_rows(rows: Any, keys: Sequence[str], identity: np.ndarray | None 
         if missing in ("img1", "img2"):
             raise ValueError(f"{path}: every pair needs img1, img2 and label") from None
         raise KeyError(f"{path}: sample key {missing!r} is not in the evaluated split") from None
-    try:
-        label = np.array([bool(int(r["label"])) for r in rows])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{path}: every pair needs a label 0|1") from None
+    for i, r in enumerate(rows):  # 2, -1 or 0.9 are no verdict: never read as genuine or impostor
+        value = r.get("label")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+            shown = repr(value) if isinstance(value, (int, float, str, type(None))) else type(value).__name__
+            raise ValueError(f"{path}: pair {i}: label must be 0 (impostor) or 1 (genuine), got {shown[:40]}")
+    label = np.array([r["label"] == 1 for r in rows], bool)
     if any("twin" in r for r in rows):
         is_twin = np.array([bool(r.get("twin", False)) for r in rows]) & ~label
     elif identity is not None and twin is not None:

@@ -85,8 +85,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest
-from .reading import (DATA_ERRORS, CorruptTally, CorruptTracker, Shard, WorkerInit, checksum_problem, collate,
-                      decode_sample, derive_seed, iterate_batches, preserved_global_rngs, seed_global_rngs,
+from .reading import (DATA_ERRORS, CorruptDataError, CorruptTally, CorruptTracker, Shard, WorkerInit, checksum_problem,
+                      collate, decode_sample, derive_seed, iterate_batches, preserved_global_rngs, seed_global_rngs,
                       shards_of, tar_members)
 
 log = logging.getLogger("shards.batching")
@@ -496,7 +496,7 @@ class _IndexedStream(IterableDataset):
             outs.append((out, ident))
         good = [o for o in outs if o[0] is not None]
         if not good:
-            raise RuntimeError(f"split {p.split!r} rank {p.rank}: no readable sample in P×K batch {j}; "
+            raise CorruptDataError(f"split {p.split!r} rank {p.rank}: no readable sample in P×K batch {j}; "
                                f"last: {tracker.last}")
         # a row whose identity has no readable sample at all repeats a good row (identity included)
         filled = [o if o[0] is not None else good[k % len(good)] for k, o in enumerate(outs)]

@@ -460,12 +460,13 @@ def _check_input_output(inp: Path | None, out: Path) -> None:
         return
     i, o = inp.resolve(), out.resolve()
     if i == o:
-        raise InputError(f"--output: {out} is the input; pick another directory")
+        raise InputError(f"--output: {out} is the input; pick another directory (an input is never overwritten)")
     if inp.is_dir() and o.is_relative_to(i):
-        raise InputError(f"--output: {out} is inside the input {inp}; pick a directory outside it")
+        raise InputError(f"--output: {out} is inside the input {inp}; pick a directory outside it (an input is "
+                         "never overwritten)")
     if i.is_relative_to(o):
         raise InputError(f"--output: the input {inp} is inside the output {out}; pick an output that does "
-                         "not hold the input")
+                         "not hold the input (an input is never overwritten)")
 
 
 def _check_output(out: Path, overwrite: bool) -> None:
@@ -522,7 +523,7 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
         raise InputError(f"--input is required for --format {fmt}")
     if inp is not None and not inp.exists():
         raise InputError(f"--input: {inp} does not exist")
-    _check_input_output(inp, out)
+    _check_input_output(inp, out)  # first: "--overwrite" must not be the hint when the output is the input
     _check_output(out, overwrite)
 
     scan: Scan = source.scan(inp, opts)

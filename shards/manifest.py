@@ -175,6 +175,7 @@ class Manifest:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Manifest":
+        check_fields(d)
         return Manifest(
             format=str(d.get("format", "")),
             created_with=dict(d.get("created_with", {})),
@@ -232,8 +233,10 @@ class Manifest:
             raise ValueError(f"{path}: not a biomtl shard manifest (format={fmt!r}, expected {FORMAT!r})")
         try:
             manifest = Manifest.from_dict(d)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
+        except ManifestFieldError as e:
+            raise ValueError(f"{path}: malformed manifest: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {str(e)[:200]})") from None
         manifest.check_shard_paths(directory)  # every reader loads the manifest here first
         return manifest
 
@@ -253,6 +256,60 @@ class Manifest:
                 if file_sha256(p) != e.sha256:
                     problems.append(f"{e.file}: sha256 mismatch")
         return problems
+
+
+class ManifestFieldError(ValueError):
+    """A manifest field of the wrong shape; the message names the field."""
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _expect(ok: bool, field: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ManifestFieldError(f"'{field}' must be {what}, got {type(value).__name__}")
+
+
+def check_fields(d: Mapping[str, Any]) -> None:
+    """The shape of every field a reader uses (a manifest is untrusted input):
+    a wrong one is a :class:`ManifestFieldError` naming it, instead of an
+    ``AttributeError`` deep in whichever command reads it first. The value
+    itself is not quoted (a manifest may be any JSON)."""
+    mapping, listing = "a mapping", "a list"
+    for name in ("splits", "label_schemas", "image_stats", "split_stats", "created_with"):
+        _expect(isinstance(d.get(name, {}), Mapping), name, mapping, d.get(name))
+    for name in ("identities", "twin_pairs", "modalities", "pairs"):
+        _expect(isinstance(d.get(name, []), list), name, listing, d.get(name))
+    for split, entries in d.get("splits", {}).items():
+        _expect(isinstance(entries, list), f"splits.{split}", "a list of shard entries", entries)
+        for i, e in enumerate(entries):
+            _expect(isinstance(e, Mapping), f"splits.{split}[{i}]", "a mapping (file, count, bytes, sha256)", e)
+            _expect(isinstance(e.get("count"), int) and not isinstance(e.get("count"), bool) and e["count"] >= 0,
+                    f"splits.{split}[{i}].count", "an integer >= 0", e.get("count"))
+    for i, pair in enumerate(d.get("twin_pairs", [])):
+        _expect(isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, int) for x in pair),
+                f"twin_pairs[{i}]", "two identity indices", pair)
+    for label, names in d.get("label_schemas", {}).items():
+        _expect(isinstance(names, list), f"label_schemas.{label}", "a list of class names", names)
+    for key, st in d.get("image_stats", {}).items():
+        _expect(isinstance(st, Mapping), f"image_stats.{key}", mapping, st)
+        for stat in ("mean", "std"):
+            v = st.get(stat, [])
+            _expect(isinstance(v, list) and all(_is_number(x) for x in v), f"image_stats.{key}.{stat}",
+                    "a list of numbers", v)
+        for dim in ("width", "height"):
+            v = st.get(dim, {})
+            _expect(isinstance(v, Mapping) and all(_is_number(x) for x in v.values()), f"image_stats.{key}.{dim}",
+                    "a mapping of numbers (min, max, mean)", v)
+    for split, st in d.get("split_stats", {}).items():
+        _expect(isinstance(st, Mapping), f"split_stats.{split}", mapping, st)
+        labels = st.get("labels", {})
+        _expect(isinstance(labels, Mapping) and all(isinstance(c, Mapping) for c in labels.values()),
+                f"split_stats.{split}.labels", "a mapping of label -> {class: count}", labels)
+    for i, pair in enumerate(d.get("pairs", [])):
+        _expect(isinstance(pair, Mapping) and pair.get("label") in (0, 1) and not isinstance(pair.get("label"), bool),
+                f"pairs[{i}]", "a mapping with key1, key2 and label 0 or 1", pair)
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

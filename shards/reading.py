@@ -115,6 +115,25 @@ def collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 # corrupt-data accounting (per worker)
 # ---------------------------------------------------------------------------
+class CorruptDataError(RuntimeError):
+    """The data cannot go on: more corrupt samples than ``max_corrupt_fraction``,
+    or no readable sample at all. The message is one line naming the split,
+    the worst shard and the cause; a DataLoader worker's copy carries the
+    worker's traceback first, :func:`corrupt_data_line` finds the line again."""
+
+
+def corrupt_data_line(exc: BaseException) -> str:
+    """The one line of a :class:`CorruptDataError`, also when a DataLoader worker
+    re-raised it (``Caught CorruptDataError in DataLoader worker ... Original
+    Traceback ... shards.reading.CorruptDataError: <the line>``)."""
+    lines = str(exc).splitlines()
+    marker = f"{CorruptDataError.__name__}: "
+    for line in reversed(lines):
+        if marker in line:
+            return line.split(marker, 1)[1]
+    return lines[0] if lines else type(exc).__name__
+
+
 class CorruptTracker:
     """Counts distinct lost samples of one worker in one iteration; raises above
     ``max_fraction`` of the samples the worker is to deliver in this iteration.
@@ -155,7 +174,7 @@ class CorruptTracker:
         if self.total > self.max_fraction * self.planned:
             worst, k = self.by_shard.most_common(1)[0]
             first = f"first: {self.first}; " if self.first != self.last else ""
-            raise RuntimeError(
+            raise CorruptDataError(
                 f"too many corrupt samples in split {self.split!r} (rank {self.rank}, worker {self.worker}): "
                 f"{self.total} lost of {self.planned} planned samples > max_corrupt_fraction="
                 f"{self.max_fraction}; worst shard {worst} ({k} lost); {first}last: {self.last}")

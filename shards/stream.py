@@ -73,8 +73,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest
-from .reading import (DATA_ERRORS, CorruptTally, CorruptTracker, Shard, ShardReader, WorkerInit, collate,
-                      decode_sample, derive_seed, expected_fields, iterate_batches, preserved_global_rngs,
+from .reading import (DATA_ERRORS, CorruptDataError, CorruptTally, CorruptTracker, Shard, ShardReader, WorkerInit,
+                      collate, decode_sample, derive_seed, expected_fields, iterate_batches, preserved_global_rngs,
                       seed_global_rngs, shards_of)
 
 log = logging.getLogger("shards.stream")
@@ -304,7 +304,7 @@ class _TrainStream(IterableDataset):
                 ahead = 0
                 while not good:  # the whole batch is bad: borrow the next good sample (not consumed)
                     if ahead > 2 * per_cycle + B:
-                        raise RuntimeError(f"split {p.split!r} rank {p.rank}: no decodable sample in "
+                        raise CorruptDataError(f"split {p.split!r} rank {p.rank}: no decodable sample in "
                                            f"{', '.join(s.name for s in shards)}; first failure: {tracker.first}")
                     o = self._process(stream.peek(ahead), tracker)
                     ahead += 1
@@ -473,7 +473,7 @@ class _EvalStream(IterableDataset):
                 shard_error = shard_error or (f"{sh.name}: {reader.error}" if reader.error else "")
             if self._filler is None:
                 why = self._first_failure or shard_error or "the shards hold no sample"
-                raise RuntimeError(f"split {self.plan.split!r}: no readable sample at all; first failure: {why}")
+                raise CorruptDataError(f"split {self.plan.split!r}: no readable sample at all; first failure: {why}")
         return self._filler
 
     def _positions(self, tracker: CorruptTracker) -> Iterator[tuple[int, dict[str, Any] | None]]:

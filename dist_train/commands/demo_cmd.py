@@ -12,13 +12,22 @@ Tab "Nearest identities": a query image against the images of ``--gallery``
 The page binds to 127.0.0.1 unless ``--host`` says otherwise (anyone who can
 reach it can run the model on their images); Gradio's analytics are off and
 nothing is shared. Uploads that are not readable images (PNG, JPEG, PGM,
-BMP, TIFF, WebP) are refused with a message naming the file. Needs the
-optional extra ``pip install 'biomtl[demo]'`` (Gradio).
+BMP, TIFF, WebP), not regular files, or larger than
+:data:`dist_train.image_files.MAX_IMAGE_PIXELS` (40 Mpx, read from the header
+before decoding) are refused with a one-line message on the page naming the
+file. Uploads (and Gradio's other temp files) live in a temp folder of this
+process, removed when the demo ends (Ctrl-C, SIGTERM). Needs the optional
+extra ``pip install 'biomtl[demo]'`` (Gradio).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
+import signal
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,21 +57,22 @@ class DemoError(ValueError):
 
 
 def read_upload(path: Any, what: str):
-    """The uploaded file as a PIL image, or :class:`DemoError` naming it."""
-    from PIL import UnidentifiedImageError
-
-    from shards.images import UnsupportedImage, open_image
+    """The uploaded file as a PIL image, read by the bounded opener of every
+    command (regular files only, pixels checked from the header), or
+    :class:`DemoError` naming it."""
+    from dist_train.image_files import MAX_IMAGE_PIXELS, ImageFileError, NotAnImage, read_image_file
 
     if path is None:
         raise DemoError(f"{what}: no file uploaded")
     p = Path(path if isinstance(path, (str, os.PathLike)) else getattr(path, "name", ""))
     try:
-        return open_image(p, f"{what}: {p.name}").convert("RGB")
-    except UnsupportedImage as exc:
-        raise DemoError(str(exc)) from None
-    except (UnidentifiedImageError, OSError, ValueError):
+        return read_image_file(p).convert("RGB")
+    except NotAnImage:
         raise DemoError(f"{what}: {p.name} is not an image (expected "
-                        f"{', '.join(s.lstrip('.').upper() for s in sorted(IMAGE_SUFFIXES))})") from None
+                        f"{', '.join(s.lstrip('.').upper() for s in sorted(IMAGE_SUFFIXES))}, "
+                        f"at most {MAX_IMAGE_PIXELS // 1_000_000} Mpx)") from None
+    except ImageFileError as exc:  # a FIFO, too many pixels: the upload's own name, not the temp path
+        raise DemoError(f"{what}: {p.name}: {exc.cause}") from None
 
 
 def overlay(image, heat: np.ndarray | None) -> np.ndarray:
@@ -131,22 +141,28 @@ class Demo:
         return rows, shown
 
 
+def on_page(call: Any, *args: Any) -> Any:
+    """``call(*args)`` for the page: a refused input (a :class:`DemoError`, or
+    the engine's one-line ``ValueError``/``OSError``) becomes ``gr.Error`` with
+    that line, shown on the page; Gradio logs no traceback for it."""
+    import gradio as gr
+
+    try:
+        return call(*args)
+    except (DemoError, ValueError, OSError) as exc:
+        raise gr.Error((str(exc).splitlines() or [type(exc).__name__])[0]) from None
+
+
 def build_app(demo: Demo):
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
     def on_verify(f1: Any, f2: Any):
-        try:
-            r = demo.verify(f1, f2)
-        except DemoError as exc:
-            raise gr.Error(str(exc)) from None
+        r = on_page(demo.verify, f1, f2)
         return r["score"], r["decision"], r["views"][0], r["views"][1]
 
     def on_nearest(q: Any):
-        try:
-            return demo.nearest(q)
-        except DemoError as exc:
-            raise gr.Error(str(exc)) from None
+        return on_page(demo.nearest, q)
 
     file_types = sorted(IMAGE_SUFFIXES)
     with gr.Blocks(title="biomtl demo") as app:
@@ -177,35 +193,75 @@ def build_app(demo: Demo):
 
 
 def start(argv: list[str] | None = None, prog: str = "biomtl demo", block: bool = True) -> Any:
-    """Parse, load, serve. Returns the exit code, or (``block=False``) the running app."""
-    args = build_parser(prog).parse_args(argv)
-    try:
-        import gradio  # noqa: F401
-    except ImportError:
-        return fail("biomtl demo needs the optional extra: pip install 'biomtl[demo]' (Gradio)")
-    from dist_train.inference import CheckpointError, InferenceEngine
+    """Parse, load, serve. Returns the exit code, or (``block=False``) the running app (end it with :func:`stop`)."""
+    import importlib.util
 
+    args = build_parser(prog).parse_args(argv)
+    if importlib.util.find_spec("gradio") is None:
+        return fail("biomtl demo needs the optional extra: pip install 'biomtl[demo]' (Gradio)")
     gallery = Path(args.gallery) if args.gallery else None
     if gallery is not None and not gallery.is_dir():
         return fail(f"--gallery: not a folder: {gallery}")
     if not 0 < args.port < 65536:
         return fail(f"--port must be in 1..65535, got {args.port}")
+    temp = _own_temp_dir()
     try:
-        engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device)
-    except CheckpointError as exc:
-        return fail(str(exc))
-    app = build_app(Demo(engine, gallery, args.threshold, args.top_k))
-    upload_dir = [str(gallery.resolve())] if gallery is not None else None
-    app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
-               prevent_thread_lock=True, allowed_paths=upload_dir, quiet=not block)
+        from dist_train.inference import CheckpointError, InferenceEngine
+
+        try:
+            engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device)
+        except CheckpointError as exc:
+            _drop_temp_dir(temp)
+            return fail(str(exc))
+        app = build_app(Demo(engine, gallery, args.threshold, args.top_k))
+        app.biomtl_temp = temp
+        allowed = [str(gallery.resolve())] if gallery is not None else None
+        app.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
+                   prevent_thread_lock=True, allowed_paths=allowed, quiet=not block)
+    except BaseException:
+        _drop_temp_dir(temp)
+        raise
+    if block:  # SIGTERM (kill, a service manager) ends the process like Ctrl-C: through stop()
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print(f"biomtl demo: {engine.describe()} on http://{args.host}:{args.port}", flush=True)
     if not block:
         return app
     try:
         app.block_thread()
     finally:
-        app.close()
+        stop(app)
     return 0
+
+
+def stop(app: Any) -> None:
+    """Close the page and remove this run's uploads (its own temp folder)."""
+    try:
+        app.close()
+    finally:
+        _drop_temp_dir(getattr(app, "biomtl_temp", None))
+
+
+def _own_temp_dir() -> tuple[str, str | None]:
+    """A temp folder of this process alone for Gradio's files (uploads, its
+    caches), inside ``GRADIO_TEMP_DIR`` if set, and made Gradio's before it is
+    imported (it reads the variable at import and when the app is built)."""
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    own = tempfile.mkdtemp(prefix="biomtl-demo-", dir=previous)
+    os.environ["GRADIO_TEMP_DIR"] = own
+    atexit.register(shutil.rmtree, own, True)  # also when a caller of block=False never calls stop()
+    return own, previous
+
+
+def _drop_temp_dir(temp: tuple[str, str | None] | None) -> None:
+    if temp is None:
+        return
+    own, previous = temp
+    shutil.rmtree(own, ignore_errors=True)
+    if os.environ.get("GRADIO_TEMP_DIR") == own:
+        if previous is None:
+            del os.environ["GRADIO_TEMP_DIR"]
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
 
 
 def run(argv: list[str] | None = None, prog: str = "biomtl demo") -> int:

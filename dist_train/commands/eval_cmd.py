@@ -28,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dist_train.commands import fail
+from dist_train.commands import fail, output_clash
 
 log = logging.getLogger("biomtl.eval")
 
@@ -82,7 +82,16 @@ def default_output(checkpoint: Path, split: str) -> Path:
 
 
 def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
+    from shards.reading import CorruptDataError, corrupt_data_line
+
     args = build_parser(prog).parse_args(argv)
+    try:
+        return _evaluate(args)
+    except CorruptDataError as exc:  # the split cannot be read: before any report file is written
+        return fail(corrupt_data_line(exc))
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from dist_train.checkpoint import atomic_write
     from dist_train.inference import CheckpointError, InferenceEngine
     from dist_train.progress import progress_bar
@@ -96,6 +105,12 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.pairs and not Path(args.pairs).is_file():
         return fail(f"--pairs: file not found: {args.pairs}")
+    clash = args.output and (output_clash("--output", args.output, [("--checkpoint", args.checkpoint),
+                                                                     ("--pairs", args.pairs),
+                                                                     ("--image-root", args.image_root)])
+                             or output_clash("--output", args.output, [("--data", args.data)], folders_whole=True))
+    if clash:
+        return fail(clash)
     try:
         engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device, batch_size=args.batch_size)
     except CheckpointError as exc:
@@ -117,6 +132,9 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
         manifest = Manifest.load(data_dir)
     except (FileNotFoundError, ValueError) as exc:
         return fail(str(exc).splitlines()[0])
+    clash = args.output and output_clash("--output", args.output, [("--data", data_dir)], folders_whole=True)
+    if clash:  # the checkpoint's own data: the report is not written into the dataset
+        return fail(clash)
     if args.split not in manifest.splits:
         return fail(f"split {args.split!r} not in {data_dir} (have: {', '.join(sorted(manifest.splits))})")
     val_split = args.val_split or engine.config.data.val_split
@@ -195,9 +213,9 @@ def _eval_image_files(args: argparse.Namespace, engine: Any, rows: list[dict[str
     """The verification report of pairs that name image files (no shard split involved)."""
     from dist_train.checkpoint import atomic_write
     from dist_train.commands.path_pairs import table_from_files
+    from dist_train.image_files import read_image_file
     from recipes import verification as ev
     from recipes.verification_plots import write_report
-    from shards.images import open_image
 
     progress = not args.no_progress
     print(engine.describe(), file=sys.stderr)
@@ -209,7 +227,7 @@ def _eval_image_files(args: argparse.Namespace, engine: Any, rows: list[dict[str
     if not pairs.label.any() or pairs.label.all():
         return fail(f"--pairs {args.pairs}: the pairs need both genuine and impostor pairs (got {pairs.counts()})")
     by_key = dict(zip(table["keys"], files))
-    images = {k: open_image(by_key[k]).convert("RGB") for k in ev.hardest_error_keys(table, pairs)}
+    images = {k: read_image_file(by_key[k]).convert("RGB") for k in ev.hardest_error_keys(table, pairs)}
     out_dir = Path(args.output) if args.output else default_output(Path(args.checkpoint), "pairs")
     extra = {**extra, "checkpoint": str(args.checkpoint), "split": f"image files of {args.pairs}",
              "recipe": engine.recipe_name}

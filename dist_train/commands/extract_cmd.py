@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train.commands import fail
+from dist_train.commands import fail, output_clash
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -56,6 +56,14 @@ def run(argv: list[str] | None = None, prog: str = "biomtl extract") -> int:
     out = Path(args.output)
     if out.suffix != ".npz":
         return fail(f"--output must end in .npz, got {out}")
+    png = None
+    if args.plot:
+        png = Path(args.plot_output) if args.plot_output else out.with_name(f"{out.stem}_{args.plot}.png")
+    for flag, target in (("--output", out), ("--plot-output", png)):
+        clash = target and output_clash(flag, target, [("--checkpoint", args.checkpoint),
+                                                       *(("--images", p) for p in paths)])
+        if clash:
+            return fail(clash)
     try:
         engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device, batch_size=args.batch_size)
     except CheckpointError as exc:
@@ -77,7 +85,6 @@ def run(argv: list[str] | None = None, prog: str = "biomtl extract") -> int:
     if args.plot:
         if len(paths) < 3:
             return fail("--plot needs at least 3 images")
-        png = Path(args.plot_output) if args.plot_output else out.with_name(f"{out.stem}_{args.plot}.png")
         plot_embedding_map(feats, labels, args.plot, png, title=f"{engine.recipe_name} embeddings of {root.name}/")
         print(f"wrote {png}")
     return 0

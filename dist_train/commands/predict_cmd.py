@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train.commands import fail
+from dist_train.commands import fail, output_clash
 from dist_train.commands.extract_cmd import find_images
 from recipes.facecom import SUBMISSION_COLUMNS
 
@@ -80,6 +80,9 @@ def run(argv: list[str] | None = None, prog: str = "biomtl predict") -> int:
         return fail(f"--output must end in .csv, got {out}")
     if args.top_k < 1 or args.batch_size < 1:
         return fail("--top-k and --batch-size must be >= 1")
+    clash = output_clash("--output", out, [("--input", args.input), ("--checkpoint", args.checkpoint)])
+    if clash is not None:
+        return fail(clash)
     try:
         items = read_input(Path(args.input))
     except (OSError, ValueError) as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dist_train.commands import fail
+from dist_train.commands import fail, output_clash
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -41,6 +41,10 @@ def run(argv: list[str] | None = None, prog: str = "biomtl verify") -> int:
             return fail(f"image not found: {img}")
     if args.show_attention and Path(args.show_attention).suffix.lower() != ".png":
         return fail(f"--show-attention must name a .png file, got {args.show_attention}")
+    clash = args.show_attention and output_clash("--show-attention", args.show_attention, [
+        ("image1", args.image1), ("image2", args.image2), ("--checkpoint", args.checkpoint)])
+    if clash:
+        return fail(clash)
     try:
         engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device)
     except CheckpointError as exc:
@@ -75,12 +79,12 @@ def write_attention_figure(path: Path, images: list[str], maps: np.ndarray, resu
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from shards.images import open_image
+    from dist_train.image_files import read_image_file
 
     fig, axes = plt.subplots(1, 4, figsize=(11.5, 3.4), gridspec_kw={"width_ratios": [1, 1, 1, 1]})
     im = None
     for k, (img_path, amap) in enumerate(zip(images, maps)):
-        img = open_image(img_path).convert("RGB")
+        img = read_image_file(img_path).convert("RGB")
         view = np.asarray(img.resize((model_size, model_size), Image.BILINEAR).resize((display, display),
                                                                                         Image.NEAREST))
         heat = np.asarray(Image.fromarray((amap * 255).astype(np.uint8)).resize((display, display), Image.BILINEAR),

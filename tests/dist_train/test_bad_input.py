@@ -366,3 +366,165 @@ def test_a_failed_folder_swap_keeps_the_previous_version(tmp_path: Path, monkeyp
         _move_into_place(new, old)
     assert (old / "f").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".staging", "latest"]
+
+
+# ---------------------------------------------------------------------------
+# Silent acceptance (issue 22, point 11)
+
+
+def test_an_unknown_test_split_names_the_splits(tmp_path: Path, no_val_shards: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data.test_split: split 'nosuch' does not exist in .* "
+                                          r"\(splits: .*train \(\d+\).*\)") as err:
+        load_checked_config(FACECOM, tiny_overrides(tmp_path) + ["data.source=shards", f"data.shards={no_val_shards}",
+                                                                 "data.val_split=none", "data.test_split=nosuch"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"data.test_split: split 'nosuch' does not exist in the synthetic data"):
+        load_checked_config(FACECOM, tiny_overrides(tmp_path) + ["data.test_split=nosuch"])
+    # the default name may be missing (data without a test split), and none says: no test split
+    load_checked_config(FACECOM, tiny_overrides(tmp_path) + ["data.test_split=none"])
+
+
+def test_an_escaping_experiment_name_exits_2_writing_nothing(tmp_path: Path) -> None:
+    proc = _main(tmp_path, "experiment.name=../../escape")
+    assert proc.returncode == 2
+    assert _one_error_line(proc.stderr).startswith("error: experiment.name: must be a single folder name")
+    assert not (tmp_path / "runs").exists() and not list(tmp_path.parent.glob("escape_*"))
+
+
+# ---------------------------------------------------------------------------
+# Weights files named by recipe.params (issue 22, point 10)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("unpickled",))
+
+
+@pytest.fixture(params=["text", "pickled code", "no tensors"])
+def bad_weights(request, tmp_path: Path) -> Path:
+    path = tmp_path / "weights.pth"
+    if request.param == "text":
+        path.write_text("these are not weights\n")
+    elif request.param == "pickled code":
+        torch.save({"w": _RunsCode()}, path)
+    else:
+        torch.save({"note": "no tensors here"}, path)
+    return path
+
+
+def test_a_bad_weights_path_is_found_before_the_run(tmp_path: Path, bad_weights: Path) -> None:
+    with pytest.raises(ConfigError, match=rf"^recipe.params.weights_path: .*{bad_weights}") as err:
+        load_checked_config(FACECOM, tiny_overrides(tmp_path) + [f"recipe.params.weights_path={bad_weights}"])
+    assert "\n" not in str(err.value)
+
+
+def test_a_text_weights_path_exits_2_writing_nothing(tmp_path: Path) -> None:
+    text = tmp_path / "weights.pth"
+    text.write_text("these are not weights\n")
+    proc = _main(tmp_path, f"recipe.params.weights_path={text}")
+    assert proc.returncode == 2
+    line = _one_error_line(proc.stderr)
+    assert line.startswith(f"error: recipe.params.weights_path: cannot read weights file {text}")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_lpips_weights_are_found_before_the_run(tmp_path: Path, bad_weights: Path) -> None:
+    overrides = [f"experiment.output_dir={tmp_path / 'runs'}", f"data.synthetic.cache_dir={tmp_path / 'cache'}",
+                 "recipe.params.lpips_weight=0.1", f"recipe.params.lpips_weights={bad_weights}"]
+    with pytest.raises(ConfigError, match=rf"^recipe.params.lpips_weights: .*{bad_weights}") as err:
+        load_checked_config(REPO / "configs" / "thz_mtl.yaml", overrides)
+    assert "\n" not in str(err.value) and "Errno" not in str(err.value)
+
+
+def test_weights_that_do_not_fit_errno_less_os_errors_and_divergence_are_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Found once the model is built (tensors of the wrong shapes): exit 2, the
+    loader's own line; a library's FileNotFoundError('message') has no errno and
+    its message is the line, not '[Errno None] None: RUN'; a loss gone NaN
+    (what train.lr=1e30 did) is exit 1 with the step and the hint."""
+    import dist_train.main as main_module
+    from models.backbones import WeightsError
+    from models.losses import LpipsWeightsMissing
+
+    for exc, code, line in [
+        (WeightsError("w.pth: shape mismatch for 1 tensors: conv1.weight"), 2,
+         "error: w.pth: shape mismatch for 1 tensors: conv1.weight"),
+        (LpipsWeightsMissing("LPIPS weights x.pth: no features.0.weight of shape (64, 3, 11, 11)"), 2,
+         "error: LPIPS weights x.pth: no features.0.weight of shape (64, 3, 11, 11)"),
+        (FileNotFoundError("a library's own message"), 1, "error: I/O failure: a library's own message"),
+        (FloatingPointError("step 4: gender is nan"), 1,
+         "error: training stopped: step 4: gender is nan (the loss diverged: lower train.lr or set train.grad_clip)"),
+    ]:
+        def fail(*args, _exc=exc, **kwargs):
+            raise _exc
+
+        monkeypatch.setattr(main_module, "_train_in", fail)
+        capsys.readouterr()
+        assert main_module.run(["--config", str(FACECOM), *tiny_overrides(tmp_path)]) == code
+        assert [x for x in capsys.readouterr().err.splitlines() if x.startswith("error")] == [line]
+
+
+def test_disk_full_is_named_even_when_the_removed_partial_file_frees_the_space(tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint larger than the free space fills the disk, then its partial file is
+    removed: the space is back, but the failure was a full disk, not an I/O error."""
+    import shutil
+
+    ckpt = tmp_path / "checkpoints"
+    real_usage = shutil.disk_usage
+
+    def usage(path):  # full while the partial staging file is there
+        full = any(p.name.startswith(".staging") for p in ckpt.iterdir())
+        return shutil._ntuple_diskusage(100, 100, 0) if full else real_usage(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    manager = CheckpointManager(ckpt, CheckpointPolicy("loss", "min", 1, 0), is_main=True)
+
+    def write(path: Path) -> None:
+        path.write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file")
+
+    with pytest.raises(OSError) as info:
+        manager.save(write, step=1, metrics=None)
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(ckpt / "latest.pt")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["topk"]
+
+
+# ---------------------------------------------------------------------------
+# Corrupt data found while training (issue 22, point 10)
+
+
+def _half_corrupt_shards(root: Path, n: int = 16) -> Path:
+    """Train and val splits where every other sample's image is bytes no decoder reads."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from shards.writer import ShardSplitWriter
+
+    def png(i: int) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((32, 32, 3), i * 7 % 255, np.uint8)).save(buf, format="PNG")
+        return buf.getvalue()
+
+    splits = {}
+    for split in ("train", "val"):
+        with ShardSplitWriter(root, split) as w:
+            for i in range(n):
+                w.write({"__key__": f"{split}{i}", "vis.png": png(i) if i % 2 else b"not a png",
+                         "json": {"identity": i % 4, "gender": i % 2}})
+        splits[split] = w.close()
+    Manifest(splits=splits, identities=["a", "b", "c", "d"], label_schemas={"gender": ["f", "m"]},
+             modalities=["json", "vis.png"]).save(root)
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_too_many_corrupt_samples_is_one_line_exit_1(tmp_path: Path, workers: int) -> None:
+    data = _half_corrupt_shards(tmp_path / "data")
+    proc = _main(tmp_path, "data.source=shards", f"data.shards={data}", f"data.num_workers={workers}",
+                 "data.max_corrupt_fraction=0.1", "train.max_steps=2")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: training stopped: too many corrupt samples in split "
+                                                     "'train'"), proc.stderr[-3000:]
+    assert "max_corrupt_fraction=0.1" in errors[0] and "Traceback" not in proc.stderr
