@@ -101,11 +101,14 @@ def check_splits(cfg: Config) -> None:
 # --resume
 
 
-def check_resume(cfg: Config, path: Path) -> None:
+def check_resume(cfg: Config, path: Path, data_info: Any = None) -> None:
     """A ``--resume`` checkpoint loads weights-only and fits this run: same
     strategy layout (DDP file / DeepSpeed folder), recipe and optimizer, and
     every parameter name and shape of the model this config builds. Nothing
-    is created or written; a mismatch is one ``ConfigError`` line."""
+    is created or written; a mismatch is one ``ConfigError`` line.
+    ``data_info``: the data the run trains on, once they exist; without it the
+    shapes are compared only where the data can be known without making them
+    (so the trainer checks again after making synthetic data, before it writes)."""
     where = f"--resume {path}"
     if cfg.train.strategy == "deepspeed":
         if not path.is_dir():
@@ -128,7 +131,7 @@ def check_resume(cfg: Config, path: Path) -> None:
                           f"{cfg.train.optimizer}; set train.optimizer={old_optimizer}")
     if shapes is None:  # DeepSpeed: the model the checkpoint's own config describes
         shapes = _model_shapes(_config_or_error(where, old), _data_info_or_error(where, client))
-    expected = _model_shapes(cfg, _current_data_info(cfg, client))
+    expected = _model_shapes(cfg, data_info if data_info is not None else _current_data_info(cfg, client))
     if expected is not None:
         _compare_shapes(where, shapes, expected, cfg.recipe.name)
 

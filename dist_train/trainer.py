@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from dist_train import distributed
 from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, atomic_write, checkpoint_path,
-                                   rng_state, safe_load, set_rng_state)
+                                   experiment_runs, rng_state, safe_load, set_rng_state, staging_owner)
 from dist_train.config import Config, config_changes, resolved_config_dict, validates
 from dist_train.distributed import DistContext
 from dist_train.precision import Precision, resolve_precision
@@ -108,7 +108,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             checkpoint_path(run_dir).parent,
             CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,
-                             cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix)
+                             cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix,
+            owner=distributed.broadcast_object(staging_owner()))
         self.validates = validates(cfg)
         self.step_timer = StepTimer(ctx.device, ctx.rank, ctx.world_size)  # per-rank step time: stragglers
         self.val_points = self._validation_steps() if self.validates else set()
@@ -167,9 +168,10 @@ class Trainer:
                 "config": resolved_config_dict(self.cfg), "data_info": self.recipe.data_info.to_dict()}
 
     def save(self, metrics: dict[str, float] | None, periodic: bool = False) -> None:
-        client = self._client_state()
-        self.checkpoints.save(lambda p: self.strategy.save_checkpoint(p, client), self.state.step, metrics,
-                              periodic)
+        # The client state is made inside the write: by then the policy counts this
+        # save's own metric, which a resume from this checkpoint must know.
+        self.checkpoints.save(lambda p: self.strategy.save_checkpoint(p, self._client_state()), self.state.step,
+                              metrics, periodic)
         distributed.barrier()
 
     def epoch_start(self, epoch: int) -> None:
@@ -466,7 +468,7 @@ class LoaderFactory:
 
 
 def find_latest_checkpoint(output_dir: Path, experiment: str, suffix: str = ".pt") -> Path | None:
-    candidates = [checkpoint_path(p, LATEST, suffix) for p in output_dir.glob(f"{experiment}_*")]
+    candidates = [checkpoint_path(p, LATEST, suffix) for p in experiment_runs(output_dir, experiment)]
     candidates = [c for c in candidates if c.exists()]
     return max(candidates, key=lambda c: c.stat().st_mtime) if candidates else None
 
