@@ -29,11 +29,42 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) 
         from dist_train.tracking import require_wandb
 
         require_wandb()
+    check_monitored_metrics(cfg)
     check_writable_folder("experiment.output_dir", cfg.experiment.output_dir)
     if cfg.data.source == "synthetic" and not _synthetic_cache(cfg).is_dir():
         check_writable_folder("data.synthetic.cache_dir", cfg.data.synthetic.cache_dir)
     check_splits(cfg)
     return cfg
+
+
+# ---------------------------------------------------------------------------
+# Metrics the run watches
+
+
+def check_monitored_metrics(cfg: Config) -> None:
+    """``checkpoint.monitor`` and ``train.early_stopping.metrics`` name metrics the
+    recipe's validation produces (it declares them); a misspelt one would train
+    without ever writing best.pt. Without validation nothing is watched."""
+    import difflib
+
+    from dist_train.config import recipe_params
+    from recipes.base import get_recipe
+
+    if not validates(cfg):
+        return
+    recipe = get_recipe(cfg.recipe.name)
+    try:
+        names = {"loss", *recipe.validation_metric_names(recipe_params(cfg))}
+    except NotImplementedError as exc:
+        raise ConfigError(f"recipe.name: {exc}") from None
+    watched = [("checkpoint.monitor", cfg.checkpoint.monitor)]
+    watched += [("train.early_stopping.metrics", m) for m in cfg.train.early_stopping.metrics]
+    for key, name in watched:
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"{key}: '{name}' is not a validation metric of recipe {cfg.recipe.name} "
+                              f"({hint}it has: {', '.join(sorted(names))})")
 
 
 # ---------------------------------------------------------------------------

@@ -199,6 +199,7 @@ class Trainer:
         stop_at = cfg.train.stop_at_step or self.total_steps
         last_metrics: dict[str, float] = {}
         validated_at = -1
+        missing_warned = False
         accum = cfg.train.grad_accum
         global_batch = cfg.data.batch_size * self.ctx.world_size
         try:
@@ -248,6 +249,10 @@ class Trainer:
                     if st.step in self.val_points or (st.step == self.total_steps and self.validates):
                         metrics = last_metrics = self.validate(logger)
                         validated_at = st.step
+                        if cfg.checkpoint.monitor not in metrics and not missing_warned:
+                            missing_warned = True  # declared by the recipe, but these data did not give it
+                            log.warning("validation at step %d gave no %s (checkpoint.monitor): no best or top-k "
+                                        "checkpoint from it", st.step, cfg.checkpoint.monitor)
                         if stopper.update(metrics):
                             st.stopped_early = True
                             log.info("early stopping at step %d: no improvement of %s for %d validations",
