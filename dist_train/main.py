@@ -60,8 +60,8 @@ def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
         found = find_latest_checkpoint(Path(cfg.experiment.output_dir), cfg.experiment.name,
                                        checkpoint_suffix(cfg.train.strategy))
         if found is None:
-            raise ConfigError(f"--resume latest: no checkpoint of experiment '{cfg.experiment.name}' under "
-                              f"{cfg.experiment.output_dir} (none in its run directories "
+            raise ConfigError(f"--resume latest: no checkpoint under {cfg.experiment.output_dir} of experiment "
+                              f"'{cfg.experiment.name}' (in its run directories "
                               f"{cfg.experiment.name}_<date>-<time>/checkpoints/)")
     else:
         found = Path(resume)
