@@ -318,13 +318,22 @@ class CheckpointManager:
         self.is_main = is_main
         self.suffix = suffix
         self.staging = self.dir / f"{STAGING}-{owner or staging_owner()}{suffix}"
-        if is_main:
-            (self.dir / "topk").mkdir(parents=True, exist_ok=True)
-            if policy.every_steps:
-                (self.dir / "periodic").mkdir(parents=True, exist_ok=True)
-            self.sweep()
-            if self.dir.name == CHECKPOINTS:  # inside a run: also what killed runs beside it left
-                sweep_dead_stagings(self.dir.parent.parent)
+        self.prepared = False
+
+    def prepare(self) -> None:
+        """Make the folders and sweep what killed saves left, here and in the runs
+        beside this one. Not in ``__init__``: a resume that then fails to load must
+        leave the run as it was; the trainer calls this once it starts training
+        (and the first save does, if nobody did)."""
+        if self.prepared or not self.is_main:
+            return
+        self.prepared = True
+        (self.dir / "topk").mkdir(parents=True, exist_ok=True)
+        if self.policy.every_steps:
+            (self.dir / "periodic").mkdir(parents=True, exist_ok=True)
+        self.sweep()
+        if self.dir.name == CHECKPOINTS:  # inside a run: also what killed runs beside it left
+            sweep_dead_stagings(self.dir.parent.parent)
 
     def sweep(self) -> None:
         """Remove the staging checkpoint and the temp files of a process killed
@@ -349,6 +358,7 @@ class CheckpointManager:
         resume from this very checkpoint must continue with; a failed save leaves
         the policy as it was. ``periodic``: keep this one under ``periodic/``
         whatever ``every_steps`` says."""
+        self.prepare()
         latest = self.path(LATEST)
         name = f"step_{step:08d}{self.suffix}"
         value = None if metrics is None else metrics.get(self.policy.monitor)

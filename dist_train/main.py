@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -194,8 +195,14 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
             if resume is not None and ctx.is_main and run_dir_of(resume) is None:
                 log.info("%s is not inside a run's checkpoints/ folder: continuing it in a new run directory",
                          resume)
+        made_now = restart is None and (resume is None or run_dir_of(resume) is None)
         try:
             return _train_in(run_dir, cfg, ctx, recipe, data_dir, resume, attempt)
+        except ConfigError:
+            if made_now and ctx.is_main:  # a resume refused on loading leaves no new, empty run directory
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()  # only ever removes an empty folder
+            raise
         except OSError as exc:
             if exc.filename is None:  # a bare write() failure: at least say where the run writes
                 exc.filename = str(run_dir)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from dist_train import distributed
 from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, atomic_write, checkpoint_path,
                                    experiment_runs, rng_state, safe_load, set_rng_state, staging_owner)
-from dist_train.config import Config, config_changes, resolved_config_dict, validates
+from dist_train.config import Config, ConfigError, config_changes, resolved_config_dict, validates
 from dist_train.distributed import DistContext
 from dist_train.precision import Precision, resolve_precision
 from dist_train.rank_report import StepTimer, straggler
@@ -135,7 +135,17 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         fresh = _schedule_snapshot(self.strategy)  # this config's LR schedule at step 0, before the load
-        client = self.strategy.load_checkpoint(path)
+        try:
+            client = self.strategy.load_checkpoint(path)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            # What the preflight cannot see (it compares names and shapes): an
+            # optimizer or scheduler state of another layout. Nothing is written yet.
+            if isinstance(exc, RuntimeError) and "state_dict" not in str(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"--resume {path}: does not load into the model and optimizer this config builds "
+                              f"({type(exc).__name__}: {first}); resume with the run's own config (its "
+                              f"config.yaml)") from None
         loop = client["loop"]
         self.state = LoopState(**loop)
         self.checkpoints.load_policy_state(client["checkpoint_policy"])
@@ -202,6 +212,7 @@ class Trainer:
         missing_warned = False
         accum = cfg.train.grad_accum
         global_batch = cfg.data.batch_size * self.ctx.world_size
+        self.checkpoints.prepare()
         try:
             while st.step < min(self.total_steps, stop_at) and not st.stopped_early:
                 if st.batch_in_epoch == 0:  # a resume mid-epoch finds the hook's state in the checkpoint

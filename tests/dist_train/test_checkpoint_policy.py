@@ -21,7 +21,9 @@ VALUES = {1: 5.0, 2: 4.0, 3: 3.0, 4: 6.0, 5: 3.5, 6: 7.0}
 
 
 def _manager(folder: Path, top_k: int = 2) -> CheckpointManager:
-    return CheckpointManager(folder, CheckpointPolicy("loss", "min", top_k=top_k, every_steps=0), is_main=True)
+    manager = CheckpointManager(folder, CheckpointPolicy("loss", "min", top_k=top_k, every_steps=0), is_main=True)
+    manager.prepare()
+    return manager
 
 
 def _save(manager: CheckpointManager, step: int, value: float | None) -> None:

@@ -307,3 +307,26 @@ def test_run_directory_names_have_one_owner(tmp_path: Path) -> None:
     assert sorted(experiment_runs(tmp_path, "exp")) == sorted([first, second])
     assert [p.name.startswith("exp_b_") for p in experiment_runs(tmp_path, "exp_b")] == [True]
     assert experiment_runs(tmp_path / "missing", "exp") == []
+
+
+def test_a_checkpoint_whose_optimizer_state_does_not_load_is_one_line_and_rewrites_nothing(tmp_path: Path) -> None:
+    """Names and shapes fit, but the optimizer state does not (here: none at all):
+    found when the trainer loads it, still before the run's files change."""
+    run = _fake_run(tmp_path)
+    before = _tree(tmp_path / "runs")
+    proc = subprocess.run([PYTHON, "dist_train/main.py", "--config", str(FACECOM), "--resume",
+                           str(run / "checkpoints" / "latest.pt"), *_tiny(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # found once the run has started (its INFO lines went to the console): one error line, no traceback
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "does not load into" in errors[0] and "KeyError" in errors[0], errors[0]
+    assert _tree(tmp_path / "runs") == before
+    loose = tmp_path / "downloads" / "ckpt.pt"  # resumed in a new run directory: none is left
+    loose.parent.mkdir()
+    loose.write_bytes((run / "checkpoints" / "latest.pt").read_bytes())
+    proc = subprocess.run([PYTHON, "dist_train/main.py", "--config", str(FACECOM), "--resume", str(loose),
+                           *_tiny(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "does not load into" in proc.stderr, proc.stderr[-3000:]
+    assert _tree(tmp_path / "runs") == before

@@ -46,7 +46,7 @@ def test_staging_of_a_save_killed_by_sigkill_is_swept_by_the_next_run(tmp_path: 
     for path in foreign:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("not biomtl's")
-    CheckpointManager(tmp_path / "runs" / "exp_20250102-000000" / "checkpoints", _policy(), is_main=True)
+    CheckpointManager(tmp_path / "runs" / "exp_20250102-000000" / "checkpoints", _policy(), is_main=True).prepare()
     assert not staging.exists()
     assert all(p.read_text() == "not biomtl's" for p in foreign)
 
@@ -59,7 +59,8 @@ def test_a_save_in_progress_beside_a_new_run_is_left_alone(tmp_path: Path) -> No
 
     def write(path: Path) -> None:
         path.write_bytes(b"half a checkpoint")
-        CheckpointManager(tmp_path / "runs" / "exp_20250102-000000" / "checkpoints", _policy(), is_main=True)
+        CheckpointManager(tmp_path / "runs" / "exp_20250102-000000" / "checkpoints", _policy(),
+                          is_main=True).prepare()
         seen.append(path.is_file())
 
     writer.save(write, step=1, metrics=None)
