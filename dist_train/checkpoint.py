@@ -10,11 +10,14 @@ import contextlib
 import errno
 import glob
 import json
+import math
 import os
 import random
 import re
 import shutil
+import socket
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +30,40 @@ LATEST = "latest"
 BEST = "best"
 MODEL_FILE = "model.pt"          # consolidated fp32 weights written at the end of a run
 STAGING = ".staging"             # a checkpoint being written, before it is renamed to latest
+RUN_STAMP = "%Y%m%d-%H%M%S"      # run directories are <experiment>_<stamp>[-<n>]
+_RUN_SUFFIX = r"_\d{8}-\d{6}(?:-\d+)?"
+# ``.staging-<host>-<pid>[.pt]``, or the temp file atomic_write makes of it
+_STAGING_NAME = re.compile(r"\.?\.staging-(?P<host>.+)-(?P<pid>\d+)(?:\.pt)?(?:\.(?:tmp|old)\d+)?")
+
+
+def new_run_dir(output_dir: str | os.PathLike, experiment: str) -> Path:
+    """Create and return ``output_dir/<experiment>_<stamp>``; a run started in the
+    same second gets ``-1``, ``-2``... (``mkdir`` decides, so two starts never share one)."""
+    base = Path(output_dir) / f"{experiment}_{datetime.now().strftime(RUN_STAMP)}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    name, k = base, 1
+    while True:
+        try:
+            name.mkdir()
+            return name
+        except FileExistsError:
+            name, k = Path(f"{base}-{k}"), k + 1
+
+
+def experiment_runs(output_dir: str | os.PathLike, experiment: str) -> list[Path]:
+    """The run directories of exactly ``experiment`` under ``output_dir`` (``exp``
+    is not ``exp_b``: the name must be followed by the stamp and nothing else)."""
+    base = Path(output_dir) / experiment
+    return _runs_in(base.parent, re.escape(base.name))
+
+
+def _runs_in(folder: Path, experiment_pattern: str = ".+") -> list[Path]:
+    pattern = re.compile(experiment_pattern + _RUN_SUFFIX)
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # no such folder (yet), or not one
+        return []
+    return sorted(p for p in entries if pattern.fullmatch(p.name) and p.is_dir())
 
 
 def checkpoint_path(run_dir: Path, name: str = LATEST, suffix: str = ".pt") -> Path:
@@ -184,6 +221,51 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------
 
 
+def _is_nan(value: float | None) -> bool:
+    return value is not None and math.isnan(value)
+
+
+def _json_number(value: float | None) -> float | None:
+    return None if _is_nan(value) else value
+
+
+def staging_owner() -> str:
+    """``<host>-<pid>``: whose save a staging checkpoint is, so that another run
+    can tell one of a dead process (swept) from one being written (kept)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _process_gone(host: str, pid: int) -> bool:
+    """True only when ``pid`` is known dead: a process of this host that no longer
+    exists (another host's process, or one we may not signal, counts as alive)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def sweep_dead_stagings(runs_folder: Path) -> None:
+    """Remove the staging checkpoints (and their temp files) that killed processes
+    of this host left in the run directories under ``runs_folder``. A run killed
+    during its first save has no checkpoint to resume, so its own sweep never
+    comes; only names this module gives (``.staging-<host>-<pid>``) are touched."""
+    for run in _runs_in(Path(runs_folder)):
+        try:
+            leftovers = list((run / CHECKPOINTS).iterdir())
+        except OSError:
+            continue
+        for leftover in leftovers:
+            found = _STAGING_NAME.fullmatch(leftover.name)
+            if found and _process_gone(found["host"], int(found["pid"])):
+                with contextlib.suppress(OSError):  # a sweep never stops a run from starting
+                    _remove(leftover)
+
+
 @dataclass
 class CheckpointPolicy:
     monitor: str
@@ -195,7 +277,24 @@ class CheckpointPolicy:
     top: list[tuple[float, str]] = field(default_factory=list)
 
     def better(self, a: float, b: float | None) -> bool:
-        return b is None or (a < b if self.mode == "min" else a > b)
+        """NaN is never better; any number beats none, and beats a NaN an older
+        biomtl stored as best (else that NaN would keep best.pt for ever)."""
+        if _is_nan(a):
+            return False
+        return b is None or _is_nan(b) or (a < b if self.mode == "min" else a > b)
+
+    def admit(self, name: str, value: float) -> tuple[bool, list[str]]:
+        """Count the save ``name`` with ``value``: (whether it is the new best, the
+        top-k names it pushes out). A NaN value enters neither; NaN entries of
+        older runs rank last, so they are the first to go."""
+        is_best = self.better(value, self.best_value)
+        if is_best:
+            self.best_value = float(value)
+        top = self.top + ([] if _is_nan(value) else [(float(value), name)])
+        sign = 1.0 if self.mode == "min" else -1.0
+        top.sort(key=lambda t: (math.isnan(t[0]), sign * t[0] if not math.isnan(t[0]) else 0.0))
+        self.top, dropped = top[: self.top_k], top[self.top_k:]
+        return is_best, [n for _, n in dropped]
 
 
 class CheckpointManager:
@@ -209,16 +308,32 @@ class CheckpointManager:
     ``suffix`` is ``.pt`` for file checkpoints, empty for directory ones.
     """
 
-    def __init__(self, ckpt_dir: Path, policy: CheckpointPolicy, is_main: bool, suffix: str = ".pt"):
+    def __init__(self, ckpt_dir: Path, policy: CheckpointPolicy, is_main: bool, suffix: str = ".pt",
+                 owner: str | None = None):
+        """``owner``: :func:`staging_owner` of the process whose name the staging
+        checkpoint carries; the same on every rank (DeepSpeed ranks write into
+        one staging folder), so the trainer hands rank 0's to all."""
         self.dir = ckpt_dir
         self.policy = policy
         self.is_main = is_main
         self.suffix = suffix
-        if is_main:
-            (self.dir / "topk").mkdir(parents=True, exist_ok=True)
-            if policy.every_steps:
-                (self.dir / "periodic").mkdir(parents=True, exist_ok=True)
-            self.sweep()
+        self.staging = self.dir / f"{STAGING}-{owner or staging_owner()}{suffix}"
+        self.prepared = False
+
+    def prepare(self) -> None:
+        """Make the folders and sweep what killed saves left, here and in the runs
+        beside this one. Not in ``__init__``: a resume that then fails to load must
+        leave the run as it was; the trainer calls this once it starts training
+        (and the first save does, if nobody did)."""
+        if self.prepared or not self.is_main:
+            return
+        self.prepared = True
+        (self.dir / "topk").mkdir(parents=True, exist_ok=True)
+        if self.policy.every_steps:
+            (self.dir / "periodic").mkdir(parents=True, exist_ok=True)
+        self.sweep()
+        if self.dir.name == CHECKPOINTS:  # inside a run: also what killed runs beside it left
+            sweep_dead_stagings(self.dir.parent.parent)
 
     def sweep(self) -> None:
         """Remove the staging checkpoint and the temp files of a process killed
@@ -238,52 +353,59 @@ class CheckpointManager:
     def save(self, write: Callable[[Path], None], step: int, metrics: dict[str, float] | None,
              periodic: bool = False) -> None:
         """``write(path)`` is called on every rank (DeepSpeed writes collectively);
-        rank 0 then publishes the names. ``periodic``: keep this one under ``periodic/``
+        rank 0 then publishes the names. The policy already counts this save's
+        metric while ``write`` runs, so :meth:`policy_state` called there is what a
+        resume from this very checkpoint must continue with; a failed save leaves
+        the policy as it was. ``periodic``: keep this one under ``periodic/``
         whatever ``every_steps`` says."""
-        staging = self.dir / f"{STAGING}{self.suffix}"
+        self.prepare()
         latest = self.path(LATEST)
-        if self.is_main:
-            _remove(staging)
+        name = f"step_{step:08d}{self.suffix}"
+        value = None if metrics is None else metrics.get(self.policy.monitor)
+        before = (self.policy.best_value, list(self.policy.top))
+        is_best, dropped = self.policy.admit(name, value) if value is not None else (False, [])
         try:
-            write(staging)
+            self._write_staging(write, latest)
+            if not self.is_main:
+                return
+            _move_into_place(self.staging, latest)
+            if periodic or (self.policy.every_steps and step % self.policy.every_steps == 0):
+                _link_or_copy(latest, self.dir / "periodic" / name)
+            if value is None:
+                return
+            if is_best:
+                _link_or_copy(latest, self.path(BEST))
+            if any(n == name for _, n in self.policy.top):
+                _link_or_copy(latest, self.dir / "topk" / name)
+            for old in dropped:
+                _remove(self.dir / "topk" / old)
+            text = json.dumps({"monitor": self.policy.monitor, "mode": self.policy.mode,
+                               "best": _json_number(self.policy.best_value),
+                               "top_k": [[_json_number(v), n] for v, n in self.policy.top]},
+                              indent=1, allow_nan=False)
+            atomic_write(self.dir / "best.json", lambda tmp: tmp.write_text(text))
+        except BaseException:
+            self.policy.best_value, self.policy.top = before
+            raise
+
+    def _write_staging(self, write: Callable[[Path], None], latest: Path) -> None:
+        if self.is_main:
+            _remove(self.staging)
+        try:
+            write(self.staging)
         except (OSError, RuntimeError) as exc:
             error = as_write_error(exc, latest)  # before the partial file is gone and frees the space again
             if self.is_main:
                 with contextlib.suppress(OSError):
-                    _remove(staging)
+                    _remove(self.staging)
             if error is exc:
                 raise
             raise error from exc
-        if not self.is_main:
-            return
-        _move_into_place(staging, latest)
-        name = f"step_{step:08d}{self.suffix}"
-        if periodic or (self.policy.every_steps and step % self.policy.every_steps == 0):
-            _link_or_copy(latest, self.dir / "periodic" / name)
-        value = None if metrics is None else metrics.get(self.policy.monitor)
-        if value is None:
-            return
-        if self.policy.better(value, self.policy.best_value):
-            self.policy.best_value = value
-            _link_or_copy(latest, self.path(BEST))
-        self._update_topk(latest, name, value)
-        text = json.dumps({"monitor": self.policy.monitor, "mode": self.policy.mode,
-                           "best": self.policy.best_value, "top_k": self.policy.top}, indent=1)
-        atomic_write(self.dir / "best.json", lambda tmp: tmp.write_text(text))
-
-    def _update_topk(self, latest: Path, name: str, value: float) -> None:
-        top = self.policy.top + [(value, name)]
-        top.sort(key=lambda t: t[0], reverse=self.policy.mode == "max")
-        keep, drop = top[: self.policy.top_k], top[self.policy.top_k:]
-        if any(n == name for _, n in keep):
-            _link_or_copy(latest, self.dir / "topk" / name)
-        for _, n in drop:
-            _remove(self.dir / "topk" / n)
-        self.policy.top = [(float(v), n) for v, n in keep]
 
     def policy_state(self) -> dict[str, Any]:
         return {"best_value": self.policy.best_value, "top": [list(t) for t in self.policy.top]}
 
     def load_policy_state(self, state: dict[str, Any]) -> None:
-        self.policy.best_value = state.get("best_value")
+        best = state.get("best_value")
+        self.policy.best_value = None if best is None or _is_nan(best) else float(best)
         self.policy.top = [(float(v), str(n)) for v, n in state.get("top", [])]

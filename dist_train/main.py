@@ -5,12 +5,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import random
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +64,9 @@ def resolve_resume(cfg: Config, resume: str | None) -> Path | None:
         found = find_latest_checkpoint(Path(cfg.experiment.output_dir), cfg.experiment.name,
                                        checkpoint_suffix(cfg.train.strategy))
         if found is None:
-            raise ConfigError(f"--resume latest: no checkpoint under {cfg.experiment.output_dir}/"
-                              f"{cfg.experiment.name}_*/checkpoints/")
+            raise ConfigError(f"--resume latest: no checkpoint under {cfg.experiment.output_dir} of experiment "
+                              f"'{cfg.experiment.name}' (in its run directories "
+                              f"{cfg.experiment.name}_<date>-<time>/checkpoints/)")
     else:
         found = Path(resume)
         if not found.exists():
@@ -86,15 +87,9 @@ def run_dir_for(cfg: Config, resume: Path | None, is_main: bool) -> Path:
 
     if resume is not None and run_dir_of(resume) is not None:
         return run_dir_of(resume)
-    name = None
-    if is_main:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path(cfg.experiment.output_dir) / f"{cfg.experiment.name}_{stamp}"
-        name, k = base, 1
-        while name.exists():
-            name, k = Path(f"{base}-{k}"), k + 1
-        name.mkdir(parents=True)
-        name = str(name)
+    from dist_train.checkpoint import new_run_dir
+
+    name = str(new_run_dir(cfg.experiment.output_dir, cfg.experiment.name)) if is_main else None
     return Path(distributed.broadcast_object(name))
 
 
@@ -138,12 +133,12 @@ def restart_point(cfg: Config, resume: Path | None, is_main: bool,
 
 
 def _find_launch_run(cfg: Config, resume: Path | None) -> tuple[str, str | None] | None:
-    from dist_train.checkpoint import checkpoint_path, run_dir_of
+    from dist_train.checkpoint import checkpoint_path, experiment_runs, run_dir_of
 
     lid = launch_id()
     if lid is None:
         return None
-    candidates = list(Path(cfg.experiment.output_dir).glob(f"{cfg.experiment.name}_*/{LAUNCH_FILE}"))
+    candidates = [run / LAUNCH_FILE for run in experiment_runs(cfg.experiment.output_dir, cfg.experiment.name)]
     if resume is not None and run_dir_of(resume) is not None:
         candidates.append(run_dir_of(resume) / LAUNCH_FILE)
     marks = [m for m in candidates if m.is_file() and m.read_text().strip() == lid]
@@ -192,18 +187,28 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
             raise ConfigError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         attempt = attempt_of_group()
         restart = restart_point(cfg, resume, ctx.is_main, attempt)
+        if restart is not None:
+            resume = restart[1]
+        if resume is not None:  # again, now that the data exist (the preflight may not have known them)
+            check_resume(cfg, resume, recipe.data_info)
         if restart is not None:  # torchrun restarted the group: go on in the first attempt's run
-            run_dir, resume = restart
+            run_dir = restart[0]
             log.info("restart %d: continuing %s from %s", attempt, run_dir, resume or "scratch")
         else:
             run_dir = run_dir_for(cfg, resume, ctx.is_main)
             if resume is not None and ctx.is_main and run_dir_of(resume) is None:
                 log.info("%s is not inside a run's checkpoints/ folder: continuing it in a new run directory",
                          resume)
+        made_now = restart is None and (resume is None or run_dir_of(resume) is None)
         try:
             return _train_in(run_dir, cfg, ctx, recipe, data_dir, resume, attempt)
-        except (WeightsError, LpipsWeightsMissing) as exc:  # readable tensors that do not fit the model
-            raise ConfigError((str(exc).splitlines() or [type(exc).__name__])[0]) from None
+        except (ConfigError, WeightsError, LpipsWeightsMissing) as exc:
+            if made_now and ctx.is_main:  # a refused resume or weights that do not fit leave no new, empty run dir
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()  # only ever removes an empty folder
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError((str(exc).splitlines() or [type(exc).__name__])[0]) from None  # tensors that do not fit
         except OSError as exc:
             if exc.filename is None and exc.errno is not None:  # a bare write() failure: say where the run writes
                 exc.filename = str(run_dir)
@@ -245,10 +250,6 @@ def _train_in(run_dir: Path, cfg: Config, ctx: distributed.DistContext, recipe: 
 
     places = distributed.all_gather_objects(describe_this_rank(ctx.backend))
     if ctx.is_main:
-        if attempt == 0 and launch_id():
-            (run_dir / LAUNCH_FILE).write_text(launch_id() + "\n")
-        text = dump_config(cfg)
-        atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
         log.info("run directory: %s  (world size %d, %s, %s)", run_dir, ctx.world_size, ctx.device,
                  ctx.backend)
         for rank, place in enumerate(places):
@@ -260,6 +261,11 @@ def _train_in(run_dir: Path, cfg: Config, ctx: distributed.DistContext, recipe: 
     seed_everything(cfg.experiment.seed + 1000 * ctx.rank)  # per-rank dropout etc.
     if resume is not None:
         trainer.resume(resume)
+    if ctx.is_main:  # only now that a resume has worked: the run's own files change
+        if attempt == 0 and launch_id():
+            (run_dir / LAUNCH_FILE).write_text(launch_id() + "\n")
+        text = dump_config(cfg)
+        atomic_write(run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
     metrics = trainer.fit()
     if cfg.train.strategy == "ddp" and ctx.world_size > 1:  # (ZeRO shards differ by design)
         from dist_train.rank_report import weights_digest

@@ -30,6 +30,7 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) 
 
         require_wandb()
     check_weight_files(cfg)
+    check_monitored_metrics(cfg)
     check_writable_folder("experiment.output_dir", cfg.experiment.output_dir)
     if cfg.data.source == "synthetic" and not _synthetic_cache(cfg).is_dir():
         check_writable_folder("data.synthetic.cache_dir", cfg.data.synthetic.cache_dir)
@@ -63,6 +64,36 @@ def check_weight_files(cfg: Config) -> None:
             read_state_dict(value)
         except WeightsError as exc:
             raise ConfigError(f"recipe.params.{f.name}: {(str(exc).splitlines() or [''])[0][:300]}") from None
+
+
+# ---------------------------------------------------------------------------
+# Metrics the run watches
+
+
+def check_monitored_metrics(cfg: Config) -> None:
+    """``checkpoint.monitor`` and ``train.early_stopping.metrics`` name metrics the
+    recipe's validation produces (it declares them); a misspelt one would train
+    without ever writing best.pt. Without validation nothing is watched."""
+    import difflib
+
+    from dist_train.config import recipe_params
+    from recipes.base import get_recipe
+
+    if not validates(cfg):
+        return
+    recipe = get_recipe(cfg.recipe.name)
+    try:
+        names = {"loss", *recipe.validation_metric_names(recipe_params(cfg))}
+    except NotImplementedError as exc:
+        raise ConfigError(f"recipe.name: {exc}") from None
+    watched = [("checkpoint.monitor", cfg.checkpoint.monitor)]
+    watched += [("train.early_stopping.metrics", m) for m in cfg.train.early_stopping.metrics]
+    for key, name in watched:
+        if name not in names:
+            close = difflib.get_close_matches(name, sorted(names), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"{key}: '{name}' is not a validation metric of recipe {cfg.recipe.name} "
+                              f"({hint}it has: {', '.join(sorted(names))})")
 
 
 # ---------------------------------------------------------------------------
@@ -136,11 +167,14 @@ def check_splits(cfg: Config) -> None:
 # --resume
 
 
-def check_resume(cfg: Config, path: Path) -> None:
+def check_resume(cfg: Config, path: Path, data_info: Any = None) -> None:
     """A ``--resume`` checkpoint loads weights-only and fits this run: same
     strategy layout (DDP file / DeepSpeed folder), recipe and optimizer, and
     every parameter name and shape of the model this config builds. Nothing
-    is created or written; a mismatch is one ``ConfigError`` line."""
+    is created or written; a mismatch is one ``ConfigError`` line.
+    ``data_info``: the data the run trains on, once they exist; without it the
+    shapes are compared only where the data can be known without making them
+    (so the trainer checks again after making synthetic data, before it writes)."""
     where = f"--resume {path}"
     if cfg.train.strategy == "deepspeed":
         if not path.is_dir():
@@ -163,7 +197,7 @@ def check_resume(cfg: Config, path: Path) -> None:
                           f"{cfg.train.optimizer}; set train.optimizer={old_optimizer}")
     if shapes is None:  # DeepSpeed: the model the checkpoint's own config describes
         shapes = _model_shapes(_config_or_error(where, old), _data_info_or_error(where, client))
-    expected = _model_shapes(cfg, _current_data_info(cfg, client))
+    expected = _model_shapes(cfg, data_info if data_info is not None else _current_data_info(cfg, client))
     if expected is not None:
         _compare_shapes(where, shapes, expected, cfg.recipe.name)
 

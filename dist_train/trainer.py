@@ -16,8 +16,8 @@ import torch.distributed as dist
 
 from dist_train import distributed
 from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, atomic_write, checkpoint_path,
-                                   rng_state, safe_load, set_rng_state)
-from dist_train.config import Config, config_changes, resolved_config_dict, validates
+                                   experiment_runs, rng_state, safe_load, set_rng_state, staging_owner)
+from dist_train.config import Config, ConfigError, config_changes, resolved_config_dict, validates
 from dist_train.distributed import DistContext
 from dist_train.precision import Precision, resolve_precision
 from dist_train.rank_report import StepTimer, straggler
@@ -108,7 +108,8 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             checkpoint_path(run_dir).parent,
             CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,
-                             cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix)
+                             cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix,
+            owner=distributed.broadcast_object(staging_owner()))
         self.validates = validates(cfg)
         self.step_timer = StepTimer(ctx.device, ctx.rank, ctx.world_size)  # per-rank step time: stragglers
         self.val_points = self._validation_steps() if self.validates else set()
@@ -134,7 +135,17 @@ class Trainer:
 
     def resume(self, path: Path) -> None:
         fresh = _schedule_snapshot(self.strategy)  # this config's LR schedule at step 0, before the load
-        client = self.strategy.load_checkpoint(path)
+        try:
+            client = self.strategy.load_checkpoint(path)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            # What the preflight cannot see (it compares names and shapes): an
+            # optimizer or scheduler state of another layout. Nothing is written yet.
+            if isinstance(exc, RuntimeError) and "state_dict" not in str(exc):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ConfigError(f"--resume {path}: does not load into the model and optimizer this config builds "
+                              f"({type(exc).__name__}: {first}); resume with the run's own config (its "
+                              f"config.yaml)") from None
         loop = client["loop"]
         self.state = LoopState(**loop)
         self.checkpoints.load_policy_state(client["checkpoint_policy"])
@@ -167,9 +178,10 @@ class Trainer:
                 "config": resolved_config_dict(self.cfg), "data_info": self.recipe.data_info.to_dict()}
 
     def save(self, metrics: dict[str, float] | None, periodic: bool = False) -> None:
-        client = self._client_state()
-        self.checkpoints.save(lambda p: self.strategy.save_checkpoint(p, client), self.state.step, metrics,
-                              periodic)
+        # The client state is made inside the write: by then the policy counts this
+        # save's own metric, which a resume from this checkpoint must know.
+        self.checkpoints.save(lambda p: self.strategy.save_checkpoint(p, self._client_state()), self.state.step,
+                              metrics, periodic)
         distributed.barrier()
 
     def epoch_start(self, epoch: int) -> None:
@@ -197,8 +209,10 @@ class Trainer:
         stop_at = cfg.train.stop_at_step or self.total_steps
         last_metrics: dict[str, float] = {}
         validated_at = -1
+        missing_warned = False
         accum = cfg.train.grad_accum
         global_batch = cfg.data.batch_size * self.ctx.world_size
+        self.checkpoints.prepare()
         try:
             while st.step < min(self.total_steps, stop_at) and not st.stopped_early:
                 if st.batch_in_epoch == 0:  # a resume mid-epoch finds the hook's state in the checkpoint
@@ -246,6 +260,10 @@ class Trainer:
                     if st.step in self.val_points or (st.step == self.total_steps and self.validates):
                         metrics = last_metrics = self.validate(logger)
                         validated_at = st.step
+                        if cfg.checkpoint.monitor not in metrics and not missing_warned:
+                            missing_warned = True  # declared by the recipe, but these data did not give it
+                            log.warning("validation at step %d gave no %s (checkpoint.monitor): no best or top-k "
+                                        "checkpoint from it", st.step, cfg.checkpoint.monitor)
                         if stopper.update(metrics):
                             st.stopped_early = True
                             log.info("early stopping at step %d: no improvement of %s for %d validations",
@@ -466,7 +484,7 @@ class LoaderFactory:
 
 
 def find_latest_checkpoint(output_dir: Path, experiment: str, suffix: str = ".pt") -> Path | None:
-    candidates = [checkpoint_path(p, LATEST, suffix) for p in output_dir.glob(f"{experiment}_*")]
+    candidates = [checkpoint_path(p, LATEST, suffix) for p in experiment_runs(output_dir, experiment)]
     candidates = [c for c in candidates if c.exists()]
     return max(candidates, key=lambda c: c.stat().st_mtime) if candidates else None
 

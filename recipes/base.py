@@ -136,6 +136,17 @@ class Recipe:
     def new_metrics(self) -> Metrics:
         raise NotImplementedError
 
+    @classmethod
+    def validation_metric_names(cls, params: Any) -> frozenset[str]:
+        """Every name ``new_metrics().compute`` may return with these ``params``
+        (a metric the data cannot give, e.g. an attribute without labels, may be
+        missing at run time; the trainer adds ``loss``). ``checkpoint.monitor`` and
+        ``train.early_stopping.metrics`` are checked against it before a run
+        starts, so a misspelt name is an error, not a run without ``best.pt``.
+        Every recipe declares it; a class method, since it is asked before the
+        data (which the recipe needs to be built) exist."""
+        raise NotImplementedError(f"recipe {cls.name} does not declare its validation metric names")
+
     def validation_images(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Optional pictures of the first validation batch (the same samples every
         time), logged to TensorBoard as ``val/<tag>`` at every validation on rank 0:

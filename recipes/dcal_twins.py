@@ -164,6 +164,10 @@ class DCALTwinsParams:
 class VerificationMetrics(Metrics):
     """State: embeddings (float16 to keep the gather small), identities, co-twins."""
 
+    KEPT = ("eer", "auc", "tar_at_far_0.1", "tar_at_far_0.01", "tar_at_far_0.001", "tar_at_far_0.0001", "best_acc")
+    TWIN = ("eer", "auc", "tar_at_far_0.01")  # also reported on co-twin impostor pairs alone, as twin_<name>
+    NAMES = frozenset((*KEPT, "threshold", *(f"twin_{k}" for k in TWIN)))
+
     def __init__(self, max_pairs: int = 2_000_000, seed: int = 0) -> None:
         self.max_pairs, self.seed = max_pairs, seed
         self.emb: list[np.ndarray] = []
@@ -195,11 +199,9 @@ class VerificationMetrics(Metrics):
         pairs = ev.generate_pairs(ident, twin, max_pairs=states[0]["max_pairs"], seed=states[0]["seed"])
         scores = ev.cosine_scores(emb, pairs.a, pairs.b)
         flat = ev.summary_metrics(ev.verification_report(scores, pairs.label, pairs.twin, seed=states[0]["seed"]))
-        keep = ("eer", "auc", "tar_at_far_0.1", "tar_at_far_0.01", "tar_at_far_0.001", "tar_at_far_0.0001",
-                "best_acc")
-        out = {k: flat[k] for k in keep if k in flat}
+        out = {k: flat[k] for k in VerificationMetrics.KEPT if k in flat}
         out["threshold"] = flat["best_threshold"]
-        for k in ("eer", "auc", "tar_at_far_0.01"):
+        for k in VerificationMetrics.TWIN:
             out[f"twin_{k}"] = flat[f"twin_{k}"]
         log.info("validation pairs: %d genuine, %d impostor (%d co-twin)", pairs.label.sum(), (~pairs.label).sum(),
                  pairs.twin.sum())
@@ -255,6 +257,10 @@ class DCALTwinsRecipe(Recipe):
     # --- evaluation
     def new_metrics(self) -> Metrics:
         return VerificationMetrics(self.params.val_max_pairs, self.params.pair_seed)
+
+    @classmethod
+    def validation_metric_names(cls, params: DCALTwinsParams) -> frozenset[str]:
+        return VerificationMetrics.NAMES
 
     def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
         """Embed the val and test splits (all ranks), then on rank 0 the full test

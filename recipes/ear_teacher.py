@@ -373,6 +373,8 @@ class EarTeacherModel(nn.Module):
 # ----------------------------------------------------------------------------- metrics
 
 class EarMetrics(Metrics):
+    NAMES = frozenset(("reconstruction_mse",)) | VerificationMetrics.NAMES
+
     def __init__(self, max_pairs: int = 200_000, seed: int = 0):
         self.verification = VerificationMetrics(max_pairs, seed)
         self.mse: list[np.ndarray] = []
@@ -489,6 +491,10 @@ class EarTeacherRecipe(Recipe):
     # --- evaluation
     def new_metrics(self) -> Metrics:
         return EarMetrics(self.params.val_max_pairs, self.params.pair_seed)
+
+    @classmethod
+    def validation_metric_names(cls, params: EarTeacherParams) -> frozenset[str]:
+        return EarMetrics.NAMES
 
     def validation_images(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         n = min(self.params.collage_samples, batch["image"].shape[0])

@@ -186,6 +186,9 @@ class FaceComModel(nn.Module):
 # ----------------------------------------------------------------------------- metrics
 
 class FaceComMetrics(Metrics):
+    NAMES = frozenset(("gender_acc", "gender_precision", "gender_recall", "gender_f1", "gender_macro_f1",
+                       "identity_top1", "identity_top5", "identity_macro_f1", "combined"))
+
     """State: per-row arrays (gender true/pred, identity true/pred, top-5 hit)."""
 
     def __init__(self) -> None:
@@ -376,6 +379,10 @@ class FaceComRecipe(Recipe):
     # --- evaluation
     def new_metrics(self) -> Metrics:
         return FaceComMetrics()
+
+    @classmethod
+    def validation_metric_names(cls, params: Any) -> frozenset[str]:
+        return FaceComMetrics.NAMES
 
     def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
         """Predict the test split (all ranks), write ``submission.csv`` and

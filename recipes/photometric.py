@@ -307,6 +307,13 @@ class PhotometricMetrics(Metrics):
                 **{k: np.concatenate(v) for k, v in self.cols.items()}}
 
     @staticmethod
+    def names(attributes: Sequence[str], verification: bool) -> frozenset[str]:
+        """What :meth:`compute` may return for these attributes (those the data label)."""
+        per_attribute = {f"{a}_{m}" for a in attributes for m in ("acc", "macro_f1", "auc")}
+        return frozenset({"identity_top1", "identity_macro_f1", "attr_mean_acc", "score", *per_attribute}) | \
+            (VerificationMetrics.NAMES if verification else frozenset())
+
+    @staticmethod
     def task_predictions(states: list[Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{task: (labelled truth, prediction)}`` over all ranks (identity first)."""
         states = [s for s in states if "identity" in s]
@@ -475,6 +482,10 @@ class _PhotometricBase(Recipe):
     def new_metrics(self) -> Metrics:
         return PhotometricMetrics([a for a, _, _ in self.tasks], self.params.verification,
                                   self.params.val_max_pairs, self.params.pair_seed)
+
+    @classmethod
+    def validation_metric_names(cls, params: PhotometricParams) -> frozenset[str]:
+        return PhotometricMetrics.names(params.attributes, params.verification)
 
     def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
         """Test metrics (all ranks) and, on rank 0, ``plots/confusion_matrices.png``."""

@@ -274,6 +274,9 @@ class ThzMetrics(Metrics):
     """State: per-row reconstruction quality, posture truth/prediction, concealed
     flag, plus the verification state (embeddings, identities, co-twins)."""
 
+    NAMES = frozenset(("ssim", "ssim_concealed", "psnr", "lpips", "posture_acc", "posture_macro_f1")) | \
+        VerificationMetrics.NAMES
+
     def __init__(self, max_pairs: int = 200_000, seed: int = 0):
         self.verification = VerificationMetrics(max_pairs, seed)
         self.cols: dict[str, list[np.ndarray]] = {}
@@ -409,6 +412,10 @@ class ThzMtlRecipe(Recipe):
     # --- evaluation
     def new_metrics(self) -> Metrics:
         return ThzMetrics(self.params.val_max_pairs, self.params.pair_seed)
+
+    @classmethod
+    def validation_metric_names(cls, params: Any) -> frozenset[str]:
+        return ThzMetrics.NAMES
 
     def validation_images(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """TensorBoard, every validation: the first validation batch's rows as

@@ -901,22 +901,43 @@ def build_synthetic(out_dir: str | os.PathLike, spec: SyntheticSpec, progress: b
 @contextlib.contextmanager
 def _file_lock(path: Path):
     """Best-effort inter-process lock (flock) so concurrent callers on one host wait
-    instead of building the same dataset twice; correctness never depends on it."""
+    instead of building the same dataset twice; correctness never depends on it.
+
+    The lock file is removed when the lock is released, so none is left behind.
+    That is safe because a holder removes it while still holding the lock, and a
+    waiter that then gets the lock checks that ``path`` still names the file it
+    locked; if not (removed, or made anew by a third process) it locks again."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover
         yield
         return
-    with open(path, "a+") as f:
+    while True:
+        f = open(path, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        except OSError:
-            pass
+        except OSError:  # a file system without flock: go on unlocked (see above)
+            f.close()
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            return
         try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            named, held = os.stat(path), os.fstat(f.fileno())
+            current = (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        f.close()  # the lock of a removed file excludes no one
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        f.close()  # releases the lock
 
 
 def _clean_stale_tmp(root: Path, prefix: str) -> None:

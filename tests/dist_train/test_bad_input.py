@@ -344,7 +344,7 @@ def test_staging_left_by_a_killed_save_does_not_survive_a_resume(tmp_path: Path)
     for name in (".staging.pt", "..staging.pt.tmp31337", "topk/.step_00000004.pt.tmp31337", ".best.pt.tmp9"):
         (ckpt / name).write_bytes(b"left by SIGKILL")
     (ckpt / ".staging").mkdir()  # a DeepSpeed staging folder
-    CheckpointManager(ckpt, CheckpointPolicy("loss", "min", 1, 0), is_main=True)  # what a resumed run makes
+    CheckpointManager(ckpt, CheckpointPolicy("loss", "min", 1, 0), is_main=True).prepare()  # a resumed run's start
     assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")) == ["latest.pt", "topk"]
     assert (ckpt / "latest.pt").read_bytes() == b"the last good checkpoint"
 

@@ -263,3 +263,70 @@ def test_resume_with_a_changed_schedule_warns_and_applies_it(tmp_path: Path, cap
         reference.step()
     for step in (3, 4, 5, 6):  # the steps after the resume follow the new lr and length
         assert rows[step] == pytest.approx(expected[step], rel=1e-4), (step, rows, expected)
+
+
+def test_resume_that_does_not_fit_data_made_only_now_is_one_line_and_rewrites_nothing(tmp_path: Path) -> None:
+    """Synthetic data of another spec (6 identities vs the checkpoint's 8) exists
+    only once the run generates it, after the preflight: the check then runs
+    again before the run's files change (config.yaml stays the source run's)."""
+    run = _fake_run(tmp_path)
+    before = _tree(tmp_path / "runs")
+    proc = subprocess.run([PYTHON, "dist_train/main.py", "--config", str(FACECOM), "--resume",
+                           str(run / "checkpoints" / "latest.pt"),
+                           *_tiny(tmp_path, data__synthetic__num_identities=6,
+                                  data__synthetic__cache_dir=tmp_path / "new-cache")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = _one_error_line(proc.stderr)
+    assert "does not fit the facecom model" in line, line
+    assert _tree(tmp_path / "runs") == before
+
+
+def test_resume_latest_takes_only_runs_of_exactly_this_experiment(tmp_path: Path) -> None:
+    import os
+
+    cfg = load_checked_config(FACECOM, _tiny(tmp_path, experiment__name="exp"))
+    other = _fake_checkpoint(cfg, tmp_path / "runs" / "exp_b_20250102-000000" / "checkpoints" / "latest.pt")
+    with pytest.raises(ConfigError, match="no checkpoint"):
+        resolve_resume(cfg, "latest")
+    own = _fake_checkpoint(cfg, tmp_path / "runs" / "exp_20250101-000000" / "checkpoints" / "latest.pt")
+    os.utime(own, (1, 1))  # older than exp_b's: newest is not enough to be chosen
+    assert resolve_resume(cfg, "latest") == own
+    assert other.exists()
+
+
+def test_run_directory_names_have_one_owner(tmp_path: Path) -> None:
+    from dist_train.checkpoint import experiment_runs, new_run_dir
+
+    first = new_run_dir(tmp_path, "exp")
+    second = new_run_dir(tmp_path, "exp")  # same second: a suffix, never the same folder
+    new_run_dir(tmp_path, "exp_b")
+    (tmp_path / "exp_notes").mkdir()
+    (tmp_path / "exp_20250101-000000.txt").write_text("not a run")
+    assert first != second and first.name.startswith("exp_")
+    assert sorted(experiment_runs(tmp_path, "exp")) == sorted([first, second])
+    assert [p.name.startswith("exp_b_") for p in experiment_runs(tmp_path, "exp_b")] == [True]
+    assert experiment_runs(tmp_path / "missing", "exp") == []
+
+
+def test_a_checkpoint_whose_optimizer_state_does_not_load_is_one_line_and_rewrites_nothing(tmp_path: Path) -> None:
+    """Names and shapes fit, but the optimizer state does not (here: none at all):
+    found when the trainer loads it, still before the run's files change."""
+    run = _fake_run(tmp_path)
+    before = _tree(tmp_path / "runs")
+    proc = subprocess.run([PYTHON, "dist_train/main.py", "--config", str(FACECOM), "--resume",
+                           str(run / "checkpoints" / "latest.pt"), *_tiny(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # found once the run has started (its INFO lines went to the console): one error line, no traceback
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "does not load into" in errors[0] and "KeyError" in errors[0], errors[0]
+    assert _tree(tmp_path / "runs") == before
+    loose = tmp_path / "downloads" / "ckpt.pt"  # resumed in a new run directory: none is left
+    loose.parent.mkdir()
+    loose.write_bytes((run / "checkpoints" / "latest.pt").read_bytes())
+    proc = subprocess.run([PYTHON, "dist_train/main.py", "--config", str(FACECOM), "--resume", str(loose),
+                           *_tiny(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "does not load into" in proc.stderr, proc.stderr[-3000:]
+    assert _tree(tmp_path / "runs") == before

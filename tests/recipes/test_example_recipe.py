@@ -67,6 +67,10 @@ class TinyRecipe(Recipe):
     def new_metrics(self):
         return Accuracy()
 
+    @classmethod
+    def validation_metric_names(cls, params):
+        return frozenset({"acc"})
+
 
 def test_a_recipe_defined_in_one_place_trains_under_the_trainer(tmp_path: Path) -> None:
     assert "tiny_example" in recipe_names() and get_recipe("tiny_example") is TinyRecipe
