@@ -35,6 +35,7 @@ ones get their defaults, so older manifests still load):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -62,6 +63,19 @@ class DataInfo:
     @property
     def num_identities(self) -> int:
         return len(self.identities)
+
+    def co_twin(self, identity: int, stored: Any = None) -> int:
+        """A sample's co-twin identity: ``stored`` (the ``twin`` of the sample's
+        json) when the shards carry it, else from ``twin_pairs``; ``-1``: none."""
+        return self._co_twins.get(identity, -1) if stored is None else int(stored)
+
+    @functools.cached_property
+    def _co_twins(self) -> dict[int, int]:
+        # cached_property writes the instance dict directly, which a frozen dataclass allows
+        pairs = {}
+        for a, b in self.twin_pairs:
+            pairs[int(a)], pairs[int(b)] = int(b), int(a)
+        return pairs
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for weights_only checkpoints)."""
