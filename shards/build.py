@@ -55,16 +55,16 @@ import os
 import random
 import shutil
 import signal
-import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import atomic
+from .atomic import staging_path
 from .manifest import FORMAT, MANIFEST_NAME, TOOL_VERSION, Manifest, ShardEntry
 from .sources import Fault, InputError, Item, SampleError, Scan, get_source, natural_key
 from .writer import ShardSplitWriter
@@ -327,49 +327,13 @@ class _Stats:
 # ---------------------------------------------------------------------------
 # create
 # ---------------------------------------------------------------------------
-def _tmp_dir(out: Path, kind: str = "tmp") -> Path:
-    """A hidden sibling of ``out`` named for this host and process (what the sweep reads)."""
-    return out.parent / f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10 ** 9}"
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a process id we may judge (kill(0) would signal our group)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def sweep_stale_staging(out: Path) -> list[Path]:
     """Remove the staging folders (``.DIR.tmp-<host>-<pid>-<n>``) and set-aside old
     datasets (``.DIR.old-...``) of ``out`` that a killed ``create`` left: named for
-    this host and a pid no longer alive. Other hosts' and live processes' stay,
-    and so does an old dataset unless its replacement ``out`` is complete (a
-    SIGKILL between the two renames of ``_install`` leaves it the only copy)."""
-    removed: list[Path] = []
-    try:
-        siblings = list(out.parent.iterdir())
-    except OSError:
-        return removed
-    host = socket.gethostname()
-    kinds = ("tmp", "old") if (out / MANIFEST_NAME).is_file() else ("tmp",)
-    for kind in kinds:
-        head = f".{out.name}.{kind}-{host}-"
-        for p in siblings:
-            if not p.name.startswith(head):
-                continue
-            pid, _, n = p.name[len(head):].partition("-")
-            if not (pid.isdigit() and n.isdigit()) or _pid_alive(int(pid)):
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-                log.info("removed %s, left by an interrupted 'shards create' (pid %s)", p, pid)
-    return removed
+    this host and a pid no longer alive. An old dataset goes only when its
+    replacement ``out`` is complete (a SIGKILL between the two renames of
+    ``_install`` leaves it the only copy)."""
+    return atomic.sweep_stale_staging(out, ("tmp", "old") if (out / MANIFEST_NAME).is_file() else ("tmp",))
 
 
 class _SigtermGuard:
@@ -578,7 +542,7 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
         plan = assign_splits(items, split_list, split_by, seed, twin_pairs, pinned)
     total = sum(len(v) for v in plan.values())
     sweep_stale_staging(out)
-    tmp = _tmp_dir(out)
+    tmp = staging_path(out)
     sigterm = _SigtermGuard().__enter__()
     stats = _Stats()
     written = {n: _SplitCount(schemas) for n in names}
@@ -703,7 +667,7 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
                 raise InputError(f"--output: {out} appeared while packing; not replaced")
             _check_replaceable(out)  # again: packing took a while
             owned = owned_entries(out) or set()
-            old = _tmp_dir(out, "old")
+            old = staging_path(out, "old")
     # no SIGTERM between setting the old dataset aside and moving the new one in
     # (it is handled right after: the new dataset is then complete)
     blocked = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()

@@ -44,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .atomic import atomic_write
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "biomtl-shards/1"
 TOOL_VERSION = "0.1.0"
@@ -206,28 +208,21 @@ class Manifest:
         )
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``directory/manifest.json`` atomically (temp file + ``os.replace``)."""
+        """Write ``directory/manifest.json`` atomically (:func:`shards.atomic.atomic_write`),
+        synced to disk before the rename."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        target = directory / MANIFEST_NAME
         text = json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
-        # Not mkstemp: its 0600 would hide the manifest from the other users of a
-        # shared dataset; 0666 minus the umask gives what the shards get.
-        tmp = directory / f".manifest-{os.getpid()}-{os.urandom(6).hex()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+        def write(tmp: Path) -> None:
+            # open(): 0666 minus the umask, what the shards get (mkstemp's 0600 would
+            # hide the manifest from the other users of a shared dataset)
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return target
+
+        return atomic_write(directory / MANIFEST_NAME, write)
 
     @staticmethod
     def load(directory: str | os.PathLike) -> "Manifest":

@@ -43,7 +43,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import staging_path, sweep_stale_staging
 from .manifest import FORMAT, TOOL_VERSION, Manifest
 from .writer import ShardSplitWriter
 
@@ -919,26 +919,6 @@ def _file_lock(path: Path):
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _clean_stale_tmp(root: Path, prefix: str) -> None:
-    host = socket.gethostname()
-    for p in root.glob(prefix + "*"):
-        parts = p.name.rsplit(".tmp-", 1)
-        if len(parts) != 2:
-            continue
-        try:
-            h, pid = parts[1].rsplit("-", 2)[0], int(parts[1].rsplit("-", 2)[1])
-        except (ValueError, IndexError):
-            continue
-        if h != host:
-            continue
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            pass
-
-
 def ensure_synthetic(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpec(),
                      progress: bool = False) -> Path:
     """Return ``root/synthetic-<hash>/``, building it first if it has no manifest.
@@ -956,8 +936,8 @@ def ensure_synthetic(root: str | os.PathLike, spec: SyntheticSpec = SyntheticSpe
     with _file_lock(root / f".{final.name}.lock"):
         if (final / "manifest.json").is_file():
             return final
-        _clean_stale_tmp(root, f".{final.name}.tmp-")
-        tmp = root / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10 ** 9}"
+        sweep_stale_staging(final)
+        tmp = staging_path(final)
         try:
             build_synthetic(tmp, spec, progress=progress)
             if final.exists() and not (final / "manifest.json").is_file():
