@@ -1,9 +1,11 @@
 """Face-verification evaluation: pair protocols, metrics, reports.
 
-Used in three places: the ``dcal_twins`` recipe's validation metrics (EER/AUC/
-TAR@FAR on pairs generated from the val split's embeddings, every validation
-during training), its ``write_artifacts`` (the full report on the test split
-after training) and ``biomtl eval`` (the full report for a checkpoint).
+Used in three places: the validation metrics of the verification recipes
+(:class:`VerificationMetrics`: EER/AUC/TAR@FAR on pairs generated from the val
+split's embeddings, every validation during training; ``dcal_twins``, ``thz_*``,
+``photometric_*``, ``ear_teacher``), their ``write_artifacts`` (the full report
+on the test split after training) and ``biomtl eval`` (the full report for a
+checkpoint).
 
 Protocols
 ---------

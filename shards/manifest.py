@@ -166,10 +166,6 @@ class Manifest:
             for e in entries:
                 self.shard_path(root, e)
 
-    def shard_paths(self, root: str | os.PathLike, name: str) -> list[Path]:
-        self.split_size(name)  # raises a clear KeyError for an unknown split
-        return [self.shard_path(root, e) for e in self.splits[name]]
-
     def split_pairs(self, name: str) -> list[dict[str, Any]]:
         """The protocol pairs whose two samples are both in split ``name``."""
         return [p for p in self.pairs if p.get("split") == name]
