@@ -182,16 +182,13 @@ def split_images(data_dir: Path, split: str, size: int = 32) -> dict[str, Any]:
     from shards.manifest import Manifest
     from shards.stream import build_eval_loader
 
-    co_twin: dict[int, int] = {}
-    for a, b in Manifest.load(data_dir).data_info().twin_pairs:
-        co_twin[int(a)], co_twin[int(b)] = int(b), int(a)
+    info = Manifest.load(data_dir).data_info()
 
     def transform(sample: dict[str, Any], train: bool) -> dict[str, Any]:
         img = pick_rgb_image(sample).convert("L")
         meta = sample.get("json") or {}
         ident = int(meta.get("identity", -1))
-        twin = meta.get("twin")
-        twin = co_twin.get(ident, -1) if twin is None else int(twin)
+        twin = info.co_twin(ident, meta.get("twin"))
         return {"image": TF.to_tensor(TF.resize(img, [size, size], antialias=True)),
                 "identity": torch.tensor(ident), "twin": torch.tensor(twin)}
 

@@ -111,7 +111,7 @@ def teacher_metrics(run: Path) -> dict:
     from dist_train.checkpoint import LATEST, checkpoint_path
     from dist_train.inference import InferenceEngine
     from recipes.batch import valid_mask
-    from recipes.dcal_twins import VerificationMetrics
+    from recipes.verification import VerificationMetrics
     from shards.stream import build_eval_loader
 
     torch.set_num_threads(1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import glob
 import json
 import math
 import os
@@ -23,6 +22,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from shards.atomic import STALE_SUFFIX as _STALE
+from shards.atomic import atomic_write  # the toolkit's one atomic writer; the rest of dist_train imports it here
+from shards.atomic import move_into_place as _move_into_place
+from shards.atomic import pid_alive
+from shards.atomic import remove as _remove
 
 # The names inside a run directory; nothing else in the toolkit spells them.
 CHECKPOINTS = "checkpoints"
@@ -85,28 +90,6 @@ def run_dir_of(path: Path) -> Path | None:
     return next((q.parent for q in Path(path).resolve().parents if q.name == CHECKPOINTS), None)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """The one way this toolkit publishes a file: ``write(tmp)`` next to ``path``,
-    then rename, so a reader (or a resume after a crash) never sees half a file.
-    The temp file is removed when ``write`` fails; temp files of ``path`` left by
-    a killed process (any pid: one process writes a given name) are swept first.
-    An ``OSError`` names ``path`` (``write`` on an open file does not)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sweep_stale(path)
-        write(tmp)
-        _move_into_place(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            _remove(tmp)
-        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
-    return path
-
-
 def atomic_save(obj: Any, path: Path) -> None:
     def write(tmp: Path) -> None:
         # Through a Python file object: a failed write is then an OSError with
@@ -116,18 +99,6 @@ def atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, fh)
 
     atomic_write(path, write)
-
-
-_STALE = re.compile(r"\.(tmp|old)\d+$")
-
-
-def sweep_stale(path: Path) -> None:
-    """Remove what killed writers of ``path`` left beside it: ``.NAME.tmp<pid>``
-    (a temp file or folder) and ``.NAME.old<pid>`` (a folder being swapped out)."""
-    prefix = f".{Path(path).name}."
-    for leftover in Path(path).parent.glob(f"{glob.escape(prefix)}*"):
-        if _STALE.fullmatch(leftover.name[len(prefix) - 1:]):
-            _remove(leftover)
 
 
 def safe_load(path: Path, map_location: Any = "cpu") -> Any:
@@ -147,29 +118,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
             shutil.copy2(src, tmp)
 
     atomic_write(dst, write)
-
-
-def _move_into_place(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; a directory ``dst`` is swapped, never half-written."""
-    if dst.is_dir() and not dst.is_symlink():
-        old = dst.with_name(f".{dst.name}.old{os.getpid()}")
-        _remove(old)
-        os.replace(dst, old)
-        try:
-            os.replace(src, dst)
-        except BaseException:
-            os.replace(old, dst)  # keep the previous version under its name
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 _TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "unexpected pos", "PytorchStreamWriter")
@@ -238,15 +186,7 @@ def staging_owner() -> str:
 def _process_gone(host: str, pid: int) -> bool:
     """True only when ``pid`` is known dead: a process of this host that no longer
     exists (another host's process, or one we may not signal, counts as alive)."""
-    if host != socket.gethostname():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
+    return host == socket.gethostname() and not pid_alive(pid)
 
 
 def sweep_dead_stagings(runs_folder: Path) -> None:

@@ -27,11 +27,6 @@ def path_field(default: str = "", **kw: Any) -> Any:
     return field(default=default, metadata={"path": True}, **kw)
 
 
-def nonfinite_field(default: float, **kw: Any) -> Any:
-    """A float field that may be ``inf``/``nan``; every other float must be finite."""
-    return field(default=default, metadata={"nonfinite": True}, **kw)
-
-
 NO_SPLIT = "none"  # data.val_split=none: train without validation
 # Bounds of values that otherwise overflow deep inside (timedelta, RNG seeds) or
 # only make a run diverge: one line at load time instead of a traceback.

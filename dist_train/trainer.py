@@ -9,7 +9,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -285,7 +285,8 @@ class Trainer:
                 last_metrics = self.validate(logger)
                 self.save(last_metrics)
             if st.step >= self.total_steps or st.stopped_early:
-                test_metrics = self.recipe.write_artifacts(self.strategy.module, self.artifact_context())
+                history = list(logger.val_csv.rows) if self.ctx.is_main else []  # (rank 0 keeps the log)
+                test_metrics = self.recipe.write_artifacts(self.strategy.module, self.artifact_context(history))
                 if test_metrics:
                     logger.log_validation(st.step, st.epoch, test_metrics, split="test")
                     last_metrics = {**last_metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
@@ -293,10 +294,10 @@ class Trainer:
             logger.close()
         return last_metrics
 
-    def artifact_context(self) -> ArtifactContext:
+    def artifact_context(self, validation_history: Sequence[Mapping[str, Any]] = ()) -> ArtifactContext:
         return ArtifactContext(run_dir=self.run_dir, is_main=self.ctx.is_main, loaders=self.loaders.eval_loaders(),
                                gather=distributed.all_gather_objects, publish=atomic_write,
-                               read_images=self.loaders.read_images)
+                               read_images=self.loaders.read_images, validation_history=validation_history)
 
     def _log_interval(self, logger: Any, interval: dict[str, Any], stats: Any) -> None:
         windows = max(interval["windows"], 1)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IRSE", "ir_se50", "CbamResNet", "TimmFeatures", "FeatureSeparation", "PhotometricEncoder",
+__all__ = ["IRSE", "CbamResNet", "TimmFeatures", "FeatureSeparation", "PhotometricEncoder",
            "GradientReversal", "grad_reverse", "grl_lambda", "ArrayAugment", "BACKBONES"]
 
 BACKBONES = ("ir_se", "cbam_resnet", "convnextv2")
@@ -94,10 +94,6 @@ class IRSE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output(self.body(self.stem(x)))
-
-
-def ir_se50(in_chans: int = 3, img_size: int = 112, embedding_dim: int = 512) -> IRSE:
-    return IRSE(in_chans, img_size, embedding_dim)
 
 
 # ----------------------------------------------------------------------------- CBAM ResNet

@@ -58,7 +58,10 @@ class ArtifactContext:
     must call it the same number of times. ``publish(path, write)``: calls
     ``write(tmp_path)`` and renames the result to ``path`` atomically.
     ``read_images(role, keys)``: ``{key: PIL.Image}`` straight from the shards
-    of that role's split (for pictures of hard cases)."""
+    of that role's split (for pictures of hard cases). ``validation_history``:
+    the rows logged at each validation so far (``step``, ``epoch``, the metrics;
+    resumed runs included), on rank 0 (empty elsewhere; plot it with
+    :func:`recipes.history_plots.plot_history`)."""
 
     run_dir: Path
     is_main: bool
@@ -66,6 +69,7 @@ class ArtifactContext:
     gather: Callable[[Any], list[Any]]
     publish: Callable[[Path, Callable[[Path], None]], Path]
     read_images: Callable[[str, Sequence[str]], dict[str, Any]]
+    validation_history: Sequence[Mapping[str, Any]] = ()
 
 
 @dataclass
@@ -215,7 +219,7 @@ def get_recipe(name: str) -> type[Recipe]:
     return _REGISTRY[name]
 
 
-_HELPER_MODULES = {"base", "batch", "image_input", "verification", "verification_plots"}
+_HELPER_MODULES = {"base", "batch", "history_plots", "image_input", "verification", "verification_plots"}
 
 
 def _import_builtin_recipes() -> None:

@@ -29,7 +29,7 @@ co-twins into the same batches (``shards.batching``). A loader that adds
 
 Validation (identity-disjoint)
 ------------------------------
-:class:`VerificationMetrics` keeps the embeddings, identities and co-twin ids
+:class:`recipes.verification.VerificationMetrics` keeps the embeddings, identities and co-twin ids
 of the val split (per rank; the trainer gathers them) and reports verification
 metrics on generated pairs (:func:`recipes.verification.generate_pairs`, at most
 ``val_max_pairs``): ``eer``, ``auc``, ``tar_at_far_0.1/0.01/0.001`` (and
@@ -50,9 +50,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 from torchvision import transforms
@@ -61,9 +60,9 @@ from models.conv_stem import ConvStemPatchEmbed
 from models.dcal import DCAL, DCALConfig, check_backbone_name
 from recipes import verification as ev
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
-from recipes.batch import label_column, valid_mask
 from recipes.image_input import face_transforms, pick_rgb_image
 from recipes.init_weights import check_init_from, load_init_weights
+from recipes.verification import VerificationMetrics
 from recipes.verification_plots import write_report
 
 log = logging.getLogger("biomtl.dcal")
@@ -161,53 +160,6 @@ class DCALTwinsParams:
                           metric_weight=self.metric_weight, verif_weight=self.verif_weight)
 
 
-class VerificationMetrics(Metrics):
-    """State: embeddings (float16 to keep the gather small), identities, co-twins."""
-
-    KEPT = ("eer", "auc", "tar_at_far_0.1", "tar_at_far_0.01", "tar_at_far_0.001", "tar_at_far_0.0001", "best_acc")
-    TWIN = ("eer", "auc", "tar_at_far_0.01")  # also reported on co-twin impostor pairs alone, as twin_<name>
-    NAMES = frozenset((*KEPT, "threshold", *(f"twin_{k}" for k in TWIN)))
-
-    def __init__(self, max_pairs: int = 2_000_000, seed: int = 0) -> None:
-        self.max_pairs, self.seed = max_pairs, seed
-        self.emb: list[np.ndarray] = []
-        self.ident: list[np.ndarray] = []
-        self.twin: list[np.ndarray] = []
-
-    def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
-        e = outputs["embedding"].detach().float().cpu().numpy()
-        n = e.shape[0]
-        valid = valid_mask(batch, n)
-        self.emb.append(e[valid].astype(np.float16))
-        self.ident.append(label_column(batch, "identity", n)[valid])
-        self.twin.append(label_column(batch, "twin", n)[valid])
-
-    def state(self) -> dict[str, Any]:
-        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
-        emb = np.concatenate(self.emb) if self.emb else np.zeros((0, 0), np.float16)
-        return {"embedding": emb, "identity": cat(self.ident, np.int64), "twin": cat(self.twin, np.int64),
-                "max_pairs": self.max_pairs, "seed": self.seed}
-
-    @staticmethod
-    def compute(states: list[Any]) -> dict[str, float]:
-        states = [s for s in states if s["identity"].size]
-        if not states:
-            return {"eer": float("nan"), "auc": float("nan")}
-        emb = np.concatenate([s["embedding"] for s in states]).astype(np.float32)
-        ident = np.concatenate([s["identity"] for s in states])
-        twin = np.concatenate([s["twin"] for s in states])
-        pairs = ev.generate_pairs(ident, twin, max_pairs=states[0]["max_pairs"], seed=states[0]["seed"])
-        scores = ev.cosine_scores(emb, pairs.a, pairs.b)
-        flat = ev.summary_metrics(ev.verification_report(scores, pairs.label, pairs.twin, seed=states[0]["seed"]))
-        out = {k: flat[k] for k in VerificationMetrics.KEPT if k in flat}
-        out["threshold"] = flat["best_threshold"]
-        for k in VerificationMetrics.TWIN:
-            out[f"twin_{k}"] = flat[f"twin_{k}"]
-        log.info("validation pairs: %d genuine, %d impostor (%d co-twin)", pairs.label.sum(), (~pairs.label).sum(),
-                 pairs.twin.sum())
-        return out
-
-
 @register
 class DCALTwinsRecipe(Recipe):
     name = "dcal_twins"
@@ -221,9 +173,6 @@ class DCALTwinsRecipe(Recipe):
         if p.grayscale:
             self.train_tf = transforms.Compose([transforms.Grayscale(3), self.train_tf])
             self.eval_tf = transforms.Compose([transforms.Grayscale(3), self.eval_tf])
-        self.co_twin = {}
-        for a, b in data_info.twin_pairs:
-            self.co_twin[int(a)], self.co_twin[int(b)] = int(b), int(a)
 
     # --- data
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
@@ -231,8 +180,7 @@ class DCALTwinsRecipe(Recipe):
         meta = sample.get("json") or {}
         identity = meta.get("identity", -1)
         identity = -1 if identity is None else int(identity)
-        twin = meta.get("twin")
-        twin = self.co_twin.get(identity, -1) if twin is None else int(twin)
+        twin = self.data_info.co_twin(identity, meta.get("twin"))
         return {"image": (self.train_tf if train else self.eval_tf)(img),
                 "identity": torch.tensor(identity, dtype=torch.long),
                 "twin": torch.tensor(twin, dtype=torch.long)}

@@ -70,7 +70,7 @@ information between pseudo-labels and identities is logged (how much identity
 the clusters carry; never used for training).
 
 Validation metrics: ``reconstruction_mse`` and the verification metrics of
-:class:`recipes.dcal_twins.VerificationMetrics` on the projection (``eer``,
+:class:`recipes.verification.VerificationMetrics` on the projection (``eer``,
 ``auc``, ... on pairs of the val split's identities). The config keeps the 3
 best checkpoints by validation ``loss``, the last one, and one every 5 epochs.
 At every validation the first ``collage_samples`` validation crops (top row)
@@ -97,7 +97,7 @@ from models.heads import build_identity_head
 from models.losses import masked_cross_entropy
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
 from recipes.batch import label_column, move_batch, valid_mask
-from recipes.dcal_twins import VerificationMetrics
+from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS, IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger("biomtl.ear")

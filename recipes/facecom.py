@@ -30,10 +30,9 @@ from __future__ import annotations
 
 import csv
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
@@ -47,6 +46,7 @@ from models.losses import SupConLoss, TwinAwareTripletLoss, masked_cross_entropy
 from models.pixels import PixelInput
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
 from recipes.batch import label_column, move_batch, sample_keys, valid_mask
+from recipes.history_plots import plot_history
 from recipes.image_input import IMAGENET_MEAN, face_transforms, pick_rgb_image
 from recipes.init_weights import check_init_from, load_init_weights
 
@@ -252,69 +252,18 @@ class FaceComMetrics(Metrics):
 
 # ----------------------------------------------------------------------------- artefacts
 
-def plot_validation_metrics(csv_path: Path, out_path: Path, publish: Callable[[Path, Callable[[Path], None]], Any]) -> bool:
-    """Plot every metric column of ``validation_logs.csv`` against ``step``.
-
-    Panels: gender metrics, identity metrics, ``combined``, losses / others.
-    Returns False (and writes nothing) when the file is missing or has no rows.
-    """
-    if not csv_path.is_file():
-        return False
-    with csv_path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return False
+def history_panels(rows: list[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """The panels of ``plots/training_metrics.png``: gender metrics, identity
+    metrics, ``combined``, losses / others (every logged column but step, epoch)."""
     keys: list[str] = []
     for r in rows:
-        keys += [k for k in r if k not in keys]
-    keys = [k for k in keys if k not in ("step", "epoch")]
-
-    def series(key: str) -> tuple[list[float], list[float]]:
-        xs, ys = [], []
-        for i, r in enumerate(rows):
-            try:
-                y = float(r.get(key) or "nan")
-            except ValueError:
-                continue
-            if math.isnan(y):
-                continue
-            try:
-                x = float(r.get("step") or i)
-            except ValueError:
-                x = float(i)
-            xs.append(x)
-            ys.append(y)
-        return xs, ys
-
-    groups = {"gender": [k for k in keys if "gender" in k],
+        keys += [k for k in r if k not in keys and k not in ("step", "epoch")]
+    panels = {"gender": [k for k in keys if "gender" in k],
               "identity": [k for k in keys if "identity" in k],
               "combined score": [k for k in keys if "combined" in k]}
-    used = {k for ks in groups.values() for k in ks}
-    groups["loss / other"] = [k for k in keys if k not in used]
-    groups = {g: ks for g, ks in groups.items() if any(series(k)[0] for k in ks)}
-    if not groups:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.8), squeeze=False)
-    for ax, (title, ks) in zip(axes[0], groups.items()):
-        for k in ks:
-            xs, ys = series(k)
-            if xs:
-                ax.plot(xs, ys, marker="o", markersize=3, label=k)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        publish(out_path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    finally:
-        plt.close(fig)
-    return True
+    used = {k for ks in panels.values() for k in ks}
+    panels["loss / other"] = [k for k in keys if k not in used]
+    return panels
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -341,9 +290,6 @@ class FaceComRecipe(Recipe):
             self.eval_tf = transforms.Compose([transforms.Grayscale(3), self.eval_tf])
         schema = data_info.label_schemas.get("gender") if data_info.label_schemas else None
         self.gender_names = tuple(schema) if schema else ("0", "1")
-        self.co_twin = {}
-        for a, b in data_info.twin_pairs:
-            self.co_twin[int(a)], self.co_twin[int(b)] = int(b), int(a)
 
     # --- data
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
@@ -352,8 +298,7 @@ class FaceComRecipe(Recipe):
         identity = meta.get("identity", -1)
         identity = -1 if identity is None else int(identity)
         gender = meta.get("gender", -1)
-        twin = meta.get("twin")
-        twin = self.co_twin.get(identity, -1) if twin is None else int(twin)
+        twin = self.data_info.co_twin(identity, meta.get("twin"))
         return {"image": (self.train_tf if train else self.eval_tf)(img),
                 "identity": torch.tensor(identity, dtype=torch.long),
                 "gender": torch.tensor(-1 if gender is None else int(gender), dtype=torch.long),
@@ -414,9 +359,9 @@ class FaceComRecipe(Recipe):
         if ctx.is_main:
             if loader is not None:
                 ctx.publish(run_dir / "submission.csv", lambda tmp: self._write_submission(tmp, rows))
-            if not plot_validation_metrics(run_dir / "logs" / "validation_logs.csv",
-                                           run_dir / "plots" / "training_metrics.png", ctx.publish):
-                log.info("no validation log to plot in %s", run_dir / "logs")
+            history = list(ctx.validation_history)
+            if not plot_history(history, history_panels(history), run_dir / "plots" / "training_metrics.png", ctx.publish):
+                log.info("no validation history to plot")
         return test_metrics
 
     def _write_submission(self, path: Path, rows: list[dict[str, Any]]) -> None:

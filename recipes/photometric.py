@@ -39,7 +39,7 @@ Metrics: ``identity_top1``, ``identity_macro_f1``; per attribute ``<a>_acc``,
 ``<a>_macro_f1``, ``<a>_auc`` (one-vs-rest ROC AUC, macro over the classes
 present, sklearn); ``attr_mean_acc``; ``score`` = mean of identity top-1 and the
 attribute accuracies; verification (``eer``, ``auc``, ``tar_at_far_*``,
-:class:`recipes.dcal_twins.VerificationMetrics`) on pairs generated from the
+:class:`recipes.verification.VerificationMetrics`) on pairs generated from the
 split when ``verification`` is on: identity-disjoint only when the data were
 split by identity (``split_by: identity``); on a closed-set split the pairs are
 among training identities. ``write_artifacts``: the test metrics and
@@ -65,7 +65,7 @@ from models.photometric import (ArrayAugment, CbamResNet, GradientReversal, IRSE
                                 TimmFeatures)
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, RecipeDataError, register
 from recipes.batch import label_column, move_batch, valid_mask
-from recipes.dcal_twins import VerificationMetrics
+from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS
 
 log = logging.getLogger("biomtl.photometric")

@@ -50,7 +50,7 @@ trunk weights locally (``lpips_weights`` or the torchvision cache); with
 Validation metrics (:class:`ThzMetrics`): ``ssim``, ``psnr`` (and ``lpips``
 when the loss has it) of reconstruction vs target, ``ssim_concealed`` (the
 concealed rows only), ``posture_acc``, ``posture_macro_f1``, and the
-verification metrics of :class:`recipes.dcal_twins.VerificationMetrics` on
+verification metrics of :class:`recipes.verification.VerificationMetrics` on
 pairs generated from the split (``eer``, ``auc``, ``tar_at_far_*``,
 ``best_acc``, ``threshold``, ``twin_*``). The configs keep the best checkpoint
 by ``ssim``.
@@ -77,7 +77,7 @@ from models.thz import NUM_POSTURES, ThzMtlNet, ThzNetConfig
 from models.thz_augment import ThzAugment
 from recipes.base import ArtifactContext, DataInfo, EvalContext, Metrics, Recipe, register
 from recipes.batch import label_column, valid_mask
-from recipes.dcal_twins import VerificationMetrics
+from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS
 
 log = logging.getLogger("biomtl.thz")
@@ -369,9 +369,6 @@ class ThzMtlRecipe(Recipe):
     def __init__(self, params: ThzMtlParams, data_info: DataInfo):
         super().__init__(params, data_info)
         self.augment = ThzAugment(params.augment) if params.augment != "none" else None
-        self.co_twin: dict[int, int] = {}
-        for a, b in data_info.twin_pairs:
-            self.co_twin[int(a)], self.co_twin[int(b)] = int(b), int(a)
         schema = (data_info.label_schemas or {}).get("posture")
         self.posture_names = tuple(schema) if schema else ("front", "left", "right", "up", "down")
 
@@ -398,8 +395,7 @@ class ThzMtlRecipe(Recipe):
             images = self.augment(images, inputs=("image",))
         meta = sample.get("json") or {}
         identity = _label(meta, "identity")
-        twin = meta.get("twin")
-        twin = self.co_twin.get(identity, -1) if twin is None else int(twin)
+        twin = self.data_info.co_twin(identity, meta.get("twin"))
         return {**images, "identity": torch.tensor(identity, dtype=torch.long),
                 "posture": torch.tensor(_label(meta, "posture"), dtype=torch.long),
                 "concealed": torch.tensor(_label(meta, "concealed"), dtype=torch.long),

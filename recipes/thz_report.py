@@ -19,9 +19,9 @@ threshold picked on the val split) and by ``biomtl eval`` for their checkpoints
   posture summaries), ``roc.png``, ``score_histograms.png``, ``hardest_errors.png``.
 
 A rich table (per posture and overall) is printed. After training,
-``plots/latest_val.png`` plots the validation metrics of
-``logs/validation_logs.csv`` by kind (``plots/latest.png``, the training
-curves, is the trainer's).
+``plots/latest_val.png`` plots the validation history
+(``ArtifactContext.validation_history``) by kind (``plots/latest.png``, the
+training curves, is the trainer's).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from torch import nn
 from recipes import verification as ev
 from recipes.base import ArtifactContext, EvalContext
 from recipes.batch import label_column, move_batch, sample_keys, valid_mask
+from recipes.history_plots import plot_history
 from recipes.verification_plots import write_report
 
 log = logging.getLogger("biomtl.thz")
@@ -254,55 +255,10 @@ def plot_confusion(cm: np.ndarray, names: Sequence[str], out: Path, publish: Pub
         plt.close(fig)
 
 
+# panels of plots/latest_val.png: title -> validation metrics drawn together
 VAL_PANELS = {"reconstruction": ("ssim", "ssim_concealed", "lpips"), "psnr (dB)": ("psnr",),
               "posture": ("posture_acc", "posture_macro_f1"), "verification": ("eer", "auc", "best_acc"),
               "loss": ("loss",)}
-
-
-def plot_validation(csv_path: Path, out: Path, publish: Publish) -> bool:
-    """``plots/latest_val.png``: the validation metrics against the step, one panel per kind."""
-    if not csv_path.is_file():
-        return False
-    with csv_path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        return False
-
-    def series(key: str) -> tuple[list[float], list[float]]:
-        xs, ys = [], []
-        for r in rows:
-            try:
-                x, y = float(r.get("step") or "nan"), float(r.get(key) or "nan")
-            except ValueError:
-                continue
-            if math.isfinite(x) and math.isfinite(y):
-                xs.append(x)
-                ys.append(y)
-        return xs, ys
-
-    panels = {t: [k for k in ks if series(k)[0]] for t, ks in VAL_PANELS.items()}
-    panels = {t: ks for t, ks in panels.items() if ks}
-    if not panels:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
-    for ax, (title, ks) in zip(axes[0], panels.items()):
-        for k in ks:
-            ax.plot(*series(k), marker="o", markersize=3, label=k)
-        ax.set_title(title)
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    try:
-        publish(out, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
-    finally:
-        plt.close(fig)
-    return True
 
 
 # ----------------------------------------------------------------------------- the report
@@ -409,7 +365,7 @@ def after_training(recipe: Any, model: nn.Module, ctx: ArtifactContext,
     if not ctx.is_main:
         return {}
     run_dir = Path(ctx.run_dir)
-    plot_validation(run_dir / "logs" / "validation_logs.csv", run_dir / "plots" / "latest_val.png", ctx.publish)
+    plot_history(list(ctx.validation_history), VAL_PANELS, run_dir / "plots" / "latest_val.png", ctx.publish)
     tables = {role: merge([g[role] for g in gathered], p.report_grid) for role in local}
     test = tables.get("test")
     if test is None or not test["keys"]:

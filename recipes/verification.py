@@ -1,9 +1,11 @@
 """Face-verification evaluation: pair protocols, metrics, reports.
 
-Used in three places: the ``dcal_twins`` recipe's validation metrics (EER/AUC/
-TAR@FAR on pairs generated from the val split's embeddings, every validation
-during training), its ``write_artifacts`` (the full report on the test split
-after training) and ``biomtl eval`` (the full report for a checkpoint).
+Used in three places: the validation metrics of the verification recipes
+(:class:`VerificationMetrics`: EER/AUC/TAR@FAR on pairs generated from the val
+split's embeddings, every validation during training; ``dcal_twins``, ``thz_*``,
+``photometric_*``, ``ear_teacher``), their ``write_artifacts`` (the full report
+on the test split after training) and ``biomtl eval`` (the full report for a
+checkpoint).
 
 Protocols
 ---------
@@ -69,6 +71,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from recipes.base import Metrics
 from recipes.batch import label_column, sample_keys, valid_mask
 
 log = logging.getLogger("biomtl.eval")
@@ -79,7 +82,7 @@ DEFAULT_MAX_PAIRS = 2_000_000
 
 __all__ = ["Pairs", "generate_pairs", "pairs_from_file", "pairs_from_rows", "verification_report", "eer_from_roc",
            "best_accuracy_threshold", "balanced_accuracy", "kfold_accuracy", "summary_metrics", "embed_batches",
-           "cosine_scores", "FAR_TARGETS"]
+           "cosine_scores", "FAR_TARGETS", "VerificationMetrics"]
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -470,3 +473,54 @@ def hardest_error_keys(table: Mapping[str, Any], pairs: Pairs, k: int = 6) -> li
                           gen[np.argsort(scores[gen], kind="stable")[:k]]])
     keys = table["keys"]
     return sorted({keys[i] for p in idx for i in (int(pairs.a[p]), int(pairs.b[p]))})
+
+
+# ----------------------------------------------------------------------------- validation metrics
+
+class VerificationMetrics(Metrics):
+    """Validation metrics of the verification recipes (EER, AUC, TAR@FAR, twin
+    impostors apart) on pairs generated from the gathered embeddings. State:
+    embeddings (float16 to keep the gather small), identities, co-twins."""
+
+    KEPT = ("eer", "auc", "tar_at_far_0.1", "tar_at_far_0.01", "tar_at_far_0.001", "tar_at_far_0.0001", "best_acc")
+    TWIN = ("eer", "auc", "tar_at_far_0.01")  # also reported on co-twin impostor pairs alone, as twin_<name>
+    NAMES = frozenset((*KEPT, "threshold", *(f"twin_{k}" for k in TWIN)))
+
+    def __init__(self, max_pairs: int = DEFAULT_MAX_PAIRS, seed: int = 0) -> None:
+        self.max_pairs, self.seed = max_pairs, seed
+        self.emb: list[np.ndarray] = []
+        self.ident: list[np.ndarray] = []
+        self.twin: list[np.ndarray] = []
+
+    def update(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> None:
+        e = outputs["embedding"].detach().float().cpu().numpy()
+        n = e.shape[0]
+        valid = valid_mask(batch, n)
+        self.emb.append(e[valid].astype(np.float16))
+        self.ident.append(label_column(batch, "identity", n)[valid])
+        self.twin.append(label_column(batch, "twin", n)[valid])
+
+    def state(self) -> dict[str, Any]:
+        cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+        emb = np.concatenate(self.emb) if self.emb else np.zeros((0, 0), np.float16)
+        return {"embedding": emb, "identity": cat(self.ident, np.int64), "twin": cat(self.twin, np.int64),
+                "max_pairs": self.max_pairs, "seed": self.seed}
+
+    @staticmethod
+    def compute(states: list[Any]) -> dict[str, float]:
+        states = [s for s in states if s["identity"].size]
+        if not states:
+            return {"eer": float("nan"), "auc": float("nan")}
+        emb = np.concatenate([s["embedding"] for s in states]).astype(np.float32)
+        ident = np.concatenate([s["identity"] for s in states])
+        twin = np.concatenate([s["twin"] for s in states])
+        pairs = generate_pairs(ident, twin, max_pairs=states[0]["max_pairs"], seed=states[0]["seed"])
+        scores = cosine_scores(emb, pairs.a, pairs.b)
+        flat = summary_metrics(verification_report(scores, pairs.label, pairs.twin, seed=states[0]["seed"]))
+        out = {k: flat[k] for k in VerificationMetrics.KEPT if k in flat}
+        out["threshold"] = flat["best_threshold"]
+        for k in VerificationMetrics.TWIN:
+            out[f"twin_{k}"] = flat[f"twin_{k}"]
+        log.info("validation pairs: %d genuine, %d impostor (%d co-twin)", pairs.label.sum(), (~pairs.label).sum(),
+                 pairs.twin.sum())
+        return out

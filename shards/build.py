@@ -55,16 +55,16 @@ import os
 import random
 import shutil
 import signal
-import socket
-import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from . import atomic
+from .atomic import staging_path
 from .manifest import FORMAT, MANIFEST_NAME, TOOL_VERSION, Manifest, ShardEntry
 from .sources import Fault, InputError, Item, SampleError, Scan, get_source, natural_key
 from .writer import ShardSplitWriter
@@ -327,49 +327,13 @@ class _Stats:
 # ---------------------------------------------------------------------------
 # create
 # ---------------------------------------------------------------------------
-def _tmp_dir(out: Path, kind: str = "tmp") -> Path:
-    """A hidden sibling of ``out`` named for this host and process (what the sweep reads)."""
-    return out.parent / f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}-{time.time_ns() % 10 ** 9}"
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a process id we may judge (kill(0) would signal our group)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def sweep_stale_staging(out: Path) -> list[Path]:
     """Remove the staging folders (``.DIR.tmp-<host>-<pid>-<n>``) and set-aside old
     datasets (``.DIR.old-...``) of ``out`` that a killed ``create`` left: named for
-    this host and a pid no longer alive. Other hosts' and live processes' stay,
-    and so does an old dataset unless its replacement ``out`` is complete (a
-    SIGKILL between the two renames of ``_install`` leaves it the only copy)."""
-    removed: list[Path] = []
-    try:
-        siblings = list(out.parent.iterdir())
-    except OSError:
-        return removed
-    host = socket.gethostname()
-    kinds = ("tmp", "old") if (out / MANIFEST_NAME).is_file() else ("tmp",)
-    for kind in kinds:
-        head = f".{out.name}.{kind}-{host}-"
-        for p in siblings:
-            if not p.name.startswith(head):
-                continue
-            pid, _, n = p.name[len(head):].partition("-")
-            if not (pid.isdigit() and n.isdigit()) or _pid_alive(int(pid)):
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-                log.info("removed %s, left by an interrupted 'shards create' (pid %s)", p, pid)
-    return removed
+    this host and a pid no longer alive. An old dataset goes only when its
+    replacement ``out`` is complete (a SIGKILL between the two renames of
+    ``_install`` leaves it the only copy)."""
+    return atomic.sweep_stale_staging(out, ("tmp", "old") if (out / MANIFEST_NAME).is_file() else ("tmp",))
 
 
 class _SigtermGuard:
@@ -502,21 +466,9 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
     ``progress(phase, done, total)`` is called while writing."""
     t0 = time.perf_counter()
     source = get_source(fmt)
-    opts = _source_defaults(source)
-    if options is not None:  # only this source's options
-        for k in vars(opts):
-            if hasattr(options, k):
-                setattr(opts, k, getattr(options, k))
-    opts.seed = seed
+    opts = _source_options(source, options, seed)
     split_list = parse_splits(splits) if isinstance(splits, str) else [(n, float(r)) for n, r in splits]
-    if split_by not in ("identity", "sample"):
-        raise InputError(f"--split-by: {split_by!r} is not identity or sample")
-    if maxcount < 1:
-        raise InputError(f"--maxcount: must be >= 1, got {maxcount}")
-    if maxsize < 1024:
-        raise InputError(f"--maxsize: must be >= 1024 bytes, got {maxsize}")
-    if workers < 0:
-        raise InputError(f"--workers: must be >= 0, got {workers}")
+    _check_numbers(split_by, maxcount, maxsize, workers)
     out = Path(output).absolute()
     inp = Path(input_path).expanduser() if input_path is not None else None
     if source.needs_input and inp is None:
@@ -530,116 +482,29 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
     faults = list(scan.faults)
     if strict and faults:  # fail before reading any image
         raise StrictFailure(faults)
-    items = scan.items
-    if split_by == "identity" and not any(it.identity is not None for it in items):
+    if split_by == "identity" and not any(it.identity is not None for it in scan.items):
         raise InputError(f"--split-by identity: the {fmt} input has no identities; use --split-by sample")
     if scan.splits:  # the input's own splits (train first: its pixels give the image statistics)
         order = {"train": 0, "val": 1, "test": 2}
         fixed = sorted(set(scan.splits.values()), key=lambda n: (order.get(n, 3), n))
         split_list = [(n, 1.0) for n in fixed]
     names = [n for n, _ in split_list]
-    pin_to = None
-    pinned: dict[str, str] = {}
-    if scan.pairs and not scan.splits:
-        pin_to = pairs_split or ("test" if "test" in names else names[-1])
-        if pin_to not in names:
-            raise InputError(f"--pairs-split: {pin_to!r} is not one of the splits ({', '.join(names)})")
-        for k1, k2, _ in scan.pairs:
-            pinned[k1] = pinned[k2] = pin_to
-    identities = sorted({it.identity for it in items if it.identity is not None}, key=natural_key)
-    id_index = {n: i for i, n in enumerate(identities)}
-    twin_pairs = [p for p in scan.twin_pairs if p[0] in id_index and p[1] in id_index]
-    co_twin = {}
-    for a, b in twin_pairs:
-        co_twin[a], co_twin[b] = b, a
-    # label schemas: fixed orders from the source, else sorted distinct values
-    schemas = {k: list(v) for k, v in scan.schemas.items()}
-    for it in items:
-        for k, v in it.labels.items():
-            if k not in scan.schemas:
-                schemas.setdefault(k, [])
-                if v not in schemas[k]:
-                    schemas[k].append(v)
-    for k in schemas:
-        if k not in scan.schemas:
-            schemas[k] = sorted(schemas[k], key=natural_key)
-    good = []
-    for it in items:  # labels outside a fixed schema are faults
-        bad = [f"{k}={v!r}" for k, v in it.labels.items() if v not in schemas[k]]
-        if bad:
-            faults.append(Fault("bad label", it.origin, ", ".join(bad)))
-        else:
-            good.append(it)
-    items = good
-
-    if scan.splits:
-        plan = {n: [it for it in items if scan.splits[it.key] == n] for n in names}
-        plan = {n: [v[j] for j in _perm(random.Random(f"order-{seed}-{n}"), len(v))] for n, v in plan.items()}
-    else:
-        plan = assign_splits(items, split_list, split_by, seed, twin_pairs, pinned)
-    total = sum(len(v) for v in plan.values())
+    pin_to, pinned = _pinned_keys(scan, names, pairs_split)
+    labels = _Labels.of(scan, faults)
+    plan = _split_plan(scan, labels.items, names, split_list, split_by, seed, labels.twin_pairs, pinned)
     sweep_stale_staging(out)
-    tmp = _tmp_dir(out)
+    tmp = staging_path(out)
     sigterm = _SigtermGuard().__enter__()
-    stats = _Stats()
-    written = {n: _SplitCount(schemas) for n in names}
-    pair_keys = {k for k1, k2, _ in scan.pairs for k in (k1, k2)}
-    key_split: dict[str, str] = {}
-    split_entries: dict[str, list[ShardEntry]] = {}
-    modalities: set[str] | None = None
-    done = 0
     try:
         tmp.mkdir(parents=True)  # (and the output's parent folders)
-        for name in names:
-            entries: list[ShardEntry] = []
-            with ShardSplitWriter(tmp, name, maxcount=maxcount, maxsize=maxsize) as w:
-                by_key = {it.key: it for it in plan[name]}
-                for key, fields, fault in _load_all(scan.loader, plan[name], workers):
-                    done += 1
-                    sigterm.check()
-                    if progress is not None:
-                        progress(name, done, total)
-                    if fault is not None:
-                        faults.append(fault)
-                        continue
-                    it = by_key[key]
-                    meta = {**it.meta}
-                    if it.identity is not None:
-                        meta.update(identity=id_index[it.identity], identity_name=it.identity,
-                                    twin=id_index[co_twin[it.identity]] if it.identity in co_twin else -1)
-                    for k, v in it.labels.items():
-                        meta[k] = schemas[k].index(v)
-                    meta.update(fields.pop("json", {}))
-                    sample = {"__key__": key, **{k: f.data for k, f in fields.items()}, "json": meta}
-                    keys_here = set(sample) - {"__key__"}
-                    if modalities is None:
-                        modalities = keys_here
-                    elif keys_here != modalities:
-                        faults.append(Fault("inconsistent fields", it.origin,
-                                            f"has {sorted(keys_here)}, others have {sorted(modalities)}"))
-                        continue
-                    w.write(sample)
-                    for k, f in fields.items():
-                        stats.add(k, f, pixels=(name == names[0]))
-                    written[name].add(meta)
-                    if key in pair_keys:
-                        key_split[key] = name
-                entries = w.close()
-            split_entries[name] = entries
+        packed = _pack(tmp, names, plan, scan, labels, faults, workers, maxcount, maxsize, sigterm, progress)
         if strict and faults:
             raise StrictFailure(faults)
-        n_written = sum(v.samples for v in written.values())
+        n_written = sum(v.samples for v in packed.written.values())
         if n_written == 0:
             raise InputError(f"no readable samples in {inp} ({len(faults)} fault(s); first: "
                              f"{faults[0] if faults else 'none'})")
-        keys_in = key_split
-        pairs, dropped = [], 0
-        for k1, k2, label in scan.pairs:
-            s1, s2 = keys_in.get(k1), keys_in.get(k2)
-            if s1 is None or s2 is None or s1 != s2:
-                dropped += 1
-                continue
-            pairs.append({"key1": k1, "key2": k2, "label": int(label), "split": s1})
+        pairs, dropped = _kept_pairs(scan.pairs, packed.key_split)
         report = {
             "format": fmt, "input": str(inp) if inp is not None else None,
             "scanned": len(scan.items), "written": n_written,
@@ -648,7 +513,7 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
             "faults": [f.to_dict() for f in faults],
             "ignored": list(scan.ignored),
             "pairs": {"given": len(scan.pairs), "kept": len(pairs), "dropped": dropped} if scan.pairs else None,
-            "empty_splits": [n for n in names if not written[n].samples],
+            "empty_splits": [n for n in names if not packed.written[n].samples],
         }
         created_with = {
             "source": fmt, "input": str(inp.resolve()) if inp is not None else None,
@@ -661,18 +526,8 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
             "command": argv,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        manifest = Manifest(
-            format=FORMAT, created_with=created_with, tool_version=TOOL_VERSION, splits=split_entries,
-            identities=identities, twin_pairs=sorted((min(id_index[a], id_index[b]), max(id_index[a], id_index[b]))
-                                                     for a, b in twin_pairs),
-            label_schemas=schemas, modalities=sorted(modalities or []), image_stats=stats.result(),
-            pairs=pairs, split_stats=_split_stats(written, split_entries, schemas, twin_pairs, id_index))
-        for name in names:
-            sp = [{"img1": p["key1"], "img2": p["key2"], "label": p["label"]} for p in pairs if p["split"] == name]
-            if sp:
-                (tmp / f"{name}_pairs.json").write_text(json.dumps(sp, indent=1) + "\n")
-        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
-        manifest.save(tmp)
+        manifest = _manifest(created_with, labels, packed, pairs)
+        _write_metadata(tmp, names, pairs, report, manifest)
         sigterm.check()
         _install(tmp, out, overwrite)
     except BaseException:
@@ -682,6 +537,195 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
         sigterm.__exit__()
     return CreateResult(out_dir=out, manifest=manifest, report=report, seconds=time.perf_counter() - t0,
                         samples=n_written)
+
+
+def _source_options(source, options: argparse.Namespace | None, seed: int) -> argparse.Namespace:
+    """The source's options: its defaults, overridden by those of ``options`` it knows."""
+    opts = _source_defaults(source)
+    if options is not None:  # only this source's options
+        for k in vars(opts):
+            if hasattr(options, k):
+                setattr(opts, k, getattr(options, k))
+    opts.seed = seed
+    return opts
+
+
+def _check_numbers(split_by: str, maxcount: int, maxsize: int, workers: int) -> None:
+    if split_by not in ("identity", "sample"):
+        raise InputError(f"--split-by: {split_by!r} is not identity or sample")
+    if maxcount < 1:
+        raise InputError(f"--maxcount: must be >= 1, got {maxcount}")
+    if maxsize < 1024:
+        raise InputError(f"--maxsize: must be >= 1024 bytes, got {maxsize}")
+    if workers < 0:
+        raise InputError(f"--workers: must be >= 0, got {workers}")
+
+
+def _pinned_keys(scan: Scan, names: list[str], pairs_split: str | None) -> tuple[str | None, dict[str, str]]:
+    """The split the protocol pairs' samples go to, and those samples' keys -> it
+    (none when the input fixes the splits itself)."""
+    pin_to = None
+    pinned: dict[str, str] = {}
+    if scan.pairs and not scan.splits:
+        pin_to = pairs_split or ("test" if "test" in names else names[-1])
+        if pin_to not in names:
+            raise InputError(f"--pairs-split: {pin_to!r} is not one of the splits ({', '.join(names)})")
+        for k1, k2, _ in scan.pairs:
+            pinned[k1] = pinned[k2] = pin_to
+    return pin_to, pinned
+
+
+@dataclass
+class _Labels:
+    """Identities (sorted names, name -> label index), twin pairs and co-twins by
+    name, label schemas, and the items whose labels fit the schemas."""
+
+    identities: list[str]
+    id_index: dict[str, int]
+    twin_pairs: list[tuple[str, str]]
+    co_twin: dict[str, str]
+    schemas: dict[str, list[str]]
+    items: list[Item]
+
+    @staticmethod
+    def of(scan: Scan, faults: list[Fault]) -> "_Labels":
+        """From the scan; an item with a label outside a fixed schema is a fault (appended)."""
+        items = scan.items
+        identities = sorted({it.identity for it in items if it.identity is not None}, key=natural_key)
+        id_index = {n: i for i, n in enumerate(identities)}
+        twin_pairs = [p for p in scan.twin_pairs if p[0] in id_index and p[1] in id_index]
+        co_twin = {}
+        for a, b in twin_pairs:
+            co_twin[a], co_twin[b] = b, a
+        # label schemas: fixed orders from the source, else sorted distinct values
+        schemas = {k: list(v) for k, v in scan.schemas.items()}
+        for it in items:
+            for k, v in it.labels.items():
+                if k not in scan.schemas:
+                    schemas.setdefault(k, [])
+                    if v not in schemas[k]:
+                        schemas[k].append(v)
+        for k in schemas:
+            if k not in scan.schemas:
+                schemas[k] = sorted(schemas[k], key=natural_key)
+        good = []
+        for it in items:
+            bad = [f"{k}={v!r}" for k, v in it.labels.items() if v not in schemas[k]]
+            if bad:
+                faults.append(Fault("bad label", it.origin, ", ".join(bad)))
+            else:
+                good.append(it)
+        return _Labels(identities, id_index, twin_pairs, co_twin, schemas, good)
+
+    def meta(self, it: Item) -> dict[str, Any]:
+        """The sample's json: the item's own fields, its identity and co-twin labels, its label indices."""
+        meta = {**it.meta}
+        if it.identity is not None:
+            meta.update(identity=self.id_index[it.identity], identity_name=it.identity,
+                        twin=self.id_index[self.co_twin[it.identity]] if it.identity in self.co_twin else -1)
+        for k, v in it.labels.items():
+            meta[k] = self.schemas[k].index(v)
+        return meta
+
+
+def _split_plan(scan: Scan, items: list[Item], names: list[str], split_list: list[tuple[str, float]],
+                split_by: str, seed: int, twin_pairs: list[tuple[str, str]], pinned: dict[str, str]
+                ) -> dict[str, list[Item]]:
+    """Split name -> items in writing order: the input's own splits (shuffled by
+    ``seed``) or :func:`assign_splits`."""
+    if not scan.splits:
+        return assign_splits(items, split_list, split_by, seed, twin_pairs, pinned)
+    plan = {n: [it for it in items if scan.splits[it.key] == n] for n in names}
+    return {n: [v[j] for j in _perm(random.Random(f"order-{seed}-{n}"), len(v))] for n, v in plan.items()}
+
+
+@dataclass
+class _Packed:
+    """What writing the shards gave: per split its shard entries and counts, the
+    split of every protocol-pair sample, the fields every sample has, the image
+    statistics."""
+
+    split_entries: dict[str, list[ShardEntry]]
+    written: dict[str, _SplitCount]
+    key_split: dict[str, str]
+    modalities: set[str] | None
+    stats: _Stats
+
+
+def _pack(tmp: Path, names: list[str], plan: dict[str, list[Item]], scan: Scan, labels: _Labels,
+          faults: list[Fault], workers: int, maxcount: int, maxsize: int, sigterm: _SigtermGuard,
+          progress: Callable[[str, int, int], None] | None) -> _Packed:
+    """Read, decode and write every planned sample into ``tmp``, split by split;
+    a sample that fails or lacks the fields of the first one is a fault (appended)."""
+    total = sum(len(v) for v in plan.values())
+    pair_keys = {k for k1, k2, _ in scan.pairs for k in (k1, k2)}
+    packed = _Packed({}, {n: _SplitCount(labels.schemas) for n in names}, {}, None, _Stats())
+    done = 0
+    for name in names:
+        with ShardSplitWriter(tmp, name, maxcount=maxcount, maxsize=maxsize) as w:
+            by_key = {it.key: it for it in plan[name]}
+            for key, fields, fault in _load_all(scan.loader, plan[name], workers):
+                done += 1
+                sigterm.check()
+                if progress is not None:
+                    progress(name, done, total)
+                if fault is not None:
+                    faults.append(fault)
+                    continue
+                it = by_key[key]
+                meta = labels.meta(it)
+                meta.update(fields.pop("json", {}))
+                sample = {"__key__": key, **{k: f.data for k, f in fields.items()}, "json": meta}
+                keys_here = set(sample) - {"__key__"}
+                if packed.modalities is None:
+                    packed.modalities = keys_here
+                elif keys_here != packed.modalities:
+                    faults.append(Fault("inconsistent fields", it.origin,
+                                        f"has {sorted(keys_here)}, others have {sorted(packed.modalities)}"))
+                    continue
+                w.write(sample)
+                for k, f in fields.items():
+                    packed.stats.add(k, f, pixels=(name == names[0]))
+                packed.written[name].add(meta)
+                if key in pair_keys:
+                    packed.key_split[key] = name
+            packed.split_entries[name] = w.close()
+    return packed
+
+
+def _kept_pairs(given: list[tuple[str, str, int]], key_split: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
+    """The protocol pairs whose two samples were written into the same split, and how many were dropped."""
+    pairs, dropped = [], 0
+    for k1, k2, label in given:
+        s1, s2 = key_split.get(k1), key_split.get(k2)
+        if s1 is None or s2 is None or s1 != s2:
+            dropped += 1
+            continue
+        pairs.append({"key1": k1, "key2": k2, "label": int(label), "split": s1})
+    return pairs, dropped
+
+
+def _manifest(created_with: dict[str, Any], labels: _Labels, packed: _Packed, pairs: list[dict[str, Any]]
+              ) -> Manifest:
+    id_index = labels.id_index
+    return Manifest(
+        format=FORMAT, created_with=created_with, tool_version=TOOL_VERSION, splits=packed.split_entries,
+        identities=labels.identities, twin_pairs=sorted((min(id_index[a], id_index[b]), max(id_index[a], id_index[b]))
+                                                        for a, b in labels.twin_pairs),
+        label_schemas=labels.schemas, modalities=sorted(packed.modalities or []), image_stats=packed.stats.result(),
+        pairs=pairs, split_stats=_split_stats(packed.written, packed.split_entries, labels.schemas,
+                                              labels.twin_pairs, id_index))
+
+
+def _write_metadata(tmp: Path, names: list[str], pairs: list[dict[str, Any]], report: dict[str, Any],
+                    manifest: Manifest) -> None:
+    """Each split's pairs file, the report, then the manifest (last: it marks the dataset complete)."""
+    for name in names:
+        sp = [{"img1": p["key1"], "img2": p["key2"], "label": p["label"]} for p in pairs if p["split"] == name]
+        if sp:
+            (tmp / f"{name}_pairs.json").write_text(json.dumps(sp, indent=1) + "\n")
+    (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    manifest.save(tmp)
 
 
 def _plain(v: Any) -> bool:
@@ -704,7 +748,7 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
                 raise InputError(f"--output: {out} appeared while packing; not replaced")
             _check_replaceable(out)  # again: packing took a while
             owned = owned_entries(out) or set()
-            old = _tmp_dir(out, "old")
+            old = staging_path(out, "old")
     # no SIGTERM between setting the old dataset aside and moving the new one in
     # (it is handled right after: the new dataset is then complete)
     blocked = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()

@@ -35,6 +35,7 @@ ones get their defaults, so older manifests still load):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from .atomic import atomic_write
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "biomtl-shards/1"
@@ -62,6 +65,19 @@ class DataInfo:
     @property
     def num_identities(self) -> int:
         return len(self.identities)
+
+    def co_twin(self, identity: int, stored: Any = None) -> int:
+        """A sample's co-twin identity: ``stored`` (the ``twin`` of the sample's
+        json) when the shards carry it, else from ``twin_pairs``; ``-1``: none."""
+        return self._co_twins.get(identity, -1) if stored is None else int(stored)
+
+    @functools.cached_property
+    def _co_twins(self) -> dict[int, int]:
+        # cached_property writes the instance dict directly, which a frozen dataclass allows
+        pairs = {}
+        for a, b in self.twin_pairs:
+            pairs[int(a)], pairs[int(b)] = int(b), int(a)
+        return pairs
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for weights_only checkpoints)."""
@@ -150,10 +166,6 @@ class Manifest:
             for e in entries:
                 self.shard_path(root, e)
 
-    def shard_paths(self, root: str | os.PathLike, name: str) -> list[Path]:
-        self.split_size(name)  # raises a clear KeyError for an unknown split
-        return [self.shard_path(root, e) for e in self.splits[name]]
-
     def split_pairs(self, name: str) -> list[dict[str, Any]]:
         """The protocol pairs whose two samples are both in split ``name``."""
         return [p for p in self.pairs if p.get("split") == name]
@@ -193,28 +205,21 @@ class Manifest:
         )
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``directory/manifest.json`` atomically (temp file + ``os.replace``)."""
+        """Write ``directory/manifest.json`` atomically (:func:`shards.atomic.atomic_write`),
+        synced to disk before the rename."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        target = directory / MANIFEST_NAME
         text = json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
-        # Not mkstemp: its 0600 would hide the manifest from the other users of a
-        # shared dataset; 0666 minus the umask gives what the shards get.
-        tmp = directory / f".manifest-{os.getpid()}-{os.urandom(6).hex()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+        def write(tmp: Path) -> None:
+            # open(): 0666 minus the umask, what the shards get (mkstemp's 0600 would
+            # hide the manifest from the other users of a shared dataset)
+            with open(tmp, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        return target
+
+        return atomic_write(directory / MANIFEST_NAME, write)
 
     @staticmethod
     def load(directory: str | os.PathLike) -> "Manifest":

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import numpy as np
 import webdataset as wds
 
+from .atomic import move_into_place, remove, temp_path
 from .manifest import ShardEntry
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -133,7 +134,7 @@ class ShardSplitWriter:
     # --- writing -------------------------------------------------------------
     def _open(self) -> None:
         self._rel = f"{self.split}/{SHARD_PATTERN % self.index}"
-        self._tmp = self.root / f"{self._rel}.partial"
+        self._tmp = temp_path(self.root / self._rel)
         self._file = open(self._tmp, "wb")
         self._hf = _HashingFile(self._file)
         # encoder=False: we hand TarWriter bytes; a fixed integer mtime gives
@@ -149,8 +150,7 @@ class ShardSplitWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        final = self.root / self._rel
-        os.replace(self._tmp, final)
+        move_into_place(self._tmp, self.root / self._rel)
         self.entries.append(ShardEntry(file=self._rel, count=self._count, bytes=self._hf.nbytes,
                                        sha256=self._hf.sha.hexdigest()))
         self._tw = self._file = self._hf = self._tmp = None
@@ -197,7 +197,7 @@ class ShardSplitWriter:
                 self._tw.close()
                 self._file.close()
             finally:
-                if self._tmp is not None and self._tmp.exists():
-                    self._tmp.unlink()
+                if self._tmp is not None:
+                    remove(self._tmp)
             self._tw = self._file = self._hf = self._tmp = None
         self._closed = True

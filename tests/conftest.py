@@ -47,7 +47,7 @@ def facecom_config() -> Path:
     return REPO / "configs" / "facecom.yaml"
 
 
-def artifact_context(run_dir: Path, loaders: dict, is_main: bool = True, read_images=None):
+def artifact_context(run_dir: Path, loaders: dict, is_main: bool = True, read_images=None, validation_history=()):
     """What the trainer hands to ``Recipe.write_artifacts``, for calling it directly:
     the trainer's own atomic writer, and a gather over the default process group
     when one is initialised (else this process alone)."""
@@ -62,4 +62,5 @@ def artifact_context(run_dir: Path, loaders: dict, is_main: bool = True, read_im
 
     assert dist.is_available()
     return ArtifactContext(run_dir=Path(run_dir), is_main=is_main, loaders=loaders, gather=all_gather_objects,
-                           publish=atomic_write, read_images=read_images or no_images)
+                           publish=atomic_write, read_images=read_images or no_images,
+                           validation_history=list(validation_history))

@@ -37,7 +37,7 @@ fault).
 
 Images are stored whole (``image.<ext>``, original bytes when they share a
 format) and the box with them, so the crop happens at read time
-(:func:`crop`, for recipes) and the buffer can change without repacking
+(the ``ear_teacher`` recipe's ``ear_crop``) and the buffer can change without repacking
 (``bbox_raw`` is kept):
 
 * ``json``: ``bbox`` = the buffered box clipped to the image, integer pixels
@@ -338,26 +338,6 @@ def buffered_box(box, width: int, height: int, buffer: float) -> tuple[list[int]
     if out[2] <= out[0] or out[3] <= out[1]:
         raise SampleError("box outside image", f"box {box} vs image {width}x{height}")
     return out, clipped
-
-
-def crop(sample: Mapping[str, Any], field: str | None = None, box_key: str = "bbox"):
-    """The ear crop of a decoded shard sample: ``sample[image field].crop(json[box_key])``.
-    ``field`` defaults to the sample's first ``image.*`` entry."""
-    if field is None:
-        field = next((k for k in sample if k.startswith("image.")), None)
-        if field is None:
-            raise KeyError(f"sample {sample.get('__key__')!r} has no image.* field")
-    box = sample["json"][box_key]
-    return sample[field].crop(tuple(int(v) for v in box))
-
-
-def crop_with_buffer(sample: Mapping[str, Any], buffer: float, field: str | None = None):
-    """Crop with another buffer than the one packed (from ``bbox_raw``)."""
-    if field is None:
-        field = next(k for k in sample if k.startswith("image."))
-    img = sample[field]
-    box, _ = buffered_box(sample["json"]["bbox_raw"], img.size[0], img.size[1], buffer)
-    return img.crop(tuple(box))
 
 
 class EarLoader:

@@ -23,8 +23,6 @@ class SyntheticLoader:
         self.spec = spec
 
     def __call__(self, item: Item) -> dict[str, Any]:
-        from PIL import Image
-
         from ..synthetic import _sample_fields, render_sample
         from ..writer import encode_value
 

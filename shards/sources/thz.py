@@ -70,6 +70,47 @@ class ThzLoader:
         return out
 
 
+class _Finder:
+    """The file a CSV cell names, inside the input (:func:`inside_input`): an absolute
+    path as given, else beside the CSV, else under the input root, else the first
+    file of that name anywhere under the root (indexed on first need)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.by_name: dict[str, list[Path]] | None = None
+
+    def __call__(self, value: str, csv_dir: Path, where: str) -> Path:
+        return inside_input(self._find(value, csv_dir), self.root, where)
+
+    def _find(self, value: str, csv_dir: Path) -> Path:
+        p = Path(value)
+        if p.is_absolute():
+            return p
+        for base in (csv_dir, self.root):
+            if (base / p).is_file():
+                return base / p
+        if self.by_name is None:
+            self.by_name = {}
+            for dirpath, dirnames, filenames in os.walk(self.root):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                for fn in filenames:
+                    self.by_name.setdefault(fn, []).append(Path(dirpath) / fn)
+        hits = self.by_name.get(p.name, [])
+        return hits[0] if hits else csv_dir / p  # (a missing file is reported when loading)
+
+
+def _triplet_problem(r: dict[str, str], a: tuple | None, pos: tuple | None) -> str | None:
+    """Why a row's anchor/positive pair is unusable (None when it is usable)."""
+    if a is None or pos is None:
+        bad = r["anchor"] if a is None else r["positive"]
+        return f"file name {bad!r} is not <identity>_<b1b..b5b|n1n..n5n>_<sample>"
+    if a[0] != pos[0]:
+        return f"anchor identity {a[0]!r} != positive identity {pos[0]!r}"
+    if pos[2] != 0:
+        return f"positive {r['positive']!r} is not unconcealed (n1n..n5n)"
+    return None
+
+
 class ThzSource(Source):
     name = "thz"
     help = "THz triplet CSVs: anchor,positive,negative[,visible_*]; <identity>_<b1b..n5n>_<sample>.png"
@@ -87,28 +128,7 @@ class ThzSource(Source):
             raise InputError(f"--input {root}: no *.csv triplet files (columns anchor,positive,negative)"
                              + (f" (first fault: {csv_faults[0]})" if csv_faults else ""))
         scan = Scan(items=[], faults=csv_faults, schemas={"posture": POSTURES, "concealed": CONCEALED})
-        by_name: dict[str, list[Path]] | None = None
-
-        def locate(value: str, csv_dir: Path, where: str) -> Path:
-            return inside_input(find(value, csv_dir), root, where)
-
-        def find(value: str, csv_dir: Path) -> Path:
-            nonlocal by_name
-            p = Path(value)
-            if p.is_absolute():
-                return p
-            for base in (csv_dir, root):
-                if (base / p).is_file():
-                    return base / p
-            if by_name is None:
-                by_name = {}
-                for dirpath, dirnames, filenames in os.walk(root):
-                    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-                    for fn in filenames:
-                        by_name.setdefault(fn, []).append(Path(dirpath) / fn)
-            hits = by_name.get(p.name, [])
-            return hits[0] if hits else csv_dir / p  # (a missing file is reported when loading)
-
+        locate = _Finder(root)
         keys = KeyMaker()
         seen: dict[str, str] = {}
         duplicates = 0
@@ -138,18 +158,9 @@ class ThzSource(Source):
                             scan.faults.append(Fault("bad csv row", where, f"empty {', '.join(empty)}"))
                             continue
                         a, pos = parse_name(r["anchor"]), parse_name(r["positive"])
-                        if a is None or pos is None:
-                            bad = r["anchor"] if a is None else r["positive"]
-                            scan.faults.append(Fault("bad csv row", where, f"file name {bad!r} is not "
-                                                     "<identity>_<b1b..b5b|n1n..n5n>_<sample>"))
-                            continue
-                        if a[0] != pos[0]:
-                            scan.faults.append(Fault("bad csv row", where, f"anchor identity {a[0]!r} != "
-                                                                            f"positive identity {pos[0]!r}"))
-                            continue
-                        if pos[2] != 0:
-                            scan.faults.append(Fault("bad csv row", where, f"positive {r['positive']!r} is not "
-                                                                            "unconcealed (n1n..n5n)"))
+                        problem = _triplet_problem(r, a, pos)
+                        if problem:
+                            scan.faults.append(Fault("bad csv row", where, problem))
                             continue
                         anchor_id = Path(r["anchor"]).name
                         if anchor_id in seen:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from models.heads import MagLinear
 from models.losses import DynamicLossWeights, FocalLoss, MagFaceLoss, magface_lambda_g_bound
-from models.photometric import (ArrayAugment, CbamResNet, GradientReversal, PhotometricEncoder, grad_reverse,
-                                grl_lambda, ir_se50)
+from models.photometric import (IRSE, ArrayAugment, CbamResNet, GradientReversal, PhotometricEncoder,
+                                grad_reverse, grl_lambda)
 
 
 def test_magface_margin_and_regulariser_match_hand_computed_values():
@@ -112,7 +112,7 @@ def test_uncertainty_weighting_gradient_sign_on_log_variances():
 
 def test_ir_se50_gives_512_d_at_112():
     torch.manual_seed(0)
-    net = ir_se50(in_chans=3, img_size=112).eval()
+    net = IRSE(in_chans=3, img_size=112).eval()
     assert sum(1 for m in net.body) == 24              # 3 + 4 + 14 + 3 bottlenecks: IR-SE-50
     with torch.no_grad():
         out = net(torch.randn(2, 3, 112, 112))

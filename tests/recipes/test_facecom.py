@@ -18,8 +18,7 @@ from models import augment
 from models.backbones import WeightsError, build_backbone, read_state_dict
 from models.heads import ArcFace, CosFace, LinearHead, build_identity_head
 from models.losses import DynamicLossWeights, SupConLoss, TwinAwareTripletLoss, masked_cross_entropy, weighted_sum
-from dist_train.checkpoint import atomic_write
-from recipes.facecom import FaceComMetrics, FaceComParams, FaceComRecipe, plot_validation_metrics
+from recipes.facecom import FaceComMetrics, FaceComParams, FaceComRecipe
 
 
 # ----------------------------------------------------------------------------- heads
@@ -334,13 +333,12 @@ def test_write_artifacts(tmp_path):
     torch.manual_seed(0)
     r = _recipe(identity_head="linear")
     model = r.build_model()
-    (tmp_path / "logs").mkdir()
-    (tmp_path / "logs" / "validation_logs.csv").write_text(
-        "step,epoch,loss,gender_acc,identity_top1,combined\n1,0,2.0,0.5,0.1,0.2\n2,0,1.5,0.6,0.3,0.4\n")
+    history = [{"step": 1, "epoch": 0, "loss": 2.0, "gender_acc": 0.5, "identity_top1": 0.1, "combined": 0.2},
+               {"step": 2, "epoch": 0, "loss": 1.5, "gender_acc": 0.6, "identity_top1": 0.3, "combined": 0.4}]
     batches = [{"image": torch.randn(3, 3, 32, 32), "identity": torch.tensor([0, 1, 2]),
                 "gender": torch.tensor([0, 1, 0]), "_valid": torch.tensor([True, True, False]),
                 "__key__": ["k2", "k1", "pad"]}]
-    metrics = r.write_artifacts(model, artifact_context(tmp_path, {"test": batches}))
+    metrics = r.write_artifacts(model, artifact_context(tmp_path, {"test": batches}, validation_history=history))
     assert model.training                                      # mode restored
     lines = (tmp_path / "submission.csv").read_text().splitlines()
     assert lines[0] == "key,gender,gender_confidence,identity,confidence"
@@ -351,9 +349,7 @@ def test_write_artifacts(tmp_path):
     # No test loader and no log: nothing fails, nothing returned.
     other = tmp_path / "other"
     assert r.write_artifacts(model, artifact_context(other, {})) == {}
-    assert not plot_validation_metrics(other / "logs" / "validation_logs.csv", other / "x.png", atomic_write)
-    (tmp_path / "empty.csv").write_text("step,epoch,combined\n")
-    assert not plot_validation_metrics(tmp_path / "empty.csv", tmp_path / "x.png", atomic_write)
+    assert not (other / "plots" / "training_metrics.png").exists()
 
 
 def _artifacts_worker(rank: int, world: int, port: int, run_dir: str) -> None:

@@ -188,7 +188,7 @@ def test_validation_metrics_of_a_diverged_model_are_nan_not_an_exception(caplog)
     """The dcal_twins recipe's validation metrics on embeddings with a NaN row (fp16 blew up)."""
     import torch
 
-    from recipes.dcal_twins import VerificationMetrics
+    from recipes.verification import VerificationMetrics
 
     rng = np.random.default_rng(1)
     ident = np.repeat(np.arange(6), 4)

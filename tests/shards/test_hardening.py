@@ -261,9 +261,9 @@ def test_sigterm_removes_the_staging_folder(tmp_path, workers):
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        # packing has begun once the first split's shard is being written in the staging folder
+        # packing has begun once the first split's shard is being written in the staging folder (shards.atomic.temp_path)
         while proc.poll() is None and time.monotonic() < deadline:
-            if any(True for p in staging(out) for _ in p.glob("train/*.partial")):
+            if any(True for p in staging(out) for _ in p.glob("train/.shard-*.tmp*")):
                 break
             time.sleep(0.005)
         assert proc.poll() is None, f"create ended before it could be stopped: {proc.communicate()}"

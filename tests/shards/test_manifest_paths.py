@@ -1,6 +1,6 @@
 """A manifest is untrusted input: a shard file it names must be inside the
 dataset directory (not absolute, no ``..``, not resolving outside through a
-symlinked parent), for every reader: Manifest.load / shard_paths, the
+symlinked parent), for every reader: Manifest.load / shard_path, the
 streaming loaders, the P×K index, ``shards_of``, ``biomtl shards verify`` and
 ``info``. The refusal is one line naming the entry; the outside file is never
 opened, so its bytes never reach an error."""
@@ -112,11 +112,11 @@ def test_every_reader_refuses_it(tmp_path, outside_shard, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_shards_of_and_shard_paths_refuse_a_manifest_that_was_not_loaded(tmp_path, outside_shard, case):
+def test_shards_of_and_shard_path_refuse_a_manifest_that_was_not_loaded(tmp_path, outside_shard, case):
     """A Manifest built in memory (not through Manifest.load) is checked where its paths are made."""
     data = _cases(tmp_path, outside_shard)[case]
     m = Manifest.from_dict(json.loads((data / MANIFEST_NAME).read_text()))
-    for make in (lambda: shards_of(data, m, "train"), lambda: m.shard_paths(data, "train"),
+    for make in (lambda: shards_of(data, m, "train"), lambda: m.shard_path(data, m.splits["train"][0]),
                  lambda: m.verify(data)):
         with pytest.raises(UnsafeShardPath) as info:
             make()
@@ -140,10 +140,11 @@ def test_a_shard_inside_the_dataset_is_read(tmp_path):
     data = tmp_path / "data"
     entry = _tar(data, "train")
     _dataset(data, entry.file, entry)
-    assert Manifest.load(data).shard_paths(data, "train") == [data / entry.file]
+    assert Manifest.load(data).shard_path(data, entry) == data / entry.file
     rows = list(build_eval_loader(data, "train", lambda s, train: {"identity": s["json"]["identity"]}, 1, 0, 1))
     assert sorted(int(i) for r in rows for i in r["identity"]) == [0, 1]
     assert Manifest.load(data).verify(data) == []
     # a symlinked dataset directory itself is fine: both sides resolve
     os.symlink(data, tmp_path / "alias")
-    assert Manifest.load(tmp_path / "alias").shard_paths(tmp_path / "alias", "train")
+    alias = Manifest.load(tmp_path / "alias")
+    assert alias.shard_path(tmp_path / "alias", alias.splits["train"][0]) == tmp_path / "alias" / entry.file

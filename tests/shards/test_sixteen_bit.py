@@ -6,7 +6,6 @@ inference (``biomtl verify``: tests/dist_train/test_sixteen_bit_verify.py). Pill
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ each on a small fixture written here (plus ORL/CMU from ../shared/data when pres
 from __future__ import annotations
 
 import csv
-import io
 import json
 import subprocess
 import tarfile
@@ -510,7 +509,7 @@ def make_ear(root: Path) -> Path:
 
 
 def test_ear_boxes_and_crop(tmp_path):
-    from shards.sources.ear import crop, crop_with_buffer
+    from shards.sources.ear import buffered_box
 
     raw = make_ear(tmp_path / "ear")
     r = create("ear", raw / "meta.npy", tmp_path / "out", split_by="identity", splits="train=0.67,test=0.33",
@@ -522,8 +521,8 @@ def test_ear_boxes_and_crop(tmp_path):
     s = {x["__key__"]: x for x in samples_of(tmp_path / "out")}
     x = s["a_ear0"]
     assert x["json"]["bbox"] == [8, 3, 32, 27] and x["json"]["bbox_raw"] == [10, 5, 30, 25]
-    assert crop(x).size == (24, 24)
-    assert crop_with_buffer(x, 0.0).size == (20, 20)
+    assert x["image.jpg"].crop(tuple(x["json"]["bbox"])).size == (24, 24)
+    assert buffered_box(x["json"]["bbox_raw"], *x["image.jpg"].size, 0.0)[0] == [10, 5, 30, 25]  # another buffer
     assert s["a_ear1"]["json"]["bbox"] == [0, 0, 12, 12] and s["a_ear1"]["json"]["bbox_clipped"]
     assert (raw / "imgs/a/ear0.jpg").read_bytes() == next(
         y for y in wds.WebDataset([str(tmp_path / "out" / e.file) for v in m.splits.values() for e in v],

@@ -7,7 +7,6 @@ import fcntl
 import threading
 from pathlib import Path
 
-import pytest
 
 from shards.synthetic import SyntheticSpec, _file_lock, ensure_synthetic
 

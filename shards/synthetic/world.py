@@ -1,0 +1,124 @@
+"""Identities: each one's latent face (geometry, colours, hair, moles), co-twins
+that share it with small differences, and the seeded RNG every drawing uses."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .spec import SyntheticSpec
+
+_SKIN_LIGHT = np.array([0.96, 0.80, 0.69], np.float32)
+_SKIN_DARK = np.array([0.42, 0.28, 0.20], np.float32)
+_HAIR = np.array([[0.08, 0.06, 0.05], [0.25, 0.15, 0.08], [0.45, 0.30, 0.15], [0.80, 0.65, 0.38],
+                  [0.55, 0.22, 0.10], [0.62, 0.60, 0.58]], np.float32)
+_IRIS = np.array([[0.30, 0.18, 0.08], [0.25, 0.42, 0.62], [0.30, 0.45, 0.25], [0.45, 0.33, 0.15]], np.float32)
+
+
+def _rng(*parts: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]))
+
+
+def _draw_identity(rng: np.random.Generator, gender: int) -> dict[str, Any]:
+    m = float(gender)
+    n = rng.normal
+    lat: dict[str, Any] = {
+        "gender": gender,
+        "fw": 0.47 + 0.06 * m + 0.025 * n(),
+        "fh": 0.64 + 0.02 * m + 0.03 * n(),
+        "jaw_n": 2.0 + 0.9 * m + 0.2 * abs(n()),
+        "top_n": 2.05 + 0.15 * rng.random(),
+        "chin": 0.5 + 0.5 * rng.random(),
+        "skin_t": float(rng.beta(1.3, 1.6)),
+        "skin_hue": 0.04 * n(),
+        "eye_y": -0.07 + 0.03 * n(),
+        "eye_dx": 0.185 + 0.02 * n(),
+        "eye_rw": 0.082 + 0.010 * n(),
+        "eye_rh": 0.040 + 0.006 * n(),
+        "iris": int(rng.integers(len(_IRIS))),
+        "iris_r": 0.030 + 0.003 * n(),
+        "brow_dy": 0.072 + 0.012 * n(),
+        "brow_th": 0.016 + 0.009 * m + 0.004 * abs(n()),
+        "brow_len": 0.10 + 0.015 * n(),
+        "brow_arch": 0.6 + 0.3 * n(),
+        "nose_len": 0.25 + 0.02 * m + 0.03 * n(),
+        "nose_w": 0.058 + 0.012 * m + 0.010 * n(),
+        "nose_h": 0.16 + 0.03 * m + 0.03 * n(),
+        "mouth_dy": 0.11 + 0.02 * n(),  # mouth below the nose tip
+        "mouth_w": 0.14 + 0.01 * m + 0.018 * n(),
+        "lip_th": 0.030 - 0.007 * m + 0.005 * n(),
+        "hair": int(rng.choice(len(_HAIR), p=[0.3, 0.25, 0.15, 0.12, 0.08, 0.10])),
+        "hairline": -0.36 + 0.05 * n() + (0.05 * rng.random() if m else 0.0),
+        "fringe": float(rng.random() < (0.25 if m else 0.45)) * (0.10 + 0.08 * rng.random()),
+        "part": float(rng.uniform(-0.6, 0.6)),
+        "hair_vol": 0.05 + 0.05 * rng.random() + 0.04 * (1 - m),
+        "hair_len": (0.55 + 0.35 * rng.random()) if not m else (-0.02 + 0.08 * rng.random()),
+        "ear_r": 0.085 + 0.01 * n(),
+        "neck_w": 0.22 + 0.05 * m + 0.02 * n(),
+        "cheek": float(rng.random()),
+        "depth": 0.50 + 0.04 * n(),
+        "facial_hair": int(rng.choice(3, p=[0.45, 0.2, 0.35])) if m else 0,
+        "glasses_p": 0.8 if rng.random() < 0.3 else 0.08,
+        "mole": None,
+    }
+    if rng.random() < 0.35:
+        lat["mole"] = (float(rng.uniform(-0.3, 0.3)), float(rng.uniform(-0.2, 0.4)), 0.014)
+    return lat
+
+
+def _twin_of(lat: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """A co-twin: the same face with small differences."""
+    t = dict(lat)
+    t["brow_th"] = lat["brow_th"] * (1.0 + rng.choice([-1, 1]) * rng.uniform(0.15, 0.3))
+    t["nose_w"] = lat["nose_w"] * (1.0 + rng.choice([-1, 1]) * rng.uniform(0.06, 0.12))
+    t["eye_rh"] = lat["eye_rh"] * (1.0 + rng.choice([-1, 1]) * rng.uniform(0.05, 0.1))
+    t["part"] = -lat["part"]
+    t["skin_t"] = float(np.clip(lat["skin_t"] + rng.normal(0, 0.03), 0, 1))
+    # one twin has a mole where the other has none (or elsewhere)
+    t["mole"] = (float(rng.uniform(-0.3, 0.3)), float(rng.uniform(-0.15, 0.35)), 0.016)
+    if lat["mole"] is None or rng.random() < 0.5:
+        pass
+    else:
+        t["mole"] = None
+    if lat["gender"] == 1 and rng.random() < 0.3:
+        t["facial_hair"] = int(rng.integers(3))
+    return t
+
+
+@dataclass(frozen=True)
+class _World:
+    latents: tuple[dict[str, Any], ...]
+    twins: tuple[int, ...]  # co-twin index or -1
+    twin_pairs: tuple[tuple[int, int], ...]
+    names: tuple[str, ...]
+
+
+_WORLD_CACHE: dict[SyntheticSpec, _World] = {}
+
+
+def _world(spec: SyntheticSpec) -> _World:
+    if spec in _WORLD_CACHE:
+        return _WORLD_CACHE[spec]
+    n = spec.num_identities
+    rng = _rng(spec.seed, 101)
+    n_twin = int(round(spec.twin_fraction * n)) // 2 * 2
+    twin_ids = sorted(rng.permutation(n)[:n_twin].tolist())
+    order = rng.permutation(twin_ids).tolist()
+    pairs = sorted(tuple(sorted((order[2 * k], order[2 * k + 1]))) for k in range(n_twin // 2))
+    twins = [-1] * n
+    for a, b in pairs:
+        twins[a], twins[b] = b, a
+    genders = rng.integers(0, 2, size=n)
+    latents: list[dict[str, Any] | None] = [None] * n
+    for i in range(n):
+        if latents[i] is not None:
+            continue
+        lat = _draw_identity(_rng(spec.seed, 202, i), int(genders[i]))
+        latents[i] = lat
+        if twins[i] >= 0:
+            latents[twins[i]] = _twin_of(lat, _rng(spec.seed, 303, i))
+    w = _World(latents=tuple(latents), twins=tuple(twins), twin_pairs=tuple(pairs),
+               names=tuple(f"syn{i:05d}" for i in range(n)))
+    _WORLD_CACHE[spec] = w
+    return w
