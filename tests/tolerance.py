@@ -146,3 +146,57 @@ def network_atol(reductions: list[int], scale: float, dtype: torch.dtype = torch
     """
     ops = sum(reductions) + (2 + ELEMENTARY_OPS) * len(reductions)
     return gamma(ops, dtype) * scale
+
+
+def _to_double(obj):
+    if torch.is_tensor(obj):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_double(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_double(v) for k, v in obj.items()}
+    return obj
+
+
+def _reduction(module: torch.nn.Module, inputs: tuple) -> int | None:
+    """The reduction length one leaf layer rounds (fan-in, or a normalisation's width)."""
+    nn = torch.nn
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels // module.groups * math.prod(module.kernel_size)
+    if isinstance(module, nn.LayerNorm):
+        return 2 * math.prod(module.normalized_shape)
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and inputs and torch.is_tensor(inputs[0]):
+        x = inputs[0]
+        return 2 * max(x.numel() // max(x.shape[1], 1), 1)     # statistics over batch x space (train mode)
+    return None
+
+
+def module_atol(module: torch.nn.Module, *inputs, dtype: torch.dtype = torch.float32, **kwargs) -> float:
+    """``network_atol`` of a whole module on given inputs, read off a float64 copy: every leaf
+    Linear / Conv / normalisation that runs adds its reduction (all of them, in call order: a
+    U-Net's skip paths make the chain longer than any one path, so this over-counts), and the
+    scale is the largest |input or output| any leaf sees in the exact (float64) forward."""
+    import copy
+
+    model = copy.deepcopy(module).double()
+    reductions: list[int] = []
+    largest = [0.0]
+
+    def seen(m: torch.nn.Module, args: tuple, out) -> None:
+        k = _reduction(m, args)
+        if k is not None:
+            reductions.append(k)
+        for t in list(args) + [out]:
+            if torch.is_tensor(t) and t.is_floating_point() and t.numel():
+                largest.append(float(t.detach().abs().amax()))
+
+    hooks = [m.register_forward_hook(seen) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(*_to_double(inputs), **_to_double(kwargs))
+    finally:
+        for h in hooks:
+            h.remove()
+    return network_atol(reductions or [1], max(largest), dtype)
