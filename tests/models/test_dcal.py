@@ -440,7 +440,8 @@ def test_forward_backward_all_switches(glca, pwca):
     # the mean of two 3-class softmaxes; the logits' spread read back from the probabilities
     probs = ev["identity_probs"].double()
     logit_range = float((probs.amax(1) / probs.amin(1)).log().amax()) + 1.0
-    assert torch.allclose(ev["identity_probs"].sum(1), torch.ones(6), rtol=0, atol=softmax_atol(3, logit_range) + ops_rtol(2))
+    assert torch.allclose(ev["identity_probs"].sum(1), torch.ones(6), rtol=0,
+                          atol=softmax_atol(3, logit_range) + ops_rtol(2))
 
 
 @pytest.mark.parametrize("metric,head", [("supcon", "cosface"), ("none", "linear")])
