@@ -173,11 +173,13 @@ def _reduction(module: torch.nn.Module, inputs: tuple) -> int | None:
     return None
 
 
-def module_atol(module: torch.nn.Module, *inputs, dtype: torch.dtype = torch.float32, **kwargs) -> float:
+def module_atol(module: torch.nn.Module, *inputs, dtype: torch.dtype = torch.float32,
+                extra_reductions: tuple[int, ...] = (), **kwargs) -> float:
     """``network_atol`` of a whole module on given inputs, read off a float64 copy: every leaf
     Linear / Conv / normalisation that runs adds its reduction (all of them, in call order: a
     U-Net's skip paths make the chain longer than any one path, so this over-counts), and the
-    scale is the largest |input or output| any leaf sees in the exact (float64) forward."""
+    scale is the largest |input or output| any leaf sees in the exact (float64) forward.
+    ``extra_reductions``: reductions done by plain tensor code (a global mean pool over H*W)."""
     import copy
 
     model = copy.deepcopy(module).double()
@@ -199,4 +201,13 @@ def module_atol(module: torch.nn.Module, *inputs, dtype: torch.dtype = torch.flo
     finally:
         for h in hooks:
             h.remove()
-    return network_atol(reductions or [1], max(largest), dtype)
+    return network_atol(reductions + list(extra_reductions) or [1], max(largest), dtype)
+
+
+def embedding_cosine_atol(embedding_atol: float, d: int, min_norm: float, dtype: torch.dtype = torch.float32) -> float:
+    """Absolute error bound of the cosine of two ``d``-dimensional embeddings whose components
+    each err by <= ``embedding_atol`` (e.g. ``module_atol``) and whose norms are >= ``min_norm``:
+    normalising turns an error vector of norm <= sqrt(d) * embedding_atol into one of norm
+    <= 2 sqrt(d) embedding_atol / |e|, and the cosine of unit vectors moves by at most the sum of
+    the two such errors (Cauchy-Schwarz); the cosine's own rounding adds ``cosine_atol(d)``."""
+    return 4 * math.sqrt(d) * embedding_atol / min_norm + cosine_atol(d, dtype)
