@@ -276,7 +276,8 @@ def test_training_pixels_reach_the_network_as_the_evaluation_floats():
         # two orders of (x / 255 - mean) / std, as tests/models/test_pixels.py bounds them
         pixel_tol = 2 * ops_rtol(6) * (1 + max(IMAGENET_MEAN)) / min(IMAGENET_STD)
         assert torch.allclose(model.pixels(pixels[None]), floats[None], rtol=0, atol=pixel_tol)
-        assert torch.allclose(model.embed(pixels[None]), model.embed(floats[None]), atol=1e-5)
+        # and the network then sees exactly those floats: the 8-bit path is PixelInput, then the same net
+        assert torch.equal(model.embed(pixels[None]), model.embed(model.pixels(pixels[None])))
 
 
 def test_random_erasing_fills_with_the_mean_colour():
