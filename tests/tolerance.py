@@ -9,6 +9,15 @@ Algorithms*, 2nd ed.): with unit roundoff ``u = eps / 2``, a product of ``n`` fa
 (Lemma 3.1), and any summation order of ``n`` terms errs by at most
 ``gamma(n - 1) * sum |x_i|`` (eq. 4.4). Bit-exact checks (resume, accumulation, rank
 equality) compare the same kernels on the same inputs and do not use these.
+
+How the suite uses them: a check of a formula runs in float64 where the code allows it (the
+bound is then ~1e-12, far below any wrong constant, axis or missing term), and float32 is held to
+its own bound against float64; two float32 paths of one formula each lie within the bound of the
+exact value, so they agree within twice it; a negative check (``not allclose``) asks for a gap
+orders of magnitude above the bound. A whole training trajectory has no such bound (how far one
+step's rounding moves the next depends on the loss surface, not the dtype): compare one step at
+a time from the same weights and optimizer state instead (tests/dist_train/
+test_compile_channels_last.py), or say that the tolerance is measured (test_deepspeed.py).
 """
 from __future__ import annotations
 
