@@ -56,6 +56,13 @@ COMMON = dict(recipe__params__backbone="vit_tiny_patch16_224", recipe__params__i
 # micro-step counter and 1/gradient_accumulation_steps decide the windows
 # instead of the trainer (tried) leaves the short step-4 window unapplied
 # (grad norm 100.7 instead of 54.2) and moves the step-5 loss by 1.2%.
+#
+# These two are measured, not derived (tests/tolerance.py): the runs are whole trajectories, and
+# how far a rounding difference in step k moves step k + 1 depends on the loss surface (the
+# Hessian times the LR), which no dtype bound knows. A derived check would compare one step at a
+# time from the same weights and optimizer state (as tests/dist_train/test_compile_channels_last.py
+# does); with separate torchrun processes that needs a per-step checkpoint of each run loaded
+# into the other, left for later.
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-6
 
@@ -215,7 +222,8 @@ def test_resume_latest_ends_with_the_same_weights(runs: dict[str, Path]) -> None
         assert torch.equal(full[key], resumed[key]), key
     rows, ref = _rows(runs["zero2_resumed"]), _rows(runs["zero2"])
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5]  # no step lost or repeated
-    assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["loss"]) for r in ref], abs=1e-6)
+    # the resumed run repeats the same kernels on the same weights and data: the same losses, exactly
+    assert [float(r["loss"]) for r in rows] == [float(r["loss"]) for r in ref]
     ckpt = runs["zero2_resumed"] / "checkpoints"
     assert (ckpt / "latest" / "latest").read_text().strip() == "state"
     assert (ckpt / "best").is_dir() and not list(ckpt.glob(".staging*"))

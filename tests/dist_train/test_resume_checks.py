@@ -220,17 +220,17 @@ def test_replayed_schedule_follows_the_new_settings() -> None:
     fresh = _schedule_snapshot(new)
     new.optimizer.load_state_dict(old.optimizer.state_dict())
     new.scheduler.load_state_dict(old.scheduler.state_dict())
-    assert new.scheduler.get_last_lr()[0] == pytest.approx(old.scheduler.get_last_lr()[0])  # the old schedule
+    assert new.scheduler.get_last_lr()[0] == old.scheduler.get_last_lr()[0]  # the old schedule (same arithmetic)
     assert _replay_schedule(new, fresh)
     reference = make(2e-3, 10)
     for _ in range(2):
         reference.optimizer.step()
         reference.scheduler.step()
-    assert new.optimizer.param_groups[0]["lr"] == pytest.approx(reference.optimizer.param_groups[0]["lr"])
+    assert new.optimizer.param_groups[0]["lr"] == reference.optimizer.param_groups[0]["lr"]
     assert new.scheduler.last_epoch == 2
     new.scheduler.step()
     reference.scheduler.step()
-    assert new.scheduler.get_last_lr()[0] == pytest.approx(reference.scheduler.get_last_lr()[0])
+    assert new.scheduler.get_last_lr()[0] == reference.scheduler.get_last_lr()[0]
 
 
 @pytest.mark.integration  # two short training runs
@@ -262,7 +262,8 @@ def test_resume_with_a_changed_schedule_warns_and_applies_it(tmp_path: Path, cap
         opt.step()
         reference.step()
     for step in (3, 4, 5, 6):  # the steps after the resume follow the new lr and length
-        assert rows[step] == pytest.approx(expected[step], rel=1e-4), (step, rows, expected)
+        # the run's scheduler does this arithmetic at this step; its CSV keeps 6 significant digits
+        assert rows[step] == float(f"{expected[step]:.6g}"), (step, rows, expected)
 
 
 def test_resume_that_does_not_fit_data_made_only_now_is_one_line_and_rewrites_nothing(tmp_path: Path) -> None:

@@ -13,6 +13,14 @@ from dist_train.run_logging import CsvLog
 from dist_train.schedulers import build_scheduler
 from dist_train.trainer import EarlyStopping, LoopState
 from launch.env import detect, first_slurm_host, slurm_port
+from tests.tolerance import ops_rtol
+
+
+# A schedule value (base LR 1) is a few float64 operations and at most one cosine on terms whose
+# |values| add up to <= 2, ordered otherwise than the formula written here (1 + cos cancels near
+# the end of a cosine, so an absolute bound): ~4e-15; approx's default rel 1e-6 would hide a
+# wrong constant in the 7th digit.
+SCHEDULE_ATOL = 2 * ops_rtol(8, 1, dtype=torch.float64)
 
 
 def _lrs(cfg: SchedulerConfig, total: int, lr: float = 1.0) -> list[float]:
@@ -28,22 +36,22 @@ def _lrs(cfg: SchedulerConfig, total: int, lr: float = 1.0) -> list[float]:
 
 def test_warmup_cosine_shape() -> None:
     lrs = _lrs(SchedulerConfig(name="warmup_cosine", warmup_steps=4, min_lr_ratio=0.1), 20)
-    assert lrs[0] == pytest.approx(1 / 5)
-    assert lrs[3] == pytest.approx(4 / 5)
-    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[0] == pytest.approx(1 / 5, rel=0, abs=SCHEDULE_ATOL)
+    assert lrs[3] == pytest.approx(4 / 5, rel=0, abs=SCHEDULE_ATOL)
+    assert lrs[4] == pytest.approx(1.0, rel=0, abs=SCHEDULE_ATOL)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # monotone decay after warmup
-    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert lrs[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 15 / 16)), rel=0, abs=SCHEDULE_ATOL)
 
 
 def test_warmup_poly_reaches_min() -> None:
     lrs = _lrs(SchedulerConfig(name="warmup_poly", warmup_steps=2, power=2.0, min_lr_ratio=0.0), 12)
-    assert lrs[2] == pytest.approx(1.0)
-    assert lrs[7] == pytest.approx((1 - 5 / 10) ** 2)
+    assert lrs[2] == pytest.approx(1.0, rel=0, abs=SCHEDULE_ATOL)
+    assert lrs[7] == pytest.approx((1 - 5 / 10) ** 2, rel=0, abs=SCHEDULE_ATOL)
 
 
 def test_cosine_restarts_restart() -> None:
     lrs = _lrs(SchedulerConfig(name="cosine_restarts", restart_period=5), 15)
-    assert lrs[0] == pytest.approx(1.0) and lrs[5] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
+    assert [lrs[0], lrs[5], lrs[10]] == pytest.approx([1.0] * 3, rel=0, abs=SCHEDULE_ATOL)
     assert lrs[4] < 0.2
 
 
@@ -59,7 +67,7 @@ def test_scheduler_state_round_trip_is_weights_only_loadable(tmp_path: Path) -> 
     sched2.load_state_dict(safe_load(tmp_path / "s.pt"))
     for _ in range(3):
         opt.step(), sched.step(), opt2.step(), sched2.step()
-        assert opt.param_groups[0]["lr"] == pytest.approx(opt2.param_groups[0]["lr"])
+        assert opt.param_groups[0]["lr"] == opt2.param_groups[0]["lr"]     # same state, same arithmetic: exact
 
 
 def test_checkpoint_manager_keeps_best_topk_and_periodic(tmp_path: Path) -> None:

@@ -30,7 +30,9 @@ def test_the_stem_replaces_the_patchify_conv_and_keeps_the_grid():
     y = x.clone()
     y[..., :4, :4] += 1.0
     a, b = model.patch_embed(x), model.patch_embed(y)
-    assert not torch.allclose(a[0, 0], b[0, 0]) and torch.allclose(a[0, -1], b[0, -1])
+    # the far token sees the same pixels through the same kernels: bit-equal; the near one moves
+    # by O(1) (a +1 pixel change), far beyond rounding
+    assert not torch.allclose(a[0, 0], b[0, 0]) and torch.equal(a[0, -1], b[0, -1])
 
 
 def test_a_patch_size_that_is_not_a_power_of_two_is_refused():

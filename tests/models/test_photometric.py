@@ -14,34 +14,44 @@ from models.heads import MagLinear
 from models.losses import DynamicLossWeights, FocalLoss, MagFaceLoss, magface_lambda_g_bound
 from models.photometric import (IRSE, ArrayAugment, CbamResNet, GradientReversal, PhotometricEncoder,
                                 grad_reverse, grl_lambda)
+from tests.tolerance import logsumexp_atol, ops_rtol, sum_atol, unit_roundoff
 
 
 def test_magface_margin_and_regulariser_match_hand_computed_values():
     loss = MagFaceLoss(s=64, l_a=10, u_a=110, l_m=0.45, u_m=0.8, lambda_g=35)
     a = torch.tensor([10.0, 60.0, 110.0])
-    # m(a) = 0.35/100 * (a - 10) + 0.45
-    assert loss.margin(a).tolist() == pytest.approx([0.45, 0.625, 0.8])
-    # g(a) = 1/a + a/110^2; its minimum is at u_a
-    assert loss.regularizer(a).tolist() == pytest.approx([0.1 + 10 / 12100, 1 / 60 + 60 / 12100, 2 / 110])
+    # m(a) = 0.35/100 * (a - 10) + 0.45, float32 against decimals: two constants' roundings and three
+    # operations on positive values (no cancellation), so a relative bound
+    assert loss.margin(a).tolist() == pytest.approx([0.45, 0.625, 0.8], rel=ops_rtol(5), abs=0)
+    # g(a) = 1/a + a/110^2; its minimum is at u_a (a division, a division, a sum of positives)
+    assert loss.regularizer(a).tolist() == pytest.approx([0.1 + 10 / 12100, 1 / 60 + 60 / 12100, 2 / 110],
+                                                         rel=ops_rtol(3), abs=0)
     assert float(loss.regularizer(torch.tensor(110.0))) < float(loss.regularizer(torch.tensor(100.0)))
     # target logit s*cos(theta + m(a)); the other logits s*cos(theta)
     cos = torch.tensor([[0.6, 0.1], [0.2, 0.5]])
     mag = torch.tensor([60.0, 10.0])
     logits = loss.logits(cos, mag, torch.tensor([0, 1]))
     t0, t1 = math.acos(0.6), math.acos(0.5)
+    # s (cos_y cos m - sin_y sin m): the two products cancel (cos(t0 + 0.625) ~ 0.02), so an absolute
+    # bound: |cos_y cos m| + |sin_y sin m| <= 1 (Cauchy-Schwarz), the chain is the inputs' and m's
+    # roundings (6), sqrt(1 - c^2) (3), two products and the difference (3), cos m and sin m (2
+    # elementary); the margin's own error moves cos(t + m) by no more than itself
     assert logits.flatten().tolist() == pytest.approx([64 * math.cos(t0 + 0.625), 6.4, 12.8,
-                                                       64 * math.cos(t1 + 0.45)], rel=1e-5)
+                                                       64 * math.cos(t1 + 0.45)], rel=0, abs=64 * ops_rtol(12, 2))
     total, parts = loss(cos, mag, torch.tensor([0, 1]))
     expected_ce = F.cross_entropy(logits, torch.tensor([0, 1]))
     expected_g = (1 / 60 + 60 / 12100 + 1 / 10 + 10 / 12100) / 2
-    assert float(parts["ce"]) == pytest.approx(float(expected_ce), rel=1e-5)
-    assert float(parts["g"]) == pytest.approx(expected_g, rel=1e-5)
-    assert float(total) == pytest.approx(float(expected_ce) + 35 * expected_g, rel=1e-5)
+    assert float(parts["ce"]) == float(expected_ce)      # the same kernel on the same logits: exact
+    # g: two regularisers (3 operations each), their sum and the halving; positives throughout
+    assert float(parts["g"]) == pytest.approx(expected_g, rel=ops_rtol(5), abs=0)
+    assert float(total) == pytest.approx(float(expected_ce) + 35 * expected_g, rel=ops_rtol(5 + 3), abs=0)
 
 
 def test_magface_lambda_g_bound_and_warning():
     # s*K*l_a^2*u_a^2/(u_a^2-l_a^2) with K = 0.35/100: 64*0.0035*100*12100/12000
-    assert magface_lambda_g_bound(64, 10, 110, 0.45, 0.8) == pytest.approx(64 * 0.0035 * 1210000 / 12000)
+    # two float64 orderings of a product/quotient of ~10 operations (0.8 - 0.45 is 0.35 rounded)
+    assert magface_lambda_g_bound(64, 10, 110, 0.45, 0.8) == pytest.approx(64 * 0.0035 * 1210000 / 12000,
+                                                                           rel=ops_rtol(20, dtype=torch.float64))
     assert MagFaceLoss(lambda_g=35).check() is None
     msg = MagFaceLoss(lambda_g=5).check()
     assert msg is not None and "below the paper's bound" in msg and "\n" not in msg
@@ -56,7 +66,8 @@ def test_magface_gradient_reaches_the_feature_magnitude():
     direction = F.normalize(torch.randn(4, 8), dim=1)
     scale = torch.full((4, 1), 20.0, requires_grad=True)     # the magnitude alone, direction fixed
     cos, a = head(direction * scale)
-    assert a.detach().tolist() == pytest.approx([20.0] * 4, rel=1e-5)
+    # |normalised(d) * 20|: normalising (8 squares summed, sqrt, divide), the product, the norm again
+    assert a.detach().tolist() == pytest.approx([20.0] * 4, rel=ops_rtol(2 * (8 + 2) + 1), abs=0)
     loss, _ = loss_fn(cos, a, torch.tensor([0, 1, 2, 0]))
     loss.backward()
     assert scale.grad is not None and bool((scale.grad.abs() > 1e-6).all())
@@ -76,27 +87,63 @@ def test_focal_loss_matches_a_direct_computation_with_alpha_and_class_weights():
     got = FocalLoss(gamma=2.0, weight=w, alpha=0.25)(logits, labels)
     p = logits.softmax(1)
     rows = [i for i in range(6) if labels[i] >= 0]
-    num = sum(w[labels[i]] * -0.25 * (1 - p[i, labels[i]]) ** 2 * torch.log(p[i, labels[i]]) for i in rows)
-    den = sum(w[labels[i]] for i in rows)
-    assert float(got) == pytest.approx(float(num / den), rel=1e-5)
-    # gamma 0, alpha 1: the cross-entropy
-    assert float(FocalLoss(gamma=0.0)(logits, labels)) == pytest.approx(
-        float(F.cross_entropy(logits, labels, ignore_index=-1)), rel=1e-5)
+    # the direct formula in float64; the float32 loss held to its derived bound against it
+    p = logits.double().softmax(1)
+    num = sum(w[labels[i]].double() * -0.25 * (1 - p[i, labels[i]]) ** 2 * torch.log(p[i, labels[i]]) for i in rows)
+    den = sum(w[labels[i]].double() for i in rows)
+    assert float(got) == pytest.approx(float(num / den), rel=0, abs=_focal_atol(logits, labels, w, 0.25, 2.0))
+    # gamma 0, alpha 1: the cross-entropy (two float32 kernels, each within its bound of float64)
+    ce64 = float(F.cross_entropy(logits.double(), labels, ignore_index=-1))
+    ce_tol = logsumexp_atol(3, float(logits.abs().amax())) + sum_atol(len(rows), ce64 * len(rows)) / len(rows)
+    assert float(FocalLoss(gamma=0.0)(logits, labels)) == pytest.approx(ce64, rel=0,
+                                                                        abs=_focal_atol(logits, labels, None, 1.0, 0.0))
+    assert float(F.cross_entropy(logits, labels, ignore_index=-1)) == pytest.approx(ce64, rel=0, abs=ce_tol)
+
+
+def _focal_atol(logits: torch.Tensor, labels: torch.Tensor, w: torch.Tensor | None, alpha: float,
+                gamma: float) -> float:
+    """Absolute error bound of the float32 focal loss ``-alpha (1 - p)^gamma log p`` (weighted mean over
+    the labelled rows), from float64 values: log p errs by ``logsumexp_atol``; ``p = exp(log p)`` adds
+    the exp's roundings relative; ``1 - p`` turns that into an absolute error <= p (dlog + E) + u; the
+    power moves by gamma (1 - p)^(gamma - 1) times that; the products round a few times; the
+    weighted sum and division add their own (weights 1, 2, 0.5 are exact)."""
+    u, elem = unit_roundoff(torch.float32), ops_rtol(0, 1)
+    logp = logits.double().log_softmax(1)
+    rows = [i for i in range(len(labels)) if labels[i] >= 0]
+    weights = [float(w[labels[i]]) if w is not None else 1.0 for i in rows]
+    errs, values = [], []
+    for i in rows:
+        lp = float(logp[i, labels[i]])
+        p = math.exp(lp)
+        d_logp = logsumexp_atol(logits.shape[1], float(logits[i].abs().amax()))
+        d_one_minus_p = p * (d_logp + elem) + u
+        f = (1 - p) ** gamma
+        d_f = gamma * (1 - p) ** max(gamma - 1, 0) * d_one_minus_p + f * ops_rtol(2)
+        value = alpha * f * -lp
+        errs.append(alpha * (d_f * -lp + f * d_logp) + value * ops_rtol(3))
+        values.append(value)
+    den = sum(weights)
+    num_abs = sum(wt * v for wt, v in zip(weights, values))
+    err = (sum(wt * e for wt, e in zip(weights, errs)) + sum_atol(len(rows), num_abs)) / den
+    return err + (num_abs / den) * ops_rtol(2)
 
 
 def test_gradient_reversal_reverses_and_scales_the_gradient():
     x = torch.randn(3, 4, requires_grad=True)
     (grad_reverse(x, 0.3) * 2.0).sum().backward()
-    assert torch.allclose(x.grad, torch.full_like(x, -0.6))
-    assert grl_lambda(0.0) == 0.0 and grl_lambda(1.0, 10) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
-    assert grl_lambda(0.5, 10) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
+    # 2 * -fl(0.3) = fl(-0.6): doubling is exact in binary floating point
+    assert torch.equal(x.grad, torch.full_like(x, -0.6))
+    # the same float64 expression (gamma * p is exact here): bit-equal
+    assert grl_lambda(0.0) == 0.0 and grl_lambda(1.0, 10) == 2 / (1 + math.exp(-10)) - 1
+    assert grl_lambda(0.5, 10) == 2 / (1 + math.exp(-5)) - 1
     grl = GradientReversal(total_steps=4, gamma=10).train()
     lams = []
     for _ in range(5):
         y = torch.ones(2, requires_grad=True)
         grl(y).sum().backward()
         lams.append(-float(y.grad[0]))
-    assert lams == pytest.approx([grl_lambda(k / 4) for k in range(5)])
+    # lambda reaches the gradient as one float32 rounding
+    assert lams == pytest.approx([grl_lambda(k / 4) for k in range(5)], rel=unit_roundoff(torch.float32), abs=0)
     assert int(grl.steps) == 5 and "steps" in grl.state_dict()     # a resumed run continues the schedule
 
 
@@ -106,6 +153,8 @@ def test_uncertainty_weighting_gradient_sign_on_log_variances():
     total.backward()
     # d/ds 0.5 (exp(-s) L + s) = 0.5 (1 - exp(-s) L): negative for L > 1 (descent raises s: less weight),
     # positive for L < 1 (descent lowers s: more weight)
+    # exp(-0) = 1 exactly; -2 is exact, 0.4 carries 0.2's rounding and one subtraction (approx's default
+    # rel 1e-6 = 8 u covers both)
     assert w.log_vars.grad.tolist() == pytest.approx([0.5 * (1 - 5.0), 0.5 * (1 - 0.2)])
     assert float(w.log_vars.grad[0]) < 0 < float(w.log_vars.grad[1])
 

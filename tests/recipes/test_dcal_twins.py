@@ -14,6 +14,7 @@ from dist_train.config import ConfigError, load_config, recipe_params
 from dist_train.preflight import load_checked_config
 from recipes.base import DataInfo, get_recipe
 from tests.conftest import REPO
+from tests.tolerance import ops_rtol
 
 CONFIG = REPO / "configs" / "dcal_twins.yaml"
 
@@ -80,7 +81,10 @@ def test_transform_rgb_grey_and_twins():
     assert out["image"].shape == (3, 32, 32)
     raw = out["image"] * torch.tensor([0.229, 0.224, 0.225])[:, None, None] + \
         torch.tensor([0.485, 0.456, 0.406])[:, None, None]
-    assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)  # grey -> RGB
+    # grey -> RGB: equal channels, normalised and un-normalised again per channel, each a few roundings
+    # on values <= 1 + mean (tests/tolerance.py: ops_rtol)
+    tol = 2 * ops_rtol(6) * (1 + 0.485)
+    assert torch.allclose(raw[0], raw[1], rtol=0, atol=tol) and torch.allclose(raw[1], raw[2], rtol=0, atol=tol)
     assert out["twin"].item() == 1                              # from the manifest's twin_pairs
     out = r.transform({"png": grey, "json": {}}, train=False)
     assert out["identity"].item() == -1 and out["twin"].item() == -1
@@ -139,7 +143,8 @@ def test_verification_metrics_gathered_states_and_padding():
     two = type(m).compute([s1, s2])
     assert one.keys() == two.keys()
     for k in one:
-        assert one[k] == pytest.approx(two[k], nan_ok=True), k
+        # the same pairs scored by the same row-wise kernels, whatever the rank split: exact
+        assert one[k] == two[k] or (np.isnan(one[k]) and np.isnan(two[k])), k
     assert {"eer", "auc", "tar_at_far_0.01", "threshold", "twin_eer", "twin_auc"} <= set(one)
     assert one["twin_eer"] >= one["eer"]                         # co-twins are the hard impostors
     assert whole["embedding"].dtype == np.float16               # small gathers
