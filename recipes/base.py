@@ -204,7 +204,7 @@ def get_recipe(name: str) -> type[Recipe]:
     return _REGISTRY[name]
 
 
-_HELPER_MODULES = {"base", "batch", "image_input", "verification", "verification_plots"}
+_HELPER_MODULES = {"base", "batch", "image_input", "labels", "verification", "verification_plots"}
 
 
 def _import_builtin_recipes() -> None:

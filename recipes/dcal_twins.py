@@ -64,6 +64,7 @@ from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
 from recipes.batch import label_column, valid_mask
 from recipes.image_input import face_transforms, pick_rgb_image
 from recipes.init_weights import check_init_from, load_init_weights
+from recipes.labels import class_label
 from recipes.verification_plots import write_report
 
 log = logging.getLogger("biomtl.dcal")
@@ -227,8 +228,7 @@ class DCALTwinsRecipe(Recipe):
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
         img = pick_rgb_image(sample)
         meta = sample.get("json") or {}
-        identity = meta.get("identity", -1)
-        identity = -1 if identity is None else int(identity)
+        identity = class_label(meta, "identity", self.data_info.num_identities, check=train)
         twin = meta.get("twin")
         twin = self.co_twin.get(identity, -1) if twin is None else int(twin)
         return {"image": (self.train_tf if train else self.eval_tf)(img),

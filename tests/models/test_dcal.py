@@ -327,11 +327,9 @@ def test_forward_backward_all_switches(glca, pwca):
     with torch.no_grad():
         ev = model(_batch())
     assert "pwca_logits" not in ev and torch.isfinite(ev["loss"])
-    with torch.no_grad():                                     # unseen identities: ignored in eval ...
+    with torch.no_grad():                                     # unseen identities: ignored in eval
         assert torch.isfinite(model(dict(_batch(), identity=torch.tensor([7, 8, 9, 9, 2, 2])))["loss"])
-    model.train()
-    with pytest.raises(ValueError, match="out of range"):    # ... but a config error in training
-        model(dict(_batch(), identity=torch.tensor([7, 8, 9, 9, 2, 2])))
+    # (in training, the data path refuses a label the classifier lacks: tests/recipes/test_labels.py)
     assert torch.allclose(ev["identity_probs"].sum(1), torch.ones(6), atol=1e-5)
 
 
