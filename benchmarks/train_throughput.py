@@ -122,10 +122,19 @@ def compile_state() -> tuple[int, float]:
     return graphs, sum(sum(compilation_time_metrics.get(k, ())) for k in COMPILE_TIME_METRICS)
 
 
+def compile_cache_hits() -> int:
+    """Graphs inductor took from its on-disk cache (a cold compile costs far more:
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) measures that)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"]
+
+
 def warm_up(strategy: Any, batches: list[dict[str, Any]], device: torch.device, min_steps: int,
             max_steps: int) -> dict[str, Any]:
     """Untimed steps: at least ``min_steps``, then until one compiled nothing new."""
     graphs0, seconds0 = compile_state()
+    hits0 = compile_cache_hits()
     t0 = time.perf_counter()
     last, steps = graphs0, 0
     while True:
@@ -141,7 +150,7 @@ def warm_up(strategy: Any, batches: list[dict[str, Any]], device: torch.device, 
             raise SystemExit(f"still compiling after {steps} warm-up steps ({graphs - graphs0} graphs): the step "
                              "recompiles; TORCH_LOGS=recompiles,graph_breaks names the cause")
     return {"warmup_steps": steps, "warmup_s": time.perf_counter() - t0, "compile_s": seconds - seconds0,
-            "graphs_compiled": graphs - graphs0}
+            "graphs_compiled": graphs - graphs0, "compile_cache_hits": compile_cache_hits() - hits0}
 
 
 def time_steps(strategy: Any, batches: list[dict[str, Any]], device: torch.device, steps: int) -> float:

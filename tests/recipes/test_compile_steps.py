@@ -81,12 +81,12 @@ def build_model(recipe, batches: list[dict]) -> torch.nn.Module:
 
 
 def step_values(model: torch.nn.Module, step, batch: dict, seed: int) -> dict[str, float]:
-    """Loss, terms and the gradient norm of one forward + backward; gradients cleared."""
+    """Loss, terms and the gradient norm of one forward + backward (the caller clears the gradients)."""
     torch.manual_seed(seed)  # random draws inside the step (PWCA distractors) are the same
     out = step(batch)
     out["loss"].backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    values = {"loss": float(out["loss"]), **{k: float(v) for k, v in out["terms"].items()},
+    values = {"loss": float(out["loss"].detach()), **{k: float(v.detach()) for k, v in out["terms"].items()},
               "grad_norm": float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))}
     return values
 
@@ -157,5 +157,5 @@ def test_new_pseudo_labels_between_epochs_reach_the_compiled_step_without_a_reco
     for labels in (np.arange(len(keys)) % 3, np.full(len(keys), -1)):  # next epoch: nothing labelled
         model.set_pseudo_labels(keys, labels)
         with torch._dynamo.config.patch(error_on_recompile=bool(metric)):
-            metric.append(float(step(batches[0])["terms"]["metric"]))
+            metric.append(float(step(batches[0])["terms"]["metric"].detach()))
     assert metric[0] > 0 and metric[1] == 0.0
