@@ -9,6 +9,7 @@ from PIL import Image
 from recipes.base import DataInfo
 from recipes.facecom import FaceComParams, FaceComRecipe
 from recipes.labels import class_label
+from shards.reading import DATA_ERRORS
 from tests.recipes.test_photometric import _recipe as photometric_recipe
 from tests.recipes.test_photometric import _sample as photometric_sample
 from tests.recipes.test_thz import _recipe as thz_recipe
@@ -35,8 +36,9 @@ def test_training_transforms_refuse_a_label_the_manifest_cannot_have():
                          DataInfo(identities=("a", "b"), twin_pairs=(), label_schemas={"gender": ("f", "m")},
                                   modalities=("vis",)))
     assert int(face.transform(_face(1), train=True)["identity"]) == 1
-    with pytest.raises(ValueError, match="identity=2"):  # the stream counts it as a corrupt sample
+    with pytest.raises(ValueError, match="identity=2"):
         face.transform(_face(2), train=True)
+    assert issubclass(ValueError, DATA_ERRORS)  # what the stream counts as a corrupt sample, naming its shard
     with pytest.raises(ValueError, match="gender=2"):
         face.transform(_face(0, gender=2), train=True)
     assert int(face.transform(_face(2), train=False)["identity"]) == 2
