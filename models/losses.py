@@ -3,11 +3,6 @@
 - :func:`masked_cross_entropy`: CE that ignores label ``-1`` and out-of-range
   labels and returns a graph-connected 0 when no row is labelled (keeps DDP's
   "every parameter used" and never gives NaN).
-
-Every loss here is written in tensor ops, without a Python branch on tensor values
-(``bool(t.any())``, boolean-mask indexing): a training step compiles with
-``torch.compile(fullgraph=True)`` into one graph and never waits for the device
-(``tests/recipes/test_compile_steps.py``).
 - :func:`weighted_sum`: ``sum_i w_i * L_i`` over named terms.
 - :class:`DynamicLossWeights`: learned weighting ``0.5 * sum_i (exp(-w_i) L_i + w_i)``
   (Kendall et al. 2018, as used by DCAL); the ``w_i`` are parameters of the module.
@@ -23,6 +18,12 @@ Every loss here is written in tensor ops, without a Python branch on tensor valu
   trunk), and :class:`ReconstructionLoss` combining them.
 - Distillation: :func:`kd_logit_loss` (KL at temperature T, scaled by T^2) and
   :func:`feature_distill_loss` (embedding directions).
+
+The losses are written in tensor ops, without a Python branch on tensor values
+(``bool(t.any())``, boolean-mask indexing; a mean over a data-dependent subset is
+:func:`masked_mean_of_sum`): a training step compiles with
+``torch.compile(fullgraph=True)`` into one graph and never waits for the device
+(``tests/recipes/test_compile_steps.py``).
 """
 from __future__ import annotations
 
