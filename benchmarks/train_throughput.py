@@ -277,7 +277,8 @@ def main() -> int:
               "loader_headroom": load_rate / best, "load_avg": os.getloadavg(), "torch": torch.__version__}
     out_json.write_text(json.dumps(result, indent=1))
     print(f"{args.config.name} on {name}, {prec.name}, batch {base.data.batch_size}, {args.steps} timed steps "
-          f"after >= {args.warmup} warm-up steps (until nothing compiles); {flops / base.data.batch_size / 1e9:.2f} GFLOP per sample (fwd+bwd)"
+          f"after >= {args.warmup} warm-up steps (until nothing compiles); "
+          f"{flops / base.data.batch_size / 1e9:.2f} GFLOP per sample (fwd+bwd)"
           + (f"; measured bf16 matmul {peak / 1e12:.0f} TFLOP/s" if peak else ""))
     print("\n| torch.compile | samples/s | step ms | TFLOP/s | MFU | warm-up steps | compile s |"
           "\n|---|---|---|---|---|---|---|")
