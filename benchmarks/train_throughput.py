@@ -14,6 +14,13 @@ from the recipe's real loader (``data.batching`` as configured, pinned on CUDA),
 to the device inside the step as in training. Warm-up steps (compilation, cuDNN
 autotuning, allocator growth) are not timed; CUDA is synchronised around the window.
 
+Compilation stays out of the timed window: warm-up runs at least ``--warmup`` steps and
+then on until a step compiled nothing (dynamo's own counters of captured graphs and
+compiled backward graphs, ``torch._dynamo.utils.counters``, did not move), at most
+``--max-warmup`` steps: a step that still compiles then is a recompile per step, reported
+as an error. ``compile_s`` is the time dynamo / AOTAutograd / inductor spent compiling
+(``torch._dynamo.utils.compilation_time_metrics``), reported apart with the warm-up steps.
+
 * samples/s: ``data.batch_size`` x steps / seconds (a triplet batch counts its anchors).
 * FLOPs per sample: ``torch.utils.flop_counter.FlopCounterMode`` over one eager
   forward + backward (matmuls and convolutions; the optimizer is not counted).
@@ -102,18 +109,65 @@ def step_flops(strategy: Any, batch: dict[str, Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def time_steps(strategy: Any, batches: list[dict[str, Any]], device: torch.device, warmup: int, steps: int) -> float:
-    """Seconds for ``steps`` optimizer steps after ``warmup`` untimed ones."""
-    for i in range(warmup):
-        strategy.micro_step(batches[i % len(batches)], 1.0, True)
+# dynamo's compile-time entries: frame compilation (tracing + the backend's forward and
+# joint graphs) and a backward graph compiled lazily at the first backward
+COMPILE_TIME_METRICS = ("_compile.compile_inner", "backward._backward_impl")
+
+
+def compile_state() -> tuple[int, float]:
+    """(graphs compiled so far in this process, seconds spent compiling them)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    graphs = counters["stats"]["unique_graphs"] + counters["aot_autograd"]["total"]
+    return graphs, sum(sum(compilation_time_metrics.get(k, ())) for k in COMPILE_TIME_METRICS)
+
+
+def compile_cache_hits() -> int:
+    """Graphs inductor took from its on-disk cache (a cold compile costs far more:
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) measures that)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"]
+
+
+def warm_up(strategy: Any, batches: list[dict[str, Any]], device: torch.device, min_steps: int,
+            max_steps: int) -> dict[str, Any]:
+    """Untimed steps: at least ``min_steps``, then until one compiled nothing new."""
+    graphs0, seconds0 = compile_state()
+    hits0 = compile_cache_hits()
+    t0 = time.perf_counter()
+    last, steps = graphs0, 0
+    while True:
+        strategy.micro_step(batches[steps % len(batches)], 1.0, True)
         strategy.optimizer_step()
+        sync(device)
+        steps += 1
+        graphs, seconds = compile_state()
+        settled, last = graphs == last, graphs
+        if steps >= min_steps and settled:
+            break
+        if steps >= max_steps:
+            raise SystemExit(f"still compiling after {steps} warm-up steps ({graphs - graphs0} graphs): the step "
+                             "recompiles; TORCH_LOGS=recompiles,graph_breaks names the cause")
+    return {"warmup_steps": steps, "warmup_s": time.perf_counter() - t0, "compile_s": seconds - seconds0,
+            "graphs_compiled": graphs - graphs0, "compile_cache_hits": compile_cache_hits() - hits0}
+
+
+def time_steps(strategy: Any, batches: list[dict[str, Any]], device: torch.device, steps: int) -> float:
+    """Seconds for ``steps`` optimizer steps (after :func:`warm_up`); refuses a window in
+    which something was compiled (a recompile on a later batch)."""
+    graphs = compile_state()[0]
     sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         strategy.micro_step(batches[i % len(batches)], 1.0, True)
         strategy.optimizer_step()
     sync(device)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if compile_state()[0] != graphs:
+        raise SystemExit("a graph was compiled inside the timed window (a recompile): "
+                         "TORCH_LOGS=recompiles names the cause")
+    return seconds
 
 
 def profile_table(strategy: Any, batches: list[dict[str, Any]], device: torch.device, path: Path) -> str:
@@ -134,9 +188,11 @@ def profile_table(strategy: Any, batches: list[dict[str, Any]], device: torch.de
 def measure(cfg: Any, device: torch.device, make_strategy: Callable[[Any], Any], batches: list[dict[str, Any]],
             args: argparse.Namespace, peak: float | None, flops: int, out_dir: Path, tag: str) -> dict[str, Any]:
     strategy = make_strategy(cfg)
-    seconds = time_steps(strategy, batches, device, args.warmup, args.steps)
+    warm = warm_up(strategy, batches, device, args.warmup, args.max_warmup)
+    seconds = time_steps(strategy, batches, device, args.steps)
     rate = cfg.data.batch_size * args.steps / seconds
-    row: dict[str, Any] = {"compile": cfg.train.compile, "samples_per_s": rate, "step_ms": 1000 * seconds / args.steps}
+    row: dict[str, Any] = {"compile": cfg.train.compile, "samples_per_s": rate, "step_ms": 1000 * seconds / args.steps,
+                           **warm}
     if flops:
         row["achieved_tflops"] = flops * args.steps / seconds / 1e12
         if peak:
@@ -155,7 +211,8 @@ def main() -> int:
     ap.add_argument("--set", nargs="*", default=[], help="config overrides, key=value")
     ap.add_argument("--precision", default="", help="default: bf16 on CUDA, the config's on CPU")
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=10, help="at least this many untimed steps")
+    ap.add_argument("--max-warmup", type=int, default=50, help="more untimed steps while the step still compiles")
     ap.add_argument("--compile", choices=["both", "on", "off"], default="both")
     ap.add_argument("--loader-batches", type=int, default=30)
     ap.add_argument("--profile", choices=["auto", "on", "off"], default="auto")
@@ -220,13 +277,15 @@ def main() -> int:
               "loader_headroom": load_rate / best, "load_avg": os.getloadavg(), "torch": torch.__version__}
     out_json.write_text(json.dumps(result, indent=1))
     print(f"{args.config.name} on {name}, {prec.name}, batch {base.data.batch_size}, {args.steps} timed steps "
-          f"after {args.warmup}; {flops / base.data.batch_size / 1e9:.2f} GFLOP per sample (fwd+bwd)"
+          f"after >= {args.warmup} warm-up steps (until nothing compiles); "
+          f"{flops / base.data.batch_size / 1e9:.2f} GFLOP per sample (fwd+bwd)"
           + (f"; measured bf16 matmul {peak / 1e12:.0f} TFLOP/s" if peak else ""))
-    print("\n| torch.compile | samples/s | step ms | TFLOP/s | MFU |\n|---|---|---|---|---|")
+    print("\n| torch.compile | samples/s | step ms | TFLOP/s | MFU | warm-up steps | compile s |"
+          "\n|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f} %" if "mfu" in r else "-"
         print(f"| {'on' if r['compile'] else 'off'} | {r['samples_per_s']:.1f} | {r['step_ms']:.1f} | "
-              f"{r.get('achieved_tflops', 0):.3f} | {mfu} |")
+              f"{r.get('achieved_tflops', 0):.3f} | {mfu} | {r['warmup_steps']} | {r['compile_s']:.1f} |")
     print(f"\nloader alone ({base.data.num_workers} workers{', pinned' if device.type == 'cuda' else ''}): "
           f"{load_rate:.1f} samples/s = {result['loader_headroom']:.2f}x the fastest step's consumption "
           f"(want >= 1.5)\nJSON: {out_json}")

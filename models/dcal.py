@@ -108,8 +108,9 @@ Batch keys used by :meth:`DCAL.forward`
 Outputs: ``loss``, ``terms`` (unweighted), ``embedding`` ``[B, D or 2D]``,
 ``sa_logits``, ``glca_logits`` (if GLCA), ``pwca_logits`` (training with PWCA),
 ``identity_probs`` (mean of the SA and GLCA softmaxes, margin-free in eval),
-``distractor`` (training with PWCA), ``verif_logits``/``verif_labels`` (if the
-verification head is on and pairs exist).
+``distractor`` (training with PWCA), ``verif_logits``/``verif_labels``/``verif_valid``
+(if the verification head is on: ``[2B]``, row ``i`` paired with a random positive of
+``i``, row ``B + i`` with its distractor; ``verif_valid`` marks the pairs that exist).
 
 Not implemented: gradient checkpointing, PatchDropout, models with other
 block/attention types (Swin, EVA, rope attentions...), stochastic depth
@@ -132,7 +133,7 @@ from torch import nn  # noqa: E402
 from models.backbones import build_backbone  # noqa: E402
 from models.heads import build_identity_head  # noqa: E402
 from models.losses import (DynamicLossWeights, SupConLoss, TwinAwareTripletLoss, co_twin_mask,  # noqa: E402
-                           masked_cross_entropy, weighted_sum)
+                           masked_cross_entropy, masked_mean_of_sum, weighted_sum)
 from models.pixels import PixelInput  # noqa: E402
 
 __all__ = ["DCALConfig", "DCAL", "pick_distractors", "rollout", "select_top_tokens", "block_forward",
@@ -510,20 +511,20 @@ class DCAL(nn.Module):
 
         terms: dict[str, torch.Tensor] = {}
         if identity is not None:
-            # Training: a label >= num_classes raises. Eval: ignored (identities unseen by the classifier).
-            loose = not self.training
-            terms["sa"] = masked_cross_entropy(out["sa_logits"], identity, ignore_out_of_range=loose)
+            # A label >= num_classes is skipped (eval: identities the classifier never saw); in
+            # training the data path refuses such samples (recipes.labels.class_label).
+            terms["sa"] = masked_cross_entropy(out["sa_logits"], identity)
             if "glca_logits" in out:
-                terms["glca"] = masked_cross_entropy(out["glca_logits"], identity, ignore_out_of_range=loose)
+                terms["glca"] = masked_cross_entropy(out["glca_logits"], identity)
             if "pwca_logits" in out:
-                terms["pwca"] = masked_cross_entropy(out["pwca_logits"], identity, ignore_out_of_range=loose)
+                terms["pwca"] = masked_cross_entropy(out["pwca_logits"], identity)
             if self.metric is not None:
                 terms["metric"] = self.metric(emb, identity, twin)
             if self.verif is not None:
-                v_logits, v_labels = self._verification(emb, identity, twin, distractor)
-                out["verif_logits"], out["verif_labels"] = v_logits, v_labels
-                terms["verif"] = (F.binary_cross_entropy_with_logits(v_logits.float(), v_labels)
-                                  if v_labels.numel() else v_logits.sum() * 0.0)
+                v_logits, v_labels, v_valid = self._verification(emb, identity, twin, distractor)
+                out["verif_logits"], out["verif_labels"], out["verif_valid"] = v_logits, v_labels, v_valid
+                bce = F.binary_cross_entropy_with_logits(v_logits.float(), v_labels, reduction="none")
+                terms["verif"] = masked_mean_of_sum((bce * v_valid).sum(), v_valid.sum())
         out["terms"] = terms
         if not terms:
             out["loss"] = emb.sum() * 0.0
@@ -534,8 +535,10 @@ class DCAL(nn.Module):
         return out
 
     def _verification(self, emb: torch.Tensor, identity: torch.Tensor, twin: torch.Tensor | None,
-                      distractor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """In-batch pairs: (i, random positive of i) -> 1, (i, distractor of i) -> 0."""
+                      distractor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """In-batch pairs ``[2B]``: (i, random positive of i) -> 1, (i, distractor of i) -> 0,
+        and which of them exist. Every row is scored (fixed shapes: one compiled graph);
+        the loss counts the existing pairs only."""
         identity = identity.long()
         B = identity.shape[0]
         eye = torch.eye(B, dtype=torch.bool, device=emb.device)
@@ -547,13 +550,10 @@ class DCAL(nn.Module):
         pos = rnd.argmax(1)
         has_pos = same.any(1)
         neg_ok = labelled & (identity[distractor] != identity) & (identity[distractor] >= 0)
-        a_idx = torch.cat([torch.nonzero(has_pos).flatten(), torch.nonzero(neg_ok).flatten()])
-        b_idx = torch.cat([pos[has_pos], distractor[neg_ok]])
-        labels = torch.cat([torch.ones(int(has_pos.sum()), device=emb.device),
-                            torch.zeros(int(neg_ok.sum()), device=emb.device)])
-        if a_idx.numel() == 0:  # keep the head in the graph (DDP: every parameter used)
-            return self.verif(emb[:1], emb[:1]) * 0.0, labels
-        return self.verif(emb[a_idx], emb[b_idx]), labels
+        rows = torch.arange(B, device=emb.device)
+        logits = self.verif(emb[torch.cat([rows, rows])], emb[torch.cat([pos, distractor])])
+        labels = torch.cat([torch.ones(B, device=emb.device), torch.zeros(B, device=emb.device)])
+        return logits, labels, torch.cat([has_pos, neg_ok])
 
     def param_groups(self, base_lr: float, backbone_lr_mult: float = 1.0,
                      loss_weight_decay: float = 0.0) -> list[dict[str, Any]]:

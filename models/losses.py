@@ -1,7 +1,7 @@
 """Losses the recipes share.
 
-- :func:`masked_cross_entropy`: CE that ignores label ``-1`` (or out-of-range
-  labels) and returns a graph-connected 0 when no row is labelled (keeps DDP's
+- :func:`masked_cross_entropy`: CE that ignores label ``-1`` and out-of-range
+  labels and returns a graph-connected 0 when no row is labelled (keeps DDP's
   "every parameter used" and never gives NaN).
 - :func:`weighted_sum`: ``sum_i w_i * L_i`` over named terms.
 - :class:`DynamicLossWeights`: learned weighting ``0.5 * sum_i (exp(-w_i) L_i + w_i)``
@@ -18,6 +18,12 @@
   trunk), and :class:`ReconstructionLoss` combining them.
 - Distillation: :func:`kd_logit_loss` (KL at temperature T, scaled by T^2) and
   :func:`feature_distill_loss` (embedding directions).
+
+The losses are written in tensor ops, without a Python branch on tensor values
+(``bool(t.any())``, boolean-mask indexing; a mean over a data-dependent subset is
+:func:`masked_mean_of_sum`): a training step compiles with
+``torch.compile(fullgraph=True)`` into one graph and never waits for the device
+(``tests/recipes/test_compile_steps.py``).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["masked_cross_entropy", "weighted_sum", "DynamicLossWeights", "FocalLoss",
+__all__ = ["masked_cross_entropy", "masked_mean_of_sum", "weighted_sum", "DynamicLossWeights", "FocalLoss",
            "TwinAwareTripletLoss", "SupConLoss", "co_twin_mask", "charbonnier_loss", "ssim_window", "ssim_index",
            "psnr", "LpipsWeightsMissing", "lpips_weights_file", "require_lpips_weights", "build_lpips",
            "lpips_distance", "ReconstructionLoss", "kd_logit_loss", "feature_distill_loss",
@@ -36,22 +42,29 @@ __all__ = ["masked_cross_entropy", "weighted_sum", "DynamicLossWeights", "FocalL
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
-                         weight: torch.Tensor | None = None, ignore_out_of_range: bool = False) -> torch.Tensor:
-    """Mean CE over rows whose label is in ``[0, C)``; ``0 * logits.sum()`` if none.
+                         weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean CE over rows whose label is in ``[0, C)``; a graph-connected 0 if none.
 
-    Negative labels are "unlabelled" and skipped. A label ``>= C`` raises
-    ``ValueError`` (a data/config mismatch) unless ``ignore_out_of_range``
-    (e.g. evaluating identities the classifier never saw).
+    Negative labels are "unlabelled" and labels ``>= C`` (identities the classifier never
+    saw, at evaluation) are skipped. Tensor ops only, no branch on label values: the
+    training step compiles to one graph and never waits for the device. Whether a
+    training label fits its classifier is checked on the data path
+    (:func:`recipes.labels.class_label`), once per sample, not here per step.
     """
     labels = labels.long()
     C = logits.shape[1]
-    if not ignore_out_of_range and bool((labels >= C).any()):
-        raise ValueError(f"label {int(labels.max())} out of range for {C} classes "
-                         "(num_classes / identities mismatch?)")
     valid = (labels >= 0) & (labels < C)
-    if not bool(valid.any()):
-        return logits.float().sum() * 0.0
-    return F.cross_entropy(logits[valid].float(), labels[valid], weight=weight, label_smoothing=label_smoothing)
+    rows = F.cross_entropy(logits.float(), torch.where(valid, labels, -100), weight=weight, ignore_index=-100,
+                           label_smoothing=label_smoothing, reduction="none")
+    # F.cross_entropy's "mean": the sum over labelled rows / their summed class weights
+    count = valid.float() if weight is None else weight.float()[labels.clamp(0, C - 1)] * valid
+    return masked_mean_of_sum(rows.sum(), count.sum())
+
+
+def masked_mean_of_sum(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count``, or ``total`` (0 when nothing was summed, still graph-connected)
+    when ``count`` is 0: a mean over a data-dependent subset without a branch."""
+    return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
 def weighted_sum(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float] | None = None) -> torch.Tensor:
@@ -114,17 +127,13 @@ class FocalLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels = labels.long()
-        valid = (labels >= 0) & (labels < logits.shape[1])
-        if not bool(valid.any()):
-            return logits.float().sum() * 0.0
-        logp = F.log_softmax(logits[valid].float(), dim=1)
-        y = labels[valid]
-        logp_y = logp.gather(1, y[:, None]).squeeze(1)
+        C = logits.shape[1]
+        valid = (labels >= 0) & (labels < C)
+        y = labels.clamp(0, C - 1)
+        logp_y = F.log_softmax(logits.float(), dim=1).gather(1, y[:, None]).squeeze(1)
         loss = -self.alpha * ((1 - logp_y.exp()) ** self.gamma) * logp_y
-        if self.weight is not None:
-            w = self.weight[y]
-            return (loss * w).sum() / w.sum()
-        return loss.mean()
+        w = valid.float() if self.weight is None else self.weight[y] * valid
+        return masked_mean_of_sum((loss * w).sum(), w.sum())
 
 
 def co_twin_mask(identity: torch.Tensor, twin: torch.Tensor | None) -> torch.Tensor:
@@ -166,20 +175,18 @@ class TwinAwareTripletLoss(nn.Module):
         pair_ok = labelled[:, None] & labelled[None, :]
         pos = (identity[:, None] == identity[None, :]) & ~eye & pair_ok
         neg = (identity[:, None] != identity[None, :]) & pair_ok
-        zero = emb.sum() * 0.0
         has_pos = pos.any(1) & neg.any(1)
-        if not bool(has_pos.any()):
-            return zero
         big = 4.0  # cosine distance is in [0, 2]
         d_ap = torch.where(pos, dist, torch.full_like(dist, -big)).max(1).values
         d_an = torch.where(neg, dist, torch.full_like(dist, big)).min(1).values
-        loss = F.relu(d_ap - d_an + self.margin)[has_pos].mean()
+        hinge = F.relu(d_ap - d_an + self.margin) * has_pos
+        loss = masked_mean_of_sum(hinge.sum(), has_pos.sum())  # 0, connected to emb, when no anchor qualifies
         if twin is not None and self.twin_weight > 0:
             tw = co_twin_mask(identity, twin) & pair_ok
             has_twin = tw.any(1) & pos.any(1)
-            if bool(has_twin.any()):
-                d_at = torch.where(tw, dist, torch.full_like(dist, big)).min(1).values
-                loss = loss + self.twin_weight * F.relu(d_ap - d_at + self.twin_margin)[has_twin].mean()
+            d_at = torch.where(tw, dist, torch.full_like(dist, big)).min(1).values
+            twin_hinge = F.relu(d_ap - d_at + self.twin_margin) * has_twin
+            loss = loss + self.twin_weight * masked_mean_of_sum(twin_hinge.sum(), has_twin.sum())
         return loss
 
 
@@ -205,19 +212,20 @@ class SupConLoss(nn.Module):
         others = ~eye & labelled[:, None] & labelled[None, :]
         pos = (identity[:, None] == identity[None, :]) & others
         anchors = pos.any(1)
-        if not bool(anchors.any()):
-            return emb.sum() * 0.0
         logits = emb @ emb.t() / self.temperature
         logits = logits - logits.detach().max(1, keepdim=True).values
         log_w = torch.zeros_like(logits)
         if twin is not None and self.twin_negative_weight != 1.0:
             tw = co_twin_mask(identity, twin)
-            log_w = log_w.masked_fill(tw, float(torch.log(torch.tensor(self.twin_negative_weight))))
-        denom_terms = (logits + log_w).masked_fill(~others, float("-inf"))
+            log_w = log_w.masked_fill(tw, math.log(self.twin_negative_weight))
+        # the lowest float, not -inf: a row with no other labelled sample (not an anchor)
+        # then stays finite, and so does its zero gradient through logsumexp
+        denom_terms = (logits + log_w).masked_fill(~others, torch.finfo(logits.dtype).min)
         log_denom = torch.logsumexp(denom_terms, dim=1, keepdim=True)
         log_prob = logits - log_denom
         mean_log_pos = (log_prob * pos).sum(1) / pos.sum(1).clamp(min=1)
-        return -mean_log_pos[anchors].mean()
+        # anchors without a positive (or no anchor at all: 0, connected to emb) count for nothing
+        return -masked_mean_of_sum((mean_log_pos * anchors).sum(), anchors.sum())
 
 
 # ----------------------------------------------------------------------------- reconstruction and distillation
@@ -483,13 +491,10 @@ class MagFaceLoss(nn.Module):
                 labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = labels.long()
         C = cos.shape[1]
-        if bool((labels >= C).any()):
-            raise ValueError(f"label {int(labels.max())} out of range for {C} classes")
-        valid = labels >= 0
-        if not bool(valid.any()):
-            zero = cos.float().sum() * 0.0 + a.float().sum() * 0.0
-            return zero, {"ce": zero, "g": zero}
-        logits = self.logits(cos[valid].float(), a[valid].float(), labels[valid])
-        ce = F.cross_entropy(logits, labels[valid], weight=self.weight)
-        g = self.regularizer(a[valid].float()).mean()
+        # labels outside [0, C) count for nothing (the data path refuses them in training:
+        # recipes.labels.class_label); tensor ops only, so the step compiles to one graph
+        valid = (labels >= 0) & (labels < C)
+        logits = self.logits(cos.float(), a.float(), labels)
+        ce = masked_cross_entropy(logits, torch.where(valid, labels, -1), weight=self.weight)
+        g = masked_mean_of_sum((self.regularizer(a.float()) * valid).sum(), valid.sum())
         return ce + self.lambda_g * g, {"ce": ce, "g": g}

@@ -220,22 +220,27 @@ class PhotometricEncoder(nn.Module):
 
 class _GradReverse(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, lam: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.lam = lam
+    def forward(ctx, x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(lam)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        return -ctx.lam * grad, None
+        (lam,) = ctx.saved_tensors
+        return -lam.to(grad.dtype) * grad, None
 
 
-def grad_reverse(x: torch.Tensor, lam: float) -> torch.Tensor:
-    """Identity forward; the gradient is multiplied by ``-lam`` backward."""
-    return _GradReverse.apply(x, float(lam))
+def grad_reverse(x: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+    """Identity forward; the gradient is multiplied by ``-lam`` backward. ``lam`` may be a
+    tensor (a schedule computed on the device: no host sync, no recompile per value)."""
+    return _GradReverse.apply(x, torch.as_tensor(lam, dtype=torch.float32, device=x.device))
 
 
-def grl_lambda(progress: float, gamma: float = 10.0) -> float:
-    """DANN's schedule ``2 / (1 + exp(-gamma p)) - 1``: 0 at p=0, -> 1 as p -> 1."""
+def grl_lambda(progress: float | torch.Tensor, gamma: float = 10.0) -> float | torch.Tensor:
+    """DANN's schedule ``2 / (1 + exp(-gamma p)) - 1``: 0 at p=0, -> 1 as p -> 1
+    (a float for a float, a tensor for a tensor)."""
+    if isinstance(progress, torch.Tensor):
+        return 2.0 / (1.0 + torch.exp(-gamma * progress.float().clamp(0.0, 1.0))) - 1.0
     p = min(max(float(progress), 0.0), 1.0)
     return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
 
@@ -254,9 +259,14 @@ class GradientReversal(nn.Module):
         return self.max_lambda * grl_lambda(int(self.steps) / self.total_steps, self.gamma)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lam = self.current_lambda()
+        # The schedule in tensor ops on the step buffer: compiled, one graph serves every step
+        # (a Python float read from the buffer breaks the graph and recompiles per value).
+        # The count is replaced, never incremented in place: a compiled backward reads the
+        # forward's inputs after the forward has run, so an in-place += would hand it the next
+        # step's lambda (torch 2.14, aot_autograd; tests/models/test_photometric.py).
+        lam = self.max_lambda * grl_lambda(self.steps / self.total_steps, self.gamma)
         if self.training:
-            self.steps += 1
+            self.steps = self.steps + 1
         return grad_reverse(x, lam)
 
 

@@ -17,29 +17,32 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class PixelInput(nn.Module):
     """``uint8 [B, C, H, W]`` in 0..255 -> ``(x / 255 - mean) / std`` in float32;
-    any floating tensor is returned unchanged. Holds no state: the constants
-    are kept per device outside the state dict and outside dtype casts
-    (a bf16 engine would otherwise round them)."""
+    any floating tensor is returned unchanged. Holds no state: the constants are plain
+    float32 attributes, outside the state dict and outside dtype casts (a bf16 engine
+    would otherwise round them); they follow the module's device moves. ``forward``
+    changes nothing on the module, so a compiled step is not recompiled by its second call."""
 
     def __init__(self, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
         super().__init__()
         self.mean, self.std = tuple(mean), tuple(std)
-        self._consts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        mean64 = torch.tensor(self.mean, dtype=torch.float64)
+        std64 = torch.tensor(self.std, dtype=torch.float64)
+        self._scale = (1.0 / (255.0 * std64)).float().view(1, -1, 1, 1)
+        self._shift = (mean64 / std64).float().view(1, -1, 1, 1)
 
-    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._consts:
-            mean = torch.tensor(self.mean, dtype=torch.float64)
-            std = torch.tensor(self.std, dtype=torch.float64)
-            scale, shift = (1.0 / (255.0 * std)), (mean / std)
-            self._consts[device] = (scale.float().view(1, -1, 1, 1).to(device),
-                                    shift.float().view(1, -1, 1, 1).to(device))
-        return self._consts[device]
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # .to(device) / .cuda() / a DeepSpeed engine's move carry the constants along;
+        # .half() / .to(bfloat16) do not touch them
+        device = fn(self._scale).device
+        if device != self._scale.device:
+            self._scale, self._shift = self._scale.to(device), self._shift.to(device)
+        return super()._apply(fn, recurse)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:
             return images
-        scale, shift = self._constants(images.device)
-        return images.float().mul_(scale).sub_(shift)
+        # .to: a no-op where the module is; else a copy (inputs on another device than the module)
+        return images.float().mul_(self._scale.to(images.device)).sub_(self._shift.to(images.device))
 
     def extra_repr(self) -> str:
         return f"mean={self.mean}, std={self.std}"

@@ -260,6 +260,13 @@ class MoEUNetDecoder(nn.Module):
             return (outs * gate[:, :, None, None, None].to(outs.dtype)).sum(1), gate
         idx = self.route(posture_logits, posture)
         gate = F.one_hot(idx, len(self.experts)).to(posture_logits.dtype)
+        if torch.compiler.is_compiling():
+            # Which rows go to which expert is data: sub-batches of data-dependent size would
+            # break a compiled step into pieces at every expert. Compiled, every expert decodes
+            # every row (E x the decoder's work) and each row keeps its own expert's output:
+            # the same values (GroupNorm, not BatchNorm: per row) and the same gradients.
+            outs = torch.stack([e(feats, size, base) for e in self.experts], 1)      # [B, E, C, H, W]
+            return outs[torch.arange(idx.shape[0], device=idx.device), idx], gate
         out = None
         tie = None
         for k, expert in enumerate(self.experts):

@@ -62,6 +62,7 @@ from recipes import verification as ev
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
 from recipes.image_input import face_transforms, pick_rgb_image
 from recipes.init_weights import check_init_from, load_init_weights
+from recipes.labels import class_label
 from recipes.verification import VerificationMetrics
 from recipes.verification_plots import write_report
 
@@ -178,8 +179,7 @@ class DCALTwinsRecipe(Recipe):
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
         img = pick_rgb_image(sample)
         meta = sample.get("json") or {}
-        identity = meta.get("identity", -1)
-        identity = -1 if identity is None else int(identity)
+        identity = class_label(meta, "identity", self.data_info.num_identities, check=train)
         twin = self.data_info.co_twin(identity, meta.get("twin"))
         return {"image": (self.train_tf if train else self.eval_tf)(img),
                 "identity": torch.tensor(identity, dtype=torch.long),

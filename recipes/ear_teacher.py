@@ -315,25 +315,32 @@ class EarTeacherModel(nn.Module):
                                  p.predictor_hidden, p.decoder_width, p.dims, p.depths)
         self.head = (build_identity_head(p.metric_loss, p.projection_dim, p.num_pseudo_classes, s=p.scale,
                                          m=p.margin) if p.metric_loss != "none" else None)
-        self.table_keys = torch.zeros(0, dtype=torch.long)    # sorted key hashes
-        self.table_labels = torch.zeros(0, dtype=torch.long)
+        # sorted key hashes and their labels: buffers, so the lookup runs where the model does
+        # (no copy to the host inside a step); not persistent: the extra state below carries them
+        self.register_buffer("table_keys", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("table_labels", torch.zeros(0, dtype=torch.long), persistent=False)
 
     # The pseudo-label table travels in the state dict ("_extra_state": [2, N] int64).
     def get_extra_state(self) -> torch.Tensor:
-        return torch.stack([self.table_keys, self.table_labels])
+        return torch.stack([self.table_keys, self.table_labels]).cpu()
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        state = torch.as_tensor(state).long().cpu().reshape(2, -1)
-        self.table_keys, self.table_labels = state[0].clone(), state[1].clone()
+        state = torch.as_tensor(state).long().reshape(2, -1)
+        self._set_table(state[0], state[1])
 
     def set_pseudo_labels(self, keys: np.ndarray, labels: np.ndarray) -> None:
         order = np.argsort(keys, kind="stable")
-        self.table_keys = torch.as_tensor(np.asarray(keys, np.int64)[order])
-        self.table_labels = torch.as_tensor(np.asarray(labels, np.int64)[order])
+        self._set_table(torch.as_tensor(np.asarray(keys, np.int64)[order]),
+                        torch.as_tensor(np.asarray(labels, np.int64)[order]))
+
+    def _set_table(self, keys: torch.Tensor, labels: torch.Tensor) -> None:
+        # called between steps (on_epoch_start, loading), never inside forward
+        device = self.table_keys.device
+        self.table_keys, self.table_labels = keys.to(device).clone(), labels.to(device).clone()
 
     def pseudo_labels(self, hashes: torch.Tensor) -> torch.Tensor:
         """The label of every row's key hash, ``-1`` where the table has none."""
-        hashes = hashes.long().reshape(-1).cpu()
+        hashes = hashes.long().reshape(-1).to(self.table_keys.device)
         if self.table_keys.numel() == 0:
             return torch.full_like(hashes, -1)
         pos = torch.searchsorted(self.table_keys, hashes).clamp(max=self.table_keys.numel() - 1)

@@ -49,6 +49,7 @@ from recipes.batch import label_column, move_batch, sample_keys, valid_mask
 from recipes.history_plots import plot_history
 from recipes.image_input import IMAGENET_MEAN, face_transforms, pick_rgb_image
 from recipes.init_weights import check_init_from, load_init_weights
+from recipes.labels import class_label
 
 log = logging.getLogger("biomtl.facecom")
 
@@ -295,13 +296,12 @@ class FaceComRecipe(Recipe):
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
         img = pick_rgb_image(sample)
         meta = sample.get("json") or {}
-        identity = meta.get("identity", -1)
-        identity = -1 if identity is None else int(identity)
-        gender = meta.get("gender", -1)
+        identity = class_label(meta, "identity", self.data_info.num_identities, check=train)
+        gender = class_label(meta, "gender", max(2, len(self.gender_names)), check=train)
         twin = self.data_info.co_twin(identity, meta.get("twin"))
         return {"image": (self.train_tf if train else self.eval_tf)(img),
                 "identity": torch.tensor(identity, dtype=torch.long),
-                "gender": torch.tensor(-1 if gender is None else int(gender), dtype=torch.long),
+                "gender": torch.tensor(gender, dtype=torch.long),
                 "twin": torch.tensor(twin, dtype=torch.long)}
 
     # --- model

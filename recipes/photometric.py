@@ -60,13 +60,14 @@ from torch import nn
 
 from models.backbones import build_backbone
 from models.heads import MagLinear
-from models.losses import DynamicLossWeights, FocalLoss, MagFaceLoss
+from models.losses import DynamicLossWeights, FocalLoss, MagFaceLoss, masked_cross_entropy
 from models.photometric import (ArrayAugment, CbamResNet, GradientReversal, IRSE, PhotometricEncoder,
                                 TimmFeatures)
 from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, RecipeDataError, register
 from recipes.batch import label_column, move_batch, valid_mask
 from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS
+from recipes.labels import class_label
 
 log = logging.getLogger("biomtl.photometric")
 
@@ -258,8 +259,7 @@ class PhotometricModel(nn.Module):
             for a in self.attributes:
                 logits = self.adv_heads[a](reversed_emb)
                 labels = batch.get(a)
-                terms[f"adv_{a}"] = (F.cross_entropy(logits.float(), labels.long(), ignore_index=-1)
-                                     if labels is not None and bool((labels >= 0).any())
+                terms[f"adv_{a}"] = (masked_cross_entropy(logits, labels) if labels is not None
                                      else logits.float().sum() * 0.0)
                 loss = loss + self.adv_weight * terms[f"adv_{a}"]
         out["loss"] = loss
@@ -393,14 +393,6 @@ def _resize(t: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(t[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
 
 
-def _label(meta: Mapping[str, Any], keys: Sequence[str]) -> int:
-    for k in keys:
-        v = meta.get(k)
-        if v is not None:
-            return int(v)
-    return -1
-
-
 # ----------------------------------------------------------------------------- recipe
 
 class _PhotometricBase(Recipe):
@@ -466,9 +458,10 @@ class _PhotometricBase(Recipe):
                 t = self.augment(t)
             out[self.input_key(kind)] = t
         meta = sample.get("json") or {}
-        out["identity"] = torch.tensor(_label(meta, ("identity",)), dtype=torch.long)
-        for a, key, _ in self.tasks:
-            out[a] = torch.tensor(_label(meta, (key,)), dtype=torch.long)
+        out["identity"] = torch.tensor(class_label(meta, "identity", self.data_info.num_identities, check=train),
+                                       dtype=torch.long)
+        for a, key, classes in self.tasks:
+            out[a] = torch.tensor(class_label(meta, key, classes, check=train), dtype=torch.long)
         return out
 
     def input_key(self, kind: str) -> str:

@@ -79,6 +79,7 @@ from recipes.base import ArtifactContext, DataInfo, EvalContext, Metrics, Recipe
 from recipes.batch import label_column, valid_mask
 from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS
+from recipes.labels import class_label
 
 log = logging.getLogger("biomtl.thz")
 
@@ -351,11 +352,6 @@ def image_tensor(img, size: int, chans: int) -> torch.Tensor:
     return t
 
 
-def _label(meta: Mapping[str, Any], key: str) -> int:
-    v = meta.get(key, -1)
-    return -1 if v is None else int(v)
-
-
 # ----------------------------------------------------------------------------- recipe
 
 @register
@@ -394,11 +390,11 @@ class ThzMtlRecipe(Recipe):
         if train and self.augment is not None:
             images = self.augment(images, inputs=("image",))
         meta = sample.get("json") or {}
-        identity = _label(meta, "identity")
+        identity = class_label(meta, "identity", 0, check=False)  # SupCon's: no classifier to fit
         twin = self.data_info.co_twin(identity, meta.get("twin"))
         return {**images, "identity": torch.tensor(identity, dtype=torch.long),
-                "posture": torch.tensor(_label(meta, "posture"), dtype=torch.long),
-                "concealed": torch.tensor(_label(meta, "concealed"), dtype=torch.long),
+                "posture": torch.tensor(class_label(meta, "posture", NUM_POSTURES, check=train), dtype=torch.long),
+                "concealed": torch.tensor(class_label(meta, "concealed", 0, check=False), dtype=torch.long),
                 "twin": torch.tensor(twin, dtype=torch.long)}
 
     # --- model

@@ -432,11 +432,9 @@ def test_forward_backward_all_switches(glca, pwca):
     with torch.no_grad():
         ev = model(_batch())
     assert "pwca_logits" not in ev and torch.isfinite(ev["loss"])
-    with torch.no_grad():                                     # unseen identities: ignored in eval ...
+    with torch.no_grad():                                     # unseen identities: ignored in eval
         assert torch.isfinite(model(dict(_batch(), identity=torch.tensor([7, 8, 9, 9, 2, 2])))["loss"])
-    model.train()
-    with pytest.raises(ValueError, match="out of range"):    # ... but a config error in training
-        model(dict(_batch(), identity=torch.tensor([7, 8, 9, 9, 2, 2])))
+    # (in training, the data path refuses a label the classifier lacks: tests/recipes/test_labels.py)
     # the mean of two 3-class softmaxes of margin-head logits s cos, whose spread is <= 2 s; the
     # mean's sum and halving add 2 roundings
     logit_range = 2 * model.cfg.margin_s

@@ -147,6 +147,22 @@ def test_gradient_reversal_reverses_and_scales_the_gradient():
     assert int(grl.steps) == 5 and "steps" in grl.state_dict()     # a resumed run continues the schedule
 
 
+def test_compiled_gradient_reversal_follows_the_schedule_in_one_graph():
+    """Issue 33: compiled, the step's lambda is that of the step (an in-place count would hand
+    the backward the next step's), with no graph break and no recompile per step."""
+    grl = GradientReversal(total_steps=4, gamma=10).train()
+    torch._dynamo.reset()
+    step = torch.compile(grl, backend="aot_eager", fullgraph=True)
+    lams = []
+    for k in range(5):
+        y = torch.ones(2, requires_grad=True)
+        with torch._dynamo.config.patch(error_on_recompile=k > 0):
+            step(y).sum().backward()
+        lams.append(-float(y.grad[0]))
+    assert lams == pytest.approx([grl_lambda(k / 4) for k in range(5)])
+    assert int(grl.steps) == 5 and "steps" in grl.state_dict()
+
+
 def test_uncertainty_weighting_gradient_sign_on_log_variances():
     w = DynamicLossWeights(["big", "small"])
     total = w({"big": torch.tensor(5.0), "small": torch.tensor(0.2)})

@@ -44,3 +44,20 @@ def test_no_state_and_exact_after_a_half_precision_cast():
 def test_channels_last_layout_is_kept():
     u8 = transforms.PILToTensor()(_image(2))[None].contiguous(memory_format=torch.channels_last)
     assert PixelInput()(u8).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compiled_forward_is_not_recompiled_by_its_second_call():
+    """Issue 33: a forward that fills a cache is recompiled after its first call."""
+    m = PixelInput()
+    torch._dynamo.reset()
+    step = torch.compile(m, backend="eager", fullgraph=True)
+    u8 = transforms.PILToTensor()(_image(3))[None]
+    first = step(u8)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = step(u8)
+    assert torch.equal(first, second) and torch.equal(second, PixelInput()(u8))
+
+
+def test_constants_follow_device_moves_but_not_dtype_casts():
+    m = PixelInput().to(torch.bfloat16).to("meta")
+    assert m._scale.device.type == "meta" and m._scale.dtype == torch.float32
