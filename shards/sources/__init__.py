@@ -33,7 +33,7 @@ Conventions every source follows:
   blocking on them (a fault "not a regular file", like an unreadable file).
 
 Formats: ``folder``, ``cmu``, ``thz``, ``photometric``, ``ear``, ``facecom``,
-``synthetic`` (see each module's docstring).
+``recordio``, ``synthetic`` (see each module's docstring).
 """
 from __future__ import annotations
 
@@ -56,6 +56,7 @@ SOURCES: dict[str, str] = {
     "photometric": "shards.sources.photometric",
     "ear": "shards.sources.ear",
     "facecom": "shards.sources.facecom",
+    "recordio": "shards.sources.recordio",
     "synthetic": "shards.sources.synthetic",
 }
 
@@ -404,20 +405,25 @@ def read_image(path: Path | str, ext: str, stats: bool = True) -> tuple[Field, A
     must then be png). Returns (Field, PIL image with 8-bit samples): the pixels
     training will decode (:mod:`shards.images`; a 16-bit original keeps its
     bytes in the shard, and the reader maps it the same way)."""
+    return image_field(read_file_bytes(path), str(path), ext, stats)
+
+
+def image_field(data: bytes, name: str, ext: str, stats: bool = True) -> tuple[Field, Any]:
+    """:func:`read_image` of bytes already read (e.g. a RecordIO record's payload);
+    ``name`` names the image in faults."""
     from ..images import open_image
 
-    data = read_file_bytes(path)
     try:
-        img = open_image(data, str(path))
+        img = open_image(data, name)
         w, h = img.size
         if w < 1 or h < 1:
             raise ValueError("empty image")
     except Exception as e:  # PIL raises many types for bad data
-        raise SampleError("undecodable image", f"{path}: {type(e).__name__}: {e}") from None
+        raise SampleError("undecodable image", f"{name}: {type(e).__name__}: {e}") from None
     fmt = sniff(data[:64])
     if fmt != ext:
         if ext != "png":
-            raise SampleError("undecodable image", f"{path}: is {fmt}, the dataset stores {ext}")
+            raise SampleError("undecodable image", f"{name}: is {fmt}, the dataset stores {ext}")
         data = encode_png(img)
     return Field(data=data, stats=_pixel_stats(img) if stats else None, size=(w, h)), img
 
@@ -500,6 +506,6 @@ def lower_header(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 __all__ = ["SOURCES", "Source", "Scan", "Item", "Field", "Fault", "SampleError", "InputError", "get_source",
-           "KeyMaker", "sanitize", "natural_key", "choose_image_ext", "read_image", "read_npy", "sniff",
+           "KeyMaker", "sanitize", "natural_key", "choose_image_ext", "read_image", "image_field", "read_npy", "sniff",
            "array_stats", "IMAGE_SUFFIXES", "NotRegularFile", "open_regular", "read_regular", "is_regular",
            "file_type", "npy_header", "inside_input"]
