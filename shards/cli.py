@@ -65,7 +65,8 @@ def build_parser(prog: str = "biomtl shards") -> argparse.ArgumentParser:
                        "DIR/{split}/shard-%06d.tar + DIR/manifest.json + DIR/report.json.")
     c.add_argument("--format", required=True, choices=list(SOURCES), metavar="FORMAT",
                    help=f"input layout: {', '.join(SOURCES)}")
-    c.add_argument("--input", type=Path, help="the raw dataset (a folder; for ear the metadata .npy, .json or .csv)")
+    c.add_argument("--input", type=Path, help="the raw dataset (a folder; for ear the metadata .npy, .json or .csv; "
+                   "for recordio also a .rec file)")
     c.add_argument("--output", type=Path, required=True, help="the shard directory to create")
     c.add_argument("--maxcount", type=_positive, default=1000, help="samples per shard (default 1000)")
     c.add_argument("--maxsize", type=_size, default=1 << 30, help="bytes per shard (default 1G)")

@@ -239,12 +239,16 @@ def _image_keys(fd: int, rec: Path, idx: Path, index: dict[int, int], size: int)
         raise InputError(f"{rec}: record 0 (the header record) is unreadable: {e}") from None
     if flag == 0:
         return list(index), None
-    if len(label) < 2 or not all(math.isfinite(v) for v in label[:2]) or not 1 <= label[0] <= len(index) + 1:
+    if len(label) < 2 or not all(math.isfinite(v) and v >= 1 for v in label[:2]):
         raise InputError(f"{rec}: record 0's header label {label[:2]} is not (first identity record, end)")
-    keys = list(range(1, int(label[0])))
+    end = int(label[0])
+    if end - 1 > len(index):  # (before listing a range that may be huge)
+        raise InputError(f"{rec}: record 0 says the images are keys 1..{end - 1}, {idx.name} lacks some of them "
+                         f"(it lists {len(index)} records)")
+    keys = list(range(1, end))
     missing = [k for k in keys if k not in index]
     if missing:
-        raise InputError(f"{rec}: record 0 says the images are keys 1..{int(label[0]) - 1}, {idx.name} lacks "
+        raise InputError(f"{rec}: record 0 says the images are keys 1..{end - 1}, {idx.name} lacks "
                          f"{len(missing)} of them (first: {missing[0]})")
     return keys, [int(label[0]), int(label[1])]
 
@@ -274,7 +278,7 @@ class RecordIOSource(Source):
 
     def scan(self, input_path: Path | None, args: argparse.Namespace) -> Scan:
         root, rec, idx = _input_files(input_path)
-        prop = root / "property" if rec.name == "train.rec" else rec.with_name("property")
+        prop = root / "property"
         props = read_property(inside_input(prop, root, prop.name)) if prop.is_file() else None
         num_classes = props["num_classes"] if props else None
         scan = Scan(items=[])
