@@ -81,3 +81,16 @@ def test_a_fast_loader_shows_a_small_fraction(tmp_path: Path) -> None:
     # in-memory decoding of 4 tiny PNGs against >= 50 ms of forward per micro-batch
     assert min(float(r["data_fraction"]) for r in rows) < 0.2
     assert sorted(float(r["data_fraction"]) for r in rows)[len(rows) // 2] < 0.3
+
+
+def test_the_interval_line_shows_the_wait(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from dist_train.run_logging import RunLogger
+
+    logger = RunLogger(tmp_path, 4, 0, False, False, False, tracking="none")
+    with caplog.at_level(logging.INFO, logger="biomtl"):
+        logger.log_train(1, 0, {"loss": 1.0, "lr": 0.1, "samples_per_s": 10.0, "step_s": 0.2, "data_s": 0.05,
+                                "data_fraction": 0.25})
+    logger.close()
+    assert "data 0.050 s/step (25%)" in caplog.text
