@@ -1,6 +1,7 @@
 """Everything checked before a run starts: the config file and overrides
 (:func:`dist_train.config.load_config`), the options only the chosen strategy
-and tracker understand (checked by their own modules), the weights files the
+and tracker understand (the DeepSpeed JSON is built here, :func:`deepspeed_json`;
+the trackers are checked by their own module), the weights files the
 recipe parameters name, where the run will write, which splits the data has, and a ``--resume`` checkpoint. A mistake is
 one ``ConfigError`` line before any process group, directory or file exists."""
 from __future__ import annotations
@@ -469,21 +470,16 @@ def deepspeed_json(cfg: Config, world_size: int, precision: str | None = None) -
     return ds
 
 
-
-
 def check_deepspeed_config(cfg: Config, world_size: int | None = None) -> None:
     """Raise a one-line ConfigError where the DeepSpeed JSON contradicts the
     toolkit config, or where this machine cannot run the requested precision.
 
-    Called by config validation (before any process group); ``world_size``
-    defaults to the launcher's (torchrun / SLURM / 1)."""
-    if world_size is None:
-        from launch.env import detect
-
-        world_size = detect().world_size
+    Called by :func:`load_checked_config` (before any process group);
+    ``world_size`` defaults to the launcher's (torchrun / SLURM / 1)."""
     from dist_train.strategies.deepspeed import fp16_supported_here
+    from launch.env import detect
 
-    deepspeed_json(cfg, world_size)
+    deepspeed_json(cfg, detect().world_size if world_size is None else world_size)
     if resolved_precision(cfg) == "fp16" and not fp16_supported_here():
         raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
                           "refuses fp16 on this CPU (no oneDNN fp16): use train.precision=bf16 or fp32")

@@ -93,7 +93,8 @@ def strategy_options(cfg: Config, precision: Precision, world_size: int) -> Stra
         from dist_train.preflight import deepspeed_json
 
         ds_json = deepspeed_json(cfg, world_size, precision.name)
-    return StrategyOptions(precision=precision, grad_accum=t.grad_accum, grad_clip=t.grad_clip,
+    # (no grad_accum: the trainer marks the window boundaries in micro_step; DeepSpeed gets it in its JSON)
+    return StrategyOptions(precision=precision, grad_clip=t.grad_clip,
                            find_unused_parameters=t.find_unused_parameters, compile=t.compile,
                            channels_last=t.channels_last, world_size=world_size, deepspeed_json=ds_json)
 

@@ -23,7 +23,6 @@ class StrategyOptions:
     (the trainer builds it: ``trainer.strategy_options``)."""
 
     precision: Precision  # resolved for the device
-    grad_accum: int = 1  # micro-batches per optimizer step (the trainer marks the boundaries)
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     find_unused_parameters: bool = False  # DDP
     compile: bool = False  # DDP: torch.compile of the training model

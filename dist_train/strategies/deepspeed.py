@@ -294,8 +294,7 @@ class DeepSpeedStrategy(Strategy):
             raise ValueError("DeepSpeedStrategy needs options.deepspeed_json (preflight.deepspeed_json)")
         deepspeed = import_deepspeed()
         self.device = device
-        self.precision = precision = options.precision
-        self.grad_clip = options.grad_clip
+        self.precision = precision = options.precision  # (clipping: the JSON's gradient_clipping)
         world = options.world_size
         if precision.name == "fp16" and not fp16_supported_here():
             raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "

@@ -55,8 +55,8 @@ def test_trainer_builds_the_options_from_the_config(tmp_path: Path) -> None:
         tmp_path, train__grad_clip=2.0, train__grad_accum=3, train__channels_last="true",
         train__find_unused_parameters="true"))
     options = strategy_options(cfg, Precision("fp32", "cpu"), world_size=2)
-    assert (options.grad_clip, options.grad_accum, options.channels_last, options.compile,
-            options.find_unused_parameters, options.world_size) == (2.0, 3, True, False, True, 2)
+    assert (options.grad_clip, options.channels_last, options.compile, options.find_unused_parameters,
+            options.world_size) == (2.0, True, False, True, 2)
     assert options.deepspeed_json is None
 
 
