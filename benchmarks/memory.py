@@ -139,7 +139,7 @@ def worker(args: argparse.Namespace) -> None:
     from recipes.base import DataInfo, get_recipe
     from dist_train.schedulers import build_scheduler
     from dist_train.strategies import build_strategy
-    from dist_train.trainer import build_optimizer
+    from dist_train.trainer import build_optimizer, strategy_options
     from launch.env import detect
 
     overrides = [f"train.precision={args.precision}", f"data.batch_size={args.batch_size}",
@@ -162,10 +162,10 @@ def worker(args: argparse.Namespace) -> None:
         model = recipe.build_model()
         n_params = sum(p.numel() for p in model.parameters())
         strategy = build_strategy(cfg.train.strategy, model=model, device=ctx.device,
-                                  precision=Precision(cfg.train.precision, ctx.device.type),
                                   make_optimizer=build_optimizer(cfg, recipe),
                                   make_scheduler=lambda opt: build_scheduler(cfg.train.scheduler, opt, 100),
-                                  grad_clip=cfg.train.grad_clip, cfg=cfg, world_size=ctx.world_size)
+                                  options=strategy_options(cfg, Precision(cfg.train.precision, ctx.device.type),
+                                                           ctx.world_size))
         strategy.train()
         g = torch.Generator().manual_seed(ctx.rank)
         measured: dict[str, float] = {}

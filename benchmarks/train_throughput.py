@@ -227,7 +227,7 @@ def main() -> int:
     from dist_train.precision import Precision, resolve_precision
     from dist_train.schedulers import build_scheduler
     from dist_train.strategies import build_strategy
-    from dist_train.trainer import LoaderFactory, build_optimizer
+    from dist_train.trainer import LoaderFactory, build_optimizer, strategy_options
     from launch.env import detect
     from recipes.base import get_recipe
     from shards.manifest import Manifest
@@ -251,11 +251,10 @@ def main() -> int:
 
         def make_strategy(cfg: Any) -> Any:
             seed_everything(cfg.experiment.seed)
-            return build_strategy(cfg.train.strategy, model=recipe.build_model(), device=device, precision=prec,
+            return build_strategy(cfg.train.strategy, model=recipe.build_model(), device=device,
                                   make_optimizer=build_optimizer(cfg, recipe),
                                   make_scheduler=lambda opt: build_scheduler(cfg.train.scheduler, opt, 10 ** 6),
-                                  grad_clip=cfg.train.grad_clip, find_unused_parameters=cfg.train.find_unused_parameters,
-                                  cfg=cfg, world_size=1)
+                                  options=strategy_options(cfg, prec, world_size=1))
 
         eager = load_config(args.config, [*overrides, "train.compile=false"])
         flops = step_flops(make_strategy(eager), batches[0])

@@ -134,7 +134,6 @@ class CheckpointConfig:
     top_k: int = 1
     every_steps: int = 0  # periodic checkpoints kept forever; 0 = off
     every_epochs: int = 0  # also kept forever: at the end of every N-th epoch; 0 = off
-    save_last: bool = True
 
 
 @dataclass
@@ -186,7 +185,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
+def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
@@ -208,7 +207,7 @@ def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
                     return None
                 continue
             try:
-                return _coerce(value, option, key, finite)
+                return _coerce(value, option, key)
             except ConfigError as exc:
                 errors.append(str(exc))
         if len(errors) == 1:  # Optional[X]: X's own message says more
@@ -218,7 +217,7 @@ def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         item_tp = args[0] if args else Any
-        return [_coerce(v, item_tp, f"{key}[{i}]", finite) for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
@@ -243,7 +242,7 @@ def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
                 pass
         if number is None:
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if finite and not math.isfinite(number):
+        if not math.isfinite(number):
             raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return number
     if tp is str:
@@ -255,6 +254,12 @@ def _coerce(value: Any, tp: Any, key: str, finite: bool = True) -> Any:
     raise ConfigError(f"{key}: unsupported config type {tp!r}")
 
 
+# Keys earlier versions accepted: a user's config that still sets one gets one line
+# saying so (as for any unknown key); a config stored in an older checkpoint or
+# model.pt drops them (config_from_dict), since biomtl wrote it.
+REMOVED_KEYS = {"checkpoint.save_last": "it never changed anything: checkpoints/latest is always kept"}
+
+
 def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Instantiate ``cls`` from ``data`` checking keys, types and paths."""
     hints = typing.get_type_hints(cls)
@@ -263,8 +268,10 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
+            if full in REMOVED_KEYS:
+                raise ConfigError(f"{full}: removed ({REMOVED_KEYS[full]}); delete it from the config")
             raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), fields)}")
-        value = _coerce(value, hints[key], full, finite=not fields[key].metadata.get("nonfinite"))
+        value = _coerce(value, hints[key], full)
         if fields[key].metadata.get("path") and value and not Path(value).exists():
             raise ConfigError(f"{full}: path does not exist: {value}")
         kwargs[key] = value
@@ -555,15 +562,27 @@ def resolved_config_dict(cfg: Config) -> dict[str, Any]:
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
     """Rebuild a Config saved in a checkpoint (paths there need not exist here)."""
+    tree = _without_removed_keys(tree)
     cfg = build_dataclass(Config, {**tree, "data": {**tree["data"], "shards": ""},
                                    "deepspeed": {"config": ""}})
     cfg.data.shards = tree["data"].get("shards", "")
     return cfg
 
 
+def _without_removed_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    out = dict(tree)
+    for dotted in REMOVED_KEYS:
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
     """``(dotted key, old value, new value)`` for every leaf that differs
     between two resolved config dicts (a resumed checkpoint's and this run's)."""
+    if prefix.rstrip(".") in REMOVED_KEYS:  # an older checkpoint's: no setting of this run
+        return []
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in list(old) + [k for k in new if k not in old]:

@@ -1,11 +1,14 @@
 """Everything checked before a run starts: the config file and overrides
 (:func:`dist_train.config.load_config`), the options only the chosen strategy
-and tracker understand (checked by their own modules), the weights files the
+and tracker understand (the DeepSpeed JSON is built here, :func:`deepspeed_json`;
+the trackers are checked by their own module), the weights files the
 recipe parameters name, where the run will write, which splits the data has, and a ``--resume`` checkpoint. A mistake is
 one ``ConfigError`` line before any process group, directory or file exists."""
 from __future__ import annotations
 
 import errno
+import json
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -18,9 +21,7 @@ from dist_train.config import (NO_SPLIT, Config, ConfigError, DataConfig, config
 def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     cfg = load_config(path, list(overrides))
     if cfg.train.strategy == "deepspeed":  # JSON vs toolkit batch/precision settings; fp16 on this device
-        from dist_train.strategies.deepspeed import check_toolkit_config
-
-        check_toolkit_config(cfg)
+        check_deepspeed_config(cfg)
     if cfg.logging.tracking == "mlflow":  # an optional extra
         from dist_train.tracking import require_mlflow
 
@@ -339,3 +340,146 @@ def _compare_shapes(where: str, found: Mapping[str, tuple[int, ...]], expected: 
         parts.append(f"{len(unexpected)} not in this model (e.g. {unexpected[0]})")
     raise ConfigError(f"{where}: the checkpoint does not fit the {recipe} model this config builds: "
                       f"{'; '.join(parts)}; resume with the run's own recipe.params and data (its config.yaml)")
+
+
+# ---------------------------------------------------------------------------
+# The DeepSpeed config: the user's JSON + what the toolkit config decides.
+#
+# DeepSpeed key                   comes from
+# train_micro_batch_size_per_gpu  data.batch_size (micro-batch per rank)
+# gradient_accumulation_steps     train.grad_accum
+# train_batch_size                micro-batch x accumulation x world size
+# gradient_clipping               train.grad_clip
+# bf16.enabled / fp16.enabled     train.precision
+# optimizer / scheduler           none: the toolkit's own torch optimizer and LR
+#                                 schedule are passed to deepspeed.initialize
+#
+# A value the JSON sets differently is one ConfigError line, before any process
+# group exists; the trainer builds the same dict again with the real world size
+# and device precision and hands it to the strategy (StrategyOptions.deepspeed_json).
+
+_PRECISION_SECTIONS = {"bf16": "bf16", "fp16": "fp16"}
+
+
+def load_user_ds_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"deepspeed.config: cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed.config {path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"deepspeed.config {path}: the top level must be a JSON object")
+    return data
+
+
+def _is_set(value: Any) -> bool:
+    return value is not None and value != "auto"
+
+
+def _enabled(section: Any) -> bool:
+    if not isinstance(section, Mapping):
+        return False
+    value = section.get("enabled", False)
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def resolved_precision(cfg: Config) -> str:
+    """``train.precision`` with ``auto`` resolved for the device the run will
+    use (a GPU where one is visible, as ``distributed.pick_device``)."""
+    import torch
+
+    from dist_train.precision import resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_precision(cfg.train.precision, device) if cfg.train.precision == "auto" else cfg.train.precision
+
+
+def deepspeed_json(cfg: Config, world_size: int, precision: str | None = None) -> dict[str, Any]:
+    """The dict given to ``deepspeed.initialize``: the user's JSON with the
+    batch, clipping and precision keys written from the toolkit config.
+    ``precision``: the resolved one (bf16 | fp16 | fp32); default: from ``cfg``."""
+    src = cfg.deepspeed.config
+    user = load_user_ds_config(src)
+    micro, accum, clip = cfg.data.batch_size, cfg.train.grad_accum, cfg.train.grad_clip
+    derived = {
+        "train_micro_batch_size_per_gpu": (micro, "data.batch_size"),
+        "gradient_accumulation_steps": (accum, "train.grad_accum"),
+        "train_batch_size": (micro * accum * world_size,
+                             f"data.batch_size x train.grad_accum x world size ({micro}x{accum}x{world_size})"),
+    }
+
+    def contradiction(key: str, value: Any, ours: Any, where: str) -> ConfigError:
+        return ConfigError(f"deepspeed.config {src}: {key}={value!r} contradicts {where}={ours!r}; the toolkit "
+                           f"derives {key} from {where.split(' ')[0]}: remove it from the JSON or make them equal")
+
+    for key, (ours, where) in derived.items():
+        value = user.get(key)
+        if _is_set(value) and value != ours:
+            raise contradiction(key, value, ours, where)
+    value = user.get("gradient_clipping")
+    if _is_set(value) and not (isinstance(value, (int, float)) and math.isclose(float(value), clip)):
+        raise contradiction("gradient_clipping", value, clip, "train.grad_clip")
+    precision = precision or resolved_precision(cfg)
+    for name, key in (("bf16", "bf16"), ("bf16", "bfloat16"), ("fp16", "fp16")):
+        if _enabled(user.get(key)) and precision != name:
+            shown = repr(cfg.train.precision) + (f" (= {precision} here)" if cfg.train.precision == "auto" else "")
+            raise ConfigError(f"deepspeed.config {src}: {key}.enabled=true contradicts train.precision={shown}; "
+                              "the toolkit writes the precision sections from train.precision: remove "
+                              f"'enabled' from the JSON or set train.precision={name}")
+    if _enabled(user.get("amp")) or _enabled(user.get("torch_autocast")):
+        raise ConfigError(f"deepspeed.config {src}: 'amp'/'torch_autocast' are not supported; mixed precision "
+                          "comes from train.precision (DeepSpeed's bf16/fp16 sections)")
+    for key, toolkit in (("optimizer", "train.optimizer, train.lr, train.betas, train.weight_decay"),
+                         ("scheduler", "train.scheduler")):
+        if key in user:
+            raise ConfigError(f"deepspeed.config {src}: remove the '{key}' section; the toolkit passes its own "
+                              f"torch {key} (from {toolkit}) to deepspeed.initialize")
+    zero = user.get("zero_optimization", {})
+    if not isinstance(zero, Mapping):
+        raise ConfigError(f"deepspeed.config {src}: zero_optimization must be a JSON object")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"deepspeed.config {src}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+
+    ds = json.loads(json.dumps(user))  # a deep copy
+    for key, (ours, _) in derived.items():
+        ds[key] = ours
+    ds["gradient_clipping"] = clip
+    ds.pop("bfloat16", None)  # legacy alias of "bf16"
+    for name, key in _PRECISION_SECTIONS.items():
+        section = dict(user.get(key) or user.get("bfloat16" if name == "bf16" else key) or {})
+        section["enabled"] = precision == name
+        ds[key] = section
+    ds["zero_optimization"] = dict(zero)
+    ds["zero_optimization"]["stage"] = stage
+    # The optimizer is the toolkit's torch optimizer (AdamW / SGD): no
+    # FusedAdam / DeepSpeedCPUAdam JIT build (~80 s on CPU). ZeRO calls SGD
+    # "untested"; with optimizer offload DeepSpeed insists on its CPU Adam
+    # unless told otherwise: the torch optimizer then steps the fp32
+    # partitions on the CPU.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    offload = ds["zero_optimization"].get("offload_optimizer") or {}
+    if isinstance(offload, Mapping) and offload.get("device", "none") not in ("none", None):
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    # The toolkit logs every optimizer step itself; DeepSpeed's own progress
+    # print is off unless the JSON asks for it.
+    ds.setdefault("steps_per_print", 2**31 - 1)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def check_deepspeed_config(cfg: Config, world_size: int | None = None) -> None:
+    """Raise a one-line ConfigError where the DeepSpeed JSON contradicts the
+    toolkit config, or where this machine cannot run the requested precision.
+
+    Called by :func:`load_checked_config` (before any process group);
+    ``world_size`` defaults to the launcher's (torchrun / SLURM / 1)."""
+    from dist_train.strategies.deepspeed import fp16_supported_here
+    from launch.env import detect
+
+    deepspeed_json(cfg, detect().world_size if world_size is None else world_size)
+    if resolved_precision(cfg) == "fp16" and not fp16_supported_here():
+        raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
+                          "refuses fp16 on this CPU (no oneDNN fp16): use train.precision=bf16 or fp32")

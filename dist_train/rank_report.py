@@ -13,6 +13,9 @@ a misconfigured interface or a straggling host in a multi-node run.
   took (loading, computing, anything it did alone), and the slowest rank is the
   one with the largest value. A wait inside the gradient all-reduce (a rank
   computing slower during backward) still lands in every rank's own time.
+- :class:`LoaderWait`: how long the training loop sat blocked on its loader
+  (open_clip's ``data_time`` beside ``batch_time``): a starved accelerator
+  shows as a large fraction of the step, without a profiler.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import os
 import socket
 import struct
 import time
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -82,6 +86,35 @@ class StepTimer:
         times[self.rank] = own
         dist.all_reduce(times)
         return times.cpu().tolist()
+
+
+class LoaderWait:
+    """Seconds spent blocked in ``next`` on a loader, summed until :meth:`take`.
+
+    Host time only, with no synchronisation of its own: on CUDA the loop reads
+    every micro-batch's loss as a Python float (which waits for the queued
+    forward and backward) before it asks for the next batch, so the time
+    measured here is the loader's, not kernels still running."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        it = iter(loader)
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - started
+            yield batch
+
+    def take(self) -> float:
+        """The seconds waited since the last call; restarts the count."""
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 def weights_digest(module: torch.nn.Module) -> str:

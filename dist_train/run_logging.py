@@ -74,7 +74,9 @@ class CsvLog:
 
 # performance columns (throughput, gradient norm, per-rank step time from dist_train/rank_report.py):
 # TensorBoard's perf/ section, not losses to plot
-PERF_KEYS = ("samples_per_s", "grad_norm", "step_s_slowest", "slowest_rank")
+# step_s: wall seconds per optimizer step; data_s: of them, blocked on the training
+# loader (summed over the step's micro-batches); data_fraction = data_s / step_s
+PERF_KEYS = ("samples_per_s", "grad_norm", "step_s_slowest", "slowest_rank", "step_s", "data_s", "data_fraction")
 
 
 def plot_curves(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]], out: Path) -> None:
@@ -126,6 +128,13 @@ def plot_curves(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]
         plt.close(fig)
 
 
+def _data_wait(values: Mapping[str, float]) -> str:
+    """'0.012 s/step (8%)': the step's wait for the training loader, for the interval line."""
+    if "data_s" not in values:
+        return "-"
+    return f"{values['data_s']:.3f} s/step ({100 * values.get('data_fraction', 0.0):.0f}%)"
+
+
 class RunLogger:
     """Rank 0's sink for everything a run reports."""
 
@@ -158,10 +167,11 @@ class RunLogger:
         if self.live:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[sps]} samples/s"),
+                TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[sps]} samples/s  "
+                           "data {task.fields[data]}"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console)
             self.task = self.progress.add_task("train", total=total_steps, completed=start_step,
-                                               loss="-", lr="-", sps="-")
+                                               loss="-", lr="-", sps="-", data="-")
             self.progress.start()
         self.total_steps = total_steps
 
@@ -177,10 +187,12 @@ class RunLogger:
             self.tracker.log_metrics(tags, step)
         if self.progress:
             self.progress.update(self.task, completed=step, loss=f"{values.get('loss', float('nan')):.4f}",
-                                 lr=f"{values.get('lr', 0):.2e}", sps=f"{values.get('samples_per_s', 0):.0f}")
+                                 lr=f"{values.get('lr', 0):.2e}", sps=f"{values.get('samples_per_s', 0):.0f}",
+                                 data=_data_wait(values))
         else:
-            log.info("step %d/%d  epoch %d  loss %.4f  lr %.2e  %.0f samples/s", step, self.total_steps, epoch,
-                     values.get("loss", float("nan")), values.get("lr", 0), values.get("samples_per_s", 0))
+            log.info("step %d/%d  epoch %d  loss %.4f  lr %.2e  %.0f samples/s  data %s", step, self.total_steps,
+                     epoch, values.get("loss", float("nan")), values.get("lr", 0), values.get("samples_per_s", 0),
+                     _data_wait(values))
 
     MAX_SHARDS_LISTED = 5
 

@@ -20,11 +20,12 @@ from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, 
 from dist_train.config import Config, ConfigError, config_changes, resolved_config_dict, validates
 from dist_train.distributed import DistContext
 from dist_train.precision import Precision, resolve_precision
-from dist_train.rank_report import StepTimer, straggler
+from dist_train.rank_report import LoaderWait, StepTimer, straggler
 from dist_train.run_logging import NullLogger, RunLogger
 from dist_train.schedulers import build_scheduler
-from dist_train.strategies import Strategy, build_strategy
+from dist_train.strategies import Strategy, StrategyOptions, build_strategy
 from recipes.base import ArtifactContext, Recipe
+from shards.reading import ShardLoader
 
 log = logging.getLogger("biomtl")
 
@@ -83,6 +84,21 @@ def build_optimizer(cfg: Config, recipe: Recipe) -> Callable[[torch.nn.Module], 
     return make
 
 
+def strategy_options(cfg: Config, precision: Precision, world_size: int) -> StrategyOptions:
+    """What the strategy gets of the config: its own options (with DeepSpeed, the
+    JSON built and checked by the preflight's builder for this world and precision)."""
+    t = cfg.train
+    ds_json = None
+    if t.strategy == "deepspeed":
+        from dist_train.preflight import deepspeed_json
+
+        ds_json = deepspeed_json(cfg, world_size, precision.name)
+    # (no grad_accum: the trainer marks the window boundaries in micro_step; DeepSpeed gets it in its JSON)
+    return StrategyOptions(precision=precision, grad_clip=t.grad_clip,
+                           find_unused_parameters=t.find_unused_parameters, compile=t.compile,
+                           channels_last=t.channels_last, world_size=world_size, deepspeed_json=ds_json)
+
+
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext, recipe: Recipe, data_dir: Path, run_dir: Path,
                  loaders: "LoaderFactory", after_step: Callable[[int, int], None] | None = None):
@@ -100,11 +116,9 @@ class Trainer:
         self.precision = Precision(resolve_precision(cfg.train.precision, ctx.device), ctx.device.type)
         model = recipe.build_model()
         self.strategy: Strategy = build_strategy(
-            cfg.train.strategy, model=model, device=ctx.device, precision=self.precision,
-            make_optimizer=build_optimizer(cfg, recipe),
+            cfg.train.strategy, model=model, device=ctx.device, make_optimizer=build_optimizer(cfg, recipe),
             make_scheduler=lambda opt: build_scheduler(cfg.train.scheduler, opt, self.total_steps),
-            grad_clip=cfg.train.grad_clip, find_unused_parameters=cfg.train.find_unused_parameters, cfg=cfg,
-            world_size=ctx.world_size)
+            options=strategy_options(cfg, self.precision, ctx.world_size))
         self.checkpoints = CheckpointManager(
             checkpoint_path(run_dir).parent,
             CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,
@@ -112,6 +126,7 @@ class Trainer:
             owner=distributed.broadcast_object(staging_owner()))
         self.validates = validates(cfg)
         self.step_timer = StepTimer(ctx.device, ctx.rank, ctx.world_size)  # per-rank step time: stragglers
+        self.loader_wait = LoaderWait()  # time blocked on the training loader, logged beside the step time
         self.val_points = self._validation_steps() if self.validates else set()
         if not self.validates:
             log.info("no validation (data.val_split=%s): only checkpoints/%s is kept, no best or top-k",
@@ -222,8 +237,8 @@ class Trainer:
                 self.strategy.train()
                 epoch_start = time.perf_counter()
                 window_terms: dict[str, float] = {}
-                interval = {"terms": {}, "windows": 0, "samples": 0, "t0": time.perf_counter()}
-                for batch in loader:
+                interval = self._new_interval()
+                for batch in self.loader_wait.batches(loader):
                     i = st.batch_in_epoch
                     window_start = (i // accum) * accum
                     window_len = min(accum, n - window_start)  # a short last window still averages right
@@ -246,7 +261,7 @@ class Trainer:
                     window_terms = {}
                     if st.step % cfg.train.log_every_steps == 0 or st.step in (1, self.total_steps):
                         self._log_interval(logger, interval, stats)
-                        interval = {"terms": {}, "windows": 0, "samples": 0, "t0": time.perf_counter()}
+                        interval = self._new_interval()
                     else:
                         logger.advance(st.step)
                     epoch_done = st.batch_in_epoch >= n
@@ -299,17 +314,26 @@ class Trainer:
                                gather=distributed.all_gather_objects, publish=atomic_write,
                                read_images=self.loaders.read_images, validation_history=validation_history)
 
+    def _new_interval(self) -> dict[str, Any]:
+        """A log interval starting now (the loader wait counts from here too)."""
+        self.loader_wait.take()
+        return {"terms": {}, "windows": 0, "samples": 0, "t0": time.perf_counter()}
+
     def _log_interval(self, logger: Any, interval: dict[str, Any], stats: Any) -> None:
         windows = max(interval["windows"], 1)
         keys = sorted(interval["terms"])
-        local = torch.tensor([interval["terms"][k] / windows for k in keys], dtype=torch.float64)
+        # the loader wait rides along with the loss terms: the mean over the ranks, no extra collective
+        local = torch.tensor([interval["terms"][k] / windows for k in keys] + [self.loader_wait.take() / windows],
+                             dtype=torch.float64)
         if dist.is_initialized() and dist.get_world_size() > 1:
             local = local.to(self.ctx.device)
             dist.all_reduce(local)
             local = local.cpu() / dist.get_world_size()
         seconds = max(time.perf_counter() - interval["t0"], 1e-9)
         values = {k: float(v) for k, v in zip(keys, local)}
-        values.update(lr=stats.lr, grad_norm=stats.grad_norm, samples_per_s=interval["samples"] / seconds)
+        step_s, data_s = seconds / windows, float(local[-1])
+        values.update(lr=stats.lr, grad_norm=stats.grad_norm, samples_per_s=interval["samples"] / seconds,
+                      step_s=step_s, data_s=data_s, data_fraction=min(data_s / step_s, 1.0))
         per_rank = self.step_timer.per_rank(seconds, windows)
         slowest = max(range(len(per_rank)), key=per_rank.__getitem__)
         values.update(step_s_slowest=per_rank[slowest], slowest_rank=slowest)
@@ -376,7 +400,7 @@ _SCHEDULE_KEYS = ("train.lr", "train.weight_decay", "train.betas", "train.moment
 def _schedule_snapshot(strategy: Strategy) -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
     """The optimizer's hyper-parameters and the LR scheduler's state as this
     config built them (step 0), or None for a strategy without a torch scheduler."""
-    scheduler = getattr(strategy, "scheduler", None)
+    scheduler = strategy.scheduler
     if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
         return None
     groups = [copy.deepcopy({k: v for k, v in g.items() if k != "params"}) for g in scheduler.optimizer.param_groups]
@@ -415,7 +439,7 @@ class LoaderFactory:
         # page-locked batches: the strategies' non_blocking copies overlap with compute only from them
         self.pin_memory = ctx.device.type == "cuda"
 
-    def train(self, epoch: int, skip_batches: int = 0):
+    def train(self, epoch: int, skip_batches: int = 0) -> ShardLoader:
         d = self.cfg.data
         if d.batching != "stream":  # twin-aware P×K or triplet batches (shards/batching.py)
             from shards import batching
@@ -438,33 +462,27 @@ class LoaderFactory:
     def train_batches_per_epoch(self) -> int:
         return len(self.train(0))
 
-    def corrupt_count(self, loader: Any) -> int:
-        counter = getattr(loader, "corrupt_count", None)
-        return int(counter()) if callable(counter) else 0
-
-    def corrupt_summary(self, loader: Any) -> dict[str, Any]:
+    def corrupt_summary(self, loader: ShardLoader) -> dict[str, Any]:
         """What ``loader`` lost on all ranks in its last iteration: ``{"samples": n,
         "shards": {shard: n}}``. A collective: every rank calls it at the same point."""
-        own = getattr(loader, "corrupt_summary", None)
-        mine = own() if callable(own) else {"samples": self.corrupt_count(loader), "shards": {}}
         shards: dict[str, int] = {}
         total = 0
-        for part in distributed.all_gather_objects(mine):
+        for part in distributed.all_gather_objects(loader.corrupt_summary()):
             total += int(part["samples"])
             for name, n in part["shards"].items():
                 shards[name] = shards.get(name, 0) + int(n)
         return {"samples": total, "shards": shards}
 
-    def _eval(self, split: str):
+    def _eval(self, split: str) -> ShardLoader:
         d = self.cfg.data
         return self.stream.build_eval_loader(self.data_dir, split, self.recipe.transform, d.batch_size,
                                              self.ctx.rank, self.ctx.world_size, d.num_workers,
                                              verify_checksums=d.verify_checksums)
 
-    def val(self):
+    def val(self) -> ShardLoader:
         return self._eval(self.cfg.data.val_split)
 
-    def train_eval(self):
+    def train_eval(self) -> ShardLoader:
         """The training split with the evaluation transform, each sample once over the ranks."""
         return self._eval(self.cfg.data.train_split)
 
@@ -472,7 +490,7 @@ class LoaderFactory:
         roles = {"val": self.cfg.data.val_split, "test": self.cfg.data.test_split}
         return roles if validates(self.cfg) else {"test": roles["test"]}
 
-    def eval_loaders(self) -> dict[str, Any]:
+    def eval_loaders(self) -> dict[str, ShardLoader]:
         from shards.manifest import Manifest
 
         splits = Manifest.load(self.data_dir).splits

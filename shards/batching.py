@@ -85,8 +85,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest
-from .reading import (DATA_ERRORS, CorruptDataError, CorruptTally, CorruptTracker, Shard, WorkerInit, checksum_problem,
-                      collate, decode_sample, derive_seed, iterate_batches, preserved_global_rngs, seed_global_rngs,
+from .reading import (DATA_ERRORS, CorruptDataError, CorruptTracker, Shard, ShardLoader, WorkerInit, checksum_problem,
+                      collate, decode_sample, derive_seed, preserved_global_rngs, seed_global_rngs,
                       shards_of, tar_members)
 
 log = logging.getLogger("shards.batching")
@@ -552,7 +552,7 @@ class _IndexedStream(IterableDataset):
             reader.close()
 
 
-class IndexedTrainLoader:
+class IndexedTrainLoader(ShardLoader):
     """The P×K / triplet training loader of one rank for one epoch: exactly
     ``len(self)`` batches (``len - skip_batches`` when resuming)."""
 
@@ -567,6 +567,7 @@ class IndexedTrainLoader:
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
         if not 0.0 <= twin_prob <= 1.0:
             raise ValueError(f"twin_prob must be in [0, 1], got {twin_prob}")
+        super().__init__()
         self.data_dir = Path(data_dir)
         self.manifest = Manifest.load(self.data_dir)
         total = self.manifest.split_size(split) if split in self.manifest.splits else None
@@ -601,42 +602,20 @@ class IndexedTrainLoader:
                           rank=int(rank), world_size=int(world_size), workers=max(1, self.num_workers),
                           seed=int(seed), epoch=int(epoch), skip_batches=int(skip_batches),
                           max_corrupt_fraction=float(max_corrupt_fraction), anchors=anchors)
-        self._corrupt = CorruptTally()
+        self.skip_batches, self.kind = self.plan.skip_batches, mode
 
-    def __len__(self) -> int:
-        return self.plan.num_batches
-
-    @property
-    def num_remaining(self) -> int:
-        return max(0, self.plan.num_batches - self.plan.skip_batches)
-
-    def corrupt_count(self) -> int:
-        """Samples found unusable when indexing the split, plus those that failed
-        to read/decode/transform in the current/last iteration of this rank."""
-        return self._corrupt.count() + self.plan.index.total_lost
-
-    def corrupt_summary(self) -> dict[str, Any]:
-        """``{"samples": lost samples, "shards": {shard: lost samples}}``: what
-        :meth:`corrupt_count` counts, per shard."""
-        return self._corrupt.summary(self.plan.index.lost)
+    def lost_before_iterating(self) -> dict[str, int]:
+        """Samples found unusable when indexing the split (the iteration's own losses come on top)."""
+        return dict(self.plan.index.lost)
 
     def batch_rows(self, j: int) -> list[tuple]:
         """The sample indices of batch ``j`` (P×K: (identity, sample); triplet:
         (anchor, positive, negative, negative-is-co-twin)) — for tests/tools."""
         return self.plan.batch_rows(j)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self._corrupt.reset()
+    def stream(self) -> tuple[_IndexedStream, WorkerInit]:
         p = self.plan
-        ds = _IndexedStream(p, self.transform)
-        init = WorkerInit(p.seed, p.epoch, p.rank, p.mode)
-        n = 0
-        for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context, self.prefetch_factor):
-            self._corrupt.add(batch)
-            n += 1
-            yield batch
-        if n != self.num_remaining:
-            raise RuntimeError(f"{p.mode} stream of rank {p.rank} yielded {n} batches, expected {self.num_remaining}")
+        return _IndexedStream(p, self.transform), WorkerInit(p.seed, p.epoch, p.rank, p.mode)
 
 
 def build_pk_loader(data_dir, split: str, transform: Callable[..., dict], P: int, K: int, rank: int,

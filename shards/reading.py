@@ -475,6 +475,65 @@ def iterate_batches(ds: IterableDataset, num_workers: int, init: WorkerInit, pin
             shutdown()
 
 
+class ShardLoader:
+    """What every loader of shard batches offers (the streaming train and eval
+    loaders, the P×K / triplet loader): ``len(loader)`` batches per epoch on
+    every rank, ``num_remaining`` of them yielded by one iteration (fewer when
+    resuming mid-epoch), and the samples lost to corrupt data in the
+    current/last iteration. A subclass sets ``plan`` (with ``num_batches``,
+    ``rank``), the DataLoader settings, and says which stream it iterates."""
+
+    plan: Any
+    transform: Callable[..., dict]
+    num_workers: int
+    pin_memory: bool
+    mp_context: str | None
+    prefetch_factor: int
+    skip_batches: int = 0
+    kind: str = "loader"  # named in the batch-count error
+
+    def __init__(self) -> None:
+        self._corrupt = CorruptTally()
+
+    def __len__(self) -> int:
+        return self.plan.num_batches
+
+    @property
+    def num_remaining(self) -> int:
+        """Batches one iteration yields (``len - skip_batches``, at least 0)."""
+        return max(0, len(self) - self.skip_batches)
+
+    def lost_before_iterating(self) -> dict[str, int]:
+        """Samples per shard found unusable before any iteration (an index built up front)."""
+        return {}
+
+    def corrupt_summary(self) -> dict[str, Any]:
+        """``{"samples": lost samples, "shards": {shard: lost samples}}`` of the
+        current/last iteration of this rank (plus :meth:`lost_before_iterating`)."""
+        return self._corrupt.summary(self.lost_before_iterating())
+
+    def corrupt_count(self) -> int:
+        """Samples lost to corrupt data: :meth:`corrupt_summary`'s total."""
+        return self._corrupt.count() + sum(self.lost_before_iterating().values())
+
+    def stream(self) -> tuple[IterableDataset, WorkerInit]:
+        """The dataset one iteration reads and the seeding of its workers."""
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._corrupt.reset()
+        ds, init = self.stream()
+        n = 0
+        for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context,
+                                     self.prefetch_factor):
+            self._corrupt.add(batch)
+            n += 1
+            yield batch
+        if n != self.num_remaining:  # would desynchronise the ranks' collectives
+            raise RuntimeError(f"{self.kind} stream of rank {self.plan.rank} yielded {n} batches, expected "
+                               f"{self.num_remaining}")
+
+
 def expected_fields(manifest: Manifest, fields: Sequence[str] | None) -> frozenset[str] | None:
     """The fields every sample should have (manifest modalities, within ``fields``)."""
     if not manifest.modalities:

@@ -73,8 +73,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest
-from .reading import (DATA_ERRORS, CorruptDataError, CorruptTally, CorruptTracker, Shard, ShardReader, WorkerInit,
-                      collate, decode_sample, derive_seed, expected_fields, iterate_batches, preserved_global_rngs,
+from .reading import (DATA_ERRORS, CorruptDataError, CorruptTracker, Shard, ShardLoader, ShardReader, WorkerInit,
+                      collate, decode_sample, derive_seed, expected_fields, preserved_global_rngs,
                       seed_global_rngs, shards_of)
 
 log = logging.getLogger("shards.stream")
@@ -316,9 +316,11 @@ class _TrainStream(IterableDataset):
             yield batch
 
 
-class TrainLoader:
+class TrainLoader(ShardLoader):
     """Exactly ``len(self)`` batches per epoch on every rank (``len - skip_batches``
     are yielded when resuming). Iterating again replays the same epoch."""
+
+    kind = "train"
 
     def __init__(self, data_dir, split, transform, batch_size, rank, world_size, num_workers, seed, epoch,
                  skip_batches=0, shuffle_buffer=1000, max_corrupt_fraction=0.01, fields=None,
@@ -329,6 +331,7 @@ class TrainLoader:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if skip_batches < 0:
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        super().__init__()
         self.data_dir = Path(data_dir)
         self.manifest = Manifest.load(self.data_dir)
         shards = shards_of(self.data_dir, self.manifest, split)
@@ -346,38 +349,11 @@ class TrainLoader:
             fields=None if fields is None else frozenset(fields),
             expect=expected_fields(self.manifest, fields), resampled=bool(resampled),
             verify_checksums=bool(verify_checksums))
-        self._corrupt = CorruptTally()
+        self.skip_batches = self.plan.skip_batches
 
-    def __len__(self) -> int:
-        return self.plan.num_batches
-
-    @property
-    def num_remaining(self) -> int:
-        """Batches one iteration yields (``len - skip_batches``, at least 0)."""
-        return max(0, self.plan.num_batches - self.plan.skip_batches)
-
-    def corrupt_count(self) -> int:
-        """Samples lost to corrupt data in the current/last iteration of this rank."""
-        return self._corrupt.count()
-
-    def corrupt_summary(self) -> dict[str, Any]:
-        """``{"samples": lost samples, "shards": {shard: lost samples}}`` of the
-        current/last iteration of this rank."""
-        return self._corrupt.summary()
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self._corrupt.reset()
+    def stream(self) -> tuple[_TrainStream, WorkerInit]:
         p = self.plan
-        ds = _TrainStream(p, self.transform)
-        init = WorkerInit(p.seed, p.epoch, p.rank, "train")
-        n = 0
-        for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context,
-                              self.prefetch_factor):
-            self._corrupt.add(batch)
-            n += 1
-            yield batch
-        if n != self.num_remaining:  # would desynchronise the ranks' collectives
-            raise RuntimeError(f"train stream of rank {p.rank} yielded {n} batches, expected {self.num_remaining}")
+        return _TrainStream(p, self.transform), WorkerInit(p.seed, p.epoch, p.rank, "train")
 
 
 def build_train_loader(data_dir, split: str, transform: Callable[..., dict], batch_size: int, rank: int,
@@ -545,10 +521,12 @@ class _EvalStream(IterableDataset):
         return batch
 
 
-class EvalLoader:
+class EvalLoader(ShardLoader):
     """Every sample of the split exactly once over all ranks (``_valid`` True),
     in manifest order; the same number of batches on every rank (padding rows
     repeat a sample with ``_valid`` False)."""
+
+    kind = "eval"
 
     def __init__(self, data_dir, split, transform, batch_size, rank, world_size, num_workers=0,
                  max_corrupt_fraction=0.01, fields=None, pin_memory=False, mp_context=None, prefetch_factor=2,
@@ -557,6 +535,7 @@ class EvalLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        super().__init__()
         self.data_dir = Path(data_dir)
         self.manifest = Manifest.load(self.data_dir)
         shards = shards_of(self.data_dir, self.manifest, split)
@@ -574,32 +553,9 @@ class EvalLoader:
                               fields=None if fields is None else frozenset(fields),
                               expect=expected_fields(self.manifest, fields),
                               verify_checksums=bool(verify_checksums))
-        self._corrupt = CorruptTally()
 
-    def __len__(self) -> int:
-        return self.plan.num_batches
-
-    def corrupt_count(self) -> int:
-        return self._corrupt.count()
-
-    def corrupt_summary(self) -> dict[str, Any]:
-        """``{"samples": lost samples, "shards": {shard: lost samples}}`` of the
-        current/last iteration of this rank."""
-        return self._corrupt.summary()
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self._corrupt.reset()
-        p = self.plan
-        ds = _EvalStream(p, self.transform)
-        init = WorkerInit(0, 0, p.rank, "eval")
-        n = 0
-        for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context,
-                              self.prefetch_factor):
-            self._corrupt.add(batch)
-            n += 1
-            yield batch
-        if n != p.num_batches:
-            raise RuntimeError(f"eval stream of rank {p.rank} yielded {n} batches, expected {p.num_batches}")
+    def stream(self) -> tuple[_EvalStream, WorkerInit]:
+        return _EvalStream(self.plan, self.transform), WorkerInit(0, 0, self.plan.rank, "eval")
 
 
 def build_eval_loader(data_dir, split: str, transform: Callable[..., dict], batch_size: int, rank: int,

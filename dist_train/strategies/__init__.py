@@ -1,10 +1,12 @@
 """Training strategies behind one interface; pick one by ``train.strategy``."""
 from __future__ import annotations
 
-from dist_train.strategies.base import Strategy, StepStats
+from dist_train.strategies.base import Strategy, StepStats, StrategyOptions
 
 
 def build_strategy(name: str, **kwargs) -> Strategy:
+    """``name``'s strategy from the model, the device, the optimizer and scheduler
+    factories and its :class:`StrategyOptions` (``options=``)."""
     if name == "ddp":
         from dist_train.strategies.ddp import DDPStrategy
 
@@ -16,4 +18,4 @@ def build_strategy(name: str, **kwargs) -> Strategy:
     raise ValueError(f"unknown strategy {name}")
 
 
-__all__ = ["Strategy", "StepStats", "build_strategy"]
+__all__ = ["Strategy", "StepStats", "StrategyOptions", "build_strategy"]

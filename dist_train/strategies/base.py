@@ -14,6 +14,24 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from dist_train.precision import Precision
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """What a strategy needs of the run's settings, and nothing else of the config
+    (the trainer builds it: ``trainer.strategy_options``)."""
+
+    precision: Precision  # resolved for the device
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    find_unused_parameters: bool = False  # DDP
+    compile: bool = False  # DDP: torch.compile of the training model
+    channels_last: bool = False  # DDP: weights and 4-D image batches in NHWC
+    world_size: int = 1
+    # DeepSpeed: the dict for ``deepspeed.initialize``, built and checked by
+    # ``preflight.deepspeed_json`` (the user's JSON + the toolkit's settings)
+    deepspeed_json: Mapping[str, Any] | None = None
+
 
 @dataclass
 class StepStats:
@@ -23,6 +41,10 @@ class StepStats:
 
 
 class Strategy(abc.ABC):
+    # the torch LR scheduler the strategy steps, where it has one (a resume with a
+    # changed schedule replays it: trainer._replay_schedule)
+    scheduler: Any = None
+
     @property
     @abc.abstractmethod
     def module(self) -> nn.Module:

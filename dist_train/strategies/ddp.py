@@ -13,20 +13,17 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dist_train.checkpoint import safe_load
 from recipes.batch import move_batch
-from dist_train.precision import Precision
-from dist_train.strategies.base import Strategy, StepStats
+from dist_train.strategies.base import Strategy, StepStats, StrategyOptions
 
 
 class DDPStrategy(Strategy):
-    def __init__(self, model: nn.Module, device: torch.device, precision: Precision,
+    def __init__(self, model: nn.Module, device: torch.device,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 make_scheduler: Callable[[torch.optim.Optimizer], Any], grad_clip: float,
-                 find_unused_parameters: bool = False, cfg: Any = None, **_: Any):
-        train_cfg = getattr(cfg, "train", None)
-        self.channels_last = bool(getattr(train_cfg, "channels_last", False))
+                 make_scheduler: Callable[[torch.optim.Optimizer], Any], options: StrategyOptions):
+        self.channels_last = options.channels_last
         self.device = device
-        self.precision = precision
-        self.grad_clip = grad_clip
+        self.precision = options.precision
+        self.grad_clip = options.grad_clip
         model.to(device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -37,13 +34,13 @@ class DDPStrategy(Strategy):
         if world > 1:
             self.model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=find_unused_parameters)
+                find_unused_parameters=options.find_unused_parameters)
         self._ddp = self.model  # no_sync lives on the DDP wrapper, also under torch.compile
-        if getattr(train_cfg, "compile", False):
+        if options.compile:
             self.model = torch.compile(self.model)
         self.optimizer = make_optimizer(model)
         self.scheduler = make_scheduler(self.optimizer)
-        self.scaler = precision.make_scaler()
+        self.scaler = self.precision.make_scaler()
         self._skipped_steps = 0
 
     @property

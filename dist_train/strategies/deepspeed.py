@@ -2,24 +2,11 @@
 
 Users switch one key: ``train.strategy=deepspeed deepspeed.config=configs/deepspeed/zero2.json``.
 The JSON holds only what is DeepSpeed's own business (ZeRO stage, buckets,
-offload, loss-scaler tuning); everything the toolkit already knows is written
-into it here, from one place (:func:`build_ds_config`):
-
-==============================  =======================================
-DeepSpeed key                   comes from
-==============================  =======================================
-train_micro_batch_size_per_gpu  ``data.batch_size`` (micro-batch per rank)
-gradient_accumulation_steps     ``train.grad_accum``
-train_batch_size                micro-batch x accumulation x world size
-gradient_clipping               ``train.grad_clip``
-bf16.enabled / fp16.enabled     ``train.precision``
-optimizer / scheduler           none: the toolkit's own torch optimizer and
-                                LR schedule are passed to ``deepspeed.initialize``
-==============================  =======================================
-
-A value the JSON sets differently is a one-line :class:`ConfigError` raised by
-config validation (:func:`check_toolkit_config`), so the entry points exit 2
-before any process group exists.
+offload, loss-scaler tuning); the batch, accumulation, clipping and precision
+keys are written into it from the toolkit config, and a JSON that contradicts
+them refused in one line, by :func:`dist_train.preflight.deepspeed_json` before
+any process group exists. The strategy receives the finished dict in its
+options (``StrategyOptions.deepspeed_json``), never the config.
 
 This module imports ``deepspeed`` lazily (:func:`import_deepspeed`): the
 toolkit runs without it unless the strategy is chosen.
@@ -44,9 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_train.config import Config, ConfigError
-from dist_train.precision import Precision
-from dist_train.strategies.base import StepStats, Strategy
+from dist_train.config import ConfigError
+from dist_train.strategies.base import StepStats, Strategy, StrategyOptions
 from recipes.batch import move_batch
 
 log = logging.getLogger("biomtl")
@@ -65,9 +51,6 @@ CLIENT_KEY = "biomtl_client"
 # DeepSpeed's shared-memory CPU all-reduce op. Off by default, see
 # _skip_shm_comm_build.
 SHM_ENV = "BIOMTL_DS_SHM_COMM"
-
-_PRECISION_SECTIONS = {"bf16": "bf16", "fp16": "fp16"}
-
 
 # ---------------------------------------------------------------------------
 # Importing DeepSpeed
@@ -114,31 +97,7 @@ def import_deepspeed() -> Any:
 
 
 # ---------------------------------------------------------------------------
-# The DeepSpeed config: the user's JSON + what the toolkit config decides.
-
-
-def load_user_ds_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"deepspeed.config: cannot read {path}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"deepspeed.config {path}: invalid JSON: {exc.msg} (line {exc.lineno})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"deepspeed.config {path}: the top level must be a JSON object")
-    return data
-
-
-def _is_set(value: Any) -> bool:
-    return value is not None and value != "auto"
-
-
-def _enabled(section: Any) -> bool:
-    if not isinstance(section, Mapping):
-        return False
-    value = section.get("enabled", False)
-    return value is True or (isinstance(value, str) and value.lower() == "true")
+# What this machine can run
 
 
 def fp16_supported_here() -> bool:
@@ -150,105 +109,6 @@ def fp16_supported_here() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
     except Exception:  # noqa: BLE001 - no oneDNN: no fp16
         return False
-
-
-def check_toolkit_config(cfg: Config, world_size: int | None = None) -> None:
-    """Raise a one-line ConfigError where the DeepSpeed JSON contradicts the
-    toolkit config, or where this machine cannot run the requested precision.
-
-    Called by config validation (before any process group); ``world_size``
-    defaults to the launcher's (torchrun / SLURM / 1)."""
-    if world_size is None:
-        from launch.env import detect
-
-        world_size = detect().world_size
-    build_ds_config(cfg, world_size)
-    if resolved_precision(cfg) == "fp16" and not fp16_supported_here():
-        raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
-                          "refuses fp16 on this CPU (no oneDNN fp16): use train.precision=bf16 or fp32")
-
-
-def resolved_precision(cfg: Config) -> str:
-    """``train.precision`` with ``auto`` resolved for the device the run will
-    use (a GPU where one is visible, as ``distributed.pick_device``)."""
-    from dist_train.precision import resolve_precision
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return resolve_precision(cfg.train.precision, device) if cfg.train.precision == "auto" else cfg.train.precision
-
-
-def build_ds_config(cfg: Config, world_size: int, precision: str | None = None) -> dict[str, Any]:
-    """The dict given to ``deepspeed.initialize``: the user's JSON with the
-    batch, clipping and precision keys written from the toolkit config.
-    ``precision``: the resolved one (bf16 | fp16 | fp32); default: from ``cfg``."""
-    src = cfg.deepspeed.config
-    user = load_user_ds_config(src)
-    micro, accum, clip = cfg.data.batch_size, cfg.train.grad_accum, cfg.train.grad_clip
-    derived = {
-        "train_micro_batch_size_per_gpu": (micro, "data.batch_size"),
-        "gradient_accumulation_steps": (accum, "train.grad_accum"),
-        "train_batch_size": (micro * accum * world_size,
-                             f"data.batch_size x train.grad_accum x world size ({micro}x{accum}x{world_size})"),
-    }
-
-    def contradiction(key: str, value: Any, ours: Any, where: str) -> ConfigError:
-        return ConfigError(f"deepspeed.config {src}: {key}={value!r} contradicts {where}={ours!r}; the toolkit "
-                           f"derives {key} from {where.split(' ')[0]}: remove it from the JSON or make them equal")
-
-    for key, (ours, where) in derived.items():
-        value = user.get(key)
-        if _is_set(value) and value != ours:
-            raise contradiction(key, value, ours, where)
-    value = user.get("gradient_clipping")
-    if _is_set(value) and not (isinstance(value, (int, float)) and math.isclose(float(value), clip)):
-        raise contradiction("gradient_clipping", value, clip, "train.grad_clip")
-    precision = precision or resolved_precision(cfg)
-    for name, key in (("bf16", "bf16"), ("bf16", "bfloat16"), ("fp16", "fp16")):
-        if _enabled(user.get(key)) and precision != name:
-            shown = repr(cfg.train.precision) + (f" (= {precision} here)" if cfg.train.precision == "auto" else "")
-            raise ConfigError(f"deepspeed.config {src}: {key}.enabled=true contradicts train.precision={shown}; "
-                              "the toolkit writes the precision sections from train.precision: remove "
-                              f"'enabled' from the JSON or set train.precision={name}")
-    if _enabled(user.get("amp")) or _enabled(user.get("torch_autocast")):
-        raise ConfigError(f"deepspeed.config {src}: 'amp'/'torch_autocast' are not supported; mixed precision "
-                          "comes from train.precision (DeepSpeed's bf16/fp16 sections)")
-    for key, toolkit in (("optimizer", "train.optimizer, train.lr, train.betas, train.weight_decay"),
-                         ("scheduler", "train.scheduler")):
-        if key in user:
-            raise ConfigError(f"deepspeed.config {src}: remove the '{key}' section; the toolkit passes its own "
-                              f"torch {key} (from {toolkit}) to deepspeed.initialize")
-    zero = user.get("zero_optimization", {})
-    if not isinstance(zero, Mapping):
-        raise ConfigError(f"deepspeed.config {src}: zero_optimization must be a JSON object")
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.config {src}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-
-    ds = json.loads(json.dumps(user))  # a deep copy
-    for key, (ours, _) in derived.items():
-        ds[key] = ours
-    ds["gradient_clipping"] = clip
-    ds.pop("bfloat16", None)  # legacy alias of "bf16"
-    for name, key in _PRECISION_SECTIONS.items():
-        section = dict(user.get(key) or user.get("bfloat16" if name == "bf16" else key) or {})
-        section["enabled"] = precision == name
-        ds[key] = section
-    ds["zero_optimization"] = dict(zero)
-    ds["zero_optimization"]["stage"] = stage
-    # The optimizer is the toolkit's torch optimizer (AdamW / SGD): no
-    # FusedAdam / DeepSpeedCPUAdam JIT build (~80 s on CPU). ZeRO calls SGD
-    # "untested"; with optimizer offload DeepSpeed insists on its CPU Adam
-    # unless told otherwise: the torch optimizer then steps the fp32
-    # partitions on the CPU.
-    ds.setdefault("zero_allow_untested_optimizer", True)
-    offload = ds["zero_optimization"].get("offload_optimizer") or {}
-    if isinstance(offload, Mapping) and offload.get("device", "none") not in ("none", None):
-        ds.setdefault("zero_force_ds_cpu_optimizer", False)
-    # The toolkit logs every optimizer step itself; DeepSpeed's own progress
-    # print is off unless the JSON asks for it.
-    ds.setdefault("steps_per_print", 2**31 - 1)
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
 
 
 # ---------------------------------------------------------------------------
@@ -422,27 +282,24 @@ def checked_tag_dir(ckpt_dir: str | Path) -> Path:
 class DeepSpeedStrategy(Strategy):
     """A DeepSpeed engine driven by the toolkit's trainer loop.
 
-    Same constructor keywords as :class:`DDPStrategy`; the process group is
+    Same constructor as :class:`DDPStrategy`; the process group is
     the toolkit's (``deepspeed.initialize`` wraps the existing
     ``torch.distributed`` group: ``init_distributed`` creates its
     ``TorchBackend`` around it without re-initialising)."""
 
-    def __init__(self, model: nn.Module, device: torch.device, precision: Precision,
+    def __init__(self, model: nn.Module, device: torch.device,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 make_scheduler: Callable[[torch.optim.Optimizer], Any], grad_clip: float,
-                 find_unused_parameters: bool = False, cfg: Config | None = None,
-                 world_size: int | None = None, **_: Any):
-        if cfg is None:
-            raise ValueError("DeepSpeedStrategy needs cfg (deepspeed.config and the batch settings)")
+                 make_scheduler: Callable[[torch.optim.Optimizer], Any], options: StrategyOptions):
+        if options.deepspeed_json is None:
+            raise ValueError("DeepSpeedStrategy needs options.deepspeed_json (preflight.deepspeed_json)")
         deepspeed = import_deepspeed()
         self.device = device
-        self.precision = precision
-        self.grad_clip = grad_clip
-        world = world_size or (dist.get_world_size() if dist.is_initialized() else 1)
+        self.precision = precision = options.precision  # (clipping: the JSON's gradient_clipping)
+        world = options.world_size
         if precision.name == "fp16" and not fp16_supported_here():
             raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
                               "refuses fp16 on this CPU: use train.precision=bf16 or fp32")
-        self.ds_config = build_ds_config(cfg, world, precision.name)
+        self.ds_config = json.loads(json.dumps(options.deepspeed_json))  # a deep copy: DeepSpeed may edit it
         model.to(device)
         self._module = model
         if precision.name in ("bf16", "fp16"):
@@ -591,6 +448,6 @@ class DeepSpeedStrategy(Strategy):
         return out
 
 
-__all__ = ["DeepSpeedStrategy", "CheckpointLoadError", "build_ds_config", "check_toolkit_config",
-           "checked_tag_dir", "deepspeed_safe_globals", "import_deepspeed", "load_checkpoint_file", "load_problem",
-           "load_user_ds_config", "weights_only_loads", "TAG", "CLIENT_KEY"]
+__all__ = ["DeepSpeedStrategy", "CheckpointLoadError", "checked_tag_dir", "deepspeed_safe_globals",
+           "fp16_supported_here", "import_deepspeed", "load_checkpoint_file", "load_problem", "weights_only_loads",
+           "TAG", "CLIENT_KEY"]

@@ -9,7 +9,7 @@ from torch import nn
 from dist_train.config import ConfigError, load_config
 from dist_train.precision import Precision
 from dist_train.strategies.ddp import DDPStrategy
-from dist_train.trainer import build_optimizer
+from dist_train.trainer import build_optimizer, strategy_options
 from tests.conftest import REPO
 from tests.tolerance import logsumexp_atol, module_atol, sum_atol
 
@@ -36,8 +36,9 @@ class Recipe:
 def strategy(**train) -> DDPStrategy:
     cfg = load_config(REPO / "configs" / "facecom.yaml", [f"train.{k}={v}" for k, v in train.items()])
     torch.manual_seed(0)
-    return DDPStrategy(Net(), torch.device("cpu"), Precision("fp32", "cpu"), build_optimizer(cfg, Recipe()),
-                       lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 0.0, cfg=cfg)
+    return DDPStrategy(Net(), torch.device("cpu"), build_optimizer(cfg, Recipe()),
+                       lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                       strategy_options(cfg, Precision("fp32", "cpu"), world_size=1))
 
 
 def _batches(steps: int = 3) -> list[dict[str, torch.Tensor]]:

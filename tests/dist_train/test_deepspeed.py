@@ -193,14 +193,15 @@ def test_export_loads_into_the_ddp_strategy_and_inference_engine(runs: dict[str,
     from dist_train.export import load_exported
     from dist_train.inference import InferenceEngine
     from dist_train.precision import Precision
+    from dist_train.strategies.base import StrategyOptions
     from dist_train.strategies.ddp import DDPStrategy
 
     model, cfg, info = load_exported(runs["zero3"] / "model.pt")
     reference, _, _ = load_exported(runs["ddp"] / "model.pt")
-    strategy = DDPStrategy(model, torch.device("cpu"), Precision("fp32", "cpu"),
+    strategy = DDPStrategy(model, torch.device("cpu"),
                            make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
                            make_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0),
-                           grad_clip=0.0)
+                           options=StrategyOptions(Precision("fp32", "cpu")))
     strategy.eval()
     size = cfg.recipe.params["img_size"]
     torch.manual_seed(0)
@@ -257,21 +258,21 @@ def test_contradictions_are_config_errors(tmp_path: Path, data: dict, extra: dic
 
 
 def test_matching_or_auto_values_are_accepted(tmp_path: Path) -> None:
-    from dist_train.strategies.deepspeed import build_ds_config
+    from dist_train.preflight import deepspeed_json
 
     path = _write_json(tmp_path, {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": "auto",
                                   "gradient_clipping": 5.0, "bf16": {"enabled": True},
                                   "zero_optimization": {"stage": 2}})
     cfg = load_config(CONFIG, tiny_overrides(tmp_path, train__strategy="deepspeed", deepspeed__config=str(path),
                                              train__precision="bf16", train__grad_accum=3, train__grad_clip=5.0))
-    ds = build_ds_config(cfg, world_size=4)
+    ds = deepspeed_json(cfg, world_size=4)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == \
         (8, 3, 96)
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"] and ds["gradient_clipping"] == 5.0
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_allow_untested_optimizer"]
     offload = load_config(CONFIG, tiny_overrides(tmp_path, train__strategy="deepspeed",
                                                  deepspeed__config=str(DS_CONFIGS / "zero3_offload.json")))
-    assert build_ds_config(offload, 2)["zero_force_ds_cpu_optimizer"] is False  # the torch optimizer steps on CPU
+    assert deepspeed_json(offload, 2)["zero_force_ds_cpu_optimizer"] is False  # the torch optimizer steps on CPU
 
 
 def test_contradiction_exits_2_with_one_line(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from dist_train.config import SchedulerConfig
 from dist_train.precision import Precision
 from dist_train.schedulers import build_scheduler
+from dist_train.strategies.base import StrategyOptions
 from dist_train.strategies.ddp import DDPStrategy
 
 SCHEDULE = SchedulerConfig(name="warmup_cosine", warmup_steps=2, min_lr_ratio=0.1)
@@ -45,9 +46,9 @@ def _schedule_lrs(n: int) -> list[float]:
 
 def _strategy() -> DDPStrategy:
     torch.manual_seed(0)
-    return DDPStrategy(Tiny(), torch.device("cpu"), Precision("fp16", "cpu"),
-                       make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-                       make_scheduler=lambda o: build_scheduler(SCHEDULE, o, TOTAL), grad_clip=1.0)
+    return DDPStrategy(Tiny(), torch.device("cpu"), make_optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                       make_scheduler=lambda o: build_scheduler(SCHEDULE, o, TOTAL),
+                       options=StrategyOptions(Precision("fp16", "cpu"), grad_clip=1.0))
 
 
 def _window(strategy: DDPStrategy, overflow: bool, gen: torch.Generator) -> None:

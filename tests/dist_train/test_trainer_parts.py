@@ -141,6 +141,7 @@ def test_validation_points_for_a_fraction_of_an_epoch() -> None:
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
 def test_ddp_strategy_steps_in_every_precision_on_cpu(precision: str) -> None:
     from dist_train.precision import Precision
+    from dist_train.strategies.base import StrategyOptions
     from dist_train.strategies.ddp import DDPStrategy
 
     class Tiny(torch.nn.Module):
@@ -155,9 +156,9 @@ def test_ddp_strategy_steps_in_every_precision_on_cpu(precision: str) -> None:
     torch.manual_seed(0)
     model = Tiny()
     before = model.lin.weight.detach().clone()
-    strategy = DDPStrategy(model, torch.device("cpu"), Precision(precision, "cpu"),
-                           lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-                           lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), grad_clip=1.0)
+    strategy = DDPStrategy(model, torch.device("cpu"), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                           lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                           StrategyOptions(Precision(precision, "cpu"), grad_clip=1.0))
     batch = {"x": torch.randn(8, 4), "y": torch.randint(0, 2, (8,))}
     out = strategy.micro_step(batch, 1.0, boundary=True)
     stats = strategy.optimizer_step()

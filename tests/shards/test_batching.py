@@ -416,7 +416,7 @@ def test_loader_factory_and_config(twins_ds, tmp_path):
     f = LoaderFactory(cfg, ctx, twins_ds, recipe)
     L = f.train(0, skip_batches=1)
     assert L.plan.mode == "pk" and L.plan.P == 2 and L.plan.K == 2 and L.plan.twin_prob == 0.5
-    assert f.train_batches_per_epoch() == 48 // 8 and len(list(L)) == 5 and f.corrupt_count(L) == 0
+    assert f.train_batches_per_epoch() == 48 // 8 and len(list(L)) == 5 and L.corrupt_count() == 0
     cfg.data.batching = "triplet"
     assert f.train(0).plan.mode == "triplet"
     cfg.data.batching, cfg.data.resampled = "stream", True
