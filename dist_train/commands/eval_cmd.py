@@ -15,6 +15,10 @@ the validation split's pairs, else the checkpoint's (see :mod:`dist_train.infere
 (default: ``<run dir>/eval/<split>`` for a trainer checkpoint, else ``eval_<split>``).
 Metric definitions: :mod:`recipes.verification`.
 
+``--bin lfw.bin [--bin cfp_fp.bin ...]``: insightface's verification sets instead of a
+split (10-fold accuracy as insightface computes it, EER, AUC, TAR@FAR; flip-summed
+embeddings unless ``--no-flip``): :mod:`dist_train.commands.eval_bins`.
+
 A recipe may replace the report with its own (``Recipe.eval_report``, e.g. the
 THz recipes: per-sample / per-identity / per-posture tables, reconstruction
 grids, posture confusion, plus this verification report); it receives the

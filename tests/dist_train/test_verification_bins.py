@@ -317,7 +317,8 @@ def test_bin_names_are_accepted_as_monitor_by_the_preflight(tmp_path: Path, orl_
     cfg = load_checked_config(FACECOM, tiny_overrides(tmp_path, data__val_bins=f"[{orl_bin}]",
                                                       checkpoint__monitor="orl_pairs_eer"))
     assert cfg.data.val_bins == [str(orl_bin)]
-    with pytest.raises(ConfigError, match=r"'orl_pairs_accuracy' is not a validation metric .*did you mean 'orl_pairs_acc'"):
+    with pytest.raises(ConfigError, match=r"'orl_pairs_accuracy' is not a validation metric .*did you mean "
+                                          r"'orl_pairs_acc'"):
         load_checked_config(FACECOM, tiny_overrides(tmp_path, data__val_bins=f"[{orl_bin}]",
                                                     checkpoint__monitor="orl_pairs_accuracy"))
     with pytest.raises(ConfigError, match="checkpoint.monitor: 'orl_pairs_acc' is not a validation metric"):
