@@ -69,10 +69,7 @@ class BinScorer:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         out: dict[str, float] = {}
         for vbin in self.bins:
-            n = len(vbin.images)
-            per = math.ceil(n / world)
-            mine = list(range(rank * per, min(n, (rank + 1) * per)))
-            padded = mine + [0] * (per - len(mine))
+            mine, padded = rank_slice(len(vbin.images), rank, world)
             images = [decode_image(vbin.images[i], self.transform, f"{vbin.path}:{i}") for i in padded]
 
             def embed(x: torch.Tensor) -> torch.Tensor:
@@ -84,6 +81,14 @@ class BinScorer:
             metrics = bin_metrics(np.concatenate(parts), vbin)
             out.update({f"{vbin.name}_{k}": float(metrics[k]) for k in TRAINING_KEYS})
         return out
+
+
+def rank_slice(n: int, rank: int, world: int) -> tuple[list[int], list[int]]:
+    """(this rank's image indices, the same padded with image 0 to ``ceil(n / world)``):
+    contiguous slices in rank order, so the gathered embeddings are in image order."""
+    per = math.ceil(n / world)
+    mine = list(range(min(n, rank * per), min(n, (rank + 1) * per)))
+    return mine, mine + [0] * (per - len(mine))
 
 
 def bin_scorer(cfg: Any, transform: Any, precision: Any, device: torch.device) -> BinScorer | None:
