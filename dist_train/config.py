@@ -72,6 +72,9 @@ class DataConfig:
     batching: Literal["stream", "pk", "triplet"] = "stream"  # train batches; pk/triplet: shards/batching.py
     pk_k: int = 4  # pk: samples per identity; P = batch_size // pk_k identities per batch
     twin_prob: float = 1.0  # pk: co-twin joins the batch / triplet: negative is the co-twin
+    # insightface verification .bin files (LFW, CFP-FP, AgeDB-30...) scored at every validation
+    # as <file stem>_acc / _acc_std / _eer (dist_train/val_bins.py); contents checked by the preflight
+    val_bins: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -529,6 +532,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.shards: required when data.source is 'shards'")
     if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "manifest.json").is_file():
         raise ConfigError(f"data.shards: no manifest.json in {cfg.data.shards}")
+    for path in cfg.data.val_bins:
+        if not Path(path).is_file():
+            raise ConfigError(f"data.val_bins: file not found: {path}")
     if cfg.train.strategy == "deepspeed" and not cfg.deepspeed.config:
         raise ConfigError("deepspeed.config: required when train.strategy is 'deepspeed'")
     if cfg.train.strategy == "deepspeed" and (cfg.train.compile or cfg.train.channels_last):

@@ -31,6 +31,10 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) 
 
         require_wandb()
     check_weight_files(cfg)
+    if cfg.data.val_bins:
+        from dist_train.val_bins import check_val_bins
+
+        check_val_bins(cfg.data.val_bins)
     check_monitored_metrics(cfg)
     check_writable_folder("experiment.output_dir", cfg.experiment.output_dir)
     if cfg.data.source == "synthetic" and not _synthetic_cache(cfg).is_dir():
@@ -79,12 +83,15 @@ def check_monitored_metrics(cfg: Config) -> None:
 
     from dist_train.config import recipe_params
     from recipes.base import get_recipe
+    from recipes.bin_verification import training_metric_names
+    from shards.verification_bins import bin_name
 
     if not validates(cfg):
         return
     recipe = get_recipe(cfg.recipe.name)
     try:
         names = {"loss", *recipe.validation_metric_names(recipe_params(cfg))}
+        names |= training_metric_names([bin_name(p) for p in cfg.data.val_bins])  # data.val_bins: <name>_acc...
     except NotImplementedError as exc:
         raise ConfigError(f"recipe.name: {exc}") from None
     watched = [("checkpoint.monitor", cfg.checkpoint.monitor)]

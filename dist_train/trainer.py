@@ -24,6 +24,7 @@ from dist_train.rank_report import LoaderWait, StepTimer, straggler
 from dist_train.run_logging import NullLogger, RunLogger
 from dist_train.schedulers import build_scheduler
 from dist_train.strategies import Strategy, StrategyOptions, build_strategy
+from dist_train.val_bins import bin_scorer
 from recipes.base import ArtifactContext, Recipe
 from shards.reading import ShardLoader
 
@@ -125,6 +126,7 @@ class Trainer:
                              cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix,
             owner=distributed.broadcast_object(staging_owner()))
         self.validates = validates(cfg)
+        self.bin_scorer = bin_scorer(cfg, recipe.transform, self.precision, ctx.device)  # data.val_bins
         self.step_timer = StepTimer(ctx.device, ctx.rank, ctx.world_size)  # per-rank step time: stragglers
         self.loader_wait = LoaderWait()  # time blocked on the training loader, logged beside the step time
         self.val_points = self._validation_steps() if self.validates else set()
@@ -369,6 +371,8 @@ class Trainer:
         values = type(metrics).compute([s for s, _ in states])
         total = [sum(x) for x in zip(*(l for _, l in states))]
         values = {"loss": total[0] / max(total[1], 1.0), **values}
+        if self.bin_scorer is not None:  # every rank: the images are split over the ranks
+            values.update(self.bin_scorer.score(self.strategy.module))
         log.info("validation took %.1f s", time.perf_counter() - started)
         logger.log_validation(self.state.step, self.state.epoch, values)
         if pictures:

@@ -219,7 +219,8 @@ def get_recipe(name: str) -> type[Recipe]:
     return _REGISTRY[name]
 
 
-_HELPER_MODULES = {"base", "batch", "history_plots", "image_input", "labels", "verification", "verification_plots"}
+_HELPER_MODULES = {"base", "batch", "bin_verification", "history_plots", "image_input", "labels", "verification",
+                   "verification_plots"}
 
 
 def _import_builtin_recipes() -> None:

@@ -15,6 +15,10 @@ the validation split's pairs, else the checkpoint's (see :mod:`dist_train.infere
 (default: ``<run dir>/eval/<split>`` for a trainer checkpoint, else ``eval_<split>``).
 Metric definitions: :mod:`recipes.verification`.
 
+``--bin lfw.bin [--bin cfp_fp.bin ...]``: insightface's verification sets instead of a
+split (10-fold accuracy as insightface computes it, EER, AUC, TAR@FAR; flip-summed
+embeddings unless ``--no-flip``): :mod:`dist_train.commands.eval_bins`.
+
 A recipe may replace the report with its own (``Recipe.eval_report``, e.g. the
 THz recipes: per-sample / per-identity / per-posture tables, reconstruction
 grids, posture confusion, plus this verification report); it receives the
@@ -53,6 +57,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ap.add_argument("--bin", action="append", default=None, metavar="FILE",
+                    help="insightface verification .bin (LFW, CFP-FP, AgeDB-30...; repeatable): 10-fold accuracy "
+                    "as insightface computes it plus EER/AUC/TAR@FAR, into OUTPUT/bins.json (default <run>/eval/bins)")
+    ap.add_argument("--no-flip", action="store_true",
+                    help="--bin: embed the image alone (default: image + its horizontal flip, summed)")
     return ap
 
 
@@ -103,6 +112,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from shards.stream import build_eval_loader
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.bin:  # insightface's .bin sets (dist_train/commands/eval_bins.py)
+        from dist_train.commands.eval_bins import evaluate_bins
+
+        return evaluate_bins(args, default_output)
     if args.pairs and not Path(args.pairs).is_file():
         return fail(f"--pairs: file not found: {args.pairs}")
     clash = args.output and (output_clash("--output", args.output, [("--checkpoint", args.checkpoint),
