@@ -250,9 +250,9 @@ def test_frozen_teacher_comes_from_a_file_and_does_not_move(tmp_path):
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("teacher."))   # BN stats too
     assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("student."))
-    untaught = _recipe("thz_distill", freeze_teacher=True).build_model().train()
-    with pytest.raises(RuntimeError, match="teacher_weights"):
-        untaught(_triplet_batch(r))
+    untaught = _recipe("thz_distill", freeze_teacher=True)  # refused before a fresh run starts (preflight)
+    with pytest.raises(ValueError, match="teacher_weights"):
+        type(untaught).check_start_files(untaught.params)
     torch.save({"model": trained.student.state_dict()}, tmp_path / "student_only.pt")
     with pytest.raises(WeightsError, match="no teacher"):
         _recipe("thz_distill", freeze_teacher=True, teacher_weights=str(tmp_path / "student_only.pt")).build_model()
