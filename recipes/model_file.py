@@ -119,11 +119,11 @@ def read_stored(obj: Any) -> StoredModel:
     """The model state dict with its config and data info, from a loaded model
     file or DDP trainer checkpoint. The config / data info may be absent (a
     file written before checkpoints were self-describing): the caller decides."""
-    if not isinstance(obj, Mapping) or not isinstance(obj.get(_MODEL), Mapping):
-        raise FormatError("not a biomtl checkpoint (no 'model' state dict)")
+    if not isinstance(obj, Mapping) or _MODEL not in obj:
+        raise FormatError("not a biomtl checkpoint (no 'model')")
     _check_version(obj)
     model = obj[_MODEL]
-    if not all(isinstance(v, torch.Tensor) for v in model.values()):
+    if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise FormatError("not a biomtl checkpoint (its model is not a state dict of tensors)")
     client = obj.get(_CLIENT) if isinstance(obj.get(_CLIENT), Mapping) else None
     return _stored(model, obj, client)
