@@ -94,7 +94,7 @@ def _check_inference(tmp_path: Path, run: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = next((tmp_path.parent / "synthetic-cache").glob("synthetic-*"))
     proc = _cli("eval", "--checkpoint", str(run / "model.pt"), "--data", str(data), "--output",
-                str(tmp_path / "eval"), "--device", "cpu", "--no-progress")
+                str(tmp_path / "eval"), "--split", "train", "--device", "cpu", "--no-progress")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
