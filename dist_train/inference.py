@@ -52,7 +52,7 @@ import torch  # noqa: E402
 
 from dist_train.checkpoint import (BEST, LATEST, atomic_save, checkpoint_path, final_model_path, is_run_dir,  # noqa: E402
                                    run_dir_of)
-from recipes.model_file import FormatError, model_file, read_stored  # noqa: E402
+from recipes.model_file import FormatError, StoredModel, model_file, read_stored  # noqa: E402
 from shards.images import sixteen_to_8bit, to_8bit  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.5  # cosine; used only when neither the caller nor the checkpoint gives one
@@ -74,9 +74,9 @@ class CheckpointError(ValueError):
     """The file is missing or is not a biomtl checkpoint / exported model (one-line message)."""
 
 
-def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """``{"model", "config", "data_info", "threshold", "step", "kind"}`` from a trainer
-    checkpoint or an exported model file."""
+def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Path, StoredModel]:
+    """(the file read, what it holds) for a trainer checkpoint, an exported model
+    file or a run directory; the stored config and data info are there."""
     p = Path(path)
     if is_run_dir(p):  # a run directory: its final model, else best/latest
         found = next((c for c in (final_model_path(p), checkpoint_path(p, BEST), checkpoint_path(p, LATEST))
@@ -104,8 +104,7 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu")
     if stored.config is None or stored.data_info is None:
         raise CheckpointError(f"{p} has no stored config/data_info (written by an older biomtl?); "
                               "cannot rebuild the model")
-    return {"path": p, "model": stored.model, "config": dict(stored.config), "data_info": dict(stored.data_info),
-            "threshold": stored.threshold, "step": stored.step, "kind": stored.kind}
+    return p, stored
 
 
 def save_exported(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
@@ -183,15 +182,15 @@ class InferenceEngine:
 
         dev = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_model_file(path, dev)
+        found, loaded = load_model_file(path, dev)
         try:
-            rebuilt = recipe_from_stored(loaded["config"], loaded["data_info"])
+            rebuilt = recipe_from_stored(loaded.config, loaded.data_info)
         except StoredRecipeError as exc:
             raise CheckpointError(f"{path}: cannot rebuild the model from its stored config: {exc}") from None
         cfg, recipe = rebuilt.cfg, rebuilt.recipe
         model = recipe.build_model()
         try:
-            model.load_state_dict(loaded["model"])
+            model.load_state_dict(loaded.model)
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: weights do not fit the model built from its config: "
                                   f"{str(exc).splitlines()[0]}") from None
@@ -201,16 +200,16 @@ class InferenceEngine:
                                   "recipes.base.EmbeddingModel); no embeddings or verification possible")
         if threshold is not None:
             thr, source = float(threshold), "argument"
-        elif loaded["threshold"] is not None:
-            thr, source = float(loaded["threshold"]), "stored in the model file"
-        elif (t := _threshold_from_run(loaded["path"], loaded["step"])) is not None:
-            at = f"step {loaded['step']}" if loaded["step"] is not None else "the last step"
+        elif loaded.threshold is not None:
+            thr, source = loaded.threshold, "stored in the model file"
+        elif (t := _threshold_from_run(found, loaded.step)) is not None:
+            at = f"step {loaded.step}" if loaded.step is not None else "the last step"
             thr, source = t, f"validation at {at}: best accuracy on val pairs"
         else:
             thr, source = DEFAULT_THRESHOLD, "default"
         engine = cls(model, recipe, cfg, dev, thr, source, batch_size)
-        engine.checkpoint_kind = loaded["kind"]
-        engine.step = loaded["step"]
+        engine.checkpoint_kind = loaded.kind
+        engine.step = loaded.step
         return engine
 
     @property

@@ -270,7 +270,7 @@ def _deepspeed_checkpoint(path: Path) -> tuple[Any, None]:
 
 def _check_client(where: str, stored: Any) -> None:
     """A resumable checkpoint describes its run (config, data) and its loop position."""
-    missing = ("config" if stored.config is None else "data_info" if stored.data_info is None
+    missing = ("config" if stored.config is None else "data description" if stored.data_info is None
                else None if isinstance((stored.client or {}).get("loop"), Mapping) else "loop")
     if missing:
         raise ConfigError(f"{where}: the checkpoint has no {missing} (written before checkpoints were "

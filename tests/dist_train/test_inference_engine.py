@@ -108,8 +108,8 @@ def test_exported_file_and_run_directory(trained, tmp_path):
     assert from_run.checkpoint_kind == "exported model"
     np.testing.assert_allclose(from_run.extract_features(paths), f_ref, atol=1e-5)
     assert from_run.threshold == pytest.approx(ref.threshold)           # last validation = final step
-    loaded = load_model_file(run / "checkpoints" / "latest.pt")
-    out = save_exported(tmp_path / "m.pt", loaded["model"], loaded["config"], loaded["data_info"], threshold=0.123)
+    _, loaded = load_model_file(run / "checkpoints" / "latest.pt")
+    out = save_exported(tmp_path / "m.pt", loaded.model, loaded.config, loaded.data_info, threshold=0.123)
     e = InferenceEngine.from_checkpoint(out, device="cpu")
     assert e.threshold == pytest.approx(0.123) and e.threshold_source == "stored in the model file"
     np.testing.assert_allclose(e.extract_features(paths), f_ref, atol=1e-5)
