@@ -120,20 +120,20 @@ def _ddp_export(path: Path) -> _Payload:
         raise ExportError(f"{path}: {exc}") from None
 
 
-def for_inference(payload: _Payload) -> dict[str, Any]:
+def for_inference(model: dict[str, torch.Tensor], config: dict[str, Any], data_info: dict[str, Any]) -> dict[str, Any]:
     """The payload as inference needs it: the recipe decides what the exported
     model is (:meth:`recipes.base.Recipe.export_for_inference`, e.g. a student
     without its teacher); the config then names that recipe and its params."""
     from dist_train.stored_recipe import StoredRecipeError, recipe_from_stored, stored_params_record
 
     try:
-        recipe = recipe_from_stored(payload.config, payload.data_info).recipe
+        recipe = recipe_from_stored(config, data_info).recipe
     except StoredRecipeError as exc:
         raise ExportError(f"the checkpoint's config does not describe a known recipe ({exc})") from None
-    name, params, state = recipe.export_for_inference(payload.model)
-    stored = (payload.config.get("recipe") or {}).get("params") or {}
-    config = {**payload.config, "recipe": {"name": name, "params": stored_params_record(params, stored)}}
-    return model_file(state, config, payload.data_info)
+    name, params, state = recipe.export_for_inference(model)
+    stored = (config.get("recipe") or {}).get("params") or {}
+    exported = {**config, "recipe": {"name": name, "params": stored_params_record(params, stored)}}
+    return model_file(state, exported, data_info)
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
@@ -144,7 +144,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     clash = output_clash("--output", output, [("--checkpoint", path)], folders_whole=True)
     if clash is not None:  # replacing the trainer checkpoint would end the run's resume
         raise ExportError(clash)
-    payload = for_inference(_deepspeed_export(path) if path.is_dir() else _ddp_export(path))
+    payload = for_inference(*(_deepspeed_export(path) if path.is_dir() else _ddp_export(path)))
     output = Path(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +159,7 @@ def export_live(strategy: Any, output: Path, config: dict[str, Any], data_info: 
     """End of training: every rank calls this (ZeRO-3 gathers collectively); rank 0 writes."""
     model = strategy.export_state_dict()
     if is_main:
-        atomic_save(for_inference(_Payload(_fp32(model), config, data_info)), Path(output))
+        atomic_save(for_inference(_fp32(model), config, data_info), Path(output))
         log.info("exported the fp32 model to %s", output)
 
 

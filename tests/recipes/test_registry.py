@@ -34,6 +34,10 @@ class _NoEmbedRecipe(Recipe):
     def build_model(self):
         return _NoEmbedNet()
 
+    @classmethod
+    def validation_metric_names(cls, params):
+        return frozenset()
+
 
 def test_a_taken_name_is_an_error_and_keeps_the_first_recipe():
     facecom = get_recipe("facecom")

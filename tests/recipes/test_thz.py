@@ -269,8 +269,7 @@ def test_the_export_is_the_student_alone_as_a_thz_mtl_model_that_verifies_thz_pa
     r = get_recipe("thz_distill")(recipe_params(cfg), INFO)
     model = r.build_model().eval()
     # what the trainer's export does at the end of training (dist_train.export.export_live)
-    payload = for_inference({"model": model.state_dict(), "config": resolved_config_dict(cfg),
-                             "data_info": INFO.to_dict()})
+    payload = for_inference(model.state_dict(), resolved_config_dict(cfg), INFO.to_dict())
     assert payload["config"]["recipe"]["name"] == "thz_mtl" and not any("teacher" in k for k in payload["model"])
     assert payload["model"].keys() == model.student.state_dict().keys()
     assert payload["config"]["recipe"]["params"]["embedding_dim"] == 16
