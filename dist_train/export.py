@@ -23,7 +23,8 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from dist_train.checkpoint import LATEST, atomic_save, checkpoint_path, is_run_dir, safe_load
-from recipes.model_file import FormatError, StoredModel, deepspeed_states_file, model_file, read_deepspeed_states, read_stored
+from recipes.model_file import (FormatError, StoredModel, deepspeed_states_file, model_file, read_deepspeed_states,
+                                read_stored)
 
 log = logging.getLogger("biomtl")
 
