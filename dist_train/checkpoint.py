@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from recipes.model_file import load_weights_only
 from shards.atomic import STALE_SUFFIX as _STALE
 from shards.atomic import atomic_write  # the toolkit's one atomic writer; the rest of dist_train imports it here
 from shards.atomic import move_into_place as _move_into_place
@@ -102,8 +103,8 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def safe_load(path: Path, map_location: Any = "cpu") -> Any:
-    # Checkpoints are untrusted input: never unpickle arbitrary objects.
-    return torch.load(path, map_location=map_location, weights_only=True)
+    # Checkpoints are untrusted input: what is safe to load is the format owner's call.
+    return load_weights_only(path, map_location)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -6,6 +6,7 @@ before any process group or file is created.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -82,6 +83,9 @@ class RecipeConfig:
     name: str = "facecom"
     # Validated against the recipe's own ``Params`` dataclass after loading.
     params: dict[str, Any] = field(default_factory=dict)
+    # ``params`` as the recipe's typed ``Params``, made once by the loader
+    # (:func:`recipe_params`); not a config key, not written out.
+    resolved: Any = field(default=None, repr=False, compare=False, metadata={"internal": True})
 
 
 @dataclass
@@ -263,10 +267,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 REMOVED_KEYS = {"checkpoint.save_last": "it never changed anything: checkpoints/latest is always kept"}
 
 
-def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Instantiate ``cls`` from ``data`` checking keys, types and paths."""
+def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "",
+                    check_path: typing.Callable[[dataclasses.Field], bool] = lambda f: True) -> Any:
+    """Instantiate ``cls`` from ``data`` checking keys, types and paths (the
+    path fields for which ``check_path(field)`` holds must exist)."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
@@ -275,7 +281,7 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
                 raise ConfigError(f"{full}: removed ({REMOVED_KEYS[full]}); delete it from the config")
             raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), fields)}")
         value = _coerce(value, hints[key], full)
-        if fields[key].metadata.get("path") and value and not Path(value).exists():
+        if fields[key].metadata.get("path") and value and check_path(fields[key]) and not Path(value).exists():
             raise ConfigError(f"{full}: path does not exist: {value}")
         kwargs[key] = value
     try:
@@ -285,7 +291,15 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    """Plain data of a config dataclass (its internal fields left out)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not f.metadata.get("internal")}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
 
 
 # --------------------------------------------------------------------------
@@ -449,7 +463,11 @@ def _check_sections(path: Path, tree: dict[Any, Any]) -> None:
                           f"{', '.join(sections)})")
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), start: bool = True) -> Config:
+    """The config of a run. ``start=False``: the run resumes from a checkpoint,
+    which holds the trained weights, so the files read only to start one
+    (``start_only`` recipe params: ``init_from``, ``weights_path`` ...) need
+    not exist any more."""
     tree: dict[str, Any] = {}
     if path is not None:
         tree = read_config_tree(Path(path))
@@ -457,11 +475,11 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         parts, value = parse_override(text)
         apply_override(tree, parts, value)
     cfg = build_dataclass(Config, tree)
-    validate(cfg)
+    validate(cfg, start)
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, start: bool = True) -> None:
     """Cross-field checks and the recipe's own parameters."""
     from recipes.base import get_recipe, recipe_names
 
@@ -546,7 +564,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"recipe.name: unknown recipe '{cfg.recipe.name}'"
                           f"{_suggest(cfg.recipe.name, recipe_names())}; "
                           f"known: {', '.join(recipe_names())}") from None
-    recipe_params(cfg)  # raises ConfigError on bad recipe.params
+    resolve_recipe_params(cfg, check_path=lambda f: start or not f.metadata.get("start_only"))
 
 
 def validates(cfg: Config) -> bool:
@@ -554,10 +572,18 @@ def validates(cfg: Config) -> bool:
     return cfg.data.val_split.strip().lower() != NO_SPLIT
 
 
-def recipe_params(cfg: Config) -> Any:
+def resolve_recipe_params(cfg: Config, check_path: typing.Callable[[dataclasses.Field], bool] = lambda f: True) -> Any:
+    """Make ``cfg.recipe.resolved``, the typed params (ConfigError on bad ``recipe.params``)."""
     from recipes.base import get_recipe
 
-    return build_dataclass(get_recipe(cfg.recipe.name).Params, cfg.recipe.params, prefix="recipe.params")
+    cfg.recipe.resolved = build_dataclass(get_recipe(cfg.recipe.name).Params, cfg.recipe.params,
+                                          prefix="recipe.params", check_path=check_path)
+    return cfg.recipe.resolved
+
+
+def recipe_params(cfg: Config) -> Any:
+    """The recipe's typed params, resolved once when the config was loaded."""
+    return cfg.recipe.resolved if cfg.recipe.resolved is not None else resolve_recipe_params(cfg)
 
 
 def resolved_config_dict(cfg: Config) -> dict[str, Any]:
@@ -567,11 +593,13 @@ def resolved_config_dict(cfg: Config) -> dict[str, Any]:
 
 
 def config_from_dict(tree: dict[str, Any]) -> Config:
-    """Rebuild a Config saved in a checkpoint (paths there need not exist here)."""
+    """Rebuild a Config saved in a checkpoint (paths there need not exist here),
+    its recipe params resolved."""
     tree = _without_removed_keys(tree)
     cfg = build_dataclass(Config, {**tree, "data": {**tree["data"], "shards": ""},
                                    "deepspeed": {"config": ""}})
     cfg.data.shards = tree["data"].get("shards", "")
+    resolve_recipe_params(cfg, check_path=lambda f: False)
     return cfg
 
 

@@ -1,8 +1,5 @@
-"""Consolidated model files: one fp32 state dict, loadable with ``weights_only=True``.
-
-    {"model": {name: fp32 tensor}, "config": resolved config dict, "data_info": plain dict}
-
-Made from
+"""Consolidated model files: one fp32 state dict with the config and data
+info that rebuild its recipe (the layout: :mod:`recipes.model_file`). Made from
 - a DeepSpeed checkpoint directory (ZeRO 1/2/3 via DeepSpeed's
   ``zero_to_fp32`` reconstruction of the fp32 master weights; stage 0 has no
   ZeRO partition files: the module weights of ``mp_rank_00_model_states.pt``);
@@ -21,11 +18,13 @@ import contextlib
 import io
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
 from dist_train.checkpoint import LATEST, atomic_save, checkpoint_path, is_run_dir, safe_load
+from recipes.model_file import (FormatError, StoredModel, deepspeed_states_file, model_file, read_deepspeed_states,
+                                read_stored)
 
 log = logging.getLogger("biomtl")
 
@@ -53,47 +52,38 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def model_states_file(tag_dir: Path) -> Path:
-    """DeepSpeed's model-states file of a tag directory (it holds the module
-    state and our client state): ``mp_rank_00_model_states.pt`` for stages
-    0-2, ``zero_pp_rank_0_mp_rank_00_model_states.pt`` for ZeRO-3."""
-    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
-        if (tag_dir / name).is_file():
-            return tag_dir / name
-    raise ExportError(f"{tag_dir}: no DeepSpeed model states file (incomplete checkpoint?)")
+class _Payload(NamedTuple):
+    model: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    data_info: dict[str, Any]
 
 
-def _payload(path: Path, model: Any, client: Any) -> dict[str, Any]:
-    """The consolidated file's content; what a checkpoint lacks is one line naming it."""
+def _payload(path: Path, stored: StoredModel, model: Any = None) -> _Payload:
+    """The consolidated file's parts; what a checkpoint lacks is one line naming it."""
+    model = stored.model if model is None else model
     if not isinstance(model, Mapping) or not all(isinstance(v, torch.Tensor) for v in model.values()):
         raise ExportError(f"{path}: not a biomtl checkpoint (its model is not a state dict of tensors)")
-    if not isinstance(client, Mapping) or "config" not in client:
-        raise ExportError(f"{path}: the checkpoint has no config (written before checkpoints were self-describing, "
-                          "or not by biomtl)")
-    if not isinstance(client["config"], Mapping) or not isinstance(client.get("data_info"), Mapping):
-        raise ExportError(f"{path}: not a biomtl checkpoint (config / data_info missing or malformed)")
-    return {"model": _fp32(model), "config": client["config"], "data_info": client["data_info"]}
+    if stored.config is None or stored.data_info is None:
+        raise ExportError(f"{path}: the checkpoint has no config / data_info (written before checkpoints were "
+                          "self-describing, or not by biomtl)")
+    return _Payload(_fp32(model), dict(stored.config), dict(stored.data_info))
 
 
-def _deepspeed_export(ckpt_dir: Path) -> dict[str, Any]:
-    from dist_train.strategies.deepspeed import (CLIENT_KEY, CheckpointLoadError, checked_tag_dir,
-                                                 load_checkpoint_file, weights_only_loads)
+def _deepspeed_export(ckpt_dir: Path) -> _Payload:
+    from dist_train.strategies.deepspeed import (CheckpointLoadError, checked_tag_dir, load_checkpoint_file,
+                                                 weights_only_loads)
 
     # DeepSpeed's directory format is untrusted input like any checkpoint:
     # every file loads weights-only (DeepSpeed's few data classes allowed).
     try:
         tag_dir = checked_tag_dir(ckpt_dir)
-        model_states = model_states_file(tag_dir)
-        states = load_checkpoint_file(model_states)
+        model_states = deepspeed_states_file(tag_dir)
+        stored, stage = read_deepspeed_states(load_checkpoint_file(model_states))
     except CheckpointLoadError as exc:
         raise ExportError(str(exc)) from None
-    if not isinstance(states, Mapping) or not isinstance(states.get(CLIENT_KEY), Mapping):
-        raise ExportError(f"{model_states}: no toolkit client state (not written by biomtl?)")
-    client = states[CLIENT_KEY]
+    except FormatError as exc:
+        raise ExportError(f"{ckpt_dir}: {exc}") from None
     zero_files = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
-    ds_config = states.get("ds_config")
-    zero = ds_config.get("zero_optimization", {}) if isinstance(ds_config, Mapping) else {}
-    stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
     if stage or zero_files:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -112,11 +102,11 @@ def _deepspeed_export(ckpt_dir: Path) -> dict[str, Any]:
         # Stage 0: no ZeRO partitions; the module's own (full) weights. In
         # fp32 these are the trained weights; with bf16/fp16 DeepSpeed keeps
         # its fp32 master copy in the optimizer, and this is its 16-bit image.
-        model = states.get("module")
-    return _payload(model_states, model, client)
+        model = stored.model
+    return _payload(model_states, stored, model)
 
 
-def _ddp_export(path: Path) -> dict[str, Any]:
+def _ddp_export(path: Path) -> _Payload:
     from dist_train.strategies.deepspeed import load_problem
 
     if not path.is_file():  # a FIFO would block the read
@@ -125,30 +115,26 @@ def _ddp_export(path: Path) -> dict[str, Any]:
         state = safe_load(path)
     except Exception as exc:  # noqa: BLE001 - an untrusted file: one line naming it and the cause
         raise ExportError(f"{path}: {load_problem(path, exc)}") from None
-    if not isinstance(state, Mapping) or "model" not in state:
-        raise ExportError(f"{path}: not a biomtl checkpoint (no 'model')")
-    client = state.get("client") or {}
-    if isinstance(client, Mapping) and "config" not in client and "config" in state:  # already an exported file
-        client = state
-    return _payload(path, state["model"], client)
+    try:
+        return _payload(path, read_stored(state))  # a trainer checkpoint, or an already exported file
+    except FormatError as exc:
+        raise ExportError(f"{path}: {exc}") from None
 
 
-def for_inference(payload: dict[str, Any]) -> dict[str, Any]:
+def for_inference(model: dict[str, torch.Tensor], config: dict[str, Any], data_info: dict[str, Any]) -> dict[str, Any]:
     """The payload as inference needs it: the recipe decides what the exported
     model is (:meth:`recipes.base.Recipe.export_for_inference`, e.g. a student
     without its teacher); the config then names that recipe and its params."""
-    from dist_train.config import config_from_dict, recipe_params, to_dict
-    from recipes.base import DataInfo, get_recipe
+    from dist_train.stored_recipe import StoredRecipeError, recipe_from_stored, stored_params_record
 
     try:
-        cfg = config_from_dict(payload["config"])
-        recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), DataInfo.from_dict(payload["data_info"]))
-    except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
-        raise ExportError(f"the checkpoint's config does not describe a known recipe ({type(exc).__name__}: "
-                          f"{str(exc)[:200]})") from None
-    name, params, state = recipe.export_for_inference(payload["model"])
-    config = {**payload["config"], "recipe": {"name": name, "params": to_dict(params)}}
-    return {**payload, "model": state, "config": config}
+        recipe = recipe_from_stored(config, data_info).recipe
+    except StoredRecipeError as exc:
+        raise ExportError(f"the checkpoint's config does not describe a known recipe ({exc})") from None
+    name, params, state = recipe.export_for_inference(model)
+    stored = (config.get("recipe") or {}).get("params") or {}
+    exported = {**config, "recipe": {"name": name, "params": stored_params_record(params, stored)}}
+    return model_file(state, exported, data_info)
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
@@ -159,7 +145,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     clash = output_clash("--output", output, [("--checkpoint", path)], folders_whole=True)
     if clash is not None:  # replacing the trainer checkpoint would end the run's resume
         raise ExportError(clash)
-    payload = for_inference(_deepspeed_export(path) if path.is_dir() else _ddp_export(path))
+    payload = for_inference(*(_deepspeed_export(path) if path.is_dir() else _ddp_export(path)))
     output = Path(output)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -174,23 +160,19 @@ def export_live(strategy: Any, output: Path, config: dict[str, Any], data_info: 
     """End of training: every rank calls this (ZeRO-3 gathers collectively); rank 0 writes."""
     model = strategy.export_state_dict()
     if is_main:
-        atomic_save(for_inference({"model": _fp32(model), "config": config, "data_info": data_info}), Path(output))
+        atomic_save(for_inference(_fp32(model), config, data_info), Path(output))
         log.info("exported the fp32 model to %s", output)
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, Any]:
     """(recipe model with the weights, Config, DataInfo) from a consolidated file."""
-    from dist_train.config import config_from_dict, recipe_params
-    from recipes.base import DataInfo, get_recipe
+    from dist_train.stored_recipe import recipe_from_stored
 
-    state = safe_load(Path(path))
-    cfg = config_from_dict(state["config"])
-    info = DataInfo.from_dict(state["data_info"])
-    recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), info)
-    model = recipe.build_model()
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg, info
+    stored = read_stored(safe_load(Path(path)))
+    rebuilt = recipe_from_stored(stored.config or {}, stored.data_info or {})
+    model = rebuilt.recipe.build_model()
+    model.load_state_dict(stored.model)
+    return model.to(device).eval(), rebuilt.cfg, rebuilt.recipe.data_info
 
 
-__all__ = ["ExportError", "export_checkpoint", "export_live", "load_exported", "model_states_file",
-           "resolve_checkpoint"]
+__all__ = ["ExportError", "export_checkpoint", "export_live", "load_exported", "resolve_checkpoint"]

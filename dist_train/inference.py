@@ -10,24 +10,24 @@
     engine.batch_verify([("a.png", "b.png"), ("a.png", "c.png")])
     engine.attention_maps(["a.png"])         # DCAL: [N, H', W'] attention rollout (CLS row)
 
-Accepted files (read with ``torch.load(..., weights_only=True)``, mapped to the
-requested device, so a GPU-trained checkpoint loads on a CPU-only machine):
+Accepted files (read weights-only, mapped to the requested device, so a
+GPU-trained checkpoint loads on a CPU-only machine; their layout is
+:mod:`recipes.model_file`'s):
 
-* a trainer checkpoint (DDP): ``{"model": state_dict, "optimizer": ..., "client":
-  {"config": resolved config, "data_info": ..., "loop": {"step": ...}, ...}}``;
+* a trainer checkpoint (DDP);
 * an exported model (``biomtl export``, ``RUN/model.pt`` written at the end of
-  training, :func:`save_exported`): ``{"model": state_dict, "config": ...,
-  "data_info": ...}`` plus an optional ``"threshold"``;
+  training, :func:`save_exported`), with an optional threshold;
 * a run directory: its ``model.pt``, else ``checkpoints/best.pt``, else ``latest.pt``.
 
 A DeepSpeed checkpoint is a directory: export it first (``biomtl export``).
 
-The model is rebuilt from the stored config by its recipe (``recipe.build_model()``)
-with pretrained-weight options cleared (the weights come from the file), and
-images are preprocessed by the recipe's own eval transform, so the engine is
-generic over recipes whose model has ``embed(images) -> [B, D]`` (``dcal_twins``,
-``facecom``). Only :meth:`InferenceEngine.attention_maps` is DCAL-specific
-(models with ``attention_rollout``).
+The model is rebuilt from the stored config by its recipe
+(:func:`dist_train.stored_recipe.recipe_from_stored`: start-only params off, the
+weights come from the file), and images are preprocessed by the recipe's own
+eval transform, so the engine is generic over recipes whose model follows
+:class:`recipes.base.EmbeddingModel` (``embed(images) -> [B, D]``; checked on
+loading). Only :meth:`InferenceEngine.attention_maps` needs its optional
+``attention_rollout`` (DCAL).
 
 Score = cosine similarity of the embeddings. Decision: ``score >= threshold``,
 where the threshold is, in order: the ``threshold`` argument; the file's
@@ -38,9 +38,7 @@ else :data:`DEFAULT_THRESHOLD`.
 """
 from __future__ import annotations
 
-import copy
 import csv
-import dataclasses
 import math
 import os
 import pickle
@@ -54,6 +52,7 @@ import torch  # noqa: E402
 
 from dist_train.checkpoint import (BEST, LATEST, atomic_save, checkpoint_path, final_model_path, is_run_dir,  # noqa: E402
                                    run_dir_of)
+from recipes.model_file import FormatError, StoredModel, model_file, read_stored  # noqa: E402
 from shards.images import sixteen_to_8bit, to_8bit  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.5  # cosine; used only when neither the caller nor the checkpoint gives one
@@ -75,9 +74,9 @@ class CheckpointError(ValueError):
     """The file is missing or is not a biomtl checkpoint / exported model (one-line message)."""
 
 
-def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """``{"model", "config", "data_info", "threshold", "step", "kind"}`` from a trainer
-    checkpoint or an exported model file."""
+def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Path, StoredModel]:
+    """(the file read, what it holds) for a trainer checkpoint, an exported model
+    file or a run directory; the stored config and data info are there."""
     p = Path(path)
     if is_run_dir(p):  # a run directory: its final model, else best/latest
         found = next((c for c in (final_model_path(p), checkpoint_path(p, BEST), checkpoint_path(p, LATEST))
@@ -98,18 +97,14 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu")
     except Exception as exc:  # truncated zip, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{p} is not a readable checkpoint ({type(exc).__name__}: {first[:200]})") from None
-    if not isinstance(obj, Mapping) or not isinstance(obj.get("model"), Mapping):
-        raise CheckpointError(f"{p} is not a biomtl checkpoint (no 'model' state dict)")
-    client = obj.get("client") if isinstance(obj.get("client"), Mapping) else {}
-    config = client.get("config", obj.get("config"))
-    data_info = client.get("data_info", obj.get("data_info"))
-    if not isinstance(config, Mapping) or not isinstance(data_info, Mapping):
+    try:
+        stored = read_stored(obj)
+    except FormatError as exc:
+        raise CheckpointError(f"{p} {exc}" if str(exc).startswith("not ") else f"{p}: {exc}") from None
+    if stored.config is None or stored.data_info is None:
         raise CheckpointError(f"{p} has no stored config/data_info (written by an older biomtl?); "
                               "cannot rebuild the model")
-    step = (client.get("loop") or {}).get("step") if client else obj.get("step")
-    return {"path": p, "model": obj["model"], "config": dict(config), "data_info": dict(data_info),
-            "threshold": obj.get("threshold", client.get("threshold")), "step": step,
-            "kind": "trainer checkpoint" if client else "exported model"}
+    return p, stored
 
 
 def save_exported(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
@@ -117,12 +112,8 @@ def save_exported(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor
     """Write the exported-model format (fp32 CPU tensors), atomically."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    obj: dict[str, Any] = {"model": {k: (v.detach().float().cpu() if v.is_floating_point() else v.cpu())
-                                     for k, v in state_dict.items()},
-                           "config": dict(config), "data_info": dict(data_info)}
-    if threshold is not None:
-        obj["threshold"] = float(threshold)
-    atomic_save(obj, p)
+    weights = {k: (v.detach().float().cpu() if v.is_floating_point() else v.cpu()) for k, v in state_dict.items()}
+    atomic_save(model_file(weights, config, data_info, threshold), p)
     return p
 
 
@@ -148,17 +139,6 @@ def _threshold_from_run(model_file: Path, step: int | None) -> float | None:
         if math.isfinite(value):
             return value
     return None
-
-
-def _without_weight_loading(params_tree: dict[str, Any], params_cls: type) -> dict[str, Any]:
-    """Recipe params with pretrained-weight options cleared (the file holds the weights)."""
-    tree = dict(params_tree)
-    for f in dataclasses.fields(params_cls):
-        if f.metadata.get("path") and f.name in tree:
-            tree[f.name] = ""
-        if f.name == "pretrained" and f.name in tree:
-            tree[f.name] = False
-    return tree
 
 
 def _to_pil(item: Any):
@@ -197,43 +177,39 @@ class InferenceEngine:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device | None = None,
                         threshold: float | None = None, batch_size: int = 64) -> "InferenceEngine":
-        from dist_train.config import ConfigError, build_dataclass, config_from_dict
-        from recipes.base import DataInfo, get_recipe
+        from dist_train.stored_recipe import StoredRecipeError, recipe_from_stored
+        from recipes.base import EmbeddingModel
 
         dev = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_model_file(path, dev)
+        found, loaded = load_model_file(path, dev)
         try:
-            tree = copy.deepcopy(loaded["config"])
-            recipe_cls = get_recipe(tree["recipe"]["name"])
-            tree["recipe"]["params"] = _without_weight_loading(tree["recipe"].get("params") or {}, recipe_cls.Params)
-            cfg = config_from_dict(tree)
-            params = build_dataclass(recipe_cls.Params, cfg.recipe.params, prefix="recipe.params")
-            data_info = DataInfo.from_dict(loaded["data_info"])
-        except (ConfigError, KeyError, TypeError) as exc:
+            rebuilt = recipe_from_stored(loaded.config, loaded.data_info)
+        except StoredRecipeError as exc:
             raise CheckpointError(f"{path}: cannot rebuild the model from its stored config: {exc}") from None
-        recipe = recipe_cls(params, data_info)
+        cfg, recipe = rebuilt.cfg, rebuilt.recipe
         model = recipe.build_model()
         try:
-            model.load_state_dict(loaded["model"])
+            model.load_state_dict(loaded.model)
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: weights do not fit the model built from its config: "
                                   f"{str(exc).splitlines()[0]}") from None
         model.to(dev)
-        if not hasattr(model, "embed"):
-            raise CheckpointError(f"{path}: recipe {recipe_cls.name!r} has no embed(); no verification possible")
+        if not isinstance(model, EmbeddingModel):  # what every inference command needs
+            raise CheckpointError(f"{path}: recipe {recipe.name!r}: its model has no embed(images) (see "
+                                  "recipes.base.EmbeddingModel); no embeddings or verification possible")
         if threshold is not None:
             thr, source = float(threshold), "argument"
-        elif loaded["threshold"] is not None:
-            thr, source = float(loaded["threshold"]), "stored in the model file"
-        elif (t := _threshold_from_run(loaded["path"], loaded["step"])) is not None:
-            at = f"step {loaded['step']}" if loaded["step"] is not None else "the last step"
+        elif loaded.threshold is not None:
+            thr, source = loaded.threshold, "stored in the model file"
+        elif (t := _threshold_from_run(found, loaded.step)) is not None:
+            at = f"step {loaded.step}" if loaded.step is not None else "the last step"
             thr, source = t, f"validation at {at}: best accuracy on val pairs"
         else:
             thr, source = DEFAULT_THRESHOLD, "default"
         engine = cls(model, recipe, cfg, dev, thr, source, batch_size)
-        engine.checkpoint_kind = loaded["kind"]
-        engine.step = loaded["step"]
+        engine.checkpoint_kind = loaded.kind
+        engine.step = loaded.step
         return engine
 
     @property
@@ -333,7 +309,9 @@ class InferenceEngine:
     def attention_maps(self, items: Sequence[Any] | Any, upsample: bool = False) -> np.ndarray:
         """Attention rollout (CLS row over the patch grid), ``[N, H', W']`` scaled
         to [0, 1] per image; ``upsample`` gives ``[N, S, S]`` at the model's input size."""
-        if not hasattr(self.model, "attention_rollout"):
+        from recipes.base import has_attention_rollout
+
+        if not has_attention_rollout(self.model):
             raise TypeError(f"recipe {self.recipe_name!r}: the model has no attention rollout (DCAL only)")
         if not isinstance(items, (list, tuple)):
             items = [items]

@@ -25,11 +25,12 @@ import torch  # noqa: E402
 
 from dist_train import distributed  # noqa: E402
 from dist_train.checkpoint import atomic_write, final_model_path  # noqa: E402
-from dist_train.config import Config, ConfigError, dump_config, recipe_params  # noqa: E402
+from dist_train.config import Config, ConfigError, dump_config  # noqa: E402
 from dist_train.preflight import check_resume, load_checked_config, synthetic_spec  # noqa: E402
 from models.backbones import WeightsError  # noqa: E402
 from models.losses import LpipsWeightsMissing  # noqa: E402
-from recipes.base import RecipeDataError, get_recipe  # noqa: E402
+from dist_train.stored_recipe import build_recipe  # noqa: E402
+from recipes.base import RecipeDataError  # noqa: E402
 from shards.reading import CorruptDataError, corrupt_data_line  # noqa: E402
 from launch import faults  # noqa: E402
 from launch.env import detect, launch_id, restart_count  # noqa: E402
@@ -181,14 +182,14 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
                                    reported=(ConfigError, OSError, PeerLost, CorruptDataError, FloatingPointError),
                                    cpu_threads=cfg.dist.cpu_threads) as ctx:
         data_dir = prepare_data(cfg, ctx)
-        try:
-            recipe = get_recipe(cfg.recipe.name)(recipe_params(cfg), Manifest.load(data_dir).data_info())
-        except RecipeDataError as exc:  # the recipe refuses these data (e.g. a modality it needs is missing)
-            raise ConfigError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         attempt = attempt_of_group()
         restart = restart_point(cfg, resume, ctx.is_main, attempt)
         if restart is not None:
             resume = restart[1]
+        try:  # a resumed run's weights come from its checkpoint: nothing is read to start them
+            recipe = build_recipe(cfg, Manifest.load(data_dir).data_info(), weights_from_checkpoint=resume is not None)
+        except RecipeDataError as exc:  # the recipe refuses these data (e.g. a modality it needs is missing)
+            raise ConfigError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         if resume is not None:  # again, now that the data exist (the preflight may not have known them)
             check_resume(cfg, resume, recipe.data_info)
         if restart is not None:  # torchrun restarted the group: go on in the first attempt's run
@@ -297,7 +298,7 @@ def run(argv: list[str] | None = None, prog: str = "dist_train/main.py") -> int:
     args = build_arg_parser(prog).parse_args(argv)
     env = detect()
     try:
-        cfg = load_checked_config(args.config, args.overrides)
+        cfg = load_checked_config(args.config, args.overrides, start=args.resume is None)
         resume = resolve_resume(cfg, args.resume)
     except ConfigError as exc:
         if env.is_local_main:  # every rank finds the same mistake: one line per node

@@ -16,10 +16,14 @@ from typing import Any, Mapping, Sequence
 
 from dist_train.config import (NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config,
                                resolved_config_dict, validates)
+from recipes.model_file import (FormatError, deepspeed_states_file, load_weights_only, read_deepspeed_states,
+                                read_stored, read_trainer_state)
 
 
-def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    cfg = load_config(path, list(overrides))
+def load_checked_config(path: str | Path | None, overrides: Sequence[str] = (), start: bool = True) -> Config:
+    """``start=False``: the run resumes; the files read only to start one
+    (start-only recipe params) are neither required nor read."""
+    cfg = load_config(path, list(overrides), start)
     if cfg.train.strategy == "deepspeed":  # JSON vs toolkit batch/precision settings; fp16 on this device
         check_deepspeed_config(cfg)
     if cfg.logging.tracking == "mlflow":  # an optional extra
@@ -30,7 +34,9 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) 
         from dist_train.tracking import require_wandb
 
         require_wandb()
-    check_weight_files(cfg)
+    check_weight_files(cfg, start)
+    if start:
+        check_start_files(cfg)
     if cfg.data.val_bins:
         from dist_train.val_bins import check_val_bins
 
@@ -49,26 +55,49 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = ()) 
 WEIGHT_FIELDS = ("weights_path", "weights")  # name endings: weights_path, lpips_weights, teacher_weights
 
 
-def check_weight_files(cfg: Config) -> None:
+def check_weight_files(cfg: Config, start: bool = True) -> None:
     """Every weights file a recipe parameter names (a path field ending in
     :data:`WEIGHT_FIELDS`) loads weights-only and holds tensors, read by their
     owner :func:`models.backbones.read_state_dict`: a text file, pickled code
     or a file of no tensors is one line here, not a traceback once the run
-    directory exists. (``init_from`` is checked by the recipes' own Params.)"""
+    directory exists. Without ``start`` (a resume) the start-only ones are not
+    read. (``init_from`` is checked by :func:`check_start_files`.)"""
     import dataclasses
 
     from dist_train.config import recipe_params
     from models.backbones import WeightsError, read_state_dict
+    from recipes.base import START_ONLY
 
     params = recipe_params(cfg)
     for f in dataclasses.fields(params):
         value = getattr(params, f.name)
         if not (f.metadata.get("path") and value and f.name.endswith(WEIGHT_FIELDS)):
             continue
+        if not start and f.metadata.get(START_ONLY):
+            continue
         try:
             read_state_dict(value)
         except WeightsError as exc:
             raise ConfigError(f"recipe.params.{f.name}: {(str(exc).splitlines() or [''])[0][:300]}") from None
+
+
+def check_start_files(cfg: Config) -> None:
+    """What the recipe reads to start a fresh run fits (e.g. an ``init_from``
+    file against the model on the meta device): the recipe's own check, run
+    once, before any run directory exists."""
+    from dist_train.config import recipe_params
+
+    check_recipe_start(cfg.recipe.name, recipe_params(cfg))
+
+
+def check_recipe_start(recipe: str, params: Any) -> None:
+    """:func:`check_start_files` for a recipe name and its typed params."""
+    from recipes.base import get_recipe
+
+    try:
+        get_recipe(recipe).check_start_files(params)
+    except ValueError as exc:  # InitFromError... (ConfigError too)
+        raise ConfigError(f"recipe.params: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -188,13 +217,13 @@ def check_resume(cfg: Config, path: Path, data_info: Any = None) -> None:
         if not path.is_dir():
             raise ConfigError(f"{where}: a DeepSpeed checkpoint is a folder (checkpoints/latest); this is a file "
                               f"(a DDP checkpoint? then train.strategy=ddp)")
-        client, shapes = _deepspeed_checkpoint(path)
+        stored, shapes = _deepspeed_checkpoint(path)
     else:
         if path.is_dir():
             raise ConfigError(f"{where}: a folder (a DeepSpeed checkpoint? then train.strategy=deepspeed); "
                               f"train.strategy=ddp resumes from a .pt file")
-        client, shapes = _ddp_checkpoint(path)
-    old = client["config"]
+        stored, shapes = _ddp_checkpoint(path)
+    old = stored.config
     old_recipe = (old.get("recipe") or {}).get("name")
     if old_recipe != cfg.recipe.name:
         raise ConfigError(f"{where}: a checkpoint of recipe '{old_recipe}', but recipe.name is "
@@ -204,63 +233,56 @@ def check_resume(cfg: Config, path: Path, data_info: Any = None) -> None:
         raise ConfigError(f"{where}: the checkpoint's optimizer state is {old_optimizer}, but train.optimizer is "
                           f"{cfg.train.optimizer}; set train.optimizer={old_optimizer}")
     if shapes is None:  # DeepSpeed: the model the checkpoint's own config describes
-        shapes = _model_shapes(_config_or_error(where, old), _data_info_or_error(where, client))
-    expected = _model_shapes(cfg, data_info if data_info is not None else _current_data_info(cfg, client))
+        shapes = _model_shapes(_config_or_error(where, old), _data_info_or_error(where, stored.data_info))
+    expected = _model_shapes(cfg, data_info if data_info is not None else _current_data_info(cfg, stored))
     if expected is not None:
         _compare_shapes(where, shapes, expected, cfg.recipe.name)
 
 
-def _ddp_checkpoint(path: Path) -> tuple[Mapping[str, Any], dict[str, tuple[int, ...]]]:
-    import torch
-
+def _ddp_checkpoint(path: Path) -> tuple[Any, dict[str, tuple[int, ...]]]:
     from dist_train.strategies.deepspeed import load_problem
 
     where = f"--resume {path}"
     if not path.is_file():  # a FIFO would block the read
         raise ConfigError(f"{where}: not a regular file")
     try:  # untrusted: weights only; memory-mapped, so every rank reading it costs little
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        state = load_weights_only(path, mmap=True)
     except Exception as exc:  # noqa: BLE001 - an untrusted file: one line naming it and the cause
         problem = load_problem(path, exc)
         if isinstance(exc, OSError) and exc.errno == errno.EINVAL and not zipfile.is_zipfile(path):
             # torch.load reads a cut-off archive as a legacy file and fails with EINVAL
             problem = "truncated or corrupt (not a complete PyTorch zip archive)"
         raise ConfigError(f"{where}: {problem}") from None
-    if not isinstance(state, Mapping) or not isinstance(state.get("model"), Mapping):
-        raise ConfigError(f"{where}: not a biomtl training checkpoint (no model state)")
-    if "optimizer" not in state or not isinstance(state.get("client"), Mapping):
-        if "config" in state:
-            raise ConfigError(f"{where}: an exported model file (weights only, no optimizer or loop state); "
-                              f"resume from RUN/checkpoints/latest.pt")
-        raise ConfigError(f"{where}: not a biomtl training checkpoint (no optimizer or loop state)")
-    client = state["client"]
-    _check_client(where, client)
-    return client, {k: tuple(v.shape) for k, v in state["model"].items() if hasattr(v, "shape")}
+    try:
+        trainer = read_trainer_state(state)
+        stored = read_stored(state)
+    except FormatError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    _check_client(where, stored)
+    return stored, {k: tuple(v.shape) for k, v in trainer.model.items() if hasattr(v, "shape")}
 
 
-def _deepspeed_checkpoint(path: Path) -> tuple[Mapping[str, Any], None]:
-    """The client state of a DeepSpeed folder, every file loaded weights-only
+def _deepspeed_checkpoint(path: Path) -> tuple[Any, None]:
+    """The stored run of a DeepSpeed folder, every file loaded weights-only
     first (DeepSpeed's own loader unpickles; see strategies/deepspeed.py)."""
-    from dist_train.export import ExportError, model_states_file
-    from dist_train.strategies.deepspeed import CLIENT_KEY, checked_tag_dir, load_checkpoint_file
+    from dist_train.strategies.deepspeed import checked_tag_dir, load_checkpoint_file
 
     where = f"--resume {path}"
     try:  # CheckpointLoadError is a ConfigError naming the file
-        states = load_checkpoint_file(model_states_file(checked_tag_dir(path)))
-    except ExportError as exc:
+        stored, _ = read_deepspeed_states(load_checkpoint_file(deepspeed_states_file(checked_tag_dir(path))))
+    except FormatError as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    client = states.get(CLIENT_KEY) if isinstance(states, Mapping) else None
-    if not isinstance(client, Mapping):
-        raise ConfigError(f"{where}: no biomtl client state in the DeepSpeed checkpoint (not written by biomtl?)")
-    _check_client(where, client)
-    return client, None
+    _check_client(where, stored)
+    return stored, None
 
 
-def _check_client(where: str, client: Mapping[str, Any]) -> None:
-    for key in ("config", "data_info", "loop"):
-        if not isinstance(client.get(key), Mapping):
-            raise ConfigError(f"{where}: the checkpoint has no {key} (written before checkpoints were "
-                              f"self-describing, or not by biomtl)")
+def _check_client(where: str, stored: Any) -> None:
+    """A resumable checkpoint describes its run (config, data) and its loop position."""
+    missing = ("config" if stored.config is None else "data description" if stored.data_info is None
+               else None if isinstance((stored.client or {}).get("loop"), Mapping) else "loop")
+    if missing:
+        raise ConfigError(f"{where}: the checkpoint has no {missing} (written before checkpoints were "
+                          f"self-describing, or not by biomtl)")
 
 
 def _config_or_error(where: str, tree: Mapping[str, Any]) -> Config:
@@ -270,16 +292,16 @@ def _config_or_error(where: str, tree: Mapping[str, Any]) -> Config:
         raise ConfigError(f"{where}: the checkpoint's config does not load ({exc})") from None
 
 
-def _data_info_or_error(where: str, client: Mapping[str, Any]) -> Any:
+def _data_info_or_error(where: str, data_info: Mapping[str, Any]) -> Any:
     from recipes.base import DataInfo
 
     try:
-        return DataInfo.from_dict(client["data_info"])
+        return DataInfo.from_dict(dict(data_info))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: the checkpoint's data_info is malformed ({exc})") from None
 
 
-def _current_data_info(cfg: Config, client: Mapping[str, Any]) -> Any:
+def _current_data_info(cfg: Config, stored: Any) -> Any:
     """The DataInfo this run will train with, read without writing: the shard
     manifest; for synthetic data its cached manifest, or the checkpoint's own
     when the synthetic settings are unchanged (the data is a function of them);
@@ -291,11 +313,11 @@ def _current_data_info(cfg: Config, client: Mapping[str, Any]) -> Any:
     cached = _synthetic_cache(cfg)
     if (cached / "manifest.json").is_file():
         return Manifest.load(cached).data_info()
-    old = client["config"]
+    old = stored.config
     same_data = (old.get("data") or {}).get("source") == "synthetic" and \
         (old.get("data") or {}).get("synthetic") == resolved_config_dict(cfg)["data"]["synthetic"] and \
         (old.get("experiment") or {}).get("seed") == cfg.experiment.seed
-    return _data_info_or_error("--resume", client) if same_data else None
+    return _data_info_or_error("--resume", stored.data_info) if same_data else None
 
 
 def synthetic_spec(cfg: Config) -> Any:
@@ -319,13 +341,12 @@ def _model_shapes(cfg: Config, data_info: Any) -> dict[str, tuple[int, ...]] | N
     device (no memory, no weights computed)."""
     import torch
 
-    from dist_train.config import recipe_params
-    from recipes.base import get_recipe
+    from dist_train.stored_recipe import build_recipe
 
     if data_info is None:
         return None
-    with torch.device("meta"):
-        model = get_recipe(cfg.recipe.name)(recipe_params(cfg), data_info).build_model()
+    with torch.device("meta"):  # the shapes only: nothing read to start weights
+        model = build_recipe(cfg, data_info, weights_from_checkpoint=True).build_model()
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -25,6 +25,7 @@ from dist_train.run_logging import NullLogger, RunLogger
 from dist_train.schedulers import build_scheduler
 from dist_train.strategies import Strategy, StrategyOptions, build_strategy
 from dist_train.val_bins import bin_scorer
+from recipes.model_file import run_description
 from recipes.base import ArtifactContext, Recipe
 from shards.reading import ShardLoader
 
@@ -188,11 +189,11 @@ class Trainer:
                             self.state.step, self.strategy.scheduler.get_last_lr()[0])
 
     def _client_state(self) -> dict[str, Any]:
-        # config and data_info make a checkpoint self-describing: inference and
+        # The run's description makes a checkpoint self-describing: inference and
         # export rebuild the recipe model from the file alone.
         return {"loop": vars(self.state).copy(), "checkpoint_policy": self.checkpoints.policy_state(),
                 "rng": distributed.all_gather_objects(rng_state()), "total_steps": self.total_steps,
-                "config": resolved_config_dict(self.cfg), "data_info": self.recipe.data_info.to_dict()}
+                **run_description(resolved_config_dict(self.cfg), self.recipe.data_info.to_dict())}
 
     def save(self, metrics: dict[str, float] | None, periodic: bool = False) -> None:
         # The client state is made inside the write: by then the policy counts this

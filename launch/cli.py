@@ -180,10 +180,11 @@ def shell_line(env: dict[str, str], cmd: list[str]) -> str:
     return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(cmd)])
 
 
-def run(argv: list[str] | None, prog: str, load_config: Callable[[str, Sequence[str]], Any]) -> int:
-    """``load_config(path, overrides)`` returns the validated config (with
+def run(argv: list[str] | None, prog: str, load_config: Callable[[str, Sequence[str], bool], Any]) -> int:
+    """``load_config(path, overrides, start)`` returns the validated config (with
     ``experiment.name`` and ``recipe.name``) or raises ``ValueError`` with a
-    one-line message."""
+    one-line message; ``start`` is false for a ``--resume`` (files read only to
+    start a run are not required then)."""
     parser = build_arg_parser(prog)
     args = parser.parse_intermixed_args(argv)
     for name in ("nnodes", "nproc_per_node", "max_restarts", "gpus_per_node"):
@@ -198,7 +199,7 @@ def run(argv: list[str] | None, prog: str, load_config: Callable[[str, Sequence[
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, not args.resume)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

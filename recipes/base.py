@@ -15,15 +15,55 @@ import importlib
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
 from shards.manifest import DataInfo
 
-__all__ = ["ArtifactContext", "DataInfo", "EvalContext", "Metrics", "Recipe", "RecipeDataError", "get_recipe", "recipe_names",
-           "register"]
+__all__ = ["ArtifactContext", "DataInfo", "EmbeddingModel", "EvalContext", "Metrics", "Recipe", "RecipeDataError",
+           "START_ONLY", "get_recipe", "has_attention_rollout", "recipe_names", "register", "start_file", "start_option",
+           "without_start_files"]
+
+# Field metadata of a recipe param read only to start a run's weights (a local
+# weights file, a previous run's model, hub weights): a checkpoint already holds
+# what it gave, so rebuilding a recipe from a checkpoint or a model file, or
+# resuming, neither needs nor reads it (:func:`without_start_files`).
+START_ONLY = "start_only"
+
+
+def start_file(**kw: Any) -> Any:
+    """A path param read only to start a run (must exist then, and only then)."""
+    return dataclasses.field(default="", metadata={"path": True, START_ONLY: True}, **kw)
+
+
+def start_option(default: Any = False) -> Any:
+    """A non-path param that only says where the starting weights come from (``pretrained``)."""
+    return dataclasses.field(default=default, metadata={START_ONLY: True})
+
+
+def without_start_files(params: Any) -> Any:
+    """``params`` with every start-only field off (``""`` / ``False``): the recipe
+    then builds its model without reading or downloading starting weights."""
+    off = {f.name: ("" if isinstance(getattr(params, f.name), str) else False)
+           for f in dataclasses.fields(params) if f.metadata.get(START_ONLY)}
+    return dataclasses.replace(params, **off) if off else params
+
+
+@runtime_checkable
+class EmbeddingModel(Protocol):
+    """What ``biomtl eval`` / ``verify`` / ``extract`` / ``demo`` / ``predict`` need
+    of a recipe's model: ``embed(images [B, C, H, W]) -> [B, D]``. Optional:
+    ``attention_rollout(images) -> [B, H', W']`` (``verify --show-attention``,
+    the demo's attention picture; DCAL)."""
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+def has_attention_rollout(model: Any) -> bool:
+    """Whether the optional part of :class:`EmbeddingModel` is there."""
+    return callable(getattr(model, "attention_rollout", None))
 
 
 class RecipeDataError(ValueError):
@@ -190,6 +230,14 @@ class Recipe:
         writes recipe-specific pictures and files. Returns test metrics."""
         return {}
 
+    @classmethod
+    def check_start_files(cls, params: Any) -> None:
+        """Optional: check what a fresh run reads to start (the ``start_only``
+        params, e.g. that an ``init_from`` file fits this model), before any run
+        directory exists; raise ``ValueError`` with one line. Not called on
+        ``--resume`` nor when a model is rebuilt from a checkpoint."""
+        return None
+
     def eval_report(self, model: nn.Module, ctx: EvalContext) -> dict[str, Any] | None:
         """Optional: a recipe-specific ``biomtl eval`` report written into
         ``ctx.out_dir`` (``model`` is in eval mode on ``ctx.device``); returns its
@@ -201,8 +249,14 @@ _REGISTRY: dict[str, type[Recipe]] = {}
 
 
 def register(cls: type[Recipe]) -> type[Recipe]:
+    """Add a recipe under its ``name``; a name already taken by another class is
+    an error (the same class registered again, e.g. its module reloaded, replaces it)."""
     if not dataclasses.is_dataclass(cls.Params):
         raise TypeError(f"{cls.__name__}.Params must be a dataclass")
+    taken = _REGISTRY.get(cls.name)
+    if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+        raise ValueError(f"recipe name {cls.name!r} is taken by {taken.__module__}.{taken.__qualname__}; "
+                         f"{cls.__module__}.{cls.__qualname__} needs another name")
     _REGISTRY[cls.name] = cls
     return cls
 
@@ -219,8 +273,8 @@ def get_recipe(name: str) -> type[Recipe]:
     return _REGISTRY[name]
 
 
-_HELPER_MODULES = {"base", "batch", "bin_verification", "history_plots", "image_input", "labels", "verification",
-                   "verification_plots"}
+_HELPER_MODULES = {"base", "batch", "bin_verification", "history_plots", "image_input", "init_weights", "labels",
+                   "model_file", "verification", "verification_plots"}
 
 
 def _import_builtin_recipes() -> None:

@@ -59,7 +59,7 @@ from torchvision import transforms
 from models.conv_stem import ConvStemPatchEmbed
 from models.dcal import DCAL, DCALConfig, check_backbone_name
 from recipes import verification as ev
-from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
+from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register, start_file, start_option
 from recipes.image_input import face_transforms, pick_rgb_image
 from recipes.init_weights import check_init_from, load_init_weights
 from recipes.labels import class_label
@@ -89,12 +89,12 @@ class DCALTwinsParams:
     # patch_size must then be a power of two. Better for small data sets, same blocks for DCAL.
     conv_stem: bool = False
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # more timm kwargs (drop_path_rate, ...)
-    pretrained: bool = False                 # timm hub weights (needs network or the HF cache)
-    weights_path: str = field(default="", metadata={"path": True})  # local .pth/.safetensors backbone weights
+    pretrained: bool = start_option()        # timm hub weights (needs network or the HF cache)
+    weights_path: str = start_file()         # local .pth/.safetensors backbone weights
     backbone_lr_mult: float = 1.0
     # A previous run's RUN/model.pt (or checkpoint) to start from, e.g. a run on many
     # synthetic identities; the identity heads and loss weights may differ (recipes/init_weights.py).
-    init_from: str = field(default="", metadata={"path": True})
+    init_from: str = start_file()
     # --- DCAL
     use_glca: bool = True
     use_pwca: bool = True                    # both False = the plain-ViT baseline
@@ -139,8 +139,6 @@ class DCALTwinsParams:
             raise ValueError("conv_stem replaces the patch embedding: no pretrained / weights_path weights fit it")
         if self.init_from and (self.pretrained or self.weights_path):
             raise ValueError("init_from already sets every backbone weight: drop pretrained / weights_path")
-        if self.init_from:
-            check_init_from(self.init_from, lambda: DCAL(self.model_config(1)), DCAL_HEADS, "dcal_twins", DCAL_GLCA)
 
     def model_config(self, num_classes: int) -> DCALConfig:
         kwargs = dict(self.backbone_kwargs)
@@ -165,6 +163,11 @@ class DCALTwinsParams:
 class DCALTwinsRecipe(Recipe):
     name = "dcal_twins"
     Params = DCALTwinsParams
+
+    @classmethod
+    def check_start_files(cls, params: DCALTwinsParams) -> None:
+        if params.init_from:
+            check_init_from(params.init_from, lambda: DCAL(params.model_config(1)), DCAL_HEADS, cls.name, DCAL_GLCA)
 
     def __init__(self, params: DCALTwinsParams, data_info: DataInfo):
         super().__init__(params, data_info)

@@ -95,7 +95,7 @@ from torch import nn
 from models.ear import EarTeacherNet, simsiam_loss
 from models.heads import build_identity_head
 from models.losses import masked_cross_entropy
-from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
+from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register, start_file
 from recipes.batch import label_column, move_batch, valid_mask
 from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS, IMAGENET_MEAN, IMAGENET_STD
@@ -109,7 +109,7 @@ COLLAGE_TAG = "reconstruction_collage"
 class EarTeacherParams:
     # --- network (models.ear)
     backbone: str = "convnext_tiny"          # a timm ConvNeXt
-    weights_path: str = field(default="", metadata={"path": True})  # local pretrained weights file ("" = random)
+    weights_path: str = start_file()         # local pretrained weights file ("" = random)
     dims: list[int] = field(default_factory=list)     # override the ConvNeXt stage widths (small nets)
     depths: list[int] = field(default_factory=list)   # override the ConvNeXt stage depths
     img_size: int = 224

@@ -44,7 +44,7 @@ from models.backbones import build_backbone
 from models.heads import build_identity_head
 from models.losses import SupConLoss, TwinAwareTripletLoss, masked_cross_entropy
 from models.pixels import PixelInput
-from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register
+from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register, start_file, start_option
 from recipes.batch import label_column, move_batch, sample_keys, valid_mask
 from recipes.history_plots import plot_history
 from recipes.image_input import IMAGENET_MEAN, face_transforms, pick_rgb_image
@@ -65,11 +65,11 @@ SUBMISSION_COLUMNS = ["key", "gender", "gender_confidence", "identity", "confide
 class FaceComParams:
     backbone: str = "resnet50"
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # more timm kwargs (channels, drop_path_rate, ...)
-    pretrained: bool = False                 # timm hub weights (needs network or the HF cache)
-    weights_path: str = field(default="", metadata={"path": True})  # local .pth/.safetensors backbone weights
+    pretrained: bool = start_option()        # timm hub weights (needs network or the HF cache)
+    weights_path: str = start_file()         # local .pth/.safetensors backbone weights
     # A previous run's RUN/model.pt (or checkpoint) to start from, e.g. a run on many
     # synthetic identities; the identity/gender heads may differ (recipes/init_weights.py).
-    init_from: str = field(default="", metadata={"path": True})
+    init_from: str = start_file()
     img_size: int = 64
     embedding_dim: int = 128
     # avg: global average pooling. flatten: the whole last feature map goes into the
@@ -124,8 +124,6 @@ class FaceComParams:
             raise ValueError("set either pretrained (timm hub) or weights_path (local file), not both")
         if self.init_from and (self.pretrained or self.weights_path):
             raise ValueError("init_from already sets every backbone weight: drop pretrained / weights_path")
-        if self.init_from:
-            check_init_from(self.init_from, lambda: FaceComModel(self, 1), FACECOM_HEADS, "facecom")
 
 
 def _flat_feature_size(backbone: nn.Module, img_size: int) -> int:
@@ -273,6 +271,11 @@ def history_panels(rows: list[Mapping[str, Any]]) -> dict[str, list[str]]:
 class FaceComRecipe(Recipe):
     name = "facecom"
     Params = FaceComParams
+
+    @classmethod
+    def check_start_files(cls, params: FaceComParams) -> None:
+        if params.init_from:
+            check_init_from(params.init_from, lambda: FaceComModel(params, 1), FACECOM_HEADS, cls.name)
 
     def __init__(self, params: FaceComParams, data_info: DataInfo):
         super().__init__(params, data_info)

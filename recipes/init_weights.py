@@ -1,11 +1,10 @@
 """``recipe.params.init_from``: start a recipe model from a previous run's weights.
 
 The file is a previous run's exported model (``RUN/model.pt``) or one of its
-trainer checkpoints (``RUN/checkpoints/best.pt``); both hold the recipe
-model's state dict under ``"model"`` and are read with
-``torch.load(weights_only=True)``. (A run directory is not accepted: which
-file a run directory holds is dist_train's knowledge, and recipes do not
-import dist_train.)
+trainer checkpoints (``RUN/checkpoints/best.pt``), read weights-only through
+their format's owner, :mod:`recipes.model_file`. (A run directory is not
+accepted: which file a run directory holds is dist_train's knowledge, and
+recipes do not import dist_train.)
 
 What must fit, and what may not: every parameter or buffer *outside* the
 recipe's head prefixes (the backbone, the neck, DCAL's GLCA block) must be in
@@ -21,22 +20,25 @@ listed in ``InitReport.derived_missing`` for the recipe to derive again from
 the loaded weights, and a file's derived tensors that the model lacks are
 ignored (a plain ViT started from a DCAL run).
 
-The check runs twice: when the recipe's params are validated (a config error,
-exit 2, before any run directory exists: see :func:`check_init_from`, which
-builds the model on the meta device and reads only the file's shapes) and
-when the real model is built (:func:`load_init_weights`).
+The check runs twice in a fresh run: in the preflight (a config error, exit 2,
+before any run directory exists: the recipe's ``check_start_files`` calls
+:func:`check_init_from`, which builds the model on the meta device) and when
+the real model is built (:func:`load_init_weights`). A resumed run, or a model
+rebuilt from a checkpoint, has ``init_from`` off (a start-only param): its
+weights come from the checkpoint, and the file may be gone.
 """
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from recipes.model_file import FormatError, load_weights_only, read_stored
 
 log = logging.getLogger("biomtl.init_from")
 
@@ -64,18 +66,21 @@ def read_init_state(path: str | os.PathLike, recipe: str | None = None) -> dict[
         what = "a folder; pass its model file (RUN/model.pt or a checkpoint .pt)" if p.is_dir() else "not found"
         raise InitFromError(f"init_from {p}: {what}")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = load_weights_only(p)
     except Exception as exc:  # noqa: BLE001 - an untrusted file: one line naming it and the cause
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise InitFromError(f"init_from {p}: not a weights-only torch file ({first[:200]})") from None
-    model = state.get("model") if isinstance(state, Mapping) else None
-    if not isinstance(model, Mapping) or not model or not all(isinstance(v, torch.Tensor) for v in model.values()):
+    try:
+        stored = read_stored(state)
+    except FormatError:
+        stored = None
+    if stored is None or not stored.model:
         raise InitFromError(f"init_from {p}: no model state dict (expected a biomtl model.pt or trainer checkpoint)")
-    config = state.get("config") or (state.get("client") or {}).get("config") or {}
-    written_by = (config.get("recipe") or {}).get("name") if isinstance(config, Mapping) else None
+    written_by = (stored.config or {}).get("recipe")
+    written_by = written_by.get("name") if isinstance(written_by, Mapping) else None
     if recipe is not None and written_by is not None and written_by != recipe:
         raise InitFromError(f"init_from {p}: a {written_by} model; this recipe is {recipe}")
-    return dict(model)
+    return dict(stored.model)
 
 
 def _is_head(name: str, head_prefixes: Sequence[str]) -> bool:
@@ -114,20 +119,11 @@ def plan_init(path: str, file_shapes: Mapping[str, tuple[int, ...]], model_shape
     return report
 
 
-@lru_cache(maxsize=8)
-def _file_shapes(path: str, mtime_ns: int, size: int, recipe: str | None) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    # Keyed by mtime and size: params are validated again at every checkpoint save.
-    return tuple((k, tuple(v.shape)) for k, v in read_init_state(path, recipe).items())
-
-
 def check_init_from(path: str, build_model: Callable[[], nn.Module], head_prefixes: Sequence[str],
                     recipe: str | None = None, derived_prefixes: Sequence[str] = ()) -> InitReport:
     """Validate ``init_from`` without loading weights into anything: the model
     ``build_model()`` makes on the meta device against the file's shapes."""
-    st = os.stat(path) if os.path.isfile(path) else None
-    if st is None:
-        read_init_state(path, recipe)  # raises the right one-line error
-    file_shapes = dict(_file_shapes(str(path), st.st_mtime_ns, st.st_size, recipe))
+    file_shapes = {k: tuple(v.shape) for k, v in read_init_state(path, recipe).items()}
     with torch.device("meta"):
         model = build_model()
     return plan_init(str(path), file_shapes, {k: tuple(v.shape) for k, v in model.state_dict().items()},

@@ -63,7 +63,7 @@ from models.heads import MagLinear
 from models.losses import DynamicLossWeights, FocalLoss, MagFaceLoss, masked_cross_entropy
 from models.photometric import (ArrayAugment, CbamResNet, GradientReversal, IRSE, PhotometricEncoder,
                                 TimmFeatures)
-from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, RecipeDataError, register
+from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, RecipeDataError, register, start_file, start_option
 from recipes.batch import label_column, move_batch, valid_mask
 from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS
@@ -100,8 +100,8 @@ class PhotometricParams:
     cbam_blocks: list[int] = field(default_factory=lambda: [2, 2, 2, 2])
     # convnextv2 (timm)
     convnext_name: str = "convnextv2_atto"
-    pretrained: bool = False                 # timm hub weights (network or the HF cache; never a silent fallback)
-    weights_path: str = field(default="", metadata={"path": True})
+    pretrained: bool = start_option()        # timm hub weights (network or the HF cache; never a silent fallback)
+    weights_path: str = start_file()
     # identity: MagFace
     magface_s: float = 64.0
     magface_l_a: float = 10.0

@@ -75,7 +75,7 @@ from models.losses import (ReconstructionLoss, SupConLoss, lpips_distance, lpips
                            psnr, ssim_index, ssim_window)
 from models.thz import NUM_POSTURES, ThzMtlNet, ThzNetConfig
 from models.thz_augment import ThzAugment
-from recipes.base import ArtifactContext, DataInfo, EvalContext, Metrics, Recipe, register
+from recipes.base import ArtifactContext, DataInfo, EvalContext, Metrics, Recipe, register, start_file
 from recipes.batch import label_column, valid_mask
 from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS
@@ -97,7 +97,7 @@ class TaskWeights:
 class ThzMtlParams:
     # --- network (models.thz)
     encoder: str = "custom"                  # "custom" (small ResNet) or a timm CNN name, e.g. resnet18
-    weights_path: str = field(default="", metadata={"path": True})  # timm encoder: local weights file
+    weights_path: str = start_file()         # timm encoder: local weights file
     in_chans: int = 1                        # 1: grey; 3: grey replicated (ImageNet-pretrained timm weights)
     img_size: int = 64
     width: int = 16                          # custom encoder: first stage width (doubles per stage)

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Any, Literal, Mapping, Sequence
 
 import torch
@@ -55,7 +55,7 @@ from torch import nn
 from models.backbones import WeightsError, read_state_dict
 from models.losses import feature_distill_loss, kd_logit_loss, relation_distill_loss
 from models.thz import ThzTeacherNet
-from recipes.base import ArtifactContext, DataInfo, RecipeDataError, register
+from recipes.base import ArtifactContext, DataInfo, RecipeDataError, register, start_file
 from recipes.thz import ThzMtlModel, ThzMtlParams, ThzMtlRecipe, task_losses, triplet_rows
 
 log = logging.getLogger("biomtl.thz")
@@ -69,7 +69,7 @@ class ThzDistillParams(ThzMtlParams):
     fusion_heads: int = 4
     teacher_weight: float = 1.0              # weight of the teacher's own task losses (joint training)
     freeze_teacher: bool = False
-    teacher_weights: str = field(default="", metadata={"path": True})  # a thz_distill checkpoint (teacher.*)
+    teacher_weights: str = start_file()      # a thz_distill checkpoint (teacher.*); checkpoints hold the teacher
     # --- distillation
     feature_weight: float = 1.0
     logit_weight: float = 1.0
@@ -125,7 +125,6 @@ class ThzDistillModel(nn.Module):
         self.teacher = ThzTeacherNet(tcfg, vis_chans=3, fusion_dim=p.fusion_dim, fusion_heads=p.fusion_heads)
         self.feature_proj = (nn.Linear(p.embedding_dim, tcfg.embedding_dim, bias=False)
                              if tcfg.embedding_dim != p.embedding_dim else nn.Identity())
-        self.teacher_loaded = bool(p.teacher_weights)
         if p.teacher_weights:
             load_teacher(self.teacher, p.teacher_weights)
         if p.freeze_teacher:
@@ -149,9 +148,6 @@ class ThzDistillModel(nn.Module):
         if not self.training:
             return self.student(batch)
         p = self.p
-        if p.freeze_teacher and not self.teacher_loaded:
-            raise RuntimeError("thz_distill: freeze_teacher=true needs recipe.params.teacher_weights=FILE "
-                               "(a thz_distill checkpoint); a frozen untrained teacher teaches nothing")
         rows, n = triplet_rows(batch, self.ROW_KEYS)
         if "identity" in rows:
             rows["twin"] = self.student.co_twins(rows["identity"])
@@ -182,6 +178,13 @@ class ThzDistillModel(nn.Module):
 class ThzDistillRecipe(ThzMtlRecipe):
     name = "thz_distill"
     Params = ThzDistillParams
+
+    @classmethod
+    def check_start_files(cls, params: ThzDistillParams) -> None:
+        # At the start only: a resumed run's frozen teacher comes from its checkpoint.
+        if params.freeze_teacher and not params.teacher_weights:
+            raise ValueError("thz_distill: freeze_teacher=true needs recipe.params.teacher_weights=FILE "
+                             "(a thz_distill checkpoint); a frozen untrained teacher teaches nothing")
 
     def __init__(self, params: ThzDistillParams, data_info: DataInfo):
         super().__init__(params, data_info)

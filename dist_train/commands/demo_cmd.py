@@ -102,7 +102,9 @@ class Demo:
 
     @property
     def has_attention(self) -> bool:
-        return hasattr(self.engine.model, "attention_rollout")
+        from recipes.base import has_attention_rollout
+
+        return has_attention_rollout(self.engine.model)
 
     def verify(self, file1: Any, file2: Any) -> dict[str, Any]:
         images = [read_upload(file1, "image 1"), read_upload(file2, "image 2")]

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dist_train.commands import fail, output_clash
+from recipes.base import has_attention_rollout
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def run(argv: list[str] | None = None, prog: str = "biomtl verify") -> int:
         engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device)
     except CheckpointError as exc:
         return fail(str(exc))
-    if args.show_attention and not hasattr(engine.model, "attention_rollout"):
+    if args.show_attention and not has_attention_rollout(engine.model):
         return fail(f"--show-attention needs a DCAL checkpoint; this one is recipe {engine.recipe_name!r}")
     try:
         result = engine.verify_pair(args.image1, args.image2, threshold=args.threshold)

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_train.checkpoint import safe_load
+from recipes.model_file import read_trainer_state, trainer_checkpoint
 from recipes.batch import move_batch
 from dist_train.strategies.base import Strategy, StepStats, StrategyOptions
 
@@ -99,16 +100,16 @@ class DDPStrategy(Strategy):
             return
         from dist_train.checkpoint import atomic_save
 
-        atomic_save({"model": self._module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                     "skipped_steps": self._skipped_steps, "client": client_state}, path)
+        atomic_save(trainer_checkpoint(self._module.state_dict(), self.optimizer.state_dict(),
+                                       self.scheduler.state_dict(), self.scaler.state_dict(), self._skipped_steps,
+                                       client_state), path)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        state = safe_load(path)
-        self._module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self._skipped_steps = int(state.get("skipped_steps", 0))
-        return state["client"]
+        state = read_trainer_state(safe_load(path))  # FormatError (a ValueError): the trainer names the file
+        self._module.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        self._skipped_steps = state.skipped_steps
+        return dict(state.client)

@@ -34,6 +34,7 @@ from torch import nn
 from dist_train.config import ConfigError
 from dist_train.strategies.base import StepStats, Strategy, StrategyOptions
 from recipes.batch import move_batch
+from recipes.model_file import FormatError, deepspeed_client, deepspeed_client_state
 
 log = logging.getLogger("biomtl")
 
@@ -43,9 +44,7 @@ log = logging.getLogger("biomtl")
 # layout the same whatever the step, so the CheckpointManager can move, copy
 # and rename whole directories.
 TAG = "state"
-# Our client state goes under one key of DeepSpeed's model-states file so
-# that it cannot collide with DeepSpeed's own keys ("module", "optimizer", ...).
-CLIENT_KEY = "biomtl_client"
+# Where our client state goes in DeepSpeed's model-states file: recipes/model_file.py.
 
 # Set to 1 to build (once, cached under TORCH_EXTENSIONS_DIR) and use
 # DeepSpeed's shared-memory CPU all-reduce op. Off by default, see
@@ -407,7 +406,7 @@ class DeepSpeedStrategy(Strategy):
         # emptied first) and again after all files and its 'latest' tag file
         # are written, so rank 0 may rename the directory as soon as this
         # returns.
-        self.engine.save_checkpoint(str(path), tag=TAG, client_state={CLIENT_KEY: client_state},
+        self.engine.save_checkpoint(str(path), tag=TAG, client_state=deepspeed_client_state(client_state),
                                     save_latest=True)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
@@ -420,9 +419,12 @@ class DeepSpeedStrategy(Strategy):
         with weights_only_loads():
             load_path, client = self.engine.load_checkpoint(str(path), tag=tag_dir.name, load_optimizer_states=True,
                                                             load_lr_scheduler_states=True)
-        if load_path is None or client is None or CLIENT_KEY not in client:
-            raise RuntimeError(f"{path}: DeepSpeed could not load the checkpoint (or it has no toolkit state)")
-        return client[CLIENT_KEY]
+        try:
+            if load_path is None:
+                raise FormatError("DeepSpeed could not load it")
+            return dict(deepspeed_client(client))
+        except FormatError as exc:
+            raise RuntimeError(f"{path}: DeepSpeed could not load the checkpoint ({exc})") from None
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """Consolidated fp32 weights from the live engine (collective under
@@ -450,4 +452,4 @@ class DeepSpeedStrategy(Strategy):
 
 __all__ = ["DeepSpeedStrategy", "CheckpointLoadError", "checked_tag_dir", "deepspeed_safe_globals",
            "fp16_supported_here", "import_deepspeed", "load_checkpoint_file", "load_problem", "weights_only_loads",
-           "TAG", "CLIENT_KEY"]
+           "TAG"]

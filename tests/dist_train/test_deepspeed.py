@@ -109,17 +109,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def safe_load_client_step(run: Path) -> int:
-    from dist_train.export import model_states_file
-    from dist_train.strategies.deepspeed import CLIENT_KEY, TAG
+    from dist_train.strategies.deepspeed import TAG
+    from recipes.model_file import deepspeed_client, deepspeed_states_file
 
-    states = torch.load(model_states_file(run / "checkpoints" / "latest" / TAG),
+    states = torch.load(deepspeed_states_file(run / "checkpoints" / "latest" / TAG),
                         map_location="cpu", weights_only=False)  # DeepSpeed's format, written by this test
-    return int(states[CLIENT_KEY]["loop"]["step"])
+    return int(deepspeed_client(states)["loop"]["step"])
 
 
 def _model(path: Path) -> dict[str, torch.Tensor]:
     state = safe_load(path)  # weights_only=True: the consolidated file is plain tensors and data
-    assert set(state) == {"model", "config", "data_info"}
+    assert set(state) == {"model", "config", "data_info", "format_version"}
     assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
     return state["model"]
 

@@ -155,8 +155,8 @@ def test_exported_file_and_run_directory(trained, tmp_path):
     # the exported fp32 weights are the checkpoint's: the same kernels on the same batch, exact
     np.testing.assert_array_equal(from_run.extract_features(paths), f_ref)
     assert from_run.threshold == ref.threshold                           # last validation = final step
-    loaded = load_model_file(run / "checkpoints" / "latest.pt")
-    out = save_exported(tmp_path / "m.pt", loaded["model"], loaded["config"], loaded["data_info"], threshold=0.123)
+    _, loaded = load_model_file(run / "checkpoints" / "latest.pt")
+    out = save_exported(tmp_path / "m.pt", loaded.model, loaded.config, loaded.data_info, threshold=0.123)
     e = InferenceEngine.from_checkpoint(out, device="cpu")
     assert e.threshold == 0.123 and e.threshold_source == "stored in the model file"
     np.testing.assert_array_equal(e.extract_features(paths), f_ref)

@@ -172,14 +172,14 @@ def test_strategy_layout_mismatch_is_one_line(tmp_path: Path) -> None:
 def test_deepspeed_checkpoint_of_another_recipe_is_refused(tmp_path: Path) -> None:
     """DeepSpeed folders: the client state in the model-states file (loaded weights-only) says the recipe."""
     pytest.importorskip("deepspeed")
-    from dist_train.strategies.deepspeed import CLIENT_KEY
+    from recipes.model_file import deepspeed_client_state
 
     dcal = load_config(DCAL, [f"data.synthetic.cache_dir={tmp_path / 'cache'}"])
     folder = tmp_path / "runs" / "dcal_x" / "checkpoints" / "latest"
     (folder / "state").mkdir(parents=True)
     (folder / "latest").write_text("state")
     client = {"config": resolved_config_dict(dcal), "data_info": {}, "loop": {"step": 1}}
-    torch.save({"module": {"w": torch.zeros(2)}, CLIENT_KEY: client, "ds_config": {"zero_optimization": {"stage": 0}}},
+    torch.save({"module": {"w": torch.zeros(2)}, **deepspeed_client_state(client), "ds_config": {"zero_optimization": {"stage": 0}}},
                folder / "state" / "mp_rank_00_model_states.pt")
     cfg = load_checked_config(FACECOM, _tiny(tmp_path, "train.strategy=deepspeed",
                                              f"deepspeed.config={REPO / 'configs/deepspeed/zero0.json'}"))

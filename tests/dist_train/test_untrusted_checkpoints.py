@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from dist_train.commands import export_cmd
-from dist_train.strategies.deepspeed import CLIENT_KEY, TAG
+from dist_train.strategies.deepspeed import TAG
+from recipes.model_file import deepspeed_client, deepspeed_client_state
 from tests.conftest import PYTHON, REPO, tiny_overrides
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -47,7 +48,7 @@ def _model_states(stage: int) -> dict:
     # the keys DeepSpeed (engine and zero_to_fp32) reads from a model-states file
     return {"module": {"w": torch.ones(2)}, "buffer_names": [], "param_shapes": [{"w": torch.Size([2])}],
             "shared_params": {}, "ds_version": "0.19.8", "ds_config": {"zero_optimization": {"stage": stage}},
-            CLIENT_KEY: _client()}
+            **deepspeed_client_state(_client())}
 
 
 def ds_checkpoint(ckpt: Path, marker: Path | None, where: str = "model_states") -> Path:
@@ -58,7 +59,7 @@ def ds_checkpoint(ckpt: Path, marker: Path | None, where: str = "model_states") 
     (ckpt / "latest").write_text(TAG)
     states = _model_states(stage=0 if where == "model_states" else 2)
     if marker is not None and where == "model_states":
-        states[CLIENT_KEY]["payload"] = CreatesMarker(marker)
+        deepspeed_client(states)["payload"] = CreatesMarker(marker)
     torch.save(states, ckpt / TAG / MODEL_STATES)
     if where == "optim_states":
         torch.save({"optimizer_state_dict": {"zero_stage": 2, "partition_count": 1,

@@ -29,6 +29,13 @@ def recipe(name: str, n_ids: int, **params):
     return cls(build_dataclass(cls.Params, base, prefix="recipe.params"), info(n_ids))
 
 
+def start_check(name: str, n_ids: int, **params) -> None:
+    """What the preflight of a fresh run checks of the start files (the recipe's check_start_files)."""
+    from dist_train.preflight import check_recipe_start
+
+    check_recipe_start(name, recipe(name, n_ids, **params).params)
+
+
 def save_model(path: Path, model: torch.nn.Module, recipe_name: str) -> Path:
     """What the trainer exports as RUN/model.pt: the state dict plus the config."""
     torch.save({"model": model.state_dict(), "config": {"recipe": {"name": recipe_name}}, "data_info": {}}, path)
@@ -67,8 +74,8 @@ def test_heads_of_the_same_shape_are_loaded(tmp_path):
 def test_backbone_shape_mismatch_is_one_config_line_naming_the_first_tensor(tmp_path):
     other = recipe("facecom", 5, backbone_kwargs={"channels": [8, 16, 16, 32], "stem_width": 8}).build_model()
     path = save_model(tmp_path / "model.pt", other, "facecom")
-    with pytest.raises(ConfigError) as exc:  # raised while the params are validated, before any run
-        recipe("facecom", 5, init_from=str(path))
+    with pytest.raises(ConfigError) as exc:  # raised by the preflight, before any run
+        start_check("facecom", 5, init_from=str(path))
     msg = str(exc.value)
     assert "\n" not in msg and "init_from" in msg
     assert "backbone.layer4.0.conv1.weight is [32, 16, 3, 3] in the file but [16, 16, 3, 3]" in msg
@@ -77,13 +84,13 @@ def test_backbone_shape_mismatch_is_one_config_line_naming_the_first_tensor(tmp_
 def test_dcal_depth_mismatch_names_the_missing_block(tmp_path):
     path = save_model(tmp_path / "model.pt", recipe("dcal_twins", 4, depth=1).build_model(), "dcal_twins")
     with pytest.raises(ConfigError, match=r"vit\.blocks\.1\.\S+ \[.*\] is not in the file"):
-        recipe("dcal_twins", 4, depth=2, init_from=str(path))
+        start_check("dcal_twins", 4, depth=2, init_from=str(path))
 
 
 def test_a_file_of_another_recipe_is_refused(tmp_path):
     path = save_model(tmp_path / "model.pt", recipe("facecom", 5).build_model(), "facecom")
     with pytest.raises(ConfigError, match="a facecom model; this recipe is dcal_twins"):
-        recipe("dcal_twins", 5, init_from=str(path))
+        start_check("dcal_twins", 5, init_from=str(path))
 
 
 class NotAWeight:
@@ -94,12 +101,12 @@ def test_pickled_code_and_folders_are_refused(tmp_path):
     state = recipe("facecom", 5).build_model().state_dict()
     torch.save({"model": state, "extra": NotAWeight()}, tmp_path / "pickled.pt")
     with pytest.raises(ConfigError, match="not a weights-only torch file"):
-        recipe("facecom", 5, init_from=str(tmp_path / "pickled.pt"))
+        start_check("facecom", 5, init_from=str(tmp_path / "pickled.pt"))
     with pytest.raises(InitFromError, match="a folder; pass its model file"):
         load_init_weights(torch.nn.Linear(1, 1), str(tmp_path), ())
     torch.save({"weights": state}, tmp_path / "other.pt")
     with pytest.raises(ConfigError, match="no model state dict"):
-        recipe("facecom", 5, init_from=str(tmp_path / "other.pt"))
+        start_check("facecom", 5, init_from=str(tmp_path / "other.pt"))
 
 
 def test_init_from_and_pretrained_weights_exclude_each_other(tmp_path):

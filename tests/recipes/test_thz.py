@@ -262,9 +262,9 @@ def test_frozen_teacher_comes_from_a_file_and_does_not_move(tmp_path):
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith("teacher."))   # BN stats too
     assert any(not torch.equal(after[k], v) for k, v in before.items() if k.startswith("student."))
-    untaught = _recipe("thz_distill", freeze_teacher=True).build_model().train()
-    with pytest.raises(RuntimeError, match="teacher_weights"):
-        untaught(_triplet_batch(r))
+    untaught = _recipe("thz_distill", freeze_teacher=True)  # refused before a fresh run starts (preflight)
+    with pytest.raises(ValueError, match="teacher_weights"):
+        type(untaught).check_start_files(untaught.params)
     torch.save({"model": trained.student.state_dict()}, tmp_path / "student_only.pt")
     with pytest.raises(WeightsError, match="no teacher"):
         _recipe("thz_distill", freeze_teacher=True, teacher_weights=str(tmp_path / "student_only.pt")).build_model()
@@ -281,8 +281,7 @@ def test_the_export_is_the_student_alone_as_a_thz_mtl_model_that_verifies_thz_pa
     r = get_recipe("thz_distill")(recipe_params(cfg), INFO)
     model = r.build_model().eval()
     # what the trainer's export does at the end of training (dist_train.export.export_live)
-    payload = for_inference({"model": model.state_dict(), "config": resolved_config_dict(cfg),
-                             "data_info": INFO.to_dict()})
+    payload = for_inference(model.state_dict(), resolved_config_dict(cfg), INFO.to_dict())
     assert payload["config"]["recipe"]["name"] == "thz_mtl" and not any("teacher" in k for k in payload["model"])
     assert payload["model"].keys() == model.student.state_dict().keys()
     assert payload["config"]["recipe"]["params"]["embedding_dim"] == 16
