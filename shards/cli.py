@@ -45,6 +45,16 @@ def _size(text: str) -> int:
     return v
 
 
+def _location(text: str):
+    """A shard folder (Path) or a remote dataset (kept a str: Path folds '//')."""
+    from .remote import dataset_root
+
+    try:
+        return dataset_root(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -83,10 +93,10 @@ def build_parser(prog: str = "biomtl shards") -> argparse.ArgumentParser:
     for name in SOURCES:
         get_source(name).add_arguments(c)
     i = sub.add_parser("info", help="summary table of a shard directory")
-    i.add_argument("dir", type=Path)
+    i.add_argument("dir", type=_location, help="a shard folder, http(s)://HOST/DIR, s3://BUCKET/PREFIX or pipe:COMMAND with {}")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     v = sub.add_parser("verify", help="checksums and a decode of every sample; exit 1 on any fault")
-    v.add_argument("dir", type=Path)
+    v.add_argument("dir", type=_location, help="a shard folder, http(s)://HOST/DIR, s3://BUCKET/PREFIX or pipe:COMMAND with {}")
     v.add_argument("--split", action="append", help="only this split (repeatable)")
     v.add_argument("--no-progress", action="store_true")
     sub.add_parser("formats", help="list the input formats")
@@ -195,7 +205,7 @@ def cmd_info(args: argparse.Namespace, prog: str) -> int:
 
     try:
         s = summary(args.dir)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: a remote dataset that does not answer (one line naming it)
         return _err(prog, str(e))
     if args.json:
         print(json.dumps(s, indent=1))
@@ -258,7 +268,7 @@ def cmd_verify(args: argparse.Namespace, prog: str) -> int:
 
     try:
         res = verify(args.dir, args.split, progress=on_progress)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:
         if progress is not None:
             progress.stop()
         return _err(prog, str(e.args[0]) if isinstance(e, KeyError) else str(e))

@@ -65,7 +65,6 @@ import collections
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -73,6 +72,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest
+from .remote import dataset_root
 from .reading import (DATA_ERRORS, CorruptDataError, CorruptTally, CorruptTracker, Shard, ShardReader, WorkerInit,
                       collate, decode_sample, derive_seed, expected_fields, iterate_batches, preserved_global_rngs,
                       seed_global_rngs, shards_of)
@@ -329,7 +329,7 @@ class TrainLoader:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if skip_batches < 0:
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
-        self.data_dir = Path(data_dir)
+        self.data_dir = dataset_root(data_dir)  # a Path, or a URL (shards/remote.py)
         self.manifest = Manifest.load(self.data_dir)
         shards = shards_of(self.data_dir, self.manifest, split)
         total = sum(s.count for s in shards)
@@ -557,7 +557,7 @@ class EvalLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        self.data_dir = Path(data_dir)
+        self.data_dir = dataset_root(data_dir)  # a Path, or a URL (shards/remote.py)
         self.manifest = Manifest.load(self.data_dir)
         shards = shards_of(self.data_dir, self.manifest, split)
         total = sum(s.count for s in shards)
