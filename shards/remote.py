@@ -148,9 +148,33 @@ def _http_open(url: str, offset: int):
         if 400 <= e.code < 500:
             raise RemoteMissing(f"{url}: refused (HTTP {e.code} {e.reason})") from None
         raise ConnectionError(f"HTTP {e.code} {e.reason}") from None
+    body = _HttpBody(resp)
     if offset and resp.status != 206:  # no range support: skip what was delivered
-        _skip(resp, offset)
-    return resp
+        _skip(body, offset)
+    return body
+
+
+class _HttpBody(io.RawIOBase):
+    """An HTTP response body whose early end is an error: ``HTTPResponse.readinto``
+    returns 0 when the server closes before Content-Length, like a clean end."""
+
+    def __init__(self, resp):
+        self.resp = resp
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.resp.readinto(b)
+        if n == 0 and len(b) and self.resp.length:  # bytes announced but never sent
+            import http.client
+
+            raise http.client.IncompleteRead(b"", self.resp.length)
+        return n
+
+    def close(self) -> None:
+        self.resp.close()
+        super().close()
 
 
 def _s3fs():
@@ -256,8 +280,10 @@ class RetryingStream(io.RawIOBase):
     """A remote file read front to back; a broken read is reopened at the current
     byte with backoff (``tries`` times in a row), then :class:`RemoteError`."""
 
-    def __init__(self, url: str, tries: int = RETRIES, backoff_s: float = BACKOFF_S):
-        self.url, self.tries, self.backoff_s = url, tries, backoff_s
+    def __init__(self, url: str, tries: int | None = None, backoff_s: float | None = None):
+        self.url = url
+        self.tries = RETRIES if tries is None else tries
+        self.backoff_s = BACKOFF_S if backoff_s is None else backoff_s
         self.pos = 0
         self._open = _opener(url)
         self._f = self._retry(lambda: self._open(0))  # opened now: 404/403 surface at open

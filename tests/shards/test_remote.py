@@ -1,0 +1,294 @@
+"""Datasets where they live (shards/remote.py): http(s)://, s3:// and pipe:
+against real servers on loopback that the tests start and stop: the stream
+from a URL is the local stream batch for batch (2 ranks x 2 workers, resume,
+eval), a connection cut in the middle of a shard is read again, a shard that
+always fails is counted as corrupt with its URL, a manifest naming anything
+outside its dataset is refused, and a missing / forbidden dataset is one
+line, exit 2, before training starts."""
+from __future__ import annotations
+
+import collections
+import functools
+import http.server
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+import shards.remote as remote
+from dist_train.config import ConfigError
+from dist_train.preflight import load_checked_config
+from shards.cli import run as shards_run
+from shards.manifest import Manifest, UnsafeShardPath
+from shards.reading import CorruptDataError, shards_of
+from shards.stream import build_eval_loader, build_train_loader
+from tests.conftest import REPO, tiny_overrides
+from tests.shards.test_stream import batches_equal, make_dataset, tf_noise, tf_plain
+
+FACECOM = REPO / "configs" / "facecom.yaml"
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves ``directory``; ``rules[path]`` = ("cut", times) sends the full
+    Content-Length but only half the body on the first ``times`` requests,
+    then closes the connection; ("status", code) answers that code."""
+
+    rules: dict[str, tuple[str, int]] = {}
+    gets: collections.Counter = collections.Counter()
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_GET(self):
+        path = self.path.split("?", 1)[0]
+        type(self).gets[path] += 1
+        kind, arg = self.rules.get(path, ("", 0))
+        if kind == "status":
+            self.send_error(arg)
+            return
+        if kind == "cut" and type(self).gets[path] <= arg:
+            data = (Path(self.directory) / path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[:len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().do_GET()
+
+
+class Servers:
+    """``servers(folder, rules)`` -> base URL of a loopback HTTP server serving
+    ``folder``; ``servers.gets`` counts the last server's requests by path."""
+
+    def __init__(self):
+        self.started: list[http.server.ThreadingHTTPServer] = []
+
+    def __call__(self, folder: Path, rules: dict | None = None) -> str:
+        handler = type("H", (_Handler,), {"rules": dict(rules or {}), "gets": collections.Counter()})
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+        srv.handler = handler
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        self.started.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}/"
+
+    @property
+    def gets(self) -> collections.Counter:
+        return self.started[-1].handler.gets
+
+    def stop(self) -> None:
+        for srv in self.started:
+            srv.shutdown()
+            srv.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers = Servers()
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("uneven") / "ds", [10, 3, 25, 4, 6])
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.001)
+
+
+# ---------------------------------------------------------------------------
+# the same data through HTTP as from the folder
+# ---------------------------------------------------------------------------
+def test_http_manifest_is_the_folders_and_shards_are_urls(uneven, serve):
+    url = serve(uneven)
+    m = Manifest.load(url)
+    assert m.to_dict() == Manifest.load(uneven).to_dict()
+    paths = [s.path for s in shards_of(remote.dataset_root(url), m, "train")]
+    assert paths == [f"{url}train/shard-{i:06d}.tar" for i in range(5)]
+
+
+@pytest.mark.integration  # DataLoader worker processes
+def test_http_stream_equals_local_two_ranks_two_workers_and_resumes_exactly(uneven, serve):
+    url = serve(uneven)
+
+    def run(where, rank, skip=0):
+        return list(build_train_loader(where, "train", tf_noise, 2, rank, 2, 2, seed=3, epoch=1,
+                                       skip_batches=skip, shuffle_buffer=8))
+
+    lengths = []
+    for rank in range(2):
+        local, remote_ = run(uneven, rank), run(url, rank)
+        lengths.append(len(remote_))
+        assert len(local) == len(remote_) == 48 // 4
+        assert all(batches_equal(a, b) for a, b in zip(local, remote_))
+    assert lengths[0] == lengths[1]  # equal batches on every rank
+    full = run(url, 0)
+    for k in (1, 5, len(full)):
+        tail = run(url, 0, skip=k)
+        assert len(tail) == len(full) - k and all(batches_equal(a, b) for a, b in zip(full[k:], tail))
+
+
+def test_http_eval_equals_local(uneven, serve):
+    url = serve(uneven)
+    for rank in range(2):
+        a = list(build_eval_loader(uneven, "train", tf_plain, 4, rank, 2))
+        b = list(build_eval_loader(url, "train", tf_plain, 4, rank, 2))
+        assert len(a) == len(b) and all(batches_equal(x, y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------
+# dropped connections
+# ---------------------------------------------------------------------------
+def test_a_connection_cut_mid_shard_is_read_again(uneven, serve, fast_retries):
+    url = serve(uneven, {"/train/shard-000002.tar": ("cut", 2)})
+    local = list(build_eval_loader(uneven, "train", tf_plain, 4, 0, 1))
+    loader = build_eval_loader(url, "train", tf_plain, 4, 0, 1)
+    got = list(loader)
+    assert len(got) == len(local) and all(batches_equal(a, b) for a, b in zip(local, got))
+    assert loader.corrupt_count() == 0
+    assert serve.gets["/train/shard-000002.tar"] == 3  # cut twice, the third read completes
+
+
+def test_a_shard_that_always_breaks_is_corrupt_with_its_url(uneven, serve, fast_retries, caplog):
+    url = serve(uneven, {"/train/shard-000001.tar": ("cut", 10 ** 6)})
+    shard_url = f"{url}train/shard-000001.tar"
+    loader = build_eval_loader(url, "train", tf_plain, 4, 0, 1, max_corrupt_fraction=0.5)
+    batches = list(loader)
+    lost = loader.corrupt_summary()["shards"]
+    assert set(lost) == {"train/shard-000001.tar"} and 1 <= lost["train/shard-000001.tar"] <= 3
+    # the samples before the cut are read, the rest of the shard counted, every other shard whole
+    assert sum(int(b["_valid"].sum()) for b in batches) == 48 - lost["train/shard-000001.tar"]
+    assert any(shard_url in r.getMessage() and f"failed {remote.RETRIES} times" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(CorruptDataError) as info:  # under the threshold's rule like a local corrupt shard
+        list(build_eval_loader(url, "train", tf_plain, 4, 0, 1, max_corrupt_fraction=0.01))
+    assert shard_url in str(info.value)
+
+
+def test_verify_checksums_holds_over_http(uneven, serve, tmp_path):
+    copy = shutil.copytree(uneven, tmp_path / "ds")
+    shard = copy / "train" / "shard-000003.tar"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1  # the tar's end padding: still readable, another sha256
+    shard.write_bytes(bytes(data))
+    url = serve(copy)
+    plain = build_train_loader(url, "train", tf_plain, 2, 0, 1, 0, seed=0, epoch=0, max_corrupt_fraction=0.5)
+    list(plain)
+    assert plain.corrupt_count() == 0
+    checked = build_train_loader(url, "train", tf_plain, 2, 0, 1, 0, seed=0, epoch=0, max_corrupt_fraction=0.5,
+                                 verify_checksums=True)
+    list(checked)
+    assert checked.corrupt_summary()["shards"] == {"train/shard-000003.tar": 4}
+
+
+# ---------------------------------------------------------------------------
+# a manifest stays inside its dataset
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../outside.tar", "train/../../outside.tar", "http://127.0.0.1:1/x.tar",
+                                  "/etc/passwd", "train/shard.tar?x=1", "train/a b.tar"])
+def test_a_manifest_naming_a_file_outside_the_dataset_is_refused(uneven, serve, tmp_path, name):
+    copy = shutil.copytree(uneven, tmp_path / "ds")
+    d = json.loads((copy / "manifest.json").read_text())
+    d["splits"]["train"][0]["file"] = name
+    (copy / "manifest.json").write_text(json.dumps(d))
+    url = serve(copy)
+    with pytest.raises(UnsafeShardPath) as info:
+        Manifest.load(url)
+    assert repr(name)[:40] in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert set(serve.gets) == {"/manifest.json"}  # nothing else was fetched
+
+
+# ---------------------------------------------------------------------------
+# bad input: one line naming the URL, exit 2
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def created(tmp_path_factory) -> Path:
+    """A shard folder made by ``biomtl shards create`` (synthetic faces)."""
+    out = tmp_path_factory.mktemp("created") / "syn"
+    assert shards_run(["create", "--format", "synthetic", "--output", str(out), "--identities", "6", "--samples",
+                       "4", "--size", "32", "--split-by", "sample", "--workers", "0", "--no-progress"]) == 0
+    return out
+
+
+def test_shards_info_and_verify_read_a_url(created, serve, capsys):
+    url = serve(created)
+    assert shards_run(["info", url, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["splits"]["train"]["samples"] == Manifest.load(created).split_size("train")
+    assert shards_run(["verify", url, "--no-progress"]) == 0
+    assert "OK:" in capsys.readouterr().out
+
+
+def test_shards_verify_names_a_missing_shard_of_a_url(created, serve, capsys):
+    url = serve(created, {"/train/shard-000000.tar": ("status", 404)})
+    assert shards_run(["verify", url, "--no-progress"]) == 1
+    assert "train/shard-000000.tar: missing" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rule, fragment", [(("status", 404), "no manifest.json at"),
+                                            (("status", 403), "access denied (HTTP 403)")])
+def test_missing_or_forbidden_manifest_is_one_line_exit_2(created, serve, capsys, rule, fragment):
+    url = serve(created, {"/manifest.json": rule})
+    for cmd in (["info", url], ["verify", url, "--no-progress"]):
+        assert shards_run(cmd) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0] and f"{url}manifest.json" in err[0], err
+
+
+def test_nothing_listening_is_one_line_after_retries(fast_retries, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert shards_run(["info", f"http://127.0.0.1:{port}/data"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"http://127.0.0.1:{port}/data/manifest.json: failed {remote.RETRIES} times" in err[0]
+
+
+@pytest.mark.parametrize("rule, fragment", [(("status", 404), "no manifest.json at"),
+                                            (("status", 403), "access denied (HTTP 403)")])
+def test_data_shards_url_is_checked_in_preflight(created, serve, tmp_path, rule, fragment):
+    url = serve(created, {"/manifest.json": rule})
+    with pytest.raises(ConfigError) as info:
+        load_checked_config(FACECOM, tiny_overrides(tmp_path) + ["data.source=shards", f"data.shards={url}"])
+    assert str(info.value).startswith("data.shards:") and f"{url}manifest.json" in str(info.value)
+    assert fragment in str(info.value) and len(str(info.value).splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_data_shards_url_loads_and_pk_batching_is_refused(created, serve, tmp_path):
+    url = serve(created)
+    cfg = load_checked_config(FACECOM, tiny_overrides(tmp_path) + ["data.source=shards", f"data.shards={url}"])
+    assert cfg.data.shards == url
+    with pytest.raises(ConfigError, match="data.batching: pk reads samples by random access"):
+        load_checked_config(FACECOM, tiny_overrides(tmp_path) + ["data.source=shards", f"data.shards={url}",
+                                                                 "data.batching=pk"])
+
+
+# ---------------------------------------------------------------------------
+# pipe:
+# ---------------------------------------------------------------------------
+def test_pipe_command_streams_like_the_folder(uneven):
+    where = f"pipe:cat {uneven}/{{}}"
+    assert Manifest.load(where).to_dict() == Manifest.load(uneven).to_dict()
+    a = list(build_train_loader(uneven, "train", tf_noise, 2, 1, 2, 0, seed=1, epoch=0))
+    b = list(build_train_loader(where, "train", tf_noise, 2, 1, 2, 0, seed=1, epoch=0))
+    assert len(a) == len(b) and all(batches_equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_failing_pipe_command_is_one_line(tmp_path, fast_retries, capsys):
+    assert shards_run(["info", f"pipe:cat {tmp_path}/nothing/{{}}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exit status 1" in err[0] and f"{tmp_path}/nothing/manifest.json" in err[0], err
+
+
+def test_pipe_without_placeholder_is_refused(capsys):
+    assert shards_run(["info", "pipe:cat manifest.json"]) == 2
+    assert "needs '{}'" in capsys.readouterr().err
