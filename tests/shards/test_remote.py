@@ -12,6 +12,7 @@ import functools
 import http.server
 import json
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from shards.cli import run as shards_run
 from shards.manifest import Manifest, UnsafeShardPath
 from shards.reading import CorruptDataError, shards_of
 from shards.stream import build_eval_loader, build_train_loader
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import PYTHON, REPO, tiny_overrides
 from tests.shards.test_stream import batches_equal, make_dataset, tf_noise, tf_plain
 
 FACECOM = REPO / "configs" / "facecom.yaml"
@@ -382,3 +383,29 @@ def test_s3_wrong_credentials_are_one_line_exit_2_and_caught_in_preflight(s3, mo
             assert not (tmp_path / "runs").exists()
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+# ---------------------------------------------------------------------------
+# training from a URL (dist_train/main.py), and its bad input before training
+# ---------------------------------------------------------------------------
+def _main(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "dist_train/main.py", "--config", str(FACECOM), *tiny_overrides(tmp_path),
+                           *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_training_streams_from_a_url(created, serve, tmp_path):
+    url = serve(created)
+    proc = _main(tmp_path, "data.source=shards", f"data.shards={url}", "data.num_workers=1", "train.max_steps=2",
+                 "data.verify_checksums=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] and serve.gets["/manifest.json"] >= 1
+    assert any(path.startswith("/train/shard-") for path in serve.gets)
+
+
+def test_training_from_a_missing_url_is_one_line_exit_2_before_anything(created, serve, tmp_path):
+    url = serve(created, {"/manifest.json": ("status", 404)})
+    proc = _main(tmp_path, "data.source=shards", f"data.shards={url}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: data.shards:") and f"{url}manifest.json" in lines[0]
+    assert not (tmp_path / "runs").exists()
