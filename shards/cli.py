@@ -4,7 +4,8 @@
                          [--splits train=0.8,val=0.1,test=0.1] [--split-by identity|sample] [--seed S]
                          [--workers N] [--strict] [--overwrite] [format options]
     biomtl shards info DIR [--json]
-    biomtl shards verify DIR [--split NAME ...]
+    biomtl shards verify DIR [--split NAME ...]        (DIR: also http(s)://, s3://, pipe:CMD with {})
+    biomtl shards upload DIR s3://BUCKET/PREFIX [--overwrite]
     biomtl shards formats
 
 Exit codes: 0 fine; 1 faults (``create --strict`` with bad inputs, ``verify``
@@ -70,7 +71,7 @@ def build_parser(prog: str = "biomtl shards") -> argparse.ArgumentParser:
 
     p = _Parser(prog=prog, description="Pack raw datasets into WebDataset shards with a manifest; "
                                        "inspect and verify shard directories.")
-    sub = p.add_subparsers(dest="cmd", metavar="{create,info,verify,formats}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", metavar="{create,info,verify,upload,formats}", parser_class=_Parser)
     c = sub.add_parser("create", help="pack a raw dataset", description="Pack a raw dataset into "
                        "DIR/{split}/shard-%06d.tar + DIR/manifest.json + DIR/report.json.")
     c.add_argument("--format", required=True, choices=list(SOURCES), metavar="FORMAT",
@@ -99,6 +100,12 @@ def build_parser(prog: str = "biomtl shards") -> argparse.ArgumentParser:
     v.add_argument("dir", type=_location, help="a shard folder, http(s)://HOST/DIR, s3://BUCKET/PREFIX or pipe:COMMAND with {}")
     v.add_argument("--split", action="append", help="only this split (repeatable)")
     v.add_argument("--no-progress", action="store_true")
+    u = sub.add_parser("upload", help="put a shard folder on S3 (the manifest last)",
+                       description="Upload the files biomtl wrote in DIR to s3://BUCKET/PREFIX, manifest.json "
+                                   "last (credentials and AWS_ENDPOINT_URL from the environment).")
+    u.add_argument("dir", type=Path)
+    u.add_argument("destination", help="s3://BUCKET/PREFIX")
+    u.add_argument("--overwrite", action="store_true", help="replace a dataset already at the destination")
     sub.add_parser("formats", help="list the input formats")
     return p
 
@@ -285,6 +292,20 @@ def cmd_verify(args: argparse.Namespace, prog: str) -> int:
     return 1
 
 
+def cmd_upload(args: argparse.Namespace, prog: str) -> int:
+    from .remote import RemoteError
+    from .upload import UploadError, upload
+
+    try:
+        n = upload(args.dir, args.destination, overwrite=args.overwrite)
+    except (UploadError, ValueError, RemoteError) as e:  # bad input: not a dataset, a dataset there, credentials
+        return _err(prog, str(e))
+    except OSError as e:
+        return _err(prog, f"{args.destination}: {e}", 1)
+    print(f"uploaded {n} files of {args.dir} to {args.destination}")
+    return 0
+
+
 def run(argv: list[str] | None = None, prog: str = "biomtl shards") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(prog)
@@ -301,6 +322,8 @@ def run(argv: list[str] | None = None, prog: str = "biomtl shards") -> int:
         return cmd_info(args, f"{prog} info")
     if args.cmd == "verify":
         return cmd_verify(args, f"{prog} verify")
+    if args.cmd == "upload":
+        return cmd_upload(args, f"{prog} upload")
     if args.cmd == "formats":
         from .sources import SOURCES, get_source
 

@@ -177,7 +177,8 @@ class _HttpBody(io.RawIOBase):
         super().close()
 
 
-def _s3fs():
+def s3_filesystem():
+    """The s3fs filesystem of the environment's credentials and endpoint."""
     try:
         import s3fs
     except ImportError:
@@ -190,7 +191,7 @@ def _s3fs():
 
 def _s3_open(url: str, offset: int):
     try:
-        f = _s3fs().open(url, "rb", block_size=1 << 22, cache_type="readahead")
+        f = s3_filesystem().open(url, "rb", block_size=1 << 22, cache_type="readahead")
         if offset:
             f.seek(offset)
         return f

@@ -409,3 +409,47 @@ def test_training_from_a_missing_url_is_one_line_exit_2_before_anything(created,
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: data.shards:") and f"{url}manifest.json" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------
+# biomtl shards upload DIR s3://...
+# ---------------------------------------------------------------------------
+def _s3_keys(prefix: str) -> set[str]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    return {p.split(prefix.removeprefix("s3://") + "/", 1)[1] for p in fs.find(prefix)}
+
+
+def test_upload_puts_what_biomtl_wrote_and_refuses_to_replace(created, s3, tmp_path, capsys):
+    dest = f"{s3}/uploaded"
+    local = {p.relative_to(created).as_posix() for p in created.rglob("*") if p.is_file()}
+    created = shutil.copytree(created, tmp_path / "with-foreign")
+    (created / "notes.txt").write_text("not biomtl's: stays here")
+    assert shards_run(["upload", str(created), dest]) == 0
+    assert Manifest.load(dest).to_dict() == Manifest.load(created).to_dict()
+    assert _s3_keys(dest) == local and "manifest.json" in local  # notes.txt stays local
+    assert shards_run(["verify", dest, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert shards_run(["upload", str(created), dest]) == 2  # a dataset is there
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a dataset" in err[0] and "--overwrite" in err[0]
+    assert shards_run(["upload", str(created), dest, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("case", ["not a dataset", "http destination", "missing shard"])
+def test_upload_bad_input_is_one_line_and_writes_nothing(created, s3, tmp_path, capsys, case):
+    src, dest = created, f"{s3}/bad-{case.replace(' ', '-')}"
+    if case == "not a dataset":
+        src = tmp_path / "empty"
+        src.mkdir()
+    elif case == "http destination":
+        dest = "http://127.0.0.1:1/x"
+    else:
+        src = shutil.copytree(created, tmp_path / "copy")
+        (src / "train" / "shard-000000.tar").unlink()
+    assert shards_run(["upload", str(src), dest]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("biomtl shards upload: error:"), err
+    if dest.startswith("s3://"):
+        assert not _s3_keys(dest)
