@@ -34,7 +34,8 @@ FACECOM = REPO / "configs" / "facecom.yaml"
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves ``directory``; ``rules[path]`` = ("cut", times) sends the full
     Content-Length but only half the body on the first ``times`` requests,
-    then closes the connection; ("status", code) answers that code."""
+    then closes the connection; ("status", code) answers that code;
+    ("redirect", url) sends the client there."""
 
     rules: dict[str, tuple[str, int]] = {}
     gets: collections.Counter = collections.Counter()
@@ -48,6 +49,12 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         kind, arg = self.rules.get(path, ("", 0))
         if kind == "status":
             self.send_error(arg)
+            return
+        if kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", arg)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         if kind == "cut" and type(self).gets[path] <= arg:
             data = (Path(self.directory) / path.lstrip("/")).read_bytes()
@@ -206,6 +213,17 @@ def test_a_manifest_naming_a_file_outside_the_dataset_is_refused(uneven, serve, 
         Manifest.load(url)
     assert repr(name)[:40] in str(info.value) and len(str(info.value).splitlines()) == 1
     assert set(serve.gets) == {"/manifest.json"}  # nothing else was fetched
+
+
+def test_a_redirect_to_another_host_is_refused(uneven, serve, capsys):
+    other = serve(uneven)  # another origin (port) that would serve the data
+    url = serve(uneven, {"/manifest.json": ("redirect", f"{other}manifest.json")})
+    assert shards_run(["info", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "redirected to another host" in err[0] and f"{url}manifest.json" in err[0], err
+    assert not serve.started[0].handler.gets  # the other server was never asked
+    same = serve(uneven, {"/moved/manifest.json": ("redirect", "/manifest.json")})
+    assert Manifest.load(f"{same}moved").to_dict()["splits"] == Manifest.load(uneven).to_dict()["splits"]
 
 
 # ---------------------------------------------------------------------------
