@@ -34,7 +34,8 @@ FACECOM = REPO / "configs" / "facecom.yaml"
 class _Handler(http.server.SimpleHTTPRequestHandler):
     """Serves ``directory``; ``rules[path]`` = ("cut", times) sends the full
     Content-Length but only half the body on the first ``times`` requests,
-    then closes the connection; ("status", code) answers that code;
+    then closes the connection (``cut-ranged``: and honours ``Range: bytes=N-``,
+    as real servers do; ``ranges`` records each request's Range); ("status", code) answers that code;
     ("redirect", url) sends the client there."""
 
     rules: dict[str, tuple[str, int]] = {}
@@ -56,14 +57,21 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if kind == "cut" and type(self).gets[path] <= arg:
+        if kind in ("cut", "cut-ranged"):
             data = (Path(self.directory) / path.lstrip("/")).read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
+            type(self).ranges.append((path, self.headers.get("Range")))
+            start = 0
+            if kind == "cut-ranged" and self.headers.get("Range"):  # bytes=N-
+                start = int(self.headers["Range"].split("=", 1)[1].rstrip("-"))
+            self.send_response(206 if start else 200)
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
             self.end_headers()
-            self.wfile.write(data[:len(data) // 2])
+            cut = type(self).gets[path] <= arg
+            self.wfile.write(data[start:start + (len(data) - start) // 2] if cut else data[start:])
             self.wfile.flush()
-            self.close_connection = True
+            self.close_connection = cut
             return
         super().do_GET()
 
@@ -76,7 +84,7 @@ class Servers:
         self.started: list[http.server.ThreadingHTTPServer] = []
 
     def __call__(self, folder: Path, rules: dict | None = None) -> str:
-        handler = type("H", (_Handler,), {"rules": dict(rules or {}), "gets": collections.Counter()})
+        handler = type("H", (_Handler,), {"rules": dict(rules or {}), "gets": collections.Counter(), "ranges": []})
         srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
         srv.handler = handler
         threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -164,6 +172,17 @@ def test_a_connection_cut_mid_shard_is_read_again(uneven, serve, fast_retries):
     assert len(got) == len(local) and all(batches_equal(a, b) for a, b in zip(local, got))
     assert loader.corrupt_count() == 0
     assert serve.gets["/train/shard-000002.tar"] == 3  # cut twice, the third read completes
+
+
+def test_a_cut_connection_resumes_with_a_range_request_where_the_server_has_them(uneven, serve, fast_retries):
+    shard = "/train/shard-000002.tar"
+    url = serve(uneven, {shard: ("cut-ranged", 1)})
+    local = list(build_eval_loader(uneven, "train", tf_plain, 4, 0, 1))
+    got = list(build_eval_loader(url, "train", tf_plain, 4, 0, 1))
+    assert len(got) == len(local) and all(batches_equal(a, b) for a, b in zip(local, got))
+    size = (uneven / shard.lstrip("/")).stat().st_size
+    # the first read from 0, cut after half; the second asks for the rest only
+    assert [r for p, r in serve.started[-1].handler.ranges if p == shard] == [None, f"bytes={size // 2}-"]
 
 
 def test_a_shard_that_always_breaks_is_corrupt_with_its_url(uneven, serve, fast_retries, caplog):
