@@ -255,6 +255,8 @@ def _remote_checksum_problem(shard: "Shard") -> str | None:
         _CHECKED[key] = None if actual == shard.sha256 else (
             f"ChecksumMismatch: sha256 {actual[:16]}... of {shard.path} is not the manifest's "
             f"{shard.sha256[:16] or '(none)'}... (data.verify_checksums)")
+        if len(_CHECKED) > 4096:
+            _CHECKED.pop(next(iter(_CHECKED)))
     return _CHECKED[key]
 
 

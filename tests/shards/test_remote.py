@@ -201,7 +201,7 @@ def test_a_shard_that_always_breaks_is_corrupt_with_its_url(uneven, serve, fast_
     assert shard_url in str(info.value)
 
 
-def test_verify_checksums_holds_over_http(uneven, serve, tmp_path):
+def test_verify_checksums_holds_over_http(uneven, serve, tmp_path, caplog):
     copy = shutil.copytree(uneven, tmp_path / "ds")
     shard = copy / "train" / "shard-000003.tar"
     data = bytearray(shard.read_bytes())
@@ -215,6 +215,8 @@ def test_verify_checksums_holds_over_http(uneven, serve, tmp_path):
                                  verify_checksums=True)
     list(checked)
     assert checked.corrupt_summary()["shards"] == {"train/shard-000003.tar": 4}
+    assert any("ChecksumMismatch" in r.getMessage() and f"{url}train/shard-000003.tar" in r.getMessage()
+               for r in caplog.records)
 
 
 # ---------------------------------------------------------------------------
