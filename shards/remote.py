@@ -23,6 +23,7 @@ AWS environment and profile, and ``AWS_ENDPOINT_URL`` (or
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import os
 import re
@@ -167,8 +168,6 @@ class _HttpBody(io.RawIOBase):
     def readinto(self, b) -> int:
         n = self.resp.readinto(b)
         if n == 0 and len(b) and self.resp.length:  # bytes announced but never sent
-            import http.client
-
             raise http.client.IncompleteRead(b"", self.resp.length)
         return n
 
@@ -184,8 +183,8 @@ def s3_filesystem():
     except ImportError:
         raise RemoteError("s3:// datasets need s3fs: pip install 'biomtl[remote]'") from None
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    # a new filesystem object per open after fork would be costly; fsspec caches
-    # instances per arguments and process
+    # cheap per open: fsspec caches one instance per arguments and process (a
+    # forked DataLoader worker makes its own)
     return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
 
 
@@ -271,8 +270,6 @@ def _first_line(e: BaseException) -> str:
 
 # the errors of a broken connection (http.client.IncompleteRead is an HTTPException)
 def _transient(e: BaseException) -> bool:
-    import http.client
-
     return (isinstance(e, (ConnectionError, TimeoutError, http.client.HTTPException, EOFError))
             or (isinstance(e, OSError) and not isinstance(e, (RemoteError, FileNotFoundError, PermissionError))))
 
