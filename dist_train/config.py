@@ -18,14 +18,18 @@ from typing import Any, Literal
 
 import yaml
 
+from shards.remote import is_remote
+
 
 class ConfigError(ValueError):
     """A configuration mistake; its message is one line naming the key."""
 
 
-def path_field(default: str = "", **kw: Any) -> Any:
-    """A string field that, when non-empty, must name an existing path."""
-    return field(default=default, metadata={"path": True}, **kw)
+def path_field(default: str = "", remote: bool = False, **kw: Any) -> Any:
+    """A string field that, when non-empty, must name an existing path; with
+    ``remote`` also a dataset URL (``shards/remote.py``), checked by preflight
+    when it fetches the manifest."""
+    return field(default=default, metadata={"path": True, "remote": remote}, **kw)
 
 
 NO_SPLIT = "none"  # data.val_split=none: train without validation
@@ -57,7 +61,7 @@ class SyntheticDataConfig:
 @dataclass
 class DataConfig:
     source: Literal["synthetic", "shards"] = "synthetic"
-    shards: str = path_field()
+    shards: str = path_field(remote=True)  # a folder, http(s)://HOST/DIR, s3://BUCKET/PREFIX or pipe:CMD with {}
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
     batch_size: int = 32  # micro-batch per rank
     num_workers: int = 0
@@ -281,7 +285,8 @@ def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "",
                 raise ConfigError(f"{full}: removed ({REMOVED_KEYS[full]}); delete it from the config")
             raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), fields)}")
         value = _coerce(value, hints[key], full)
-        if fields[key].metadata.get("path") and value and check_path(fields[key]) and not Path(value).exists():
+        if fields[key].metadata.get("path") and value and check_path(fields[key]) \
+                and not (fields[key].metadata.get("remote") and is_remote(value)) and not Path(value).exists():
             raise ConfigError(f"{full}: path does not exist: {value}")
         kwargs[key] = value
     try:
@@ -548,7 +553,11 @@ def validate(cfg: Config, start: bool = True) -> None:
         raise ConfigError(f"data.twin_prob: must be in [0, 1], got {cfg.data.twin_prob}")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.shards: required when data.source is 'shards'")
-    if cfg.data.source == "shards" and not (Path(cfg.data.shards) / "manifest.json").is_file():
+    if cfg.data.source == "shards" and is_remote(cfg.data.shards) and cfg.data.batching != "stream":
+        raise ConfigError(f"data.batching: {cfg.data.batching} reads samples by random access and needs local "
+                          f"shards; data.shards is remote ({cfg.data.shards}): use data.batching=stream")
+    if cfg.data.source == "shards" and not is_remote(cfg.data.shards) \
+            and not (Path(cfg.data.shards) / "manifest.json").is_file():  # a remote one: preflight fetches it
         raise ConfigError(f"data.shards: no manifest.json in {cfg.data.shards}")
     for path in cfg.data.val_bins:
         if not Path(path).is_file():

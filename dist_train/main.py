@@ -32,6 +32,7 @@ from models.losses import LpipsWeightsMissing  # noqa: E402
 from dist_train.stored_recipe import build_recipe  # noqa: E402
 from recipes.base import RecipeDataError  # noqa: E402
 from shards.reading import CorruptDataError, corrupt_data_line  # noqa: E402
+from shards.remote import dataset_root  # noqa: E402
 from launch import faults  # noqa: E402
 from launch.env import detect, launch_id, restart_count  # noqa: E402
 
@@ -154,7 +155,7 @@ def _find_launch_run(cfg: Config, resume: Path | None) -> tuple[str, str | None]
 
 def prepare_data(cfg: Config, ctx: distributed.DistContext) -> Path:
     if cfg.data.source == "shards":
-        return Path(cfg.data.shards)
+        return dataset_root(cfg.data.shards)  # a Path, or a remote dataset's URL (Path folds its '//')
     from shards.synthetic import ensure_synthetic
 
     s = cfg.data.synthetic

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .manifest import Manifest, file_sha256
+from .manifest import Manifest, ShardEntry, file_sha256
+from .remote import RemoteMissing, dataset_root, is_remote, stream_sha256
 
 
 @dataclass
@@ -32,7 +33,7 @@ class VerifyResult:
         return not self.problems
 
 
-def _scan_labels(directory: Path, m: Manifest, split: str) -> dict[str, Any]:
+def _scan_labels(directory, m: Manifest, split: str) -> dict[str, Any]:
     """split_stats for a manifest that has none (reads the json member of every sample)."""
     from .reading import Shard, ShardReader
 
@@ -58,7 +59,7 @@ def _scan_labels(directory: Path, m: Manifest, split: str) -> dict[str, Any]:
 
 def summary(directory: str | Path) -> dict[str, Any]:
     """What ``biomtl shards info`` shows, as plain data."""
-    directory = Path(directory)
+    directory = dataset_root(directory)
     m = Manifest.load(directory)
     per = {}
     order = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
@@ -82,7 +83,7 @@ def verify(directory: str | Path, splits: list[str] | None = None,
     the manifest, no duplicate keys; protocol pairs name existing samples."""
     from .reading import Shard, ShardReader, decode_sample
 
-    directory = Path(directory)
+    directory = dataset_root(directory)
     m = Manifest.load(directory)
     res = VerifyResult()
     names = splits or list(m.splits)
@@ -100,14 +101,12 @@ def verify(directory: str | Path, splits: list[str] | None = None,
         for e in m.splits[split]:
             res.shards += 1
             p = m.shard_path(directory, e)
-            if not p.is_file():
-                res.problems.append(Problem(split, e.file, None, "missing"))
+            problem, readable = _file_problem(p, e)
+            if problem:
+                res.problems.append(Problem(split, e.file, None, problem))
+            if not readable:
                 done += e.count
                 continue
-            if p.stat().st_size != e.bytes:
-                res.problems.append(Problem(split, e.file, None, f"{p.stat().st_size} bytes, manifest says {e.bytes}"))
-            elif file_sha256(p) != e.sha256:
-                res.problems.append(Problem(split, e.file, None, "sha256 mismatch"))
             reader = ShardReader(Shard(str(p), e.file, e.count), None, None)
             n = 0
             for raw in reader:
@@ -132,6 +131,26 @@ def verify(directory: str | Path, splits: list[str] | None = None,
     if progress is not None:
         progress(total, total)
     return res
+
+
+def _file_problem(p: Path | str, e: ShardEntry) -> tuple[str | None, bool]:
+    """(what is wrong with the shard file as a whole or None, whether it can be read)."""
+    if is_remote(p):
+        try:
+            size, sha = stream_sha256(p)
+        except RemoteMissing:
+            return "missing", False
+        except OSError as err:
+            return f"unreadable: {err}", False
+    else:
+        if not Path(p).is_file():
+            return "missing", False
+        size, sha = Path(p).stat().st_size, None
+    if size != e.bytes:
+        return f"{size} bytes, manifest says {e.bytes}", True
+    if (sha or file_sha256(p)) != e.sha256:
+        return "sha256 mismatch", True
+    return None, True
 
 
 def _check_sample(raw, expect, m: Manifest, n_ids: int, seen: set[str], decode_sample) -> list[str]:

@@ -4,7 +4,8 @@
                          [--splits train=0.8,val=0.1,test=0.1] [--split-by identity|sample] [--seed S]
                          [--workers N] [--strict] [--overwrite] [format options]
     biomtl shards info DIR [--json]
-    biomtl shards verify DIR [--split NAME ...]
+    biomtl shards verify DIR [--split NAME ...]        (DIR: also http(s)://, s3://, pipe:CMD with {})
+    biomtl shards upload DIR s3://BUCKET/PREFIX [--overwrite]
     biomtl shards formats
 
 Exit codes: 0 fine; 1 faults (``create --strict`` with bad inputs, ``verify``
@@ -45,6 +46,16 @@ def _size(text: str) -> int:
     return v
 
 
+def _location(text: str):
+    """A shard folder (Path) or a remote dataset (kept a str: Path folds '//')."""
+    from .remote import dataset_root
+
+    try:
+        return dataset_root(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -60,7 +71,7 @@ def build_parser(prog: str = "biomtl shards") -> argparse.ArgumentParser:
 
     p = _Parser(prog=prog, description="Pack raw datasets into WebDataset shards with a manifest; "
                                        "inspect and verify shard directories.")
-    sub = p.add_subparsers(dest="cmd", metavar="{create,info,verify,formats}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="cmd", metavar="{create,info,verify,upload,formats}", parser_class=_Parser)
     c = sub.add_parser("create", help="pack a raw dataset", description="Pack a raw dataset into "
                        "DIR/{split}/shard-%06d.tar + DIR/manifest.json + DIR/report.json.")
     c.add_argument("--format", required=True, choices=list(SOURCES), metavar="FORMAT",
@@ -83,12 +94,18 @@ def build_parser(prog: str = "biomtl shards") -> argparse.ArgumentParser:
     for name in SOURCES:
         get_source(name).add_arguments(c)
     i = sub.add_parser("info", help="summary table of a shard directory")
-    i.add_argument("dir", type=Path)
+    i.add_argument("dir", type=_location, help="a shard folder, http(s)://HOST/DIR, s3://BUCKET/PREFIX or pipe:COMMAND with {}")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     v = sub.add_parser("verify", help="checksums and a decode of every sample; exit 1 on any fault")
-    v.add_argument("dir", type=Path)
+    v.add_argument("dir", type=_location, help="a shard folder, http(s)://HOST/DIR, s3://BUCKET/PREFIX or pipe:COMMAND with {}")
     v.add_argument("--split", action="append", help="only this split (repeatable)")
     v.add_argument("--no-progress", action="store_true")
+    u = sub.add_parser("upload", help="put a shard folder on S3 (the manifest last)",
+                       description="Upload the files biomtl wrote in DIR to s3://BUCKET/PREFIX, manifest.json "
+                                   "last (credentials and AWS_ENDPOINT_URL from the environment).")
+    u.add_argument("dir", type=Path)
+    u.add_argument("destination", help="s3://BUCKET/PREFIX")
+    u.add_argument("--overwrite", action="store_true", help="replace a dataset already at the destination")
     sub.add_parser("formats", help="list the input formats")
     return p
 
@@ -195,7 +212,7 @@ def cmd_info(args: argparse.Namespace, prog: str) -> int:
 
     try:
         s = summary(args.dir)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # OSError: a remote dataset that does not answer (one line naming it)
         return _err(prog, str(e))
     if args.json:
         print(json.dumps(s, indent=1))
@@ -258,7 +275,7 @@ def cmd_verify(args: argparse.Namespace, prog: str) -> int:
 
     try:
         res = verify(args.dir, args.split, progress=on_progress)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:
         if progress is not None:
             progress.stop()
         return _err(prog, str(e.args[0]) if isinstance(e, KeyError) else str(e))
@@ -273,6 +290,20 @@ def cmd_verify(args: argparse.Namespace, prog: str) -> int:
     for p in res.problems:
         out.print(f"  {p.split}: {p}", markup=False)
     return 1
+
+
+def cmd_upload(args: argparse.Namespace, prog: str) -> int:
+    from .remote import RemoteError
+    from .upload import UploadError, upload
+
+    try:
+        n = upload(args.dir, args.destination, overwrite=args.overwrite)
+    except (UploadError, ValueError, RemoteError) as e:  # bad input: not a dataset, a dataset there, credentials
+        return _err(prog, str(e))
+    except OSError as e:
+        return _err(prog, f"{args.destination}: {e}", 1)
+    print(f"uploaded {n} files of {args.dir} to {args.destination}")
+    return 0
 
 
 def run(argv: list[str] | None = None, prog: str = "biomtl shards") -> int:
@@ -291,6 +322,8 @@ def run(argv: list[str] | None = None, prog: str = "biomtl shards") -> int:
         return cmd_info(args, f"{prog} info")
     if args.cmd == "verify":
         return cmd_verify(args, f"{prog} verify")
+    if args.cmd == "upload":
+        return cmd_upload(args, f"{prog} upload")
     if args.cmd == "formats":
         from .sources import SOURCES, get_source
 

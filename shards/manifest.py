@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .atomic import atomic_write
+from .remote import RemoteMissing, RemoteRoot, dataset_root, is_remote, name_problem, read_bytes
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "biomtl-shards/1"
@@ -151,9 +152,16 @@ class Manifest:
             raise KeyError(f"split {name!r} not in manifest (have: {', '.join(sorted(self.splits)) or 'none'})")
         return sum(e.count for e in self.splits[name])
 
-    def shard_path(self, root: str | os.PathLike, entry: ShardEntry) -> Path:
-        """``root / entry.file``; an :class:`UnsafeShardPath` when that is not inside ``root``."""
-        problem = shard_file_problem(root, entry.file)
+    def shard_path(self, root: str | os.PathLike, entry: ShardEntry) -> Path | str:
+        """``root / entry.file`` (for a remote root its URL, a ``str``); an
+        :class:`UnsafeShardPath` when that is not inside ``root``."""
+        remote = is_remote(root)
+        problem = name_problem(entry.file) if remote else shard_file_problem(root, entry.file)
+        if remote and problem is None:
+            return dataset_root(root) / entry.file
+        if remote:
+            raise UnsafeShardPath(f"{dataset_root(root) / MANIFEST_NAME}: shard file {entry.file[:120]!r} "
+                                  f"{problem}; shard files must be inside {root}")
         if problem is not None:
             shown = entry.file if len(entry.file) <= 120 else entry.file[:117] + "..."
             raise UnsafeShardPath(f"{Path(root) / MANIFEST_NAME}: shard file {shown!r} {problem}; "
@@ -223,27 +231,47 @@ class Manifest:
 
     @staticmethod
     def load(directory: str | os.PathLike) -> "Manifest":
+        """The manifest of a local shard directory or of a remote dataset
+        (:mod:`shards.remote`: ``http(s)://``, ``s3://``, ``pipe:``)."""
+        if is_remote(directory):
+            return Manifest._load_remote(dataset_root(directory))
         directory = Path(directory)
         path = directory / MANIFEST_NAME
         if not directory.is_dir():
             raise FileNotFoundError(f"shard directory {directory} does not exist")
         if not path.is_file():
             raise FileNotFoundError(f"{directory} is not a shard directory: no {MANIFEST_NAME} in it")
+        manifest = Manifest.parse(path.read_bytes(), path)
+        manifest.check_shard_paths(directory)  # every reader loads the manifest here first
+        return manifest
+
+    @staticmethod
+    def _load_remote(root: RemoteRoot) -> "Manifest":
+        url = root / MANIFEST_NAME
         try:
-            d = json.loads(path.read_text(encoding="utf-8"))
+            data = read_bytes(url)
+        except RemoteMissing:
+            raise FileNotFoundError(f"{root} is not a shard directory: no {MANIFEST_NAME} at {url}") from None
+        manifest = Manifest.parse(data, url)
+        manifest.check_shard_paths(root)
+        return manifest
+
+    @staticmethod
+    def parse(data: bytes, path: str | os.PathLike) -> "Manifest":
+        """A manifest from the bytes of ``path`` (named in errors)."""
+        try:
+            d = json.loads(data.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict) or not str(d.get("format", "")).startswith("biomtl-shards/"):
             fmt = d.get("format") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"{path}: not a biomtl shard manifest (format={fmt!r}, expected {FORMAT!r})")
         try:
-            manifest = Manifest.from_dict(d)
+            return Manifest.from_dict(d)
         except ManifestFieldError as e:
             raise ValueError(f"{path}: malformed manifest: {e}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ValueError(f"{path}: malformed manifest ({type(e).__name__}: {str(e)[:200]})") from None
-        manifest.check_shard_paths(directory)  # every reader loads the manifest here first
-        return manifest
 
     def verify(self, directory: str | os.PathLike, splits: list[str] | None = None) -> list[str]:
         """Check sizes and sha256 of the shards; returns a list of problems (empty = fine)."""

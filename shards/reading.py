@@ -37,6 +37,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from .images import open_image
 from .manifest import Manifest, file_sha256
+from .remote import RemoteRoot, dataset_root, is_remote, open_stream, stream_sha256
 
 log = logging.getLogger("shards.stream")
 
@@ -221,7 +222,9 @@ def checksum_problem(shard: "Shard") -> str | None:
     """None when the file's sha256 is the manifest's, else what is wrong. A file
     that cannot be read is left to the reader (it reports it as such). Cached
     per process by path, size, mtime and expected sum: each shard is hashed
-    once per process, not on every pass."""
+    once per process, not on every pass (a remote shard is streamed once for it)."""
+    if is_remote(shard.path):
+        return _remote_checksum_problem(shard)
     try:
         st = os.stat(shard.path)
     except OSError:
@@ -236,6 +239,21 @@ def checksum_problem(shard: "Shard") -> str | None:
             return None
         _CHECKED[key] = None if actual == shard.sha256 else (
             f"ChecksumMismatch: sha256 {actual[:16]}... of {shard.name} is not the manifest's "
+            f"{shard.sha256[:16] or '(none)'}... (data.verify_checksums)")
+        if len(_CHECKED) > 4096:
+            _CHECKED.pop(next(iter(_CHECKED)))
+    return _CHECKED[key]
+
+
+def _remote_checksum_problem(shard: "Shard") -> str | None:
+    key = (shard.path, -1, -1, shard.sha256)
+    if key not in _CHECKED:
+        try:
+            _, actual = stream_sha256(shard.path)
+        except OSError:
+            return None  # the reader meets the same fault and names it
+        _CHECKED[key] = None if actual == shard.sha256 else (
+            f"ChecksumMismatch: sha256 {actual[:16]}... of {shard.path} is not the manifest's "
             f"{shard.sha256[:16] or '(none)'}... (data.verify_checksums)")
         if len(_CHECKED) > 4096:
             _CHECKED.pop(next(iter(_CHECKED)))
@@ -289,10 +307,13 @@ def tar_members(path: str, select: Callable[[str], bool] | None, handler: Callab
     module doc); with ``with_data=False`` ``{"fname", "offset", "size"}`` instead
     (the data are skipped, for indexing)."""
     try:
-        if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or device would block the open
-            raise tarfile.ReadError("not a regular file")
-        f = open(path, "rb", buffering=chunk)
-        file_size = os.fstat(f.fileno()).st_size
+        if is_remote(path):  # streamed, reopened where it broke (shards/remote.py)
+            f, file_size = open_stream(path, chunk), 1 << 62
+        else:
+            if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or device would block the open
+                raise tarfile.ReadError("not a regular file")
+            f = open(path, "rb", buffering=chunk)
+            file_size = os.fstat(f.fileno()).st_size
     except (OSError, tarfile.ReadError) as exn:
         exn.args = (f"{exn.args[0] if exn.args else exn} @ {path}",) + exn.args[1:]
         handler(exn)
@@ -544,7 +565,7 @@ def expected_fields(manifest: Manifest, fields: Sequence[str] | None) -> frozens
     return exp or None
 
 
-def shards_of(data_dir: Path, manifest: Manifest, split: str) -> tuple[Shard, ...]:
+def shards_of(data_dir: "Path | RemoteRoot", manifest: Manifest, split: str) -> tuple[Shard, ...]:
     if split not in manifest.splits:
         raise KeyError(f"split {split!r} not in {data_dir}/manifest.json "
                        f"(have: {', '.join(sorted(manifest.splits)) or 'none'})")
@@ -567,7 +588,7 @@ def read_images_by_key(data_dir: str | os.PathLike, split: str, keys: Sequence[s
         log.warning("cannot read images from %s", exn.args[0] if exn.args else exn)
         return False
 
-    for shard in shards_of(Path(data_dir), Manifest.load(data_dir), split):
+    for shard in shards_of(dataset_root(data_dir), Manifest.load(data_dir), split):
         if want <= found.keys():
             break
         for member in tar_members(shard.path, None, failed):

@@ -65,7 +65,6 @@ import collections
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -73,6 +72,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .manifest import Manifest
+from .remote import dataset_root
 from .reading import (DATA_ERRORS, CorruptDataError, CorruptTracker, Shard, ShardLoader, ShardReader, WorkerInit,
                       collate, decode_sample, derive_seed, expected_fields, preserved_global_rngs,
                       seed_global_rngs, shards_of)
@@ -332,7 +332,7 @@ class TrainLoader(ShardLoader):
         if skip_batches < 0:
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
         super().__init__()
-        self.data_dir = Path(data_dir)
+        self.data_dir = dataset_root(data_dir)  # a Path, or a URL (shards/remote.py)
         self.manifest = Manifest.load(self.data_dir)
         shards = shards_of(self.data_dir, self.manifest, split)
         total = sum(s.count for s in shards)
@@ -536,7 +536,7 @@ class EvalLoader(ShardLoader):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         super().__init__()
-        self.data_dir = Path(data_dir)
+        self.data_dir = dataset_root(data_dir)  # a Path, or a URL (shards/remote.py)
         self.manifest = Manifest.load(self.data_dir)
         shards = shards_of(self.data_dir, self.manifest, split)
         total = sum(s.count for s in shards)
