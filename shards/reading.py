@@ -222,39 +222,26 @@ def checksum_problem(shard: "Shard") -> str | None:
     """None when the file's sha256 is the manifest's, else what is wrong. A file
     that cannot be read is left to the reader (it reports it as such). Cached
     per process by path, size, mtime and expected sum: each shard is hashed
-    once per process, not on every pass (a remote shard is streamed once for it)."""
+    once per process, not on every pass (a remote shard is streamed once for it,
+    keyed by its URL alone)."""
     if is_remote(shard.path):
-        return _remote_checksum_problem(shard)
-    try:
-        st = os.stat(shard.path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the hash; the reader refuses it
-        return None
-    key = (shard.path, st.st_size, st.st_mtime_ns, shard.sha256)
-    if key not in _CHECKED:
+        key, digest = (shard.path, -1, -1, shard.sha256), lambda: stream_sha256(shard.path)[1]
+    else:
         try:
-            actual = file_sha256(shard.path)
+            st = os.stat(shard.path)
         except OSError:
             return None
-        _CHECKED[key] = None if actual == shard.sha256 else (
-            f"ChecksumMismatch: sha256 {actual[:16]}... of {shard.name} is not the manifest's "
-            f"{shard.sha256[:16] or '(none)'}... (data.verify_checksums)")
-        if len(_CHECKED) > 4096:
-            _CHECKED.pop(next(iter(_CHECKED)))
-    return _CHECKED[key]
-
-
-def _remote_checksum_problem(shard: "Shard") -> str | None:
-    key = (shard.path, -1, -1, shard.sha256)
+        if not stat.S_ISREG(st.st_mode):  # a FIFO would block the hash; the reader refuses it
+            return None
+        key, digest = (shard.path, st.st_size, st.st_mtime_ns, shard.sha256), lambda: file_sha256(shard.path)
     if key not in _CHECKED:
         try:
-            _, actual = stream_sha256(shard.path)
+            actual = digest()
         except OSError:
             return None  # the reader meets the same fault and names it
         _CHECKED[key] = None if actual == shard.sha256 else (
-            f"ChecksumMismatch: sha256 {actual[:16]}... of {shard.path} is not the manifest's "
-            f"{shard.sha256[:16] or '(none)'}... (data.verify_checksums)")
+            f"ChecksumMismatch: sha256 {actual[:16]}... of {shard.name if not is_remote(shard.path) else shard.path} "
+            f"is not the manifest's {shard.sha256[:16] or '(none)'}... (data.verify_checksums)")
         if len(_CHECKED) > 4096:
             _CHECKED.pop(next(iter(_CHECKED)))
     return _CHECKED[key]
