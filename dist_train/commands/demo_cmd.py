@@ -248,6 +248,8 @@ def _own_temp_dir() -> tuple[str, str | None]:
     caches), inside ``GRADIO_TEMP_DIR`` if set, and made Gradio's before it is
     imported (it reads the variable at import and when the app is built)."""
     previous = os.environ.get("GRADIO_TEMP_DIR")
+    if previous:  # Gradio makes its temp folder when missing: so do we, for ours inside it
+        os.makedirs(previous, exist_ok=True)
     own = tempfile.mkdtemp(prefix="biomtl-demo-", dir=previous)
     os.environ["GRADIO_TEMP_DIR"] = own
     atexit.register(shutil.rmtree, own, True)  # also when a caller of block=False never calls stop()

@@ -100,16 +100,12 @@ def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
         return fail(corrupt_data_line(exc))
 
 
+class _EvalError(Exception):
+    """One line for :func:`fail`, raised by the steps of :func:`_evaluate`."""
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from dist_train.checkpoint import atomic_write
     from dist_train.inference import CheckpointError, InferenceEngine
-    from dist_train.progress import progress_bar
-    from recipes import verification as ev
-    from recipes.base import EvalContext
-    from recipes.verification_plots import write_report
-    from shards.manifest import Manifest
-    from shards.reading import read_images_by_key
-    from shards.stream import build_eval_loader
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.bin:  # insightface's .bin sets (dist_train/commands/eval_bins.py)
@@ -128,6 +124,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         engine = InferenceEngine.from_checkpoint(args.checkpoint, args.device, batch_size=args.batch_size)
     except CheckpointError as exc:
         return fail(str(exc))
+    try:
+        return _evaluate_with(args, engine)
+    except _EvalError as exc:
+        return fail(str(exc))
+
+
+def _evaluate_with(args: argparse.Namespace, engine: Any) -> int:
     path_pairs = None
     if args.pairs:
         from dist_train.commands.path_pairs import read_path_pairs
@@ -135,87 +138,118 @@ def _evaluate(args: argparse.Namespace) -> int:
         try:
             path_pairs = read_path_pairs(Path(args.pairs), Path(args.image_root) if args.image_root else None)
         except ValueError as exc:
-            return fail(str(exc))
+            raise _EvalError(str(exc)) from None
         if path_pairs is not None and not (args.optimize_threshold and args.threshold is None):
             threshold = engine.threshold if args.threshold is None else args.threshold
             source = f"checkpoint ({engine.threshold_source})" if args.threshold is None else "--threshold"
             return _eval_image_files(args, engine, *path_pairs, threshold, source, {})
-    try:
-        data_dir = Path(args.data) if args.data else resolve_data_dir(engine.config)
-        manifest = Manifest.load(data_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        return fail(str(exc).splitlines()[0])
-    clash = args.output and output_clash("--output", args.output, [("--data", data_dir)], folders_whole=True)
-    if clash:  # the checkpoint's own data: the report is not written into the dataset
-        return fail(clash)
-    if args.split not in manifest.splits:
-        return fail(f"split {args.split!r} not in {data_dir} (have: {', '.join(sorted(manifest.splits))})")
+    data = _SplitData(args, engine)
     val_split = args.val_split or engine.config.data.val_split
     if args.optimize_threshold and args.threshold is None:
-        if val_split not in manifest.splits or val_split == args.split:
-            return fail(f"--optimize-threshold needs a validation split other than {args.split!r} "
-                        f"(looked for {val_split!r} in {data_dir}); pass --val-split or --threshold")
-    progress = not args.no_progress
+        if val_split not in data.manifest.splits or val_split == args.split:
+            raise _EvalError(f"--optimize-threshold needs a validation split other than {args.split!r} "
+                             f"(looked for {val_split!r} in {data.dir}); pass --val-split or --threshold")
     print(engine.describe(), file=sys.stderr)
-
-    def embed(split: str) -> dict[str, Any]:
-        loader = build_eval_loader(data_dir, split, engine.recipe.transform, args.batch_size, 0, 1, 0)
-        with progress_bar(progress, f"embedding {split}", len(loader)) as advance:
-            return ev.embed_batches(engine.embed_tensor, loader, advance)
-
-    def pairs_for(split: str, table: dict[str, Any], explicit: str | None) -> ev.Pairs:
-        candidate = Path(explicit) if explicit else data_dir / f"{split}_pairs.json"
-        if explicit or candidate.is_file():
-            return ev.pairs_from_file(candidate, table["keys"], table["identity"], table["twin"])
-        listed = manifest.split_pairs(split) if hasattr(manifest, "split_pairs") else []
-        if listed:  # the manifest's own protocol
-            rows = [{"img1": r["key1"], "img2": r["key2"], "label": r["label"]} for r in listed]
-            return ev.pairs_from_rows(rows, table["keys"], table["identity"], table["twin"],
-                                      source=f"{data_dir}/manifest.json pairs ({split})")
-        return ev.generate_pairs(table["identity"], table["twin"], args.max_pairs, args.seed)
-
     if path_pairs is not None:  # image files, with a threshold picked on the data's val split
-        val = embed(val_split)
-        vp = pairs_for(val_split, val, None)
-        if not vp.label.any() or vp.label.all():
-            return fail(f"split {val_split!r} has no genuine or no impostor pairs to pick a threshold on")
-        val_acc, threshold = ev.best_accuracy_threshold(ev.cosine_scores(val["embedding"], vp.a, vp.b), vp.label)
+        val_acc, threshold = data.val_threshold(val_split)
         return _eval_image_files(args, engine, *path_pairs, threshold,
                                  f"best accuracy on {val_split!r} pairs (--optimize-threshold)",
-                                 {"val_best_acc": val_acc, "data": str(data_dir)})
-    table = embed(args.split)
+                                 {"val_best_acc": val_acc, "data": str(data.dir)})
+    table = data.embed(args.split)
     try:
-        pairs = pairs_for(args.split, table, args.pairs)
+        pairs = data.pairs_for(args.split, table, args.pairs)
     except (KeyError, ValueError) as exc:
-        return fail(str(exc).strip("'\""))
+        raise _EvalError(str(exc).strip("'\"")) from None
     if not pairs.label.any() or pairs.label.all():
-        return fail(f"split {args.split!r}: the pairs need both genuine and impostor pairs "
-                    f"(got {pairs.counts()}); are identities labelled?")
+        raise _EvalError(f"split {args.split!r}: the pairs need both genuine and impostor pairs "
+                         f"(got {pairs.counts()}); are identities labelled?")
     threshold, source = engine.threshold, f"checkpoint ({engine.threshold_source})"
     extra: dict[str, Any] = {}
     if args.threshold is not None:
         threshold, source = args.threshold, "--threshold"
     elif args.optimize_threshold:
-        val = embed(val_split)
-        vp = pairs_for(val_split, val, None)
-        if not vp.label.any() or vp.label.all():
-            return fail(f"split {val_split!r} has no genuine or no impostor pairs to pick a threshold on")
-        val_acc, threshold = ev.best_accuracy_threshold(ev.cosine_scores(val["embedding"], vp.a, vp.b), vp.label)
+        extra["val_best_acc"], threshold = data.val_threshold(val_split)
         source = f"best accuracy on {val_split!r} pairs (--optimize-threshold)"
-        extra["val_best_acc"] = val_acc
+    return _write_split_report(args, engine, data, table, pairs, threshold, source, extra)
+
+
+class _SplitData:
+    """The shard dataset ``eval`` scores: its manifest, embeddings of a split, the
+    split's verification pairs, a threshold picked on another split."""
+
+    def __init__(self, args: argparse.Namespace, engine: Any) -> None:
+        from shards.manifest import Manifest
+
+        self.args, self.engine = args, engine
+        try:
+            self.dir = Path(args.data) if args.data else resolve_data_dir(engine.config)
+            self.manifest = Manifest.load(self.dir)
+        except (FileNotFoundError, ValueError) as exc:
+            raise _EvalError(str(exc).splitlines()[0]) from None
+        clash = args.output and output_clash("--output", args.output, [("--data", self.dir)], folders_whole=True)
+        if clash:  # the checkpoint's own data: the report is not written into the dataset
+            raise _EvalError(clash)
+        if args.split not in self.manifest.splits:
+            have = ", ".join(sorted(self.manifest.splits))
+            raise _EvalError(f"split {args.split!r} not in {self.dir} (have: {have})")
+
+    def loader(self, split: str):
+        from shards.stream import build_eval_loader
+
+        return build_eval_loader(self.dir, split, self.engine.recipe.transform, self.args.batch_size, 0, 1, 0)
+
+    def embed(self, split: str) -> dict[str, Any]:
+        from dist_train.progress import progress_bar
+        from recipes import verification as ev
+
+        loader = self.loader(split)
+        with progress_bar(not self.args.no_progress, f"embedding {split}", len(loader)) as advance:
+            return ev.embed_batches(self.engine.embed_tensor, loader, advance)
+
+    def pairs_for(self, split: str, table: dict[str, Any], explicit: str | None):
+        from recipes import verification as ev
+
+        candidate = Path(explicit) if explicit else self.dir / f"{split}_pairs.json"
+        if explicit or candidate.is_file():
+            return ev.pairs_from_file(candidate, table["keys"], table["identity"], table["twin"])
+        listed = self.manifest.split_pairs(split)
+        if listed:  # the manifest's own protocol
+            rows = [{"img1": r["key1"], "img2": r["key2"], "label": r["label"]} for r in listed]
+            return ev.pairs_from_rows(rows, table["keys"], table["identity"], table["twin"],
+                                      source=f"{self.dir}/manifest.json pairs ({split})")
+        return ev.generate_pairs(table["identity"], table["twin"], self.args.max_pairs, self.args.seed)
+
+    def val_threshold(self, val_split: str) -> tuple[float, float]:
+        """``(best accuracy, its threshold)`` on ``val_split``'s pairs."""
+        from recipes import verification as ev
+
+        val = self.embed(val_split)
+        vp = self.pairs_for(val_split, val, None)
+        if not vp.label.any() or vp.label.all():
+            raise _EvalError(f"split {val_split!r} has no genuine or no impostor pairs to pick a threshold on")
+        return ev.best_accuracy_threshold(ev.cosine_scores(val["embedding"], vp.a, vp.b), vp.label)
+
+
+def _write_split_report(args: argparse.Namespace, engine: Any, data: _SplitData, table: dict[str, Any], pairs: Any,
+                        threshold: float, source: str, extra: dict[str, Any]) -> int:
+    from dist_train.checkpoint import atomic_write
+    from recipes import verification as ev
+    from recipes.base import EvalContext
+    from recipes.verification_plots import write_report
+    from shards.reading import read_images_by_key
+
     out_dir = Path(args.output) if args.output else default_output(Path(args.checkpoint), args.split)
-    extra.update(checkpoint=str(args.checkpoint), data=str(data_dir), split=args.split,
-                 recipe=engine.recipe_name)
+    extra.update(checkpoint=str(args.checkpoint), data=str(data.dir), split=args.split, recipe=engine.recipe_name)
     own = engine.recipe.eval_report(engine.model, EvalContext(
-        out_dir=out_dir, split=args.split, data_dir=data_dir,
-        loader=lambda: build_eval_loader(data_dir, args.split, engine.recipe.transform, args.batch_size, 0, 1, 0),
+        out_dir=out_dir, split=args.split, data_dir=data.dir, loader=lambda: data.loader(args.split),
         table=table, pairs=pairs, threshold=threshold, threshold_source=source, publish=atomic_write,
-        identity_names=manifest.identities, extra=extra, device=engine.device, seed=args.seed, progress=progress))
+        identity_names=data.manifest.identities, extra=extra, device=engine.device, seed=args.seed,
+        progress=not args.no_progress))
     if own is not None:  # the recipe wrote its own report (Recipe.eval_report)
         return 0
-    images = read_images_by_key(data_dir, args.split, ev.hardest_error_keys(table, pairs))
+    images = read_images_by_key(data.dir, args.split, ev.hardest_error_keys(table, pairs))
     metrics = write_report(out_dir, table, pairs, atomic_write, threshold=threshold, threshold_source=source,
-                           images=images, identity_names=manifest.identities, extra=extra, seed=args.seed,
+                           images=images, identity_names=data.manifest.identities, extra=extra, seed=args.seed,
                            title=f"{args.split} split")
     _print_summary(metrics, out_dir)
     return 0
