@@ -30,7 +30,7 @@ def setup_console_logging(is_main: bool, rank: int) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("matplotlib", "PIL", "urllib3", "fsspec"):
+    for noisy in ("matplotlib", "PIL", "urllib3", "fsspec", "s3fs", "botocore", "aiobotocore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: repo paths, real-data locations, tiny configs."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 PYTHON = sys.executable
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Commands run in-process (eval, train) configure the root logger; a later test
+    that counts stderr lines would then see other libraries' INFO lines (a moto
+    server's, botocore's). Each test starts with the root logger as it found it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):  # pytest's own capture handlers come and go with each phase
+        if handler not in handlers and type(handler).__module__ != "_pytest.logging":
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 def shared_dataset(name: str) -> Path:

@@ -15,7 +15,8 @@ from tests.recipes.test_example_recipe import TinyRecipe
 
 BATCH = 4
 ACCUM = 2
-SAMPLE_SLEEP_S = 0.01  # per training sample in the loader: 0.04 s per micro-batch
+SAMPLE_SLEEP_S = 0.04  # per training sample in the loader: 0.16 s per micro-batch, far above the step's own work
+# even on a loaded machine (at 0.01 s a CI run under load saw a wait fraction of 0.46)
 FORWARD_SLEEP_S = 0.05  # per training forward of the "fast loader" run: the step's own work
 
 
