@@ -43,8 +43,8 @@ _DEEPSPEED_CLIENT = "biomtl_client"  # not DeepSpeed's own keys ("module", "opti
 _DEEPSPEED_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 __all__ = ["FORMAT_VERSION", "FormatError", "StoredModel", "TrainerState", "deepspeed_client",
-           "deepspeed_client_state", "deepspeed_states_file", "load_weights_only", "model_file", "read_deepspeed_states", "read_stored",
-           "read_trainer_state", "run_description", "trainer_checkpoint"]
+           "deepspeed_client_state", "deepspeed_states_file", "load_weights_only", "model_file",
+           "read_deepspeed_states", "read_stored", "read_trainer_state", "run_description", "trainer_checkpoint"]
 
 
 class FormatError(ValueError):
