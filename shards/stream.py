@@ -316,6 +316,27 @@ class _TrainStream(IterableDataset):
             yield batch
 
 
+def _open_split(loader: ShardLoader, data_dir, split, transform, batch_size, rank, world_size, num_workers,
+                pin_memory, mp_context, prefetch_factor) -> tuple[list[Shard], int]:
+    """What the train and eval loaders set up alike: the checked rank and batch
+    size, the dataset (a folder or a URL: shards/remote.py) and its manifest, the
+    DataLoader settings; returns the split's shards and their sample count."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    loader.data_dir = dataset_root(data_dir)
+    loader.manifest = Manifest.load(loader.data_dir)
+    shards = shards_of(loader.data_dir, loader.manifest, split)
+    total = sum(s.count for s in shards)
+    if total <= 0:
+        raise ValueError(f"split {split!r} of {loader.data_dir} has no samples")
+    loader.num_workers = int(num_workers)
+    loader.transform = transform
+    loader.pin_memory, loader.mp_context, loader.prefetch_factor = pin_memory, mp_context, prefetch_factor
+    return shards, total
+
+
 class TrainLoader(ShardLoader):
     """Exactly ``len(self)`` batches per epoch on every rank (``len - skip_batches``
     are yielded when resuming). Iterating again replays the same epoch."""
@@ -325,22 +346,11 @@ class TrainLoader(ShardLoader):
     def __init__(self, data_dir, split, transform, batch_size, rank, world_size, num_workers, seed, epoch,
                  skip_batches=0, shuffle_buffer=1000, max_corrupt_fraction=0.01, fields=None,
                  pin_memory=False, mp_context=None, prefetch_factor=2, resampled=False, verify_checksums=False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
         if skip_batches < 0:
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
         super().__init__()
-        self.data_dir = dataset_root(data_dir)  # a Path, or a URL (shards/remote.py)
-        self.manifest = Manifest.load(self.data_dir)
-        shards = shards_of(self.data_dir, self.manifest, split)
-        total = sum(s.count for s in shards)
-        if total <= 0:
-            raise ValueError(f"split {split!r} of {self.data_dir} has no samples")
-        self.num_workers = int(num_workers)
-        self.transform = transform
-        self.pin_memory, self.mp_context, self.prefetch_factor = pin_memory, mp_context, prefetch_factor
+        shards, total = _open_split(self, data_dir, split, transform, batch_size, rank, world_size, num_workers,
+                                    pin_memory, mp_context, prefetch_factor)
         self.plan = _TrainPlan(
             split=split, shards=shards, total=total, batch_size=int(batch_size),
             num_batches=max(1, total // (world_size * batch_size)), rank=int(rank), world_size=int(world_size),
@@ -531,21 +541,10 @@ class EvalLoader(ShardLoader):
     def __init__(self, data_dir, split, transform, batch_size, rank, world_size, num_workers=0,
                  max_corrupt_fraction=0.01, fields=None, pin_memory=False, mp_context=None, prefetch_factor=2,
                  verify_checksums=False):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world_size {world_size}")
         super().__init__()
-        self.data_dir = dataset_root(data_dir)  # a Path, or a URL (shards/remote.py)
-        self.manifest = Manifest.load(self.data_dir)
-        shards = shards_of(self.data_dir, self.manifest, split)
-        total = sum(s.count for s in shards)
-        if total <= 0:
-            raise ValueError(f"split {split!r} of {self.data_dir} has no samples")
+        shards, total = _open_split(self, data_dir, split, transform, batch_size, rank, world_size, num_workers,
+                                    pin_memory, mp_context, prefetch_factor)
         per_rank = -(-total // world_size)
-        self.num_workers = int(num_workers)
-        self.transform = transform
-        self.pin_memory, self.mp_context, self.prefetch_factor = pin_memory, mp_context, prefetch_factor
         self.plan = _EvalPlan(split=split, shards=shards, total=total, batch_size=int(batch_size),
                               rank=int(rank), world_size=int(world_size), workers=max(1, self.num_workers),
                               per_rank=per_rank, num_batches=-(-per_rank // batch_size),
