@@ -19,12 +19,36 @@ arg-max is the nearest class centre. Labels outside ``[0, num_classes)`` (e.g.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ArcFace", "CosFace", "LinearHead", "MagLinear", "build_identity_head"]
+__all__ = ["ArcFace", "CosFace", "LinearHead", "MagLinear", "arcface_target", "build_identity_head", "cosface_target",
+           "target_margin"]
+
+
+def arcface_target(cos_y: torch.Tensor, m: float) -> torch.Tensor:
+    """ArcFace's target cosine ``cos(theta_y + m)``, with insightface's fallback
+    ``cos(theta_y) - m * sin(m)`` past ``theta_y > pi - m``."""
+    sin_y = torch.sqrt((1.0 - cos_y * cos_y).clamp(min=1e-7))
+    phi = cos_y * math.cos(m) - sin_y * math.sin(m)  # cos(theta + m)
+    return torch.where(cos_y > math.cos(math.pi - m), phi, cos_y - math.sin(math.pi - m) * m)
+
+
+def cosface_target(cos_y: torch.Tensor, m: float) -> torch.Tensor:
+    """CosFace's target cosine ``cos(theta_y) - m``."""
+    return cos_y - m
+
+
+def target_margin(kind: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """The target-cosine function of a margin head (``arcface | cosface``); the
+    replicated heads here and the sharded one (:mod:`models.partial_fc`) share it."""
+    try:
+        return {"arcface": arcface_target, "cosface": cosface_target}[kind]
+    except KeyError:
+        raise ValueError(f"unknown margin {kind!r} (arcface | cosface)") from None
 
 
 class _CosineHead(nn.Module):
@@ -65,14 +89,9 @@ class ArcFace(_CosineHead):
 
     def __init__(self, in_features: int, num_classes: int, s: float = 30.0, m: float = 0.5):
         super().__init__(in_features, num_classes, s, m)
-        self.cos_m, self.sin_m = math.cos(m), math.sin(m)
-        self.th = math.cos(math.pi - m)
-        self.mm = math.sin(math.pi - m) * m
 
     def _target_margin(self, cos_y: torch.Tensor) -> torch.Tensor:
-        sin_y = torch.sqrt((1.0 - cos_y * cos_y).clamp(min=1e-7))
-        phi = cos_y * self.cos_m - sin_y * self.sin_m  # cos(theta + m)
-        return torch.where(cos_y > self.th, phi, cos_y - self.mm)
+        return arcface_target(cos_y, self.m)
 
 
 class CosFace(_CosineHead):
@@ -82,7 +101,7 @@ class CosFace(_CosineHead):
         super().__init__(in_features, num_classes, s, m)
 
     def _target_margin(self, cos_y: torch.Tensor) -> torch.Tensor:
-        return cos_y - self.m
+        return cosface_target(cos_y, self.m)
 
 
 class LinearHead(nn.Module):
