@@ -30,7 +30,7 @@ from dist_train.preflight import check_resume, load_checked_config, synthetic_sp
 from models.backbones import WeightsError  # noqa: E402
 from models.losses import LpipsWeightsMissing  # noqa: E402
 from dist_train.stored_recipe import build_recipe  # noqa: E402
-from recipes.base import RecipeDataError  # noqa: E402
+from recipes.base import ParallelContext, RecipeDataError  # noqa: E402
 from shards.reading import CorruptDataError, corrupt_data_line  # noqa: E402
 from shards.remote import dataset_root  # noqa: E402
 from launch import faults  # noqa: E402
@@ -188,7 +188,8 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
         if restart is not None:
             resume = restart[1]
         try:  # a resumed run's weights come from its checkpoint: nothing is read to start them
-            recipe = build_recipe(cfg, Manifest.load(data_dir).data_info(), weights_from_checkpoint=resume is not None)
+            recipe = build_recipe(cfg, Manifest.load(data_dir).data_info(), weights_from_checkpoint=resume is not None,
+                                  parallel=ParallelContext(ctx.rank, ctx.world_size, training=True))
         except RecipeDataError as exc:  # the recipe refuses these data (e.g. a modality it needs is missing)
             raise ConfigError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
         if resume is not None:  # again, now that the data exist (the preflight may not have known them)

@@ -508,6 +508,11 @@ def check_deepspeed_config(cfg: Config, world_size: int | None = None) -> None:
     from launch.env import detect
 
     deepspeed_json(cfg, detect().world_size if world_size is None else world_size)
+    if getattr(cfg.recipe.resolved, "identity_head_sharding", "none") != "none":
+        # ZeRO partitions and averages every parameter it is given as if replicated; the
+        # rank-local centres would be mixed up across ranks (dist_train/row_shards.py)
+        raise ConfigError("recipe.params.identity_head_sharding=partial_fc works with train.strategy=ddp; "
+                          "DeepSpeed does not keep a row-sharded head yet: use train.strategy=ddp")
     if resolved_precision(cfg) == "fp16" and not fp16_supported_here():
         raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
                           "refuses fp16 on this CPU (no oneDNN fp16): use train.precision=bf16 or fp32")

@@ -122,11 +122,14 @@ def weights_digest(module: torch.nn.Module) -> str:
     and absolute sum of each tensor in float64): equal weights give equal
     digests on every rank of a data-parallel run. Buffers are left out: batch
     norm statistics follow each rank's own batches (DDP broadcasts rank 0's at
-    the next forward)."""
+    the next forward), and so are rows each rank holds of a sharded head
+    (:mod:`dist_train.row_shards`: different by design)."""
     import hashlib
 
+    from models.partial_fc import row_shard_of
+
     with torch.no_grad():
-        tensors = [t for t in module.parameters() if t.numel()]
+        tensors = [t for t in module.parameters() if t.numel() and row_shard_of(t) is None]
         sums = torch.stack([torch.stack([t.double().sum(), t.double().abs().sum()]) for t in tensors])
     return hashlib.sha256(sums.cpu().numpy().tobytes()).hexdigest()[:16]
 

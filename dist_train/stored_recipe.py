@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from dist_train.config import Config, ConfigError, config_from_dict, recipe_params, to_dict
-from recipes.base import START_ONLY, DataInfo, Recipe, get_recipe, without_start_files
+from recipes.base import START_ONLY, DataInfo, ParallelContext, Recipe, get_recipe, without_start_files
 
 __all__ = ["StoredRecipe", "StoredRecipeError", "build_recipe", "recipe_from_stored", "stored_params_record"]
 
@@ -23,13 +23,18 @@ class StoredRecipeError(ValueError):
     """A stored config that does not describe a recipe this biomtl can build (one line)."""
 
 
-def build_recipe(cfg: Config, data_info: DataInfo, weights_from_checkpoint: bool) -> Recipe:
+def build_recipe(cfg: Config, data_info: DataInfo, weights_from_checkpoint: bool,
+                 parallel: ParallelContext | None = None) -> Recipe:
     """The recipe of a live config; ``weights_from_checkpoint``: the run resumes
-    (or only shapes are wanted), so nothing is read to start the weights."""
+    (or only shapes are wanted), so nothing is read to start the weights.
+    ``parallel``: the training ranks (the trainer's); default a world of one."""
     params = recipe_params(cfg)
     if weights_from_checkpoint:
         params = without_start_files(params)
-    return get_recipe(cfg.recipe.name)(params, data_info)
+    recipe = get_recipe(cfg.recipe.name)(params, data_info)
+    if parallel is not None:
+        recipe.use_ranks(parallel)
+    return recipe
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,7 @@ class Trainer:
         self.state = LoopState(**loop)
         self.checkpoints.load_policy_state(client["checkpoint_policy"])
         rng = client["rng"]
+        self._continue_epoch(len(rng), client.get("batches_per_epoch"))
         set_rng_state(rng[self.ctx.rank] if self.ctx.rank < len(rng) else rng[0])
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.state.step, self.state.epoch,
                  self.state.batch_in_epoch)
@@ -188,11 +189,31 @@ class Trainer:
                 log.warning("the learning-rate schedule now follows the new settings from step %d (lr %g)",
                             self.state.step, self.strategy.scheduler.get_last_lr()[0])
 
+    def _continue_epoch(self, saved_world: int, saved_batches: int | None) -> None:
+        """Where in its epoch a resumed run goes on. At the saving world size: the next
+        batch. At another one (each rank then gets another share of the epoch's shards,
+        so no batch maps one to one): the same fraction of the epoch, rounded down to a
+        window boundary (a few samples seen again rather than skipped); past the end of
+        the epoch, the next one."""
+        st, n = self.state, self.batches_per_epoch
+        if saved_world != self.ctx.world_size and st.batch_in_epoch:
+            before = saved_batches or math.ceil(n * self.ctx.world_size / saved_world)
+            accum = self.cfg.train.grad_accum
+            at = (st.batch_in_epoch * n // max(before, 1)) // accum * accum
+            if self.ctx.is_main:
+                log.warning("resuming on %d rank(s) a run saved on %d: epoch %d goes on from batch %d of %d (batch "
+                            "%d of %d before); the order of samples follows the new world size",
+                            self.ctx.world_size, saved_world, st.epoch, at, n, st.batch_in_epoch, before)
+            st.batch_in_epoch = at
+        if st.batch_in_epoch >= n:
+            st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+
     def _client_state(self) -> dict[str, Any]:
         # The run's description makes a checkpoint self-describing: inference and
         # export rebuild the recipe model from the file alone.
         return {"loop": vars(self.state).copy(), "checkpoint_policy": self.checkpoints.policy_state(),
                 "rng": distributed.all_gather_objects(rng_state()), "total_steps": self.total_steps,
+                "batches_per_epoch": self.batches_per_epoch,
                 **run_description(resolved_config_dict(self.cfg), self.recipe.data_info.to_dict())}
 
     def save(self, metrics: dict[str, float] | None, periodic: bool = False) -> None:

@@ -98,12 +98,12 @@ class ShardedMarginHead(nn.Module):
         self.sample_rate, self.rank, self.world, self.group = float(sample_rate), rank, world, group
         self.lo, self.hi = shard_range(num_classes, rank, world)
         # the seed of the initial centres and of the negative samples: rank 0's, so the shards fit together
-        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device="cpu")  # on the host even under a meta build
         if world > 1:
             dist.broadcast(seed, src=_global_rank(group, 0), group=group)
-        self.register_buffer("sample_seed", seed.reshape(()))
+        self.register_buffer("sample_seed", seed.reshape(()).to(torch.empty(0).device))
         self.register_buffer("draws", torch.zeros((), dtype=torch.int64))
-        self.weight = nn.Parameter(_init_rows(self.lo, self.hi, num_classes, in_features, int(seed)))
+        self.weight = nn.Parameter(_init_rows(self.lo, self.hi, num_classes, in_features, int(seed.item())))
         self.weight.biomtl_row_shard = RowShard(num_classes, self.lo, rank, world, group)
 
     @property
@@ -153,22 +153,38 @@ class ShardedMarginHead(nn.Module):
         return _ShardedSoftmaxCE.apply(cos * self.s, local, valid, float(label_smoothing), self.group, self.world)
 
     # ------------------------------------------------------------------ nearest centres
+    def logits(self, emb: torch.Tensor) -> torch.Tensor:
+        """``s * cos`` to every centre, margin-free, as a replicated head's eval logits:
+        only in a world of one, where every centre is here (inference, one-process runs)."""
+        if self.world != 1:
+            raise RuntimeError("logits over every class need every centre: use topk() across ranks")
+        return _cosine(emb, self.weight) * self.s
+
     @torch.no_grad()
-    def topk(self, emb: torch.Tensor, k: int) -> torch.Tensor:
-        """``[B, k]`` global class ids of the nearest centres (``-1`` past ``num_classes``)."""
+    def topk(self, emb: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` nearest centres of each row over all ranks: ``[B, k]`` global class ids
+        (``-1`` past ``num_classes``) and their softmax probabilities over every class
+        (``s * cos``, margin-free, as :meth:`logits` would give)."""
         counts = _row_counts(emb.shape[0], self.group, self.world)
-        cos = _cosine(_gather_rows(emb.detach(), self.group, counts), self.weight)
+        logits = _cosine(_gather_rows(emb.detach(), self.group, counts), self.weight) * self.s
+        top = logits.max(dim=1).values
+        if self.world > 1:
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
+        sum_exp = (logits - top.unsqueeze(1)).exp().sum(dim=1)
         kk = min(k, self.num_local)
-        val, idx = cos.topk(kk, dim=1)
+        val, idx = logits.topk(kk, dim=1)
         if kk < k:  # pad so every rank sends the same shape
             val = F.pad(val, (0, k - kk), value=-math.inf)
             idx = F.pad(idx, (0, k - kk), value=-1 - self.lo)
         idx = idx + self.lo
         if self.world > 1:
+            dist.all_reduce(sum_exp, group=self.group)
             val = torch.cat(_all_gather_equal(val, self.group, self.world), dim=1)
             idx = torch.cat(_all_gather_equal(idx, self.group, self.world), dim=1)
-        best = val.topk(min(k, val.shape[1]), dim=1).indices
-        return idx.gather(1, best)[_my_rows(counts, self.group)]
+        best_val, best = val.topk(min(k, val.shape[1]), dim=1)
+        prob = (best_val - top.unsqueeze(1)).exp() / sum_exp.unsqueeze(1)
+        mine = _my_rows(counts, self.group)
+        return idx.gather(1, best)[mine], prob[mine]
 
 
 # ---------------------------------------------------------------------- helpers
@@ -191,6 +207,8 @@ def _init_rows(lo: int, hi: int, total: int, dim: int, seed: int) -> torch.Tenso
     heads' init), drawn block by block from ``seed``: the same whole matrix at any world size."""
     bound = math.sqrt(6.0 / (total + dim))
     out = torch.empty(hi - lo, dim)
+    if out.is_meta:  # a model built for its shapes only (torch.device("meta")): no values to draw
+        return out
     for block in range(lo // _INIT_BLOCK, (hi + _INIT_BLOCK - 1) // _INIT_BLOCK):
         start = block * _INIT_BLOCK
         rows = torch.empty(min(_INIT_BLOCK, total - start), dim)

@@ -22,7 +22,8 @@ from torch import nn
 
 from shards.manifest import DataInfo
 
-__all__ = ["ArtifactContext", "DataInfo", "EmbeddingModel", "EvalContext", "Metrics", "Recipe", "RecipeDataError",
+__all__ = ["ArtifactContext", "DataInfo", "EmbeddingModel", "EvalContext", "Metrics", "ParallelContext", "Recipe",
+           "RecipeDataError",
            "START_ONLY", "get_recipe", "has_attention_rollout", "recipe_names", "register", "start_file", "start_option",
            "without_start_files"]
 
@@ -69,6 +70,22 @@ def has_attention_rollout(model: Any) -> bool:
 class RecipeDataError(ValueError):
     """The recipe cannot train on these data (e.g. a modality it needs is missing).
     Raised from ``Recipe.__init__``; the trainer reports it as one line, exit 2."""
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """The training ranks, for a model part split across them (a sharded identity
+    head, :mod:`recipes.identity_head`): this rank, their number, the process group
+    (``None``: the default group). The trainer hands it over with
+    :meth:`Recipe.use_ranks` before ``build_model``; a recipe rebuilt to evaluate,
+    export or serve a model keeps the default, a world of one (every centre in one
+    process). ``training``: set by the trainer (a one-process run says once that a
+    sharded head is a plain one there)."""
+
+    rank: int = 0
+    world: int = 1
+    group: Any = None
+    training: bool = False
 
 
 class Metrics:
@@ -148,9 +165,18 @@ class Recipe:
     # ``recipe.params`` from YAML/overrides against it (types, unknown keys).
     Params: ClassVar[type]
 
+    # a world of one until the trainer says otherwise (use_ranks)
+    parallel: ParallelContext = ParallelContext()
+
     def __init__(self, params: Any, data_info: DataInfo):
         self.params = params
         self.data_info = data_info
+
+    def use_ranks(self, parallel: ParallelContext) -> None:
+        """The trainer's ranks, before ``build_model``. A recipe that cannot use them
+        (a sharded head with more ranks than identities) raises
+        :class:`RecipeDataError` with one line; the run then stops before it writes."""
+        self.parallel = parallel
 
     # --- data -------------------------------------------------------------
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
@@ -273,7 +299,7 @@ def get_recipe(name: str) -> type[Recipe]:
     return _REGISTRY[name]
 
 
-_HELPER_MODULES = {"base", "batch", "bin_verification", "history_plots", "image_input", "init_weights", "labels",
+_HELPER_MODULES = {"base", "batch", "bin_verification", "history_plots", "identity_head", "image_input", "init_weights", "labels",
                    "model_file", "verification", "verification_plots"}
 
 

@@ -41,10 +41,11 @@ from torchvision import transforms
 
 from models.augment import degradation_transforms
 from models.backbones import build_backbone
-from models.heads import build_identity_head
 from models.losses import SupConLoss, TwinAwareTripletLoss, masked_cross_entropy
 from models.pixels import PixelInput
-from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register, start_file, start_option
+from recipes.base import (ArtifactContext, DataInfo, Metrics, ParallelContext, Recipe, register, start_file,
+                          start_option)
+from recipes.identity_head import build_head, check_ranks, check_sharding, identity_outputs, top_identities
 from recipes.batch import label_column, move_batch, sample_keys, valid_mask
 from recipes.history_plots import plot_history
 from recipes.image_input import IMAGENET_MEAN, face_transforms, pick_rgb_image
@@ -85,6 +86,11 @@ class FaceComParams:
     identity_head: Literal["linear", "arcface", "cosface"] = "arcface"
     margin_s: float = 30.0
     margin_m: float | None = None             # None: 0.5 rad for ArcFace, 0.35 for CosFace
+    # partial_fc: the identity centres split across the training ranks, for identities that do
+    # not fit one GPU (Partial FC; recipes/identity_head.py); sample_rate < 1 then puts only the
+    # batch's own identities and that share of the other centres in each step's softmax.
+    identity_head_sharding: Literal["none", "partial_fc"] = "none"
+    sample_rate: float = 1.0
     label_smoothing: float = 0.0
     # A metric loss on the embedding beside the identity classifier (for verification of
     # identities never trained on); both are twin-aware (co-twins as hard negatives) and
@@ -124,6 +130,7 @@ class FaceComParams:
             raise ValueError("set either pretrained (timm hub) or weights_path (local file), not both")
         if self.init_from and (self.pretrained or self.weights_path):
             raise ValueError("init_from already sets every backbone weight: drop pretrained / weights_path")
+        check_sharding(self.identity_head_sharding, self.sample_rate, self.identity_head)
 
 
 def _flat_feature_size(backbone: nn.Module, img_size: int) -> int:
@@ -139,7 +146,8 @@ def _flat_feature_size(backbone: nn.Module, img_size: int) -> int:
 
 
 class FaceComModel(nn.Module):
-    def __init__(self, p: FaceComParams, num_identities: int, num_genders: int = 2):
+    def __init__(self, p: FaceComParams, num_identities: int, num_genders: int = 2,
+                 parallel: ParallelContext = ParallelContext()):
         super().__init__()
         self.alpha, self.beta, self.label_smoothing = p.alpha, p.beta, p.label_smoothing
         weights: bool | str = p.weights_path or p.pretrained
@@ -152,8 +160,8 @@ class FaceComModel(nn.Module):
         self.neck = nn.Sequential(nn.Dropout(p.dropout), nn.Linear(feat, p.embedding_dim),
                                   norm(p.embedding_dim) if norm else nn.Identity())
         self.gender_head = nn.Linear(p.embedding_dim, num_genders)
-        self.identity_head = build_identity_head(p.identity_head, p.embedding_dim, max(num_identities, 1),
-                                                 s=p.margin_s, m=p.margin_m)
+        self.identity_head = build_head(p.identity_head, p.identity_head_sharding, p.sample_rate, p.embedding_dim,
+                                        max(num_identities, 1), p.margin_s, p.margin_m, parallel)
         self.metric_weight = p.metric_weight
         self.metric = {"triplet": lambda: TwinAwareTripletLoss(p.triplet_margin),
                        "supcon": lambda: SupConLoss(p.supcon_temperature, twin_negative_weight=2.0),
@@ -167,12 +175,11 @@ class FaceComModel(nn.Module):
         identity = batch.get("identity")
         gender = batch.get("gender")
         gender_logits = self.gender_head(emb)
-        identity_logits = self.identity_head(emb, identity if self.training else None)
-        out: dict[str, Any] = {"gender_logits": gender_logits, "identity_logits": identity_logits,
-                               "embedding": emb}
+        l_i, identity_out = identity_outputs(self.identity_head, emb, identity, self.label_smoothing, self.training)
+        out: dict[str, Any] = {"gender_logits": gender_logits, **identity_out, "embedding": emb}
         zero = emb.float().sum() * 0.0
         l_g = masked_cross_entropy(gender_logits, gender, self.label_smoothing) if gender is not None else zero
-        l_i = masked_cross_entropy(identity_logits, identity, self.label_smoothing) if identity is not None else zero
+        l_i = zero if l_i is None else l_i
         out["terms"] = {"gender": l_g, "identity": l_i}
         out["loss"] = self.alpha * l_g + self.beta * l_i
         if self.metric is not None:
@@ -199,16 +206,14 @@ class FaceComMetrics(Metrics):
 
     def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
         g_logits = outputs["gender_logits"].detach().float().cpu()
-        i_logits = outputs["identity_logits"].detach().float().cpu()
+        top5 = top_identities(outputs, 5)[0].numpy()
         n = g_logits.shape[0]
         valid = valid_mask(batch, n)
         g_true, i_true = label_column(batch, "gender", n), label_column(batch, "identity", n)
-        k = min(5, i_logits.shape[1])
-        top5 = i_logits.topk(k, dim=1).indices.numpy()
         self.g_true.append(g_true[valid])
         self.g_pred.append(g_logits.argmax(1).numpy()[valid])
         self.i_true.append(i_true[valid])
-        self.i_pred.append(i_logits.argmax(1).numpy()[valid])
+        self.i_pred.append(top5[:, 0][valid])
         self.i_top5.append((top5 == i_true[:, None]).any(1)[valid])
 
     def state(self) -> dict[str, np.ndarray]:
@@ -308,8 +313,13 @@ class FaceComRecipe(Recipe):
                 "twin": torch.tensor(twin, dtype=torch.long)}
 
     # --- model
+    def use_ranks(self, parallel: ParallelContext) -> None:
+        check_ranks(self.params.identity_head_sharding, max(self.data_info.num_identities, 1), parallel)
+        super().use_ranks(parallel)
+
     def build_model(self) -> nn.Module:
-        model = FaceComModel(self.params, self.data_info.num_identities, max(2, len(self.gender_names)))
+        model = FaceComModel(self.params, self.data_info.num_identities, max(2, len(self.gender_names)),
+                             self.parallel)
         if self.params.init_from:
             load_init_weights(model, self.params.init_from, FACECOM_HEADS, self.name)
         return model
@@ -349,7 +359,7 @@ class FaceComRecipe(Recipe):
                     out = module(move_batch(batch, param.device, param.dtype))
                     metrics.update(out, batch)
                     g_conf, g_pred = out["gender_logits"].float().softmax(1).cpu().max(1)
-                    i_conf, i_pred = out["identity_logits"].float().softmax(1).cpu().max(1)
+                    i_pred, i_conf = (t[:, 0] for t in top_identities(out, 1))
                     n = g_pred.shape[0]
                     keys = sample_keys(batch, n)
                     for j in np.flatnonzero(valid_mask(batch, n)):

@@ -91,6 +91,10 @@ class Strategy(abc.ABC):
         return ".pt"
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """A consolidated fp32 state dict of the recipe module (every rank calls it)."""
-        return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                for k, v in self.module.state_dict().items()}
+        """A consolidated fp32 state dict of the recipe module (every rank calls it;
+        a row-sharded head is whole on rank 0)."""
+        from dist_train.row_shards import gathered_state
+
+        state = self.module.state_dict()
+        gathered_state(self.module, None, state, None)
+        return {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in state.items()}

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_train import row_shards
 from dist_train.checkpoint import safe_load
 from recipes.model_file import read_trainer_state, trainer_checkpoint
 from recipes.batch import move_batch
@@ -32,7 +33,9 @@ class DDPStrategy(Strategy):
         world = dist.get_world_size() if dist.is_initialized() else 1
         # A world of one skips the wrapper: nothing to synchronise.
         self.model: nn.Module = model
+        self._row_sharded = bool(row_shards.row_sharded(model))  # a sharded identity head (Partial FC)
         if world > 1:
+            row_shards.ddp_ignore(model)  # its rows are this rank's own: no averaging, no broadcast
             self.model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=options.find_unused_parameters)
@@ -60,7 +63,9 @@ class DDPStrategy(Strategy):
     def optimizer_step(self) -> StepStats:
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if self.grad_clip > 0:
+        if self._row_sharded:  # the norm adds every rank's rows once
+            norm = row_shards.clip_grad_norm(params, self.grad_clip)
+        elif self.grad_clip > 0:
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
         else:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
@@ -96,18 +101,23 @@ class DDPStrategy(Strategy):
         return batch
 
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
+        model_state, optimizer_state = self._module.state_dict(), self.optimizer.state_dict()
+        if self._row_sharded:  # every rank sends its rows; rank 0 writes the whole head
+            row_shards.gathered_state(self._module, self.optimizer, model_state, optimizer_state)
         if dist.is_initialized() and dist.get_rank() != 0:
             return
         from dist_train.checkpoint import atomic_save
 
-        atomic_save(trainer_checkpoint(self._module.state_dict(), self.optimizer.state_dict(),
+        atomic_save(trainer_checkpoint(model_state, optimizer_state,
                                        self.scheduler.state_dict(), self.scaler.state_dict(), self._skipped_steps,
                                        client_state), path)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         state = read_trainer_state(safe_load(path))  # FormatError (a ValueError): the trainer names the file
-        self._module.load_state_dict(state.model)
-        self.optimizer.load_state_dict(state.optimizer)
+        model_state, optimizer_state = row_shards.local_state(self._module, self.optimizer, state.model,
+                                                              state.optimizer)
+        self._module.load_state_dict(model_state)
+        self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(state.scheduler)
         if state.scaler:
             self.scaler.load_state_dict(state.scaler)

@@ -143,7 +143,11 @@ def test_topk_is_the_nearest_centres_and_the_weight_is_marked_rank_local():
     emb, weight, _ = _batch(6, 8, 30, seed=4)
     head = _head("arcface", weight).double()
     cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
-    assert torch.equal(head.topk(emb, 5), cos.topk(5, dim=1).indices)
+    ids, prob = head.topk(emb, 5)
+    assert torch.equal(ids, cos.topk(5, dim=1).indices)
+    ref_prob = (S * cos).softmax(1).topk(5, dim=1).values
+    assert torch.allclose(prob, ref_prob, rtol=1e3 * gamma(1, torch.float64), atol=0)
+    assert torch.allclose(head.logits(emb), S * cos, rtol=0, atol=1e3 * gamma(1, torch.float64) * S)
     assert row_shard_of(head.weight).total == 30 and row_shard_of(head.weight).offset == 0
 
 
@@ -168,10 +172,10 @@ def _two_rank_worker(rank: int, init: str, kind: str, rate: float, eps: float, o
         rows_here = head.sample(labels) if rate < 1 else None
         loss = head.loss(e, labels[mine], label_smoothing=eps)
         loss.backward()
-        top = head.topk(emb[mine], 3)
+        top, prob = head.topk(emb[mine], 3)
         gathered = [None, None]
         dist.all_gather_object(gathered, {"loss": float(loss), "emb_grad": e.grad, "w_grad": head.weight.grad,
-                                          "lo": head.lo, "top": top,
+                                          "lo": head.lo, "top": top, "prob": prob,
                                           "rows": None if rows_here is None else rows_here + head.lo})
         if rank == 0:
             out.update(emb=emb, weight=weight, labels=labels, ranks=gathered)
@@ -202,6 +206,8 @@ def test_two_ranks_equal_the_replicated_head_on_the_global_batch(tmp_path, kind,
     assert torch.allclose(torch.cat([r0["w_grad"], r1["w_grad"]]), w.grad, rtol=0, atol=tol)
     cos = F.normalize(emb, dim=1) @ F.normalize(weight, dim=1).T
     assert torch.equal(torch.cat([r0["top"], r1["top"]]), cos.topk(3, dim=1).indices)
+    ref_prob = (S * cos).softmax(1).topk(3, dim=1).values
+    assert torch.allclose(torch.cat([r0["prob"], r1["prob"]]), ref_prob, rtol=tol, atol=0)
 
 
 def test_two_ranks_sampled_keep_every_positive_of_the_global_batch(tmp_path):
