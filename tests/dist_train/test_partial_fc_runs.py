@@ -30,7 +30,7 @@ def _torchrun(tmp_path: Path, *extra: str, **overrides: object) -> subprocess.Co
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dist_train/main.py",
            "--config", str(CONFIG), *extra, *tiny_overrides(tmp_path, **{**SHARDED, **overrides})]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
