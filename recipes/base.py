@@ -148,6 +148,11 @@ class Recipe:
     # ``recipe.params`` from YAML/overrides against it (types, unknown keys).
     Params: ClassVar[type]
 
+    # Training forward passes (micro-batches) of the whole run: set by the trainer before
+    # build_model, for schedules that follow the run's progress (the photometric GRL).
+    # None where no run is being trained (inference, export, a model built alone).
+    train_forwards: int | None = None
+
     def __init__(self, params: Any, data_info: DataInfo):
         self.params = params
         self.data_info = data_info
