@@ -400,6 +400,18 @@ def test_a_batchs_triplets_are_exactly_the_csv_rows(tmp_path, batching):
 IDENTS_NEXT = {"p1": "p2", "p2": "p3", "p3": "p4", "p4": "p1"}
 
 
+def test_distill_refuses_csv_triplets_without_the_negatives_visible_image():
+    from recipes.base import RecipeDataError
+
+    info = DataInfo(identities=("p1", "p2"), twin_pairs=(), label_schemas={},
+                    modalities=("json", "thz.png", "thz_negative.png", "thz_target.png", "vis.png", "vis_target.png"))
+    cls = get_recipe("thz_distill")
+    params = build_dataclass(cls.Params, {k: v for k, v in TINY.items()})
+    with pytest.raises(RecipeDataError, match="lack vis_negative"):
+        cls(params, info)
+    cls(params, dataclasses.replace(info, modalities=info.modalities + ("vis_negative.png",)))
+
+
 # ----------------------------------------------------------------------------- metrics and report helpers
 
 def test_metrics_gather_quality_posture_and_verification():
