@@ -177,6 +177,16 @@ class Recipe:
         this module so every strategy (DDP, DeepSpeed) optimises them."""
         raise NotImplementedError
 
+    # --- features (``biomtl extract --feature-type``) ----------------------
+    def feature_types(self) -> tuple[str, ...]:
+        """The kinds of features this recipe's model gives (``biomtl extract
+        --feature-type``); the first is what ``model.embed`` returns."""
+        return ("embedding",)
+
+    def embed_as(self, model: nn.Module, images: torch.Tensor, feature_type: str) -> torch.Tensor:
+        """``[B, D]`` features of ``feature_type`` (one of :meth:`feature_types`)."""
+        return model.embed(images)
+
     def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]] | None:
         """Optional per-group options (e.g. a smaller LR for a pretrained backbone)."""
         return None
