@@ -381,6 +381,10 @@ class EarSource(Source):
                        help="ear: where identities come from: auto = the metadata's identities, else the "
                             "images' parent folders (default auto)")
 
+    def other_inputs(self, args: argparse.Namespace) -> list[Path]:
+        val = getattr(args, "val_input", None)
+        return [Path(val)] if val is not None else []
+
     def scan(self, input_path: Path | None, args: argparse.Namespace) -> Scan:
         buffer = float(getattr(args, "buffer", 0.1))
         if not (0.0 <= buffer <= 5.0):

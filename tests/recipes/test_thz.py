@@ -395,6 +395,8 @@ def test_a_batchs_triplets_are_exactly_the_csv_rows(tmp_path, batching):
         out = recipe.build_model().train()(batch)
         assert torch.isfinite(out["loss"]) and out["terms"]["supcon"].item() > 0
         assert ("distill_feature" in out["terms"]) == (name == "thz_distill")
+        # anchors -> their unconcealed positive: the reconstruction term is there, on the 8 anchors
+        assert "reconstruction" in out["terms"] and out["reconstruction"].shape == (8, 1, 32, 32)
 
 
 IDENTS_NEXT = {"p1": "p2", "p2": "p3", "p3": "p4", "p4": "p1"}

@@ -114,3 +114,9 @@ def test_the_originals_train_and_val_files_keep_their_split(tmp_path):
     with pytest.raises(InputError, match="--val-input"):
         create("ear", root, tmp_path / "out2", options=opts)          # a folder --input has no val file
     assert not (tmp_path / "out2").exists()
+    (tmp_path / "o3").mkdir()
+    shutil.copy(root / "val_teacher.npy", tmp_path / "o3" / "val_teacher.npy")
+    with pytest.raises(InputError, match="inside the output"):      # the val file is an input too
+        create("ear", root / "train_teacher.npy", tmp_path / "o3",
+               options=argparse.Namespace(val_input=tmp_path / "o3" / "val_teacher.npy"))
+    assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["val_teacher.npy"]
