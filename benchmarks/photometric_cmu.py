@@ -47,7 +47,6 @@ def overrides(args: argparse.Namespace) -> list[str]:
         "recipe.params.img_size": 64, "recipe.params.cbam_width": args.width,
         "recipe.params.cbam_blocks": "[1,1,1,1]", "recipe.params.embedding_dim": args.embedding,
         "recipe.params.nonid_dim": 128, "recipe.params.attributes": "[pose,emotion,spectacles]",
-        "recipe.params.grl_steps": args.steps,
         "recipe.params.crop_scale_min": 0.85,
         "train.precision": "fp32", "train.epochs": 1000, "train.max_steps": args.steps, "train.lr": args.lr,
         "train.val_every_steps": max(args.steps // 4, 1), "train.log_every_steps": 25,

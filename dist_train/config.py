@@ -268,7 +268,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # Keys earlier versions accepted: a user's config that still sets one gets one line
 # saying so (as for any unknown key); a config stored in an older checkpoint or
 # model.pt drops them (config_from_dict), since biomtl wrote it.
-REMOVED_KEYS = {"checkpoint.save_last": "it never changed anything: checkpoints/latest is always kept"}
+REMOVED_KEYS = {"checkpoint.save_last": "it never changed anything: checkpoints/latest is always kept",
+                "recipe.params.grl_steps": "the photometric GRL schedule now runs over the whole training run "
+                                           "(train.max_steps or train.epochs)"}
 
 
 def build_dataclass(cls: type, data: dict[str, Any], prefix: str = "",
@@ -615,9 +617,15 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
 def _without_removed_keys(tree: dict[str, Any]) -> dict[str, Any]:
     out = dict(tree)
     for dotted in REMOVED_KEYS:
-        section, key = dotted.split(".")
-        if isinstance(out.get(section), dict) and key in out[section]:
-            out[section] = {k: v for k, v in out[section].items() if k != key}
+        *sections, key = dotted.split(".")
+        node = out
+        for section in sections:  # copy the path down to the key, never the caller's dicts
+            if not isinstance(node.get(section), dict):
+                break
+            node[section] = dict(node[section])
+            node = node[section]
+        else:
+            node.pop(key, None)
     return out
 
 

@@ -232,14 +232,24 @@ class InferenceEngine:
 
     # --- embeddings ----------------------------------------------------------------------
     @torch.no_grad()
-    def embed_tensor(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` L2-normalised float32 embeddings of preprocessed images."""
-        e = self.model.embed(images.to(self.device)).float()
+    def embed_tensor(self, images: torch.Tensor, feature_type: str | None = None) -> torch.Tensor:
+        """``[B, D]`` L2-normalised float32 embeddings of preprocessed images (of the
+        recipe's ``feature_type``, one of :meth:`feature_types`; None: ``embed``)."""
+        images = images.to(self.device)
+        e = (self.model.embed(images) if feature_type is None
+             else self.recipe.embed_as(self.model, images, feature_type)).float()
         return torch.nn.functional.normalize(e, dim=1)
 
+    def feature_types(self) -> tuple[str, ...]:
+        """The feature kinds this model gives (the first: what ``embed`` returns)."""
+        return tuple(self.recipe.feature_types())
+
     def extract_features(self, items: Sequence[Any] | Any, batch_size: int | None = None,
-                         progress: bool = False) -> np.ndarray:
+                         progress: bool = False, feature_type: str | None = None) -> np.ndarray:
         """``[N, D]`` L2-normalised embeddings (cosine similarity = dot product)."""
+        if feature_type is not None and feature_type not in self.feature_types():
+            raise ValueError(f"--feature-type {feature_type}: recipe {self.recipe_name} gives "
+                             f"{'|'.join(self.feature_types())}")
         if not isinstance(items, (list, tuple)):
             items = [items]
         from dist_train.progress import progress_bar
@@ -248,7 +258,7 @@ class InferenceEngine:
         out = []
         with progress_bar(progress, "extracting features", math.ceil(len(items) / bs)) as advance:
             for batch in self._batches(items, bs):
-                out.append(self.embed_tensor(batch).cpu().numpy())
+                out.append(self.embed_tensor(batch, feature_type).cpu().numpy())
                 advance()
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

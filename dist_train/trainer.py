@@ -101,6 +101,14 @@ def strategy_options(cfg: Config, precision: Precision, world_size: int) -> Stra
                            channels_last=t.channels_last, world_size=world_size, deepspeed_json=ds_json)
 
 
+def run_forwards(total_steps: int, batches_per_epoch: int, accum: int) -> int:
+    """Micro-batches (training forward passes) in ``total_steps`` optimizer steps: an
+    epoch is ``ceil(batches_per_epoch / accum)`` steps whose last window may be shorter."""
+    steps_per_epoch = math.ceil(batches_per_epoch / accum)
+    epochs, rest = divmod(total_steps, steps_per_epoch)
+    return epochs * batches_per_epoch + min(rest * accum, batches_per_epoch)
+
+
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext, recipe: Recipe, data_dir: Path, run_dir: Path,
                  loaders: "LoaderFactory", after_step: Callable[[int, int], None] | None = None):
@@ -116,6 +124,7 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.precision = Precision(resolve_precision(cfg.train.precision, ctx.device), ctx.device.type)
+        recipe.train_forwards = run_forwards(self.total_steps, self.batches_per_epoch, accum)
         model = recipe.build_model()
         self.strategy: Strategy = build_strategy(
             cfg.train.strategy, model=model, device=ctx.device, make_optimizer=build_optimizer(cfg, recipe),

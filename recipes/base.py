@@ -167,6 +167,10 @@ class Recipe:
 
     # a world of one until the trainer says otherwise (use_ranks)
     parallel: ParallelContext = ParallelContext()
+    # Training forward passes (micro-batches) of the whole run: set by the trainer before
+    # build_model, for schedules that follow the run's progress (the photometric GRL).
+    # None where no run is being trained (inference, export, a model built alone).
+    train_forwards: int | None = None
 
     def __init__(self, params: Any, data_info: DataInfo):
         self.params = params
@@ -197,6 +201,16 @@ class Recipe:
         whatever the metrics need. Loss weights that are learned live inside
         this module so every strategy (DDP, DeepSpeed) optimises them."""
         raise NotImplementedError
+
+    # --- features (``biomtl extract --feature-type``) ----------------------
+    def feature_types(self) -> tuple[str, ...]:
+        """The kinds of features this recipe's model gives (``biomtl extract
+        --feature-type``); the first is what ``model.embed`` returns."""
+        return ("embedding",)
+
+    def embed_as(self, model: nn.Module, images: torch.Tensor, feature_type: str) -> torch.Tensor:
+        """``[B, D]`` features of ``feature_type`` (one of :meth:`feature_types`)."""
+        return model.embed(images)
 
     def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]] | None:
         """Optional per-group options (e.g. a smaller LR for a pretrained backbone)."""

@@ -201,6 +201,17 @@ class DCALTwinsRecipe(Recipe):
                          "loaded last block", self.params.init_from)
         return model
 
+    def feature_types(self) -> tuple[str, ...]:
+        """``combined`` (what ``embed`` gives: the SA and GLCA class tokens, each
+        L2-normalised, concatenated; the original's ``--feature_type combined``), ``sa``,
+        ``glca`` (with GLCA)."""
+        return ("combined", "sa", "glca") if self.params.use_glca else ("combined", "sa")
+
+    def embed_as(self, model: nn.Module, images: torch.Tensor, feature_type: str) -> torch.Tensor:
+        if feature_type == "combined":
+            return model.embed(images)
+        return model.branches(images)[feature_type].float()
+
     def param_groups(self, model: nn.Module, base_lr: float) -> list[dict[str, Any]] | None:
         model = getattr(model, "module", model)
         return model.param_groups(base_lr, self.params.backbone_lr_mult)

@@ -34,7 +34,10 @@ Model (:class:`EarTeacherModel` around :class:`models.ear.EarTeacherNet`)
 (``metric_loss: none`` drops the last term; with ``pseudo_labels: instance``
 the margin term on both views is the instance-discrimination loss). The reconstruction target is
 the normalised input. ``terms``: ``reconstruction``, ``simsiam``, ``metric``.
-``embed`` (inference, ``biomtl extract``) returns the projection.
+``embed`` (inference, ``biomtl extract``) returns the projection, or with
+``feature_type: features`` the backbone's pooled features (768-d for
+ConvNeXt-Tiny: what the original exports); ``biomtl extract --feature-type
+projection|features`` picks either from any ear model.
 
 Pseudo-labels (:meth:`EarTeacherRecipe.on_epoch_start`, :func:`assign_pseudo_labels`, :func:`instance_labels`)
 --------------------------------------------------------------------------------------------------------------
@@ -145,6 +148,9 @@ class EarTeacherParams:
     crop_jitter: float = 0.0                 # box scale and shift up to this fraction of its size, per view
     # --- evaluation
     collage_samples: int = 8
+    # --- inference: what embed() (biomtl extract / eval / verify) returns
+    feature_type: Literal["projection", "features"] = "projection"   # features: the backbone's pooled
+                                                                     # features (768-d for ConvNeXt-Tiny)
     val_max_pairs: int = 200_000
     pair_seed: int = 0
 
@@ -347,7 +353,17 @@ class EarTeacherModel(nn.Module):
         return torch.where(self.table_keys[pos] == hashes, self.table_labels[pos], torch.full_like(hashes, -1))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference features: the projection, or the backbone's pooled features
+        (``feature_type: features``, what the original exports)."""
+        return self.features(images) if self.p.feature_type == "features" else self.net.embed(images)
+
+    def projection(self, images: torch.Tensor) -> torch.Tensor:
+        """What the pseudo-label head and SimSiam train, whatever ``feature_type`` says."""
         return self.net.embed(images)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's pooled features (before the projector)."""
+        return self.net.encoder.forward_head(self.net.encoder.forward_features(images), pre_logits=True)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         p = self.p
@@ -457,6 +473,12 @@ class EarTeacherRecipe(Recipe):
     def build_model(self) -> nn.Module:
         return EarTeacherModel(self.params)
 
+    def feature_types(self) -> tuple[str, ...]:
+        return tuple(sorted(("projection", "features"), key=lambda t: t != self.params.feature_type))
+
+    def embed_as(self, model: nn.Module, images: torch.Tensor, feature_type: str) -> torch.Tensor:
+        return model.features(images) if feature_type == "features" else model.projection(images)
+
     # --- pseudo-labels
     @torch.no_grad()
     def on_epoch_start(self, model: nn.Module, epoch: int, ctx: ArtifactContext) -> None:
@@ -468,7 +490,7 @@ class EarTeacherRecipe(Recipe):
         for batch in ctx.loaders["train"]:
             n = batch["image"].shape[0]
             valid = valid_mask(batch, n)
-            z = model.embed(move_batch(batch, device)["image"]).float().cpu().numpy()
+            z = model.projection(move_batch(batch, device)["image"]).float().cpu().numpy()
             keys.append(label_column(batch, "key_hash", n)[valid])
             embs.append(z[valid])
             idents.append(label_column(batch, "identity", n)[valid])

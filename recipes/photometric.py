@@ -29,7 +29,9 @@ Separation Module splits identity / non-identity parts). The identity parts
 non-identity parts to one linear head per attribute with focal loss; with
 ``adversarial_weight > 0`` (and separation) adversarial attribute heads read the
 identity part through a gradient reversal layer (lambda schedule
-``2/(1+exp(-gamma p)) - 1``, ``p`` = training steps / ``grl_steps``), so the
+``2/(1+exp(-gamma p)) - 1``, ``p`` = the fraction of the run done: training
+forward passes / the run's (``train.max_steps`` or ``train.epochs``, told by the
+trainer as :attr:`recipes.base.Recipe.train_forwards`; ``grl_steps`` is gone)), so the
 identity part sheds attribute information. ``task_weighting: uncertainty``
 weights identity and attribute losses by learned log-variances
 (:class:`models.losses.DynamicLossWeights`); ``fixed`` uses ``task_weights``.
@@ -117,7 +119,6 @@ class PhotometricParams:
     attribute_class_weights: dict[str, list[float]] = field(default_factory=dict)
     adversarial_weight: float = 0.1          # GRL attribute heads on the identity part (needs separation)
     grl_gamma: float = 10.0
-    grl_steps: int = 1000                    # training steps over which lambda rises to 1
     # task weighting
     task_weighting: Literal["uncertainty", "fixed"] = "uncertainty"
     task_weights: dict[str, float] = field(default_factory=dict)   # fixed: {identity: 1, gender: 1, ...}
@@ -161,8 +162,6 @@ class PhotometricParams:
                 *self.identity_class_weights,
                 *(w for ws in self.attribute_class_weights.values() for w in ws)], default=0.0) < 0:
             raise ValueError("loss weights, class weights, focal gamma/alpha must be >= 0")
-        if self.grl_steps < 1:
-            raise ValueError("grl_steps must be >= 1")
         for name, p in (("p_crop", self.p_crop), ("p_noise", self.p_noise)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
@@ -195,7 +194,7 @@ class PhotometricModel(nn.Module):
     parts), ``identity_logits`` (``s * cos``, no margin), ``<attribute>_logits``."""
 
     def __init__(self, p: PhotometricParams, inputs: Sequence[tuple[str, int]], num_identities: int,
-                 attributes: Sequence[tuple[str, int]]):
+                 attributes: Sequence[tuple[str, int]], train_forwards: int | None = None):
         super().__init__()
         self.inputs = [k for k, _ in inputs]
         self.attributes = [a for a, _ in attributes]
@@ -217,7 +216,9 @@ class PhotometricModel(nn.Module):
                                       alpha=p.focal_alpha)
         self.adv_weight = p.adversarial_weight if p.separation and attributes else 0.0
         if self.adv_weight > 0:
-            self.grl = GradientReversal(p.grl_steps, p.grl_gamma)
+            # lambda follows the fraction of the run done; a model built outside a run
+            # (inference, tests) has no run: full strength from the first forward
+            self.grl = GradientReversal(train_forwards or 1, p.grl_gamma)
             self.adv_heads = nn.ModuleDict({a: nn.Linear(emb_dim, c) for a, c in attributes})
         names = ["identity", *self.attributes]
         self.task_weighting = DynamicLossWeights(names) if p.task_weighting == "uncertainty" else None
@@ -470,7 +471,7 @@ class _PhotometricBase(Recipe):
     def build_model(self) -> nn.Module:
         inputs = [(self.input_key(k), MAP_CHANNELS[k]) for k in self.input_kinds()]
         return PhotometricModel(self.params, inputs, self.data_info.num_identities,
-                                [(a, c) for a, _, c in self.tasks])
+                                [(a, c) for a, _, c in self.tasks], self.train_forwards)
 
     def new_metrics(self) -> Metrics:
         return PhotometricMetrics([a for a, _, _ in self.tasks], self.params.verification,

@@ -17,12 +17,21 @@ A sample without ``thz.*`` falls back to the first image of
 that :class:`dist_train.inference.InferenceEngine` hands over); one without a
 target is embedded and classified, not reconstructed.
 
-Positives and negatives are not stored in a sample: with ``data.batching:
-triplet`` (the configs' choice) every training row arrives with a positive (same
-identity) and a negative (another identity, the co-twin when there is one) as
-``pos_*`` / ``neg_*`` fields (:mod:`shards.batching`). The model runs on the
-``3B`` images (anchors, positives, negatives) and SupCon sees each anchor's
-positive in the batch; ``stream`` and ``pk`` batching work too (SupCon then
+Real THz data (``--format thz``) is one sample per CSV row and carries the row's
+own triplet, as the original trains it: ``thz_negative.<ext>`` (+
+``vis_negative.<ext>``) and ``json`` ``target_posture``, ``negative_identity``,
+``negative_posture``. In training :meth:`ThzMtlRecipe.csv_triplet` turns it into
+``pos_*`` / ``neg_*`` fields: the positive is the row's unconcealed image of the
+anchor's person (the reconstruction target), the negative the row's other
+person; every batching (``stream``, ``pk``, ``triplet``: the batcher keeps a
+sample's own triplet, :mod:`shards.batching`) then trains exactly the CSV's
+triplets, and the reconstruction loss is taken on the anchors only (the
+original's concealed -> unconcealed task). Synthetic samples carry no triplet:
+with ``data.batching: triplet`` (the configs' choice) every training row arrives
+with a positive (same identity) and a negative (another identity, the co-twin
+when there is one) drawn by the batcher. The model runs on the ``3B`` images
+(anchors, positives, negatives) and SupCon sees each anchor's positive in the
+batch; ``stream`` and ``pk`` batching of synthetic data work too (SupCon then
 uses whatever same-identity rows a batch holds).
 
 ``transform`` -> ``{"image" [C, S, S] in [0, 1] (the THz input), "target" (same
@@ -63,7 +72,9 @@ samples each time). After training (:meth:`ThzMtlRecipe.write_artifacts`) and fo
 """
 from __future__ import annotations
 
+import functools
 import logging
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Sequence
 
@@ -175,14 +186,18 @@ class ThzMtlParams:
 # ----------------------------------------------------------------------------- batches
 
 def triplet_rows(batch: Mapping[str, Any], keys: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], int]:
-    """``{key: anchors ++ positives ++ negatives}`` for the ``keys`` present (a triplet
-    batch), or the anchors alone; and the number of anchor rows."""
+    """``{key: anchors ++ positives ++ negatives}`` for the ``keys`` every role has (a
+    triplet batch), the anchors' alone for a key only they have (a CSV triplet's
+    ``target``: the anchor's reconstruction target), or the anchors alone; and the
+    number of anchor rows."""
     roles = TRIPLET_ROLES if "pos_image" in batch else ("",)
     rows = {}
     for k in keys:
         parts = [batch[r + k] for r in roles if r + k in batch]
         if len(parts) == len(roles):
             rows[k] = torch.cat(parts) if len(parts) > 1 else parts[0]
+        elif k in batch:
+            rows[k] = batch[k]
     return rows, int(batch["image"].shape[0])
 
 
@@ -197,7 +212,8 @@ def task_losses(out: Mapping[str, torch.Tensor], rows: Mapping[str, torch.Tensor
                          if "posture" in rows else zero)}
     total = w.verification * terms["supcon"] + w.classification * terms["posture"]
     if "reconstruction" in out and "target" in rows:
-        r, parts = recon(out["reconstruction"], rows["target"])
+        # the first rows: all of them, or the anchors when only they have a target (CSV triplets)
+        r, parts = recon(out["reconstruction"][:rows["target"].shape[0]], rows["target"])
         terms["reconstruction"] = r
         terms.update(parts)
         total = total + w.reconstruction * r
@@ -387,15 +403,60 @@ class ThzMtlRecipe(Recipe):
             elif train:  # training needs it; evaluation and inference never do
                 raise KeyError(f"sample {sample.get('__key__')!r} has no {base}.<ext> image "
                                f"(training this recipe needs it; has {sorted(sample)})")
+        own_triplet = train and pick_image(sample, "thz_negative") is not None and "target" in images
+        if own_triplet:  # the positive's visible images share the anchor pair's geometry
+            images.update({f"pos_{k}": image_tensor(self._member(sample, "vis_target"), p.img_size, chans)
+                           for k, (_, chans) in self.extra_images.items()})
         if train and self.augment is not None:
             images = self.augment(images, inputs=("image",))
         meta = sample.get("json") or {}
         identity = class_label(meta, "identity", 0, check=False)  # SupCon's: no classifier to fit
         twin = self.data_info.co_twin(identity, meta.get("twin"))
-        return {**images, "identity": torch.tensor(identity, dtype=torch.long),
-                "posture": torch.tensor(class_label(meta, "posture", NUM_POSTURES, check=train), dtype=torch.long),
-                "concealed": torch.tensor(class_label(meta, "concealed", 0, check=False), dtype=torch.long),
-                "twin": torch.tensor(twin, dtype=torch.long)}
+        out = {**images, "identity": torch.tensor(identity, dtype=torch.long),
+               "posture": torch.tensor(class_label(meta, "posture", NUM_POSTURES, check=train), dtype=torch.long),
+               "concealed": torch.tensor(class_label(meta, "concealed", 0, check=False), dtype=torch.long),
+               "twin": torch.tensor(twin, dtype=torch.long)}
+        if own_triplet:
+            out.update(self.csv_triplet(sample, out, meta))
+        return out
+
+    @staticmethod
+    def _member(sample: Mapping[str, Any], base: str):
+        img = pick_image(sample, base)
+        if img is None:
+            raise KeyError(f"sample {sample.get('__key__')!r} has no {base}.<ext> image "
+                           f"(training this recipe on CSV triplets needs it; has {sorted(sample)})")
+        return img
+
+    def negative_label(self, name: Any) -> int:
+        """The identity index of a CSV negative's person; one with no anchor row of its
+        own (not among the manifest's identities) gets a label of its own above them."""
+        names = self.data_info.identities
+        if name in names:
+            return names.index(name)
+        return len(names) + 1 + zlib.crc32(str(name).encode()) % (1 << 30)
+
+    def csv_triplet(self, sample: Mapping[str, Any], anchor: Mapping[str, torch.Tensor],
+                    meta: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """A THz CSV row's own triplet (training), as ``pos_*`` / ``neg_*`` fields: the
+        positive is the row's unconcealed image of the anchor's person (the anchor's
+        reconstruction target, uncorrupted), the negative the row's other person
+        (augmented apart, as an input)."""
+        p = self.params
+        neg = {"image": image_tensor(self._member(sample, "thz_negative"), p.img_size, p.in_chans)}
+        neg.update({k: image_tensor(self._member(sample, "vis_negative"), p.img_size, chans)
+                    for k, (_, chans) in self.extra_images.items()})
+        if self.augment is not None:
+            neg = self.augment(neg, inputs=("image",))
+        long = functools.partial(torch.tensor, dtype=torch.long)
+        out = {"pos_image": anchor["target"], "pos_identity": anchor["identity"],
+               "pos_posture": long(class_label(meta, "target_posture", NUM_POSTURES, check=True)),
+               "pos_concealed": long(0), "pos_twin": anchor["twin"],
+               "neg_identity": long(self.negative_label(meta.get("negative_identity"))),
+               "neg_posture": long(class_label(meta, "negative_posture", NUM_POSTURES, check=True)),
+               "neg_concealed": long(-1), "neg_twin": long(-1)}
+        out.update({f"neg_{k}": v for k, v in neg.items()})
+        return out
 
     # --- model
     def build_model(self) -> nn.Module:

@@ -194,6 +194,11 @@ class ThzDistillRecipe(ThzMtlRecipe):
             raise RecipeDataError(f"thz_distill: the teacher needs {params.teacher_visible}.<ext> images, the data has "
                              f"{', '.join(sorted(data_info.modalities))} (synthetic: add "
                              f"{params.teacher_visible} to data.synthetic.modalities)")
+        needed = [v for v in ("vis_target", "vis_negative") if "thz_negative" in stems and v not in stems]
+        if needed:  # CSV triplets: the teacher sees the positive's and the negative's visible images too
+            raise RecipeDataError(f"thz_distill: the CSV triplets of this data lack {', '.join(needed)}.<ext> "
+                                  "(the CSVs' visible_unconcealed / visible_negative columns); the teacher needs "
+                                  "the visible image of every triplet role")
 
     def build_model(self) -> nn.Module:
         return ThzDistillModel(self.params, self.data_info.twin_pairs, self.data_info.num_identities)

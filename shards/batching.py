@@ -58,7 +58,10 @@ transform returning ``{"image", "identity"}`` gives ``image``, ``identity``,
 ``pos_image``, ``pos_identity``, ``neg_image``, ``neg_identity``), plus
 ``neg_is_co_twin`` (bool tensor: the negative is the anchor's co-twin; named apart
 from ``neg_twin``, the negative's own field when the transform returns ``twin``) and the
-sample keys ``__key__``, ``__pos_key__``, ``__neg_key__`` (lists of str).
+sample keys ``__key__``, ``__pos_key__``, ``__neg_key__`` (lists of str). A
+sample whose transform returns ``pos_*`` / ``neg_*`` fields itself carries its
+own triplet (a THz CSV row): its row is the transform's output as it is, and no
+positive or negative is drawn for it.
 
 Corrupt data: a sample that cannot be read, decoded or transformed is
 counted (``loader.corrupt_count()``, with the samples the index found
@@ -440,6 +443,11 @@ class _Plan:
         return triplet_plan(self.groups, anchors, self.index.identity, self.twin_prob, rng)
 
 
+# A transform output with keys of these prefixes is a whole triplet (e.g. a THz CSV row:
+# anchor, its own positive and negative): triplet batching keeps it as it is.
+OWN_TRIPLET = ("pos_", "neg_")
+
+
 class _IndexedStream(IterableDataset):
     def __init__(self, plan: _Plan, transform: Callable[..., dict]):
         super().__init__()
@@ -514,8 +522,13 @@ class _IndexedStream(IterableDataset):
                 out, _ = self._robust(reader, i, derive_seed("triplet-aug", p.seed, p.epoch, g, t, role),
                                       tracker, bad)
                 parts.append(out)
+                if role == "a" and out is not None and any(k.startswith(OWN_TRIPLET) for k in out):
+                    break  # the sample is its own triplet: the drawn positive and negative are not read
             if any(x is None for x in parts):
                 rows.append(None)
+                continue
+            if len(parts) == 1:
+                rows.append(parts[0])
                 continue
             a_out, p_out, n_out = parts
             row = {k: v for k, v in a_out.items()}

@@ -475,7 +475,8 @@ def create(fmt: str, input_path: str | os.PathLike | None, output: str | os.Path
         raise InputError(f"--input is required for --format {fmt}")
     if inp is not None and not inp.exists():
         raise InputError(f"--input: {inp} does not exist")
-    _check_input_output(inp, out)  # first: "--overwrite" must not be the hint when the output is the input
+    for given in [inp, *source.other_inputs(opts)]:  # first: "--overwrite" must not be the hint then
+        _check_input_output(given, out)
     _check_output(out, overwrite)
 
     scan: Scan = source.scan(inp, opts)

@@ -1,6 +1,7 @@
 """``biomtl extract``: embeddings of a folder of images.
 
     biomtl extract --checkpoint C --images DIR --output features.npz [--similarity-matrix] [--plot pca|tsne]
+                   [--feature-type T]
 
 Images are found recursively (png, jpg, jpeg, pgm, ppm, bmp, tif, webp) in sorted
 order; an image's label is its first folder below ``DIR`` (the identity folder,
@@ -10,6 +11,15 @@ dot product), ``paths`` (relative to ``DIR``), ``labels`` and, with
 ``--similarity-matrix``, ``similarity`` ``[N, N]``. ``--plot`` writes a 2-D
 PCA or t-SNE map coloured by identity folder to ``--plot-output`` (default:
 ``<output stem>_<method>.png``).
+
+``--feature-type`` picks what is extracted where a recipe gives several kinds
+(``Recipe.feature_types``; the first is the default, what ``embed`` gives):
+``dcal_twins`` ``combined|sa|glca`` (the original's ``--feature_type
+combined``: both class tokens), ``ear_teacher`` ``projection|features`` (the
+backbone's pooled features: 768-d for ConvNeXt-Tiny, what the original
+exports; the model's ``feature_type`` param is the default), every other recipe
+``embedding``; another value is one line naming the choices, exit 2. The npz
+records it as ``feature_type``.
 """
 from __future__ import annotations
 
@@ -32,6 +42,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--similarity-matrix", action="store_true", help="also store the N x N cosine similarities")
     ap.add_argument("--plot", choices=["pca", "tsne"], default=None, help="2-D map coloured by identity folder")
     ap.add_argument("--plot-output", default=None, help="PNG of the map (default: <output stem>_<method>.png)")
+    ap.add_argument("--feature-type", default=None,
+                    help="which features where the recipe gives several: dcal_twins combined|sa|glca, "
+                         "ear_teacher projection|features, others embedding (default: the recipe's first)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     ap.add_argument("--no-progress", action="store_true")
@@ -69,18 +82,23 @@ def run(argv: list[str] | None = None, prog: str = "biomtl extract") -> int:
     except CheckpointError as exc:
         return fail(str(exc))
     print(engine.describe(), file=sys.stderr)
+    kinds = engine.feature_types()
+    kind = args.feature_type or kinds[0]
+    if kind not in kinds:
+        return fail(f"--feature-type {kind}: recipe {engine.recipe_name} gives {'|'.join(kinds)}")
     try:
-        feats = engine.extract_features(paths, progress=not args.no_progress)
+        feats = engine.extract_features(paths, progress=not args.no_progress, feature_type=kind)
     except (OSError, ValueError) as exc:
         return fail(str(exc).splitlines()[0])
     rel = [str(p.relative_to(root)) for p in paths]
     labels = [Path(r).parts[0] if len(Path(r).parts) > 1 else "" for r in rel]
-    arrays = {"features": feats.astype(np.float32), "paths": np.array(rel), "labels": np.array(labels)}
+    arrays = {"features": feats.astype(np.float32), "paths": np.array(rel), "labels": np.array(labels),
+              "feature_type": np.array(kind)}
     if args.similarity_matrix:
         arrays["similarity"] = (feats @ feats.T).astype(np.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, **arrays)
-    print(f"wrote {out}: {feats.shape[0]} images x {feats.shape[1]} features"
+    print(f"wrote {out}: {feats.shape[0]} images x {feats.shape[1]} {kind} features"
           + (" + similarity matrix" if args.similarity_matrix else ""))
     if args.plot:
         if len(paths) < 3:

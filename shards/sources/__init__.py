@@ -210,6 +210,11 @@ class Source:
         """Find the samples; the returned Scan's ``loader`` reads one of them."""
         raise NotImplementedError
 
+    def other_inputs(self, args: argparse.Namespace) -> list[Path]:
+        """Inputs besides ``--input`` named by this source's options (e.g. ear's
+        ``--val-input``): the output may not be, be inside, or hold one either."""
+        return []
+
 
 def get_source(name: str) -> Source:
     if name not in SOURCES:

@@ -18,6 +18,9 @@ or a folder with one sub-folder of images per subject and no boxes (the AMI Ear 
     --root DIR         what the image paths are relative to (default: META's folder)
     --buffer 0.1       grow each box by this fraction of its width/height on every side
     --identity auto|parent|none   where identities come from (see below)
+    --val-input META2  a second metadata file (same formats) whose images are the ``val``
+                       split, --input's the ``train`` split (the original's
+                       ``train_teacher.npy`` / ``val_teacher.npy``); ``--splits`` is then not used
 
 Record field aliases: image path ``image_path``/``path``/``image``/``file``;
 box ``bbox``/``box``; identity ``identity``/``label``. A record without an
@@ -370,58 +373,88 @@ class EarSource(Source):
         g.add_argument("--root", type=Path, help="ear: folder the image paths are relative to (default: "
                                                  "the metadata file's folder)")
         g.add_argument("--buffer", type=float, default=0.1, help="ear: box growth per side (default 0.1 = 10%%)")
+        g.add_argument("--val-input", type=Path, default=None,
+                       help="ear: a second metadata file whose images are the val split (the original's "
+                            "train_teacher.npy + val_teacher.npy); --input is then the train split and "
+                            "--splits is not used")
         g.add_argument("--identity", choices=["auto", "parent", "none"], default="auto",
                        help="ear: where identities come from: auto = the metadata's identities, else the "
                             "images' parent folders (default auto)")
+
+    def other_inputs(self, args: argparse.Namespace) -> list[Path]:
+        val = getattr(args, "val_input", None)
+        return [Path(val)] if val is not None else []
 
     def scan(self, input_path: Path | None, args: argparse.Namespace) -> Scan:
         buffer = float(getattr(args, "buffer", 0.1))
         if not (0.0 <= buffer <= 5.0):
             raise InputError(f"--buffer: must be in [0, 5], got {buffer}")
+        val_input = getattr(args, "val_input", None)
         if input_path is not None and input_path.is_dir():
+            if val_input is not None:
+                raise InputError("--val-input is for a metadata --input (train_teacher.npy + val_teacher.npy); "
+                                 "a folder --input is split by --splits")
             return self._scan_subject_folders(input_path, args, buffer)
-        meta_path = require_file(input_path, "--input")
-        root = require_dir(getattr(args, "root", None) or meta_path.parent, "--root")
-        entries, ids_given, faults, meta_format = read_metadata(meta_path)
-        if not entries:
-            raise InputError(f"--input {meta_path}: no images" + (f" (first fault: {faults[0]})" if faults else ""))
-        scan = Scan(items=[], faults=faults)
+        scan = Scan(items=[], faults=[])
+        parts = [("train", input_path, "--input")] + ([("val", Path(val_input), "--val-input")] if val_input else [])
+        read = []  # (split, metadata file, root, entries)
+        ids_given, parents = [], set()
+        for split, path, flag in parts:
+            meta_path = require_file(path, flag)
+            root = require_dir(getattr(args, "root", None) or meta_path.parent, "--root")
+            entries, given, faults, meta_format = read_metadata(meta_path)
+            scan.faults += faults
+            if not entries:
+                raise InputError(f"{flag} {meta_path}: no images" + (f" (first fault: {faults[0]})" if faults else ""))
+            read.append((split, meta_path, root, entries))
+            ids_given.append(given)
+            parents |= {PurePosixPath(_text(e.path).replace("\\", "/")).parent.as_posix() for e in entries
+                        if e.path is not None}
         mode = getattr(args, "identity", "auto")
-        parents = {PurePosixPath(_text(e.path).replace("\\", "/")).parent.as_posix() for e in entries
-                   if e.path is not None}
-        if mode == "auto":
-            mode = "given" if ids_given else ("parent" if len(parents) > 1 else "none")
-        good = []
+        if mode == "auto":  # one rule for both files
+            mode = "given" if any(ids_given) else ("parent" if len(parents) > 1 else "none")
+        keys = KeyMaker()
+        for split, meta_path, root, entries in read:
+            items = self._items(meta_path, root, entries, mode, keys, scan.faults)
+            scan.items += items
+            if val_input:  # the original's separate train / val files keep their split
+                scan.splits.update({it.key: split for it in items})
+        ext = choose_image_ext([it.payload["path"] for it in scan.items])
+        roots = sorted({str(r) for _, _, r, _ in read})
+        scan.notes = {"buffer": buffer, "identity": mode, "root": roots[0] if len(roots) == 1 else roots,
+                      "image_ext": ext, "metadata_format": meta_format,
+                      "splits_from": "--input / --val-input" if val_input else "drawn"}
+        scan.loader = EarLoader(ext, buffer)
+        return scan
+
+    @staticmethod
+    def _items(meta_path: Path, root: Path, entries: list, mode: str, keys: KeyMaker,
+               faults: list[Fault]) -> list[Item]:
+        """The items of one metadata file's entries (faults appended)."""
+        items = []
         for e in entries:
             if e.path is None:
-                scan.faults.append(Fault("bad metadata row", e.where, f"no image path ({'/'.join(IMAGE_KEYS)})"))
-            elif mode == "given" and e.identity is None:
-                scan.faults.append(Fault("bad metadata row", e.where, "no identity (others have one)"))
-            else:
-                good.append(e)
-        keys = KeyMaker()
-        for e in good:
+                faults.append(Fault("bad metadata row", e.where, f"no image path ({'/'.join(IMAGE_KEYS)})"))
+                continue
+            if mode == "given" and e.identity is None:
+                faults.append(Fault("bad metadata row", e.where, "no identity (others have one)"))
+                continue
             sp = _text(e.path).replace("\\", "/")
             b = parse_box(e.box)
             if len(b) != 4 or not all(math.isfinite(v) for v in b) or not (b[0] < b[2] and b[1] < b[3]):
-                scan.faults.append(Fault("bad box", e.where, f"expected [x1, y1, x2, y2] with x1<x2, y1<y2, got "
-                                                             f"{_show(e.box)}"[:200]))
+                faults.append(Fault("bad box", e.where, f"expected [x1, y1, x2, y2] with x1<x2, y1<y2, got "
+                                                        f"{_show(e.box)}"[:200]))
                 continue
             pp = PurePosixPath(sp)
             full = Path(sp) if pp.is_absolute() else root / sp
             inside_input(full, root, e.where)
             ident = (_text(e.identity) if mode == "given" else pp.parent.name or None if mode == "parent" else None)
             key = keys(pp.with_suffix("").as_posix().replace("/", "_"))
-            scan.items.append(Item(key=key, identity=ident, meta={"path": sp},
-                                   payload={"path": str(full), "bbox": b}, origin=sp))
-        if not scan.items:
-            raise InputError(f"--input {meta_path}: no usable entries"
-                             + (f" (first fault: {scan.faults[0]})" if scan.faults else ""))
-        ext = choose_image_ext([it.payload["path"] for it in scan.items])
-        scan.notes = {"buffer": buffer, "identity": mode, "root": str(root), "image_ext": ext,
-                      "metadata_format": meta_format}
-        scan.loader = EarLoader(ext, buffer)
-        return scan
+            items.append(Item(key=key, identity=ident, meta={"path": sp},
+                              payload={"path": str(full), "bbox": b}, origin=sp))
+        if not items:
+            raise InputError(f"{meta_path}: no usable entries" + (f" (first fault: {faults[0]})" if faults else ""))
+        return items
 
     def _scan_subject_folders(self, root: Path, args: argparse.Namespace, buffer: float) -> Scan:
         """ROOT/<subject>/*.jpg without boxes: the ``folder`` source's scan, whole-image boxes."""

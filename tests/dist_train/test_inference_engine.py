@@ -268,6 +268,34 @@ def test_extract_command(trained, tmp_path, capsys):
         assert im.format == "PNG" and im.size[0] > 400
 
 
+def test_extract_feature_types_of_dcal(trained, tmp_path, capsys):
+    """The original's ``--feature_type combined`` and each class token alone; another
+    value is one line naming the choices, exit 2, nothing written."""
+    run, _, images = trained
+    feats = {}
+    for kind in ("sa", "glca", "combined"):
+        out = tmp_path / f"{kind}.npz"
+        proc = _cli_here(capsys, "extract", "--checkpoint", str(run), "--images", str(images), "--output", str(out),
+                         "--feature-type", kind, "--no-progress")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        z = np.load(out)
+        feats[kind] = z["features"]
+        assert str(z["feature_type"]) == kind
+    assert feats["sa"].shape == feats["glca"].shape == (6, 192) and feats["combined"].shape == (6, 384)
+    # combined = [n(sa), n(glca)] / sqrt(2), renormalised: the halves differ from the tokens alone by the
+    # two normalisations' rounding (tests/tolerance.py)
+    atol = 2 * ops_rtol(2 * (384 + 2))
+    assert np.allclose(feats["combined"][:, :192] * np.sqrt(2), feats["sa"], rtol=0, atol=atol)
+    assert np.allclose(feats["combined"][:, 192:] * np.sqrt(2), feats["glca"], rtol=0, atol=atol)
+    assert not np.allclose(feats["sa"], feats["glca"], rtol=0, atol=100 * atol)
+    out = tmp_path / "bad.npz"
+    proc = _cli_here(capsys, "extract", "--checkpoint", str(run), "--images", str(images), "--output", str(out),
+                     "--feature-type", "features", "--no-progress")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[-1] == "error: --feature-type features: recipe dcal_twins gives " \
+                                                "combined|sa|glca" and not out.exists()
+
+
 def test_command_errors_are_one_line_exit_2(trained, tmp_path, capsys):
     run, _, images = trained
     img = str(_imgs(images)[0])

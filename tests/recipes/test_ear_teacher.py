@@ -156,6 +156,51 @@ def test_on_epoch_start_assigns_labels_from_an_embedding_pass_and_reinitialises_
     assert torch.equal(again.pseudo_labels(torch.arange(12) * 7 + 1), labels)
 
 
+def test_feature_type_picks_the_backbone_features_or_the_projection(tmp_path):
+    """The original exports the backbone's pooled features (768-d for ConvNeXt-Tiny); the
+    pseudo-labels are always made from the projection, whatever ``feature_type`` says."""
+    from tests.conftest import artifact_context
+
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 32, 32)
+    proj = EarTeacherRecipe(tiny_params(), NO_DATA)
+    feat = EarTeacherRecipe(tiny_params(feature_type="features"), NO_DATA)
+    a, b = proj.build_model().eval(), feat.build_model().eval()
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        pooled = a.net(images, reconstruct=False)["features"]
+        assert a.embed(images).shape == (4, 16) and torch.equal(b.embed(images), pooled) and pooled.shape == (4, 64)
+        assert torch.equal(b.projection(images), a.embed(images))
+        assert torch.equal(feat.embed_as(b, images, "projection"), a.embed(images))
+        assert torch.equal(proj.embed_as(a, images, "features"), pooled)
+    assert proj.feature_types() == ("projection", "features") and feat.feature_types() == ("features", "projection")
+    batches = [{"image": images, "key_hash": torch.arange(4) + 1}]
+    feat.on_epoch_start(b, 0, artifact_context(tmp_path, {"train": batches}))
+    assert b.table_keys.numel() == 4 and b.head.weight.shape[1] == 16   # labels and head on the projection
+    from dist_train.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="feature_type"):
+        load_config(CONFIG, ["recipe.params.feature_type=pooled"])
+
+
+def test_the_default_config_is_the_setting_that_learns_on_ami_and_seed_is_the_originals():
+    from dist_train.config import load_config, recipe_params
+
+    p = recipe_params(load_config(CONFIG, []))
+    assert (p.pseudo_labels, p.metric_loss, p.scale, p.margin, p.reconstruction_weight) == \
+        ("instance", "arcface", 10.0, 0.0, 0.1)
+    assert p.rotation > 0 and p.brightness > 0 and p.feature_type == "projection"
+    seed = recipe_params(load_config(REPO / "configs" / "ear_teacher" / "seed.yaml", []))
+    assert (seed.pseudo_labels, seed.num_pseudo_classes, seed.metric_loss, seed.scale, seed.margin) == \
+        ("kmeans", 512, "arcface", 64.0, 0.5)
+    assert (seed.reconstruction_weight, seed.metric_weight, seed.simsiam_weight) == (1.0, 0.1, 0.0)
+    assert (seed.backbone, seed.img_size, seed.collage_samples, seed.feature_type) == \
+        ("convnext_tiny", 224, 10, "features")
+    augmentations = ("rotation", "zoom", "shift", "brightness", "contrast", "saturation", "hue", "grayscale",
+                     "noise", "crop_jitter")
+    assert not seed.flip and all(getattr(seed, a) == 0 for a in augmentations)
+
+
 def test_instance_labels_give_every_sample_its_own_class_in_key_order():
     from recipes.ear_teacher import instance_labels
 
@@ -294,3 +339,6 @@ def test_trains_under_two_process_torchrun_and_extracts_n_by_d_features(tmp_path
     # float32 unit vectors: normalising 16 values (16 squares summed, sqrt, divide) and the norm again
     assert feats.shape == (6, 16)
     assert np.allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=0, atol=ops_rtol(2 * (16 + 2)))
+    assert extract_cmd.run(["--checkpoint", str(run / "model.pt"), "--images", str(images), "--feature-type",
+                            "features", "--output", str(tmp_path / "g.npz"), "--device", "cpu", "--no-progress"]) == 0
+    assert np.load(tmp_path / "g.npz")["features"].shape == (6, 64)      # the backbone's pooled features

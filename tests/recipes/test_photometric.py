@@ -80,6 +80,40 @@ def test_configs_are_valid_and_watch_several_metrics():
         assert params.magface_loss().check() is None            # the configs keep MagFace's lambda_g bound
 
 
+def test_grl_steps_is_removed_with_one_line_and_stored_configs_still_load(tmp_path):
+    from dist_train.config import ConfigError, config_from_dict, resolved_config_dict
+
+    with pytest.raises(ConfigError) as err:
+        load_config(MTL_CONFIG, photometric_overrides(tmp_path, recipe__params__grl_steps=200))
+    line = str(err.value)
+    assert "\n" not in line and "recipe.params.grl_steps" in line and "removed" in line
+    cfg = load_config(MTL_CONFIG, photometric_overrides(tmp_path))
+    tree = resolved_config_dict(cfg)
+    tree["recipe"]["params"]["grl_steps"] = 200          # a model.pt / checkpoint of an older run
+    assert recipe_params(config_from_dict(tree)) == recipe_params(cfg)
+    assert "grl_steps" in tree["recipe"]["params"]      # the caller's dict is not changed
+
+
+def test_the_grl_schedule_spans_the_runs_forwards():
+    from dist_train.trainer import run_forwards
+
+    # 7 micro-batches an epoch, accumulation 3: epochs of 3 steps (3 + 3 + 1 micro-batches)
+    assert run_forwards(3, 7, 3) == 7 and run_forwards(5, 7, 3) == 13 and run_forwards(6, 7, 3) == 14
+    assert run_forwards(4, 7, 1) == 4 and run_forwards(8, 4, 1) == 8
+    recipe = _recipe()
+    recipe.train_forwards = 13
+    assert recipe.build_model().grl.total_steps == 13
+    assert _recipe().build_model().grl.total_steps == 1    # no run: full strength at once
+
+
+def test_seed_preset_has_the_originals_input_and_pk_batches():
+    cfg = load_config(REPO / "configs" / "photometric_mtl" / "seed.yaml", [])
+    params = recipe_params(cfg)
+    assert params.img_size == 112 and cfg.data.synthetic.image_size == 112
+    assert cfg.data.batching == "pk" and cfg.data.batch_size // cfg.data.pk_k == 8 and cfg.data.pk_k == 4
+    assert cfg.recipe.name == "photometric_mtl" and params.backbone == "cbam_resnet"
+
+
 def test_transform_reads_maps_and_aliased_labels():
     concat = _recipe("photometric_concat", augment=False)
     out = concat.transform(_sample(1, 3), train=False)
@@ -149,15 +183,27 @@ def test_concat_refuses_data_without_a_modality_in_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("config", [MTL_CONFIG, CONCAT_CONFIG], ids=["mtl", "concat"])
-def test_both_recipes_train_under_the_trainer(tmp_path, config):
+def test_both_recipes_train_under_the_trainer(tmp_path, config, monkeypatch):
     from dist_train.main import train
+    from recipes import photometric
 
+    grls = []  # the GRL of the trained model: its schedule spans exactly the run's forwards
+
+    class Recorded(photometric.GradientReversal):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            grls.append(self)
+
+    monkeypatch.setattr(photometric, "GradientReversal", Recorded)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         metrics = train(load_config(config, photometric_overrides(tmp_path, logging__tracking="none")), None)
     finally:
         torch.set_num_threads(threads)
+    # train.max_steps=3, no accumulation: 3 forwards, the last one at progress 2/3; lambda reaches
+    # grl_lambda(1) exactly when the run ends (a fixed grl_steps made it 1000 forwards)
+    assert grls[0].total_steps == 3 and int(grls[0].steps) == 3
     (run,) = list((tmp_path / "runs").iterdir())
     assert 0.0 <= metrics["identity_top1"] <= 1.0 and 0.0 <= metrics["pose_acc"] <= 1.0
     assert (run / "plots" / "confusion_matrices.png").stat().st_size > 1000

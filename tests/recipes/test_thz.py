@@ -344,12 +344,26 @@ def test_validation_pictures_show_input_reconstruction_target():
     assert torch.equal(grid[0, 2:34, 2:34], batch["image"][0, 0])    # top-left: the first input, copied
 
 
-def test_shards_of_the_thz_source_feed_both_recipes(tmp_path):
+def _csv_row_of(x: torch.Tensor) -> tuple[str, int, str]:
+    """(identity, posture 1-5, sample) of a make_thz image from its grey level (centre pixel)."""
+    from tests.shards.test_sources import IDENTS
+
+    v = round(float(x.flatten(-2)[..., x.shape[-1] * (x.shape[-2] // 2) + x.shape[-1] // 2].mean()) * 255)
+    ident, rest = divmod(v, 50)
+    unconcealed = rest % 8 > 2
+    posture, sample = divmod(rest - 3 * unconcealed, 8)
+    return IDENTS[ident], posture, f"{sample:02d}", unconcealed
+
+
+@pytest.mark.parametrize("batching", ["triplet", "stream"])
+def test_a_batchs_triplets_are_exactly_the_csv_rows(tmp_path, batching):
     """Real-format data (triplet CSVs packed by ``biomtl shards create --format thz``)
-    through the triplet batcher into both models."""
-    from shards import batching
+    into both models: each training row's anchor, positive and negative are one CSV
+    row's three images (never re-drawn), with the row's identities and postures."""
+    from shards import batching as batchers
     from shards.build import create
     from shards.manifest import Manifest
+    from shards.stream import build_train_loader
     from tests.shards.test_sources import make_thz
 
     create("thz", make_thz(tmp_path / "raw"), tmp_path / "shards", split_by="sample", splits="train=1")
@@ -357,15 +371,47 @@ def test_shards_of_the_thz_source_feed_both_recipes(tmp_path):
     for name in ("thz_mtl", "thz_distill"):
         cls = get_recipe(name)
         params = {k: v for k, v in TINY.items() if k in {f.name for f in dataclasses.fields(cls.Params)}}
-        recipe = cls(build_dataclass(cls.Params, params), info)
-        loader = batching.build_triplet_loader(tmp_path / "shards", "train", recipe.transform, 4, rank=0,
-                                               world_size=1, num_workers=0, seed=0, epoch=0)
+        recipe = cls(build_dataclass(cls.Params, {**params, "augment": "none"}), info)
+        if batching == "triplet":
+            loader = batchers.build_triplet_loader(tmp_path / "shards", "train", recipe.transform, 8, rank=0,
+                                                   world_size=1, num_workers=0, seed=0, epoch=0)
+        else:
+            loader = build_train_loader(tmp_path / "shards", "train", recipe.transform, 8, rank=0, world_size=1,
+                                        num_workers=0, seed=0, epoch=0)
         batch = next(iter(loader))
-        assert batch["image"].shape == (4, 1, 32, 32) and batch["pos_target"].shape == (4, 1, 32, 32)
-        assert (batch["pos_identity"] == batch["identity"]).all() and (batch["neg_identity"] != batch["identity"]).all()
+        assert batch["image"].shape == (8, 1, 32, 32) and batch["pos_image"].shape == (8, 1, 32, 32)
+        for i in range(8):
+            ident, posture, sample, unconcealed = _csv_row_of(batch["image"][i])
+            assert not unconcealed and batch["__key__"][i].startswith(f"{ident}_b{posture}b_{sample}")
+            nxt = IDENTS_NEXT[ident]   # make_thz's row: (p_i b, p_i n, p_{i+1} n), same posture and sample
+            assert _csv_row_of(batch["pos_image"][i]) == (ident, posture, sample, True)
+            assert _csv_row_of(batch["neg_image"][i]) == (nxt, posture, sample, True)
+            assert torch.equal(batch["pos_image"][i], batch["target"][i])
+            assert batch["identity"][i] == batch["pos_identity"][i] == info.identities.index(ident)
+            assert batch["neg_identity"][i] == info.identities.index(nxt)
+            assert batch["pos_posture"][i] == batch["posture"][i] == batch["neg_posture"][i] == posture - 1
+            if name == "thz_distill":  # the teacher sees each role's own visible image
+                assert batch["neg_vis"].shape == batch["pos_vis"].shape == (8, 3, 32, 32)
         out = recipe.build_model().train()(batch)
         assert torch.isfinite(out["loss"]) and out["terms"]["supcon"].item() > 0
         assert ("distill_feature" in out["terms"]) == (name == "thz_distill")
+        # anchors -> their unconcealed positive: the reconstruction term is there, on the 8 anchors
+        assert "reconstruction" in out["terms"] and out["reconstruction"].shape == (8, 1, 32, 32)
+
+
+IDENTS_NEXT = {"p1": "p2", "p2": "p3", "p3": "p4", "p4": "p1"}
+
+
+def test_distill_refuses_csv_triplets_without_the_negatives_visible_image():
+    from recipes.base import RecipeDataError
+
+    info = DataInfo(identities=("p1", "p2"), twin_pairs=(), label_schemas={},
+                    modalities=("json", "thz.png", "thz_negative.png", "thz_target.png", "vis.png", "vis_target.png"))
+    cls = get_recipe("thz_distill")
+    params = build_dataclass(cls.Params, {k: v for k, v in TINY.items()})
+    with pytest.raises(RecipeDataError, match="lack vis_negative"):
+        cls(params, info)
+    cls(params, dataclasses.replace(info, modalities=info.modalities + ("vis_negative.png",)))
 
 
 # ----------------------------------------------------------------------------- metrics and report helpers

@@ -91,3 +91,32 @@ def test_ami_ears_pack_as_subject_folders(tmp_path):
     assert len(samples) == 21 and not r.report["faults"]
     meta = json.loads(samples[f"{subjects[0]}_{subjects[0]}_back_ear"]["json"])
     assert meta["bbox_raw"] == [0.0, 0.0, 492.0, 702.0]
+
+
+def test_the_originals_train_and_val_files_keep_their_split(tmp_path):
+    """``--input train_teacher.npy --val-input val_teacher.npy`` (the original's two files, dicts
+    {'image_paths', 'bboxes'}): the train and val splits are those files, not a ratio."""
+    import argparse
+
+    root = _subjects(tmp_path / "ds", n=4, per=2)
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jpg"))
+    train, val = names[:5], names[5:]
+    for path, part in ((root / "train_teacher.npy", train), (root / "val_teacher.npy", val)):
+        np.save(path, {"image_paths": part, "bboxes": [[1, 1, 15, 25]] * len(part)}, allow_pickle=True)
+    opts = argparse.Namespace(val_input=root / "val_teacher.npy")
+    r = create("ear", root / "train_teacher.npy", tmp_path / "out", splits="train=0.5,test=0.5", options=opts)
+    m = r.manifest
+    assert set(m.splits) == {"train", "val"} and m.created_with["notes"]["splits_from"] == "--input / --val-input"
+    from tests.shards.test_sources import samples_of
+
+    for split, part in (("train", train), ("val", val)):
+        assert sorted(x["json"]["path"] for x in samples_of(tmp_path / "out", split)) == part
+    with pytest.raises(InputError, match="--val-input"):
+        create("ear", root, tmp_path / "out2", options=opts)          # a folder --input has no val file
+    assert not (tmp_path / "out2").exists()
+    (tmp_path / "o3").mkdir()
+    shutil.copy(root / "val_teacher.npy", tmp_path / "o3" / "val_teacher.npy")
+    with pytest.raises(InputError, match="inside the output"):      # the val file is an input too
+        create("ear", root / "train_teacher.npy", tmp_path / "o3",
+               options=argparse.Namespace(val_input=tmp_path / "o3" / "val_teacher.npy"))
+    assert sorted(p.name for p in (tmp_path / "o3").iterdir()) == ["val_teacher.npy"]

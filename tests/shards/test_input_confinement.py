@@ -49,12 +49,12 @@ def thz(tmp_path: Path, way: str):
             a, p = f"{ident}_b1b_{k}.png", f"{ident}_n1n_{k}.png"
             _img(root / a, 10)
             _img(root / p, 20)
-            rows.append({"anchor": a, "positive": p, "negative": "p9_n1n_01.png"})
+            rows.append({"anchor": a, "positive": p, "negative": f"{'p2' if ident == 'p1' else 'p1'}_n1n_{k}.png"})
     secret = _secret(tmp_path, "p1_b2b_09.png")
     named = {"absolute": str(secret), "dotdot": "../outside/p1_b2b_09.png", "symlink": "p1_b2b_09.png"}[way]
     if way == "symlink":
         _link(root / "p1_b2b_09.png", secret)
-    rows.append({"anchor": named, "positive": "p1_n1n_01.png", "negative": "p9_n1n_01.png"})
+    rows.append({"anchor": named, "positive": "p1_n1n_01.png", "negative": "p2_n1n_01.png"})
     with open(root / "train.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -394,26 +394,38 @@ def test_orl_real_data_folder(tmp_path):
 # ---------------------------------------------------------------------------
 # thz
 # ---------------------------------------------------------------------------
-def make_thz(root: Path, visible: bool = True) -> Path:
+IDENTS = ("p1", "p2", "p3", "p4")
+
+
+def thz_value(ident: str, posture: int, sample: str, unconcealed: bool) -> int:
+    """The grey level of make_thz's image of ``ident`` (distinct for every file)."""
+    return IDENTS.index(ident) * 50 + posture * 8 + int(sample) + 3 * unconcealed
+
+
+def make_thz(root: Path, visible: bool = True, csv_name: str = "triplets.csv") -> Path:
+    """Rows (p<i>_b<p>b_<s>, p<i>_n<p>n_<s>, p<i+1>_n<p>n_<s>): the negative is the next
+    person's positive; plus a repeated row and bad rows."""
     (root / "img").mkdir(parents=True)
     rows = []
-    for ident in ("p1", "p2", "p3", "p4"):
+    for n, ident in enumerate(IDENTS):
         for posture in range(1, 6):
             for sample in ("01", "02"):
                 a, p = f"{ident}_b{posture}b_{sample}.png", f"{ident}_n{posture}n_{sample}.png"
-                save(img(posture * 20 + int(sample)), root / "img" / a)
-                save(img(posture * 20 + int(sample) + 5), root / "img" / p)
-                row = {"anchor": a, "positive": p, "negative": f"p9_n1n_{sample}.png"}
+                neg = f"{IDENTS[(n + 1) % len(IDENTS)]}_n{posture}n_{sample}.png"
+                save(img(thz_value(ident, posture, sample, False)), root / "img" / a)
+                save(img(thz_value(ident, posture, sample, True)), root / "img" / p)
+                row = {"anchor": a, "positive": p, "negative": neg}
                 if visible:
                     save(img(posture, mode="RGB"), root / "vis" / f"v_{a}")
                     save(img(posture + 1, mode="RGB"), root / "vis" / f"v_{p}")
                     row.update(visible_concealed=f"vis/v_{a}", visible_unconcealed=f"vis/v_{p}",
-                               visible_negative="vis/none.png")
+                               visible_negative=f"vis/v_{neg}")
                 rows.append(row)
-    rows.append(dict(rows[0]))  # duplicate anchor row
+    rows.append(dict(rows[0]))  # repeated row
     bad = [dict(rows[0], anchor="p1_x1x_01.png"), dict(rows[1], positive="p2_n1n_01.png"),
-           dict(rows[2], positive=rows[2]["anchor"]), dict(rows[3], anchor="p1_b5b_99.png")]
-    with open(root / "train.csv", "w", newline="") as f:
+           dict(rows[2], positive=rows[2]["anchor"]), dict(rows[3], anchor="p1_b5b_99.png"),
+           dict(rows[4], negative="p1_n2n_01.png")]  # a negative of the anchor's own person
+    with open(root / csv_name, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows + bad)
@@ -425,22 +437,67 @@ def test_thz_triplet_csv(tmp_path):
     raw = make_thz(tmp_path / "thz")
     r = create("thz", raw, tmp_path / "out", split_by="identity", splits="train=0.5,test=0.5")
     m = check_dataset(tmp_path / "out")
-    assert m.modalities == ["json", "thz.png", "thz_target.png", "vis.png", "vis_target.png"]
+    assert m.modalities == ["json", "thz.png", "thz_negative.png", "thz_target.png", "vis.png",
+                            "vis_negative.png", "vis_target.png"]
     assert m.label_schemas == {"posture": ["front", "left", "right", "up", "down"],
                                "concealed": ["unconcealed", "concealed"]}
     assert r.samples == 40  # 4 identities x 5 postures x 2 samples
     kinds = [f["kind"] for f in r.report["faults"]]
-    assert kinds.count("bad csv row") == 4 and kinds.count("missing file") == 1
-    assert r.manifest.created_with["notes"]["duplicate_anchor_rows"] == 1
+    assert kinds.count("bad csv row") == 5 and kinds.count("missing file") == 1
+    assert r.manifest.created_with["notes"]["duplicate_rows"] == 1
+    assert r.manifest.created_with["notes"]["splits_from"] == "drawn"
     s = {x["__key__"]: x for x in samples_of(tmp_path / "out")}
     x = s["p2_b3b_02"]
     assert x["json"]["posture"] == 2 and x["json"]["concealed"] == 1 and x["json"]["sample"] == "02"
-    assert np.asarray(x["thz_target.png"])[1, 1] == 3 * 20 + 2 + 5
-    assert x["vis.png"].mode == "RGB"
+    assert x["json"]["negative_identity"] == "p3" and x["json"]["negative_posture"] == 2
+    assert np.asarray(x["thz.png"])[1, 1] == thz_value("p2", 3, "02", False)
+    assert np.asarray(x["thz_target.png"])[1, 1] == thz_value("p2", 3, "02", True)
+    assert np.asarray(x["thz_negative.png"])[1, 1] == thz_value("p3", 3, "02", True)   # the row's negative
+    assert x["vis.png"].mode == "RGB" and x["vis_negative.png"].mode == "RGB"
     # without visible columns
     raw2 = make_thz(tmp_path / "thz2", visible=False)
     r2 = create("thz", raw2, tmp_path / "out2", split_by="sample")
-    assert r2.manifest.modalities == ["json", "thz.png", "thz_target.png"]
+    assert r2.manifest.modalities == ["json", "thz.png", "thz_negative.png", "thz_target.png"]
+
+
+def test_thz_one_sample_per_csv_row(tmp_path):
+    """The original trains every CSV row: an anchor named by two rows (other positive or
+    negative) is two samples; only a row repeated word for word is dropped."""
+    raw = make_thz(tmp_path / "thz", visible=False)
+    with open(raw / "triplets.csv", "a", newline="") as f:
+        f.write("p1_b1b_01.png,p1_n1n_02.png,p3_n1n_01.png\n")
+    r = create("thz", raw, tmp_path / "out", split_by="sample", splits="train=1")
+    assert r.samples == 41
+    rows = {(x["json"]["files"]["anchor"], x["json"]["files"]["positive"], x["json"]["files"]["negative"])
+            for x in samples_of(tmp_path / "out")}
+    assert {("p1_b1b_01.png", "p1_n1n_01.png", "p2_n1n_01.png"),
+            ("p1_b1b_01.png", "p1_n1n_02.png", "p3_n1n_01.png")} <= rows
+
+
+def test_thz_csv_names_keep_their_splits(tmp_path):
+    raw = make_thz(tmp_path / "thz", visible=False, csv_name="thz_train_val.csv")
+    test_rows = "anchor,positive,negative\np1_b1b_01.png,p1_n1n_01.png,p2_n1n_01.png\n"
+    (raw / "test_triplets.csv").write_text(test_rows)
+    r = create("thz", raw, tmp_path / "out", split_by="identity", splits="train=0.5,test=0.5")  # not used
+    m = r.manifest
+    assert set(m.splits) == {"train", "val", "test"} and m.created_with["notes"]["splits_from"] == "csv names"
+    split_of = {s: [x["json"] for x in samples_of(tmp_path / "out", s)] for s in m.splits}
+    assert [(j["files"]["anchor"]) for j in split_of["test"]] == ["p1_b1b_01.png"]
+    # the original's train_val cut: per (identity, posture) one of its sample numbers validates, with
+    # every row of that anchor; the others train. (p1, down) also lists sample 99, whose file is missing.
+    assert len(split_of["val"]) + len(split_of["train"]) == 40
+    for ident in IDENTS:
+        for posture in range(5):
+            val = {j["sample"] for j in split_of["val"] if j["identity_name"] == ident and j["posture"] == posture}
+            train = {j["sample"] for j in split_of["train"] if j["identity_name"] == ident
+                     and j["posture"] == posture}
+            assert not val & train and val | train == {"01", "02"}
+            assert len(val) == 1 or (ident, posture) == ("p1", 4) and len(val) <= 1
+    # a CSV named for no split beside named ones: one line, nothing written
+    (raw / "extra.csv").write_text(test_rows)
+    with pytest.raises(InputError, match="extra.csv names no split"):
+        create("thz", raw, tmp_path / "out2", split_by="sample")
+    assert not (tmp_path / "out2").exists()
 
 
 # ---------------------------------------------------------------------------
