@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dist_train.checkpoint import atomic_write
+from recipes.history_plots import plot_metrics
 
 log = logging.getLogger("biomtl")
 
@@ -128,12 +129,10 @@ def plot_curves(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]
     axes[1].set_title("learning rate")
     axes[1].set_xlabel("optimizer step")
     axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    if val_keys:
-        for key in val_keys:
-            axes[2].plot(*series(val_rows, key), marker="o", label=key)
+    if val_keys:  # 0-1 rates on the left axis, others (PSNR in dB...) on a right one
+        plot_metrics(axes[2], val_rows, val_keys, marker="o")
         axes[2].set_title("validation metrics")
         axes[2].set_xlabel("optimizer step")
-        axes[2].legend(fontsize=7, ncol=2)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
