@@ -176,7 +176,7 @@ class RunLogger:
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
             self._log_config_text(start_step)
         # pictures already there (a resumed run's) were logged by the run that wrote them
-        self.pictures_seen = dict(_pictures(run_dir))
+        self.pictures_seen = {path: (stamp, _digest(path)) for path, stamp in _pictures(run_dir)}
         self.last_values: dict[str, float] = {}   # {split/metric: last value}: the hparams' metrics
         self.console = table_console(stderr=True)
         # On a terminal a live bar; in a batch log (SLURM, CI) plain lines instead.
@@ -251,8 +251,12 @@ class RunLogger:
         validation and at the end, for every recipe: recipes only write PNGs."""
         new = {}
         for path, stamp in _pictures(self.run_dir):
-            if self.pictures_seen.get(path) != stamp:
-                self.pictures_seen[path] = stamp
+            seen = self.pictures_seen.get(path)
+            if seen is not None and seen[0] == stamp:
+                continue
+            digest = _digest(path)  # a plot redrawn the same at the end is not a new picture
+            self.pictures_seen[path] = (stamp, digest)
+            if seen is None or seen[1] != digest:
                 new[f"pictures/{path.relative_to(self.run_dir).with_suffix('').as_posix()}"] = path
         if not new:
             return
@@ -342,6 +346,15 @@ def _pictures(run_dir: Path) -> list[tuple[Path, tuple[int, int]]]:
             continue
         out.append((path, (st.st_mtime_ns, st.st_size)))
     return out
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _read_png(path: Path) -> Any:

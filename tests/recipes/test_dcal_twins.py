@@ -173,6 +173,21 @@ def test_tracking_none_writes_only_local_files(tmp_path):
     assert "eer" in metrics and "test_eer" in metrics
 
 
+def test_tensorboard_holds_the_runs_pictures_hparams_and_config(tmp_path):
+    """A real run, read with TensorBoard's own reader: the plots at each validation,
+    the report's pictures at the end, the config as text and hparams with the final metrics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = _train(tmp_path, train__max_steps=4, train__val_every_steps=2, logging__plot="true")
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    images = set(acc.Tags()["images"])
+    assert {"pictures/plots/latest", "pictures/eval/test/roc", "pictures/eval/test/score_histograms"} <= images
+    assert [e.step for e in acc.Images("pictures/plots/latest")] == [2, 4]     # each validation (and the end)
+    assert "config/text_summary" in acc.PluginTagToContent("text")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
+
+
 def test_mlflow_tracking(tmp_path, monkeypatch):
     """Two runs of one output dir land in one SQLite store that MLflow's own
     client reads as it is (no MLFLOW_ALLOW_FILE_STORE), with params and metrics."""
