@@ -191,7 +191,8 @@ def test_tensorboard_holds_the_runs_pictures_hparams_and_config(tmp_path):
 def test_mlflow_tracking(tmp_path, monkeypatch):
     """Two runs of one output dir land in one SQLite store that MLflow's own
     client reads as it is (no MLFLOW_ALLOW_FILE_STORE), with params and metrics."""
-    pytest.importorskip("mlflow", reason="optional extra: pip install mlflow")   # the dev extra installs it
+    if os.environ.get("CI") != "true":      # the dev extra installs it, so CI runs this test
+        pytest.importorskip("mlflow", reason="optional extra: pip install mlflow")
     from mlflow.tracking import MlflowClient
 
     from dist_train.main import train
