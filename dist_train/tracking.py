@@ -76,7 +76,8 @@ def _quiet_mlflow_env() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     # creating a SQLite store runs its schema migrations: a dozen INFO lines otherwise
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for noisy in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def require_mlflow() -> None:
