@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from recipes.model_file import load_weights_only
+from recipes.model_file import load_weights_only, weights_checkpoint
 from shards.atomic import STALE_SUFFIX as _STALE
 from shards.atomic import atomic_write  # the toolkit's one atomic writer; the rest of dist_train imports it here
 from shards.atomic import move_into_place as _move_into_place
@@ -108,17 +108,34 @@ def safe_load(path: Path, map_location: Any = "cpu") -> Any:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    """Make ``dst`` show ``src``'s content, atomically."""
+    """Make ``dst`` show ``src``'s content, atomically: a hard link (no second
+    copy on disk, as timm's CheckpointSaver does), a copy where the filesystem
+    has no links. A folder (DeepSpeed) gets its files linked one by one."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
     def write(tmp: Path) -> None:
         if src.is_dir():
-            shutil.copytree(src, tmp)
-            return
-        try:
-            os.link(src, tmp)  # cheap and atomic on one filesystem
-        except OSError:
-            shutil.copy2(src, tmp)
+            shutil.copytree(src, tmp, copy_function=link)
+        else:
+            link(str(src), str(tmp))
 
     atomic_write(dst, write)
+
+
+def _write_weights_only(latest: Path, dst: Path) -> None:
+    """``dst``: ``latest`` without its optimizer, scheduler and scaler state
+    (``model_file.weights_checkpoint``), what best / top-k keep: with Adam the
+    optimizer state is twice the weights, and only ``latest`` resumes. A folder
+    (DeepSpeed's own layout) or a file with nothing to leave out is linked."""
+    lean = None if latest.is_dir() else weights_checkpoint(load_weights_only(latest, mmap=True))
+    if lean is None:
+        _link_or_copy(latest, dst)
+        return
+    atomic_save(lean, dst)
 
 
 _TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "unexpected pos", "PytorchStreamWriter")
@@ -314,10 +331,7 @@ class CheckpointManager:
                 _link_or_copy(latest, self.dir / "periodic" / name)
             if value is None:
                 return
-            if is_best:
-                _link_or_copy(latest, self.path(BEST))
-            if any(n == name for _, n in self.policy.top):
-                _link_or_copy(latest, self.dir / "topk" / name)
+            self._publish_kept(latest, name, is_best)
             for old in dropped:
                 _remove(self.dir / "topk" / old)
             text = json.dumps({"monitor": self.policy.monitor, "mode": self.policy.mode,
@@ -328,6 +342,17 @@ class CheckpointManager:
         except BaseException:
             self.policy.best_value, self.policy.top = before
             raise
+
+    def _publish_kept(self, latest: Path, name: str, is_best: bool) -> None:
+        """The top-k file of this save written once without the optimizer state,
+        and ``best`` a hard link to it (the same inode: no second copy)."""
+        kept = self.dir / "topk" / name
+        if any(n == name for _, n in self.policy.top):
+            _write_weights_only(latest, kept)
+            if is_best:
+                _link_or_copy(kept, self.path(BEST))
+        elif is_best:  # top_k = 0
+            _write_weights_only(latest, self.path(BEST))
 
     def _write_staging(self, write: Callable[[Path], None], latest: Path) -> None:
         if self.is_main:

@@ -150,6 +150,9 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     tracking: Literal["tensorboard", "mlflow", "wandb", "none"] = "tensorboard"  # mlflow, wandb: dist_train/tracking.py
+    # logging.tracking=mlflow: the tracking store; "" = sqlite:///<experiment.output_dir>/mlflow.db
+    # (one store for every run of the output dir); a server URL or another store otherwise
+    mlflow_uri: str = ""
     progress: bool = True
     plot: bool = True
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,8 +19,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dist_train.checkpoint import atomic_write
+from recipes.history_plots import plot_metrics
 
 log = logging.getLogger("biomtl")
+
+
+# Rich draws for 80 columns when it writes to a file or pipe (a SLURM/CI log, a
+# redirected command): tables would cut metric names. Tables are as wide as their
+# content, so a wide page costs nothing; COLUMNS, when set, still decides.
+FILE_WIDTH = 240
+
+
+def table_console(stderr: bool = False) -> Console:
+    """A console for tables: the terminal's width, or :data:`FILE_WIDTH` when not a terminal."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = FILE_WIDTH
+    return console
 
 
 def setup_console_logging(is_main: bool, rank: int) -> None:
@@ -113,12 +129,10 @@ def plot_curves(train_rows: list[dict[str, Any]], val_rows: list[dict[str, Any]]
     axes[1].set_title("learning rate")
     axes[1].set_xlabel("optimizer step")
     axes[1].ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    if val_keys:
-        for key in val_keys:
-            axes[2].plot(*series(val_rows, key), marker="o", label=key)
+    if val_keys:  # 0-1 rates on the left axis, others (PSNR in dB...) on a right one
+        plot_metrics(axes[2], val_rows, val_keys, marker="o")
         axes[2].set_title("validation metrics")
         axes[2].set_xlabel("optimizer step")
-        axes[2].legend(fontsize=7, ncol=2)
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -160,7 +174,11 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
-        self.console = Console(stderr=True)
+            self._log_config_text(start_step)
+        # pictures already there (a resumed run's) were logged by the run that wrote them
+        self.pictures_seen = {path: (stamp, _digest(path)) for path, stamp in _pictures(run_dir)}
+        self.last_values: dict[str, float] = {}   # {split/metric: last value}: the hparams' metrics
+        self.console = table_console(stderr=True)
         # On a terminal a live bar; in a batch log (SLURM, CI) plain lines instead.
         self.live = progress and self.console.is_terminal
         self.progress = None
@@ -174,8 +192,10 @@ class RunLogger:
                                                loss="-", lr="-", sps="-", data="-")
             self.progress.start()
         self.total_steps = total_steps
+        self.last_step = start_step
 
     def log_train(self, step: int, epoch: int, values: Mapping[str, float]) -> None:
+        self.last_step = step
         row = {"step": step, "epoch": epoch, **{k: _round(v) for k, v in values.items()}}
         self.train_csv.append(row)
         tags = {(f"train/{k}" if k not in ("lr", *PERF_KEYS) else f"perf/{k}"): v
@@ -223,7 +243,57 @@ class RunLogger:
                 self.tb.add_image(f"val/{tag}", image, step, dataformats="CHW")
             self.tb.flush()
 
+    def log_pictures(self, step: int) -> None:
+        """The PNG files written since the last call (plots, the recipe's
+        validation pictures and reports: ROC, histograms, hardest errors,
+        rollouts, reconstructions, collages) as TensorBoard images
+        ``pictures/<path in the run>`` and tracker media. Called after each
+        validation and at the end, for every recipe: recipes only write PNGs."""
+        new = {}
+        for path, stamp in _pictures(self.run_dir):
+            seen = self.pictures_seen.get(path)
+            if seen is not None and seen[0] == stamp:
+                continue
+            digest = _digest(path)  # a plot redrawn the same at the end is not a new picture
+            self.pictures_seen[path] = (stamp, digest)
+            if seen is None or seen[1] != digest:
+                new[f"pictures/{path.relative_to(self.run_dir).with_suffix('').as_posix()}"] = path
+        if not new:
+            return
+        if self.tb:
+            for tag, path in new.items():
+                image = _read_png(path)
+                if image is not None:
+                    self.tb.add_image(tag, image, step, dataformats="HWC")
+            self.tb.flush()
+        if self.tracker:
+            self.tracker.log_images(new, step)
+
+    def _log_config_text(self, step: int) -> None:
+        """The run's resolved config as TensorBoard text (``config``)."""
+        config = self.run_dir / "config.yaml"
+        if config.is_file():
+            # markdown: four-space indent keeps the YAML as written
+            text = "\n".join("    " + line for line in config.read_text().splitlines())
+            self.tb.add_text("config", text, step)
+
+    def _log_hparams(self) -> None:
+        """The resolved config (flattened) as TensorBoard hparams, with the final
+        value of every validation / test metric (the scalars of the same tags)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        from dist_train.tracking import flatten, run_config
+
+        config = run_config(self.run_dir)
+        metrics = {k: v for k, v in self.last_values.items() if not k.startswith("train/")}
+        if not config or not metrics:
+            return
+        for summary in hparams(flatten(config, as_text=False), metrics):
+            self.tb.file_writer.add_summary(summary)
+
     def log_validation(self, step: int, epoch: int, metrics: Mapping[str, float], split: str = "val") -> None:
+        self.last_step = max(self.last_step, step)
+        self.last_values.update({f"{split}/{k}": float(v) for k, v in metrics.items()})
         csv_log = self.val_csv if split == "val" else self.test_csv
         csv_log.append({"step": step, "epoch": epoch, **{k: _round(v) for k, v in metrics.items()}})
         if self.tb:
@@ -250,11 +320,54 @@ class RunLogger:
             self.progress.stop()
         if self.plot:
             self.plot_now()
+        self.log_pictures(self.last_step)
         if self.tb:
+            self._log_hparams()
             self.tb.close()
         if self.tracker:
             self.tracker.log_artifacts([self.run_dir / n for n in ("config.yaml", "logs", "plots", "eval")])
             self.tracker.close()
+
+
+# what the run directory holds that is not the run's own pictures
+_NOT_PICTURES = ("tb", "wandb", "checkpoints", "mlruns")
+
+
+def _pictures(run_dir: Path) -> list[tuple[Path, tuple[int, int]]]:
+    """``(PNG file, (mtime_ns, size))`` of the pictures under ``run_dir``."""
+    out = []
+    for path in sorted(run_dir.rglob("*.png")):
+        rel = path.relative_to(run_dir)
+        if rel.parts[0] in _NOT_PICTURES or any(part.startswith(".") for part in rel.parts):
+            continue  # temp files of atomic writes start with a dot
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        out.append((path, (st.st_mtime_ns, st.st_size)))
+    return out
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha1(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def _read_png(path: Path) -> Any:
+    """An 8-bit RGB array of a picture, or None when it cannot be read (never stops a run)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except (OSError, ValueError) as exc:
+        log.warning("could not read picture %s for TensorBoard: %s", path, exc)
+        return None
 
 
 class NullLogger:

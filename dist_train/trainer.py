@@ -409,6 +409,7 @@ class Trainer:
         if pictures:
             logger.log_images(self.state.step, pictures)
             self._save_pictures(pictures)
+        logger.log_pictures(self.state.step)  # the PNGs this validation wrote (plots, the recipe's pictures)
         self.strategy.train()
         return values
 

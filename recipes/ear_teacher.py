@@ -421,14 +421,38 @@ class EarMetrics(Metrics):
 
 # ----------------------------------------------------------------------------- pictures
 
+ROW_LABELS = ("input", "reconstruction")
+
+
 def collage(originals: torch.Tensor, reconstructions: torch.Tensor, padding: int = 2) -> torch.Tensor:
     """``[3, H, W]``: the ``n`` originals in the top row, their reconstructions below
-    (both ``[n, 3, S, S]`` in [0, 1]); white ``padding`` around every tile."""
+    (both ``[n, 3, S, S]`` in [0, 1]); white ``padding`` around every tile, and a
+    white strip on the left naming the rows (:data:`ROW_LABELS`)."""
     from torchvision.utils import make_grid
 
     n = originals.shape[0]
-    return make_grid(torch.cat([originals, reconstructions]).float().cpu(), nrow=n, padding=padding,
-                     pad_value=1.0)
+    grid = make_grid(torch.cat([originals, reconstructions]).float().cpu(), nrow=n, padding=padding, pad_value=1.0)
+    return _label_rows(grid, ROW_LABELS)
+
+
+def _label_rows(grid: torch.Tensor, labels: Sequence[str]) -> torch.Tensor:
+    """``grid`` with a white strip on its left holding one black label per
+    (equal-height) row, centred on the row: a picture that says what it shows."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    boxes = [probe.textbbox((0, 0), text, font=font) for text in labels]
+    width = max(b[2] - b[0] for b in boxes) + 8
+    height = grid.shape[1]
+    strip = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(strip)
+    band = height / len(labels)
+    for i, (text, box) in enumerate(zip(labels, boxes)):
+        y = band * i + (band - (box[3] - box[1])) / 2 - box[1]
+        draw.text((4 - box[0], y), text, fill=0, font=font)
+    left = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255.0).expand(3, -1, -1)
+    return torch.cat([left, grid], dim=2)
 
 
 # ----------------------------------------------------------------------------- recipe

@@ -44,7 +44,8 @@ _DEEPSPEED_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_mo
 
 __all__ = ["FORMAT_VERSION", "FormatError", "StoredModel", "TrainerState", "deepspeed_client",
            "deepspeed_client_state", "deepspeed_states_file", "load_weights_only", "model_file",
-           "read_deepspeed_states", "read_stored", "read_trainer_state", "run_description", "trainer_checkpoint"]
+           "read_deepspeed_states", "read_stored", "read_trainer_state", "run_description", "trainer_checkpoint",
+           "weights_checkpoint"]
 
 
 class FormatError(ValueError):
@@ -88,6 +89,17 @@ def trainer_checkpoint(model: Mapping[str, torch.Tensor], optimizer: Any, schedu
                        skipped_steps: int, client: Mapping[str, Any]) -> dict[str, Any]:
     return {_MODEL: model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler,
             _SKIPPED: skipped_steps, _CLIENT: client, _VERSION: FORMAT_VERSION}
+
+
+def weights_checkpoint(obj: Any) -> Any | None:
+    """A DDP trainer checkpoint without what only resuming needs (optimizer,
+    scheduler and scaler state): what ``best`` and ``topk/`` keep. Weights,
+    config, data info and loop state stay, so eval, export, inference and
+    ``init_from`` read it as they read ``latest``; ``None`` when ``obj`` holds
+    none of those parts (nothing to leave out: keep the file as it is)."""
+    if not isinstance(obj, Mapping) or not any(k in obj for k in (*_TRAINER_PARTS, _SKIPPED)):
+        return None
+    return {k: v for k, v in obj.items() if k not in (*_TRAINER_PARTS, _SKIPPED)}
 
 
 def deepspeed_client_state(client: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,6 +178,10 @@ def read_trainer_state(obj: Any) -> TrainerState:
         if _CONFIG in obj:
             raise FormatError("an exported model file (weights only, no optimizer or loop state); "
                               "resume from RUN/checkpoints/latest.pt")
+        if isinstance(obj.get(_CLIENT), Mapping):
+            raise FormatError("a best / top-k checkpoint (weights and loop state, no optimizer state: only "
+                              "checkpoints/latest.pt continues a run exactly); resume from RUN/checkpoints/latest.pt, "
+                              "or start a new run from its weights with recipe.params.init_from where the recipe has it")
         raise FormatError("not a biomtl training checkpoint (no optimizer or loop state)")
     return TrainerState(obj[_MODEL], obj["optimizer"], obj.get("scheduler"), obj.get("scaler"),
                         int(obj.get(_SKIPPED, 0)), obj[_CLIENT])

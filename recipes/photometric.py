@@ -505,34 +505,65 @@ class _PhotometricBase(Recipe):
         return result
 
     def _plot_confusions(self, path: Path, preds: Mapping[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from sklearn.metrics import confusion_matrix
 
         n_classes = {"identity": max(1, self.data_info.num_identities), **{a: c for a, _, c in self.tasks}}
-        fig, axes = plt.subplots(1, len(preds), figsize=(4.2 * len(preds), 4.2), squeeze=False)
-        for ax, (task, (y, yp)) in zip(axes[0], preds.items()):
-            c = n_classes[task]
-            cm = confusion_matrix(y, yp, labels=list(range(c))) if y.size else np.zeros((c, c), int)
-            ax.imshow(cm, cmap="Blues")
-            acc = float((y == yp).mean()) if y.size else float("nan")
-            ax.set_title(f"{task} (acc {acc:.3f}, n={y.size})", fontsize=9)
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true")
-            names = self.class_names.get(task)
-            if names and c <= 12:
-                ax.set_xticks(range(c), names, rotation=45, fontsize=7, ha="right")
-                ax.set_yticks(range(c), names, fontsize=7)
-                for i in range(c):
-                    for j in range(c):
-                        ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=6)
-        fig.tight_layout()
+        fig = confusion_figure(preds, n_classes, self.class_names)
         try:
-            fig.savefig(path, dpi=90, format="png")
+            fig.savefig(path, dpi=CONFUSION_DPI, format="png")
         finally:
             plt.close(fig)
+
+
+CONFUSION_DPI = 110
+PANELS_PER_ROW = 3
+
+
+def _panel_inches(classes: int) -> float:
+    """A panel grows with its classes (about 0.2 in, 22 px, per class), so a
+    matrix of many identities stays readable; never below 4.5 in."""
+    return float(min(max(4.5, 2.5 + 0.2 * classes), 16.0))
+
+
+def confusion_figure(preds: Mapping[str, tuple[np.ndarray, np.ndarray]], n_classes: Mapping[str, int],
+                     class_names: Mapping[str, Sequence[str]]) -> Any:
+    """One confusion-matrix panel per task, at most :data:`PANELS_PER_ROW` a row,
+    each sized for its class count, with a colour bar; class names and counts
+    written in the cells where they fit (at most 12 classes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    tasks = list(preds)
+    cols = min(PANELS_PER_ROW, len(tasks))
+    rows = -(-len(tasks) // cols)
+    side = max(_panel_inches(n_classes[t]) for t in tasks)
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols * 1.15, side * rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks):
+        y, yp = preds[task]
+        c = n_classes[task]
+        cm = confusion_matrix(y, yp, labels=list(range(c))) if y.size else np.zeros((c, c), int)
+        fig.colorbar(ax.imshow(cm, cmap="Blues"), ax=ax, fraction=0.046, pad=0.04)
+        acc = float((y == yp).mean()) if y.size else float("nan")
+        ax.set_title(f"{task} (acc {acc:.3f}, n={y.size})", fontsize=12)
+        ax.set_xlabel("predicted", fontsize=10)
+        ax.set_ylabel("true", fontsize=10)
+        names = class_names.get(task)
+        if c <= 12:
+            labels = list(names) if names else [str(i) for i in range(c)]
+            ax.set_xticks(range(c), labels, rotation=45, fontsize=9, ha="right")
+            ax.set_yticks(range(c), labels, fontsize=9)
+            top = cm.max() if cm.size else 0
+            for i in range(c):
+                for j in range(c):
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=9,
+                            color="white" if top and cm[i, j] > top / 2 else "black")
+    fig.tight_layout()
+    return fig
 
 
 @register

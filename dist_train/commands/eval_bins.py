@@ -74,10 +74,10 @@ def _json(report: dict[str, Any]) -> str:
 
 
 def _print_tables(report: dict[str, Any], path: Path) -> None:
-    from rich.console import Console
+    from dist_train.run_logging import table_console
     from rich.table import Table
 
-    console = Console()
+    console = table_console()  # full-width tables in a redirected output too
     for name, m in report["sets"].items():
         t = Table(title=f"{name}: {m['pairs']} pairs ({m['same_pairs']} same), "
                         f"flip {'on' if report['flip'] else 'off'}")

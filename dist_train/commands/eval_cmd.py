@@ -286,7 +286,7 @@ def _eval_image_files(args: argparse.Namespace, engine: Any, rows: list[dict[str
 
 
 def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
-    from rich.console import Console
+    from dist_train.run_logging import table_console
     from rich.table import Table
 
     n = metrics["pairs"]
@@ -301,7 +301,7 @@ def _print_summary(metrics: dict[str, Any], out_dir: Path) -> None:
         def fmt(v: Any) -> str:
             return "-" if v is None or v != v else f"{v:.4f}"
         t.add_row(k, fmt(a.get(k)), fmt(w.get(k)))
-    console = Console()
+    console = table_console()  # full-width tables in a redirected output too
     console.print(t)
     thr = metrics.get("threshold")
     console.print(f"threshold {thr:.4f} ({metrics['threshold_source']})" if thr is not None else "no threshold")

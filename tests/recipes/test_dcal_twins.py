@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import builtins
+import json
 import os
 from pathlib import Path
 
@@ -172,22 +173,51 @@ def test_tracking_none_writes_only_local_files(tmp_path):
     assert "eer" in metrics and "test_eer" in metrics
 
 
-def test_mlflow_tracking(tmp_path):
+def test_tensorboard_holds_the_runs_pictures_hparams_and_config(tmp_path):
+    """A real run, read with TensorBoard's own reader: the plots at each validation,
+    the report's pictures at the end, the config as text and hparams with the final metrics."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = _train(tmp_path, train__max_steps=4, train__val_every_steps=2, logging__plot="true")
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    images = set(acc.Tags()["images"])
+    assert {"pictures/plots/latest", "pictures/eval/test/roc", "pictures/eval/test/score_histograms"} <= images
+    assert [e.step for e in acc.Images("pictures/plots/latest")] == [2, 4]     # each validation (and the end)
+    assert "config/text_summary" in acc.PluginTagToContent("text")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(acc.PluginTagToContent("hparams"))
+
+
+def test_mlflow_tracking(tmp_path, monkeypatch):
+    """Two runs of one output dir land in one SQLite store that MLflow's own
+    client reads as it is (no MLFLOW_ALLOW_FILE_STORE), with params and metrics."""
     if os.environ.get("CI") != "true":      # the dev extra installs it, so CI runs this test
         pytest.importorskip("mlflow", reason="optional extra: pip install mlflow")
     from mlflow.tracking import MlflowClient
 
-    run, _ = _train(tmp_path, logging__tracking="mlflow", train__max_steps=2, train__val_every_steps=2)
-    assert list((run / "tb").glob("events.out.tfevents.*"))    # TensorBoard stays on
-    client = MlflowClient(tracking_uri=(run / "mlruns").resolve().as_uri())
+    from dist_train.main import train
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)                      # nothing may land in the working folder
+    for depth in (1, 2):
+        train(load_config(CONFIG, dcal_overrides(tmp_path, logging__tracking="mlflow", train__max_steps=2,
+                                                 train__val_every_steps=2, recipe__params__depth=depth)), None)
+    out = tmp_path / "runs"
+    runs = sorted(p for p in out.iterdir() if p.is_dir() and p.name.startswith("dcal_twins_"))
+    assert len(runs) == 2 and all(list((r / "tb").glob("events.out.tfevents.*")) for r in runs)  # TB stays on
+    assert not any((r / "mlruns").exists() for r in runs) and not (tmp_path / "mlruns").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{(out / 'mlflow.db').resolve()}")
     exp = client.get_experiment_by_name("dcal_twins")
-    (r,) = client.search_runs([exp.experiment_id])
-    assert r.info.status == "FINISHED"
-    assert r.data.params["recipe.name"] == "dcal_twins" and r.data.params["recipe.params.depth"] == "2"
-    assert {"train/loss", "val/eer", "val/auc", "val/threshold", "test/eer"} <= set(r.data.metrics)  # NaN: not logged
-    assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == [1, 2]
-    arts = {a.path for a in client.list_artifacts(r.info.run_id)}
-    assert {"config.yaml", "logs", "eval"} <= arts
+    found = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    assert sorted(r.info.run_name for r in found) == [r.name for r in runs]
+    assert [r.data.params["recipe.params.depth"] for r in found] == ["1", "2"]
+    for r in found:
+        assert r.info.status == "FINISHED" and r.data.params["recipe.name"] == "dcal_twins"
+        assert {"train/loss", "val/eer", "val/auc", "val/threshold", "test/eer"} <= set(r.data.metrics)
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == [1, 2]
+        arts = {a.path for a in client.list_artifacts(r.info.run_id)}
+        assert {"config.yaml", "logs", "eval"} <= arts
+        assert Path(r.info.artifact_uri.removeprefix("file://")).is_relative_to(out.resolve())
 
 
 def test_mlflow_missing_is_a_one_line_config_error(monkeypatch):
@@ -272,24 +302,35 @@ def test_wandb_offline_tracking(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="optional extra: pip install wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "")           # offline needs no account
-    run, _ = _train(tmp_path, logging__tracking="wandb", train__max_steps=2, train__val_every_steps=2)
+    run, _ = _train(tmp_path, logging__tracking="wandb", train__max_steps=2, train__val_every_steps=2,
+                    logging__plot="true")
     assert list((run / "tb").glob("events.out.tfevents.*"))    # TensorBoard stays on
     (offline,) = (run / "wandb").glob("offline-run-*")          # offline: `wandb sync` uploads it later
     run_id = (run / "wandb" / "biomtl_run_id").read_text().strip()
     assert offline.name.endswith(run_id)
     records = _wandb_records(offline / f"run-{run_id}.wandb")
-    history = {}
+    history, media = {}, {}
     for r in records:
         if r.WhichOneof("record_type") == "history":
             for item in r.history.item:
-                history.setdefault(item.key or "/".join(item.nested_key), []).append(
-                    (r.history.step.num, float(item.value_json)))
+                value = json.loads(item.value_json)
+                if len(item.nested_key) == 2:   # a wandb.Image: {tag: {"_type", "path", ...}} as nested keys
+                    media.setdefault(item.nested_key[0], {})[item.nested_key[1]] = value
+                else:
+                    history.setdefault(item.key or item.nested_key[0], []).append((r.history.step.num, value))
     assert [s for s, _ in history["train/loss"]] == [1, 2]
     assert {"val/eer", "val/auc", "test/eer"} <= set(history)
     config = [r.config for r in records if r.WhichOneof("record_type") == "config"]
     keys = {u.key for c in config for u in c.update}
     assert {"recipe", "train", "data"} <= keys
-    assert (offline / "files" / run.name / "config.yaml").is_file()   # the run's artefacts, saved at the end
+    files = offline / "files"                       # the run's files, at their paths in the run directory
+    for rel in ("config.yaml", "logs/train_logs.csv", "logs/validation_logs.csv", "logs/test_logs.csv",
+                "plots/latest.png", "eval/test/roc.png"):
+        assert not (files / rel).is_symlink() and (files / rel).read_bytes() == (run / rel).read_bytes(), rel
+    # the pictures as W&B media (wandb.Image), at the step of the validation / end that wrote them
+    assert media["pictures/plots/latest"]["_type"] == "image-file"
+    assert media["pictures/eval/test/roc"]["_type"] == "image-file"
+    assert (files / media["pictures/eval/test/roc"]["path"]).is_file()
     exit_records = [r for r in records if r.WhichOneof("record_type") == "exit"]
     assert exit_records and exit_records[-1].exit.exit_code == 0
 

@@ -79,12 +79,29 @@ def test_collage_has_originals_on_top_and_reconstructions_below(tmp_path):
     grid = collage(originals, recon, padding=pad)
     save_image(grid, tmp_path / "c.png")
     img = np.asarray(Image.open(tmp_path / "c.png").convert("RGB"))
-    assert img.shape == (2 * (s + pad) + pad, n * (s + pad) + pad, 3)
+    height, tiles = 2 * (s + pad) + pad, n * (s + pad) + pad
+    label = img.shape[1] - tiles                                      # the strip naming the rows, on the left
+    assert img.shape[0] == height and label > 20
     for col in range(n):
-        x = pad + col * (s + pad) + s // 2
+        x = label + pad + col * (s + pad) + s // 2
         assert tuple(img[pad + s // 2, x]) == (255, 0, 0)              # top row: originals
         assert tuple(img[2 * pad + s + s // 2, x]) == (0, 0, 255)      # bottom row: reconstructions
-    assert tuple(img[0, 0]) == (255, 255, 255)                        # white padding
+    assert tuple(img[0, label]) == (255, 255, 255)                    # white padding
+    strip = img[:, :label].min(axis=2)
+    assert strip[: height // 2].min() < 128 and strip[height // 2:].min() < 128   # a label on each row
+
+
+def test_collage_names_its_rows():
+    """The labels are the row names, drawn where their row is (the strip's ink differs per row)."""
+    from recipes.ear_teacher import ROW_LABELS
+
+    assert ROW_LABELS == ("input", "reconstruction")
+    grid = collage(torch.zeros(3, 3, 24, 24), torch.zeros(3, 3, 24, 24), padding=2)
+    label = grid.shape[2] - (3 * 26 + 2)
+    ink = (grid[0, :, :label] < 0.5).sum(dim=0)                      # dark pixels per column of the strip
+    top = (grid[0, :grid.shape[1] // 2, :label] < 0.5).any(dim=0).nonzero().max()
+    bottom = (grid[0, grid.shape[1] // 2:, :label] < 0.5).any(dim=0).nonzero().max()
+    assert ink.sum() > 0 and bottom > top + 10                        # "reconstruction" is wider than "input"
 
 
 # ----------------------------------------------------------------------------- pseudo-labels

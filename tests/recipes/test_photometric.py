@@ -253,3 +253,30 @@ def test_cmu_faces_feed_photometric_mtl_as_one_grey_modality(tmp_path):
     torch.manual_seed(0)
     out_ = recipe.build_model().train()(batch)
     assert torch.isfinite(out_["loss"]) and set(out_["terms"]) >= {"pose", "emotion", "spectacles", "identity"}
+
+
+def test_confusion_matrices_are_readable_panels_not_a_strip(tmp_path):
+    """Four tasks (40 identities and three attributes): at most three panels a row,
+    each matrix at least 15 px per class in the PNG, counts in >= 9 pt."""
+    from recipes.photometric import CONFUSION_DPI, confusion_figure
+
+    rng = np.random.default_rng(0)
+    classes = {"identity": 40, "gender": 2, "ethnicity": 4, "age": 5}
+    preds = {t: (rng.integers(0, c, 200), rng.integers(0, c, 200)) for t, c in classes.items()}
+    fig = confusion_figure(preds, classes, {"gender": ("female", "male")})
+    fig.set_dpi(CONFUSION_DPI)
+    shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_images()]
+    assert len(shown) == 4
+    rows = {round(ax.get_position().y0, 3) for ax in shown}
+    assert len(rows) == 2                                        # a grid, not one strip
+    for ax in shown:
+        c = classes[ax.get_title().split()[0]]
+        width_px = ax.get_window_extent().width
+        assert width_px / c >= 15, (ax.get_title(), width_px)
+        if c <= 12:
+            assert len(ax.texts) == c * c and min(t.get_fontsize() for t in ax.texts) >= 9
+    gender = next(ax for ax in shown if ax.get_title().startswith("gender"))
+    assert [t.get_text() for t in gender.get_xticklabels()] == ["female", "male"]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

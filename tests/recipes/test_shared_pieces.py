@@ -82,3 +82,44 @@ def test_no_recipe_module_defines_its_own_history_plot():
         tree = ast.parse(path.read_text())
         names = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
         assert not names & {"plot_validation", "plot_validation_metrics"}, path.name
+
+
+def test_psnr_and_0_1_metrics_get_separate_y_axes():
+    """PSNR (dB) beside SSIM/EER on one axis flattens the 0-1 curves: the others go on a right axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from recipes.history_plots import plot_metrics
+
+    rows = [{"step": 1, "ssim": 0.4, "psnr": 18.0, "eer": 0.3}, {"step": 2, "ssim": 0.6, "psnr": 22.5, "eer": ""}]
+    fig, ax = plt.subplots()
+    twin = plot_metrics(ax, rows, ["ssim", "psnr", "eer"])
+    assert twin is not None and len(fig.axes) == 2
+    assert sorted(line.get_label() for line in ax.get_lines()) == ["eer", "ssim"]
+    assert [line.get_label() for line in twin.get_lines()] == ["psnr"]
+    assert ax.get_ylim()[1] <= 1.1 and twin.get_ylim()[1] >= 22.5
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    assert plot_metrics(ax, rows, ["ssim", "eer"]) is None and len(fig.axes) == 1   # one scale: one axis
+    plt.close(fig)
+
+
+def test_the_run_plot_puts_psnr_on_its_own_axis(tmp_path):
+    """plots/latest.png of a THz run: the validation panel has a second y axis for PSNR."""
+    from unittest import mock
+
+    import matplotlib.figure
+
+    from dist_train.run_logging import plot_curves
+
+    saved = []
+    real = matplotlib.figure.Figure.savefig
+    with mock.patch.object(matplotlib.figure.Figure, "savefig", lambda self, *a, **k: (saved.append(self),
+                                                                                        real(self, *a, **k))):
+        plot_curves([{"step": 1, "loss": 1.0, "lr": 0.1}, {"step": 2, "loss": 0.5, "lr": 0.1}],
+                    [{"step": 2, "loss": 0.7, "ssim": 0.5, "psnr": 21.0}], tmp_path / "latest.png")
+    (fig,) = saved
+    assert len(fig.axes) == 4                         # losses, lr, 0-1 metrics, and PSNR's right axis
+    assert (tmp_path / "latest.png").stat().st_size > 1000
