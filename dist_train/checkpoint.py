@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import random
@@ -23,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from recipes.metrics_json import json_text
 from recipes.model_file import load_weights_only
 from shards.atomic import STALE_SUFFIX as _STALE
 from shards.atomic import atomic_write  # the toolkit's one atomic writer; the rest of dist_train imports it here
@@ -174,10 +174,6 @@ def _is_nan(value: float | None) -> bool:
     return value is not None and math.isnan(value)
 
 
-def _json_number(value: float | None) -> float | None:
-    return None if _is_nan(value) else value
-
-
 def staging_owner() -> str:
     """``<host>-<pid>``: whose save a staging checkpoint is, so that another run
     can tell one of a dead process (swept) from one being written (kept)."""
@@ -320,10 +316,8 @@ class CheckpointManager:
                 _link_or_copy(latest, self.dir / "topk" / name)
             for old in dropped:
                 _remove(self.dir / "topk" / old)
-            text = json.dumps({"monitor": self.policy.monitor, "mode": self.policy.mode,
-                               "best": _json_number(self.policy.best_value),
-                               "top_k": [[_json_number(v), n] for v, n in self.policy.top]},
-                              indent=1, allow_nan=False)
+            text = json_text({"monitor": self.policy.monitor, "mode": self.policy.mode,
+                              "best": self.policy.best_value, "top_k": [[v, n] for v, n in self.policy.top]})
             atomic_write(self.dir / "best.json", lambda tmp: tmp.write_text(text))
         except BaseException:
             self.policy.best_value, self.policy.top = before

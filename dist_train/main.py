@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import random
@@ -285,7 +284,11 @@ def _train_in(run_dir: Path, cfg: Config, ctx: distributed.DistContext, recipe: 
         export_live(trainer.strategy, final_model_path(run_dir), resolved_config_dict(cfg),
                     recipe.data_info.to_dict(), ctx.is_main)
     if ctx.is_main:
-        text = json.dumps({"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics}, indent=1)
+        from recipes.metrics_json import json_text, not_computed_reasons
+
+        why = not_computed_reasons(metrics)  # null in JSON; the reason beside it
+        text = json_text({"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics,
+                          **({"not_computed": why} if why else {})})
         atomic_write(run_dir / "final_metrics.json", lambda tmp: tmp.write_text(text))
     return metrics
 
