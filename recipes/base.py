@@ -274,7 +274,7 @@ def get_recipe(name: str) -> type[Recipe]:
 
 
 _HELPER_MODULES = {"base", "batch", "bin_verification", "history_plots", "image_input", "init_weights", "labels",
-                   "metrics_json", "model_file", "verification", "verification_plots"}
+                   "metrics_json", "model_file", "param_docs", "verification", "verification_plots"}
 
 
 def _import_builtin_recipes() -> None:
