@@ -91,6 +91,18 @@ def run_dir_of(path: Path) -> Path | None:
     return next((q.parent for q in Path(path).resolve().parents if q.name == CHECKPOINTS), None)
 
 
+def run_of(path: Path) -> Path | None:
+    """The run a command's model input belongs to: a run directory itself, its
+    ``model.pt``, or a checkpoint inside its ``checkpoints/``; None for a file
+    outside any run. Outputs of a command about a run go under that run."""
+    p = Path(path)
+    if is_run_dir(p):
+        return p.resolve()
+    if p.name == MODEL_FILE and is_run_dir(p.parent):
+        return p.parent.resolve()
+    return run_dir_of(p)
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     def write(tmp: Path) -> None:
         # Through a Python file object: a failed write is then an OSError with
