@@ -164,6 +164,11 @@ class FaceComModel(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.neck(self.backbone(self.pixels(images)).flatten(1))
 
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inference (the exported graph, dist_train/deploy.py): embedding and both heads."""
+        emb = self.embed(images)
+        return {"embedding": emb, "gender_logits": self.gender_head(emb), "identity_logits": self.identity_head(emb)}
+
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         emb = self.embed(batch["image"])
         identity = batch.get("identity")
