@@ -3,7 +3,6 @@ run, the synthetic data under the output folder (or $BIOMTL_CACHE), everything e
 the user said."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
