@@ -57,3 +57,15 @@ def test_train_eval_extract_predict_from_a_read_only_working_folder(tmp_path: Pa
     assert _files(cwd) == []
     assert (out / "runs" / "cache").is_dir()  # the synthetic set, in the output folder
     assert (run / "eval" / "test" / "metrics.json").is_file()  # the run's eval, under the run
+
+
+def test_eval_output_belongs_to_the_run_or_sits_beside_the_model_file(tmp_path: Path) -> None:
+    from dist_train.commands.eval_cmd import default_output
+
+    run = tmp_path / "runs" / "exp_20260101-000000"
+    (run / "checkpoints").mkdir(parents=True)
+    for given in (run, run / "model.pt", run / "checkpoints" / "best.pt"):
+        assert default_output(given, "test") == run.resolve() / "eval" / "test", given
+    loose = tmp_path / "models" / "face.pt"
+    assert default_output(loose, "val") == loose.parent / "face_eval" / "val"
+    assert default_output(Path("face.pt"), "test").is_absolute()  # beside the file, named in full
