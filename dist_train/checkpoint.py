@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import math
 import os
 import random
@@ -23,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from recipes.metrics_json import json_text
 from recipes.model_file import load_weights_only, weights_checkpoint
 from shards.atomic import STALE_SUFFIX as _STALE
 from shards.atomic import atomic_write  # the toolkit's one atomic writer; the rest of dist_train imports it here
@@ -89,6 +89,18 @@ def run_dir_of(path: Path) -> Path | None:
     """The run directory holding a checkpoint (the parent of its ``checkpoints/``
     folder), or None for a file that is not inside a run."""
     return next((q.parent for q in Path(path).resolve().parents if q.name == CHECKPOINTS), None)
+
+
+def run_of(path: Path) -> Path | None:
+    """The run a command's model input belongs to: a run directory itself, its
+    ``model.pt``, or a checkpoint inside its ``checkpoints/``; None for a file
+    outside any run. Outputs of a command about a run go under that run."""
+    p = Path(path)
+    if is_run_dir(p):
+        return p.resolve()
+    if p.name == MODEL_FILE and is_run_dir(p.parent):
+        return p.parent.resolve()
+    return run_dir_of(p)
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -189,10 +201,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _is_nan(value: float | None) -> bool:
     return value is not None and math.isnan(value)
-
-
-def _json_number(value: float | None) -> float | None:
-    return None if _is_nan(value) else value
 
 
 def staging_owner() -> str:
@@ -334,10 +342,8 @@ class CheckpointManager:
             self._publish_kept(latest, name, is_best)
             for old in dropped:
                 _remove(self.dir / "topk" / old)
-            text = json.dumps({"monitor": self.policy.monitor, "mode": self.policy.mode,
-                               "best": _json_number(self.policy.best_value),
-                               "top_k": [[_json_number(v), n] for v, n in self.policy.top]},
-                              indent=1, allow_nan=False)
+            text = json_text({"monitor": self.policy.monitor, "mode": self.policy.mode,
+                              "best": self.policy.best_value, "top_k": [[v, n] for v, n in self.policy.top]})
             atomic_write(self.dir / "best.json", lambda tmp: tmp.write_text(text))
         except BaseException:
             self.policy.best_value, self.policy.top = before

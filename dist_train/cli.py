@@ -13,6 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # name -> (module with run(argv, prog), one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "recipes": ("dist_train.commands.recipes_cmd", "list the recipes: what each trains, its configs, its params"),
     "train": ("dist_train.main", "train a recipe (same as dist_train/main.py; torchrun for several ranks)"),
     "eval": ("dist_train.commands.eval_cmd", "verification metrics + ROC/histogram/error pictures of a checkpoint"),
     "extract": ("dist_train.commands.extract_cmd", "embeddings of a folder of images (+ similarity matrix, PCA/t-SNE)"),
@@ -30,7 +31,8 @@ def _usage() -> str:
     lines = ["usage: biomtl COMMAND [ARGS...]", "", "Distributed multi-task training for biometric models.",
              "", "commands:"]
     lines += [f"  {name.ljust(width)}  {text}" for name, (_, text) in COMMANDS.items()]
-    lines += ["", "Run 'biomtl COMMAND --help' for a command's options."]
+    lines += ["", "Run 'biomtl recipes' for what can be trained (and with which configs/params),",
+              "'biomtl COMMAND --help' for a command's options."]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -55,7 +56,9 @@ class SyntheticDataConfig:
     image_size: int = 64
     split_by: Literal["sample", "identity"] = "sample"
     modalities: list[str] = field(default_factory=lambda: ["vis"])
-    cache_dir: str = "data"
+    # Where the generated set is kept: empty = $BIOMTL_CACHE, else <experiment.output_dir>/cache
+    # (synthetic_cache_dir); never the working folder.
+    cache_dir: str = ""
 
 
 @dataclass
@@ -593,6 +596,20 @@ def resolve_recipe_params(cfg: Config, check_path: typing.Callable[[dataclasses.
     cfg.recipe.resolved = build_dataclass(get_recipe(cfg.recipe.name).Params, cfg.recipe.params,
                                           prefix="recipe.params", check_path=check_path)
     return cfg.recipe.resolved
+
+
+CACHE_ENV = "BIOMTL_CACHE"  # the cache folder of data biomtl generates, when the config names none
+
+
+def synthetic_cache_dir(cfg: Config, output_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding the synthetic sets (``synthetic-<hash>/``): ``data.synthetic.cache_dir``,
+    else ``$BIOMTL_CACHE``, else ``cache/`` in the output folder (``output_dir``, by default the
+    config's ``experiment.output_dir``; a command about a run passes the run's own parent)."""
+    if cfg.data.synthetic.cache_dir:
+        return Path(cfg.data.synthetic.cache_dir)
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(output_dir if output_dir is not None else cfg.experiment.output_dir) / "cache"
 
 
 def recipe_params(cfg: Config) -> Any:

@@ -137,22 +137,46 @@ def for_inference(model: dict[str, torch.Tensor], config: dict[str, Any], data_i
     return model_file(state, exported, data_info)
 
 
-def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
-    """Write the consolidated file for a DeepSpeed directory or a DDP ``.pt``; returns ``output``."""
+def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "pt") -> Path:
+    """Write the consolidated file (``fmt`` ``pt``) or a deployment graph (``onnx``,
+    ``torchscript``: :mod:`dist_train.deploy`) for a model file, a DeepSpeed directory or a
+    DDP ``.pt``; returns ``output``. An existing ``output`` is replaced only when biomtl
+    export wrote it."""
     from dist_train.commands import output_clash
+    from dist_train.deploy import written_by_biomtl
 
     path = resolve_checkpoint(checkpoint)
     clash = output_clash("--output", output, [("--checkpoint", path)], folders_whole=True)
     if clash is not None:  # replacing the trainer checkpoint would end the run's resume
         raise ExportError(clash)
-    payload = for_inference(*(_deepspeed_export(path) if path.is_dir() else _ddp_export(path)))
     output = Path(output)
+    if output.exists() and not (output.is_file() and written_by_biomtl(output, fmt)):
+        raise ExportError(f"--output {output}: exists and is not a {fmt} file biomtl export wrote; not replaced")
+    payload = for_inference(*(_deepspeed_export(path) if path.is_dir() else _ddp_export(path)))
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(payload, output)
-    except OSError as exc:  # read-only folder, a file in the way, disk full: atomic_save leaves nothing behind
+        if fmt == "pt":
+            atomic_save(payload, output)
+        else:
+            _write_deployable(payload, output, fmt)
+    except OSError as exc:  # read-only folder, a file in the way, disk full: atomic_write leaves nothing behind
         raise ExportError(f"--output {output}: cannot write it ({exc.strerror or type(exc).__name__})") from None
     return output
+
+
+def _write_deployable(payload: Mapping[str, Any], output: Path, fmt: str) -> None:
+    """The recipe's inference graph of a consolidated payload as ONNX / TorchScript, atomically."""
+    from dist_train.checkpoint import atomic_write
+    from dist_train.deploy import WRITERS, InferenceGraph, example_images
+    from dist_train.stored_recipe import recipe_from_stored
+
+    stored = read_stored(payload)
+    recipe = recipe_from_stored(stored.config or {}, stored.data_info or {}).recipe
+    model = recipe.build_model()
+    model.load_state_dict(stored.model)
+    example = example_images(recipe)
+    graph = InferenceGraph(model.float().eval(), example)
+    atomic_write(output, lambda tmp: WRITERS[fmt](Path(tmp), graph, example, type(recipe).name))
 
 
 def export_live(strategy: Any, output: Path, config: dict[str, Any], data_info: dict[str, Any],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import random
@@ -25,7 +24,7 @@ import torch  # noqa: E402
 
 from dist_train import distributed  # noqa: E402
 from dist_train.checkpoint import atomic_write, final_model_path  # noqa: E402
-from dist_train.config import Config, ConfigError, dump_config  # noqa: E402
+from dist_train.config import Config, ConfigError, dump_config, synthetic_cache_dir  # noqa: E402
 from dist_train.preflight import check_resume, load_checked_config, synthetic_spec  # noqa: E402
 from models.backbones import WeightsError  # noqa: E402
 from models.losses import LpipsWeightsMissing  # noqa: E402
@@ -158,15 +157,14 @@ def prepare_data(cfg: Config, ctx: distributed.DistContext) -> Path:
         return dataset_root(cfg.data.shards)  # a Path, or a remote dataset's URL (Path folds its '//')
     from shards.synthetic import ensure_synthetic
 
-    s = cfg.data.synthetic
-    spec = synthetic_spec(cfg)
+    cache, spec = synthetic_cache_dir(cfg), synthetic_spec(cfg)
     # One writer per node (nodes may not share a filesystem); the data is a
     # pure function of the spec, so every node makes the same bytes.
     if ctx.env.is_local_main:
-        path = ensure_synthetic(Path(s.cache_dir), spec)
+        path = ensure_synthetic(cache, spec)
     distributed.barrier()
     if not ctx.env.is_local_main:
-        path = ensure_synthetic(Path(s.cache_dir), spec)
+        path = ensure_synthetic(cache, spec)
     return path
 
 
@@ -286,7 +284,11 @@ def _train_in(run_dir: Path, cfg: Config, ctx: distributed.DistContext, recipe: 
         export_live(trainer.strategy, final_model_path(run_dir), resolved_config_dict(cfg),
                     recipe.data_info.to_dict(), ctx.is_main)
     if ctx.is_main:
-        text = json.dumps({"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics}, indent=1)
+        from recipes.metrics_json import json_text, not_computed_reasons
+
+        why = not_computed_reasons(metrics)  # null in JSON; the reason beside it
+        text = json_text({"step": trainer.state.step, "epoch": trainer.state.epoch, **metrics,
+                          **({"not_computed": why} if why else {})})
         atomic_write(run_dir / "final_metrics.json", lambda tmp: tmp.write_text(text))
     return metrics
 

@@ -14,8 +14,8 @@ import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from dist_train.config import (NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config,
-                               resolved_config_dict, validates)
+from dist_train.config import (CACHE_ENV, NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config,
+                               resolved_config_dict, synthetic_cache_dir, validates)
 from recipes.model_file import (FormatError, deepspeed_states_file, load_weights_only, read_deepspeed_states,
                                 read_stored, read_trainer_state)
 
@@ -44,7 +44,9 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = (), 
     check_monitored_metrics(cfg)
     check_writable_folder("experiment.output_dir", cfg.experiment.output_dir)
     if cfg.data.source == "synthetic" and not _synthetic_cache(cfg).is_dir():
-        check_writable_folder("data.synthetic.cache_dir", cfg.data.synthetic.cache_dir)
+        key = ("data.synthetic.cache_dir" if cfg.data.synthetic.cache_dir else
+               f"${CACHE_ENV}" if os.environ.get(CACHE_ENV) else "experiment.output_dir (its cache/)")
+        check_writable_folder(key, synthetic_cache_dir(cfg))
     check_splits(cfg)
     return cfg
 
@@ -333,7 +335,7 @@ def synthetic_spec(cfg: Config) -> Any:
 def _synthetic_cache(cfg: Config) -> Path:
     from shards.synthetic import spec_hash
 
-    return Path(cfg.data.synthetic.cache_dir) / f"synthetic-{spec_hash(synthetic_spec(cfg))}"
+    return synthetic_cache_dir(cfg) / f"synthetic-{spec_hash(synthetic_spec(cfg))}"
 
 
 def _model_shapes(cfg: Config, data_info: Any) -> dict[str, tuple[int, ...]] | None:

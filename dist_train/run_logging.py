@@ -20,6 +20,7 @@ from rich.table import Table
 
 from dist_train.checkpoint import atomic_write
 from recipes.history_plots import plot_metrics
+from recipes.metrics_json import NotComputed
 
 log = logging.getLogger("biomtl")
 
@@ -305,8 +306,8 @@ class RunLogger:
         table = Table(title=f"{split} @ step {step} (epoch {epoch})", show_header=True)
         table.add_column("metric")
         table.add_column("value", justify="right")
-        for key, value in metrics.items():
-            table.add_row(key, f"{value:.4f}")
+        for key, value in metrics.items():  # a metric that could not be computed says why
+            table.add_row(key, f"n/a: {value.reason}" if isinstance(value, NotComputed) else f"{value:.4f}")
         self.console.print(table)
         if self.plot:
             self.plot_now()

@@ -275,7 +275,7 @@ def select_top_tokens(rollout_map: torch.Tensor, ratio: float, num_prefix_tokens
     ``[B, 1 + R]`` preceded by the CLS token (0) when ``include_cls``, else
     ``[B, R]`` (what GLCA uses). Prefix tokens (CLS, registers) are never selected."""
     scores = rollout_map[:, 0, num_prefix_tokens:]
-    n = scores.shape[1]
+    n = int(scores.shape[1])  # a plain int also while traced for ONNX (the patch count is fixed)
     r = min(n, max(1, int(round(ratio * n))))
     top = scores.topk(r, dim=1).indices + num_prefix_tokens
     if not include_cls:

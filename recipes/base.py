@@ -313,8 +313,9 @@ def get_recipe(name: str) -> type[Recipe]:
     return _REGISTRY[name]
 
 
-_HELPER_MODULES = {"base", "batch", "bin_verification", "history_plots", "identity_head", "image_input", "init_weights", "labels",
-                   "model_file", "verification", "verification_plots"}
+_HELPER_MODULES = {"base", "batch", "bin_verification", "history_plots", "identity_head", "image_input",
+                   "init_weights", "labels", "metrics_json", "model_file", "param_docs", "verification",
+                   "verification_plots"}
 
 
 def _import_builtin_recipes() -> None:

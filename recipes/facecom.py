@@ -51,6 +51,8 @@ from recipes.history_plots import plot_history
 from recipes.image_input import IMAGENET_MEAN, face_transforms, pick_rgb_image
 from recipes.init_weights import check_init_from, load_init_weights
 from recipes.labels import class_label
+from recipes.metrics_json import NotComputed
+from recipes.verification import VerificationMetrics
 
 log = logging.getLogger("biomtl.facecom")
 
@@ -170,6 +172,12 @@ class FaceComModel(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.neck(self.backbone(self.pixels(images)).flatten(1))
 
+    def predict(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inference (the exported graph, dist_train/deploy.py): embedding and both heads."""
+        emb = self.embed(images)
+        _, identity = identity_outputs(self.identity_head, emb, None, 0.0, training=False)  # one process: logits
+        return {"embedding": emb, "gender_logits": self.gender_head(emb), **identity}
+
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         emb = self.embed(batch["image"])
         identity = batch.get("identity")
@@ -231,7 +239,6 @@ class FaceComMetrics(Metrics):
 
         g_true, g_pred = cat("g_true"), cat("g_pred")
         i_true, i_pred, i_top5 = cat("i_true"), cat("i_pred"), cat("i_top5")
-        nan = float("nan")
         out: dict[str, float] = {}
         gm = g_true >= 0
         if gm.any():
@@ -242,15 +249,19 @@ class FaceComMetrics(Metrics):
             out["gender_f1"] = float(f1_score(gt, gp, pos_label=1, average="binary", zero_division=0))
             out["gender_macro_f1"] = float(f1_score(gt, gp, average="macro", zero_division=0))
         else:
-            out.update(gender_acc=nan, gender_precision=nan, gender_recall=nan, gender_f1=nan, gender_macro_f1=nan)
+            why = NotComputed("no gender labels in the split")
+            out.update(gender_acc=why, gender_precision=why, gender_recall=why, gender_f1=why, gender_macro_f1=why)
         im = i_true >= 0
         if im.any():
             out["identity_top1"] = float(accuracy_score(i_true[im], i_pred[im]))
             out["identity_top5"] = float(i_top5[im].mean())
             out["identity_macro_f1"] = float(f1_score(i_true[im], i_pred[im], average="macro", zero_division=0))
         else:
-            out.update(identity_top1=nan, identity_top5=nan, identity_macro_f1=nan)
-        out["combined"] = 0.3 * out["gender_macro_f1"] + 0.7 * out["identity_macro_f1"]
+            why = NotComputed("no identity labels in the split")
+            out.update(identity_top1=why, identity_top5=why, identity_macro_f1=why)
+        missing = [k for k in ("gender_macro_f1", "identity_macro_f1") if isinstance(out[k], NotComputed)]
+        out["combined"] = (NotComputed(f"needs {' and '.join(missing)}") if missing
+                           else 0.3 * out["gender_macro_f1"] + 0.7 * out["identity_macro_f1"])
         return out
 
 
@@ -348,7 +359,7 @@ class FaceComRecipe(Recipe):
         run_dir = Path(ctx.run_dir)
         module = getattr(model, "module", model)
         rows: list[dict[str, Any]] = []
-        metrics = FaceComMetrics()
+        metrics, verification = FaceComMetrics(), VerificationMetrics()
         loader = ctx.loaders.get("test")
         if loader is not None:
             param = next(module.parameters())
@@ -358,6 +369,7 @@ class FaceComRecipe(Recipe):
                 for batch in loader:
                     out = module(move_batch(batch, param.device, param.dtype))
                     metrics.update(out, batch)
+                    verification.update(out, batch)  # test identities need not be training ones: EER, AUC...
                     g_conf, g_pred = out["gender_logits"].float().softmax(1).cpu().max(1)
                     i_pred, i_conf = (t[:, 0] for t in top_identities(out, 1))
                     n = g_pred.shape[0]
@@ -366,9 +378,12 @@ class FaceComRecipe(Recipe):
                         rows.append({"key": keys[j], "gender": int(g_pred[j]), "gender_confidence": float(g_conf[j]),
                                      "identity": int(i_pred[j]), "confidence": float(i_conf[j])})
             module.train(was_training)
-        gathered = ctx.gather((rows, metrics.state()))
-        rows = [r for rs, _ in gathered for r in rs]
-        test_metrics = FaceComMetrics.compute([s for _, s in gathered]) if loader is not None else {}
+        gathered = ctx.gather((rows, metrics.state(), verification.state()))
+        rows = [r for rs, _, _ in gathered for r in rs]
+        test_metrics: dict[str, float] = {}
+        if loader is not None:
+            test_metrics.update(FaceComMetrics.compute([s for _, s, _ in gathered]))
+            test_metrics.update(VerificationMetrics.compute([v for _, _, v in gathered]))
         if ctx.is_main:
             if loader is not None:
                 ctx.publish(run_dir / "submission.csv", lambda tmp: self._write_submission(tmp, rows))

@@ -73,6 +73,7 @@ import numpy as np
 
 from recipes.base import Metrics
 from recipes.batch import label_column, sample_keys, valid_mask
+from recipes.metrics_json import NotComputed
 
 log = logging.getLogger("biomtl.eval")
 
@@ -510,7 +511,8 @@ class VerificationMetrics(Metrics):
     def compute(states: list[Any]) -> dict[str, float]:
         states = [s for s in states if s["identity"].size]
         if not states:
-            return {"eer": float("nan"), "auc": float("nan")}
+            why = NotComputed("no labelled samples in the split")
+            return {"eer": why, "auc": why}
         emb = np.concatenate([s["embedding"] for s in states]).astype(np.float32)
         ident = np.concatenate([s["identity"] for s in states])
         twin = np.concatenate([s["twin"] for s in states])
@@ -520,7 +522,10 @@ class VerificationMetrics(Metrics):
         out = {k: flat[k] for k in VerificationMetrics.KEPT if k in flat}
         out["threshold"] = flat["best_threshold"]
         for k in VerificationMetrics.TWIN:
-            out[f"twin_{k}"] = flat[f"twin_{k}"]
+            out[f"twin_{k}"] = flat[f"twin_{k}"] if pairs.twin.any() else NotComputed("no co-twin impostor pairs")
+        if pairs.label.all() or not pairs.label.any():
+            why = NotComputed("needs genuine and impostor pairs")
+            out.update({k: why for k, v in out.items() if v != v})
         log.info("validation pairs: %d genuine, %d impostor (%d co-twin)", pairs.label.sum(), (~pairs.label).sum(),
                  pairs.twin.sum())
         return out

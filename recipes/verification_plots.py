@@ -5,7 +5,6 @@ Every file is handed to a ``publish(path, write)`` function (the trainer's and
 the CLI's atomic writer), so a reader never sees half a picture."""
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -13,25 +12,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from recipes.metrics_json import json_text
 from recipes.verification import FAR_TARGETS, Pairs, cosine_scores, verification_report
 
 Publish = Callable[[Path, Callable[[Path], None]], Path]
 
 # ----------------------------------------------------------------------------- report files
-
-def _json_clean(obj: Any) -> Any:
-    if isinstance(obj, Mapping):
-        return {str(k): _json_clean(v) for k, v in obj.items() if not str(k).startswith("_")}
-    if isinstance(obj, (list, tuple)):
-        return [_json_clean(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
 
 def _savefig(fig: Any, path: Path, publish: Publish) -> None:
     import matplotlib.pyplot as plt
@@ -197,7 +183,7 @@ def write_report(out_dir: str | os.PathLike, table: Mapping[str, Any], pairs: Pa
                "identities": int(np.unique(table["identity"][table["identity"] >= 0]).size),
                "threshold": threshold, "threshold_source": threshold_source,
                "all_impostors": report["all"], "twin_impostors": report["twin"], **(extra or {})}
-    text = json.dumps(_json_clean(metrics), indent=1) + "\n"
+    text = json_text(metrics)
     publish(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
     plot_roc(report, out / "roc.png", publish, title=title and f"ROC: {title}")
     if shown_thr is not None and math.isfinite(shown_thr):

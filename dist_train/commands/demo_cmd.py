@@ -75,18 +75,38 @@ def read_upload(path: Any, what: str):
         raise DemoError(f"{what}: {p.name}: {exc.cause}") from None
 
 
+def display_size(width: int, height: int) -> tuple[int, int]:
+    """The picture's size on the page: its longer side :data:`DISPLAY`, its aspect ratio kept."""
+    scale = DISPLAY / max(width, height, 1)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def overlay(image, heat: np.ndarray | None) -> np.ndarray:
-    """``image`` at the display size, with the attention map (in [0, 1]) laid over it."""
+    """``image`` at the display size (aspect ratio kept), with the attention map (in [0, 1],
+    over the model's input, stretched back to the image's shape) laid over it. An RGB array:
+    Gradio sends it to the browser as PNG, whatever the file was (PGM, TIFF...)."""
     from matplotlib import colormaps
     from PIL import Image
 
-    view = np.asarray(image.resize((DISPLAY, DISPLAY), Image.BILINEAR), dtype=np.float32)
+    size = display_size(*image.size)
+    view = np.asarray(image.convert("RGB").resize(size, Image.BILINEAR), dtype=np.float32)
     if heat is None:
         return view.astype(np.uint8)
-    h = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize((DISPLAY, DISPLAY), Image.BILINEAR),
+    h = np.asarray(Image.fromarray((heat * 255).astype(np.uint8)).resize(size, Image.BILINEAR),
                    dtype=np.float32) / 255.0
     colour = colormaps["inferno"](h)[..., :3] * 255.0
     return (0.45 * view + 0.55 * colour).clip(0, 255).astype(np.uint8)
+
+
+def preview(file: Any) -> np.ndarray | None:
+    """An upload as the page shows it before anything runs (browsers show no PGM); None
+    when there is no file or it is not an image (Verify / Search then say why)."""
+    if file is None:
+        return None
+    try:
+        return overlay(read_upload(file, "upload"), None)
+    except DemoError:
+        return None
 
 
 class Demo:
@@ -129,7 +149,7 @@ class Demo:
         return self._gallery_table
 
     def nearest(self, query_file: Any) -> tuple[list[list[Any]], list[tuple[str, str]]]:
-        """``([[rank, identity, best score, images], ...], [(image path, caption)] of the best images)``."""
+        """``([[rank, identity, best score, images], ...], [(RGB picture, caption)] of the best images)``."""
         read_upload(query_file, "query image")
         paths, labels, feats = self.gallery_table()
         scores = feats @ self.engine.extract_features([str(query_file)])[0]
@@ -139,7 +159,9 @@ class Demo:
         ranked = list(best.items())[:self.top_k]
         rows = [[r + 1, ident or "(no folder)", round(float(scores[i]), 4), labels.count(ident)]
                 for r, (ident, i) in enumerate(ranked)]
-        shown = [(str(paths[i]), f"{ident or '(no folder)'}: {scores[i]:.4f}") for ident, i in ranked]
+        # pictures, not paths: a browser shows no PGM (ORL, CMU), so the page gets PNGs
+        shown = [(overlay(read_upload(paths[i], "gallery image"), None), f"{ident or '(no folder)'}: {scores[i]:.4f}")
+                 for ident, i in ranked]
         return rows, shown
 
 
@@ -161,7 +183,7 @@ def build_app(demo: Demo):
 
     def on_verify(f1: Any, f2: Any):
         r = on_page(demo.verify, f1, f2)
-        return r["score"], r["decision"], r["views"][0], r["views"][1]
+        return f"{r['score']:.6f}", r["decision"], r["views"][0], r["views"][1]
 
     def on_nearest(q: Any):
         return on_page(demo.nearest, q)
@@ -173,23 +195,32 @@ def build_app(demo: Demo):
             with gr.Row():
                 f1 = gr.File(label="image 1", file_types=file_types, type="filepath", elem_id="image1")
                 f2 = gr.File(label="image 2", file_types=file_types, type="filepath", elem_id="image2")
+            with gr.Row():  # what was uploaded, as PNG (the browser shows no PGM)
+                p1 = gr.Image(label="image 1", interactive=False, elem_id="preview1", format="png")
+                p2 = gr.Image(label="image 2", interactive=False, elem_id="preview2", format="png")
+            f1.change(preview, [f1], [p1])
+            f2.change(preview, [f2], [p2])
             button = gr.Button("Verify", variant="primary", elem_id="verify")
-            with gr.Row():
-                score = gr.Number(label="cosine score", precision=6, interactive=False, elem_id="score")
+            with gr.Row():  # text, empty until a pair was scored (a Number shows 0 before anything ran)
+                score = gr.Textbox(label="cosine score", interactive=False, elem_id="score")
                 decision = gr.Textbox(label="decision", interactive=False, elem_id="decision")
             what = "attention rollout (DCAL, CLS row)" if demo.has_attention else "as the model sees it"
             with gr.Row():
-                v1 = gr.Image(label=f"image 1: {what}", interactive=False, elem_id="view1")
-                v2 = gr.Image(label=f"image 2: {what}", interactive=False, elem_id="view2")
+                v1 = gr.Image(label=f"image 1: {what}", interactive=False, elem_id="view1", format="png")
+                v2 = gr.Image(label=f"image 2: {what}", interactive=False, elem_id="view2", format="png")
             button.click(on_verify, [f1, f2], [score, decision, v1, v2])
         with gr.Tab("Nearest identities"):
             gr.Markdown(f"Gallery: `{demo.gallery}`" if demo.gallery else
                         "No gallery: start with `--gallery DIR` (one sub-folder per identity).")
-            q = gr.File(label="query image", file_types=file_types, type="filepath", elem_id="query")
+            with gr.Row():
+                q = gr.File(label="query image", file_types=file_types, type="filepath", elem_id="query")
+                pq = gr.Image(label="query", interactive=False, elem_id="preview_query", format="png")
+            q.change(preview, [q], [pq])
             search = gr.Button("Search", variant="primary", elem_id="search")
             table = gr.Dataframe(headers=["rank", "identity", "best score", "images"], interactive=False,
                                  elem_id="nearest")
-            pictures = gr.Gallery(label="closest image of each identity", columns=5, elem_id="nearest_images")
+            pictures = gr.Gallery(label="closest image of each identity", columns=5, elem_id="nearest_images",
+                                  format="png", object_fit="contain")
             search.click(on_nearest, [q], [table, pictures])
     return app
 

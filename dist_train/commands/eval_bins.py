@@ -58,19 +58,9 @@ def evaluate_bins(args: argparse.Namespace, default_output: Any) -> int:
 
 
 def _json(report: dict[str, Any]) -> str:
-    import json
-    import math
+    from recipes.metrics_json import json_text
 
-    def clean(v: Any) -> Any:  # NaN -> null: strict JSON
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(report), indent=2) + "\n"
+    return json_text(report, indent=2)
 
 
 def _print_tables(report: dict[str, Any], path: Path) -> None:

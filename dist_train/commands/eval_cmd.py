@@ -12,7 +12,8 @@ disk, no split needed (:mod:`dist_train.commands.path_pairs`). The decision thre
 ``--threshold``, else (``--optimize-threshold``) the best-accuracy threshold on
 the validation split's pairs, else the checkpoint's (see :mod:`dist_train.inference`). Writes ``metrics.json``, ``roc.png``,
 ``score_histograms.png`` and ``hardest_errors.png`` into ``--output``
-(default: ``<run dir>/eval/<split>`` for a trainer checkpoint, else ``eval_<split>``).
+(default: ``<run dir>/eval/<split>`` for a run, its checkpoints or its ``model.pt``, else
+``<file stem>_eval/<split>`` beside the model file).
 Metric definitions: :mod:`recipes.verification`.
 
 ``--bin lfw.bin [--bin cfp_fp.bin ...]``: insightface's verification sets instead of a
@@ -65,8 +66,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return ap
 
 
-def resolve_data_dir(cfg: Any) -> Path:
-    """The shard directory a training config used (the synthetic set is rebuilt if absent)."""
+def resolve_data_dir(cfg: Any, run: Path | None = None) -> Path:
+    """The shard directory a training config used (the synthetic set is rebuilt if absent,
+    in the cache of the run's output folder when no cache folder is named)."""
     if cfg.data.source == "shards":
         if not cfg.data.shards:
             raise FileNotFoundError("the checkpoint's config names no shard directory; pass --data DIR")
@@ -74,20 +76,23 @@ def resolve_data_dir(cfg: Any) -> Path:
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(f"the checkpoint's data directory {path} is not here; pass --data DIR")
         return path
-    from shards.synthetic import SyntheticSpec, ensure_synthetic
+    from dist_train.config import synthetic_cache_dir
+    from dist_train.preflight import synthetic_spec
+    from shards.synthetic import ensure_synthetic
 
-    s = cfg.data.synthetic
-    spec = SyntheticSpec(num_identities=s.num_identities, samples_per_identity=s.samples_per_identity,
-                         twin_fraction=s.twin_fraction, image_size=s.image_size, split_by=s.split_by,
-                         modalities=tuple(s.modalities), seed=cfg.experiment.seed)
-    return ensure_synthetic(Path(s.cache_dir), spec)
+    return ensure_synthetic(synthetic_cache_dir(cfg, run.parent if run is not None else None), synthetic_spec(cfg))
 
 
 def default_output(checkpoint: Path, split: str) -> Path:
-    from dist_train.checkpoint import run_dir_of
+    """``RUN/eval/<split>`` for a run, its checkpoints and its model.pt; beside any
+    other model file: ``<folder>/<file stem>_eval/<split>``. Never the working folder."""
+    from dist_train.checkpoint import run_of
 
-    run = run_dir_of(checkpoint)
-    return run / "eval" / split if run is not None else Path(f"eval_{split}")
+    run = run_of(checkpoint)
+    if run is not None:
+        return run / "eval" / split
+    checkpoint = Path(checkpoint).absolute()
+    return checkpoint.parent / f"{checkpoint.stem}_eval" / split
 
 
 def run(argv: list[str] | None = None, prog: str = "biomtl eval") -> int:
@@ -178,11 +183,12 @@ class _SplitData:
     split's verification pairs, a threshold picked on another split."""
 
     def __init__(self, args: argparse.Namespace, engine: Any) -> None:
+        from dist_train.checkpoint import run_of
         from shards.manifest import Manifest
 
         self.args, self.engine = args, engine
         try:
-            self.dir = Path(args.data) if args.data else resolve_data_dir(engine.config)
+            self.dir = Path(args.data) if args.data else resolve_data_dir(engine.config, run_of(args.checkpoint))
             self.manifest = Manifest.load(self.dir)
         except (FileNotFoundError, ValueError) as exc:
             raise _EvalError(str(exc).splitlines()[0]) from None

@@ -393,7 +393,9 @@ def test_demo_functions_verify_refuse_and_search(trained, tmp_path):
     _, score_atol = _feature_bounds(engine, [b])
     assert rows[0][1] == b.parent.name
     assert rows[0][2] == pytest.approx(1.0, rel=0, abs=0.5e-4 + score_atol + _self_score_atol())
-    assert len(rows) == 3 and [row[0] for row in rows] == [1, 2, 3] and shown[0][0] == str(b)
+    assert len(rows) == 3 and [row[0] for row in rows] == [1, 2, 3] and shown[0][1].startswith(b.parent.name)
+    with Image.open(b) as im:  # the picture itself (the page gets a PNG, whatever the file), not its path
+        assert np.array_equal(shown[0][0], np.asarray(im.convert("RGB").resize((224, 224), Image.BILINEAR)))
     with pytest.raises(DemoError, match="--gallery"):
         Demo(engine).nearest(str(b))
 
@@ -406,12 +408,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _as_pgm_faces(images: Path, folder: Path) -> Path:
+    """The fixture's images as grey PGM files of ORL's 92 x 112 shape (a browser shows no PGM)."""
+    for png in _imgs(images):
+        out = folder / png.relative_to(images).with_suffix(".pgm")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(png) as im:
+            im.convert("L").resize((92, 112), Image.BILINEAR).save(out)
+    return folder
+
+
+def _shown_images(page, selector: str) -> list[tuple[int, int]]:
+    """(natural width, natural height) of every picture under ``selector`` once all have
+    loaded; a picture the browser cannot decode has a natural width of 0."""
+    page.wait_for_function("(s) => { const im = [...document.querySelectorAll(s + ' img')];"
+                           " return im.length > 0 && im.every(i => i.complete); }", arg=selector, timeout=120_000)
+    sizes = page.eval_on_selector_all(selector + " img", "im => im.map(i => [i.naturalWidth, i.naturalHeight])")
+    return [tuple(size) for size in sizes]
+
+
 @pytest.mark.integration
 def test_demo_page_in_a_headless_browser(trained, tmp_path, capsys, monkeypatch):
-    """The real page in Debian's Chromium (Playwright drives it; no browser download):
-    it loads, a pair is submitted, the score shown is `biomtl verify`'s, a file that is
-    not an image is refused with the page's message. The screenshot is kept under the
-    test's tmp dir and copied to $CI_ARTIFACTS when that is set."""
+    """The real page in Debian's Chromium (Playwright drives it; no browser download), both
+    tabs with grey PGM files (ORL and CMU are PGM; a browser shows none): no score before a
+    run, previews of the uploads, the score shown is `biomtl verify`'s, a file that is not an
+    image is refused with the page's message, the nearest identities' pictures show, aspect
+    ratios kept. The screenshot is kept under the test's tmp dir and copied to $CI_ARTIFACTS
+    when that is set."""
     import os
     import shutil
 
@@ -423,14 +446,16 @@ def test_demo_page_in_a_headless_browser(trained, tmp_path, capsys, monkeypatch)
     from dist_train.commands import demo_cmd
 
     run, _, images = trained
-    a, _, b = _imgs(images)[:3]
+    gallery = _as_pgm_faces(images, tmp_path / "pgm")
+    a, _, b = sorted(gallery.rglob("*.pgm"))[:3]
     expected = json.loads(_cli_here(capsys, "verify", "--checkpoint", str(run), str(a), str(b), "--json",
                                     "--device", "cpu").stdout)
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))
-    app = demo_cmd.start(["--checkpoint", str(run), "--gallery", str(images), "--port", str(_free_port()),
+    app = demo_cmd.start(["--checkpoint", str(run), "--gallery", str(gallery), "--port", str(_free_port()),
                           "--device", "cpu"], block=False)
     assert not isinstance(app, int), capsys.readouterr().err
     shot = tmp_path / "demo_page.png"
+    portrait = [(184, 224)]  # 92 x 112 at a longer side of 224
     try:
         assert app.server_name == "127.0.0.1"                    # localhost unless --host says otherwise
         with sync_api.sync_playwright() as pw:
@@ -439,20 +464,22 @@ def test_demo_page_in_a_headless_browser(trained, tmp_path, capsys, monkeypatch)
                 page = browser.new_page(viewport={"width": 1200, "height": 1000})
                 page.goto(app.local_url)
                 page.locator("#verify").wait_for(timeout=60_000)
-                for sel, img in (("#image1", a), ("#image2", b)):
+                assert page.locator("#score textarea").input_value() == ""  # no score before anything ran
+                for sel, view, img in (("#image1", "#preview1", a), ("#image2", "#preview2", b)):
                     page.locator(f"{sel} input[type=file]").set_input_files(str(img))
                     page.locator(f"{sel} a[data-testid=download-link]").wait_for(timeout=60_000)  # uploaded
+                    assert _shown_images(page, view) == portrait
                 page.click("#verify")
                 page.wait_for_function("() => { const e = document.querySelector('#decision textarea');"
                                        " return e && e.value !== ''; }", timeout=120_000)
-                shown = float(page.locator("#score input").input_value())
+                shown = float(page.locator("#score textarea").input_value())
                 decision = page.locator("#decision textarea").input_value()
-                page.screenshot(path=str(shot), full_page=True)
                 # the page shows 6 decimals: half a unit of the last one, plus the float's own rounding
                 assert shown == pytest.approx(expected["score"], rel=0, abs=0.5e-6 + 1e-12)
                 assert decision.startswith("MATCH" if expected["match"] else "NO MATCH")
                 assert f"{expected['threshold']:.4f}" in decision
-                assert page.locator("#view1 img").count() == 1 and page.locator("#view2 img").count() == 1
+                assert _shown_images(page, "#view1") == portrait and _shown_images(page, "#view2") == portrait
+                page.screenshot(path=str(shot), full_page=True)
                 fake = tmp_path / "fake.png"
                 fake.write_text("a text file with an image name")
                 page.locator("#image2 button[aria-label=Clear]").click()
@@ -460,6 +487,15 @@ def test_demo_page_in_a_headless_browser(trained, tmp_path, capsys, monkeypatch)
                 page.locator("#image2 a[data-testid=download-link]").wait_for(timeout=60_000)
                 page.click("#verify")
                 page.get_by_text("image 2: fake.png is not an image").first.wait_for(timeout=60_000)
+
+                page.get_by_role("tab", name="Nearest identities").click()
+                page.locator("#query input[type=file]").set_input_files(str(b))
+                assert _shown_images(page, "#preview_query") == portrait
+                page.click("#search")
+                pictures = _shown_images(page, "#nearest_images")
+                assert len(pictures) == 3 and all(size == portrait[0] for size in pictures), pictures
+                assert page.locator("#nearest").get_by_text(b.parent.name).count() >= 1
+                page.screenshot(path=str(tmp_path / "demo_nearest.png"), full_page=True)
             finally:
                 browser.close()
     finally:
