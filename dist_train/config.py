@@ -56,6 +56,10 @@ class SyntheticDataConfig:
     split_by: Literal["sample", "identity"] = "sample"
     modalities: list[str] = field(default_factory=lambda: ["vis"])
     cache_dir: str = "data"
+    # > 0: the many-identities mode (shards/synthetic/many.py): this many drawn base
+    # faces, each identity one of them under its own cheap transform; vis only.
+    # 10^5 identities in about a minute, for the identity-head benchmarks.
+    base_faces: int = 0
 
 
 @dataclass
@@ -553,6 +557,8 @@ def validate(cfg: Config, start: bool = True) -> None:
         raise ConfigError(f"data.twin_prob: must be in [0, 1], got {cfg.data.twin_prob}")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.shards: required when data.source is 'shards'")
+    if cfg.data.source == "synthetic":
+        _check_synthetic(cfg)
     if cfg.data.source == "shards" and is_remote(cfg.data.shards) and cfg.data.batching != "stream":
         raise ConfigError(f"data.batching: {cfg.data.batching} reads samples by random access and needs local "
                           f"shards; data.shards is remote ({cfg.data.shards}): use data.batching=stream")
@@ -574,6 +580,17 @@ def validate(cfg: Config, start: bool = True) -> None:
                           f"{_suggest(cfg.recipe.name, recipe_names())}; "
                           f"known: {', '.join(recipe_names())}") from None
     resolve_recipe_params(cfg, check_path=lambda f: start or not f.metadata.get("start_only"))
+
+
+def _check_synthetic(cfg: Config) -> None:
+    """``data.synthetic`` by the generator's own rules (shards/synthetic/spec.py), one line naming the key."""
+    from dist_train.preflight import synthetic_spec  # (preflight imports this module)
+    from shards.synthetic import SpecError
+
+    try:
+        synthetic_spec(cfg)
+    except SpecError as e:
+        raise ConfigError(f"data.synthetic.{e.field}: {e.reason}") from None
 
 
 def validates(cfg: Config) -> bool:

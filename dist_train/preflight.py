@@ -327,7 +327,7 @@ def synthetic_spec(cfg: Config) -> Any:
     s = cfg.data.synthetic
     return SyntheticSpec(num_identities=s.num_identities, samples_per_identity=s.samples_per_identity,
                          twin_fraction=s.twin_fraction, image_size=s.image_size, split_by=s.split_by,
-                         modalities=tuple(s.modalities), seed=cfg.experiment.seed)
+                         modalities=tuple(s.modalities), seed=cfg.experiment.seed, base_faces=s.base_faces)
 
 
 def _synthetic_cache(cfg: Config) -> Path:

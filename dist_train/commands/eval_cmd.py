@@ -74,13 +74,10 @@ def resolve_data_dir(cfg: Any) -> Path:
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(f"the checkpoint's data directory {path} is not here; pass --data DIR")
         return path
-    from shards.synthetic import SyntheticSpec, ensure_synthetic
+    from dist_train.preflight import synthetic_spec
+    from shards.synthetic import ensure_synthetic
 
-    s = cfg.data.synthetic
-    spec = SyntheticSpec(num_identities=s.num_identities, samples_per_identity=s.samples_per_identity,
-                         twin_fraction=s.twin_fraction, image_size=s.image_size, split_by=s.split_by,
-                         modalities=tuple(s.modalities), seed=cfg.experiment.seed)
-    return ensure_synthetic(Path(s.cache_dir), spec)
+    return ensure_synthetic(Path(cfg.data.synthetic.cache_dir), synthetic_spec(cfg))
 
 
 def default_output(checkpoint: Path, split: str) -> Path:
