@@ -582,9 +582,18 @@ def validate(cfg: Config, start: bool = True) -> None:
     resolve_recipe_params(cfg, check_path=lambda f: start or not f.metadata.get("start_only"))
 
 
+def synthetic_spec(cfg: Config) -> Any:
+    """The built-in dataset ``data.synthetic`` describes (its cache folder is a hash of it)."""
+    from shards.synthetic import SyntheticSpec
+
+    s = cfg.data.synthetic
+    return SyntheticSpec(num_identities=s.num_identities, samples_per_identity=s.samples_per_identity,
+                         twin_fraction=s.twin_fraction, image_size=s.image_size, split_by=s.split_by,
+                         modalities=tuple(s.modalities), seed=cfg.experiment.seed, base_faces=s.base_faces)
+
+
 def _check_synthetic(cfg: Config) -> None:
     """``data.synthetic`` by the generator's own rules (shards/synthetic/spec.py), one line naming the key."""
-    from dist_train.preflight import synthetic_spec  # (preflight imports this module)
     from shards.synthetic import SpecError
 
     try:

@@ -74,7 +74,7 @@ def resolve_data_dir(cfg: Any) -> Path:
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(f"the checkpoint's data directory {path} is not here; pass --data DIR")
         return path
-    from dist_train.preflight import synthetic_spec
+    from dist_train.config import synthetic_spec
     from shards.synthetic import ensure_synthetic
 
     return ensure_synthetic(Path(cfg.data.synthetic.cache_dir), synthetic_spec(cfg))

@@ -12,11 +12,16 @@ are those of :func:`shards.synthetic.ensure_synthetic` datasets (``vis.png``,
 ``json`` with identity, gender, emotion, facial_hair, spectacles, posture,
 concealed, twin), but the split follows ``--splits``/``--split-by``.
 
-10^5 identities x 2 images for the identity-head benchmarks (about a minute;
-docs in shards/synthetic/many.py)::
+10^5 identities x 2 images for the identity-head benchmarks (shards/synthetic/many.py):
+90 s of one core at 32 px; ``--workers 1``: the packing workers would each draw
+the base faces again and ship every image back, which doubled the CPU time on a
+2-core machine::
 
     biomtl shards create --format synthetic --output DIR --identities 100000 --samples 2 \\
-        --size 32 --base-faces 256 --twin-fraction 0 --maxcount 10000
+        --size 32 --base-faces 256 --twin-fraction 0 --maxcount 10000 --workers 1
+
+(``--splits train=1``: every identity's images in training, a closed set; the
+default identity-disjoint ``train=0.8,val=0.1,test=0.1`` trains 80 % of them.)
 """
 from __future__ import annotations
 
@@ -72,8 +77,8 @@ class SyntheticSource(Source):
                                                           "vis with --base-faces)")
         g.add_argument("--base-faces", type=int, default=0, metavar="B",
                        help="synthetic: many-identities mode: draw B base faces and make each identity one of them "
-                            "under its own colour/offset/pattern transform (fast: 10^5 identities in about a minute; "
-                            "vis only); 0 (default): every identity drawn as its own face")
+                            "under its own colour/offset/pattern transform (fast: 10^5 identities x 2 in ~90 s of one "
+                            "core at 32 px, with --workers 1; vis only); 0 (default): every identity drawn as its own face")
 
     def scan(self, input_path: Path | None, args: argparse.Namespace) -> Scan:
         from ..synthetic import LABEL_SCHEMAS, SpecError, SyntheticSpec, _world, sample_key

@@ -1,5 +1,7 @@
 """Many identities cheaply (``SyntheticSpec.base_faces = B > 0``): a dataset of 10^5
-identities for the identity-head benchmarks (Partial FC) in about a minute.
+identities for the identity-head benchmarks (Partial FC): 10^5 x 2 images at
+32 px are drawn and packed in about 90 s of one core (``biomtl shards create
+--format synthetic --base-faces 256 --workers 1``, see shards/sources/synthetic.py).
 
 Which way, and why: drawing a face with :mod:`shards.synthetic.faces` costs about
 1.6 ms at 32 px, so 10^5 identities x 2 images would take ~6 minutes of one core
@@ -16,8 +18,8 @@ identity)``:
   colours interpolated to the image (a blotch map no other identity shares).
 
 Image ``k`` of an identity is that capture under the identity's transform plus a
-per-image jitter (one pixel of offset, brightness, pixel noise): about 40 us of
-NumPy, less than encoding the PNG. So an identity's images differ by the jitter
+per-image jitter (one pixel of offset, brightness, pixel noise): a few NumPy
+operations on the small image, under a third of what encoding and writing it cost. So an identity's images differ by the jitter
 only, and two identities on the same base face by their transforms (what a model
 must learn to tell them apart). With B = 8 and 24 px, the mean pixel L2 between
 two images of one identity is ~0.45 of that between identities sharing a base
@@ -39,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from .faces import render_face
 from .spec import SyntheticSpec
 from .world import _rng, _world
 
@@ -71,9 +74,7 @@ def _margin(size: int) -> int:
 def _base(base: SyntheticSpec, face: int, pose: int) -> tuple[np.ndarray, dict[str, Any]]:
     """Base face ``face`` in capture ``pose``: the image edge-padded by the largest
     offset (so an offset is a slice) and its labels. Cached: drawn once per process."""
-    from .faces import render_sample
-
-    r = render_sample(base, face, pose)
+    r = render_face(base, face, pose)
     m = _margin(base.image_size)
     return np.pad(r["vis"], ((m, m), (m, m), (0, 0)), mode="edge"), r["labels"]
 

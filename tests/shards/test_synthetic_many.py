@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dist_train.config import ConfigError, load_config
+from dist_train.config import ConfigError, load_config, synthetic_spec
 from shards.cli import run as shards_cli
 from shards.manifest import Manifest
 from shards.reading import ShardReader, decode_sample, shards_of
@@ -175,8 +175,6 @@ def test_config_settings_are_checked_by_the_generators_rules(override, line):
 
 def test_a_config_makes_the_many_identities_data(tmp_path):
     """data.synthetic.base_faces reaches the generator: the cached set is the many-identities one."""
-    from dist_train.preflight import synthetic_spec
-
     cfg = load_config(REPO / "configs" / "facecom.yaml", [
         "data.synthetic.base_faces=8", "data.synthetic.num_identities=30", "data.synthetic.samples_per_identity=2",
         "data.synthetic.image_size=16", f"data.synthetic.cache_dir={tmp_path}"])
