@@ -59,6 +59,10 @@ class SyntheticDataConfig:
     # Where the generated set is kept: empty = $BIOMTL_CACHE, else <experiment.output_dir>/cache
     # (synthetic_cache_dir); never the working folder.
     cache_dir: str = ""
+    # > 0: the many-identities mode (shards/synthetic/many.py): this many drawn base
+    # faces, each identity one of them under its own cheap transform; vis only.
+    # 10^5 identities in about a minute, for the identity-head benchmarks.
+    base_faces: int = 0
 
 
 @dataclass
@@ -561,6 +565,8 @@ def validate(cfg: Config, start: bool = True) -> None:
         raise ConfigError(f"data.twin_prob: must be in [0, 1], got {cfg.data.twin_prob}")
     if cfg.data.source == "shards" and not cfg.data.shards:
         raise ConfigError("data.shards: required when data.source is 'shards'")
+    if cfg.data.source == "synthetic":
+        _check_synthetic(cfg)
     if cfg.data.source == "shards" and is_remote(cfg.data.shards) and cfg.data.batching != "stream":
         raise ConfigError(f"data.batching: {cfg.data.batching} reads samples by random access and needs local "
                           f"shards; data.shards is remote ({cfg.data.shards}): use data.batching=stream")
@@ -582,6 +588,26 @@ def validate(cfg: Config, start: bool = True) -> None:
                           f"{_suggest(cfg.recipe.name, recipe_names())}; "
                           f"known: {', '.join(recipe_names())}") from None
     resolve_recipe_params(cfg, check_path=lambda f: start or not f.metadata.get("start_only"))
+
+
+def synthetic_spec(cfg: Config) -> Any:
+    """The built-in dataset ``data.synthetic`` describes (its cache folder is a hash of it)."""
+    from shards.synthetic import SyntheticSpec
+
+    s = cfg.data.synthetic
+    return SyntheticSpec(num_identities=s.num_identities, samples_per_identity=s.samples_per_identity,
+                         twin_fraction=s.twin_fraction, image_size=s.image_size, split_by=s.split_by,
+                         modalities=tuple(s.modalities), seed=cfg.experiment.seed, base_faces=s.base_faces)
+
+
+def _check_synthetic(cfg: Config) -> None:
+    """``data.synthetic`` by the generator's own rules (shards/synthetic/spec.py), one line naming the key."""
+    from shards.synthetic import SpecError
+
+    try:
+        synthetic_spec(cfg)
+    except SpecError as e:
+        raise ConfigError(f"data.synthetic.{e.field}: {e.reason}") from None
 
 
 def validates(cfg: Config) -> bool:

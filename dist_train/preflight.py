@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from dist_train.config import (CACHE_ENV, NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config,
-                               resolved_config_dict, synthetic_cache_dir, validates)
+                               resolved_config_dict, synthetic_cache_dir, synthetic_spec, validates)
 from recipes.model_file import (FormatError, deepspeed_states_file, load_weights_only, read_deepspeed_states,
                                 read_stored, read_trainer_state)
 
@@ -320,16 +320,6 @@ def _current_data_info(cfg: Config, stored: Any) -> Any:
         (old.get("data") or {}).get("synthetic") == resolved_config_dict(cfg)["data"]["synthetic"] and \
         (old.get("experiment") or {}).get("seed") == cfg.experiment.seed
     return _data_info_or_error("--resume", stored.data_info) if same_data else None
-
-
-def synthetic_spec(cfg: Config) -> Any:
-    """The built-in dataset ``data.synthetic`` describes (its cache folder is a hash of it)."""
-    from shards.synthetic import SyntheticSpec
-
-    s = cfg.data.synthetic
-    return SyntheticSpec(num_identities=s.num_identities, samples_per_identity=s.samples_per_identity,
-                         twin_fraction=s.twin_fraction, image_size=s.image_size, split_by=s.split_by,
-                         modalities=tuple(s.modalities), seed=cfg.experiment.seed)
 
 
 def _synthetic_cache(cfg: Config) -> Path:

@@ -76,8 +76,7 @@ def resolve_data_dir(cfg: Any, run: Path | None = None) -> Path:
         if not (path / "manifest.json").is_file():
             raise FileNotFoundError(f"the checkpoint's data directory {path} is not here; pass --data DIR")
         return path
-    from dist_train.config import synthetic_cache_dir
-    from dist_train.preflight import synthetic_spec
+    from dist_train.config import synthetic_cache_dir, synthetic_spec
     from shards.synthetic import ensure_synthetic
 
     return ensure_synthetic(synthetic_cache_dir(cfg, run.parent if run is not None else None), synthetic_spec(cfg))

@@ -36,17 +36,21 @@ draws one sample to NumPy arrays for tests. ``python -m shards.synthetic
 Modules, by what they draw or write: ``spec`` (options, label schemas, the
 dataset hash), ``world`` (identities and twins), ``draw`` (pixel-grid
 primitives), ``faces`` (pose, masks, depth/normals, albedo, visible image),
-``thz`` (THz images of a face), ``ears``, ``dataset`` (splits, shards,
-manifest), ``preview`` (picture grid and the command). Names with a leading
-underscore are private to this package.
+``thz`` (THz images of a face), ``ears``, ``many`` (the many-identities mode:
+10^5 identities made from a few hundred drawn base faces by cheap transforms),
+``render`` (one sample of either mode), ``dataset`` (splits, shards, manifest),
+``preview`` (picture grid and the command). Names with a leading underscore are
+private to this package.
 """
 from .dataset import _file_lock, _sample_fields, build_synthetic, ensure_synthetic, sample_key, split_plan
 from .ears import render_ear
-from .faces import _sample_params, render_sample
+from .faces import _sample_params, render_face
+from .many import render_many
 from .preview import main, preview_grid
-from .spec import GENERATOR_VERSION, LABEL_SCHEMAS, MODALITIES, SyntheticSpec, spec_hash
+from .render import render_sample
+from .spec import GENERATOR_VERSION, LABEL_SCHEMAS, MODALITIES, SpecError, SyntheticSpec, spec_hash
 from .world import _world
 
-__all__ = ["GENERATOR_VERSION", "LABEL_SCHEMAS", "MODALITIES", "SyntheticSpec", "_file_lock", "_sample_fields", "_sample_params",
-           "_world", "build_synthetic", "ensure_synthetic", "main", "preview_grid", "render_ear", "render_sample",
-           "sample_key", "spec_hash", "split_plan"]
+__all__ = ["GENERATOR_VERSION", "LABEL_SCHEMAS", "MODALITIES", "SpecError", "SyntheticSpec", "_file_lock",
+           "_sample_fields", "_sample_params", "_world", "build_synthetic", "ensure_synthetic", "main", "preview_grid",
+           "render_ear", "render_face", "render_many", "render_sample", "sample_key", "spec_hash", "split_plan"]

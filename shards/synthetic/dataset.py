@@ -18,7 +18,7 @@ from ..atomic import staging_path, sweep_stale_staging
 from ..manifest import FORMAT, TOOL_VERSION, Manifest
 from ..writer import ShardSplitWriter
 from .ears import render_ear
-from .faces import render_sample
+from .render import render_sample
 from .spec import GENERATOR_VERSION, LABEL_SCHEMAS, SyntheticSpec, spec_hash
 from .world import _rng, _world
 

@@ -407,8 +407,9 @@ def _visible(f: _Face, albedo: np.ndarray, albedo_bare: np.ndarray, normal: np.n
     return vis8, vis_target8
 
 
-def render_sample(spec: SyntheticSpec, identity: int, index: int) -> dict[str, Any]:
-    """Draw sample ``index`` of ``identity``: a dict with ``vis``/``vis_target`` (HxWx3
+def render_face(spec: SyntheticSpec, identity: int, index: int) -> dict[str, Any]:
+    """Draw sample ``index`` of ``identity`` (``spec.base_faces == 0``; any mode:
+    :func:`shards.synthetic.render_sample`): a dict with ``vis``/``vis_target`` (HxWx3
     uint8; ``vis_target`` without the concealment), ``thz``/``thz_dense``/``thz_target``
     (HxW uint8; thin fabric, dense fabric, unconcealed), ``albedo``/``normal`` (HxWx3 float32),
     ``depth`` (HxW float32) and ``labels`` (the json label dict)."""

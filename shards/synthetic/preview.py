@@ -10,7 +10,8 @@ import numpy as np
 
 from ..manifest import Manifest
 from .dataset import ensure_synthetic
-from .faces import _sample_params, render_sample
+from .faces import _sample_params
+from .render import render_sample
 from .spec import SyntheticSpec
 from .world import _world
 

@@ -27,6 +27,20 @@ LABEL_SCHEMAS: dict[str, list[str]] = {
 MODALITIES = ("vis", "vis_target", "thz", "thz_dense", "maps", "ear")
 
 
+class SpecError(ValueError):
+    """A bad :class:`SyntheticSpec` option; ``field`` names it, so that each front end
+    can name its own spelling (``--identities``, ``data.synthetic.num_identities``)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+# The many-identities mode (base_faces > 0, shards/synthetic/many.py) needs at least two
+# identities (one identity is no identification task) and draws only the visible image.
+MANY_MODALITIES = ("vis",)
+
+
 @dataclass(frozen=True)
 class SyntheticSpec:
     num_identities: int = 40
@@ -38,35 +52,52 @@ class SyntheticSpec:
     split_by: str = "sample"  # "sample": closed set; "identity": identity-disjoint splits
     seed: int = 0
     maxcount: int = 200  # samples per shard
+    # 0: every identity is a face of its own (the renderer of faces.py). > 0: the
+    # many-identities mode: this many rendered base faces, each identity one of
+    # them under its own cheap colour/offset/pattern transform (many.py).
+    base_faces: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "modalities", tuple(self.modalities))
         object.__setattr__(self, "splits", tuple((str(n), float(r)) for n, r in
                                                  (self.splits.items() if isinstance(self.splits, dict)
                                                   else self.splits)))
+        self._check_counts()
         bad = set(self.modalities) - set(MODALITIES)
         if bad or not self.modalities:
-            raise ValueError(f"modalities must be a non-empty subset of {', '.join(MODALITIES)}; "
-                             f"got {self.modalities}")
+            raise SpecError("modalities", f"must be a non-empty subset of {', '.join(MODALITIES)}; "
+                                          f"got {self.modalities}")
         if {"thz", "thz_dense"} <= set(self.modalities):
-            raise ValueError("modalities thz and thz_dense both write thz.png: choose one")
+            raise SpecError("modalities", "thz and thz_dense both write thz.png: choose one")
+        if self.base_faces and self.modalities != MANY_MODALITIES:
+            raise SpecError("modalities", f"the many-identities mode draws only "
+                                          f"{', '.join(MANY_MODALITIES)}; got {', '.join(self.modalities)}")
         if self.split_by not in ("sample", "identity"):
-            raise ValueError(f"split_by must be 'sample' or 'identity', got {self.split_by!r}")
-        if self.num_identities < 1 or self.samples_per_identity < 1:
-            raise ValueError("num_identities and samples_per_identity must be >= 1")
-        if not 0.0 <= self.twin_fraction <= 1.0:
-            raise ValueError(f"twin_fraction must be in [0, 1], got {self.twin_fraction}")
-        if self.image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {self.image_size}")
+            raise SpecError("split_by", f"must be 'sample' or 'identity', got {self.split_by!r}")
         if not self.splits or any(r < 0 for _, r in self.splits) or sum(r for _, r in self.splits) <= 0:
-            raise ValueError(f"bad split ratios {self.splits}")
+            raise SpecError("splits", f"bad split ratios {self.splits}")
         if len({n for n, _ in self.splits}) != len(self.splits):
-            raise ValueError(f"duplicate split names in {self.splits}")
+            raise SpecError("splits", f"duplicate split names in {self.splits}")
+
+    def _check_counts(self) -> None:
+        if self.base_faces < 0:
+            raise SpecError("base_faces", f"must be >= 0 (0: every identity its own face), got {self.base_faces}")
+        if self.num_identities < (2 if self.base_faces else 1):
+            raise SpecError("num_identities", f"must be >= 2 in the many-identities mode, got {self.num_identities}"
+                            if self.base_faces else f"must be >= 1, got {self.num_identities}")
+        if self.samples_per_identity < 1:
+            raise SpecError("samples_per_identity", f"must be >= 1, got {self.samples_per_identity}")
+        if not 0.0 <= self.twin_fraction <= 1.0:
+            raise SpecError("twin_fraction", f"must be in [0, 1], got {self.twin_fraction}")
+        if self.image_size < 16:
+            raise SpecError("image_size", f"must be >= 16, got {self.image_size}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["modalities"] = list(self.modalities)
         d["splits"] = [[n, r] for n, r in self.splits]
+        if not self.base_faces:  # absent when off: every older spec keeps its hash (its cache folder)
+            del d["base_faces"]
         return d
 
 

@@ -88,7 +88,7 @@ def _twin_of(lat: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class _World:
-    latents: tuple[dict[str, Any], ...]
+    latents: tuple[dict[str, Any], ...]  # empty in the many-identities mode (base_faces > 0: many.py)
     twins: tuple[int, ...]  # co-twin index or -1
     twin_pairs: tuple[tuple[int, int], ...]
     names: tuple[str, ...]
@@ -97,18 +97,33 @@ class _World:
 _WORLD_CACHE: dict[SyntheticSpec, _World] = {}
 
 
-def _world(spec: SyntheticSpec) -> _World:
-    if spec in _WORLD_CACHE:
-        return _WORLD_CACHE[spec]
+def _twin_pairs(spec: SyntheticSpec, rng: np.random.Generator) -> tuple[list[tuple[int, int]], list[int]]:
+    """The co-twin pairs (sorted, ``a < b``) and each identity's co-twin (-1: none)."""
     n = spec.num_identities
-    rng = _rng(spec.seed, 101)
     n_twin = int(round(spec.twin_fraction * n)) // 2 * 2
-    twin_ids = sorted(rng.permutation(n)[:n_twin].tolist())
+    twin_ids = np.sort(rng.permutation(n)[:n_twin])
     order = rng.permutation(twin_ids).tolist()
     pairs = sorted(tuple(sorted((order[2 * k], order[2 * k + 1]))) for k in range(n_twin // 2))
     twins = [-1] * n
     for a, b in pairs:
         twins[a], twins[b] = b, a
+    return pairs, twins
+
+
+def _names(n: int) -> tuple[str, ...]:
+    return tuple(f"syn{i:05d}" for i in range(n))
+
+
+def _world(spec: SyntheticSpec) -> _World:
+    if spec in _WORLD_CACHE:
+        return _WORLD_CACHE[spec]
+    n = spec.num_identities
+    rng = _rng(spec.seed, 101)
+    pairs, twins = _twin_pairs(spec, rng)
+    if spec.base_faces:  # no latent faces per identity: they come from the base faces (many.py)
+        w = _World(latents=(), twins=tuple(twins), twin_pairs=tuple(pairs), names=_names(n))
+        _WORLD_CACHE[spec] = w
+        return w
     genders = rng.integers(0, 2, size=n)
     latents: list[dict[str, Any] | None] = [None] * n
     for i in range(n):
@@ -119,6 +134,6 @@ def _world(spec: SyntheticSpec) -> _World:
         if twins[i] >= 0:
             latents[twins[i]] = _twin_of(lat, _rng(spec.seed, 303, i))
     w = _World(latents=tuple(latents), twins=tuple(twins), twin_pairs=tuple(pairs),
-               names=tuple(f"syn{i:05d}" for i in range(n)))
+               names=_names(n))
     _WORLD_CACHE[spec] = w
     return w
