@@ -245,7 +245,7 @@ def test_lost_node_the_job_is_requeued_and_resumes_without_losing_a_step(cluster
     When bmn2 is back the job runs again (SLURM_RESTART_COUNT=1) and goes on in
     the same run directory from latest.pt: every step once, world size 2,
     identical weights, model.pt."""
-    a, b = cluster.hosts.a, cluster.hosts.b
+    b = cluster.hosts.b
     work, steps = _work(tmp_path), 10
     overrides = tiny_overrides(tmp_path, train__max_steps=steps, train__val_every_steps=steps,
                                checkpoint__every_steps=2, dist__timeout_s=TIMEOUT_S, dist__cpu_threads=1)
