@@ -19,13 +19,14 @@
 #   BIOMTL_CPU_NPROC_PER_NODE  ranks per node without GPUs (default 1)
 #   BIOMTL_MAX_RESTARTS     torchrun --max-restarts (default 3); a restarted group resumes from the
 #                           run's latest checkpoint by itself
-#   BIOMTL_RDZV_HOST        rendezvous host (default: the allocation's first node name; set an
-#                           address or another name where node names do not resolve to the network to use)
-#                           With the default, the first node's agent is told that it hosts the rendezvous
-#                           (torchrun --rdzv-conf=is_host=true): torchrun's own guess compares the endpoint
-#                           with the hostname and fails where a node's name is not its hostname. Each agent
-#                           advertises its hostname (FQDN) to the others as MASTER_ADDR: it must resolve to an
-#                           address the other nodes reach.
+#   BIOMTL_RDZV_HOST        rendezvous host (default: the address SLURM reaches the allocation's first
+#                           node at, its NodeAddr, so node names need not resolve; set another address or
+#                           name to use another network). With the default, the first node's agent hosts the
+#                           rendezvous store (torchrun --rdzv-conf=is_host=true, after checking that the port
+#                           is free there: a taken port is one line and exit 2). Each agent
+#                           (launch/slurm_agent.py) advertises its own node's NodeAddr as --local-addr (rank
+#                           0's becomes MASTER_ADDR) and, where GLOO_SOCKET_IFNAME is unset, points gloo at the
+#                           interface holding that address.
 #   BIOMTL_RDZV_PORT        rendezvous port (default 20000 + job id % 20000)
 #   BIOMTL_REPO             the biomtl checkout (default: the submit dir)
 #   BIOMTL_PYTHON           interpreter (default: $BIOMTL_REPO/.venv/bin/python, else python3/python)
