@@ -19,16 +19,16 @@ a misconfigured interface or a straggling host in a multi-node run.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import socket
-import struct
 import time
 from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+
+from launch.netif import interface_address
 
 log = logging.getLogger("biomtl")
 
@@ -36,22 +36,12 @@ STRAGGLER_RATIO = 1.5  # a rank this much slower than the median (and > STRAGGLE
 STRAGGLER_MIN_S = 0.05
 
 
-def interface_address(name: str) -> str | None:
-    """IPv4 address of interface ``name`` (SIOCGIFADDR; the standard library
-    lists interface names but not their addresses), None if it has none."""
-    SIOCGIFADDR = 0x8915
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
-        except OSError:
-            return None
-    return socket.inet_ntoa(packed[20:24])
-
-
 def describe_this_rank(backend: str) -> str:
     var = "NCCL_SOCKET_IFNAME" if backend == "nccl" else "GLOO_SOCKET_IFNAME"
     ifname = os.environ.get(var, "")
     where = f"host {socket.gethostname()}"
+    if os.environ.get("SLURMD_NODENAME"):  # several SLURM nodes may share a host name (containers, namespaces)
+        where += f" (SLURM node {os.environ['SLURMD_NODENAME']})"
     if ifname and not ifname.startswith("^") and "," not in ifname:
         return f"{where}, {var}={ifname} ({interface_address(ifname) or 'no IPv4 address'})"
     return f"{where}, {var} {'=' + ifname if ifname else 'unset'} (the backend picks the interface)"

@@ -15,6 +15,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=12:00:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append   # a requeued job (node failure, preemption) adds to its log, keeping why it stopped
 ##SBATCH --gpus-per-node=8
 set -euo pipefail
 

@@ -19,13 +19,14 @@
 #   BIOMTL_CPU_NPROC_PER_NODE  ranks per node without GPUs (default 1)
 #   BIOMTL_MAX_RESTARTS     torchrun --max-restarts (default 3); a restarted group resumes from the
 #                           run's latest checkpoint by itself
-#   BIOMTL_RDZV_HOST        rendezvous host (default: the allocation's first node name; set an
-#                           address or another name where node names do not resolve to the network to use)
-#                           With the default, the first node's agent is told that it hosts the rendezvous
-#                           (torchrun --rdzv-conf=is_host=true): torchrun's own guess compares the endpoint
-#                           with the hostname and fails where a node's name is not its hostname. Each agent
-#                           advertises its hostname (FQDN) to the others as MASTER_ADDR: it must resolve to an
-#                           address the other nodes reach.
+#   BIOMTL_RDZV_HOST        rendezvous host (default: the address SLURM reaches the allocation's first
+#                           node at, its NodeAddr, so node names need not resolve; set another address or
+#                           name to use another network). With the default, the first node's agent hosts the
+#                           rendezvous store (torchrun --rdzv-conf=is_host=true, after checking that the port
+#                           is free there: a taken port is one line and exit 2). Each agent
+#                           (launch/slurm_agent.py) advertises its own node's NodeAddr as --local-addr (rank
+#                           0's becomes MASTER_ADDR) and, where GLOO_SOCKET_IFNAME is unset, points gloo at the
+#                           interface holding that address.
 #   BIOMTL_RDZV_PORT        rendezvous port (default 20000 + job id % 20000)
 #   BIOMTL_REPO             the biomtl checkout (default: the submit dir)
 #   BIOMTL_PYTHON           interpreter (default: $BIOMTL_REPO/.venv/bin/python, else python3/python)
@@ -41,6 +42,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=12:00:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append   # a requeued job (node failure, preemption) adds to its log, keeping why it stopped
 ##SBATCH --gpus-per-node=8
 set -euo pipefail
 
@@ -95,8 +97,22 @@ if [[ -z "$NPROC" ]]; then
 fi
 
 NNODES="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
-HEAD="${BIOMTL_RDZV_HOST:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}"
+# The allocation's nodes, in SLURM_NODEID order. scontrol answers 0 even for a list it cannot
+# parse (printing "Invalid hostlist" or a mangled name): check the count and the characters.
+mapfile -t NODES < <(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2> /dev/null || true)
+if [[ ${#NODES[@]} -ne "$NNODES" || "${NODES[*]}" =~ [^A-Za-z0-9._\ -] ]]; then
+  die "cannot parse the node list SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}' into $NNODES node name(s)" \
+      "(scontrol show hostnames gave: ${NODES[*]:-nothing})"
+fi
+# Each node's address as SLURM reaches it (NodeAddr: the node name where none is set): node names
+# need not resolve on the nodes themselves. One scontrol call for the whole job, read by each agent.
+BIOMTL_NODE_ADDRS="$(scontrol show node -o "$SLURM_JOB_NODELIST" 2> /dev/null \
+  | sed -n 's/^NodeName=\([^ ]*\) .*NodeAddr=\([^ ]*\) .*/\1=\2/p' | tr '\n' ' ' || true)"
+export BIOMTL_NODE_ADDRS
+HEAD_ADDR="$(tr ' ' '\n' <<< "$BIOMTL_NODE_ADDRS" | sed -n "s/^${NODES[0]//./\\.}=//p" | head -n1)"
+HEAD="${BIOMTL_RDZV_HOST:-${HEAD_ADDR:-${NODES[0]}}}"
 PORT="${BIOMTL_RDZV_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
+[[ "$PORT" =~ ^[0-9]+$ && "$PORT" -gt 0 && "$PORT" -lt 65536 ]] || die "BIOMTL_RDZV_PORT=$PORT: not a port number"
 MAX_RESTARTS="${BIOMTL_MAX_RESTARTS:-3}"
 CPUS="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}"  # --exclusive without --cpus-per-task: the node's
 
@@ -112,17 +128,15 @@ if [[ -z "${BIOMTL_RDZV_HOST:-}" ]]; then RDZV_NODE=0; else RDZV_NODE=""; fi
 export BIOMTL_RDZV_NODE="$RDZV_NODE"
 
 echo "biomtl: job $SLURM_JOB_ID on $NNODES node(s) [$SLURM_JOB_NODELIST], $NPROC rank(s) per node," \
-     "rendezvous $HEAD:$PORT${RDZV_NODE:+ (hosted by node $RDZV_NODE)}, max restarts $MAX_RESTARTS"
+     "rendezvous $HEAD:$PORT${RDZV_NODE:+ (hosted by node $RDZV_NODE, ${NODES[0]})}, max restarts $MAX_RESTARTS"
 echo "biomtl: $PY $REPO/dist_train/main.py --config $CONFIG ${RESUME[*]-} ${ENV_OVERRIDES[*]-} ${ARGS[*]-}"
 
 # srun does not pass the job's --cpus-per-task on to the step (SLURM >= 22.05): say it.
-# Each task decides for itself whether its node hosts the rendezvous store.
-# shellcheck disable=SC2016
+# Each task (launch/slurm_agent.py) decides for itself whether its node hosts the rendezvous
+# store, advertises its NodeAddr, points gloo at that address's interface, then runs torchrun.
 exec srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --cpus-per-task="$CPUS" \
   --kill-on-bad-exit=1 \
-  bash -c 'py="$1"; shift; conf=()
-    if [[ -n "$BIOMTL_RDZV_NODE" && "$SLURM_NODEID" == "$BIOMTL_RDZV_NODE" ]]; then conf=(--rdzv-conf=is_host=true); fi
-    exec "$py" -m torch.distributed.run ${conf[@]+"${conf[@]}"} "$@"' biomtl-agent "$PY" \
+  "$PY" "$REPO/launch/slurm_agent.py" \
     --nnodes="$NNODES" --nproc-per-node="$NPROC" \
     --rdzv-backend=c10d --rdzv-endpoint="$HEAD:$PORT" --rdzv-id="$SLURM_JOB_ID" \
     --max-restarts="$MAX_RESTARTS" \

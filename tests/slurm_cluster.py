@@ -20,9 +20,11 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pytest
+
+from tests.netns import Host, TwoHosts
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "srun")
 
@@ -86,6 +88,8 @@ class SlurmCluster:
         self.munge_socket = root / "munge" / "munge.socket"
         self.conf = root / "slurm.conf"
         self.log = root / "log"
+        self.node_states: dict[str, str] = {}  # the last state seen by sinfo
+        self.client_prefix: Sequence[str] = ()  # where clients and slurmctld run (a namespace's `ip netns exec`)
 
     # ------------------------------------------------------------------
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -95,9 +99,9 @@ class SlurmCluster:
         env.pop("SLURM_JOB_ID", None)  # never look like we already are inside a job
         return env
 
-    def _start(self, name: str, cmd: list[str]) -> None:
+    def _start(self, name: str, cmd: list[str], prefix: Sequence[str] = ()) -> None:
         out = (self.log / f"{name}.console").open("wb")
-        self.procs[name] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env(),
+        self.procs[name] = subprocess.Popen([*prefix, *cmd], stdout=out, stderr=subprocess.STDOUT, env=self.env(),
                                             cwd=self.root, start_new_session=True)
         out.close()
 
@@ -108,12 +112,23 @@ class SlurmCluster:
             text = console.read_text(errors="replace")[-3000:] if console.exists() else ""
             raise RuntimeError(f"{name} exited with code {code}:\n{text}")
 
+    def node_lines(self) -> list[str]:
+        """The node(s) and the partition; the ports and paths the daemons use."""
+        r = self.root
+        return [
+            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmdSpoolDir={r / 'spool'}",
+            f"SlurmdPidFile={r / 'run' / 'slurmd.pid'}",
+            f"SlurmdLogFile={self.log / 'slurmd.log'}",
+            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={_mem_mb()} State=UNKNOWN",
+            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+        ]
+
     def write_conf(self) -> None:
         r = self.root
         ctld_port, slurmd_port = _free_port(), _free_port()
         self.conf.write_text("\n".join([
             "ClusterName=biomtltest",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={slurmd_port}",
             "SlurmUser=root",
@@ -122,11 +137,8 @@ class SlurmCluster:
             "CredType=cred/munge",
             f"AuthInfo=socket={self.munge_socket}",
             f"StateSaveLocation={r / 'state'}",
-            f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}",
-            f"SlurmdPidFile={r / 'run' / 'slurmd.pid'}",
             f"SlurmctldLogFile={self.log / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.log / 'slurmd.log'}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
             "ProctrackType=proctrack/linuxproc",
@@ -144,12 +156,13 @@ class SlurmCluster:
             "InactiveLimit=0",
             "KillWait=5",
             "MinJobAge=5",  # also makes `sbatch --wait` poll every 2 s (it backs off to 32 s otherwise)
-            "SlurmctldTimeout=60",
-            "SlurmdTimeout=60",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={_mem_mb()} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+            *self.timeouts(),
+            *self.node_lines(),
             "",
         ]))
+
+    def timeouts(self) -> list[str]:
+        return ["SlurmctldTimeout=60", "SlurmdTimeout=60"]
 
     def start(self, timeout: float = 60.0) -> "SlurmCluster":
         key = self.root / "munge" / "munge.key"
@@ -162,16 +175,34 @@ class SlurmCluster:
         poll(lambda: self._alive("munged") or self.munge_socket.is_socket(), "munged's socket", timeout,
              (self.log / "munged.log", self.log / "munged.console"))
         self.write_conf()
-        self._start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+        self._start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)], self.client_prefix)
         poll(lambda: self._alive("slurmctld") or self._ping(), "slurmctld (scontrol ping)", timeout,
              (self.log / "slurmctld.log", self.log / "slurmctld.console"))
-        self._start("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
-        poll(lambda: self._alive("slurmd") or self._node_idle(), f"node {self.node} idle", timeout,
-             (self.log / "slurmd.log", self.log / "slurmd.console", self.log / "slurmctld.log"))
+        self.start_slurmds(timeout)
         return self
 
+    def start_slurmds(self, timeout: float) -> None:
+        self.start_slurmd(self.node, (), timeout)
+
+    def start_slurmd(self, node: str, prefix: Sequence[str], timeout: float) -> None:
+        """``slurmd -N node`` (inside ``prefix``: its namespace), then wait until the node is idle."""
+        name = self.slurmd_name(node)
+        self._start(name, ["slurmd", "-D", "-f", str(self.conf), "-N", node], prefix)
+        try:
+            poll(lambda: self._alive(name) or self._node_idle(node), f"node {node} up (idle)", timeout,
+                 (self.log / f"{name}.log", self.log / f"{name}.console", self.log / "slurmctld.log"))
+        except TimeoutError as exc:
+            raise TimeoutError(f"node {node} last seen {self.node_states.get(node)!r}: {exc}") from None
+
+    def slurmd_name(self, node: str) -> str:
+        return "slurmd"
+
+    def client(self, *cmd: str) -> list[str]:
+        """A client command (sbatch, squeue, scontrol...) as run where slurmctld is reached."""
+        return [*self.client_prefix, *cmd]
+
     def _run(self, *cmd: str, timeout: float = 10.0) -> subprocess.CompletedProcess:
-        return subprocess.run(list(cmd), capture_output=True, text=True, env=self.env(), timeout=timeout)
+        return subprocess.run(self.client(*cmd), capture_output=True, text=True, env=self.env(), timeout=timeout)
 
     def _ping(self) -> bool:
         try:
@@ -179,12 +210,15 @@ class SlurmCluster:
         except subprocess.TimeoutExpired:
             return False
 
-    def _node_idle(self) -> bool:
+    def _node_idle(self, node: str) -> bool:
+        """Up and taking jobs: idle, or (a node that comes back) still holding the job that was
+        requeued when it was lost (``*``: not responding)."""
         try:
-            state = self._run("sinfo", "-h", "-n", self.node, "-o", "%T").stdout.strip()
+            state = self._run("sinfo", "-h", "-n", node, "-o", "%T").stdout.strip()
         except subprocess.TimeoutExpired:
             return False
-        return state.startswith("idle")
+        self.node_states[node] = state
+        return state.startswith(("idle", "completing", "mixed")) and not state.endswith("*")
 
     def job_info(self, job_id: str) -> str:
         return self._run("scontrol", "show", "job", job_id).stdout
@@ -201,7 +235,8 @@ class SlurmCluster:
                 self._run("scancel", "--full", "--user", str(os.geteuid()))
             except (OSError, subprocess.SubprocessError):
                 pass
-        for name in ("slurmd", "slurmctld", "munged"):
+        daemons = [n for n in self.procs if n.startswith("slurmd")]
+        for name in (*daemons, "slurmctld", "munged"):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -221,3 +256,57 @@ class SlurmCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def in_netns(host: Host) -> list[str]:
+    """Prefix that runs a command in the host's network namespace and nothing else:
+    ``ip netns exec`` also remounts /sys, hiding /sys/fs/cgroup, which slurmd's
+    cgroup plugin needs even with proctrack/linuxproc."""
+    return ["nsenter", f"--net=/run/netns/{host.netns}"]
+
+
+class TwoNodeSlurmCluster(SlurmCluster):
+    """Two nodes on one machine: ``bmn1`` in namespace A and ``bmn2`` in
+    namespace B (tests/netns.py), each its own ``slurmd -N`` at its link
+    address with its own spool, pid and log files (``%n`` = node name).
+
+    slurmctld runs in A (the head node doubles as the controller and login
+    node: clients run there, through :meth:`client`); B's slurmd reaches it
+    over the link, and srun's connections back from B go to A's address.
+    munged stays in the root namespace: its socket is a file, which every
+    network namespace sees. Node names do not resolve (not in /etc/hosts):
+    SLURM itself only uses each node's NodeAddr, and so must the scripts."""
+
+    NODES = ("bmn1", "bmn2")
+
+    def __init__(self, root: Path, hosts: TwoHosts, cpus: int = 2, slurmd_timeout: int = 60):
+        super().__init__(root, cpus)
+        self.hosts = hosts
+        self.host_of = dict(zip(self.NODES, (hosts.a, hosts.b)))
+        self.addr = {node: host.addr for node, host in self.host_of.items()}
+        self.slurmd_timeout = slurmd_timeout
+        self.client_prefix = in_netns(hosts.a)
+
+    def node_lines(self) -> list[str]:
+        r, mem = self.root, _mem_mb() // len(self.NODES)
+        nodes = [f"NodeName={n} NodeAddr={h.addr} CPUs={self.cpus} RealMemory={mem} State=UNKNOWN"
+                 for n, h in self.host_of.items()]
+        return [
+            f"SlurmctldHost={self.node}({self.hosts.a.addr})",
+            f"SlurmdSpoolDir={r / 'spool' / '%n'}",
+            f"SlurmdPidFile={r / 'run' / 'slurmd-%n.pid'}",
+            f"SlurmdLogFile={self.log / 'slurmd-%n.log'}",
+            *nodes,
+            f"PartitionName=debug Nodes={','.join(self.NODES)} Default=YES MaxTime=INFINITE State=UP",
+        ]
+
+    def timeouts(self) -> list[str]:
+        return ["SlurmctldTimeout=60", f"SlurmdTimeout={self.slurmd_timeout}"]
+
+    def start_slurmds(self, timeout: float) -> None:
+        for node, host in self.host_of.items():
+            (self.root / "spool" / node).mkdir(mode=0o700, exist_ok=True)
+            self.start_slurmd(node, in_netns(host), timeout)
+
+    def slurmd_name(self, node: str) -> str:
+        return f"slurmd-{node}"

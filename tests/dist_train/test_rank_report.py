@@ -60,3 +60,12 @@ def test_fault_sleep_slows_every_step_of_the_ranks_that_have_it(monkeypatch: pyt
     started = time.monotonic()
     hook(1, 0)  # any rank: the variable is set on the slow host only
     assert time.monotonic() - started >= 0.2
+
+
+def test_describe_this_rank_names_the_slurm_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nodes in containers or namespaces may share one hostname: the SLURM node name tells them apart."""
+    monkeypatch.setenv("SLURMD_NODENAME", "bmn2")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    assert "(SLURM node bmn2), GLOO_SOCKET_IFNAME=lo (127.0.0.1)" in rank_report.describe_this_rank("gloo")
+    monkeypatch.delenv("SLURMD_NODENAME")
+    assert "SLURM node" not in rank_report.describe_this_rank("gloo")

@@ -63,6 +63,7 @@ def test_scripts_parse_and_have_sane_headers(script: Path) -> None:
     headers = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", text, flags=re.M))
     assert headers["ntasks-per-node"] == "1"  # one torchrun agent per node
     assert headers["output"] == "logs/%x-%j.out"
+    assert headers["open-mode"] == "append"  # a requeued job keeps the first attempt's log
     assert {"job-name", "nodes", "cpus-per-task", "time"} <= set(headers)
     assert not re.search(r"^#SBATCH --(gpus|gres|gpus-per-node)", text, flags=re.M)  # CPU partitions work
 
@@ -73,7 +74,8 @@ def test_recipe_scripts_exist_and_default_configs() -> None:
     assert "configs/facecom.yaml" in (REPO / "slurm" / "facecom.sh").read_text()
     train = (REPO / "slurm" / "train.sh").read_text()
     for needle in ("export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", "--rdzv-backend=c10d", "--max-restarts",
-                   'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1', "SLURM_JOB_ID % 20000"):
+                   'scontrol show hostnames "${SLURM_JOB_NODELIST:-}"', "scontrol show node -o", "SLURM_JOB_ID % 20000",
+                   "launch/slurm_agent.py"):
         assert needle in train, needle
 
 
@@ -133,7 +135,7 @@ def test_sbatch_dcal_trains_on_cpu(cluster: SlurmCluster, tmp_path: Path) -> Non
     assert log_file.exists(), cluster.job_info(job_id) + cluster.logs()
     log = log_file.read_text(errors="replace")
     assert code == 0, f"job {job_id} exit {code} after {time.monotonic() - started:.0f} s\n{log[-5000:]}"
-    head = env.get("BIOMTL_RDZV_HOST", cluster.node)  # the allocation's first node, from scontrol
+    head = env.get("BIOMTL_RDZV_HOST", "127.0.0.1")  # the first node's NodeAddr, from scontrol
     assert f"rendezvous {head}:{20000 + int(job_id) % 20000}" in log
     assert "configs/dcal_twins.yaml" in log and "run directory:" in log and "world size 1" in log
     runs = list((tmp_path / "runs").glob("dcal_twins_*"))
