@@ -496,13 +496,16 @@ def test_local_weights_and_unsupported_backbones(tmp_path):
         DCAL(num_classes=0, **TINY)
 
 
-def test_pure_cnn_backbone_is_refused_with_the_options():
-    # Before: DCAL(backbone="resnet18") built the CNN and raised TypeError from check_supported.
+def test_cnn_without_attention_shape_and_other_families_are_refused_with_the_options():
+    # A CNN gets attention blocks on its feature map (models/cnn_tokens.py), whose shape it must name.
     for name in ("resnet18", "convnext_atto"):
-        with pytest.raises(ValueError, match="has no timm ViT Block/Attention layers") as err:
+        with pytest.raises(ValueError, match="attention_dim") as err:
             DCAL(num_classes=3, backbone=name, img_size=32)
-        message = str(err.value)
-        assert "\n" not in message and "vit_small_r26_s32_224" in message and "conv_stem" in message
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="has no timm ViT Block/Attention layers") as err:
+        DCAL(num_classes=3, backbone="swin_tiny_patch4_window7_224", img_size=32)
+    message = str(err.value)
+    assert "\n" not in message and "vit_small_r26_s32_224" in message and "conv_stem" in message
     with pytest.raises(ValueError, match="not a timm model"):
         DCAL(num_classes=3, backbone="resnet_does_not_exist", img_size=32)
 
