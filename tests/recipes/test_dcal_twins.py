@@ -307,6 +307,27 @@ def test_a_bad_attention_shape_exits_2_in_one_line_writing_nothing(tmp_path, cap
     assert not (tmp_path / "runs").exists()
 
 
+MULTI_NODE = REPO / "configs" / "dcal_twins" / "multi_node.yaml"
+
+
+def test_multi_node_preset_on_a_cpu_machine_is_one_line_or_runs_with_auto(tmp_path, capsys, monkeypatch):
+    """The preset's dist.backend=nccl on a machine without GPUs: one line naming the key, exit 2,
+    nothing written (it was a RuntimeError traceback); with dist.backend=auto it trains on gloo."""
+    from dist_train.main import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the same on a GPU machine
+    tiny = dcal_overrides(tmp_path, **{"train.max_steps": 2, "logging.tracking": "none", "data.num_workers": 0,
+                                       "data.synthetic.cache_dir": str(tmp_path / "data")})
+    capsys.readouterr()
+    assert run(["--config", str(MULTI_NODE), *tiny]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: dist.backend: nccl needs CUDA GPUs"), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    assert run(["--config", str(MULTI_NODE), *tiny, "dist.backend=auto"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("dcal_twins_multinode_") and (run_dir / "model.pt").is_file()
+
+
 def _wandb_records(path):
     """The records of an offline W&B run file. W&B no longer ships a reader; the file
     is a LevelDB-style log (7-byte file header, 32 KiB blocks, chunks of
