@@ -123,17 +123,24 @@ def test_concat_embeds_three_networks_and_metrics_cover_every_task():
         out = model(batch)
     assert set(model.encoders) == {"albedo", "normal", "depth"} and out["embedding"].shape == (8, 3 * 32)
     metrics = recipe.new_metrics()
-    metrics.update(out, batch)
+    assert metrics.attributes == model.attributes and len(model.attributes) >= 3
+    # Predictions of known accuracy (an untrained model predicts one class, whose accuracy any
+    # pairing of labels and predictions reproduces): the k-th task gets its first k + 1 rows wrong.
+    scored = dict(out)
+    for k, task in enumerate(("identity", *model.attributes)):
+        logits = out[f"{task}_logits"]
+        pred = batch[task].clone()
+        pred[:k + 1] = (pred[:k + 1] + 1) % logits.shape[1]
+        scored[f"{task}_logits"] = torch.nn.functional.one_hot(pred, logits.shape[1]).float() * 5.0
+    metrics.update(scored, batch)
     res = type(metrics).compute([metrics.state()])
     for key in ("identity_top1", "gender_acc", "emotion_macro_f1", "pose_auc", "spectacles_acc", "attr_mean_acc",
                 "score", "eer", "auc"):
         assert key in res, key
-    # every sample of the batch is labelled: top-1 and attribute accuracies are these counts (exact)
-    assert metrics.attributes == model.attributes and len(model.attributes) >= 3
-    for task in ("identity", *model.attributes):
-        key = "identity_top1" if task == "identity" else f"{task}_acc"
-        hits = (out[f"{task}_logits"].argmax(1) == batch[task]).double().mean()
-        assert res[key] == float(hits), key
+    accs = [(8 - (k + 2)) / 8 for k in range(len(model.attributes))]
+    assert res["identity_top1"] == 7 / 8                          # counts of 8: exact in float64
+    assert [res[f"{a}_acc"] for a in model.attributes] == accs
+    assert res["attr_mean_acc"] == pytest.approx(np.mean(accs), rel=4 * np.finfo(np.float64).eps)
     assert 0.0 <= res["eer"] <= 1.0
 
 
