@@ -4,6 +4,9 @@ Wraps :class:`models.dcal.DCAL` (read its docstring for the model and every
 choice the paper leaves open). ``use_glca: false, use_pwca: false`` is the
 plain-ViT baseline on the same pipeline (same data, heads, metric loss and
 budget), which is what ``benchmarks/dcal_results.py`` compares against.
+``backbone`` may also be a CNN (``resnet50``, ``efficientnet_b0``, ...) with
+``attention_dim`` and ``num_heads``: ``depth`` attention blocks on its feature map
+(:mod:`models.cnn_tokens`; ``configs/dcal_twins/cnn.yaml``), the rest unchanged.
 
 Data (one shard sample)
 -----------------------
