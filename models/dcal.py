@@ -380,6 +380,9 @@ class DCAL(nn.Module):
                                                    num_heads=cfg.num_heads, depth=cfg.attention_depth,
                                                    img_size=cfg.img_size, weights=weights,
                                                    cnn_kwargs=cfg.backbone_kwargs)
+            elif cfg.attention_dim or cfg.num_heads or cfg.attention_depth:
+                raise ValueError(f"attention_dim / num_heads / attention_depth apply to a CNN backbone; the ViT "
+                                 f"'{cfg.backbone}' has its own blocks")
             else:
                 backbone, _ = build_backbone(cfg.backbone, weights, img_size=cfg.img_size, **cfg.backbone_kwargs)
         check_supported(backbone)

@@ -24,6 +24,8 @@ def dcal_cnn(**kw):
 def test_cnn_names_are_told_apart_from_vits_and_others():
     assert check_backbone_name("resnet50") == "cnn" and check_backbone_name("efficientnet_b0") == "cnn"
     assert check_backbone_name("vit_tiny_patch16_224") == "vit"
+    with pytest.raises(ValueError, match="apply to a CNN backbone"):
+        DCAL(num_classes=3, backbone="vit_tiny_patch16_224", img_size=32, attention_dim=64, num_heads=4)
     with pytest.raises(ValueError, match="swin") as err:
         check_backbone_name("swin_tiny_patch4_window7_224")
     assert "\n" not in str(err.value) and "attention_dim" in str(err.value)
