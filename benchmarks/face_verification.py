@@ -26,7 +26,8 @@ Data (identity-disjoint: no test identity is ever trained on)
   people than the ``synthetic`` set), ``train=0.97,val=0.03``. One pretraining
   run per architecture (training seed 0): the CNN, and the plain ViT whose run
   both the ViT and DCAL start from (DCAL copies its GLCA block from the loaded
-  last block, its own initialisation rule). Every run on ``orl``/``cmu``/
+  last block, its own initialisation rule); ``dcal_cnn`` (DCAL on the CNN, the original
+  DCAL's ``backbone: resnet50`` setting) has its own pretraining run. Every run on ``orl``/``cmu``/
   ``synthetic`` starts from that run's ``model.pt`` (``recipe.params.init_from``);
   the identity heads, whose size differs, keep their fresh initialisation.
   The pretraining runs are scored on the pretraining set's val identities.
@@ -114,6 +115,11 @@ MODELS = {
                  "vit", {"pretrain": 1000, "orl": 200, "cmu": 200, "synthetic": 200, "orl_closed": 200}, PLAIN_VIT),
     "dcal": Model("DCAL (the same ViT + GLCA + PWCA)", "dcal.yaml", "vit",
                   {"orl": 200, "cmu": 200, "synthetic": 200, "orl_closed": 200}),
+    # the original DCAL's CNN setting: attention blocks on a CNN's feature map (models/cnn_tokens.py);
+    # its own synthetic pretraining run (a DCAL on the same CNN)
+    "dcal_cnn": Model("DCAL on the CNN (ResNet-18 at 1/4 width, output stride 8 -> 8x8 tokens + 2 attention "
+                      "blocks, 64 px)", "dcal_cnn.yaml", "dcal_cnn",
+                      {"pretrain": 1000, "orl": 200, "cmu": 200, "synthetic": 200, "orl_closed": 200}),
 }
 BASELINES = ("pixels", "eigenfaces", "fisherfaces")
 
@@ -365,7 +371,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "face_verification")
     ap.add_argument("--datasets", default="orl,cmu,synthetic", help="of orl, cmu, synthetic")
-    ap.add_argument("--models", default="cnn,vit,dcal", help="recipes to train, of cnn, vit, dcal ('' = baselines)")
+    ap.add_argument("--models", default="cnn,vit,dcal,dcal_cnn",
+                    help="recipes to train, of cnn, vit, dcal, dcal_cnn ('' = baselines)")
     ap.add_argument("--seeds", default="0,1,2", help="training seeds (mean ± half-range in the table)")
     ap.add_argument("--closed-set", action=argparse.BooleanOptionalAction, default=True,
                     help="also the ORL 5+5 closed-set identification protocol")
@@ -470,7 +477,7 @@ def main() -> int:
     closed_rows: list[dict[str, Any]] = result["closed_set"]
     closed_base: list[dict[str, Any]] = []
     # the slowest recipe first, so that the last runs do not leave a core idle
-    order = sorted(models, key=lambda k: ("dcal", "vit", "cnn").index(k))
+    order = sorted(models, key=lambda k: ("dcal", "dcal_cnn", "vit", "cnn").index(k))
     seeds_of = lambda key: model_seeds.get(key, seeds)  # noqa: E731
     tasks: list[Task] = [(lambda d=ds, k=key, s=seed: open_set_run(d, k, s), finish(rows))
                          for key in order for ds in datasets for seed in seeds_of(key) if (ds, key, seed) not in kept]

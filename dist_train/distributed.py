@@ -79,7 +79,13 @@ def init(env: LaunchEnv, backend: str = "auto", timeout_s: int = 1800, cpu_threa
     trainer and recipes (all_gather_object, barrier) work unchanged."""
     backend = pick_backend(backend)
     if backend == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("dist.backend=nccl needs CUDA GPUs; none are visible (use gloo or auto)")
+        # a config mistake on this machine (e.g. configs/dcal_twins/multi_node.yaml on a CPU box): the
+        # trainer reports it in one line, exit 2, before anything is written. Checked here, on the rank's
+        # own host, not in the preflight: a login node without GPUs may launch onto GPU nodes.
+        from dist_train.config import ConfigError
+
+        raise ConfigError("dist.backend: nccl needs CUDA GPUs and none are visible on this machine "
+                          "(dist.backend=auto picks nccl on GPUs, gloo on CPUs)")
     device = pick_device(env)
     threads, why = pick_cpu_threads(env, cpu_threads)
     torch.set_num_threads(threads)

@@ -16,10 +16,13 @@ Branches
   accepted (ViT, DeiT, the hybrid ResNet-ViTs such as ``vit_small_r26_s32_224``,
   ...); anything else raises ``TypeError`` rather than silently computing
   something different. A backbone *name* is checked first
-  (:func:`check_backbone_name`): a pure CNN such as ``resnet18`` has no
-  attention maps at all and is refused with a ``ValueError`` naming the options
-  (ViT/DeiT, hybrid ResNet+ViT, or a ViT with a convolutional stem,
-  ``models/conv_stem.py``).
+  (:func:`check_backbone_name`): a ViT/DeiT/hybrid is used as is; a CNN
+  (ResNet, EfficientNet, ConvNeXt, ...) has no attention maps of its own and
+  gets ``attention_depth`` timm blocks of width ``attention_dim`` with
+  ``num_heads`` heads on its last feature map (:mod:`models.cnn_tokens`: 1x1
+  projection to tokens, CLS token, positional embeddings), as the original
+  DCAL's ``backbone: resnet50`` configs; anything else is refused with a
+  ``ValueError`` naming the options.
 * **GLCA** (global-local cross-attention), ``M = 1`` block with its own weights,
   initialised as a deep copy of the last SA block (and of the final norm).
   Attention rollout ``S^ = S-_L (x) ... (x) S-_1`` with ``S-_l = 0.5 mean_heads(S_l) + 0.5 I``
@@ -131,6 +134,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from models.backbones import build_backbone  # noqa: E402
+from models.cnn_tokens import CNN_MODULES, build_cnn_attention_vit  # noqa: E402
 from models.heads import build_identity_head  # noqa: E402
 from models.losses import (DynamicLossWeights, SupConLoss, TwinAwareTripletLoss, co_twin_mask,  # noqa: E402
                            masked_cross_entropy, masked_mean_of_sum, weighted_sum)
@@ -145,22 +149,27 @@ _ATTENTION_MODULES = ("timm.models.vision_transformer", "timm.models.vision_tran
                       "timm.models.deit")
 BACKBONE_OPTIONS = ("a timm ViT (vit_tiny_patch16_224, vit_small_patch16_224, deit_small_patch16_224), "
                     "a timm hybrid ResNet+ViT (vit_tiny_r_s16_p8_224, vit_small_r26_s32_224, "
-                    "vit_base_r50_s16_224), or a ViT with conv_stem: true")
+                    "vit_base_r50_s16_224), a ViT with conv_stem: true, or a timm CNN (resnet50, "
+                    "efficientnet_b0, convnext_tiny, ...) with attention_dim and num_heads")
 
 
-def check_backbone_name(name: str) -> None:
-    """Raise ``ValueError`` (one line naming the options) unless timm's ``name``
-    builds a ViT with attention blocks: DCAL's GLCA/PWCA and the rollout are
-    made of attention maps, which a pure CNN (ResNet, ConvNeXt, ...) has none of."""
+def check_backbone_name(name: str) -> Literal["vit", "cnn"]:
+    """``"vit"`` when timm's ``name`` builds a ViT with attention blocks, ``"cnn"`` for a
+    CNN whose feature map gets attention blocks (:mod:`models.cnn_tokens`); else
+    ``ValueError`` (one line naming the options): DCAL's GLCA/PWCA and the rollout
+    are made of attention maps, which other families (Swin, EVA, ...) compute differently."""
     from timm.models import is_model, model_entrypoint
 
     if not is_model(name):
         raise ValueError(f"backbone '{name}' is not a timm model; DCAL takes {BACKBONE_OPTIONS}")
     module = model_entrypoint(name).__module__
-    if module not in _ATTENTION_MODULES:
-        kind = module.rsplit(".", 1)[-1]
-        raise ValueError(f"backbone '{name}' ({kind}) has no timm ViT Block/Attention layers, which DCAL's "
-                         f"attention branches need; use {BACKBONE_OPTIONS}")
+    if module in _ATTENTION_MODULES:
+        return "vit"
+    if module in CNN_MODULES:
+        return "cnn"
+    kind = module.rsplit(".", 1)[-1]
+    raise ValueError(f"backbone '{name}' ({kind}) has no timm ViT Block/Attention layers, which DCAL's "
+                     f"attention branches need; use {BACKBONE_OPTIONS}")
 
 
 # ----------------------------------------------------------------------------- attention re-implementation
@@ -323,6 +332,11 @@ class DCALConfig:
     weights_path: str = ""                    # local .pth/.safetensors (takes precedence)
     img_size: int = 224
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. patch_size, depth, drop_path_rate
+    # A CNN backbone (resnet50, ...): attention blocks on its feature map (models/cnn_tokens.py);
+    # backbone_kwargs then go to the CNN (e.g. output_stride). All three 0 for a ViT.
+    attention_dim: int = 0
+    num_heads: int = 0
+    attention_depth: int = 0
     use_glca: bool = True
     use_pwca: bool = True
     top_r: float = 0.1
@@ -360,9 +374,17 @@ class DCAL(nn.Module):
         self.cfg = cfg
         backbone = backbone_module
         if backbone is None:
-            check_backbone_name(cfg.backbone)
             weights: bool | str = cfg.weights_path or cfg.pretrained
-            backbone, _ = build_backbone(cfg.backbone, weights, img_size=cfg.img_size, **cfg.backbone_kwargs)
+            if check_backbone_name(cfg.backbone) == "cnn":
+                backbone = build_cnn_attention_vit(cfg.backbone, attention_dim=cfg.attention_dim,
+                                                   num_heads=cfg.num_heads, depth=cfg.attention_depth,
+                                                   img_size=cfg.img_size, weights=weights,
+                                                   cnn_kwargs=cfg.backbone_kwargs)
+            elif cfg.attention_dim or cfg.num_heads or cfg.attention_depth:
+                raise ValueError(f"attention_dim / num_heads / attention_depth apply to a CNN backbone; the ViT "
+                                 f"'{cfg.backbone}' has its own blocks")
+            else:
+                backbone, _ = build_backbone(cfg.backbone, weights, img_size=cfg.img_size, **cfg.backbone_kwargs)
         check_supported(backbone)
         self.pixels = PixelInput()  # training batches arrive as 8-bit pixels
         self.vit = backbone

@@ -4,6 +4,9 @@ Wraps :class:`models.dcal.DCAL` (read its docstring for the model and every
 choice the paper leaves open). ``use_glca: false, use_pwca: false`` is the
 plain-ViT baseline on the same pipeline (same data, heads, metric loss and
 budget), which is what ``benchmarks/dcal_results.py`` compares against.
+``backbone`` may also be a CNN (``resnet50``, ``efficientnet_b0``, ...) with
+``attention_dim`` and ``num_heads``: ``depth`` attention blocks on its feature map
+(:mod:`models.cnn_tokens`; ``configs/dcal_twins/cnn.yaml``), the rest unchanged.
 
 Data (one shard sample)
 -----------------------
@@ -56,6 +59,7 @@ import torch
 from torch import nn
 from torchvision import transforms
 
+from models.cnn_tokens import check_attention_shape
 from models.conv_stem import ConvStemPatchEmbed
 from models.dcal import DCAL, DCALConfig, check_backbone_name
 from recipes import verification as ev
@@ -76,15 +80,24 @@ DCAL_HEADS = ("head_sa.", "head_glca.", "loss_weights.", "verif.")
 # GLCA starts as a copy of the last SA block (models/dcal.py): a plain-ViT run's file has no GLCA
 # weights, and DCAL started from it copies them from the loaded last block again.
 DCAL_GLCA = ("glca_block.", "glca_norm.", "glca_fc_norm.")
+# Attention blocks on a CNN's feature map when recipe.params.depth is 0 (**[choice]**: the original
+# names no number; two blocks make the rollout a product and PWCA a two-step cross-attention).
+CNN_ATTENTION_DEPTH = 2
 
 
 @dataclass
 class DCALTwinsParams:
     # --- backbone
-    backbone: str = "vit_tiny_patch16_224"   # any timm ViT with Block+Attention (ViT, DeiT, hybrid R26-ViT)
+    backbone: str = "vit_tiny_patch16_224"   # any timm ViT with Block+Attention (ViT, DeiT, hybrid R26-ViT),
+                                             # or a timm CNN (resnet50, efficientnet_b0, ...) with the two below
     img_size: int = 64
-    patch_size: int = 0                      # 0: the backbone's own (16); e.g. 8 for small images
-    depth: int = 0                           # 0: the backbone's own number of blocks
+    patch_size: int = 0                      # 0: the backbone's own (16); e.g. 8 for small images (ViT only)
+    depth: int = 0                           # 0: the backbone's own number of blocks; CNN: attention blocks (0: 2)
+    # A CNN backbone: attention blocks of this width and number of heads on its last feature map
+    # (models/cnn_tokens.py; the grid is the feature map: backbone_kwargs {output_stride: 16} doubles it).
+    # Both 0 (required) for a ViT, whose blocks have their own width and heads.
+    attention_dim: int = 0
+    num_heads: int = 0
     # A hybrid ViT: 3x3 stride-2 convolutions instead of the patchify layer (models/conv_stem.py);
     # patch_size must then be a power of two. Better for small data sets, same blocks for DCAL.
     conv_stem: bool = False
@@ -126,7 +139,11 @@ class DCALTwinsParams:
     def __post_init__(self) -> None:
         if self.img_size < 8:
             raise ValueError(f"img_size must be >= 8, got {self.img_size}")
-        check_backbone_name(self.backbone)
+        if check_backbone_name(self.backbone) == "cnn":
+            self._check_cnn()
+        elif self.attention_dim or self.num_heads:
+            raise ValueError(f"attention_dim / num_heads apply to a CNN backbone only; the ViT "
+                             f"'{self.backbone}' has its own width and heads (set both to 0)")
         if not 0.0 < self.top_r <= 1.0:
             raise ValueError(f"top_r must be in (0, 1], got {self.top_r}")
         if not 0.0 <= self.p_flip <= 1.0 or not 0.0 < self.crop_scale_min <= 1.0 or self.jitter < 0:
@@ -140,7 +157,16 @@ class DCALTwinsParams:
         if self.init_from and (self.pretrained or self.weights_path):
             raise ValueError("init_from already sets every backbone weight: drop pretrained / weights_path")
 
+    def _check_cnn(self) -> None:
+        check_attention_shape(self.attention_dim, self.num_heads)
+        if self.conv_stem or self.patch_size:
+            raise ValueError(f"conv_stem / patch_size apply to a ViT; the CNN '{self.backbone}' makes the tokens "
+                             "(its feature map; backbone_kwargs {output_stride: 16} for a finer grid)")
+
     def model_config(self, num_classes: int) -> DCALConfig:
+        if check_backbone_name(self.backbone) == "cnn":
+            return self._dcal_config(num_classes, dict(self.backbone_kwargs), attention_dim=self.attention_dim,
+                                     num_heads=self.num_heads, attention_depth=self.depth or CNN_ATTENTION_DEPTH)
         kwargs = dict(self.backbone_kwargs)
         if self.patch_size:
             kwargs["patch_size"] = self.patch_size
@@ -148,15 +174,18 @@ class DCALTwinsParams:
             kwargs["depth"] = self.depth
         if self.conv_stem:
             kwargs["embed_layer"] = ConvStemPatchEmbed
+        return self._dcal_config(num_classes, kwargs)
+
+    def _dcal_config(self, num_classes: int, backbone_kwargs: dict[str, Any], **cnn: int) -> DCALConfig:
         return DCALConfig(num_classes=max(num_classes, 1), backbone=self.backbone, pretrained=self.pretrained,
-                          weights_path=self.weights_path, img_size=self.img_size, backbone_kwargs=kwargs,
+                          weights_path=self.weights_path, img_size=self.img_size, backbone_kwargs=backbone_kwargs,
                           use_glca=self.use_glca, use_pwca=self.use_pwca, top_r=self.top_r, head=self.head,
                           margin_s=self.s, margin_m=self.m, metric_loss=self.metric_loss,
                           triplet_margin=self.triplet_margin, twin_weight=self.twin_weight,
                           supcon_temperature=self.supcon_temperature,
                           twin_negative_weight=self.twin_negative_weight,
                           verification_head=self.verification_head, dynamic_weights=self.dynamic_weights,
-                          metric_weight=self.metric_weight, verif_weight=self.verif_weight)
+                          metric_weight=self.metric_weight, verif_weight=self.verif_weight, **cnn)
 
 
 @register

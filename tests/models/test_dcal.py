@@ -350,6 +350,51 @@ def test_pwca_with_identical_distractor_equals_sa():
     assert torch.allclose(dup["x"], o["x"], rtol=0, atol=block_tol) and dup["attn"].shape[-1] == 34
 
 
+def _hand_pwca(model: DCAL, imgs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """PWCA written out from the paper (float64): image i's state ``y`` gives the queries; keys and
+    values are ``[K_i; K_j]``, ``[V_i; V_j]`` (``K_j, V_j`` from the distractor j's SA state at the same
+    depth, timm's own block forward) under ONE softmax over both images' tokens; then timm's
+    residual/MLP; the class token through the final norms."""
+    vit = model.vit
+    x0 = vit.norm_pre(vit._pos_embed(vit.patch_embed(imgs)))
+    sa_states = [x0]
+    for blk in vit.blocks:
+        sa_states.append(blk(sa_states[-1]))
+    y = x0
+    for blk, s in zip(vit.blocks, sa_states):
+        a = blk.attn
+        B, N, C = y.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(B, -1, a.num_heads, a.head_dim).transpose(1, 2)
+
+        q, k_i, v_i = (heads(t) for t in a.qkv(blk.norm1(y)).chunk(3, dim=-1))
+        _, k_j, v_j = (heads(t) for t in a.qkv(blk.norm1(s[d])).chunk(3, dim=-1))
+        k, v = torch.cat([k_i, k_j], dim=2), torch.cat([v_i, v_j], dim=2)
+        p = torch.softmax(q @ k.transpose(-2, -1) * a.scale, dim=-1)       # one softmax over 2N keys
+        y = y + a.proj((p @ v).transpose(1, 2).reshape(B, N, C))
+        y = y + blk.mlp(blk.norm2(y))
+    return vit.fc_norm(vit.norm(y)[:, 0])
+
+
+def test_pwca_is_one_softmax_over_both_images_with_own_queries():
+    """The PWCA branch against the formula written out: a wrong version (values of the own image
+    only, two softmaxes averaged, queries from the distractor) moves the class token by O(0.1),
+    far beyond float32's bound."""
+    torch.manual_seed(0)
+    model = DCAL(num_classes=3, **TINY).train()
+    imgs = torch.randn(4, 3, 32, 32)
+    d = torch.tensor([1, 0, 3, 2])
+    with torch.no_grad():
+        got = model.branches(imgs, distractor=d)["pwca"].double()
+        model64 = copy.deepcopy(model).double()
+        ref = _hand_pwca(model64, imgs.double(), d)
+        sa = model64.vit(imgs.double())
+    tol = _pwca_tol(model, imgs)
+    assert torch.allclose(got, ref, rtol=0, atol=tol)
+    assert (ref - sa).abs().amax() > 1e2 * tol                  # the distractor matters at this scale
+
+
 def test_pwca_gradient_flows_into_the_distractor():
     # The distractor's keys/values are not detached: d PWCA(i) / d image_j is the full derivative
     # (checked against central finite differences, float64).
@@ -496,13 +541,16 @@ def test_local_weights_and_unsupported_backbones(tmp_path):
         DCAL(num_classes=0, **TINY)
 
 
-def test_pure_cnn_backbone_is_refused_with_the_options():
-    # Before: DCAL(backbone="resnet18") built the CNN and raised TypeError from check_supported.
+def test_cnn_without_attention_shape_and_other_families_are_refused_with_the_options():
+    # A CNN gets attention blocks on its feature map (models/cnn_tokens.py), whose shape it must name.
     for name in ("resnet18", "convnext_atto"):
-        with pytest.raises(ValueError, match="has no timm ViT Block/Attention layers") as err:
+        with pytest.raises(ValueError, match="attention_dim") as err:
             DCAL(num_classes=3, backbone=name, img_size=32)
-        message = str(err.value)
-        assert "\n" not in message and "vit_small_r26_s32_224" in message and "conv_stem" in message
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="has no timm ViT Block/Attention layers") as err:
+        DCAL(num_classes=3, backbone="swin_tiny_patch4_window7_224", img_size=32)
+    message = str(err.value)
+    assert "\n" not in message and "vit_small_r26_s32_224" in message and "conv_stem" in message
     with pytest.raises(ValueError, match="not a timm model"):
         DCAL(num_classes=3, backbone="resnet_does_not_exist", img_size=32)
 

@@ -262,16 +262,100 @@ def test_two_ranks_gather_the_verification_state(tmp_path):
     assert report["pairs"]["genuine"] == report["identities"] * per_id * (per_id - 1) // 2
 
 
-def test_recipe_params_refuse_a_cnn_backbone_in_one_line():
+def test_recipe_params_check_the_backbone_family_in_one_line():
     from dist_train.config import ConfigError, build_dataclass
     from recipes.dcal_twins import DCALTwinsParams
 
-    with pytest.raises(ConfigError, match="recipe.params: backbone 'resnet18'") as err:
-        build_dataclass(DCALTwinsParams, {"backbone": "resnet18"}, prefix="recipe.params")
+    def params(**kw):
+        return build_dataclass(DCALTwinsParams, kw, prefix="recipe.params")
+
+    with pytest.raises(ConfigError, match="recipe.params: backbone 'swin_tiny_patch4_window7_224'") as err:
+        params(backbone="swin_tiny_patch4_window7_224")
     assert "\n" not in str(err.value) and "hybrid" in str(err.value)
-    params = build_dataclass(DCALTwinsParams, {"backbone": "vit_small_r26_s32_224", "depth": 1},
-                             prefix="recipe.params")
-    assert params.model_config(3).backbone == "vit_small_r26_s32_224"
+    with pytest.raises(ConfigError, match=r"recipe.params: attention_dim \(0\) and num_heads \(0\)"):
+        params(backbone="resnet18")                       # a CNN needs the attention blocks' shape
+    with pytest.raises(ConfigError, match="CNN backbone only"):
+        params(backbone="vit_tiny_patch16_224", attention_dim=64, num_heads=4)
+    with pytest.raises(ConfigError, match="conv_stem / patch_size apply to a ViT"):
+        params(backbone="resnet18", attention_dim=64, num_heads=4, patch_size=8)
+    assert params(backbone="vit_small_r26_s32_224", depth=1).model_config(3).backbone == "vit_small_r26_s32_224"
+    cnn = params(backbone="resnet50", attention_dim=512, num_heads=8).model_config(3)
+    assert (cnn.attention_dim, cnn.num_heads, cnn.attention_depth) == (512, 8, 2)   # depth 0: two blocks
+
+
+CNN_CONFIG = REPO / "configs" / "dcal_twins" / "cnn.yaml"
+
+
+def test_dcal_on_a_cnn_trains_and_its_stored_config_rebuilds_it(tmp_path, capsys):
+    """configs/dcal_twins/cnn.yaml: a few steps, then the exported model.pt is rebuilt from its
+    stored config (what biomtl eval / verify / demo / export do) with the same weights, the
+    attention maps cover the CNN grid, and biomtl eval reproduces the run's own test EER."""
+    import json
+
+    from dist_train.cli import main as cli
+    from dist_train.inference import InferenceEngine
+    from dist_train.main import train
+    from models.cnn_tokens import CNNFeatureMap
+
+    cfg = load_config(CNN_CONFIG, dcal_overrides(tmp_path, **{"recipe.params.patch_size": 0,
+                                                               "logging.tracking": "none"}))
+    final = train(cfg, None)
+    (run,) = (tmp_path / "runs").iterdir()
+    engine = InferenceEngine.from_checkpoint(run / "model.pt", device="cpu")
+    model = engine.model
+    assert isinstance(model.vit.patch_embed.backbone, CNNFeatureMap) and model.vit.embed_dim == 128
+    assert [b.attn.num_heads for b in model.vit.blocks] == [4, 4]
+    stored = torch.load(run / "model.pt", map_location="cpu", weights_only=True)["model"]
+    state = model.state_dict()
+    assert set(stored) == set(state) and all(torch.equal(stored[k], state[k].to(stored[k].dtype)) for k in stored)
+    images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+              for i in range(2)]
+    maps = engine.attention_maps(images)
+    assert maps.shape == (2, 4, 4)                            # the CNN's 4x4 grid, scaled to [0, 1] per image
+    assert maps.reshape(2, -1).min(1).tolist() == [0.0, 0.0] and maps.reshape(2, -1).max(1).tolist() == [1.0, 1.0]
+    assert engine.attention_maps(images, upsample=True).shape == (2, 32, 32)
+    capsys.readouterr()
+    assert cli(["eval", "--checkpoint", str(run / "model.pt"), "--output", str(tmp_path / "ev"), "--no-progress",
+                "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    pairs = report["pairs"]["genuine"] + report["pairs"]["impostor"]
+    # the same embeddings up to float rounding: at most a pair's worth of difference in the EER
+    assert report["all_impostors"]["eer"] == pytest.approx(final["test_eer"], abs=1.0 / pairs)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("recipe.params.num_heads=3", "recipe.params: attention_dim (128) must be a multiple of num_heads (3)"),
+    ("recipe.params.attention_dim=0", "recipe.params: attention_dim (0) and num_heads (4) must be >= 1")])
+def test_a_bad_attention_shape_exits_2_in_one_line_writing_nothing(tmp_path, capsys, override, fragment):
+    from dist_train.main import run
+
+    capsys.readouterr()
+    assert run(["--config", str(CNN_CONFIG), *dcal_overrides(tmp_path, **{"recipe.params.patch_size": 0}),
+                override]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+MULTI_NODE = REPO / "configs" / "dcal_twins" / "multi_node.yaml"
+
+
+def test_multi_node_preset_on_a_cpu_machine_is_one_line_or_runs_with_auto(tmp_path, capsys, monkeypatch):
+    """The preset's dist.backend=nccl on a machine without GPUs: one line naming the key, exit 2,
+    nothing written (it was a RuntimeError traceback); with dist.backend=auto it trains on gloo."""
+    from dist_train.main import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the same on a GPU machine
+    tiny = dcal_overrides(tmp_path, **{"train.max_steps": 2, "logging.tracking": "none", "data.num_workers": 0,
+                                       "data.synthetic.cache_dir": str(tmp_path / "data")})
+    capsys.readouterr()
+    assert run(["--config", str(MULTI_NODE), *tiny]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: dist.backend: nccl needs CUDA GPUs"), err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    assert run(["--config", str(MULTI_NODE), *tiny, "dist.backend=auto"]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("dcal_twins_multinode_") and (run_dir / "model.pt").is_file()
 
 
 def _wandb_records(path):

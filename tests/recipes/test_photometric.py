@@ -16,6 +16,7 @@ from torch.utils.data import default_collate
 
 from dist_train.config import build_dataclass, load_config, recipe_params
 from recipes.base import DataInfo, get_recipe
+from recipes.photometric import ATTRIBUTE_ALIASES
 from shards.synthetic import LABEL_SCHEMAS, SyntheticSpec, _sample_fields, render_sample
 from tests.conftest import PYTHON, REPO
 
@@ -156,12 +157,25 @@ def test_concat_embeds_three_networks_and_metrics_cover_every_task():
         out = model(batch)
     assert set(model.encoders) == {"albedo", "normal", "depth"} and out["embedding"].shape == (8, 3 * 32)
     metrics = recipe.new_metrics()
-    metrics.update(out, batch)
+    assert metrics.attributes == model.attributes and len(model.attributes) >= 3
+    # Predictions of known accuracy (an untrained model predicts one class, whose accuracy any
+    # pairing of labels and predictions reproduces): the k-th task gets its first k + 1 rows wrong.
+    scored = dict(out)
+    for k, task in enumerate(("identity", *model.attributes)):
+        logits = out[f"{task}_logits"]
+        pred = batch[task].clone()
+        pred[:k + 1] = (pred[:k + 1] + 1) % logits.shape[1]
+        scored[f"{task}_logits"] = torch.nn.functional.one_hot(pred, logits.shape[1]).float() * 5.0
+    metrics.update(scored, batch)
     res = type(metrics).compute([metrics.state()])
     for key in ("identity_top1", "gender_acc", "emotion_macro_f1", "pose_auc", "spectacles_acc", "attr_mean_acc",
                 "score", "eer", "auc"):
         assert key in res, key
-    assert 0.0 <= res["identity_top1"] <= 1.0 and 0.0 <= res["eer"] <= 1.0
+    accs = [(8 - (k + 2)) / 8 for k in range(len(model.attributes))]
+    assert res["identity_top1"] == 7 / 8                          # counts of 8: exact in float64
+    assert [res[f"{a}_acc"] for a in model.attributes] == accs
+    assert res["attr_mean_acc"] == pytest.approx(np.mean(accs), rel=4 * np.finfo(np.float64).eps)
+    assert 0.0 <= res["eer"] <= 1.0
 
 
 def test_concat_refuses_data_without_a_modality_in_one_line(tmp_path):
@@ -180,6 +194,15 @@ def test_concat_refuses_data_without_a_modality_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "lack albedo.npy, normal.npy, depth.npy" in proc.stderr and not (tmp_path / "runs").exists()
+
+
+def _check_summaries(m: dict, prefix: str) -> None:
+    """A run's summaries are the means of its accuracies: attr_mean_acc of the attribute
+    accuracies, score of those and identity_top1 (the batch-level values: the concat test)."""
+    accs = [m[f"{prefix}{a}_acc"] for a in ATTRIBUTE_ALIASES]
+    top1 = m[f"{prefix}identity_top1"]
+    assert m[f"{prefix}attr_mean_acc"] == pytest.approx(np.mean(accs), rel=4 * np.finfo(np.float64).eps)
+    assert m[f"{prefix}score"] == pytest.approx(np.mean([top1, *accs]), rel=4 * np.finfo(np.float64).eps)
 
 
 @pytest.mark.parametrize("config", [MTL_CONFIG, CONCAT_CONFIG], ids=["mtl", "concat"])
@@ -205,7 +228,7 @@ def test_both_recipes_train_under_the_trainer(tmp_path, config, monkeypatch):
     # grl_lambda(1) exactly when the run ends (a fixed grl_steps made it 1000 forwards)
     assert grls[0].total_steps == 3 and int(grls[0].steps) == 3
     (run,) = list((tmp_path / "runs").iterdir())
-    assert 0.0 <= metrics["identity_top1"] <= 1.0 and 0.0 <= metrics["pose_acc"] <= 1.0
+    _check_summaries(metrics, "")
     assert (run / "plots" / "confusion_matrices.png").stat().st_size > 1000
     final = json.loads((run / "final_metrics.json").read_text())
     assert "test_identity_top1" in final and "test_spectacles_auc" in final
@@ -227,7 +250,7 @@ def test_both_recipes_train_under_two_process_torchrun(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         (run,) = list((out / "runs").iterdir())
         final = json.loads((run / "final_metrics.json").read_text())
-        assert 0.0 <= final["test_identity_top1"] <= 1.0 and 0.0 <= final["test_gender_acc"] <= 1.0
+        _check_summaries(final, "test_")
         assert (run / "plots" / "confusion_matrices.png").is_file() and (run / "model.pt").is_file()
 
 

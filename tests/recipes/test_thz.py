@@ -19,7 +19,7 @@ from dist_train.config import ConfigError, build_dataclass, load_config, recipe_
 from recipes.base import DataInfo, get_recipe
 from shards.synthetic import SyntheticSpec, _sample_fields, render_sample
 from tests.conftest import PYTHON, REPO
-from tests.tolerance import embedding_cosine_atol, module_atol, ops_rtol
+from tests.tolerance import embedding_cosine_atol, gamma, logsumexp_atol, module_atol, ops_rtol
 
 
 class _Embed(torch.nn.Module):
@@ -255,8 +255,30 @@ def test_frozen_teacher_comes_from_a_file_and_does_not_move(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert all(torch.equal(before["teacher." + k], v) for k, v in trained.teacher.state_dict().items())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    seen = {}
+
+    def keep(key):
+        def hook(module, inputs, output):
+            seen[key] = output["posture_logits"]     # returns None: the output itself is unchanged
+        return hook
+
+    hooks = [net.register_forward_hook(keep(key)) for key, net in (("student", model.student.net),
+                                                                    ("teacher", model.teacher))]
     out = model(_triplet_batch(r))
-    assert "teacher_supcon" not in out["terms"] and out["terms"]["distill_logit"].item() >= 0
+    for h in hooks:
+        h.remove()
+    assert "teacher_supcon" not in out["terms"]
+    # distill_logit is T^2 KL(softmax(teacher / T) || softmax(student / T)) over the teacher's rows
+    T = r.params.kd_temperature
+    t = seen["teacher"].detach().double() / T
+    st = seen["student"][:t.shape[0]].detach().double() / T
+    diff = t.log_softmax(1) - st.log_softmax(1)
+    kl = float((t.softmax(1) * diff).sum(1).mean()) * T * T
+    C = t.shape[1]
+    # each log-softmax within logsumexp_atol, the weighted sum of C differences within gamma(2C)
+    zmax = float(max(t.abs().max(), st.abs().max()))
+    tol = T * T * (2 * logsumexp_atol(C, zmax) + gamma(2 * C) * float(diff.abs().max()))
+    assert out["terms"]["distill_logit"].item() == pytest.approx(kl, rel=0, abs=tol) and kl > 1e3 * tol
     out["loss"].backward()
     opt.step()
     after = model.state_dict()
