@@ -36,6 +36,23 @@ class DistContext:
         return self.env.is_main
 
 
+def check_backend_here(backend: str) -> None:
+    """``dist.backend=nccl`` where this node shows no GPU (e.g.
+    ``configs/dcal_twins/multi_node.yaml`` on a CPU box): one line naming the
+    node, before any process group (whose init would fail with a traceback on
+    every rank, or wait for the others). Checked on the rank's own host, not in
+    the preflight: ``biomtl launch --slurm`` may submit from a
+    login node without GPUs onto GPU nodes."""
+    import socket
+
+    from dist_train.config import ConfigError
+
+    if backend == "nccl" and not torch.cuda.is_available():
+        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+        raise ConfigError(f"dist.backend=nccl needs CUDA GPUs and node {node} has none visible "
+                          "(set dist.backend=gloo or auto, or ask for GPUs: sbatch --gpus-per-node=N)")
+
+
 def pick_backend(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -78,14 +95,7 @@ def init(env: LaunchEnv, backend: str = "auto", timeout_s: int = 1800, cpu_threa
     A world of one still gets a real group so that collectives used by the
     trainer and recipes (all_gather_object, barrier) work unchanged."""
     backend = pick_backend(backend)
-    if backend == "nccl" and not torch.cuda.is_available():
-        # a config mistake on this machine (e.g. configs/dcal_twins/multi_node.yaml on a CPU box): the
-        # trainer reports it in one line, exit 2, before anything is written. Checked here, on the rank's
-        # own host, not in the preflight: a login node without GPUs may launch onto GPU nodes.
-        from dist_train.config import ConfigError
-
-        raise ConfigError("dist.backend: nccl needs CUDA GPUs and none are visible on this machine "
-                          "(dist.backend=auto picks nccl on GPUs, gloo on CPUs)")
+    check_backend_here(backend)  # (main.run asks before this too, before any file is touched)
     device = pick_device(env)
     threads, why = pick_cpu_threads(env, cpu_threads)
     torch.set_num_threads(threads)

@@ -25,8 +25,8 @@ import torch  # noqa: E402
 from dist_train import distributed  # noqa: E402
 from dist_train.checkpoint import atomic_write, final_model_path  # noqa: E402
 from dist_train.config import Config, ConfigError, dump_config, synthetic_cache_dir  # noqa: E402
-from dist_train.preflight import (check_backend_here, check_resume, load_checked_config,  # noqa: E402
-                                  synthetic_spec)
+from dist_train.distributed import check_backend_here  # noqa: E402
+from dist_train.preflight import check_resume, load_checked_config, synthetic_spec  # noqa: E402
 from models.backbones import WeightsError  # noqa: E402
 from models.losses import LpipsWeightsMissing  # noqa: E402
 from dist_train.stored_recipe import build_recipe  # noqa: E402
@@ -304,7 +304,7 @@ def run(argv: list[str] | None = None, prog: str = "dist_train/main.py") -> int:
     env = detect()
     try:
         cfg = load_checked_config(args.config, args.overrides, start=args.resume is None)
-        check_backend_here(cfg)
+        check_backend_here(cfg.dist.backend)
         resume = resolve_resume(cfg, args.resume)
     except ConfigError as exc:
         if env.is_local_main:  # every rank finds the same mistake: one line per node

@@ -405,21 +405,6 @@ def _enabled(section: Any) -> bool:
     return value is True or (isinstance(value, str) and value.lower() == "true")
 
 
-def check_backend_here(cfg: Config) -> None:
-    """``dist.backend=nccl`` where this node shows no GPU: one line naming the
-    node, before any process group (whose init would fail with a traceback on
-    every rank, or wait for the others). Not part of :func:`load_checked_config`:
-    ``biomtl launch --slurm`` may submit from a login node without GPUs."""
-    import socket
-
-    import torch
-
-    if cfg.dist.backend == "nccl" and not torch.cuda.is_available():
-        node = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-        raise ConfigError(f"dist.backend=nccl needs CUDA GPUs and node {node} has none visible "
-                          "(set dist.backend=gloo or auto, or ask for GPUs: sbatch --gpus-per-node=N)")
-
-
 def resolved_precision(cfg: Config) -> str:
     """``train.precision`` with ``auto`` resolved for the device the run will
     use (a GPU where one is visible, as ``distributed.pick_device``)."""

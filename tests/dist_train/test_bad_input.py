@@ -534,14 +534,14 @@ def test_nccl_without_gpus_is_one_line_naming_the_node_exit_2(tmp_path: Path, mo
     """dist.backend=nccl where no GPU is visible: one line before any process group (not a traceback
     from every rank's init); ``biomtl launch --slurm`` from a login node without GPUs still submits."""
     from dist_train import main as main_mod
-    from dist_train.preflight import check_backend_here
+    from dist_train.distributed import check_backend_here
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("SLURMD_NODENAME", "gpu07")
     cfg = load_checked_config(FACECOM, [*tiny_overrides(tmp_path), "dist.backend=nccl"])  # the launcher's check: fine
     with pytest.raises(ConfigError, match="dist.backend=nccl needs CUDA GPUs and node gpu07 has none visible"):
-        check_backend_here(cfg)
-    check_backend_here(load_checked_config(FACECOM, tiny_overrides(tmp_path)))  # auto: gloo here
+        check_backend_here(cfg.dist.backend)
+    check_backend_here(load_checked_config(FACECOM, tiny_overrides(tmp_path)).dist.backend)  # auto: gloo here
     capsys.readouterr()
     assert main_mod.run(["--config", str(FACECOM), *tiny_overrides(tmp_path), "dist.backend=nccl"]) == 2
     line = _one_error_line(capsys.readouterr().err)

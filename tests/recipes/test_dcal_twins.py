@@ -351,7 +351,7 @@ def test_multi_node_preset_on_a_cpu_machine_is_one_line_or_runs_with_auto(tmp_pa
     capsys.readouterr()
     assert run(["--config", str(MULTI_NODE), *tiny]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error: dist.backend: nccl needs CUDA GPUs"), err
+    assert len(err) == 1 and err[0].startswith("error: dist.backend=nccl needs CUDA GPUs"), err
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
     assert run(["--config", str(MULTI_NODE), *tiny, "dist.backend=auto"]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
