@@ -136,6 +136,7 @@ from torch import nn  # noqa: E402
 from models.backbones import build_backbone  # noqa: E402
 from models.cnn_tokens import CNN_MODULES, build_cnn_attention_vit  # noqa: E402
 from models.heads import build_identity_head  # noqa: E402
+from models.partial_fc import ShardedMarginHead  # noqa: E402
 from models.losses import (DynamicLossWeights, SupConLoss, TwinAwareTripletLoss, co_twin_mask,  # noqa: E402
                            masked_cross_entropy, masked_mean_of_sum, weighted_sum)
 from models.pixels import PixelInput  # noqa: E402
@@ -343,6 +344,10 @@ class DCALConfig:
     head: Literal["arcface", "cosface", "linear"] = "arcface"
     margin_s: float = 30.0
     margin_m: float | None = None             # None: ArcFace 0.5, CosFace 0.35
+    # partial_fc: the heads' centres split over ``ranks`` (models/partial_fc.py); sample_rate < 1
+    # samples the negative centres. Needs a margin head.
+    head_sharding: Literal["none", "partial_fc"] = "none"
+    sample_rate: float = 1.0
     metric_loss: Literal["triplet", "supcon", "none"] = "triplet"
     triplet_margin: float = 0.3
     twin_weight: float = 1.0                  # triplet: weight of the co-twin-negative term
@@ -358,6 +363,17 @@ class DCALConfig:
             raise ValueError(f"top_r must be in (0, 1], got {self.top_r}")
 
 
+def _identity_head(cfg: DCALConfig, dim: int, ranks: tuple[int, int, Any]) -> nn.Module:
+    if cfg.head_sharding != "partial_fc":
+        return build_identity_head(cfg.head, dim, cfg.num_classes, s=cfg.margin_s, m=cfg.margin_m)
+    if cfg.head == "linear":
+        raise ValueError("head_sharding=partial_fc needs a margin head (arcface | cosface), not head=linear")
+    m = ({"arcface": 0.5, "cosface": 0.35}[cfg.head]) if cfg.margin_m is None else cfg.margin_m
+    rank, world, group = ranks
+    return ShardedMarginHead(cfg.head, dim, cfg.num_classes, s=cfg.margin_s, m=m, sample_rate=cfg.sample_rate,
+                             rank=rank, world=world, group=group)
+
+
 class DCAL(nn.Module):
     """SA + GLCA + PWCA on a timm ViT; see the module docstring.
 
@@ -366,7 +382,9 @@ class DCAL(nn.Module):
     ready timm VisionTransformer instead of building ``cfg.backbone``.
     """
 
-    def __init__(self, cfg: DCALConfig | None = None, backbone_module: nn.Module | None = None, **overrides: Any):
+    def __init__(self, cfg: DCALConfig | None = None, backbone_module: nn.Module | None = None,
+                 ranks: tuple[int, int, Any] = (0, 1, None), **overrides: Any):
+        """``ranks``: (rank, world, process group) that share the centres of a sharded head."""
         super().__init__()
         cfg = dataclasses.replace(cfg, **overrides) if cfg is not None else DCALConfig(**overrides)
         if cfg.num_classes < 1:
@@ -395,9 +413,8 @@ class DCAL(nn.Module):
             self.glca_block = copy.deepcopy(backbone.blocks[-1])
             self.glca_norm = copy.deepcopy(backbone.norm)
             self.glca_fc_norm = copy.deepcopy(backbone.fc_norm)
-        self.head_sa = build_identity_head(cfg.head, dim, cfg.num_classes, s=cfg.margin_s, m=cfg.margin_m)
-        self.head_glca = (build_identity_head(cfg.head, dim, cfg.num_classes, s=cfg.margin_s, m=cfg.margin_m)
-                          if cfg.use_glca else None)
+        self.head_sa = _identity_head(cfg, dim, ranks)
+        self.head_glca = _identity_head(cfg, dim, ranks) if cfg.use_glca else None
         self.embed_dim = dim * (2 if cfg.use_glca else 1)
         if cfg.metric_loss == "triplet":
             self.metric = TwinAwareTripletLoss(cfg.triplet_margin, twin_weight=cfg.twin_weight)
@@ -517,29 +534,28 @@ class DCAL(nn.Module):
                     raise KeyError("DCAL training with PWCA needs batch['identity'] (or batch['distractor'])")
                 distractor = pick_distractors(identity, twin)
         br = self.branches(images, distractor)
-        labels = identity if self.training else None
-        out: dict[str, Any] = {"sa_logits": self.head_sa(br["sa"], labels)}
-        if "glca" in br:
-            out["glca_logits"] = self.head_glca(br["glca"], labels)
+        out: dict[str, Any] = {}
+        terms: dict[str, torch.Tensor] = {}
+        # A label >= num_classes is skipped (eval: identities the classifier never saw); in
+        # training the data path refuses such samples (recipes.labels.class_label).
+        for name, head in (("sa", self.head_sa), ("glca", self.head_glca), ("pwca", self.head_sa)):
+            if name in br:
+                logits, loss = self._classify(head, br[name], identity)
+                if logits is not None:
+                    out[f"{name}_logits"] = logits
+                if loss is not None:
+                    terms[name] = loss
         if "pwca" in br:
-            out["pwca_logits"] = self.head_sa(br["pwca"], labels)
             out["distractor"] = distractor
         emb = self.embedding_from(br)
         out["embedding"] = emb
-        probs = out["sa_logits"].float().softmax(1)
-        if "glca_logits" in out:
-            probs = 0.5 * (probs + out["glca_logits"].float().softmax(1))
-        out["identity_probs"] = probs
-
-        terms: dict[str, torch.Tensor] = {}
-        if identity is not None:
-            # A label >= num_classes is skipped (eval: identities the classifier never saw); in
-            # training the data path refuses such samples (recipes.labels.class_label).
-            terms["sa"] = masked_cross_entropy(out["sa_logits"], identity)
+        if "sa_logits" in out:  # (a head sharded across ranks has no logits over every class)
+            probs = out["sa_logits"].float().softmax(1)
             if "glca_logits" in out:
-                terms["glca"] = masked_cross_entropy(out["glca_logits"], identity)
-            if "pwca_logits" in out:
-                terms["pwca"] = masked_cross_entropy(out["pwca_logits"], identity)
+                probs = 0.5 * (probs + out["glca_logits"].float().softmax(1))
+            out["identity_probs"] = probs
+
+        if identity is not None:
             if self.metric is not None:
                 terms["metric"] = self.metric(emb, identity, twin)
             if self.verif is not None:
@@ -555,6 +571,16 @@ class DCAL(nn.Module):
         else:
             out["loss"] = weighted_sum(terms, {"metric": cfg.metric_weight, "verif": cfg.verif_weight})
         return out
+
+    def _classify(self, head: nn.Module, feats: torch.Tensor,
+                  identity: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits or None, identity loss or None without labels) of one branch. A sharded
+        head gives its own loss (the softmax spans the ranks) and logits only in a world of one."""
+        if isinstance(head, ShardedMarginHead):
+            logits = head.logits(feats) if head.world == 1 and not self.training else None
+            return logits, (head.loss(feats, identity) if identity is not None else None)
+        logits = head(feats, identity if self.training else None)
+        return logits, (masked_cross_entropy(logits, identity) if identity is not None else None)
 
     def _verification(self, emb: torch.Tensor, identity: torch.Tensor, twin: torch.Tensor | None,
                       distractor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -63,7 +63,9 @@ from models.cnn_tokens import check_attention_shape
 from models.conv_stem import ConvStemPatchEmbed
 from models.dcal import DCAL, DCALConfig, check_backbone_name
 from recipes import verification as ev
-from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register, start_file, start_option
+from recipes.base import (ArtifactContext, DataInfo, Metrics, ParallelContext, Recipe, register, start_file,
+                          start_option)
+from recipes.identity_head import check_ranks, check_sharding, note_world_of_one
 from recipes.image_input import face_transforms, pick_rgb_image
 from recipes.init_weights import check_init_from, load_init_weights
 from recipes.labels import class_label
@@ -115,6 +117,11 @@ class DCALTwinsParams:
     head: Literal["arcface", "cosface", "linear"] = "arcface"
     s: float = 30.0
     m: float | None = None                   # None: ArcFace 0.5, CosFace 0.35
+    # partial_fc: the SA/GLCA heads' centres split across the training ranks (Partial FC,
+    # recipes/identity_head.py), for identities that do not fit one GPU; sample_rate < 1 puts only
+    # the batch's identities and that share of the other centres in each step's softmax.
+    identity_head_sharding: Literal["none", "partial_fc"] = "none"
+    sample_rate: float = 1.0
     metric_loss: Literal["triplet", "supcon", "none"] = "triplet"
     triplet_margin: float = 0.3
     twin_weight: float = 1.0
@@ -146,6 +153,7 @@ class DCALTwinsParams:
                              f"'{self.backbone}' has its own width and heads (set both to 0)")
         if not 0.0 < self.top_r <= 1.0:
             raise ValueError(f"top_r must be in (0, 1], got {self.top_r}")
+        check_sharding(self.identity_head_sharding, self.sample_rate, self.head)
         if not 0.0 <= self.p_flip <= 1.0 or not 0.0 < self.crop_scale_min <= 1.0 or self.jitter < 0:
             raise ValueError("p_flip must be in [0, 1], crop_scale_min in (0, 1], jitter >= 0")
         if self.pretrained and self.weights_path:
@@ -180,7 +188,8 @@ class DCALTwinsParams:
         return DCALConfig(num_classes=max(num_classes, 1), backbone=self.backbone, pretrained=self.pretrained,
                           weights_path=self.weights_path, img_size=self.img_size, backbone_kwargs=backbone_kwargs,
                           use_glca=self.use_glca, use_pwca=self.use_pwca, top_r=self.top_r, head=self.head,
-                          margin_s=self.s, margin_m=self.m, metric_loss=self.metric_loss,
+                          margin_s=self.s, margin_m=self.m, head_sharding=self.identity_head_sharding,
+                          sample_rate=self.sample_rate, metric_loss=self.metric_loss,
                           triplet_margin=self.triplet_margin, twin_weight=self.twin_weight,
                           supcon_temperature=self.supcon_temperature,
                           twin_negative_weight=self.twin_negative_weight,
@@ -218,8 +227,14 @@ class DCALTwinsRecipe(Recipe):
                 "twin": torch.tensor(twin, dtype=torch.long)}
 
     # --- model
+    def use_ranks(self, parallel: ParallelContext) -> None:
+        check_ranks(self.params.identity_head_sharding, max(self.data_info.num_identities, 1), parallel)
+        super().use_ranks(parallel)
+
     def build_model(self) -> nn.Module:
-        model = DCAL(self.params.model_config(self.data_info.num_identities))
+        p, ranks = self.params, self.parallel
+        note_world_of_one(p.identity_head_sharding, ranks, p.head, self.data_info.num_identities, p.sample_rate)
+        model = DCAL(p.model_config(self.data_info.num_identities), ranks=(ranks.rank, ranks.world, ranks.group))
         if self.params.init_from:
             report = load_init_weights(model, self.params.init_from, DCAL_HEADS, self.name, DCAL_GLCA)
             if report.derived_missing:  # DCAL's own initialisation rule, on the loaded weights

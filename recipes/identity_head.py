@@ -22,7 +22,8 @@ from models.losses import masked_cross_entropy
 from models.partial_fc import ShardedMarginHead
 from recipes.base import ParallelContext, RecipeDataError
 
-__all__ = ["SHARDING_CHOICES", "build_head", "check_ranks", "check_sharding", "identity_outputs", "top_identities"]
+__all__ = ["SHARDING_CHOICES", "build_head", "check_ranks", "check_sharding", "identity_outputs",
+           "note_world_of_one", "top_identities"]
 
 log = logging.getLogger("biomtl")
 
@@ -36,7 +37,7 @@ def check_sharding(sharding: str, sample_rate: float, head_kind: str) -> None:
         raise ValueError(f"sample_rate must be in (0, 1] (the share of negative centres each step), got {sample_rate}")
     if sharding == "partial_fc" and head_kind not in ("arcface", "cosface"):
         raise ValueError(f"identity_head_sharding=partial_fc needs a margin head (arcface | cosface), "
-                         f"not identity_head={head_kind}")
+                         f"not {head_kind}")
     if sharding == "none" and sample_rate != 1.0:
         raise ValueError("sample_rate < 1 samples the centres of a sharded head: set identity_head_sharding=partial_fc")
 
@@ -49,14 +50,20 @@ def check_ranks(sharding: str, num_classes: int, parallel: ParallelContext) -> N
                               f"identity_head_sharding=none")
 
 
+def note_world_of_one(sharding: str, parallel: ParallelContext, kind: str, num_classes: int,
+                      sample_rate: float) -> None:
+    """Say once, in a one-process training run, that the sharded head is a plain one there."""
+    if sharding == "partial_fc" and parallel.training and parallel.world == 1:
+        log.info("identity_head_sharding=partial_fc in a one-process run: the head holds all %d centres "
+                 "(a plain %s head, sample_rate %g)", num_classes, kind, sample_rate)
+
+
 def build_head(kind: str, sharding: str, sample_rate: float, in_features: int, num_classes: int, s: float,
                m: float | None, parallel: ParallelContext) -> nn.Module:
     """The replicated head, or the sharded one on ``parallel``'s ranks."""
     if sharding != "partial_fc":
         return build_identity_head(kind, in_features, num_classes, s=s, m=m)
-    if parallel.training and parallel.world == 1:
-        log.info("identity_head_sharding=partial_fc in a one-process run: the head holds all %d centres "
-                 "(a plain %s head, sample_rate %g)", num_classes, kind, sample_rate)
+    note_world_of_one(sharding, parallel, kind, num_classes, sample_rate)
     margin = {"arcface": 0.5, "cosface": 0.35}[kind] if m is None else m
     return ShardedMarginHead(kind, in_features, num_classes, s=s, m=margin, sample_rate=sample_rate,
                              rank=parallel.rank, world=parallel.world, group=parallel.group)

@@ -227,3 +227,29 @@ def test_two_ranks_sampled_keep_every_positive_of_the_global_batch(tmp_path):
     out = torch.ones(11, dtype=torch.bool)
     out[rows] = False
     assert torch.count_nonzero(w_grad[out]) == 0 and torch.count_nonzero(w_grad[rows]) > 0
+
+
+def test_dcal_with_a_sharded_head_in_one_process_gives_the_replicated_losses():
+    """The DCAL model's SA / GLCA / PWCA identity terms through the sharded head (a
+    world of one) equal the replicated heads' on the same weights and batch."""
+    from models.dcal import DCAL
+    from tests.models.test_dcal import TINY
+
+    common = dict(num_classes=5, metric_loss="none", dynamic_weights=False, **TINY)
+    torch.manual_seed(0)
+    rep = DCAL(**common).train()
+    sharded = DCAL(head_sharding="partial_fc", **common).train()
+    missing, unexpected = sharded.load_state_dict(rep.state_dict(), strict=False)
+    assert not unexpected and set(missing) == {"head_sa.sample_seed", "head_sa.draws", "head_glca.sample_seed",
+                                                "head_glca.draws"}
+    g = torch.Generator().manual_seed(3)
+    batch = {"image": torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g),
+             "identity": torch.tensor([0, 0, 1, 1, 2, 4]), "twin": torch.full((6,), -1)}
+    torch.manual_seed(1)
+    a = rep(batch)["terms"]
+    torch.manual_seed(1)
+    b = sharded(batch)["terms"]
+    assert set(a) == set(b) == {"sa", "glca", "pwca"}
+    for name in a:  # float32 logits s * cos of 30 classes at most: a derived float32 bound
+        assert abs(float(a[name].detach()) - float(b[name].detach())) <= 2 * S * ops_rtol(64 + 8, 4), name
+    assert int(sharded.head_sa.draws) == 2  # SA and PWCA share the SA head: two softmaxes

@@ -236,8 +236,11 @@ def test_mlflow_missing_is_a_one_line_config_error(monkeypatch):
 
 
 @pytest.mark.integration
-def test_two_ranks_gather_the_verification_state(tmp_path):
-    """torchrun, 2 ranks: validation metrics and the test report see every sample once."""
+@pytest.mark.parametrize("sharding", ["none", "partial_fc"])
+def test_two_ranks_gather_the_verification_state(tmp_path, sharding):
+    """torchrun, 2 ranks: validation metrics and the test report see every sample once;
+    with the identity centres sharded across the ranks (Partial FC) too, whose
+    checkpoint then holds both ranks' centres."""
     import json
     import subprocess
 
@@ -247,7 +250,8 @@ def test_two_ranks_gather_the_verification_state(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dist_train/main.py",
            "--config", str(CONFIG), *dcal_overrides(tmp_path, train__max_steps=2, train__val_every_steps=2,
-                                                    logging__tracking="none", data__batch_size=4)]
+                                                    logging__tracking="none", data__batch_size=4,
+                                                    recipe__params__identity_head_sharding=sharding)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = list((tmp_path / "runs").iterdir())
@@ -260,6 +264,10 @@ def test_two_ranks_gather_the_verification_state(tmp_path):
     assert report["samples"] == n                        # no padding row, no sample twice
     per_id = n // report["identities"]
     assert report["pairs"]["genuine"] == report["identities"] * per_id * (per_id - 1) // 2
+    from dist_train.checkpoint import safe_load
+
+    centres = safe_load(run / "checkpoints" / "latest.pt")["model"]["head_sa.weight"]
+    assert centres.shape[0] == m.data_info().num_identities
 
 
 def test_recipe_params_check_the_backbone_family_in_one_line():
