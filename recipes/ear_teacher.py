@@ -96,9 +96,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.ear import EarTeacherNet, simsiam_loss
-from models.heads import build_identity_head
-from models.losses import masked_cross_entropy
-from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, register, start_file
+from models.partial_fc import row_shard_of
+from recipes.base import ArtifactContext, DataInfo, Metrics, ParallelContext, Recipe, register, start_file
+from recipes.identity_head import build_head, check_ranks, check_sharding, identity_outputs
 from recipes.batch import label_column, move_batch, valid_mask
 from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS, IMAGENET_MEAN, IMAGENET_STD
@@ -127,6 +127,11 @@ class EarTeacherParams:
     metric_weight: float = 0.1
     margin: float = 0.3
     scale: float = 30.0
+    # partial_fc: the pseudo-class centres split across the training ranks (Partial FC,
+    # recipes/identity_head.py), for more pseudo-classes (instance labels of a large set) than one
+    # GPU holds; sample_rate < 1 samples the negative centres.
+    identity_head_sharding: Literal["none", "partial_fc"] = "none"
+    sample_rate: float = 1.0
     # --- pseudo-labels: k-means clusters of the training embeddings, or one class per training sample
     pseudo_labels: Literal["kmeans", "instance"] = "kmeans"
     num_pseudo_classes: int = 512            # k-means: k (capped at the samples); instance: >= training samples
@@ -157,6 +162,7 @@ class EarTeacherParams:
     def __post_init__(self) -> None:
         if self.img_size < 16 or self.projection_dim < 1 or self.num_pseudo_classes < 1:
             raise ValueError("img_size must be >= 16, projection_dim and num_pseudo_classes >= 1")
+        check_sharding(self.identity_head_sharding, self.sample_rate, self.metric_loss)
         if min(self.reconstruction_weight, self.simsiam_weight, self.metric_weight, self.rotation,
                self.brightness, self.noise, self.buffer, self.crop_jitter, self.zoom, self.shift,
                self.contrast, self.saturation, self.hue, self.grayscale) < 0:
@@ -314,13 +320,14 @@ class EarTeacherModel(nn.Module):
     """``forward(batch)`` -> loss, terms, ``embedding`` (projection of view 1),
     ``reconstruction``, ``reconstruction_mse`` (per row)."""
 
-    def __init__(self, p: EarTeacherParams):
+    def __init__(self, p: EarTeacherParams, parallel: ParallelContext = ParallelContext()):
         super().__init__()
         self.p = p
         self.net = EarTeacherNet(p.backbone, p.weights_path, p.img_size, p.projection_dim, p.projection_hidden,
                                  p.predictor_hidden, p.decoder_width, p.dims, p.depths)
-        self.head = (build_identity_head(p.metric_loss, p.projection_dim, p.num_pseudo_classes, s=p.scale,
-                                         m=p.margin) if p.metric_loss != "none" else None)
+        self.head = (build_head(p.metric_loss, p.identity_head_sharding, p.sample_rate, p.projection_dim,
+                                p.num_pseudo_classes, p.scale, p.margin, parallel)
+                     if p.metric_loss != "none" else None)
         # sorted key hashes and their labels: buffers, so the lookup runs where the model does
         # (no copy to the host inside a step); not persistent: the extra state below carries them
         self.register_buffer("table_keys", torch.zeros(0, dtype=torch.long), persistent=False)
@@ -384,7 +391,7 @@ class EarTeacherModel(nn.Module):
         if self.head is not None:
             labels = (self.pseudo_labels(rows) if rows is not None
                       else torch.full((z.shape[0],), -1, dtype=torch.long)).to(z.device)
-            terms["metric"] = masked_cross_entropy(self.head(z, labels), labels)
+            terms["metric"], _ = identity_outputs(self.head, z, labels, 0.0, self.training)
         else:
             terms["metric"] = zero
         loss = (p.reconstruction_weight * terms["reconstruction"] + p.simsiam_weight * terms["simsiam"]
@@ -494,8 +501,12 @@ class EarTeacherRecipe(Recipe):
         return out
 
     # --- model
+    def use_ranks(self, parallel: ParallelContext) -> None:
+        check_ranks(self.params.identity_head_sharding, self.params.num_pseudo_classes, parallel)
+        super().use_ranks(parallel)
+
     def build_model(self) -> nn.Module:
-        return EarTeacherModel(self.params)
+        return EarTeacherModel(self.params, self.parallel)
 
     def feature_types(self) -> tuple[str, ...]:
         return tuple(sorted(("projection", "features"), key=lambda t: t != self.params.feature_type))
@@ -560,10 +571,13 @@ class EarTeacherRecipe(Recipe):
 
 def reinit_head(head: nn.Module, centroids: np.ndarray, seed: int) -> None:
     """Class ``c``'s weight = the normalised centroid ``c``; rows past the centroids: seeded
-    Xavier (never targets, still negatives)."""
+    Xavier (never targets, still negatives). A head sharded across ranks takes its own rows
+    of that same matrix."""
     w = head.weight  # the margin heads normalise their weights: only directions matter
-    bound = (6.0 / (w.shape[0] + w.shape[1])) ** 0.5
-    fresh = (torch.rand(w.shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * bound
-    c = torch.as_tensor(centroids, dtype=torch.float32)[: w.shape[0]]
+    shard = row_shard_of(w)
+    total, first = (shard.total, shard.offset) if shard is not None else (w.shape[0], 0)
+    bound = (6.0 / (total + w.shape[1])) ** 0.5
+    fresh = (torch.rand(total, w.shape[1], generator=torch.Generator().manual_seed(seed)) * 2 - 1) * bound
+    c = torch.as_tensor(centroids, dtype=torch.float32)[:total]
     fresh[: c.shape[0]] = F.normalize(c, dim=1)
-    w.data.copy_(fresh.to(w.device, w.dtype))
+    w.data.copy_(fresh[first:first + w.shape[0]].to(w.device, w.dtype))

@@ -253,3 +253,24 @@ def test_dcal_with_a_sharded_head_in_one_process_gives_the_replicated_losses():
     for name in a:  # float32 logits s * cos of 30 classes at most: a derived float32 bound
         assert abs(float(a[name].detach()) - float(b[name].detach())) <= 2 * S * ops_rtol(64 + 8, 4), name
     assert int(sharded.head_sa.draws) == 2  # SA and PWCA share the SA head: two softmaxes
+
+
+def test_ear_pseudo_label_head_refill_gives_each_rank_its_rows_of_one_matrix():
+    """recipes.ear_teacher.reinit_head on a sharded head: rank r's rows are rows
+    [offset, offset + n) of what a replicated head of all the rows gets."""
+    import numpy as np
+    from torch import nn
+
+    from models.partial_fc import RowShard
+    from recipes.ear_teacher import reinit_head
+
+    centroids = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    whole = nn.Module()
+    whole.weight = nn.Parameter(torch.zeros(7, 4))
+    reinit_head(whole, centroids, seed=11)
+    part = nn.Module()
+    part.weight = nn.Parameter(torch.zeros(3, 4))
+    part.weight.biomtl_row_shard = RowShard(total=7, offset=4, rank=1, world=2)
+    reinit_head(part, centroids, seed=11)
+    assert torch.equal(part.weight.data, whole.weight.data[4:7])
+    assert torch.allclose(whole.weight.data[:5], F.normalize(torch.as_tensor(centroids), dim=1))
