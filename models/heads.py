@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ArcFace", "CosFace", "LinearHead", "MagLinear", "arcface_target", "build_identity_head", "cosface_target",
-           "target_margin"]
+           "magface_target", "target_margin"]
 
 
 def arcface_target(cos_y: torch.Tensor, m: float) -> torch.Tensor:
@@ -42,13 +42,21 @@ def cosface_target(cos_y: torch.Tensor, m: float) -> torch.Tensor:
     return cos_y - m
 
 
+def magface_target(cos_y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """ArcFace's target cosine with a margin per row (MagFace's ``m(a)``, a tensor
+    broadcasting against ``cos_y``), with the same fallback past ``theta_y > pi - m``."""
+    sin_y = torch.sqrt((1.0 - cos_y * cos_y).clamp(min=1e-7))
+    phi = cos_y * torch.cos(m) - sin_y * torch.sin(m)
+    return torch.where(cos_y > torch.cos(math.pi - m), phi, cos_y - torch.sin(math.pi - m) * m)
+
+
 def target_margin(kind: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """The target-cosine function of a margin head (``arcface | cosface``); the
     replicated heads here and the sharded one (:mod:`models.partial_fc`) share it."""
     try:
-        return {"arcface": arcface_target, "cosface": cosface_target}[kind]
+        return {"arcface": arcface_target, "cosface": cosface_target, "magface": magface_target}[kind]
     except KeyError:
-        raise ValueError(f"unknown margin {kind!r} (arcface | cosface)") from None
+        raise ValueError(f"unknown margin {kind!r} (arcface | cosface | magface)") from None
 
 
 class _CosineHead(nn.Module):

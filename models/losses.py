@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.heads import magface_target
+
 __all__ = ["masked_cross_entropy", "masked_mean_of_sum", "weighted_sum", "DynamicLossWeights", "FocalLoss",
            "TwinAwareTripletLoss", "SupConLoss", "co_twin_mask", "charbonnier_loss", "ssim_window", "ssim_index",
            "psnr", "LpipsWeightsMissing", "lpips_weights_file", "require_lpips_weights", "build_lpips",
@@ -480,10 +482,7 @@ class MagFaceLoss(nn.Module):
         valid = (labels >= 0) & (labels < C)
         idx = labels.clamp(0, C - 1).unsqueeze(1)
         cos_y = cos.gather(1, idx)
-        m = self.margin(a).unsqueeze(1)
-        sin_y = torch.sqrt((1.0 - cos_y * cos_y).clamp(min=1e-7))
-        phi = cos_y * torch.cos(m) - sin_y * torch.sin(m)
-        phi = torch.where(cos_y > torch.cos(math.pi - m), phi, cos_y - torch.sin(math.pi - m) * m)
+        phi = magface_target(cos_y, self.margin(a).unsqueeze(1))
         new_y = torch.where(valid.unsqueeze(1), phi, cos_y)
         return cos.scatter(1, idx, new_y) * self.s
 

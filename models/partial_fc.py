@@ -130,10 +130,21 @@ class ShardedMarginHead(nn.Module):
         return torch.topk(score, keep, sorted=False).indices.sort().values
 
     # ------------------------------------------------------------------ loss
-    def loss(self, emb: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss(self, emb: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
+             row_margin: torch.Tensor | None = None, row_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``row_margin`` (``margin="magface"``): each row's margin ``m(a)``, applied whenever
+        given (as MagFace's loss does), its gradient reaching the magnitudes. ``row_weight``:
+        each row's class weight (the weighted mean of ``F.cross_entropy(weight=...)``)."""
+        if (row_margin is None) == (self.margin_kind == "magface"):
+            raise ValueError("row_margin goes with margin='magface' (and only with it)")
+        if row_weight is not None and label_smoothing > 0:
+            raise ValueError("class weights with label smoothing are not supported by the sharded head")
         counts = _row_counts(emb.shape[0], self.group, self.world)
         emb_all = _GatherRows.apply(emb, self.group, counts) if self.world > 1 else emb
         labels_all = _gather_rows(labels.long(), self.group, counts)
+        if row_margin is not None and self.world > 1:
+            row_margin = _GatherRows.apply(row_margin, self.group, counts)
+        weight_all = _gather_rows(row_weight.float(), self.group, counts) if row_weight is not None else None
         valid = (labels_all >= 0) & (labels_all < self.num_classes)
         weight, rows = self.weight, None
         if self.training:
@@ -145,12 +156,14 @@ class ShardedMarginHead(nn.Module):
         local = torch.where(valid & (labels_all >= self.lo) & (labels_all < self.hi), labels_all - self.lo, -1)
         if rows is not None:  # the label's column among the sampled rows (every positive is sampled)
             local = torch.where(local >= 0, torch.searchsorted(rows, local.clamp(min=0)), -1)
-        if self.training and self.m != 0:
+        margin = row_margin.to(cos.dtype).unsqueeze(1) if row_margin is not None else self.m
+        if row_margin is not None or (self.training and self.m != 0):
             has = local >= 0
             col = local.clamp(min=0).unsqueeze(1)
             cos_y = cos.gather(1, col)
-            cos = cos.scatter(1, col, torch.where(has.unsqueeze(1), self._target(cos_y, self.m), cos_y))
-        return _ShardedSoftmaxCE.apply(cos * self.s, local, valid, float(label_smoothing), self.group, self.world)
+            cos = cos.scatter(1, col, torch.where(has.unsqueeze(1), self._target(cos_y, margin), cos_y))
+        weight = valid.to(cos.dtype) if weight_all is None else valid.to(cos.dtype) * weight_all.to(cos.dtype)
+        return _ShardedSoftmaxCE.apply(cos * self.s, local, weight, float(label_smoothing), self.group, self.world)
 
     # ------------------------------------------------------------------ nearest centres
     def logits(self, emb: torch.Tensor) -> torch.Tensor:
@@ -274,9 +287,10 @@ class _GatherRows(torch.autograd.Function):
 
 
 class _ShardedSoftmaxCE(torch.autograd.Function):
-    """Mean softmax cross-entropy (optionally label-smoothed as ``F.cross_entropy``
-    does) over the labelled rows, each row's columns spread across ranks.
-    ``target``: the label's column here, or ``-1`` when another rank holds it."""
+    """Weighted mean softmax cross-entropy (optionally label-smoothed as
+    ``F.cross_entropy`` does) over the rows, each row's columns spread across ranks.
+    ``target``: the label's column here, or ``-1`` when another rank holds it;
+    ``valid``: each row's weight (0 for unlabelled rows, else 1 or its class weight)."""
 
     @staticmethod
     def forward(ctx: Any, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, eps: float,
@@ -299,7 +313,8 @@ class _ShardedSoftmaxCE(torch.autograd.Function):
             reduce(classes)
             sum_logp = reduce(shifted.sum(dim=1)) - classes * log_z
             rows = (1.0 - eps) * rows - eps * sum_logp / classes
-        n = valid.sum().clamp(min=1).to(logits.dtype)
+        n = valid.sum().to(logits.dtype)
+        n = torch.where(n > 0, n, torch.ones_like(n))  # nothing labelled: a 0 loss
         ctx.save_for_backward(exp / log_z.exp().unsqueeze(1), target, valid, n)
         ctx.eps, ctx.classes = eps, float(classes)
         return (rows * valid).sum() / n
@@ -310,7 +325,7 @@ class _ShardedSoftmaxCE(torch.autograd.Function):
         g = prob.clone()
         if ctx.eps > 0:
             g -= ctx.eps / ctx.classes
-        has = (target >= 0) & valid
+        has = (target >= 0) & (valid > 0)
         rows = has.nonzero().squeeze(1)
         g[rows, target[rows]] -= 1.0 - ctx.eps
         g *= (valid.to(g.dtype) * grad / n).unsqueeze(1)

@@ -35,8 +35,8 @@ def check_sharding(sharding: str, sample_rate: float, head_kind: str) -> None:
     """The params alone (a ``Params.__post_init__`` calls it): one-line ``ValueError``."""
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must be in (0, 1] (the share of negative centres each step), got {sample_rate}")
-    if sharding == "partial_fc" and head_kind not in ("arcface", "cosface"):
-        raise ValueError(f"identity_head_sharding=partial_fc needs a margin head (arcface | cosface), "
+    if sharding == "partial_fc" and head_kind not in ("arcface", "cosface", "magface"):
+        raise ValueError(f"identity_head_sharding=partial_fc needs a margin head (arcface | cosface | magface), "
                          f"not {head_kind}")
     if sharding == "none" and sample_rate != 1.0:
         raise ValueError("sample_rate < 1 samples the centres of a sharded head: set identity_head_sharding=partial_fc")
@@ -64,7 +64,7 @@ def build_head(kind: str, sharding: str, sample_rate: float, in_features: int, n
     if sharding != "partial_fc":
         return build_identity_head(kind, in_features, num_classes, s=s, m=m)
     note_world_of_one(sharding, parallel, kind, num_classes, sample_rate)
-    margin = {"arcface": 0.5, "cosface": 0.35}[kind] if m is None else m
+    margin = {"arcface": 0.5, "cosface": 0.35}.get(kind, 0.0) if m is None else m  # (magface: per row)
     return ShardedMarginHead(kind, in_features, num_classes, s=s, m=margin, sample_rate=sample_rate,
                              rank=parallel.rank, world=parallel.world, group=parallel.group)
 

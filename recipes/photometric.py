@@ -62,11 +62,14 @@ from torch import nn
 
 from models.backbones import build_backbone
 from models.heads import MagLinear
-from models.losses import DynamicLossWeights, FocalLoss, MagFaceLoss, masked_cross_entropy
+from models.losses import DynamicLossWeights, FocalLoss, MagFaceLoss, masked_cross_entropy, masked_mean_of_sum
+from models.partial_fc import ShardedMarginHead
 from models.photometric import (ArrayAugment, CbamResNet, GradientReversal, IRSE, PhotometricEncoder,
                                 TimmFeatures)
-from recipes.base import ArtifactContext, DataInfo, Metrics, Recipe, RecipeDataError, register, start_file, start_option
+from recipes.base import (ArtifactContext, DataInfo, Metrics, ParallelContext, Recipe, RecipeDataError, register,
+                          start_file, start_option)
 from recipes.batch import label_column, move_batch, valid_mask
+from recipes.identity_head import build_head, check_ranks, check_sharding, identity_outputs, top_identities
 from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS
 from recipes.labels import class_label
@@ -111,6 +114,11 @@ class PhotometricParams:
     magface_l_m: float = 0.45
     magface_u_m: float = 0.8
     magface_lambda_g: float = 35.0
+    # partial_fc: the MagFace centres split across the training ranks (Partial FC,
+    # recipes/identity_head.py), for identities that do not fit one GPU; sample_rate < 1 samples
+    # the negative centres.
+    identity_head_sharding: Literal["none", "partial_fc"] = "none"
+    sample_rate: float = 1.0
     identity_class_weights: list[float] = field(default_factory=list)   # [] = equal
     # attributes
     attributes: list[str] = field(default_factory=lambda: list(ATTRIBUTE_ALIASES))
@@ -136,6 +144,7 @@ class PhotometricParams:
     def __post_init__(self) -> None:
         if self.img_size < 16 or self.embedding_dim < 1 or self.nonid_dim < 1:
             raise ValueError("img_size must be >= 16, embedding_dim and nonid_dim >= 1")
+        check_sharding(self.identity_head_sharding, self.sample_rate, "magface")
         if self.backbone == "ir_se" and (self.img_size % 16 or len(self.irse_blocks) != 4
                                          or len(self.irse_widths) != 4):
             raise ValueError(f"ir_se needs img_size divisible by 16 (got {self.img_size}) and four "
@@ -194,14 +203,18 @@ class PhotometricModel(nn.Module):
     parts), ``identity_logits`` (``s * cos``, no margin), ``<attribute>_logits``."""
 
     def __init__(self, p: PhotometricParams, inputs: Sequence[tuple[str, int]], num_identities: int,
-                 attributes: Sequence[tuple[str, int]], train_forwards: int | None = None):
+                 attributes: Sequence[tuple[str, int]], train_forwards: int | None = None,
+                 parallel: ParallelContext = ParallelContext()):
         super().__init__()
         self.inputs = [k for k, _ in inputs]
         self.attributes = [a for a, _ in attributes]
         self.encoders = nn.ModuleDict({k: build_encoder(p, c) for k, c in inputs})
         emb_dim = sum(e.embedding_dim for e in self.encoders.values())
         attr_dim = sum(e.attr_dim for e in self.encoders.values())
-        self.identity_head = MagLinear(emb_dim, max(1, num_identities), p.magface_l_a, p.magface_u_a)
+        self.identity_head = (MagLinear(emb_dim, max(1, num_identities), p.magface_l_a, p.magface_u_a)
+                              if p.identity_head_sharding == "none" else
+                              build_head("magface", p.identity_head_sharding, p.sample_rate, emb_dim,
+                                         max(1, num_identities), p.magface_s, None, parallel))
         id_w = torch.tensor(p.identity_class_weights, dtype=torch.float32) if p.identity_class_weights else None
         if id_w is not None and id_w.numel() != max(1, num_identities):
             raise ValueError(f"identity_class_weights has {id_w.numel()} values for {num_identities} identities")
@@ -224,6 +237,24 @@ class PhotometricModel(nn.Module):
         self.task_weighting = DynamicLossWeights(names) if p.task_weighting == "uncertainty" else None
         self.fixed_weights = {n: float(p.task_weights.get(n, 1.0)) for n in names}
 
+    def _sharded_identity(self, emb: torch.Tensor, identity: torch.Tensor | None
+                          ) -> tuple[dict[str, Any], torch.Tensor, dict[str, torch.Tensor]]:
+        """MagFace over centres sharded across ranks: the magnitude, its margin and its
+        regulariser are this rank's rows' (as MagLinear + MagFaceLoss); the softmax spans the ranks."""
+        head, mag = self.identity_head, self.magface
+        magnitude = emb.float().norm(dim=1).clamp(mag.l_a, mag.u_a)
+        _, out = identity_outputs(head, emb, None, 0.0, self.training)
+        out.update(embedding=emb, magnitude=magnitude)
+        zero = emb.float().sum() * 0.0
+        if identity is None:
+            return out, zero + magnitude.sum() * 0.0, {"g": zero}
+        labels = identity.long()
+        valid = (labels >= 0) & (labels < head.num_classes)
+        weight = None if mag.weight is None else mag.weight[labels.clamp(0, head.num_classes - 1)]
+        ce = head.loss(emb, labels, row_margin=mag.margin(magnitude), row_weight=weight)
+        g = masked_mean_of_sum((mag.regularizer(magnitude) * valid).sum(), valid.sum())
+        return out, ce + mag.lambda_g * g, {"ce": ce, "g": g}
+
     def features(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, attrs = zip(*(self.encoders[k](batch[k]) for k in self.inputs))
         return torch.cat(ids, 1), torch.cat(attrs, 1)
@@ -236,14 +267,17 @@ class PhotometricModel(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         emb, attr_feat = self.features(batch)
-        cos, magnitude = self.identity_head(emb)
-        out: dict[str, Any] = {"embedding": emb, "identity_logits": cos * self.magface.s, "magnitude": magnitude}
         zero = emb.float().sum() * 0.0
         identity = batch.get("identity")
-        if identity is not None:
-            l_id, parts = self.magface(cos, magnitude, identity)
+        if isinstance(self.identity_head, ShardedMarginHead):
+            out, l_id, parts = self._sharded_identity(emb, identity)
         else:
-            l_id, parts = zero + magnitude.sum() * 0.0, {"g": zero}
+            cos, magnitude = self.identity_head(emb)
+            out = {"embedding": emb, "identity_logits": cos * self.magface.s, "magnitude": magnitude}
+            if identity is not None:
+                l_id, parts = self.magface(cos, magnitude, identity)
+            else:
+                l_id, parts = zero + magnitude.sum() * 0.0, {"g": zero}
         terms: dict[str, torch.Tensor] = {"identity": l_id, "magface_g": parts["g"].detach()}
         for a in self.attributes:
             logits = self.attr_heads[a](attr_feat)
@@ -293,11 +327,11 @@ class PhotometricMetrics(Metrics):
     def update(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> None:
         if self.verification is not None:
             self.verification.update(outputs, batch)
-        logits = outputs["identity_logits"].detach().float().cpu()
-        n = logits.shape[0]
+        top = top_identities(outputs, 1)[0]
+        n = top.shape[0]
         valid = valid_mask(batch, n)
         self._add("identity", label_column(batch, "identity", n)[valid])
-        self._add("identity_pred", logits.argmax(1).numpy()[valid])
+        self._add("identity_pred", top[:, 0].numpy()[valid])
         for a in self.attributes:
             self._add(a, label_column(batch, a, n)[valid])
             self._add(f"{a}_prob", outputs[f"{a}_logits"].detach().float().softmax(1).cpu().numpy()[valid])
@@ -471,7 +505,11 @@ class _PhotometricBase(Recipe):
     def build_model(self) -> nn.Module:
         inputs = [(self.input_key(k), MAP_CHANNELS[k]) for k in self.input_kinds()]
         return PhotometricModel(self.params, inputs, self.data_info.num_identities,
-                                [(a, c) for a, _, c in self.tasks], self.train_forwards)
+                                [(a, c) for a, _, c in self.tasks], self.train_forwards, self.parallel)
+
+    def use_ranks(self, parallel: ParallelContext) -> None:
+        check_ranks(self.params.identity_head_sharding, max(self.data_info.num_identities, 1), parallel)
+        super().use_ranks(parallel)
 
     def new_metrics(self) -> Metrics:
         return PhotometricMetrics([a for a, _, _ in self.tasks], self.params.verification,

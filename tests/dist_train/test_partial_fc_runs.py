@@ -149,3 +149,30 @@ def test_cli_says_it_in_one_line_and_exits_2(tmp_path: Path) -> None:
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "sample_rate" in lines[0], proc.stderr[-2000:]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("recipe", ["photometric_mtl", "ear_teacher"])
+def test_photometric_magface_and_ear_pseudo_labels_train_sharded_on_two_ranks(tmp_path: Path, recipe: str) -> None:
+    """The other identity heads (MagFace; the ear teacher's pseudo-label head, refilled
+    each epoch) on two ranks: the run ends, the checkpoint holds every centre."""
+    if recipe == "photometric_mtl":
+        from tests.recipes.test_photometric import photometric_overrides as overrides
+
+        config, key = REPO / "configs" / "photometric_mtl.yaml", "identity_head.weight"
+    else:
+        from tests.recipes.test_ear_teacher import ear_overrides as overrides
+
+        config, key = REPO / "configs" / "ear_teacher.yaml", "head.weight"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dist_train/main.py",
+           "--config", str(config), *overrides(tmp_path, recipe__params__identity_head_sharding="partial_fc",
+                                               logging__tracking="none")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = _one_run(tmp_path)
+    state = _latest(run)
+    info = state["client"]["data_info"]
+    # the ear teacher's instance labels: one centre per training sample
+    expected = len(info["identities"]) if recipe == "photometric_mtl" else info["split_sizes"]["train"]
+    assert state["model"][key].shape[0] == expected
+    assert "weights identical on all 2 ranks" in proc.stderr + proc.stdout

@@ -274,3 +274,35 @@ def test_ear_pseudo_label_head_refill_gives_each_rank_its_rows_of_one_matrix():
     reinit_head(part, centroids, seed=11)
     assert torch.equal(part.weight.data, whole.weight.data[4:7])
     assert torch.allclose(whole.weight.data[:5], F.normalize(torch.as_tensor(centroids), dim=1))
+
+
+def test_magface_through_the_sharded_head_is_maglinear_and_magfaceloss():
+    """The photometric identity loss with the sharded head (a world of one): the same
+    MagFace value and gradients as MagLinear + MagFaceLoss, class weights included."""
+    from models.heads import MagLinear
+    from models.losses import MagFaceLoss, masked_mean_of_sum
+
+    g = torch.Generator().manual_seed(7)
+    emb = (torch.randn(10, 16, generator=g) * 30).requires_grad_(True)
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, -1, 2])
+    weight = torch.rand(6, generator=g) + 0.5
+    mag = MagFaceLoss(s=64.0, weight=weight)
+    rep = MagLinear(16, 6)
+    ref, _ = mag(*rep(emb), labels)
+    ref.backward()
+    ref_emb, ref_w = emb.grad.clone(), rep.weight.grad.clone()
+    emb.grad = None
+    head = ShardedMarginHead("magface", 16, 6, s=64.0, m=0.0).train()
+    head.weight.data = rep.weight.data.clone()
+    a = emb.float().norm(dim=1).clamp(mag.l_a, mag.u_a)
+    valid = labels >= 0
+    ce = head.loss(emb, labels, row_margin=mag.margin(a), row_weight=weight[labels.clamp(min=0)])
+    loss = ce + mag.lambda_g * masked_mean_of_sum((mag.regularizer(a) * valid).sum(), valid.sum())
+    loss.backward()
+    # float32 against float32 of the same formula: cosines of 16 terms, margin (cos, sin, sqrt), softmax over 6
+    bound = 2 * 64.0 * ops_rtol(16 + 12, 6)
+    assert abs(float(loss.detach()) - float(ref.detach())) <= bound
+    for got, want in ((emb.grad, ref_emb), (head.weight.grad, ref_w)):  # relative to the gradient's scale
+        assert (got - want).abs().max() <= bound * want.abs().max()
+    with pytest.raises(ValueError, match="row_margin"):
+        head.loss(emb, labels)
