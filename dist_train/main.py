@@ -54,7 +54,7 @@ def seed_everything(seed: int) -> None:
 
 
 def checkpoint_suffix(strategy: str) -> str:
-    return "" if strategy == "deepspeed" else ".pt"
+    return "" if strategy in ("deepspeed", "fsdp") else ".pt"  # (folders: DeepSpeed's, DCP's)
 
 
 def resolve_resume(cfg: Config, resume: str | None) -> Path | None:

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 from dist_train.config import (NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config,
                                resolved_config_dict, validates)
-from recipes.model_file import (FormatError, deepspeed_states_file, load_weights_only, read_deepspeed_states,
-                                read_stored, read_trainer_state)
+from recipes.model_file import (FormatError, dcp_trainer_file, deepspeed_states_file, load_weights_only,
+                                read_deepspeed_states, read_stored, read_trainer_state)
 
 
 def load_checked_config(path: str | Path | None, overrides: Sequence[str] = (), start: bool = True) -> Config:
@@ -218,10 +218,12 @@ def check_resume(cfg: Config, path: Path, data_info: Any = None) -> None:
             raise ConfigError(f"{where}: a DeepSpeed checkpoint is a folder (checkpoints/latest); this is a file "
                               f"(a DDP checkpoint? then train.strategy=ddp)")
         stored, shapes = _deepspeed_checkpoint(path)
+    elif cfg.train.strategy == "fsdp":
+        stored, shapes = _fsdp_checkpoint(path)
     else:
         if path.is_dir():
-            raise ConfigError(f"{where}: a folder (a DeepSpeed checkpoint? then train.strategy=deepspeed); "
-                              f"train.strategy=ddp resumes from a .pt file")
+            raise ConfigError(f"{where}: a folder (a DeepSpeed or FSDP checkpoint? then train.strategy=deepspeed "
+                              f"or fsdp); train.strategy=ddp resumes from a .pt file")
         stored, shapes = _ddp_checkpoint(path)
     old = stored.config
     old_recipe = (old.get("recipe") or {}).get("name")
@@ -239,10 +241,10 @@ def check_resume(cfg: Config, path: Path, data_info: Any = None) -> None:
         _compare_shapes(where, shapes, expected, cfg.recipe.name)
 
 
-def _ddp_checkpoint(path: Path) -> tuple[Any, dict[str, tuple[int, ...]]]:
+def _ddp_checkpoint(path: Path, where: str | None = None) -> tuple[Any, dict[str, tuple[int, ...]]]:
     from dist_train.strategies.deepspeed import load_problem
 
-    where = f"--resume {path}"
+    where = where or f"--resume {path}"
     if not path.is_file():  # a FIFO would block the read
         raise ConfigError(f"{where}: not a regular file")
     try:  # untrusted: weights only; memory-mapped, so every rank reading it costs little
@@ -274,6 +276,22 @@ def _deepspeed_checkpoint(path: Path) -> tuple[Any, None]:
         raise ConfigError(f"{where}: {exc}") from None
     _check_client(where, stored)
     return stored, None
+
+
+def _fsdp_checkpoint(path: Path) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    """The stored run of an FSDP (DCP) folder: its trainer file weights-only,
+    the model's global shapes from DCP's index (read with DCP's classes only)."""
+    from dist_train.strategies.dcp_files import is_dcp_dir, model_shapes
+
+    where = f"--resume {path}"
+    if not is_dcp_dir(path):
+        raise ConfigError(f"{where}: an FSDP checkpoint is a folder with a DCP index (checkpoints/latest); "
+                          f"this is not one (a DDP file? a DeepSpeed folder? then that train.strategy)")
+    trainer_file = dcp_trainer_file(path)
+    if not trainer_file.is_file():
+        raise ConfigError(f"{where}: no regular {trainer_file.name} in the folder (incomplete checkpoint?)")
+    stored, _ = _ddp_checkpoint(trainer_file, where)
+    return stored, model_shapes(path)  # DCPLoadError is a ConfigError naming the file
 
 
 def _check_client(where: str, stored: Any) -> None:

@@ -212,7 +212,8 @@ class Trainer:
         ctx = ArtifactContext(run_dir=self.run_dir, is_main=self.ctx.is_main,
                               loaders={"train": self.loaders.train_eval()}, gather=distributed.all_gather_objects,
                               publish=atomic_write, read_images=self.loaders.read_images)
-        self.recipe.on_epoch_start(self.strategy.module, epoch, ctx)
+        with self.strategy.gathered() as module:
+            self.recipe.on_epoch_start(module, epoch, ctx)
         self.strategy.train()
         set_rng_state(saved)
 
@@ -304,7 +305,8 @@ class Trainer:
                 self.save(last_metrics)
             if st.step >= self.total_steps or st.stopped_early:
                 history = list(logger.val_csv.rows) if self.ctx.is_main else []  # (rank 0 keeps the log)
-                test_metrics = self.recipe.write_artifacts(self.strategy.module, self.artifact_context(history))
+                with self.strategy.gathered() as module:
+                    test_metrics = self.recipe.write_artifacts(module, self.artifact_context(history))
                 if test_metrics:
                     logger.log_validation(st.step, st.epoch, test_metrics, split="test")
                     last_metrics = {**last_metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
@@ -373,7 +375,8 @@ class Trainer:
         total = [sum(x) for x in zip(*(l for _, l in states))]
         values = {"loss": total[0] / max(total[1], 1.0), **values}
         if self.bin_scorer is not None:  # every rank: the images are split over the ranks
-            values.update(self.bin_scorer.score(self.strategy.module))
+            with self.strategy.gathered() as module:
+                values.update(self.bin_scorer.score(module))
         log.info("validation took %.1f s", time.perf_counter() - started)
         logger.log_validation(self.state.step, self.state.epoch, values)
         if pictures:
