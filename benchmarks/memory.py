@@ -1,4 +1,4 @@
-"""Per-rank memory of DDP vs DeepSpeed ZeRO-1/2/3 at world size 2.
+"""Per-rank memory of DDP vs DeepSpeed ZeRO-1/2/3 vs FSDP2 at world size 2.
 
 For each strategy, one torchrun launch (2 ranks, gloo on CPU; NCCL on GPUs)
 builds the FaceCom recipe model with a ResNet-50 backbone (~25 M parameters)
@@ -8,7 +8,8 @@ tensors each rank holds just before the second optimizer step (gradients
 present, Adam state created by the first step). Tensors are counted once per
 storage (views into DeepSpeed's flat buffers share one storage):
 
-- parameters: the module's parameter storages (ZeRO-3: the rank's ``ds_tensor`` partitions);
+- parameters: the module's parameter storages (ZeRO-3: the rank's ``ds_tensor`` partitions;
+  FSDP2: the local shards of the DTensor parameters, as are its gradients and Adam state);
 - gradients: ``.grad`` of the module's and the optimizer's parameters plus
   the gradient partitions / reduction buckets the ZeRO optimizer owns;
 - optimizer state: the torch optimizer's state (``exp_avg``, ``exp_avg_sq``, step);
@@ -42,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = {"ddp": None, "zero1": "zero1.json", "zero2": "zero2.json", "zero3": "zero3.json"}
+STRATEGIES = {"ddp": None, "zero1": "zero1.json", "zero2": "zero2.json", "zero3": "zero3.json", "fsdp": None}
 MiB = 2**20
 
 
@@ -62,8 +63,12 @@ def _storages(tensors: Iterable[Any], seen: set[int]) -> int:
     """Bytes of the storages behind ``tensors`` not counted yet."""
     import torch
 
+    from torch.distributed.tensor import DTensor
+
     total = 0
     for t in tensors:
+        if isinstance(t, DTensor):  # FSDP2: this rank's shard
+            t = t.to_local()
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             continue
         storage = t.untyped_storage()
@@ -144,6 +149,8 @@ def worker(args: argparse.Namespace) -> None:
 
     overrides = [f"train.precision={args.precision}", f"data.batch_size={args.batch_size}",
                  "train.optimizer=adamw", "recipe.params.backbone=resnet50", "recipe.params.img_size=64"]
+    if args.strategy == "fsdp":
+        overrides += ["train.strategy=fsdp"]
     if STRATEGIES[args.strategy]:
         overrides += ["train.strategy=deepspeed",
                       f"deepspeed.config={REPO / 'configs' / 'deepspeed' / STRATEGIES[args.strategy]}"]
@@ -229,7 +236,8 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--strategy", choices=list(STRATEGIES), default=None)
+    parser.add_argument("--strategy", choices=list(STRATEGIES), nargs="+", default=None,
+                        help="some of the strategies (the first must be ddp for the ratios); default: all")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -237,11 +245,12 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.worker:
+        args.strategy = args.strategy[0]
         worker(args)
         return
     results = []
     for precision in [args.precision] if args.precision else ["fp32", "bf16"]:
-        for strategy in [args.strategy] if args.strategy else list(STRATEGIES):
+        for strategy in args.strategy or list(STRATEGIES):
             r = launch(strategy, precision, args.steps, args.batch_size)
             print(f"{strategy}/{precision}: {r['params'] / 1e6:.1f} M params, rank 0: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in r["ranks"][0].items()), flush=True)
