@@ -446,6 +446,7 @@ class LoaderFactory:
         self.cfg, self.ctx, self.data_dir, self.recipe = cfg, ctx, data_dir, recipe
         # page-locked batches: the strategies' non_blocking copies overlap with compute only from them
         self.pin_memory = ctx.device.type == "cuda"
+        self._train_stream: Any = None  # one stream loader for the run: its workers live across epochs
 
     def train(self, epoch: int, skip_batches: int = 0) -> ShardLoader:
         d = self.cfg.data
@@ -461,11 +462,15 @@ class LoaderFactory:
                                                 d.batch_size // d.pk_k, d.pk_k, **common)
             return batching.build_triplet_loader(self.data_dir, d.train_split, self.recipe.transform,
                                                  d.batch_size, **common)
-        return self.stream.build_train_loader(
+        if self._train_stream is not None:
+            self._train_stream.set_epoch(epoch, skip_batches)
+            return self._train_stream
+        self._train_stream = self.stream.build_train_loader(
             self.data_dir, d.train_split, self.recipe.transform, d.batch_size, self.ctx.rank, self.ctx.world_size,
             d.num_workers, self.cfg.experiment.seed, epoch, skip_batches=skip_batches,
             shuffle_buffer=d.shuffle_buffer, max_corrupt_fraction=d.max_corrupt_fraction, resampled=d.resampled,
             verify_checksums=d.verify_checksums, pin_memory=self.pin_memory)
+        return self._train_stream
 
     def train_batches_per_epoch(self) -> int:
         return len(self.train(0))
