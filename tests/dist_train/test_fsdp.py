@@ -10,6 +10,7 @@ resumed with ``--resume latest``.
 """
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import subprocess
@@ -20,6 +21,7 @@ import torch
 
 from dist_train.checkpoint import safe_load
 from tests.conftest import PYTHON, REPO, tiny_overrides
+from tests.tolerance import gamma, unit_roundoff
 from tests.dist_train.test_deepspeed import COMMON, CONFIG, LOSS_RTOL, WEIGHT_ATOL, _model, _rows, _run_dir
 
 pytestmark = pytest.mark.integration  # torchrun launches
@@ -172,3 +174,65 @@ def test_resume_at_another_world_size_reshards_weights_and_optimizer(runs: dict[
     assert optim["state"] and any(bool(s["momentum_buffer"].abs().sum()) for s in optim["state"].values())
     for fqn, state in optim["state"].items():
         assert torch.equal(state["momentum_buffer"], saved[f"optim.state.{fqn}.momentum_buffer"]), fqn
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, 3))
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, batch):
+        self.seen.append(self.net[0].weight.dtype)  # the dtype the compute sees
+        logits = self.net(batch["x"])
+        return {"loss": torch.nn.functional.cross_entropy(logits.float(), batch["y"])}
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_bf16_policy_accumulation_clipping_and_compile_compose(tmp_path: Path, compile: bool) -> None:
+    """One rank: the forward computes with bf16 weights while the sharded master
+    weights and their gradients stay fp32; a window of two micro-batches with
+    active clipping steps once, under torch.compile too; the gathered block gives
+    whole parameters to direct calls and shards them again afterwards."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from dist_train.precision import Precision
+    from dist_train.strategies.base import StrategyOptions
+    from dist_train.strategies.fsdp import FSDPStrategy
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}  # (not the BatchNorm statistics)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        s = FSDPStrategy(model, torch.device("cpu"), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                         lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda step: 1.0),
+                         StrategyOptions(Precision("bf16", "cpu"), grad_clip=1e-3, compile=compile))
+        batch = {"x": torch.randn(6, 8), "y": torch.tensor([0, 1, 2, 0, 1, 2])}
+        s.train()
+        s.micro_step(batch, 0.5, boundary=False)
+        s.micro_step(batch, 0.5, boundary=True)
+        params = list(s.module.parameters())
+        assert all(isinstance(p, DTensor) and p.dtype == torch.float32 for p in params)
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+        stats = s.optimizer_step()
+        with s.gathered() as m:
+            direct = m.net[0](batch["x"])  # a submodule called outside the model's forward
+            assert not isinstance(m.net[0].weight, DTensor)
+        assert isinstance(next(s.module.parameters()), DTensor)
+        after = s.export_state_dict()
+    finally:
+        dist.destroy_process_group()
+    assert model.seen and set(model.seen) == {torch.bfloat16}
+    assert stats.grad_norm > 1e-3 and not stats.skipped  # clipping was active
+    assert direct.shape == (6, 16)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "net.0.weight" in moved and after["net.0.weight"].dtype == torch.float32
+    # clipped to global norm 1e-3 with lr 0.1: all weights together moved by at most 1e-4 (2-norm),
+    # up to fp32 rounding: of the scaled update (gamma(8) relative) and of each new weight
+    # (u |w| per element, so u ||w|| in 2-norm; tests/tolerance.py). Unclipped it moves ~1e3 x more.
+    step = math.sqrt(sum(float((after[k] - before[k]).double().pow(2).sum()) for k in moved))
+    size = math.sqrt(sum(float(after[k].double().pow(2).sum()) for k in moved))
+    assert step <= 0.1 * 1e-3 * (1 + gamma(8)) + unit_roundoff(torch.float32) * size
