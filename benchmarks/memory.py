@@ -19,9 +19,12 @@ storage (views into DeepSpeed's flat buffers share one storage):
   buckets, flat staging buffers; sized by the JSON's bucket sizes);
 - RSS at step: the rank process's resident memory at the census (libraries,
   data and activations included); peak RSS: ``resource.getrusage`` maxrss,
-  which also holds initialisation transients (the model is built whole on
-  every rank before ZeRO-3 partitions it; ``zero.Init`` is not used) and
-  memory the allocator did not give back. DDP's C++ reducer buckets (one more
+  which also holds initialisation transients and memory the allocator did
+  not give back; build peak rise: how far the peak RSS rose over building the
+  model as the trainer builds it (``trainer.build_model``: ZeRO-3 under
+  ``deepspeed.zero.Init``, partitioned module by module; DDP and FSDP2 whole),
+  the peak reset just before (``/proc/self/clear_refs``); on CUDA also the
+  peak CUDA memory of the build. DDP's C++ reducer buckets (one more
   gradient-sized buffer) are not visible to the census but are in the RSS.
 
     python benchmarks/memory.py                      # fp32 and bf16, prints a markdown table
@@ -55,6 +58,24 @@ def _current_rss_mib() -> float:
     with open("/proc/self/status") as fh:
         for line in fh:
             if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Start a new peak (VmHWM) for this process (Linux >= 4.0: ``5 > clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -144,7 +165,7 @@ def worker(args: argparse.Namespace) -> None:
     from recipes.base import DataInfo, get_recipe
     from dist_train.schedulers import build_scheduler
     from dist_train.strategies import build_strategy
-    from dist_train.trainer import build_optimizer, strategy_options
+    from dist_train.trainer import build_model, build_optimizer, strategy_options
     from launch.env import detect
 
     overrides = [f"train.precision={args.precision}", f"data.batch_size={args.batch_size}",
@@ -164,15 +185,26 @@ def worker(args: argparse.Namespace) -> None:
             from dist_train.strategies.deepspeed import import_deepspeed
 
             import_deepspeed()
+        options = strategy_options(cfg, Precision(cfg.train.precision, ctx.device.type), ctx.world_size)
         rss_before = _rss_mib()
         seed_everything(0)
-        model = recipe.build_model()
-        n_params = sum(p.numel() for p in model.parameters())
+        # the build, as the trainer does it (ZeRO-3: under zero.Init): the rise of the peak RSS over it
+        import gc
+
+        gc.collect()
+        build_from = _status_mib("VmRSS")
+        reset = _reset_peak_rss()
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        model = build_model(recipe, cfg.train.strategy, options)
+        build = {"build peak rise": _status_mib("VmHWM") - build_from if reset else float("nan")}
+        if ctx.device.type == "cuda":
+            build["build peak CUDA"] = torch.cuda.max_memory_allocated() / MiB
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         strategy = build_strategy(cfg.train.strategy, model=model, device=ctx.device,
                                   make_optimizer=build_optimizer(cfg, recipe),
                                   make_scheduler=lambda opt: build_scheduler(cfg.train.scheduler, opt, 100),
-                                  options=strategy_options(cfg, Precision(cfg.train.precision, ctx.device.type),
-                                                           ctx.world_size))
+                                  options=options)
         strategy.train()
         g = torch.Generator().manual_seed(ctx.rank)
         measured: dict[str, float] = {}
@@ -185,6 +217,7 @@ def worker(args: argparse.Namespace) -> None:
                 measured = census(strategy)
                 measured["RSS at step"] = _current_rss_mib()
             strategy.optimizer_step()
+        measured.update(build)
         measured["peak RSS"] = _rss_mib()
         measured["RSS rise"] = measured["peak RSS"] - rss_before
         if ctx.device.type == "cuda":
@@ -213,8 +246,8 @@ def table(results: list[dict[str, Any]]) -> str:
     """Rank 0's numbers; in brackets, the ratio to DDP's at the same precision."""
     cols = ["parameters", "gradients", "optimizer state", "fp32 master", "buffers"]
     lines = ["| strategy | precision | " + " | ".join(f"{c} MiB" for c in cols)
-             + " | sum MiB | RSS at step MiB | peak RSS MiB |",
-             "|---|---|" + "---:|" * (len(cols) + 3)]
+             + " | sum MiB | RSS at step MiB | peak RSS MiB | build peak rise MiB |",
+             "|---|---|" + "---:|" * (len(cols) + 4)]
     base: dict[str, dict[str, float]] = {}
     for r in results:
         rank0 = dict(r["ranks"][0])
@@ -229,7 +262,7 @@ def table(results: list[dict[str, Any]]) -> str:
             return f"{rank0[key]:.1f} ({rank0[key] / ref[key]:.2f})"
 
         lines.append(f"| {r['strategy']} | {r['precision']} | " + " | ".join(cell(c) for c in cols + ["all"])
-                     + f" | {rank0['RSS at step']:.0f} | {rank0['peak RSS']:.0f} |")
+                     + f" | {rank0['RSS at step']:.0f} | {rank0['peak RSS']:.0f} | {cell('build peak rise')} |")
     return "\n".join(lines)
 
 
