@@ -24,7 +24,9 @@ storage (views into DeepSpeed's flat buffers share one storage):
   model as the trainer builds it (``trainer.build_model``: ZeRO-3 under
   ``deepspeed.zero.Init``, partitioned module by module; DDP and FSDP2 whole),
   the peak reset just before (``/proc/self/clear_refs``); on CUDA also the
-  peak CUDA memory of the build. DDP's C++ reducer buckets (one more
+  peak CUDA memory of the build. The ranks run with a fixed glibc mmap
+  threshold (``MALLOC_MMAP_THRESHOLD_=131072``; the dynamic one would keep the
+  freed whole-module tensors of a ZeRO-3 build in the heap). DDP's C++ reducer buckets (one more
   gradient-sized buffer) are not visible to the census but are in the RSS.
 
     python benchmarks/memory.py                      # fp32 and bf16, prints a markdown table
@@ -184,7 +186,9 @@ def worker(args: argparse.Namespace) -> None:
         if cfg.train.strategy == "deepspeed":  # its imports are not the model's memory
             from dist_train.strategies.deepspeed import import_deepspeed
 
-            import_deepspeed()
+            deepspeed = import_deepspeed()
+            # nor its communication wrapper (zero3_build_context makes it when the build starts)
+            deepspeed.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
         options = strategy_options(cfg, Precision(cfg.train.precision, ctx.device.type), ctx.world_size)
         rss_before = _rss_mib()
         seed_everything(0)
@@ -235,7 +239,10 @@ def launch(strategy: str, precision: str, steps: int, batch_size: int) -> dict[s
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                "--worker", "--strategy", strategy, "--precision", precision, "--steps", str(steps),
                "--batch-size", str(batch_size), "--json", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # A fixed mmap threshold: glibc's dynamic one rises after large frees, and the
+        # freed per-module tensors of a ZeRO-3 build then stay in the heap, counted as peak
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{strategy}/{precision} failed:\n{proc.stderr[-3000:]}")
