@@ -21,12 +21,11 @@ storage (views into DeepSpeed's flat buffers share one storage):
   data and activations included); peak RSS: ``resource.getrusage`` maxrss,
   which also holds initialisation transients and memory the allocator did
   not give back; build peak rise: how far the peak RSS rose over building the
-  model as the trainer builds it (``trainer.build_model``: ZeRO-3 under
-  ``deepspeed.zero.Init``, partitioned module by module; DDP and FSDP2 whole),
-  the peak reset just before (``/proc/self/clear_refs``); on CUDA also the
+  model as the trainer builds it (every strategy builds it whole on every
+  rank, ``zero.Init`` / meta-device builds are not used), the peak reset just before (``/proc/self/clear_refs``); on CUDA also the
   peak CUDA memory of the build. The ranks run with a fixed glibc mmap
-  threshold (``MALLOC_MMAP_THRESHOLD_=131072``; the dynamic one would keep the
-  freed whole-module tensors of a ZeRO-3 build in the heap). DDP's C++ reducer buckets (one more
+  threshold (``MALLOC_MMAP_THRESHOLD_=131072``; the dynamic one keeps freed
+  large tensors in the heap, which the peak would then count). DDP's C++ reducer buckets (one more
   gradient-sized buffer) are not visible to the census but are in the RSS.
 
     python benchmarks/memory.py                      # fp32 and bf16, prints a markdown table
@@ -167,7 +166,7 @@ def worker(args: argparse.Namespace) -> None:
     from recipes.base import DataInfo, get_recipe
     from dist_train.schedulers import build_scheduler
     from dist_train.strategies import build_strategy
-    from dist_train.trainer import build_model, build_optimizer, strategy_options
+    from dist_train.trainer import build_optimizer, strategy_options
     from launch.env import detect
 
     overrides = [f"train.precision={args.precision}", f"data.batch_size={args.batch_size}",
@@ -187,12 +186,12 @@ def worker(args: argparse.Namespace) -> None:
             from dist_train.strategies.deepspeed import import_deepspeed
 
             deepspeed = import_deepspeed()
-            # nor its communication wrapper (zero3_build_context makes it when the build starts)
+            # nor its communication wrapper
             deepspeed.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
         options = strategy_options(cfg, Precision(cfg.train.precision, ctx.device.type), ctx.world_size)
         rss_before = _rss_mib()
         seed_everything(0)
-        # the build, as the trainer does it (ZeRO-3: under zero.Init): the rise of the peak RSS over it
+        # the build, as the trainer does it: the rise of the peak RSS over it
         import gc
 
         gc.collect()
@@ -200,7 +199,7 @@ def worker(args: argparse.Namespace) -> None:
         reset = _reset_peak_rss()
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        model = build_model(recipe, cfg.train.strategy, options)
+        model = recipe.build_model()
         build = {"build peak rise": _status_mib("VmHWM") - build_from if reset else float("nan")}
         if ctx.device.type == "cuda":
             build["build peak CUDA"] = torch.cuda.max_memory_allocated() / MiB

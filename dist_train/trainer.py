@@ -23,10 +23,10 @@ from dist_train.precision import Precision, resolve_precision
 from dist_train.rank_report import LoaderWait, StepTimer, straggler
 from dist_train.run_logging import NullLogger, RunLogger
 from dist_train.schedulers import build_scheduler
-from dist_train.strategies import Strategy, StrategyOptions, build_context, build_strategy
+from dist_train.strategies import Strategy, StrategyOptions, build_strategy
 from dist_train.val_bins import bin_scorer
 from recipes.model_file import run_description
-from recipes.base import ArtifactContext, Recipe, without_start_files
+from recipes.base import ArtifactContext, Recipe
 from shards.reading import ShardLoader
 
 log = logging.getLogger("biomtl")
@@ -101,16 +101,6 @@ def strategy_options(cfg: Config, precision: Precision, world_size: int) -> Stra
                            channels_last=t.channels_last, world_size=world_size, deepspeed_json=ds_json)
 
 
-def build_model(recipe: Recipe, strategy: str, options: StrategyOptions) -> torch.nn.Module:
-    """The recipe's model, built in the strategy's context (ZeRO-3: partitioned
-    while it is built). A model that starts from files (``init_from``,
-    pretrained weights...) loads them into whole parameters: it is built whole."""
-    if without_start_files(recipe.params) != recipe.params:
-        return recipe.build_model()
-    with build_context(strategy, options):
-        return recipe.build_model()
-
-
 class Trainer:
     def __init__(self, cfg: Config, ctx: DistContext, recipe: Recipe, data_dir: Path, run_dir: Path,
                  loaders: "LoaderFactory", after_step: Callable[[int, int], None] | None = None):
@@ -126,12 +116,11 @@ class Trainer:
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / accum)
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.precision = Precision(resolve_precision(cfg.train.precision, ctx.device), ctx.device.type)
-        options = strategy_options(cfg, self.precision, ctx.world_size)
-        model = build_model(recipe, cfg.train.strategy, options)
+        model = recipe.build_model()
         self.strategy: Strategy = build_strategy(
             cfg.train.strategy, model=model, device=ctx.device, make_optimizer=build_optimizer(cfg, recipe),
             make_scheduler=lambda opt: build_scheduler(cfg.train.scheduler, opt, self.total_steps),
-            options=options)
+            options=strategy_options(cfg, self.precision, ctx.world_size))
         self.checkpoints = CheckpointManager(
             checkpoint_path(run_dir).parent,
             CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,

@@ -1,22 +1,7 @@
 """Training strategies behind one interface; pick one by ``train.strategy``."""
 from __future__ import annotations
 
-import contextlib
-from typing import ContextManager
-
 from dist_train.strategies.base import Strategy, StepStats, StrategyOptions
-
-
-def build_context(name: str, options: StrategyOptions) -> ContextManager:
-    """Where the trainer calls ``recipe.build_model()`` (recipes know nothing of
-    strategies): under ZeRO-3, ``deepspeed.zero.Init``, so every parameter is
-    partitioned as soon as its module is built and no rank ever holds the whole
-    model; elsewhere the model is built whole."""
-    if name == "deepspeed":
-        from dist_train.strategies.deepspeed import zero3_build_context
-
-        return zero3_build_context(options)
-    return contextlib.nullcontext()
 
 
 def build_strategy(name: str, **kwargs) -> Strategy:
@@ -37,4 +22,4 @@ def build_strategy(name: str, **kwargs) -> Strategy:
     raise ValueError(f"unknown strategy {name}")
 
 
-__all__ = ["Strategy", "StepStats", "StrategyOptions", "build_context", "build_strategy"]
+__all__ = ["Strategy", "StepStats", "StrategyOptions", "build_strategy"]

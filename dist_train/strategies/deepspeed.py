@@ -278,22 +278,6 @@ def checked_tag_dir(ckpt_dir: str | Path) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def zero3_build_context(options: StrategyOptions) -> contextlib.AbstractContextManager:
-    """``deepspeed.zero.Init`` with the run's DeepSpeed JSON at ZeRO stage 3 (each
-    module's parameters initialised as usual, then partitioned when its
-    constructor returns; DeepSpeed gathers them for ``Module.apply`` initialisers
-    called later in a parent's constructor); a plain context at other stages."""
-    ds = options.deepspeed_json or {}
-    zero = ds.get("zero_optimization") if isinstance(ds.get("zero_optimization"), Mapping) else {}
-    if int(zero.get("stage", 0) or 0) != 3:
-        return contextlib.nullcontext()
-    deepspeed = import_deepspeed()
-    # DeepSpeed's communication wrapper around the toolkit's existing process group
-    # (deepspeed.initialize makes it later anyway): zero.Init reads the world size from it
-    deepspeed.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
-    return deepspeed.zero.Init(config_dict_or_path=json.loads(json.dumps(ds)))
-
-
 class DeepSpeedStrategy(Strategy):
     """A DeepSpeed engine driven by the toolkit's trainer loop.
 
@@ -466,6 +450,6 @@ class DeepSpeedStrategy(Strategy):
         return out
 
 
-__all__ = ["DeepSpeedStrategy", "CheckpointLoadError", "zero3_build_context", "checked_tag_dir", "deepspeed_safe_globals",
+__all__ = ["DeepSpeedStrategy", "CheckpointLoadError", "checked_tag_dir", "deepspeed_safe_globals",
            "fp16_supported_here", "import_deepspeed", "load_checkpoint_file", "load_problem", "weights_only_loads",
            "TAG"]

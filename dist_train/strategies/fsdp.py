@@ -54,6 +54,22 @@ def _full(value: torch.Tensor) -> torch.Tensor:
     return value.full_tensor() if isinstance(value, DTensor) else value
 
 
+def _write_shard(sharded: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of ``full`` into the sharded parameter (FSDP2
+    shards dim 0 as ``torch.chunk`` over the ranks; a rank past the chunks holds none)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(sharded, DTensor):
+        sharded.data.copy_(full)
+        return
+    local = sharded.to_local()
+    chunks = torch.chunk(full, sharded.device_mesh.size(), dim=0)
+    rank = sharded.device_mesh.get_local_rank()
+    part = chunks[rank] if rank < len(chunks) else full[:0]
+    with torch.no_grad():
+        local.copy_(part.to(local.dtype))
+
+
 def shard_model(model: nn.Module, device: torch.device, precision_name: str) -> nn.Module:
     """``fully_shard`` the model over all ranks with the policy of ``precision_name``."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -133,15 +149,26 @@ class FSDPStrategy(Strategy):
     def gathered(self) -> Iterator[nn.Module]:
         """The whole parameters on every rank for the block (collective), so
         a recipe may call the model's methods and submodules directly; under
-        the run's autocast, since they are in the policy's compute dtype."""
+        the run's autocast, since they are in the policy's compute dtype.
+        FSDP frees whole parameters without copying them back: what the block
+        changed (an epoch hook re-initialising a head: in place, or a new
+        Parameter) is written into this rank's shards afterwards."""
         self._module.unshard()
         self._module.set_reshard_after_forward(False)
+        entered = {name: (p, p._version) for name, p in self._module.named_parameters()}
+        changed: dict[str, torch.Tensor] = {}
         try:
             with self.precision.autocast():
                 yield self._module
+            for name, p in self._module.named_parameters():
+                before = entered.get(name)
+                if before is None or before[0] is not p or before[1] != p._version:
+                    changed[name] = p.detach().clone()
         finally:
             self._module.set_reshard_after_forward(True)
             self._module.reshard()
+        for name, full in changed.items():
+            _write_shard(self._module.get_parameter(name), full)
 
     # -- checkpoints -------------------------------------------------------
     @property
@@ -188,7 +215,8 @@ class FSDPStrategy(Strategy):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(self._module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in full.items()}
+        # (copies: at world 1 the gathered tensors may be the live parameters themselves)
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).clone() for k, v in full.items()}
 
 
 __all__ = ["FSDPStrategy", "shard_model"]

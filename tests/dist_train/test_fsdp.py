@@ -223,11 +223,17 @@ def test_bf16_policy_accumulation_clipping_and_compile_compose(tmp_path: Path, c
             assert not isinstance(m.net[0].weight, DTensor)
         assert isinstance(next(s.module.parameters()), DTensor)
         after = s.export_state_dict()
+        with s.gathered() as m:  # an epoch hook re-initialising a layer: kept in the shards
+            torch.nn.init.constant_(m.net[3].bias, 0.25)
+            m.net[3].weight = torch.nn.Parameter(torch.full_like(m.net[3].weight, -0.5))
+        edited = s.export_state_dict()
     finally:
         dist.destroy_process_group()
     assert model.seen and set(model.seen) == {torch.bfloat16}
     assert stats.grad_norm > 1e-3 and not stats.skipped  # clipping was active
     assert direct.shape == (6, 16)
+    assert bool((edited["net.3.bias"] == 0.25).all()) and bool((edited["net.3.weight"] == -0.5).all())
+    assert all(torch.equal(edited[k], after[k]) for k in after if not k.startswith("net.3."))
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert "net.0.weight" in moved and after["net.0.weight"].dtype == torch.float32
     # clipped to global norm 1e-3 with lr 0.1: all weights together moved by at most 1e-4 (2-norm),
