@@ -118,12 +118,30 @@ class PerFile(Dataset):
             return {"image": self.aug.image(img), "identity": label}
 
 
+def _live_children_cpu() -> float:
+    """CPU seconds of this process's running children (kept DataLoader workers,
+    which RUSAGE_CHILDREN counts only once reaped), from /proc (Linux)."""
+    me, tick, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == me:  # ppid; utime and stime are fields 14 and 15 of stat
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def _cpu() -> float:
-    """CPU seconds of this process and its reaped children (the DataLoader workers)."""
+    """CPU seconds of this process and its children (the DataLoader workers),
+    reaped or still running."""
     import resource
 
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime + _live_children_cpu()
 
 
 def _measure(make_iter, seconds: float) -> tuple[float, float, float]:
