@@ -222,8 +222,8 @@ def check_resume(cfg: Config, path: Path, data_info: Any = None) -> None:
         stored, shapes = _fsdp_checkpoint(path)
     else:
         if path.is_dir():
-            raise ConfigError(f"{where}: a folder (a DeepSpeed or FSDP checkpoint? then train.strategy=deepspeed "
-                              f"or fsdp); train.strategy=ddp resumes from a .pt file")
+            raise ConfigError(f"{where}: a folder (a DeepSpeed checkpoint? then train.strategy=deepspeed; an FSDP "
+                              f"one: train.strategy=fsdp); train.strategy=ddp resumes from a .pt file")
         stored, shapes = _ddp_checkpoint(path)
     old = stored.config
     old_recipe = (old.get("recipe") or {}).get("name")

@@ -242,3 +242,20 @@ def test_bf16_policy_accumulation_clipping_and_compile_compose(tmp_path: Path, c
     step = math.sqrt(sum(float((after[k] - before[k]).double().pow(2).sum()) for k in moved))
     size = math.sqrt(sum(float(after[k].double().pow(2).sum()) for k in moved))
     assert step <= 0.1 * 1e-3 * (1 + gamma(8)) + unit_roundoff(torch.float32) * size
+
+
+def test_fsdp_resume_from_a_file_or_a_deepspeed_folder_and_channels_last_are_one_line(tmp_path: Path) -> None:
+    from dist_train.config import ConfigError
+    from dist_train.preflight import check_resume, load_checked_config
+
+    cfg = load_checked_config(CONFIG, tiny_overrides(tmp_path, **FSDP))
+    file = tmp_path / "latest.pt"
+    file.write_bytes(b"not read")
+    ds = tmp_path / "latest"
+    (ds / "state").mkdir(parents=True)
+    (ds / "latest").write_text("state")
+    for path in (file, ds):
+        with pytest.raises(ConfigError, match="an FSDP checkpoint is a folder with a DCP index"):
+            check_resume(cfg, path)
+    with pytest.raises(ConfigError, match="train.channels_last: supported with train.strategy=ddp"):
+        load_checked_config(CONFIG, tiny_overrides(tmp_path, train__channels_last="true", **FSDP))
