@@ -21,6 +21,11 @@ What is written here by hand, and why (webdataset 1.0.x):
   then split by rank, then by worker; with fewer shards than (rank, worker)
   slots every slot reads all shards and keeps sample ``i`` where
   ``i % slots == slot``. Every slot's stream cycles, so no slot runs dry.
+* the epoch hand-off. A ``TrainLoader`` keeps its DataLoader workers
+  (``persistent_workers``) from one epoch to the next; ``set_epoch(epoch,
+  skip_batches)`` writes both into shared memory (``_EpochCell``) that each
+  worker reads when its next epoch starts, reseeding its RNGs as a fresh
+  worker would, so a kept worker yields exactly a new loader's batches.
 * the epoch length. ``with_epoch`` counts per worker; here every worker knows
   exactly which batches it owns (the DataLoader returns batch ``j`` from worker
   ``j % W``), so each rank yields exactly ``len(loader)`` batches.
