@@ -132,7 +132,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     log_every_steps: int = 10
     find_unused_parameters: bool = False
-    # torch.compile of the training model (ddp strategy); the first steps pay for compilation
+    # torch.compile of the training model (ddp, fsdp); the first steps pay for compilation
     compile: bool = False
     # conv nets: weights and 4-D image batches in channels-last (NHWC), faster with bf16 on GPUs
     channels_last: bool = False
