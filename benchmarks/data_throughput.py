@@ -22,9 +22,11 @@ All loaders use the same transform: decode -> RGB -> RandomResizedCrop(size,
 scale 0.6-1) -> RandomHorizontalFlip -> ToTensor -> Normalize, batch 32.
 Every rate is decoded and augmented samples per second, in steady state
 (from each epoch's first batch to its last) and over whole epochs (with the
-DataLoader's worker start-up, ~0.1 s CPU / 0.3 s wall per epoch on the
-development machine, which small datasets like these feel; workers are not
-persistent across epochs),
+DataLoader's worker start-up, ~0.1 s CPU / 0.3 s wall per start on the
+development machine, which small datasets like these feel; the stream keeps
+its workers across epochs, told each epoch by ``set_epoch`` as in the
+trainer, so it pays that once per run; the per-file and in-memory
+DataLoaders restart theirs each epoch),
 the best of ``--repeats`` runs of at least ``--seconds`` each, the methods
 interleaved run by run. A second table gives samples per CPU-second (this
 process plus its reaped worker processes), which other users' load on a
@@ -116,12 +118,30 @@ class PerFile(Dataset):
             return {"image": self.aug.image(img), "identity": label}
 
 
+def _live_children_cpu() -> float:
+    """CPU seconds of this process's running children (kept DataLoader workers,
+    which RUSAGE_CHILDREN counts only once reaped), from /proc (Linux)."""
+    me, tick, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == me:  # ppid; utime and stime are fields 14 and 15 of stat
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def _cpu() -> float:
-    """CPU seconds of this process and its reaped children (the DataLoader workers)."""
+    """CPU seconds of this process and its children (the DataLoader workers),
+    reaped or still running."""
     import resource
 
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime + _live_children_cpu()
 
 
 def _measure(make_iter, seconds: float) -> tuple[float, float, float]:
@@ -228,10 +248,19 @@ def bench(name: str, work: Path, seconds: float, repeats: int) -> dict:
 
     # --- stream vs per-file
     epoch = [0]
+    kept: dict = {}
 
     def stream(w, tf=aug):
+        # one loader per method, told each new epoch (set_epoch), as the trainer does: its
+        # workers live across epochs and start once per run
         epoch[0] += 1
-        return build_train_loader(out, "train", tf, BATCH, 0, 1, w, seed=0, epoch=epoch[0], shuffle_buffer=1000)
+        key = (w, id(tf))
+        if key in kept:
+            kept[key].set_epoch(epoch[0])
+        else:
+            kept[key] = build_train_loader(out, "train", tf, BATCH, 0, 1, w, seed=0, epoch=epoch[0],
+                                           shuffle_buffer=1000)
+        return kept[key]
 
     def perfile(w):
         return DataLoader(PerFile(files, aug), batch_size=BATCH, shuffle=True, num_workers=w, drop_last=True,
@@ -244,7 +273,12 @@ def bench(name: str, work: Path, seconds: float, repeats: int) -> dict:
         methods[f"stream_{w}w"] = lambda w=w: stream(w)
         methods[f"stream_u8_{w}w"] = lambda w=w: stream(w, aug_pixels)
         methods[f"perfile_{w}w"] = lambda w=w: perfile(w)
-    for k, (wall, steady, cpu) in _compare(methods, seconds, repeats).items():
+    try:
+        compared = _compare(methods, seconds, repeats)
+    finally:
+        for loader in kept.values():
+            loader.close()
+    for k, (wall, steady, cpu) in compared.items():
         res[k], res[f"{k}_steady"], res[f"{k}_per_cpu_s"] = wall, steady, cpu
     return res
 

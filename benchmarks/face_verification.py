@@ -485,7 +485,8 @@ def main() -> int:
     closed_rows: list[dict[str, Any]] = result["closed_set"]
     closed_base: list[dict[str, Any]] = []
     # the slowest recipe first, so that the last runs do not leave a core idle
-    order = sorted(models, key=lambda k: ("dcal", "dcal_cnn", "vit", "cnn").index(k))
+    slow_first = ("dcal", "dcal_cnn", "vit")
+    order = sorted(models, key=lambda k: slow_first.index(k) if k in slow_first else len(slow_first))
     seeds_of = lambda key: model_seeds.get(key, seeds)  # noqa: E731
     tasks: list[Task] = [(lambda d=ds, k=key, s=seed: open_set_run(d, k, s), finish(rows))
                          for key in order for ds in datasets for seed in seeds_of(key) if (ds, key, seed) not in kept]

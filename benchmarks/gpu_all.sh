@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of docs/benchmarks.md in one run (issue 16): throughput with and without
-# torch.compile, FLOPs, MFU against the measured bf16 matmul rate, loader headroom, profiles.
+# torch.compile, FLOPs, MFU against the measured bf16 matmul rate, loader headroom, profiles;
+# and (issue 31) state per rank and peak memory while building for DDP, ZeRO-3 and FSDP2.
 #   benchmarks/gpu_all.sh [OUT_DIR]        # default runs/gpu_bench; JSON + logs + profiles there
 # Sizes are the targets' (DCAL ViT-S/16 at 224, photometric ConvNeXt V2 at 224) plus each recipe's
 # default config; the loaders use 8 workers (what a GPU node gives one rank).
@@ -26,4 +27,13 @@ run thz_mtl_default configs/thz_mtl.yaml
 # the trainer's step against a bare loop on the GPU (wall-clock rates; target: within 3 %)
 "$PY" benchmarks/trainer_overhead.py --steps 300 --warmup 30 --repeats 3 --image-size 112 --precision bf16 \
     2>&1 | grep -v "INFO" | tee "$OUT/trainer_overhead.log"
+# state per rank and the build peak, DDP / ZeRO-3 / FSDP2 at world size 2 (memory.py launches 2 ranks):
+# NCCL with 2+ GPUs; with one GPU the same census on the CPU with gloo (two ranks cannot share it)
+cpu_only=""
+if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then cpu_only="CUDA_VISIBLE_DEVICES="; fi
+env $cpu_only OMP_NUM_THREADS=4 "$PY" benchmarks/memory.py --strategy ddp zero3 fsdp --json "$OUT/memory.json" \
+    2>&1 | tee "$OUT/memory.log"
+# FSDP2's step on one GPU beside facecom_default's DDP step (same config; one rank: the sharding
+# itself costs nothing here, the policy's bf16 weight copies and the unshard/reshard hooks do)
+run facecom_default_fsdp configs/facecom.yaml train.strategy=fsdp
 echo "results: $OUT/*.json"

@@ -1,4 +1,4 @@
-"""Per-rank memory of DDP vs DeepSpeed ZeRO-1/2/3 at world size 2.
+"""Per-rank memory of DDP vs DeepSpeed ZeRO-1/2/3 vs FSDP2 at world size 2.
 
 For each strategy, one torchrun launch (2 ranks, gloo on CPU; NCCL on GPUs)
 builds the FaceCom recipe model with a ResNet-50 backbone (~25 M parameters)
@@ -8,7 +8,8 @@ tensors each rank holds just before the second optimizer step (gradients
 present, Adam state created by the first step). Tensors are counted once per
 storage (views into DeepSpeed's flat buffers share one storage):
 
-- parameters: the module's parameter storages (ZeRO-3: the rank's ``ds_tensor`` partitions);
+- parameters: the module's parameter storages (ZeRO-3: the rank's ``ds_tensor`` partitions;
+  FSDP2: the local shards of the DTensor parameters, as are its gradients and Adam state);
 - gradients: ``.grad`` of the module's and the optimizer's parameters plus
   the gradient partitions / reduction buckets the ZeRO optimizer owns;
 - optimizer state: the torch optimizer's state (``exp_avg``, ``exp_avg_sq``, step);
@@ -18,9 +19,13 @@ storage (views into DeepSpeed's flat buffers share one storage):
   buckets, flat staging buffers; sized by the JSON's bucket sizes);
 - RSS at step: the rank process's resident memory at the census (libraries,
   data and activations included); peak RSS: ``resource.getrusage`` maxrss,
-  which also holds initialisation transients (the model is built whole on
-  every rank before ZeRO-3 partitions it; ``zero.Init`` is not used) and
-  memory the allocator did not give back. DDP's C++ reducer buckets (one more
+  which also holds initialisation transients and memory the allocator did
+  not give back; build peak rise: how far the peak RSS rose over building the
+  model as the trainer builds it (every strategy builds it whole on every
+  rank, ``zero.Init`` / meta-device builds are not used), the peak reset just before (``/proc/self/clear_refs``); on CUDA also the
+  peak CUDA memory of the build. The ranks run with a fixed glibc mmap
+  threshold (``MALLOC_MMAP_THRESHOLD_=131072``; the dynamic one keeps freed
+  large tensors in the heap, which the peak would then count). DDP's C++ reducer buckets (one more
   gradient-sized buffer) are not visible to the census but are in the RSS.
 
     python benchmarks/memory.py                      # fp32 and bf16, prints a markdown table
@@ -42,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = {"ddp": None, "zero1": "zero1.json", "zero2": "zero2.json", "zero3": "zero3.json"}
+STRATEGIES = {"ddp": None, "zero1": "zero1.json", "zero2": "zero2.json", "zero3": "zero3.json", "fsdp": None}
 MiB = 2**20
 
 
@@ -58,12 +63,34 @@ def _current_rss_mib() -> float:
     return float("nan")
 
 
+def _reset_peak_rss() -> bool:
+    """Start a new peak (VmHWM) for this process (Linux >= 4.0: ``5 > clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def _storages(tensors: Iterable[Any], seen: set[int]) -> int:
     """Bytes of the storages behind ``tensors`` not counted yet."""
     import torch
 
+    from torch.distributed.tensor import DTensor
+
     total = 0
     for t in tensors:
+        if isinstance(t, DTensor):  # FSDP2: this rank's shard
+            t = t.to_local()
         if not isinstance(t, torch.Tensor) or t.device.type == "meta":
             continue
         storage = t.untyped_storage()
@@ -144,6 +171,8 @@ def worker(args: argparse.Namespace) -> None:
 
     overrides = [f"train.precision={args.precision}", f"data.batch_size={args.batch_size}",
                  "train.optimizer=adamw", "recipe.params.backbone=resnet50", "recipe.params.img_size=64"]
+    if args.strategy == "fsdp":
+        overrides += ["train.strategy=fsdp"]
     if STRATEGIES[args.strategy]:
         overrides += ["train.strategy=deepspeed",
                       f"deepspeed.config={REPO / 'configs' / 'deepspeed' / STRATEGIES[args.strategy]}"]
@@ -156,16 +185,29 @@ def worker(args: argparse.Namespace) -> None:
         if cfg.train.strategy == "deepspeed":  # its imports are not the model's memory
             from dist_train.strategies.deepspeed import import_deepspeed
 
-            import_deepspeed()
+            deepspeed = import_deepspeed()
+            # nor its communication wrapper
+            deepspeed.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
+        options = strategy_options(cfg, Precision(cfg.train.precision, ctx.device.type), ctx.world_size)
         rss_before = _rss_mib()
         seed_everything(0)
+        # the build, as the trainer does it: the rise of the peak RSS over it
+        import gc
+
+        gc.collect()
+        build_from = _status_mib("VmRSS")
+        reset = _reset_peak_rss()
+        if ctx.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         model = recipe.build_model()
-        n_params = sum(p.numel() for p in model.parameters())
+        build = {"build peak rise": _status_mib("VmHWM") - build_from if reset else float("nan")}
+        if ctx.device.type == "cuda":
+            build["build peak CUDA"] = torch.cuda.max_memory_allocated() / MiB
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         strategy = build_strategy(cfg.train.strategy, model=model, device=ctx.device,
                                   make_optimizer=build_optimizer(cfg, recipe),
                                   make_scheduler=lambda opt: build_scheduler(cfg.train.scheduler, opt, 100),
-                                  options=strategy_options(cfg, Precision(cfg.train.precision, ctx.device.type),
-                                                           ctx.world_size))
+                                  options=options)
         strategy.train()
         g = torch.Generator().manual_seed(ctx.rank)
         measured: dict[str, float] = {}
@@ -178,6 +220,7 @@ def worker(args: argparse.Namespace) -> None:
                 measured = census(strategy)
                 measured["RSS at step"] = _current_rss_mib()
             strategy.optimizer_step()
+        measured.update(build)
         measured["peak RSS"] = _rss_mib()
         measured["RSS rise"] = measured["peak RSS"] - rss_before
         if ctx.device.type == "cuda":
@@ -195,7 +238,10 @@ def launch(strategy: str, precision: str, steps: int, batch_size: int) -> dict[s
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                "--worker", "--strategy", strategy, "--precision", precision, "--steps", str(steps),
                "--batch-size", str(batch_size), "--json", str(out)]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # A fixed mmap threshold: glibc's dynamic one rises after large frees, and the
+        # freed per-module tensors of a ZeRO-3 build then stay in the heap, counted as peak
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072")}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{strategy}/{precision} failed:\n{proc.stderr[-3000:]}")
@@ -206,8 +252,8 @@ def table(results: list[dict[str, Any]]) -> str:
     """Rank 0's numbers; in brackets, the ratio to DDP's at the same precision."""
     cols = ["parameters", "gradients", "optimizer state", "fp32 master", "buffers"]
     lines = ["| strategy | precision | " + " | ".join(f"{c} MiB" for c in cols)
-             + " | sum MiB | RSS at step MiB | peak RSS MiB |",
-             "|---|---|" + "---:|" * (len(cols) + 3)]
+             + " | sum MiB | RSS at step MiB | peak RSS MiB | build peak rise MiB |",
+             "|---|---|" + "---:|" * (len(cols) + 4)]
     base: dict[str, dict[str, float]] = {}
     for r in results:
         rank0 = dict(r["ranks"][0])
@@ -222,14 +268,15 @@ def table(results: list[dict[str, Any]]) -> str:
             return f"{rank0[key]:.1f} ({rank0[key] / ref[key]:.2f})"
 
         lines.append(f"| {r['strategy']} | {r['precision']} | " + " | ".join(cell(c) for c in cols + ["all"])
-                     + f" | {rank0['RSS at step']:.0f} | {rank0['peak RSS']:.0f} |")
+                     + f" | {rank0['RSS at step']:.0f} | {rank0['peak RSS']:.0f} | {cell('build peak rise')} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--strategy", choices=list(STRATEGIES), default=None)
+    parser.add_argument("--strategy", choices=list(STRATEGIES), nargs="+", default=None,
+                        help="some of the strategies (the first must be ddp for the ratios); default: all")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default=None)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -237,11 +284,12 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.worker:
+        args.strategy = args.strategy[0]
         worker(args)
         return
     results = []
     for precision in [args.precision] if args.precision else ["fp32", "bf16"]:
-        for strategy in [args.strategy] if args.strategy else list(STRATEGIES):
+        for strategy in args.strategy or list(STRATEGIES):
             r = launch(strategy, precision, args.steps, args.batch_size)
             print(f"{strategy}/{precision}: {r['params'] / 1e6:.1f} M params, rank 0: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in r["ranks"][0].items()), flush=True)

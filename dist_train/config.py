@@ -120,7 +120,7 @@ class EarlyStoppingConfig:
 
 @dataclass
 class TrainConfig:
-    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    strategy: Literal["ddp", "deepspeed", "fsdp"] = "ddp"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 where native, else fp32
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run ``epochs`` epochs
@@ -139,7 +139,7 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     log_every_steps: int = 10
     find_unused_parameters: bool = False
-    # torch.compile of the training model (ddp strategy); the first steps pay for compilation
+    # torch.compile of the training model (ddp, fsdp); the first steps pay for compilation
     compile: bool = False
     # conv nets: weights and 4-D image batches in channels-last (NHWC), faster with bf16 on GPUs
     channels_last: bool = False
@@ -581,6 +581,9 @@ def validate(cfg: Config, start: bool = True) -> None:
     if cfg.train.strategy == "deepspeed" and (cfg.train.compile or cfg.train.channels_last):
         raise ConfigError("train.compile / train.channels_last: supported with train.strategy=ddp "
                           "(DeepSpeed has its own compile setting in its JSON config)")
+    if cfg.train.strategy == "fsdp" and cfg.train.channels_last:
+        raise ConfigError("train.channels_last: supported with train.strategy=ddp (FSDP shards parameters along "
+                          "their first dimension)")
     try:
         get_recipe(cfg.recipe.name)
     except KeyError:

@@ -23,8 +23,8 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from dist_train.checkpoint import LATEST, atomic_save, checkpoint_path, is_run_dir, safe_load
-from recipes.model_file import (FormatError, StoredModel, deepspeed_states_file, model_file, read_deepspeed_states,
-                                read_stored)
+from recipes.model_file import (FormatError, StoredModel, dcp_trainer_file, deepspeed_states_file, model_file,
+                                read_deepspeed_states, read_stored)
 
 log = logging.getLogger("biomtl")
 
@@ -106,7 +106,8 @@ def _deepspeed_export(ckpt_dir: Path) -> _Payload:
     return _payload(model_states, stored, model)
 
 
-def _ddp_export(path: Path) -> _Payload:
+def _ddp_export(path: Path, payload: bool = True) -> Any:
+    """A DDP ``.pt`` (or exported file): its payload; ``payload=False``: what it stores."""
     from dist_train.strategies.deepspeed import load_problem
 
     if not path.is_file():  # a FIFO would block the read
@@ -116,9 +117,32 @@ def _ddp_export(path: Path) -> _Payload:
     except Exception as exc:  # noqa: BLE001 - an untrusted file: one line naming it and the cause
         raise ExportError(f"{path}: {load_problem(path, exc)}") from None
     try:
-        return _payload(path, read_stored(state))  # a trainer checkpoint, or an already exported file
+        stored = read_stored(state)  # a trainer checkpoint, or an already exported file
+        return _payload(path, stored) if payload else stored
     except FormatError as exc:
         raise ExportError(f"{path}: {exc}") from None
+
+
+def _fsdp_export(ckpt_dir: Path) -> _Payload:
+    """An FSDP (DCP) folder: the shards of every rank read back into full
+    tensors (no process group), the run from its trainer file."""
+    from dist_train.strategies.dcp_files import DCPLoadError, full_model_state
+
+    trainer_file = dcp_trainer_file(ckpt_dir)
+    stored = _ddp_export(trainer_file, payload=False)
+    try:
+        model = full_model_state(ckpt_dir)
+    except DCPLoadError as exc:
+        raise ExportError(str(exc)) from None
+    return _payload(trainer_file, stored, model)
+
+
+def _export_payload(path: Path) -> _Payload:
+    from dist_train.strategies.dcp_files import is_dcp_dir
+
+    if not path.is_dir():
+        return _ddp_export(path)
+    return _fsdp_export(path) if is_dcp_dir(path) else _deepspeed_export(path)
 
 
 def for_inference(model: dict[str, torch.Tensor], config: dict[str, Any], data_info: dict[str, Any]) -> dict[str, Any]:
@@ -152,7 +176,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "pt
     output = Path(output)
     if output.exists() and not (output.is_file() and written_by_biomtl(output, fmt)):
         raise ExportError(f"--output {output}: exists and is not a {fmt} file biomtl export wrote; not replaced")
-    payload = for_inference(*(_deepspeed_export(path) if path.is_dir() else _ddp_export(path)))
+    payload = for_inference(*_export_payload(path))
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "pt":

@@ -85,7 +85,7 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu")
             raise CheckpointError(f"{p}: a run directory without model.pt or checkpoints/best.pt|latest.pt")
         p = found
     if p.is_dir():
-        raise CheckpointError(f"{p} is a directory (a DeepSpeed checkpoint?); export it to one file first "
+        raise CheckpointError(f"{p} is a directory (a DeepSpeed or FSDP checkpoint?); export it to one file first "
                               "with 'biomtl export'")
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")

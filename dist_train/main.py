@@ -40,7 +40,7 @@ log = logging.getLogger("biomtl")
 
 
 def build_arg_parser(prog: str = "dist_train/main.py") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Train a biomtl recipe (DDP or DeepSpeed).")
+    parser = argparse.ArgumentParser(prog=prog, description="Train a biomtl recipe (DDP, DeepSpeed or FSDP2).")
     parser.add_argument("--config", required=True, help="YAML config (see configs/)")
     parser.add_argument("--resume", default=None, help="'latest' or a checkpoint path")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 data.batch_size=64")
@@ -54,7 +54,7 @@ def seed_everything(seed: int) -> None:
 
 
 def checkpoint_suffix(strategy: str) -> str:
-    return "" if strategy == "deepspeed" else ".pt"
+    return "" if strategy in ("deepspeed", "fsdp") else ".pt"  # (folders: DeepSpeed's, DCP's)
 
 
 def resolve_resume(cfg: Config, resume: str | None) -> Path | None:

@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 from dist_train.config import (CACHE_ENV, NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config,
                                resolved_config_dict, synthetic_cache_dir, synthetic_spec, validates)
-from recipes.model_file import (FormatError, deepspeed_states_file, load_weights_only, read_deepspeed_states,
-                                read_stored, read_trainer_state)
+from recipes.model_file import (FormatError, dcp_trainer_file, deepspeed_states_file, load_weights_only,
+                                read_deepspeed_states, read_stored, read_trainer_state)
 
 
 def load_checked_config(path: str | Path | None, overrides: Sequence[str] = (), start: bool = True) -> Config:
@@ -34,6 +34,7 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = (), 
         from dist_train.tracking import require_wandb
 
         require_wandb()
+    check_sharded_head(cfg)
     check_weight_files(cfg, start)
     if start:
         check_start_files(cfg)
@@ -220,10 +221,12 @@ def check_resume(cfg: Config, path: Path, data_info: Any = None) -> None:
             raise ConfigError(f"{where}: a DeepSpeed checkpoint is a folder (checkpoints/latest); this is a file "
                               f"(a DDP checkpoint? then train.strategy=ddp)")
         stored, shapes = _deepspeed_checkpoint(path)
+    elif cfg.train.strategy == "fsdp":
+        stored, shapes = _fsdp_checkpoint(path)
     else:
         if path.is_dir():
-            raise ConfigError(f"{where}: a folder (a DeepSpeed checkpoint? then train.strategy=deepspeed); "
-                              f"train.strategy=ddp resumes from a .pt file")
+            raise ConfigError(f"{where}: a folder (a DeepSpeed checkpoint? then train.strategy=deepspeed; an FSDP "
+                              f"one: train.strategy=fsdp); train.strategy=ddp resumes from a .pt file")
         stored, shapes = _ddp_checkpoint(path)
     old = stored.config
     old_recipe = (old.get("recipe") or {}).get("name")
@@ -241,10 +244,10 @@ def check_resume(cfg: Config, path: Path, data_info: Any = None) -> None:
         _compare_shapes(where, shapes, expected, cfg.recipe.name)
 
 
-def _ddp_checkpoint(path: Path) -> tuple[Any, dict[str, tuple[int, ...]]]:
+def _ddp_checkpoint(path: Path, where: str | None = None) -> tuple[Any, dict[str, tuple[int, ...]]]:
     from dist_train.strategies.deepspeed import load_problem
 
-    where = f"--resume {path}"
+    where = where or f"--resume {path}"
     if not path.is_file():  # a FIFO would block the read
         raise ConfigError(f"{where}: not a regular file")
     try:  # untrusted: weights only; memory-mapped, so every rank reading it costs little
@@ -276,6 +279,22 @@ def _deepspeed_checkpoint(path: Path) -> tuple[Any, None]:
         raise ConfigError(f"{where}: {exc}") from None
     _check_client(where, stored)
     return stored, None
+
+
+def _fsdp_checkpoint(path: Path) -> tuple[Any, dict[str, tuple[int, ...]]]:
+    """The stored run of an FSDP (DCP) folder: its trainer file weights-only,
+    the model's global shapes from DCP's index (read with DCP's classes only)."""
+    from dist_train.strategies.dcp_files import is_dcp_dir, model_shapes
+
+    where = f"--resume {path}"
+    if not is_dcp_dir(path):
+        raise ConfigError(f"{where}: an FSDP checkpoint is a folder with a DCP index (checkpoints/latest); "
+                          f"this is not one (a DDP file? a DeepSpeed folder? then that train.strategy)")
+    trainer_file = dcp_trainer_file(path)
+    if not trainer_file.is_file():
+        raise ConfigError(f"{where}: no regular {trainer_file.name} in the folder (incomplete checkpoint?)")
+    stored, _ = _ddp_checkpoint(trainer_file, where)
+    return stored, model_shapes(path)  # DCPLoadError is a ConfigError naming the file
 
 
 def _check_client(where: str, stored: Any) -> None:
@@ -490,6 +509,15 @@ def deepspeed_json(cfg: Config, world_size: int, precision: str | None = None) -
     return ds
 
 
+def check_sharded_head(cfg: Config) -> None:
+    """A sharded identity head (Partial FC) only under DDP: ZeRO and FSDP partition and
+    average every parameter they are given as if it were replicated, so the rank-local
+    centres (dist_train/row_shards.py) would be mixed up across ranks."""
+    if getattr(cfg.recipe.resolved, "identity_head_sharding", "none") != "none" and cfg.train.strategy != "ddp":
+        raise ConfigError(f"recipe.params.identity_head_sharding=partial_fc works with train.strategy=ddp; "
+                          f"{cfg.train.strategy} does not keep a row-sharded head yet: use train.strategy=ddp")
+
+
 def check_deepspeed_config(cfg: Config, world_size: int | None = None) -> None:
     """Raise a one-line ConfigError where the DeepSpeed JSON contradicts the
     toolkit config, or where this machine cannot run the requested precision.
@@ -500,11 +528,6 @@ def check_deepspeed_config(cfg: Config, world_size: int | None = None) -> None:
     from launch.env import detect
 
     deepspeed_json(cfg, detect().world_size if world_size is None else world_size)
-    if getattr(cfg.recipe.resolved, "identity_head_sharding", "none") != "none":
-        # ZeRO partitions and averages every parameter it is given as if replicated; the
-        # rank-local centres would be mixed up across ranks (dist_train/row_shards.py)
-        raise ConfigError("recipe.params.identity_head_sharding=partial_fc works with train.strategy=ddp; "
-                          "DeepSpeed does not keep a row-sharded head yet: use train.strategy=ddp")
     if resolved_precision(cfg) == "fp16" and not fp16_supported_here():
         raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
                           "refuses fp16 on this CPU (no oneDNN fp16): use train.precision=bf16 or fp32")

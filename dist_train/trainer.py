@@ -242,7 +242,8 @@ class Trainer:
         ctx = ArtifactContext(run_dir=self.run_dir, is_main=self.ctx.is_main,
                               loaders={"train": self.loaders.train_eval()}, gather=distributed.all_gather_objects,
                               publish=atomic_write, read_images=self.loaders.read_images)
-        self.recipe.on_epoch_start(self.strategy.module, epoch, ctx)
+        with self.strategy.gathered() as module:
+            self.recipe.on_epoch_start(module, epoch, ctx)
         self.strategy.train()
         set_rng_state(saved)
 
@@ -334,7 +335,8 @@ class Trainer:
                 self.save(last_metrics)
             if st.step >= self.total_steps or st.stopped_early:
                 history = list(logger.val_csv.rows) if self.ctx.is_main else []  # (rank 0 keeps the log)
-                test_metrics = self.recipe.write_artifacts(self.strategy.module, self.artifact_context(history))
+                with self.strategy.gathered() as module:
+                    test_metrics = self.recipe.write_artifacts(module, self.artifact_context(history))
                 if test_metrics:
                     logger.log_validation(st.step, st.epoch, test_metrics, split="test")
                     last_metrics = {**last_metrics, **{f"test_{k}": v for k, v in test_metrics.items()}}
@@ -403,7 +405,8 @@ class Trainer:
         total = [sum(x) for x in zip(*(l for _, l in states))]
         values = {"loss": total[0] / max(total[1], 1.0), **values}
         if self.bin_scorer is not None:  # every rank: the images are split over the ranks
-            values.update(self.bin_scorer.score(self.strategy.module))
+            with self.strategy.gathered() as module:
+                values.update(self.bin_scorer.score(module))
         log.info("validation took %.1f s", time.perf_counter() - started)
         logger.log_validation(self.state.step, self.state.epoch, values)
         if pictures:
@@ -474,6 +477,7 @@ class LoaderFactory:
         self.cfg, self.ctx, self.data_dir, self.recipe = cfg, ctx, data_dir, recipe
         # page-locked batches: the strategies' non_blocking copies overlap with compute only from them
         self.pin_memory = ctx.device.type == "cuda"
+        self._train_stream: Any = None  # one stream loader for the run: its workers live across epochs
 
     def train(self, epoch: int, skip_batches: int = 0) -> ShardLoader:
         d = self.cfg.data
@@ -489,11 +493,15 @@ class LoaderFactory:
                                                 d.batch_size // d.pk_k, d.pk_k, **common)
             return batching.build_triplet_loader(self.data_dir, d.train_split, self.recipe.transform,
                                                  d.batch_size, **common)
-        return self.stream.build_train_loader(
+        if self._train_stream is not None:
+            self._train_stream.set_epoch(epoch, skip_batches)
+            return self._train_stream
+        self._train_stream = self.stream.build_train_loader(
             self.data_dir, d.train_split, self.recipe.transform, d.batch_size, self.ctx.rank, self.ctx.world_size,
             d.num_workers, self.cfg.experiment.seed, epoch, skip_batches=skip_batches,
             shuffle_buffer=d.shuffle_buffer, max_corrupt_fraction=d.max_corrupt_fraction, resampled=d.resampled,
             verify_checksums=d.verify_checksums, pin_memory=self.pin_memory)
+        return self._train_stream
 
     def train_batches_per_epoch(self) -> int:
         return len(self.train(0))

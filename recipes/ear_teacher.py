@@ -23,7 +23,9 @@ resize). All are off in :class:`EarTeacherParams`, so SimSiam's two views
 and the instance pseudo-labels teach nothing until they are turned on;
 ``configs/ear_teacher.yaml`` turns on the set measured on AMI ears
 (docs/results.md). Output: ``image`` (and
-``view2`` in training), ``key_hash`` (a stable 63-bit hash of the sample key,
+``view2`` in training; training views are uint8 pixels, normalised on the
+device by :class:`models.pixels.PixelInput`, evaluation images ImageNet-normalised
+floats), ``key_hash`` (a stable 63-bit hash of the sample key,
 :func:`key_hash`), ``identity`` (``-1`` when unknown; metrics only).
 
 Model (:class:`EarTeacherModel` around :class:`models.ear.EarTeacherNet`)
@@ -97,6 +99,7 @@ from torch import nn
 
 from models.ear import EarTeacherNet, simsiam_loss
 from models.partial_fc import row_shard_of
+from models.pixels import PixelInput
 from recipes.base import ArtifactContext, DataInfo, Metrics, ParallelContext, Recipe, register, start_file
 from recipes.identity_head import build_head, check_ranks, check_sharding, identity_outputs
 from recipes.batch import label_column, move_batch, valid_mask
@@ -246,6 +249,14 @@ def normalise(t: torch.Tensor) -> torch.Tensor:
     return (t - _MEAN.to(t.device)) / _STD.to(t.device)
 
 
+def to_pixels(t: torch.Tensor) -> torch.Tensor:
+    """A view in [0, 1] as the 8-bit pixels the DataLoader workers hand over (a
+    quarter of float32's bytes; the model's :class:`models.pixels.PixelInput`
+    normalises them on the training device). Rounded to the nearest level: the
+    view moves by at most half a level of the 8-bit image it was cut from."""
+    return t.clamp(0, 1).mul(255).round_().to(torch.uint8)
+
+
 def unnormalise(t: torch.Tensor) -> torch.Tensor:
     """Back to [0, 1] (clamped), for pictures."""
     shape = (1, 3, 1, 1) if t.dim() == 4 else (3, 1, 1)
@@ -330,6 +341,7 @@ class EarTeacherModel(nn.Module):
                      if p.metric_loss != "none" else None)
         # sorted key hashes and their labels: buffers, so the lookup runs where the model does
         # (no copy to the host inside a step); not persistent: the extra state below carries them
+        self.pixels = PixelInput(IMAGENET_MEAN, IMAGENET_STD)  # training views arrive as 8-bit pixels
         self.register_buffer("table_keys", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("table_labels", torch.zeros(0, dtype=torch.long), persistent=False)
 
@@ -362,25 +374,25 @@ class EarTeacherModel(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Inference features: the projection, or the backbone's pooled features
         (``feature_type: features``, what the original exports)."""
-        return self.features(images) if self.p.feature_type == "features" else self.net.embed(images)
+        return self.features(images) if self.p.feature_type == "features" else self.projection(images)
 
     def projection(self, images: torch.Tensor) -> torch.Tensor:
         """What the pseudo-label head and SimSiam train, whatever ``feature_type`` says."""
-        return self.net.embed(images)
+        return self.net.embed(self.pixels(images))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled features (before the projector)."""
-        return self.net.encoder.forward_head(self.net.encoder.forward_features(images), pre_logits=True)
+        return self.net.encoder.forward_head(self.net.encoder.forward_features(self.pixels(images)), pre_logits=True)
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         p = self.p
-        x = batch["image"]
+        x = self.pixels(batch["image"])  # (the reconstruction target: the normalised view)
         out = self.net(x)
         zero = out["projection"].float().sum() * 0.0
         per_row = ((out["reconstruction"].float() - x.float()) ** 2).flatten(1).mean(1)
         terms = {"reconstruction": per_row.mean()}
         if "view2" in batch:  # training: two views (identical when the augmentations are off)
-            out2 = self.net(batch["view2"], reconstruct=False)
+            out2 = self.net(self.pixels(batch["view2"]), reconstruct=False)
             terms["simsiam"] = simsiam_loss(out["prediction"], out2["projection"], out2["prediction"],
                                             out["projection"])
             z = torch.cat([out["projection"], out2["projection"]])
@@ -494,8 +506,8 @@ class EarTeacherRecipe(Recipe):
                "identity": torch.tensor(-1 if ident is None else int(ident), dtype=torch.long)}
         if train:
             jit = p.crop_jitter > 0
-            out["image"] = normalise(augment_view(crop(jittered(box, p.crop_jitter)) if jit else base, p))
-            out["view2"] = normalise(augment_view(crop(jittered(box, p.crop_jitter)) if jit else base, p))
+            out["image"] = to_pixels(augment_view(crop(jittered(box, p.crop_jitter)) if jit else base, p))
+            out["view2"] = to_pixels(augment_view(crop(jittered(box, p.crop_jitter)) if jit else base, p))
         else:
             out["image"] = normalise(base)
         return out

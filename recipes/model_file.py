@@ -7,7 +7,11 @@
   "optimizer", "scheduler", "scaler", "skipped_steps", "client": {"config",
   "data_info", ...the trainer's loop state}, "format_version"}``;
 - a DeepSpeed checkpoint folder: DeepSpeed's own layout; our client state is
-  the ``"biomtl_client"`` entry of its model-states file, beside ``"format_version"``.
+  the ``"biomtl_client"`` entry of its model-states file, beside ``"format_version"``;
+- an FSDP checkpoint folder: a ``torch.distributed.checkpoint`` (DCP) directory
+  of ``{"model": sharded model state, "optim": sharded optimizer state}``
+  (flattened by DCP to dotted keys) plus ``trainer.pt``, a DDP trainer
+  checkpoint with an empty model and optimizer (scheduler, scaler, client).
 
 ``format_version`` is written on every save; a file without it is an older
 biomtl's (version 0, read the same way); a newer version is refused in one
@@ -39,10 +43,13 @@ _VERSION = "format_version"
 _TRAINER_PARTS = ("optimizer", "scheduler", "scaler")
 _SKIPPED = "skipped_steps"
 _DEEPSPEED_CLIENT = "biomtl_client"  # not DeepSpeed's own keys ("module", "optimizer", ...)
+_DCP_OPTIM = "optim"
+_DCP_TRAINER_FILE = "trainer.pt"
 # DeepSpeed's model-states file of a tag folder: stages 0-2, then ZeRO-3
 _DEEPSPEED_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
-__all__ = ["FORMAT_VERSION", "FormatError", "StoredModel", "TrainerState", "deepspeed_client",
+__all__ = ["FORMAT_VERSION", "FormatError", "StoredModel", "TrainerState", "dcp_model_prefix", "dcp_parts",
+           "dcp_state", "dcp_trainer_file", "deepspeed_client",
            "deepspeed_client_state", "deepspeed_states_file", "load_weights_only", "model_file",
            "read_deepspeed_states", "read_stored", "read_trainer_state", "run_description", "trainer_checkpoint",
            "weights_checkpoint"]
@@ -203,6 +210,27 @@ def deepspeed_client(states: Any) -> Mapping[str, Any]:
         raise FormatError("no biomtl client state in the DeepSpeed checkpoint (not written by biomtl?)")
     _check_version(states)
     return states[_DEEPSPEED_CLIENT]
+
+
+def dcp_state(model: Mapping[str, Any], optimizer: Mapping[str, Any]) -> dict[str, Any]:
+    """What an FSDP checkpoint hands ``torch.distributed.checkpoint`` (sharded state dicts)."""
+    return {_MODEL: model, _DCP_OPTIM: optimizer}
+
+
+def dcp_parts(state: Mapping[str, Any]) -> tuple[Any, Any]:
+    """(model, optimizer) state dicts of :func:`dcp_state`'s dict, after a DCP load into it."""
+    return state[_MODEL], state[_DCP_OPTIM]
+
+
+def dcp_model_prefix() -> str:
+    """The dotted-key prefix of the model's tensors in a DCP index."""
+    return _MODEL + "."
+
+
+def dcp_trainer_file(ckpt_dir: Path) -> Path:
+    """The trainer state file of an FSDP (DCP) checkpoint folder (read with
+    :func:`read_trainer_state`; its model and optimizer are empty)."""
+    return Path(ckpt_dir) / _DCP_TRAINER_FILE
 
 
 def read_deepspeed_states(states: Any) -> tuple[StoredModel, int]:

@@ -277,7 +277,7 @@ class ThzMtlModel(nn.Module):
         return res
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
-        rows, n = triplet_rows(batch, self.ROW_KEYS)
+        rows, n = triplet_rows(from_pixels(batch), self.ROW_KEYS)  # training images arrive as 8-bit pixels
         if "identity" in rows:
             rows["twin"] = self.co_twins(rows["identity"])
         out = self.net(rows["image"], rows.get("posture"))
@@ -355,6 +355,21 @@ def pick_image(sample: Mapping[str, Any], base: str):
     return None
 
 
+def to_pixels(t: torch.Tensor) -> torch.Tensor:
+    """A training image in [0, 1] as the 8-bit pixels the DataLoader workers hand
+    over (a quarter of float32's bytes); :func:`from_pixels` undoes it on the
+    training device. An unaugmented image comes from 8-bit pixels and round-trips
+    exactly; an augmented one moves by at most half a level."""
+    return t.clamp(0, 1).mul(255).round_().to(torch.uint8)
+
+
+def from_pixels(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """``batch`` with its 8-bit image tensors as floats in [0, 1] (``x / 255``, the
+    same division the evaluation transform makes); float tensors unchanged."""
+    return {k: v.float().div_(255.0) if isinstance(v, torch.Tensor) and v.dtype == torch.uint8 and v.dim() >= 3
+            else v for k, v in batch.items()}
+
+
 def image_tensor(img, size: int, chans: int) -> torch.Tensor:
     """A PIL image as ``[chans, size, size]`` float in [0, 1] (grey: mode L; 3: RGB)."""
     from torchvision.transforms import functional as TF
@@ -409,6 +424,8 @@ class ThzMtlRecipe(Recipe):
                            for k, (_, chans) in self.extra_images.items()})
         if train and self.augment is not None:
             images = self.augment(images, inputs=("image",))
+        if train:
+            images = {k: to_pixels(v) for k, v in images.items()}
         meta = sample.get("json") or {}
         identity = class_label(meta, "identity", 0, check=False)  # SupCon's: no classifier to fit
         twin = self.data_info.co_twin(identity, meta.get("twin"))

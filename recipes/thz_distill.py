@@ -56,7 +56,7 @@ from models.backbones import WeightsError, read_state_dict
 from models.losses import feature_distill_loss, kd_logit_loss, relation_distill_loss
 from models.thz import ThzTeacherNet
 from recipes.base import ArtifactContext, DataInfo, RecipeDataError, register, start_file
-from recipes.thz import ThzMtlModel, ThzMtlParams, ThzMtlRecipe, task_losses, triplet_rows
+from recipes.thz import ThzMtlModel, ThzMtlParams, ThzMtlRecipe, from_pixels, task_losses, triplet_rows
 
 log = logging.getLogger("biomtl.thz")
 
@@ -148,7 +148,7 @@ class ThzDistillModel(nn.Module):
         if not self.training:
             return self.student(batch)
         p = self.p
-        rows, n = triplet_rows(batch, self.ROW_KEYS)
+        rows, n = triplet_rows(from_pixels(batch), self.ROW_KEYS)  # training images arrive as 8-bit pixels
         if "identity" in rows:
             rows["twin"] = self.student.co_twins(rows["identity"])
         if "vis" not in rows:

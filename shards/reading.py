@@ -456,7 +456,22 @@ class WorkerInit:
 
     def __call__(self, worker_id: int) -> None:
         torch.set_num_threads(1)
-        seed_global_rngs(derive_seed("worker", self.tag, self.seed, self.epoch, self.rank, worker_id))
+        self.seed_worker(worker_id, self.epoch)
+
+    def seed_worker(self, worker_id: int, epoch: int) -> None:
+        """The global RNGs of worker ``worker_id`` at the start of ``epoch`` (a
+        persistent worker calls it again at each new epoch it starts)."""
+        seed_global_rngs(derive_seed("worker", self.tag, self.seed, epoch, self.rank, worker_id))
+
+
+def make_dataloader(ds: IterableDataset, num_workers: int, init: WorkerInit, pin_memory: bool,
+                    mp_context: str | None, prefetch_factor: int, persistent: bool = False) -> DataLoader:
+    return DataLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=init,
+                      # an explicit generator: the DataLoader's base-seed draw must not
+                      # consume the training process's global torch RNG
+                      generator=torch.Generator().manual_seed(0),
+                      pin_memory=pin_memory, multiprocessing_context=mp_context,
+                      prefetch_factor=prefetch_factor, persistent_workers=persistent)
 
 
 def iterate_batches(ds: IterableDataset, num_workers: int, init: WorkerInit, pin_memory: bool,
@@ -465,13 +480,7 @@ def iterate_batches(ds: IterableDataset, num_workers: int, init: WorkerInit, pin
     if num_workers <= 0:
         yield from ds
         return
-    dl = DataLoader(ds, batch_size=None, num_workers=num_workers, worker_init_fn=init,
-                    # an explicit generator: the DataLoader's base-seed draw must not
-                    # consume the training process's global torch RNG
-                    generator=torch.Generator().manual_seed(0),
-                    pin_memory=pin_memory, multiprocessing_context=mp_context,
-                    prefetch_factor=prefetch_factor, persistent_workers=False)
-    it = iter(dl)
+    it = iter(make_dataloader(ds, num_workers, init, pin_memory, mp_context, prefetch_factor))
     try:
         yield from it
     finally:
@@ -499,9 +508,14 @@ class ShardLoader:
     prefetch_factor: int
     skip_batches: int = 0
     kind: str = "loader"  # named in the batch-count error
+    # Keep the DataLoader and its worker processes from one iteration to the
+    # next (its stream must then read what changes per iteration, e.g. the
+    # epoch, from shared memory: TrainLoader.set_epoch)
+    keep_workers: bool = False
 
     def __init__(self) -> None:
         self._corrupt = CorruptTally()
+        self._dataloader: DataLoader | None = None
 
     def __len__(self) -> int:
         return self.plan.num_batches
@@ -528,12 +542,29 @@ class ShardLoader:
         """The dataset one iteration reads and the seeding of its workers."""
         raise NotImplementedError
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**vars(self), "_dataloader": None}  # a copy starts its own workers
+
+    def close(self) -> None:
+        """Stop kept worker processes now (else they end with the loader)."""
+        loader, self._dataloader = self._dataloader, None
+        shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._corrupt.reset()
         ds, init = self.stream()
         n = 0
-        for batch in iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context,
-                                     self.prefetch_factor):
+        if self.keep_workers and self.num_workers > 0:
+            if self._dataloader is None:
+                self._dataloader = make_dataloader(ds, self.num_workers, init, self.pin_memory, self.mp_context,
+                                                   self.prefetch_factor, persistent=True)
+            batches: Iterator[dict[str, Any]] = iter(self._dataloader)
+        else:
+            batches = iterate_batches(ds, self.num_workers, init, self.pin_memory, self.mp_context,
+                                      self.prefetch_factor)
+        for batch in batches:
             self._corrupt.add(batch)
             n += 1
             yield batch

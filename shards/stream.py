@@ -21,6 +21,11 @@ What is written here by hand, and why (webdataset 1.0.x):
   then split by rank, then by worker; with fewer shards than (rank, worker)
   slots every slot reads all shards and keeps sample ``i`` where
   ``i % slots == slot``. Every slot's stream cycles, so no slot runs dry.
+* the epoch hand-off. A ``TrainLoader`` keeps its DataLoader workers
+  (``persistent_workers``) from one epoch to the next; ``set_epoch(epoch,
+  skip_batches)`` writes both into shared memory (``_EpochCell``) that each
+  worker reads when its next epoch starts, reseeding its RNGs as a fresh
+  worker would, so a kept worker yields exactly a new loader's batches.
 * the epoch length. ``with_epoch`` counts per worker; here every worker knows
   exactly which batches it owns (the DataLoader returns batch ``j`` from worker
   ``j % W``), so each rank yields exactly ``len(loader)`` batches.
@@ -63,8 +68,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import multiprocessing
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -228,13 +234,45 @@ class _Peekable:
         return self.buf[i]
 
 
+class _EpochCell:
+    """The epoch and the batches to skip of the next iteration, in shared
+    memory: DataLoader workers kept across epochs (``persistent_workers``) got
+    their copy of the stream once, and read these at the start of each epoch
+    (webdataset's / torch's ``set_epoch`` pattern)."""
+
+    def __init__(self, mp_context: str | None, epoch: int, skip_batches: int):
+        self._values = multiprocessing.get_context(mp_context).RawArray("q", 2)
+        self.set(epoch, skip_batches)
+
+    def set(self, epoch: int, skip_batches: int) -> None:
+        self._values[0], self._values[1] = int(epoch), int(skip_batches)
+
+    def get(self) -> tuple[int, int]:
+        return int(self._values[0]), int(self._values[1])
+
+    # Shared memory travels only to a process being started (a spawned
+    # DataLoader worker); any other pickle (a copy of the loader) gets its own.
+    def __getstate__(self) -> dict[str, Any]:
+        if multiprocessing.context.get_spawning_popen() is not None:
+            return {"shared": self._values}
+        return {"values": self.get()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._values = state.get("shared") or multiprocessing.RawArray("q", 2)
+        if "values" in state:
+            self.set(*state["values"])
+
+
 class _TrainStream(IterableDataset):
     """Per-worker batches; batch ``j`` of the rank comes from logical worker ``j % W``."""
 
-    def __init__(self, plan: _TrainPlan, transform: Callable[..., dict]):
+    def __init__(self, plan: _TrainPlan, transform: Callable[..., dict], cell: _EpochCell,
+                 init: WorkerInit | None = None):
         super().__init__()
-        self.plan = plan
+        self.plan = plan  # the epoch and skip of an iteration come from ``cell``
         self.transform = transform
+        self.cell = cell
+        self.init = init
 
     def _process(self, item: _Item, tracker: CorruptTracker) -> dict[str, Any] | None:
         if item.done:
@@ -260,9 +298,13 @@ class _TrainStream(IterableDataset):
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        p = self.plan
+        epoch, skip = self.cell.get()
+        self.plan = p = replace(self.plan, epoch=epoch, skip_batches=skip)
         info = get_worker_info()
         dl_worker = info.id if info is not None else 0
+        if info is not None and self.init is not None:
+            # a kept worker starting another epoch: its RNGs as a fresh worker's would be
+            self.init.seed_worker(dl_worker, epoch)
         # DataLoader worker i plays logical worker (i + skip) % W so that the first
         # batch after a resume (batch k, owned by logical worker k % W) comes first.
         logical = (dl_worker + p.skip_batches) % p.workers
@@ -360,10 +402,29 @@ class TrainLoader(ShardLoader):
             expect=expected_fields(self.manifest, fields), resampled=bool(resampled),
             verify_checksums=bool(verify_checksums))
         self.skip_batches = self.plan.skip_batches
+        # workers are kept from one epoch to the next; set_epoch tells them the next one
+        self.keep_workers = True
+        self._cell = _EpochCell(mp_context, self.plan.epoch, self.plan.skip_batches)
+        self._stream: _TrainStream | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_stream": None}
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Iterate ``epoch`` next (from batch ``skip_batches``): the same batches a
+        loader built for that epoch yields, with the same DataLoader workers."""
+        if skip_batches < 0:
+            raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
+        self.plan = replace(self.plan, epoch=int(epoch), skip_batches=int(skip_batches))
+        self.skip_batches = self.plan.skip_batches
 
     def stream(self) -> tuple[_TrainStream, WorkerInit]:
         p = self.plan
-        return _TrainStream(p, self.transform), WorkerInit(p.seed, p.epoch, p.rank, "train")
+        self._cell.set(p.epoch, p.skip_batches)  # before the iteration starts the workers' __iter__
+        init = WorkerInit(p.seed, p.epoch, p.rank, "train")
+        if self._stream is None:  # one object for the kept workers' lifetime
+            self._stream = _TrainStream(p, self.transform, self._cell, WorkerInit(p.seed, p.epoch, p.rank, "train"))
+        return self._stream, init
 
 
 def build_train_loader(data_dir, split: str, transform: Callable[..., dict], batch_size: int, rank: int,

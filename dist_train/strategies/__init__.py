@@ -15,6 +15,10 @@ def build_strategy(name: str, **kwargs) -> Strategy:
         from dist_train.strategies.deepspeed import DeepSpeedStrategy  # noqa: F401
 
         return DeepSpeedStrategy(**kwargs)
+    if name == "fsdp":
+        from dist_train.strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy(**kwargs)
     raise ValueError(f"unknown strategy {name}")
 
 

@@ -7,9 +7,10 @@ are synchronised and applied, and what a checkpoint holds.
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -71,6 +72,14 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def eval_forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Forward in evaluation mode without gradients (same call count on every rank)."""
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[nn.Module]:
+        """The recipe module with its whole parameters for a block in which a
+        recipe calls its methods or submodules directly (artefacts, epoch
+        hooks, .bin scoring); every rank enters it. DDP and DeepSpeed (whose
+        ZeRO-3 hooks gather per submodule) have them already; FSDP gathers."""
+        yield self.module
 
     def train(self) -> None:
         self.module.train()

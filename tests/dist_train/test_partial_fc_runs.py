@@ -121,10 +121,12 @@ def test_bad_sharding_settings_name_the_key(tmp_path: Path, override: str, fragm
     assert not (tmp_path / "runs").exists()
 
 
-def test_sharded_head_with_deepspeed_is_refused_at_start(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
+def test_sharded_head_with_deepspeed_or_fsdp_is_refused_at_start(tmp_path: Path, strategy: str) -> None:
+    extra = {"deepspeed__config": "configs/deepspeed/zero2.json"} if strategy == "deepspeed" else {}
     overrides = tiny_overrides(tmp_path, recipe__params__identity_head_sharding="partial_fc",
-                               train__strategy="deepspeed", deepspeed__config="configs/deepspeed/zero2.json")
-    with pytest.raises(ConfigError, match="identity_head_sharding=partial_fc works with train.strategy=ddp"):
+                               train__strategy=strategy, **extra)
+    with pytest.raises(ConfigError, match=f"partial_fc works with train.strategy=ddp; {strategy} does not"):
         load_checked_config(CONFIG, overrides)
 
 

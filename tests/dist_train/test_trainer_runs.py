@@ -56,10 +56,14 @@ def test_accumulation_matches_a_bigger_batch(tmp_path: Path) -> None:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0, msg=key)
 
 
-def test_resume_ends_with_the_same_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_ends_with_the_same_weights(tmp_path: Path, workers: int) -> None:
     """Stop mid-epoch at step 5 of 12 (the schedule is that of the full run),
-    resume, and compare with an uninterrupted run: identical weights and logs."""
-    common = dict(train__max_steps=12, train__val_every_steps=4, train__scheduler__warmup_steps=2)
+    resume, and compare with an uninterrupted run: identical weights and logs.
+    With 2 DataLoader workers, kept alive across the epochs of each run and
+    told each epoch (and the resume point) through set_epoch."""
+    common = dict(train__max_steps=12, train__val_every_steps=4, train__scheduler__warmup_steps=2,
+                  data__num_workers=workers)
     full = _run(tmp_path / "full", **common)
     part = _run(tmp_path / "part", train__stop_at_step=5, **common)
     assert safe_load(part / "checkpoints" / "latest.pt")["client"]["loop"]["step"] == 5

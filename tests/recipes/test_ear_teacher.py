@@ -359,3 +359,26 @@ def test_trains_under_two_process_torchrun_and_extracts_n_by_d_features(tmp_path
     assert extract_cmd.run(["--checkpoint", str(run / "model.pt"), "--images", str(images), "--feature-type",
                             "features", "--output", str(tmp_path / "g.npz"), "--device", "cpu", "--no-progress"]) == 0
     assert np.load(tmp_path / "g.npz")["features"].shape == (6, 64)      # the backbone's pooled features
+
+
+def test_training_views_are_8_bit_and_reach_the_network_as_the_evaluation_floats():
+    """The workers hand over uint8 views (a quarter of float32's bytes); without
+    augmentation a view is the evaluation image rounded to 8 bits, and the model
+    normalises it to the evaluation floats (the 8-bit path is PixelInput, then the same net)."""
+    from models.pixels import IMAGENET_MEAN, IMAGENET_STD
+
+    r = EarTeacherRecipe(tiny_params(), NO_DATA)
+    sample = _sample(bbox_raw=[20, 10, 70, 50])
+    train, floats = r.transform(sample, train=True), r.transform(sample, train=False)["image"]
+    assert train["image"].dtype == train["view2"].dtype == torch.uint8 and floats.dtype == torch.float32
+    model = r.build_model().eval()
+    with torch.no_grad():
+        # the crop is already 8-bit (x / 255, then * 255 and rounded: the same level), then two
+        # orders of (x / 255 - mean) / std, as tests/models/test_pixels.py bounds them
+        pixel_tol = 2 * ops_rtol(6) * (1 + max(IMAGENET_MEAN)) / min(IMAGENET_STD)
+        assert torch.allclose(model.pixels(train["image"][None]), floats[None], rtol=0, atol=pixel_tol)
+        assert torch.equal(model.embed(train["image"][None]), model.embed(model.pixels(train["image"][None])))
+        batch8 = {"image": train["image"][None], "view2": train["view2"][None], "key_hash": train["key_hash"][None]}
+        batchf = {**batch8, "image": model.pixels(batch8["image"]), "view2": model.pixels(batch8["view2"])}
+        a, b = model(batch8), model(batchf)
+        assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["reconstruction"], b["reconstruction"])

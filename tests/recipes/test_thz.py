@@ -573,3 +573,24 @@ def test_a_short_run_clearly_beats_the_untrained_model(tmp_path, config):
     # (thz_distill's student) in 90 steps, about 35 / 65 s on one core
     assert after["test_ssim"] >= before["ssim"] + 0.4, (before, after)
     assert after["test_posture_acc"] >= before["posture_acc"] + 0.4, (before, after)
+
+
+@pytest.mark.parametrize("name", ["thz_mtl", "thz_distill"])
+def test_training_images_are_8_bit_and_reach_the_network_as_the_evaluation_floats(name):
+    """The workers hand over uint8 images (THz input, target, the distillation's
+    visible image); unaugmented, they are exactly the evaluation floats once the
+    model divides by 255, so the training forward is the same computation on 8-bit
+    and on float batches."""
+    r = _recipe(name, augment="none")
+    train, floats = r.transform(_sample(0, 0), True), r.transform(_sample(0, 0), False)
+    images = [k for k, v in train.items() if v.dim() == 3]
+    assert "image" in images and all(train[k].dtype == torch.uint8 for k in images)
+    assert all(torch.equal(train[k].float() / 255, floats[k]) for k in images if k in floats)
+    batch8 = _triplet_batch(r, train=True)
+    batchf = {k: v.float() / 255 if v.dtype == torch.uint8 else v for k, v in batch8.items()}
+    model = r.build_model().train()
+    torch.manual_seed(0)
+    a = model(batch8)
+    torch.manual_seed(0)
+    b = model(batchf)
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["embedding"], b["embedding"])

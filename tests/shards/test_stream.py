@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
 import json
 import random
 import subprocess
@@ -557,3 +558,34 @@ def s_mode(syn) -> str:
     m = Manifest.load(syn)
     raw = next(iter(wds.WebDataset([str(syn / m.splits["train"][0].file)], shardshuffle=False)))
     return decode_sample(raw)["thz.png"].mode
+
+
+def tf_pid(sample, train):
+    out = tf_noise(sample, train)
+    out["pid"] = os.getpid()
+    return out
+
+
+@pytest.mark.parametrize("mp_context", [None, "spawn"])
+def test_workers_live_across_epochs_with_the_same_batches(uneven, mp_context):
+    """One TrainLoader told each epoch by set_epoch keeps its DataLoader worker
+    processes, and yields exactly the batches of a loader built for that epoch
+    (augmentation included), resumes (skip) too."""
+    kept = build_train_loader(uneven, "train", tf_pid, 2, 1, 2, 2, seed=3, epoch=0, shuffle_buffer=16,
+                              mp_context=mp_context)
+    pids = []
+    try:
+        for epoch, skip in ((0, 0), (1, 0), (2, 3), (3, 0)):
+            kept.set_epoch(epoch, skip)
+            ours = list(kept)
+            fresh = list(build_train_loader(uneven, "train", tf_pid, 2, 1, 2, 2, seed=3, epoch=epoch,
+                                            skip_batches=skip, shuffle_buffer=16, mp_context=mp_context))
+            assert len(ours) == len(fresh) == len(kept) - skip
+            assert all(batches_equal({k: v for k, v in a.items() if k != "pid"},
+                                     {k: v for k, v in b.items() if k != "pid"}) for a, b in zip(ours, fresh))
+            assert {int(p) for b in ours for p in b["pid"]}.isdisjoint(int(p) for b in fresh for p in b["pid"])
+            pids.append({int(p) for b in ours for p in b["pid"]})
+    finally:
+        kept.close()
+    assert len(pids[0]) == 2 and all(p == pids[0] for p in pids)  # the same two workers every epoch
+    assert os.getpid() not in pids[0]
