@@ -7,6 +7,7 @@ are synchronised and applied, and what a checkpoint holds.
 from __future__ import annotations
 
 import abc
+import math
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,22 @@ class StepStats:
     lr: float
     grad_norm: float  # before clipping; nan when not computed
     skipped: bool  # fp16 overflow: the optimizer step was skipped
+
+
+def scaled_update(scaler: Any, optimizer: torch.optim.Optimizer, scheduler: Any, norm: float) -> StepStats:
+    """The end of a torch-optimizer step (DDP, FSDP): the GradScaler's step and update,
+    zeroed gradients, and the LR schedule stepped only when the update was applied (as
+    DeepSpeed's engine does). ``norm``: the gradient norm measured before clipping."""
+    scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
+    scaler.step(optimizer)
+    scaler.update()
+    # GradScaler backs the scale off exactly when it found inf/NaN and skipped optimizer.step()
+    skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.zero_grad(set_to_none=True)
+    if not skipped:
+        scheduler.step()
+    return StepStats(lr=lr, grad_norm=norm if math.isfinite(norm) else float("nan"), skipped=skipped)
 
 
 class Strategy(abc.ABC):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -15,7 +14,7 @@ from dist_train import row_shards
 from dist_train.checkpoint import safe_load
 from recipes.model_file import read_trainer_state, trainer_checkpoint
 from recipes.batch import move_batch
-from dist_train.strategies.base import Strategy, StepStats, StrategyOptions
+from dist_train.strategies.base import Strategy, StepStats, StrategyOptions, scaled_update
 
 
 class DDPStrategy(Strategy):
@@ -69,18 +68,9 @@ class DDPStrategy(Strategy):
             norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip))
         else:
             norm = float(torch.nn.utils.get_total_norm([p.grad for p in params])) if params else 0.0
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        # GradScaler backs the scale off exactly when it found inf/NaN and skipped optimizer.step()
-        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.zero_grad(set_to_none=True)
-        if skipped:  # the schedule follows applied updates (as DeepSpeed's engine does)
-            self._skipped_steps += 1
-        else:
-            self.scheduler.step()
-        return StepStats(lr=lr, grad_norm=norm if math.isfinite(norm) else float("nan"), skipped=skipped)
+        stats = scaled_update(self.scaler, self.optimizer, self.scheduler, norm)
+        self._skipped_steps += stats.skipped
+        return stats
 
     @property
     def skipped_steps(self) -> int:

@@ -161,9 +161,8 @@ def keep_batchnorm_stats_fp32(model: nn.Module) -> int:
 # loaded weights-only before DeepSpeed sees it (`checked_tag_dir`), and
 # DeepSpeed's own reads run under `weights_only_loads()`.
 
-# torch's switch that makes every torch.load weights-only, also those that
-# pass weights_only=False (documented in torch.load; read on every call).
-_FORCE_WEIGHTS_ONLY_ENV = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+# (torch's switch that makes every torch.load weights-only, also those that pass
+# weights_only=False, is set by dist_train/strategies/dcp_files.py: weights_only_loads.)
 _TAG_FILE = "latest"
 _MAX_TAG_BYTES = 255
 
@@ -192,16 +191,10 @@ def weights_only_loads() -> Iterator[None]:
     """Every ``torch.load`` in the block, DeepSpeed's included, is weights-only
     and accepts DeepSpeed's safe globals. Besides the pre-check this leaves no
     window for a file swapped in after it was checked."""
-    previous = os.environ.get(_FORCE_WEIGHTS_ONLY_ENV)
-    os.environ[_FORCE_WEIGHTS_ONLY_ENV] = "1"
-    try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop(_FORCE_WEIGHTS_ONLY_ENV, None)
-        else:
-            os.environ[_FORCE_WEIGHTS_ONLY_ENV] = previous
+    from dist_train.strategies.dcp_files import weights_only_loads as forced_weights_only
+
+    with forced_weights_only(), torch.serialization.safe_globals(deepspeed_safe_globals()):
+        yield
 
 
 def load_problem(path: Path, exc: BaseException) -> str:

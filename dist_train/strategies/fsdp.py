@@ -23,7 +23,6 @@ need the parameters gathered, which :meth:`FSDPStrategy.gathered` provides.
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -32,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dist_train.checkpoint import atomic_save, safe_load
-from dist_train.strategies.base import Strategy, StepStats, StrategyOptions
+from dist_train.strategies.base import Strategy, StepStats, StrategyOptions, scaled_update
 from dist_train.strategies.dcp_files import CheckedReader, weights_only_loads
 from recipes.batch import move_batch
 from recipes.model_file import dcp_parts, dcp_state, dcp_trainer_file, read_trainer_state, trainer_checkpoint
@@ -123,17 +122,9 @@ class FSDPStrategy(Strategy):
             norm = float(_full(torch.nn.utils.clip_grad_norm_(params, self.grad_clip)))
         else:
             norm = float(_full(torch.nn.utils.get_total_norm([p.grad for p in params]))) if params else 0.0
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.zero_grad(set_to_none=True)
-        if skipped:  # the schedule follows applied updates (as DDP and DeepSpeed)
-            self._skipped_steps += 1
-        else:
-            self.scheduler.step()
-        return StepStats(lr=lr, grad_norm=norm if math.isfinite(norm) else float("nan"), skipped=skipped)
+        stats = scaled_update(self.scaler, self.optimizer, self.scheduler, norm)
+        self._skipped_steps += stats.skipped
+        return stats
 
     @property
     def skipped_steps(self) -> int:
