@@ -126,6 +126,12 @@ def _job_state(cluster: TwoNodeSlurmCluster, job_id: str) -> tuple[str, int]:
     return fields.get("JobState", ""), int(fields.get("Restarts", "0") or 0)
 
 
+def _node_states(cluster: TwoNodeSlurmCluster) -> set[str]:
+    """The nodes' states as sinfo prints them (``idle``, ``alloc``, ``comp``, ``down*``, ...)."""
+    out = cluster._run("sinfo", "-h", "-N", "-o", "%t").stdout
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
 def _error_lines(log: str) -> list[str]:
     """The lines that say why the job failed (srun's own task summaries aside)."""
     return [line for line in log.splitlines() if line.startswith(("error:", "slurm/train.sh: error:"))]
@@ -278,6 +284,10 @@ def test_lost_node_the_job_is_requeued_and_resumes_without_losing_a_step(cluster
     assert f"biomtl: node bmn2 ({b.addr})" in first  # the address in the error line, mapped to its node
 
     cluster.start_slurmd("bmn2", in_netns(b), timeout=60)  # the node comes back (ReturnToService=2)
+    # Both nodes idle first: the first attempt's step is gone from bmn1 (its agent ends on SIGTERM)
+    # and bmn2's restarted slurmd has told slurmctld that the killed step no longer exists. Starting
+    # the job before that makes its srun find "Requested nodes are busy" and give up (seen in CI).
+    _wait_until("both nodes idle", lambda: _node_states(cluster) == {"idle"}, deadline, tails)
     # a requeued job waits ~2 min before it may start again (SLURM's BeginTime): skip that wait
     assert cluster._run("scontrol", "update", f"JobId={job_id}", "StartTime=now").returncode == 0, tails()
     _wait_until("the job to end", lambda: _job_state(cluster, job_id)[0] not in ("PENDING", "RUNNING", "CONFIGURING",
