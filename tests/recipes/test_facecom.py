@@ -1,6 +1,7 @@
 """Shared model pieces (backbones, heads, augmentations, losses) and the FaceCom recipe."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -392,7 +393,9 @@ def _artifacts_worker(rank: int, world: int, port: int, run_dir: str) -> None:
                     "gender": torch.tensor([0, 1]), "_valid": torch.tensor([True, k[1] != "pad"]),
                     "__key__": k} for k in keys]
         metrics = r.write_artifacts(model, artifact_context(Path(run_dir), {"test": batches}, is_main=rank == 0))
-        torch.save(metrics, Path(run_dir) / f"metrics{rank}.pt")
+        from recipes.metrics_json import json_text  # (a metric not computed is a NaN with its reason: null)
+
+        (Path(run_dir) / f"metrics{rank}.json").write_text(json_text(metrics))
     finally:
         dist.destroy_process_group()
 
@@ -409,5 +412,5 @@ def test_write_artifacts_gathers_all_ranks(tmp_path):
     mp.spawn(_artifacts_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     keys = [ln.split(",")[0] for ln in (tmp_path / "submission.csv").read_text().splitlines()[1:]]
     assert keys == ["r0_a", "r0_b", "r0_c", "r1_a", "r1_b", "r1_c"]     # every valid row of both ranks
-    m0, m1 = torch.load(tmp_path / "metrics0.pt"), torch.load(tmp_path / "metrics1.pt")
+    m0, m1 = (json.loads((tmp_path / f"metrics{r}.json").read_text()) for r in (0, 1))
     assert m0 == m1 and 0.0 <= m0["gender_acc"] <= 1.0

@@ -370,6 +370,8 @@ def _csv_row_of(x: torch.Tensor) -> tuple[str, int, str]:
     """(identity, posture 1-5, sample) of a make_thz image from its grey level (centre pixel)."""
     from tests.shards.test_sources import IDENTS
 
+    if x.dtype == torch.uint8:  # training images leave the workers as 8-bit pixels
+        x = x.float() / 255
     v = round(float(x.flatten(-2)[..., x.shape[-1] * (x.shape[-2] // 2) + x.shape[-1] // 2].mean()) * 255)
     ident, rest = divmod(v, 50)
     unconcealed = rest % 8 > 2
