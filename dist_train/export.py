@@ -98,6 +98,10 @@ def _deepspeed_export(ckpt_dir: Path) -> _Payload:
             raise ExportError(f"{tag_dir}: DeepSpeed cannot consolidate the ZeRO partitions "
                               f"({type(exc).__name__}: {cause})") from None
         log.debug("zero_to_fp32: %s", chatter.getvalue())
+        # zero_to_fp32 rebuilds what the ZeRO optimizer owned (and buffers, frozen weights); a
+        # row-sharded head's rows live beside it (strategies/deepspeed_rows.py), whole and fp32
+        # in the module weights rank 0 saved
+        model.update({k: v for k, v in stored.model.items() if k not in model})
     else:
         # Stage 0: no ZeRO partitions; the module's own (full) weights. In
         # fp32 these are the trained weights; with bf16/fp16 DeepSpeed keeps

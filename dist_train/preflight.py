@@ -272,12 +272,22 @@ def _deepspeed_checkpoint(path: Path) -> tuple[Any, None]:
     first (DeepSpeed's own loader unpickles; see strategies/deepspeed.py)."""
     from dist_train.strategies.deepspeed import checked_tag_dir, load_checkpoint_file
 
+    from launch.env import detect
+
     where = f"--resume {path}"
     try:  # CheckpointLoadError is a ConfigError naming the file
-        stored, _ = read_deepspeed_states(load_checkpoint_file(deepspeed_states_file(checked_tag_dir(path))))
+        tag_dir = checked_tag_dir(path)
+        stored, _ = read_deepspeed_states(load_checkpoint_file(deepspeed_states_file(tag_dir)))
     except FormatError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     _check_client(where, stored)
+    # ZeRO writes one optimizer partition per data-parallel rank and cannot re-partition them
+    # (DeepSpeed stops deep in its loader with a traceback): say it before anything starts
+    saved, world = len(list(tag_dir.glob("zero_pp_rank_*_optim_states.pt"))), detect().world_size
+    if saved and saved != world:
+        raise ConfigError(f"{where}: a ZeRO checkpoint of {saved} ranks; DeepSpeed cannot re-partition its "
+                          f"optimizer state for {world}: resume on {saved} ranks, or `biomtl export` it and "
+                          "start a new run from its weights")
     return stored, None
 
 
@@ -510,12 +520,25 @@ def deepspeed_json(cfg: Config, world_size: int, precision: str | None = None) -
 
 
 def check_sharded_head(cfg: Config) -> None:
-    """A sharded identity head (Partial FC) only under DDP: ZeRO and FSDP partition and
-    average every parameter they are given as if it were replicated, so the rank-local
-    centres (dist_train/row_shards.py) would be mixed up across ranks."""
-    if getattr(cfg.recipe.resolved, "identity_head_sharding", "none") != "none" and cfg.train.strategy != "ddp":
-        raise ConfigError(f"recipe.params.identity_head_sharding=partial_fc works with train.strategy=ddp; "
-                          f"{cfg.train.strategy} does not keep a row-sharded head yet: use train.strategy=ddp")
+    """A sharded identity head (Partial FC) under DDP, or DeepSpeed ZeRO 1/2 (its rows
+    beside the engine: strategies/deepspeed_rows.py). FSDP and ZeRO-3 partition, and
+    ZeRO-0 averages, every parameter they are given as if it were replicated, so the
+    rank-local centres (dist_train/row_shards.py) would be mixed up across ranks."""
+    if getattr(cfg.recipe.resolved, "identity_head_sharding", "none") == "none" or cfg.train.strategy == "ddp":
+        return
+    key = "recipe.params.identity_head_sharding=partial_fc"
+    if cfg.train.strategy != "deepspeed":
+        raise ConfigError(f"{key} works with train.strategy=ddp or deepspeed (ZeRO stage 1 or 2); "
+                          f"{cfg.train.strategy} does not keep a row-sharded head yet")
+    zero = load_user_ds_config(cfg.deepspeed.config).get("zero_optimization") or {}
+    stage = zero.get("stage", 0) if isinstance(zero, Mapping) else 0
+    if stage not in (1, 2):
+        raise ConfigError(f"{key} with train.strategy=deepspeed needs ZeRO stage 1 or 2 (deepspeed.config "
+                          f"{cfg.deepspeed.config} has stage {stage}: stage 0 averages the rows' gradients, "
+                          "stage 3 partitions them as if replicated)")
+    if resolved_precision(cfg) == "fp16":
+        raise ConfigError(f"train.precision=fp16 with {key} under DeepSpeed: the engine's loss scale would "
+                          "reach the head's rows unscaled; use bf16 or fp32, or train.strategy=ddp")
 
 
 def check_deepspeed_config(cfg: Config, world_size: int | None = None) -> None:

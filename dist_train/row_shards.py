@@ -55,8 +55,8 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
         dist.all_reduce(local, group=shard.group)
     rest = torch.nn.utils.get_total_norm(replicated).float() ** 2 if replicated else zero
     total = (local + rest).sqrt()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    if max_norm > 0:  # (it clips the .grad of the parameters it is given)
+        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
     return float(total)
 
 

@@ -31,7 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dist_train import row_shards
 from dist_train.config import ConfigError
+from dist_train.strategies.deepspeed_rows import RowsBesideEngine
 from dist_train.strategies.base import StepStats, Strategy, StrategyOptions
 from recipes.batch import move_batch
 from recipes.model_file import FormatError, deepspeed_client, deepspeed_client_state
@@ -297,10 +299,14 @@ class DeepSpeedStrategy(Strategy):
         if precision.name in ("bf16", "fp16"):
             keep_batchnorm_stats_fp32(model)
         optimizer = make_optimizer(model)
+        # a sharded identity head keeps its rows out of the engine (strategies/deepspeed_rows.py)
+        self.rows = RowsBesideEngine(model, optimizer) if row_shards.row_sharded(model) else None
         scheduler = make_scheduler(optimizer)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
+        if self.rows is not None:
+            self.rows.after_initialize(self.optimizer, float(self.ds_config.get("gradient_clipping", 0.0) or 0.0))
         self.stage = int(self.engine.zero_optimization_stage())
         log.info("DeepSpeed engine: ZeRO stage %d, %s, optimizer %s, micro-batch %d x accum %d x world %d",
                  self.stage, precision.name, type(self.optimizer).__name__,
@@ -360,6 +366,7 @@ class DeepSpeedStrategy(Strategy):
     def optimizer_step(self) -> StepStats:
         lr = float(self.engine.get_lr()[0])
         manual_norm = self._local_grad_norm() if not hasattr(self.optimizer, "_global_grad_norm") else None
+        settings = self.rows.before_step() if self.rows else None
         skipped_before = self.engine.skipped_steps
         # The boundary step: DeepSpeed clips (gradient_clipping), steps the
         # optimizer, zeroes the gradients, and steps the LR schedule unless
@@ -375,6 +382,8 @@ class DeepSpeedStrategy(Strategy):
         if norm is None:
             norm = manual_norm
         norm = float(norm) if norm is not None else float("nan")
+        if self.rows is not None:  # the head's rows: their own optimizer, this step's settings and norm
+            self.rows.step(settings, skipped, norm)
         return StepStats(lr=lr, grad_norm=norm if math.isfinite(norm) and norm >= 0 else float("nan"),
                          skipped=skipped)
 
@@ -399,8 +408,10 @@ class DeepSpeedStrategy(Strategy):
         # emptied first) and again after all files and its 'latest' tag file
         # are written, so rank 0 may rename the directory as soon as this
         # returns.
-        self.engine.save_checkpoint(str(path), tag=TAG, client_state=deepspeed_client_state(client_state),
-                                    save_latest=True)
+        rows = self.rows.whole_in_saves(client_state) if self.rows else contextlib.nullcontext(client_state)
+        with rows as client_state:
+            self.engine.save_checkpoint(str(path), tag=TAG, client_state=deepspeed_client_state(client_state),
+                                        save_latest=True)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         # DeepSpeed's own loader unpickles its directory format
@@ -410,14 +421,18 @@ class DeepSpeedStrategy(Strategy):
         # weights-only as well, with the tag that was checked.
         tag_dir = checked_tag_dir(path)
         with weights_only_loads():
-            load_path, client = self.engine.load_checkpoint(str(path), tag=tag_dir.name, load_optimizer_states=True,
-                                                            load_lr_scheduler_states=True)
+            load_path, client = self.engine.load_checkpoint(
+                str(path), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True,
+                custom_load_fn=self.rows.load_module if self.rows else None)
         try:
             if load_path is None:
                 raise FormatError("DeepSpeed could not load it")
-            return dict(deepspeed_client(client))
+            client = dict(deepspeed_client(client))
         except FormatError as exc:
             raise RuntimeError(f"{path}: DeepSpeed could not load the checkpoint ({exc})") from None
+        if self.rows is not None:
+            self.rows.load_optimizer(client, path)
+        return client
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """Consolidated fp32 weights from the live engine (collective under
@@ -440,6 +455,7 @@ class DeepSpeedStrategy(Strategy):
                 full = tensor.detach()
             full = full.detach().cpu().clone()
             out[name] = full.float() if full.is_floating_point() else full
+        row_shards.gathered_state(self._module, None, out, None)  # a sharded head: whole on rank 0
         return out
 
 

@@ -121,15 +121,6 @@ def test_bad_sharding_settings_name_the_key(tmp_path: Path, override: str, fragm
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("strategy", ["deepspeed", "fsdp"])
-def test_sharded_head_with_deepspeed_or_fsdp_is_refused_at_start(tmp_path: Path, strategy: str) -> None:
-    extra = {"deepspeed__config": "configs/deepspeed/zero2.json"} if strategy == "deepspeed" else {}
-    overrides = tiny_overrides(tmp_path, recipe__params__identity_head_sharding="partial_fc",
-                               train__strategy=strategy, **extra)
-    with pytest.raises(ConfigError, match=f"partial_fc works with train.strategy=ddp; {strategy} does not"):
-        load_checked_config(CONFIG, overrides)
-
-
 def test_more_ranks_than_identities_is_refused_before_the_model_is_built() -> None:
     cls = get_recipe("facecom")
     params = cls.Params(identity_head_sharding="partial_fc", backbone="resnet18")
