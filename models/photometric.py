@@ -19,7 +19,8 @@
   identity gradient reversed and scaled by ``2/(1+exp(-gamma p)) - 1``.
 - :class:`ArrayAugment`: Gaussian noise and random resized crop of a rectangle
   for ``[C, H, W]`` tensors of any channel count (albedo, normals, depth); the
-  torchvision/PIL transforms assume images of 1 or 3 channels in [0, 1].
+  torchvision/PIL transforms assume images of 1 or 3 channels in [0, 1];
+  :func:`seeded_noise` is its noise after an 8-bit hand-off (on the device).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["IRSE", "CbamResNet", "TimmFeatures", "FeatureSeparation", "PhotometricEncoder",
-           "GradientReversal", "grad_reverse", "grl_lambda", "ArrayAugment", "BACKBONES"]
+           "GradientReversal", "grad_reverse", "grl_lambda", "ArrayAugment", "seeded_noise", "BACKBONES"]
 
 BACKBONES = ("ir_se", "cbam_resnet", "convnextv2")
 
@@ -310,6 +311,14 @@ class ArrayAugment:
         return 0, 0, h, w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.crop(x)
+        if self.draws_noise():
+            std = x.flatten(1).std(1).clamp(min=1e-6)[:, None, None]
+            x = x + torch.randn_like(x) * self.noise_std * std
+        return x
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """The crop part alone (bilinear: a convex mix of the pixels, so 8-bit data stay in 0..255)."""
         if x.ndim != 3:
             raise ValueError(f"ArrayAugment expects [C, H, W], got {tuple(x.shape)}")
         _, h, w = x.shape
@@ -318,7 +327,29 @@ class ArrayAugment:
             if (ch, cw) != (h, w):
                 x = F.interpolate(x[None, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
                                   align_corners=False)[0]
-        if self.p_noise > 0 and self.noise_std > 0 and float(torch.rand(())) < self.p_noise:
-            std = x.flatten(1).std(1).clamp(min=1e-6)[:, None, None]
-            x = x + torch.randn_like(x) * self.noise_std * std
         return x
+
+    def draws_noise(self) -> bool:
+        """Whether this sample gets noise (one draw of the global RNG)."""
+        return self.p_noise > 0 and self.noise_std > 0 and float(torch.rand(())) < self.p_noise
+
+    def noise_seed(self) -> int:
+        """For data handed over as 8 bits, whose noise is added after the hand-off
+        (:func:`seeded_noise`): the sample's noise seed, or -1 for none (global RNG draws)."""
+        return int(torch.randint(0, 2 ** 62, ())) if self.draws_noise() else -1
+
+
+def seeded_noise(x: torch.Tensor, seeds: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """:class:`ArrayAugment`'s noise on a batch ``[B, C, H, W]`` after the 8-bit hand-off: row
+    ``i`` gets Gaussian noise of ``noise_std`` times its own per-channel std, drawn from
+    ``seeds[i]`` (a CPU generator, so any device draws the same numbers); ``-1``: none."""
+    rows = [i for i, s in enumerate(seeds.tolist()) if s >= 0]
+    if not rows:
+        return x
+    x = x.clone()
+    for i in rows:
+        std = x[i].flatten(1).std(1).clamp(min=1e-6)[:, None, None]
+        g = torch.Generator().manual_seed(int(seeds[i]))
+        noise = torch.randn(x[i].shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
+        x[i] = x[i] + noise * noise_std * std
+    return x
