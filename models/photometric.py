@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["IRSE", "CbamResNet", "TimmFeatures", "FeatureSeparation", "PhotometricEncoder",
-           "GradientReversal", "grad_reverse", "grl_lambda", "ArrayAugment", "seeded_noise", "BACKBONES"]
+           "GradientReversal", "grad_reverse", "grl_lambda", "ArrayAugment", "seeded_noise", "quantise_map",
+           "dequantise_map", "BACKBONES"]
 
 BACKBONES = ("ir_se", "cbam_resnet", "convnextv2")
 
@@ -337,6 +338,25 @@ class ArrayAugment:
         """For data handed over as 8 bits, whose noise is added after the hand-off
         (:func:`seeded_noise`): the sample's noise seed, or -1 for none (global RNG draws)."""
         return int(torch.randint(0, 2 ** 62, ())) if self.draws_noise() else -1
+
+
+def quantise_map(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float map ``[C, H, W]`` as 8 bits per value for the hand-off out of the DataLoader
+    workers: ``(uint8 [C, H, W], [C, 2] float32 (low, high) per channel)``; the levels span
+    each channel's own range, so :func:`dequantise_map` gives every value back within
+    ``(high - low) / 510`` (half a level; plus float32 rounding)."""
+    flat = x.float().flatten(1)
+    low, high = flat.amin(1), flat.amax(1)
+    step = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).tiny)
+    levels = ((x.float() - low[:, None, None]) / step[:, None, None]).round_().clamp_(0, 255)
+    return levels.to(torch.uint8), torch.stack([low, high], 1)
+
+
+def dequantise_map(levels: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` uint8 levels and ``[B, C, 2]`` ranges (:func:`quantise_map`) -> float32."""
+    low, high = ranges[..., 0].float(), ranges[..., 1].float()
+    step = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).tiny)
+    return levels.float() * step[..., None, None] + low[..., None, None]
 
 
 def seeded_noise(x: torch.Tensor, seeds: torch.Tensor, noise_std: float) -> torch.Tensor:

@@ -24,8 +24,10 @@ bits in both transforms; training hands those ``uint8`` pixels out of the
 DataLoader workers (with ``noise_seed``: the noise is added on the device,
 :func:`models.photometric.seeded_noise`) and the model normalises them with the
 evaluation transform's arithmetic, so unaugmented it sees the evaluation floats
-exactly. The maps are float by nature and leave the workers as float32 (8 bits
-would move depth and normals by up to half a level of their range).
+exactly. The maps are float by nature and leave the workers as float32 (exact);
+``maps_8bit: true`` hands them over as 8 bits per value, each channel of each
+sample over its own range (``<input>_range``), turned back into floats by the
+model: every value moves by at most 1/510 of that range.
 
 Model (:class:`PhotometricModel`)
 ---------------------------------
@@ -72,7 +74,7 @@ from models.heads import MagLinear
 from models.losses import DynamicLossWeights, FocalLoss, MagFaceLoss, masked_cross_entropy, masked_mean_of_sum
 from models.partial_fc import ShardedMarginHead
 from models.photometric import (ArrayAugment, CbamResNet, GradientReversal, IRSE, PhotometricEncoder,
-                                TimmFeatures, seeded_noise)
+                                TimmFeatures, dequantise_map, quantise_map, seeded_noise)
 from models.pixels import PixelInput
 from recipes.base import (ArtifactContext, DataInfo, Metrics, ParallelContext, Recipe, RecipeDataError, register,
                           start_file, start_option)
@@ -149,6 +151,10 @@ class PhotometricParams:
     crop_scale_min: float = 0.8
     p_noise: float = 0.3
     noise_std: float = 0.05
+    # the albedo / normal / depth maps leave the DataLoader workers as 8 bits per value (a quarter
+    # of float32's bytes): each channel of each sample quantised over its own range, so every
+    # value the network sees moves by at most 1/510 of that range (off: float32, exact)
+    maps_8bit: bool = False
     # evaluation
     verification: bool = True
     val_max_pairs: int = 200_000
@@ -273,12 +279,16 @@ class PhotometricModel(nn.Module):
         return out, ce + mag.lambda_g * g, {"ce": ce, "g": g}
 
     def network_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Each input as the network takes it: 8-bit ones normalised (:data:`GREY_PIXELS`'
-        arithmetic) and, in training, with the noise of their ``noise_seed``."""
+        """Each input as the network takes it: maps handed over as 8 bits back to floats
+        (``<input>_range``), the 8-bit grey image normalised (:data:`GREY_PIXELS`' arithmetic)
+        and, in training, with the noise of its ``noise_seed``."""
         seeds = batch.get("noise_seed") if self.training else None
         out = {}
         for k in self.inputs:
             x = batch[k]
+            if f"{k}_range" in batch:       # a map handed over as 8 bits (maps_8bit)
+                out[k] = dequantise_map(x, batch[f"{k}_range"])
+                continue
             eight_bit = x.dtype == torch.uint8
             x = self.pixels(x)
             out[k] = seeded_noise(x, seeds, self.noise_std) if eight_bit and seeds is not None else x
@@ -551,6 +561,8 @@ class _PhotometricBase(Recipe):
             t = self._input(sample, kind)
             if train and self.augment is not None:
                 t = self.augment(t)
+            if train and self.params.maps_8bit:
+                t, out[f"{self.input_key(kind)}_range"] = quantise_map(t)
             out[self.input_key(kind)] = t
         meta = sample.get("json") or {}
         out["identity"] = torch.tensor(class_label(meta, "identity", self.data_info.num_identities, check=train),

@@ -16,7 +16,7 @@ from torch.utils.data import default_collate
 
 from dist_train.config import build_dataclass, load_config, recipe_params
 from recipes.base import DataInfo, get_recipe
-from recipes.photometric import ATTRIBUTE_ALIASES
+from recipes.photometric import ATTRIBUTE_ALIASES, MAP_CHANNELS
 from shards.synthetic import LABEL_SCHEMAS, SyntheticSpec, _sample_fields, render_sample
 from tests.conftest import PYTHON, REPO
 from tests.tolerance import ops_rtol
@@ -379,12 +379,37 @@ def test_grey_augmentation_noise_is_added_after_the_hand_off_from_the_workers_se
     assert (default_collate([quiet.transform(_grey_sample(i), True) for i in range(4)])["noise_seed"] == -1).all()
 
 
-def test_maps_still_leave_the_workers_as_floats():
-    """Depth and normals are float by nature: 8 bits would move them by half a level of their
-    range, so they are handed over as float32 (and augmented in the workers, as before)."""
-    r = _recipe("photometric_concat")
-    batch = _batch(r, train=True)
-    assert all(batch[k].dtype == torch.float32 for k in ("albedo", "normal", "depth")) and "noise_seed" not in batch
+def test_maps_leave_the_workers_as_floats_unless_asked_and_8_bits_move_them_by_half_a_level():
+    """Depth and normals are float by nature: by default they are handed over as float32
+    (exact). With maps_8bit each channel of each sample is quantised over its own range
+    [low, high]; the network then sees every value within half a level, (high - low) / 510,
+    of the float map (plus float32 rounding: the quantising division and the dequantising
+    multiply-add), and the rounding does use that half level (floor would use a whole one)."""
+    from recipes.photometric import MAPS
+
+    floats = _recipe("photometric_concat")
+    batch = _batch(floats, train=True)
+    assert all(batch[k].dtype == torch.float32 for k in MAPS) and "noise_seed" not in batch
+    r = _recipe("photometric_concat", maps_8bit=True, augment=False)
+    train, evaluation = _batch(r, train=True), _batch(r, train=False)
+    assert all(train[k].dtype == torch.uint8 and train[f"{k}_range"].shape == (8, MAP_CHANNELS[k], 2) for k in MAPS)
+    assert not any(f"{k}_range" in evaluation for k in MAPS)
+    seen = r.build_model().network_inputs(train)
+    worst = 0.0
+    for k in MAPS:
+        low, high = evaluation[k].flatten(2).amin(2), evaluation[k].flatten(2).amax(2)
+        assert torch.equal(train[f"{k}_range"], torch.stack([low, high], 2))
+        level = ((high - low) / 255)[..., None, None]
+        bound = level * (0.5 + 255 * ops_rtol(3)) + ops_rtol(2) * 2 * (low.abs() + high.abs())[..., None, None]
+        err = (seen[k] - evaluation[k]).abs()
+        assert (err <= bound).all(), k
+        worst = max(worst, float((err / level).max()))
+    assert worst > 0.4
+    # and training runs on them (the maps' augmentations happen before the hand-off)
+    aug = _recipe("photometric_concat", maps_8bit=True, p_crop=1.0, p_noise=1.0)
+    torch.manual_seed(0)
+    out = aug.build_model().train()(_batch(aug, train=True))
+    assert torch.isfinite(out["loss"])
 
 
 # ----------------------------------------------------------------------------- biomtl extract --feature-type
