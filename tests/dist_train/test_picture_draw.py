@@ -106,18 +106,19 @@ class FirstBatchRecipe(DrawingRecipe):
     rows = 0
 
 
-def _train(tmp_path: Path, name: str, recipe: str) -> dict[str, torch.Tensor]:
-    DRAWN.clear()
+def _train(tmp_path: Path, name: str, recipe: str, *extra: str, resume: Path | None = None, clear: bool = True):
+    if clear:
+        DRAWN.clear()
     cfg = load_config(None, [
         f"experiment.name={name}", f"experiment.output_dir={tmp_path / 'runs'}",
         f"data.synthetic.cache_dir={tmp_path / 'synthetic'}", "data.synthetic.num_identities=4",
         "data.synthetic.samples_per_identity=12", "data.synthetic.image_size=16", "data.synthetic.split_by=sample",
         "data.batch_size=4", f"recipe.name={recipe}", "recipe.params.img_size=8", "train.epochs=3",
         "train.val_every_epochs=1", "train.precision=fp32", "checkpoint.monitor=acc", "checkpoint.mode=max",
-        "logging.progress=false", "logging.plot=false"])
-    train(cfg, None)
+        "logging.progress=false", "logging.plot=false", *extra])
+    train(cfg, resume)
     run = next((tmp_path / "runs").glob(f"{name}_*"))
-    return torch.load(run / "model.pt", weights_only=True)["model"]
+    return torch.load(run / "model.pt", weights_only=True)["model"] if (run / "model.pt").exists() else run
 
 
 def test_the_trainer_draws_new_rows_each_epoch_reproducibly_and_training_is_unchanged(tmp_path: Path) -> None:
@@ -131,3 +132,16 @@ def test_the_trainer_draws_new_rows_each_epoch_reproducibly_and_training_is_unch
     assert DRAWN[0] == DRAWN[1] == DRAWN[2]                       # (the first batch: the same every time)
     for k in weights:                                             # the draw moved no RNG the training uses
         assert torch.equal(weights[k], again[k]) and torch.equal(weights[k], plain[k]), k
+
+
+def test_a_resumed_run_draws_the_rows_the_uninterrupted_one_drew(tmp_path: Path) -> None:
+    """Stopped in the middle of epoch 2 and resumed: the validations after epochs 1, 2 and 3
+    show the rows of the run that never stopped (the draw depends on seed and epoch only)."""
+    _train(tmp_path, "whole", DrawingRecipe.name)
+    whole = list(DRAWN)
+    run = next((tmp_path / "runs").glob("whole_*"))
+    steps = int(run.joinpath("logs", "train_logs.csv").read_text().splitlines()[-1].split(",")[0])
+    stopped = _train(tmp_path, "cut", DrawingRecipe.name, f"train.stop_at_step={steps // 2}")
+    assert len(DRAWN) == 1                                        # epoch 1's validation, then the stop
+    _train(tmp_path, "cut", DrawingRecipe.name, resume=stopped / "checkpoints" / "latest.pt", clear=False)
+    assert DRAWN == whole
