@@ -361,15 +361,16 @@ def dequantise_map(levels: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
 
 def seeded_noise(x: torch.Tensor, seeds: torch.Tensor, noise_std: float) -> torch.Tensor:
     """:class:`ArrayAugment`'s noise on a batch ``[B, C, H, W]`` after the 8-bit hand-off: row
-    ``i`` gets Gaussian noise of ``noise_std`` times its own per-channel std, drawn from
-    ``seeds[i]`` (a CPU generator, so any device draws the same numbers); ``-1``: none."""
+    ``i`` gets Gaussian noise of ``noise_std`` times its own per-channel std, drawn on ``x``'s
+    device by a generator seeded with ``seeds[i]`` (no global RNG; the same numbers for the
+    same seed on the same kind of device, so a resumed run adds the same noise); ``-1``: none."""
     rows = [i for i, s in enumerate(seeds.tolist()) if s >= 0]
     if not rows:
         return x
     x = x.clone()
     for i in rows:
         std = x[i].flatten(1).std(1).clamp(min=1e-6)[:, None, None]
-        g = torch.Generator().manual_seed(int(seeds[i]))
-        noise = torch.randn(x[i].shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
+        g = torch.Generator(device=x.device).manual_seed(int(seeds[i]))
+        noise = torch.randn(x[i].shape, generator=g, device=x.device, dtype=torch.float32).to(x.dtype)
         x[i] = x[i] + noise * noise_std * std
     return x

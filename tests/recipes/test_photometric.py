@@ -354,7 +354,7 @@ def test_grey_augmentation_noise_is_added_after_the_hand_off_from_the_workers_se
     """The crop stays in the workers (a convex mix of pixels: 8 bits hold it); the noise
     cannot (it would be clipped at 0 and 255 and rounded), so the worker draws its seed
     and the model adds it in training: noise_std times the row's own std, the same numbers
-    for the same seed on any device, none for -1 and none in evaluation."""
+    for the same seed (no global RNG), none for -1 and none in evaluation."""
     r = _recipe(modality="image", attributes=[], info=GREY_INFO, p_crop=0.0, p_noise=1.0, noise_std=0.05)
     torch.manual_seed(0)
     train = default_collate([r.transform(_grey_sample(i, (32, 32)), True) for i in range(4)])
