@@ -19,6 +19,7 @@ from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, 
                                    experiment_runs, rng_state, safe_load, set_rng_state, staging_owner)
 from dist_train.config import Config, ConfigError, config_changes, resolved_config_dict, validates
 from dist_train.distributed import DistContext
+from dist_train.picture_draw import PictureDraw
 from dist_train.precision import Precision, resolve_precision
 from dist_train.rank_report import LoaderWait, StepTimer, straggler
 from dist_train.run_logging import NullLogger, RunLogger
@@ -390,9 +391,12 @@ class Trainer:
         metrics = self.recipe.new_metrics()
         loss_sum = torch.zeros(2, dtype=torch.float64)
         pictures: dict[str, torch.Tensor] = {}
+        draw = self._picture_draw()
         for i, batch in enumerate(self.loaders.val()):
             out = self.strategy.eval_forward(batch)
-            if i == 0 and self.ctx.is_main:  # the same samples at every validation, so pictures compare
+            if draw is not None:
+                draw.offer(out, batch)
+            elif i == 0 and self.ctx.is_main:  # the same samples at every validation, so pictures compare
                 pictures = self.recipe.validation_images(out, batch)
             valid = batch["_valid"]
             n_valid = float(valid.sum())
@@ -407,6 +411,9 @@ class Trainer:
         if self.bin_scorer is not None:  # every rank: the images are split over the ranks
             with self.strategy.gathered() as module:
                 values.update(self.bin_scorer.score(module))
+        drawn = draw.result() if draw is not None else None
+        if drawn is not None:
+            pictures = self.recipe.validation_images(*drawn)
         log.info("validation took %.1f s", time.perf_counter() - started)
         logger.log_validation(self.state.step, self.state.epoch, values)
         if pictures:
@@ -415,6 +422,11 @@ class Trainer:
         logger.log_pictures(self.state.step)  # the PNGs this validation wrote (plots, the recipe's pictures)
         self.strategy.train()
         return values
+
+    def _picture_draw(self) -> PictureDraw | None:
+        """Rank 0's random draw of the rows the recipe's pictures show, when it asks for one."""
+        rows = self.recipe.validation_picture_rows() if self.ctx.is_main else 0
+        return PictureDraw(rows, self.cfg.experiment.seed, self.state.epoch) if rows > 0 else None
 
     def _save_pictures(self, pictures: dict[str, torch.Tensor]) -> None:
         """The validation pictures the recipe also wants as PNG files (rank 0, atomic)."""

@@ -19,7 +19,8 @@
   identity gradient reversed and scaled by ``2/(1+exp(-gamma p)) - 1``.
 - :class:`ArrayAugment`: Gaussian noise and random resized crop of a rectangle
   for ``[C, H, W]`` tensors of any channel count (albedo, normals, depth); the
-  torchvision/PIL transforms assume images of 1 or 3 channels in [0, 1].
+  torchvision/PIL transforms assume images of 1 or 3 channels in [0, 1];
+  :func:`seeded_noise` is its noise after an 8-bit hand-off (on the device).
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["IRSE", "CbamResNet", "TimmFeatures", "FeatureSeparation", "PhotometricEncoder",
-           "GradientReversal", "grad_reverse", "grl_lambda", "ArrayAugment", "BACKBONES"]
+           "GradientReversal", "grad_reverse", "grl_lambda", "ArrayAugment", "seeded_noise", "quantise_map",
+           "dequantise_map", "BACKBONES"]
 
 BACKBONES = ("ir_se", "cbam_resnet", "convnextv2")
 
@@ -310,6 +312,14 @@ class ArrayAugment:
         return 0, 0, h, w
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.crop(x)
+        if self.draws_noise():
+            std = x.flatten(1).std(1).clamp(min=1e-6)[:, None, None]
+            x = x + torch.randn_like(x) * self.noise_std * std
+        return x
+
+    def crop(self, x: torch.Tensor) -> torch.Tensor:
+        """The crop part alone (bilinear: a convex mix of the pixels, so 8-bit data stay in 0..255)."""
         if x.ndim != 3:
             raise ValueError(f"ArrayAugment expects [C, H, W], got {tuple(x.shape)}")
         _, h, w = x.shape
@@ -318,7 +328,49 @@ class ArrayAugment:
             if (ch, cw) != (h, w):
                 x = F.interpolate(x[None, :, top:top + ch, left:left + cw], size=(h, w), mode="bilinear",
                                   align_corners=False)[0]
-        if self.p_noise > 0 and self.noise_std > 0 and float(torch.rand(())) < self.p_noise:
-            std = x.flatten(1).std(1).clamp(min=1e-6)[:, None, None]
-            x = x + torch.randn_like(x) * self.noise_std * std
         return x
+
+    def draws_noise(self) -> bool:
+        """Whether this sample gets noise (one draw of the global RNG)."""
+        return self.p_noise > 0 and self.noise_std > 0 and float(torch.rand(())) < self.p_noise
+
+    def noise_seed(self) -> int:
+        """For data handed over as 8 bits, whose noise is added after the hand-off
+        (:func:`seeded_noise`): the sample's noise seed, or -1 for none (global RNG draws)."""
+        return int(torch.randint(0, 2 ** 62, ())) if self.draws_noise() else -1
+
+
+def quantise_map(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float map ``[C, H, W]`` as 8 bits per value for the hand-off out of the DataLoader
+    workers: ``(uint8 [C, H, W], [C, 2] float32 (low, high) per channel)``; the levels span
+    each channel's own range, so :func:`dequantise_map` gives every value back within
+    ``(high - low) / 510`` (half a level; plus float32 rounding)."""
+    flat = x.float().flatten(1)
+    low, high = flat.amin(1), flat.amax(1)
+    step = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).tiny)
+    levels = ((x.float() - low[:, None, None]) / step[:, None, None]).round_().clamp_(0, 255)
+    return levels.to(torch.uint8), torch.stack([low, high], 1)
+
+
+def dequantise_map(levels: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` uint8 levels and ``[B, C, 2]`` ranges (:func:`quantise_map`) -> float32."""
+    low, high = ranges[..., 0].float(), ranges[..., 1].float()
+    step = ((high - low) / 255).clamp(min=torch.finfo(torch.float32).tiny)
+    return levels.float() * step[..., None, None] + low[..., None, None]
+
+
+def seeded_noise(x: torch.Tensor, seeds: torch.Tensor, noise_std: float) -> torch.Tensor:
+    """:class:`ArrayAugment`'s noise on a batch ``[B, C, H, W]`` after the 8-bit hand-off: row
+    ``i`` gets Gaussian noise of ``noise_std`` times its own per-channel std, drawn on ``x``'s
+    device by a generator seeded with ``seeds[i]`` (no global RNG; the same numbers for the
+    same seed on the same kind of device, so a resumed run adds the same noise); ``-1``: none."""
+    rows = [i for i, s in enumerate(seeds.tolist()) if s >= 0]
+    if not rows:
+        return x
+    x = x.clone()
+    for i in rows:
+        std = x[i].flatten(1).std(1).clamp(min=1e-6)[:, None, None]
+        g = torch.Generator(device=x.device).manual_seed(int(seeds[i]))
+        noise = torch.randn(x[i].shape, generator=g, device=x.device, dtype=torch.float32).to(x.dtype)
+        x[i] = x[i] + noise * noise_std * std
+    return x

@@ -234,8 +234,19 @@ class Recipe:
     def validation_images(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Optional pictures of the first validation batch (the same samples every
         time), logged to TensorBoard as ``val/<tag>`` at every validation on rank 0:
-        ``{tag: [3|1, H, W] float in [0, 1]}``, e.g. input | output | target grids."""
+        ``{tag: [3|1, H, W] float in [0, 1]}``, e.g. input | output | target grids.
+        With :meth:`validation_picture_rows` > 0, ``outputs`` and ``batch`` hold the
+        drawn rows instead (their tensors with one row per sample; nested dicts and
+        scalars such as ``loss`` and ``terms`` are left out)."""
         return {}
+
+    def validation_picture_rows(self) -> int:
+        """Optional: ``k > 0`` makes :meth:`validation_images` show ``k`` rows drawn at
+        random from rank 0's validation rows, a new draw at every validation epoch,
+        the same for the same ``(experiment.seed, epoch)`` (a resumed run too), drawn
+        with a generator of its own so no global RNG moves
+        (:mod:`dist_train.picture_draw`). 0 (the default): the first validation batch."""
+        return 0
 
     def validation_image_file(self, tag: str, epoch: int) -> str | None:
         """Optional: also save the picture ``tag`` of :meth:`validation_images` as a PNG

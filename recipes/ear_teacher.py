@@ -78,10 +78,14 @@ Validation metrics: ``reconstruction_mse`` and the verification metrics of
 :class:`recipes.verification.VerificationMetrics` on the projection (``eer``,
 ``auc``, ... on pairs of the val split's identities). The config keeps the 3
 best checkpoints by validation ``loss``, the last one, and one every 5 epochs.
-At every validation the first ``collage_samples`` validation crops (top row)
-and their reconstructions (bottom row) go to TensorBoard
-(``val/reconstruction_collage``) and to
-``RUN/reconstruction_collages/epoch_XXXX.png`` (epochs completed).
+At every validation ``collage_samples`` validation crops (top row), drawn at
+random from rank 0's share of the validation split, a new draw at every epoch
+(as the original), reproducible from ``(experiment.seed, epoch)`` and drawn with
+a generator of its own (:mod:`dist_train.picture_draw`: no global RNG moves, so
+a resumed run draws the same crops and training is unchanged), and their
+reconstructions (bottom row) go to TensorBoard (``val/reconstruction_collage``)
+and to ``RUN/reconstruction_collages/epoch_XXXX.png`` (epochs completed);
+``collage_samples: 0`` turns them off.
 """
 from __future__ import annotations
 
@@ -155,7 +159,7 @@ class EarTeacherParams:
     noise: float = 0.0                       # Gaussian std on the [0, 1] image
     crop_jitter: float = 0.0                 # box scale and shift up to this fraction of its size, per view
     # --- evaluation
-    collage_samples: int = 8
+    collage_samples: int = 8                 # random validation crops per collage, a new draw each epoch (0: none)
     # --- inference: what embed() (biomtl extract / eval / verify) returns
     feature_type: Literal["projection", "features"] = "projection"   # features: the backbone's pooled
                                                                      # features (768-d for ConvNeXt-Tiny)
@@ -170,8 +174,8 @@ class EarTeacherParams:
                self.brightness, self.noise, self.buffer, self.crop_jitter, self.zoom, self.shift,
                self.contrast, self.saturation, self.hue, self.grayscale) < 0:
             raise ValueError("loss weights, buffer and augmentation strengths must be >= 0")
-        if self.pseudo_label_every < 1 or self.kmeans_n_init < 1 or self.collage_samples < 1:
-            raise ValueError("pseudo_label_every, kmeans_n_init and collage_samples must be >= 1")
+        if self.pseudo_label_every < 1 or self.kmeans_n_init < 1 or self.collage_samples < 0:
+            raise ValueError("pseudo_label_every and kmeans_n_init must be >= 1, collage_samples >= 0 (0: no collages)")
         if max(self.brightness, self.contrast, self.saturation, self.zoom) >= 1 or self.crop_jitter >= 0.5:
             raise ValueError("brightness, contrast, saturation and zoom must be < 1 (factor range [1 - x, 1 + x]) "
                              "and crop_jitter < 0.5")
@@ -572,8 +576,13 @@ class EarTeacherRecipe(Recipe):
     def validation_metric_names(cls, params: EarTeacherParams) -> frozenset[str]:
         return EarMetrics.NAMES
 
+    def validation_picture_rows(self) -> int:
+        return self.params.collage_samples   # a new random draw of validation crops at every epoch
+
     def validation_images(self, outputs: Mapping[str, Any], batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         n = min(self.params.collage_samples, batch["image"].shape[0])
+        if n == 0:
+            return {}
         return {COLLAGE_TAG: collage(unnormalise(batch["image"][:n].detach()),
                                      unnormalise(outputs["reconstruction"][:n].detach()))}
 

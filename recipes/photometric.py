@@ -19,6 +19,15 @@ Data (one shard sample; the built-in synthetic set with modality ``maps`` and
 <attribute>...: long}``: albedo and grey images scaled to about zero mean / unit
 range, normals as they are, depth standardised per sample; training adds
 :class:`models.photometric.ArrayAugment` (rectangle crop, Gaussian noise).
+The grey image (``modality: image``, 8-bit captures) is resized and rounded to 8
+bits in both transforms; training hands those ``uint8`` pixels out of the
+DataLoader workers (with ``noise_seed``: the noise is added on the device,
+:func:`models.photometric.seeded_noise`) and the model normalises them with the
+evaluation transform's arithmetic, so unaugmented it sees the evaluation floats
+exactly. The maps are float by nature and leave the workers as float32 (exact);
+``maps_8bit: true`` hands them over as 8 bits per value, each channel of each
+sample over its own range (``<input>_range``), turned back into floats by the
+model: every value moves by at most 1/510 of that range.
 
 Model (:class:`PhotometricModel`)
 ---------------------------------
@@ -65,7 +74,8 @@ from models.heads import MagLinear
 from models.losses import DynamicLossWeights, FocalLoss, MagFaceLoss, masked_cross_entropy, masked_mean_of_sum
 from models.partial_fc import ShardedMarginHead
 from models.photometric import (ArrayAugment, CbamResNet, GradientReversal, IRSE, PhotometricEncoder,
-                                TimmFeatures)
+                                TimmFeatures, dequantise_map, quantise_map, seeded_noise)
+from models.pixels import PixelInput
 from recipes.base import (ArtifactContext, DataInfo, Metrics, ParallelContext, Recipe, RecipeDataError, register,
                           start_file, start_option)
 from recipes.batch import label_column, move_batch, valid_mask
@@ -78,6 +88,11 @@ log = logging.getLogger("biomtl.photometric")
 
 MAPS = ("albedo", "normal", "depth")
 MAP_CHANNELS = {"albedo": 3, "normal": 3, "depth": 1, "image": 1}
+# The grey image (modality ``image``: 8-bit captures such as CMU faces) to about [-2, 2]:
+# (x / 255 - 0.5) / 0.25, with one arithmetic for the evaluation transform (here) and for
+# the 8-bit training batches (on the device), so both give the network the same floats.
+GREY_MEAN, GREY_STD = (0.5,), (0.25,)
+GREY_PIXELS = PixelInput(GREY_MEAN, GREY_STD)
 # attribute -> label names it may have in a dataset (first found in the manifest's schemas wins)
 ATTRIBUTE_ALIASES: dict[str, tuple[str, ...]] = {
     "gender": ("gender",), "emotion": ("emotion", "expression"), "pose": ("pose", "posture"),
@@ -136,6 +151,10 @@ class PhotometricParams:
     crop_scale_min: float = 0.8
     p_noise: float = 0.3
     noise_std: float = 0.05
+    # the albedo / normal / depth maps leave the DataLoader workers as 8 bits per value (a quarter
+    # of float32's bytes): each channel of each sample quantised over its own range, so every
+    # value the network sees moves by at most 1/510 of that range (off: float32, exact)
+    maps_8bit: bool = False
     # evaluation
     verification: bool = True
     val_max_pairs: int = 200_000
@@ -236,6 +255,10 @@ class PhotometricModel(nn.Module):
         names = ["identity", *self.attributes]
         self.task_weighting = DynamicLossWeights(names) if p.task_weighting == "uncertainty" else None
         self.fixed_weights = {n: float(p.task_weights.get(n, 1.0)) for n in names}
+        # 8-bit inputs (the grey image in training) are normalised here, on the device, then
+        # get the augmentation noise the workers drew a seed for (noise_seed)
+        self.pixels = PixelInput(GREY_MEAN, GREY_STD)
+        self.noise_std = p.noise_std
 
     def _sharded_identity(self, emb: torch.Tensor, identity: torch.Tensor | None
                           ) -> tuple[dict[str, Any], torch.Tensor, dict[str, torch.Tensor]]:
@@ -255,8 +278,25 @@ class PhotometricModel(nn.Module):
         g = masked_mean_of_sum((mag.regularizer(magnitude) * valid).sum(), valid.sum())
         return out, ce + mag.lambda_g * g, {"ce": ce, "g": g}
 
+    def network_inputs(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Each input as the network takes it: maps handed over as 8 bits back to floats
+        (``<input>_range``), the 8-bit grey image normalised (:data:`GREY_PIXELS`' arithmetic)
+        and, in training, with the noise of its ``noise_seed``."""
+        seeds = batch.get("noise_seed") if self.training else None
+        out = {}
+        for k in self.inputs:
+            x = batch[k]
+            if f"{k}_range" in batch:       # a map handed over as 8 bits (maps_8bit)
+                out[k] = dequantise_map(x, batch[f"{k}_range"])
+                continue
+            eight_bit = x.dtype == torch.uint8
+            x = self.pixels(x)
+            out[k] = seeded_noise(x, seeds, self.noise_std) if eight_bit and seeds is not None else x
+        return out
+
     def features(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, attrs = zip(*(self.encoders[k](batch[k]) for k in self.inputs))
+        inputs = self.network_inputs(batch)
+        ids, attrs = zip(*(self.encoders[k](inputs[k]) for k in self.inputs))
         return torch.cat(ids, 1), torch.cat(attrs, 1)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -264,6 +304,19 @@ class PhotometricModel(nn.Module):
         if len(self.inputs) != 1:
             raise ValueError(f"embed() takes one input; this model needs {', '.join(self.inputs)}")
         return self.features({self.inputs[0]: images})[0]
+
+    def features_as(self, images: torch.Tensor, kind: str) -> torch.Tensor:
+        """One-input models: ``embedding`` (the identity part, :meth:`embed`), ``backbone``
+        (the backbone's pooled features, before the Feature Separation Module) or
+        ``non_identity`` (the FSM's non-identity part, what the attribute heads read)."""
+        if len(self.inputs) != 1:
+            raise ValueError(f"features_as() takes one input; this model needs {', '.join(self.inputs)}")
+        encoder = self.encoders[self.inputs[0]]
+        feat = encoder.backbone(self.pixels(images))
+        if kind == "backbone" or encoder.fsm is None:
+            return feat
+        identity, non_identity = encoder.fsm(feat)
+        return identity if kind == "embedding" else non_identity
 
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         emb, attr_feat = self.features(batch)
@@ -411,9 +464,10 @@ def _array_tensor(arr: np.ndarray, chans: int, what: str) -> torch.Tensor:
 
 
 def normalise(kind: str, t: torch.Tensor) -> torch.Tensor:
-    """Albedo / grey image to about [-2, 2] (0..255 data rescaled first), normals as
-    they are, depth standardised per sample (its unit and offset vary by scanner)."""
-    if kind in ("albedo", "image"):
+    """Albedo to about [-2, 2] (0..255 data rescaled first), normals as they are,
+    depth standardised per sample (its unit and offset vary by scanner). (The grey
+    image: :data:`GREY_PIXELS`.)"""
+    if kind == "albedo":
         if float(t.max()) > 1.5:
             t = t / 255.0
         return (t - 0.5) / 0.25
@@ -471,26 +525,44 @@ class _PhotometricBase(Recipe):
                                        f"{', '.join(sorted(have))}); photometric data: synthetic modality 'maps' or "
                                        "biomtl shards create --format photometric")
 
+    def _grey(self, sample: Mapping[str, Any], train: bool) -> tuple[torch.Tensor, int | None]:
+        """The grey image as 8-bit pixels (the hand-off in training; evaluation normalises
+        them here with the device's arithmetic, :data:`GREY_PIXELS`) and, in training with
+        augmentation, its noise seed (noise is added after the hand-off: ``-1`` none)."""
+        img = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        if img is None:
+            raise MissingModalityError(f"sample {sample.get('__key__')!r} has no image member (has {sorted(sample)})")
+        t = _resize(torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32))[None], self.params.img_size)
+        seed = None
+        if train and self.augment is not None:
+            t = self.augment.crop(t)
+            seed = self.augment.noise_seed()
+        # bilinear (antialiased) resizes and crops mix pixels with weights >= 0 summing to 1: values
+        # stay in 0..255, and rounding moves them by at most half a level
+        t8 = t.clamp_(0, 255).round_().to(torch.uint8)
+        return (t8 if train else GREY_PIXELS(t8[None])[0]), seed
+
     def _input(self, sample: Mapping[str, Any], kind: str) -> torch.Tensor:
         key = sample.get("__key__")
-        if kind == "image":
-            img = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-            if img is None:
-                raise MissingModalityError(f"sample {key!r} has no image member (has {sorted(sample)})")
-            t = torch.from_numpy(np.asarray(img.convert("L"), dtype=np.float32))[None]
-        else:
-            arr = sample.get(f"{kind}.npy")
-            if arr is None:
-                raise MissingModalityError(f"sample {key!r} has no {kind}.npy (has {sorted(sample)})")
-            t = _array_tensor(arr, MAP_CHANNELS[kind], f"sample {key!r} {kind}.npy")
+        arr = sample.get(f"{kind}.npy")
+        if arr is None:
+            raise MissingModalityError(f"sample {key!r} has no {kind}.npy (has {sorted(sample)})")
+        t = _array_tensor(arr, MAP_CHANNELS[kind], f"sample {key!r} {kind}.npy")
         return normalise(kind, _resize(t, self.params.img_size))
 
     def transform(self, sample: dict[str, Any], train: bool) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for kind in self.input_kinds():
+            if kind == "image":
+                out[self.input_key(kind)], seed = self._grey(sample, train)
+                if seed is not None:
+                    out["noise_seed"] = torch.tensor(seed, dtype=torch.long)
+                continue
             t = self._input(sample, kind)
             if train and self.augment is not None:
                 t = self.augment(t)
+            if train and self.params.maps_8bit:
+                t, out[f"{self.input_key(kind)}_range"] = quantise_map(t)
             out[self.input_key(kind)] = t
         meta = sample.get("json") or {}
         out["identity"] = torch.tensor(class_label(meta, "identity", self.data_info.num_identities, check=train),
@@ -615,6 +687,15 @@ class PhotometricMtlRecipe(_PhotometricBase):
 
     def input_key(self, kind: str) -> str:
         return "image"   # one input: the key InferenceEngine and the embedding table use
+
+    def feature_types(self) -> tuple[str, ...]:
+        """``embedding`` (the identity part; what ``embed`` gives), and with the Feature
+        Separation Module ``backbone`` (the pooled features before it) and
+        ``non_identity`` (its attribute part)."""
+        return ("embedding", "backbone", "non_identity") if self.params.separation else ("embedding",)
+
+    def embed_as(self, model: nn.Module, images: torch.Tensor, feature_type: str) -> torch.Tensor:
+        return model.features_as(images, feature_type)
 
 
 @register

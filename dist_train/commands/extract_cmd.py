@@ -17,9 +17,12 @@ PCA or t-SNE map coloured by identity folder to ``--plot-output`` (default:
 ``dcal_twins`` ``combined|sa|glca`` (the original's ``--feature_type
 combined``: both class tokens), ``ear_teacher`` ``projection|features`` (the
 backbone's pooled features: 768-d for ConvNeXt-Tiny, what the original
-exports; the model's ``feature_type`` param is the default), every other recipe
-``embedding``; another value is one line naming the choices, exit 2. The npz
-records it as ``feature_type``.
+exports; the model's ``feature_type`` param is the default), ``photometric_mtl``
+``embedding|backbone|non_identity`` (the identity part, the backbone's pooled
+features before the Feature Separation Module, its non-identity part; with
+``separation: false`` only ``embedding``), every other recipe ``embedding``;
+another value is one line naming the choices, exit 2. The npz records it as
+``feature_type``.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument("--plot-output", default=None, help="PNG of the map (default: <output stem>_<method>.png)")
     ap.add_argument("--feature-type", default=None,
                     help="which features where the recipe gives several: dcal_twins combined|sa|glca, "
-                         "ear_teacher projection|features, others embedding (default: the recipe's first)")
+                         "ear_teacher projection|features, photometric_mtl embedding|backbone|non_identity, "
+                         "others embedding (default: the recipe's first)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     ap.add_argument("--no-progress", action="store_true")

@@ -382,3 +382,32 @@ def test_training_views_are_8_bit_and_reach_the_network_as_the_evaluation_floats
         batchf = {**batch8, "image": model.pixels(batch8["image"]), "view2": model.pixels(batch8["view2"])}
         a, b = model(batch8), model(batchf)
         assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["reconstruction"], b["reconstruction"])
+
+
+def test_collages_show_a_new_random_draw_of_validation_crops_each_epoch_and_leave_training_unchanged(tmp_path):
+    """The original draws its collage crops at random at every epoch: the collages of two
+    epochs show other crops (not the first validation batch twice), a rerun of the same
+    seed draws the same ones, and training (weights) is the same with collages or without
+    (collage_samples: 0): the draw takes no number from a global RNG."""
+    from dist_train.config import load_config
+    from dist_train.main import train
+
+    def run(name, samples):
+        cfg = load_config(CONFIG, ear_overrides(tmp_path, experiment__name=name, recipe__params__collage_samples=samples,
+                                                data__synthetic__samples_per_identity=6, data__num_workers=0))
+        train(cfg, None)
+        return next((tmp_path / "runs").glob(f"{name}_*"))
+
+    def top_row(png):   # the originals' tiles (top row; the labels strip and the reconstructions left out)
+        grid = np.asarray(Image.open(png).convert("RGB"), dtype=np.int16)
+        return grid[: grid.shape[0] // 2]
+
+    a, b, none = run("a", 3), run("b", 3), run("none", 0)
+    assert not (none / "reconstruction_collages").exists()
+    first, second = (top_row(a / "reconstruction_collages" / f"epoch_{e:04d}.png") for e in (1, 2))
+    assert first.shape == second.shape and not np.array_equal(first, second)   # other crops at epoch 2
+    for e in (1, 2):
+        assert np.array_equal(top_row(a / "reconstruction_collages" / f"epoch_{e:04d}.png"),
+                              top_row(b / "reconstruction_collages" / f"epoch_{e:04d}.png"))
+    wa, wn = (torch.load(r / "model.pt", weights_only=True)["model"] for r in (a, none))
+    assert wa.keys() == wn.keys() and all(torch.equal(wa[k], wn[k]) for k in wa)

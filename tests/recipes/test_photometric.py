@@ -16,9 +16,10 @@ from torch.utils.data import default_collate
 
 from dist_train.config import build_dataclass, load_config, recipe_params
 from recipes.base import DataInfo, get_recipe
-from recipes.photometric import ATTRIBUTE_ALIASES
+from recipes.photometric import ATTRIBUTE_ALIASES, MAP_CHANNELS
 from shards.synthetic import LABEL_SCHEMAS, SyntheticSpec, _sample_fields, render_sample
 from tests.conftest import PYTHON, REPO
+from tests.tolerance import ops_rtol
 
 MTL_CONFIG = REPO / "configs" / "photometric_mtl.yaml"
 CONCAT_CONFIG = REPO / "configs" / "photometric_concat.yaml"
@@ -303,3 +304,167 @@ def test_confusion_matrices_are_readable_panels_not_a_strip(tmp_path):
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the 8-bit hand-off
+
+GREY_INFO = DataInfo(identities=tuple(f"p{i}" for i in range(4)), twin_pairs=(), label_schemas={},
+                     modalities=("json", "png"))
+
+
+def _grey_sample(i: int, size=(40, 36)) -> dict:
+    from PIL import Image
+
+    pixels = np.random.default_rng(i).integers(0, 256, (size[1], size[0]), dtype=np.uint8)
+    return {"png": Image.fromarray(pixels, "L"), "json": {"identity": i % 4}, "__key__": f"g{i}"}
+
+
+def test_grey_training_images_are_8_bit_and_reach_the_network_as_the_evaluation_floats():
+    """Modality image (8-bit captures: CMU faces): the workers hand over uint8 pixels; the
+    evaluation transform rounds its resize to the same 8 bits and normalises them with the
+    device's arithmetic, so unaugmented the training forward is the evaluation's exactly. The
+    rounding moves the evaluation input by at most half a level from the float resize."""
+    from recipes.photometric import _resize
+
+    r = _recipe(modality="image", augment=False, attributes=[], info=GREY_INFO)
+    samples = [_grey_sample(i) for i in range(4)]
+    train = default_collate([r.transform(s, True) for s in samples])
+    floats = default_collate([r.transform(s, False) for s in samples])
+    assert train["image"].dtype == torch.uint8 and floats["image"].dtype == torch.float32
+    assert "noise_seed" not in train                                   # no augmentation, no noise
+    model = r.build_model()
+    assert torch.equal(model.pixels(train["image"]), floats["image"])  # the same floats, bit for bit
+    model.train()
+    torch.manual_seed(0)
+    a = model(train)
+    torch.manual_seed(0)
+    b = model(floats)
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["embedding"], b["embedding"])
+    # the float path (resize, then (x / 255 - 0.5) / 0.25): within half a level, 0.5 / (255 * 0.25),
+    # plus both paths' few roundings on values of magnitude <= 2
+    exact = torch.stack([(_resize(torch.from_numpy(np.asarray(s["png"], np.float32))[None], 32) / 255 - 0.5) / 0.25
+                         for s in samples])
+    half_level = 0.5 / (255 * 0.25)
+    gap = (floats["image"] - exact).abs().max().item()
+    assert gap <= half_level * (1 + ops_rtol(4)) + 2 * 2 * ops_rtol(4)
+    assert gap > half_level / 2                                        # (the resize does leave between-levels)
+
+
+def test_grey_augmentation_noise_is_added_after_the_hand_off_from_the_workers_seed():
+    """The crop stays in the workers (a convex mix of pixels: 8 bits hold it); the noise
+    cannot (it would be clipped at 0 and 255 and rounded), so the worker draws its seed
+    and the model adds it in training: noise_std times the row's own std, the same numbers
+    for the same seed (no global RNG), none for -1 and none in evaluation."""
+    r = _recipe(modality="image", attributes=[], info=GREY_INFO, p_crop=0.0, p_noise=1.0, noise_std=0.05)
+    torch.manual_seed(0)
+    train = default_collate([r.transform(_grey_sample(i, (32, 32)), True) for i in range(4)])
+    assert train["image"].dtype == torch.uint8 and train["noise_seed"].dtype == torch.long
+    assert (train["noise_seed"] >= 0).all() and len(set(train["noise_seed"].tolist())) == 4
+    model = r.build_model().train()
+    clean = model.pixels(train["image"])
+    noisy = model.network_inputs(train)["image"]
+    assert torch.equal(noisy, model.network_inputs(train)["image"])    # from the seeds, not a global RNG
+    noise = (noisy - clean).flatten(1)
+    ratio = noise.std(1) / clean.flatten(1).std(1)
+    # a sample std of n = 1024 normal values: relative spread 1 / sqrt(2 (n - 1)) = 2.2 %; 5 of them
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.05), rtol=5 / np.sqrt(2 * 1023), atol=0)
+    assert noise.mean(1).abs().max() < 5 * 0.05 * clean.flatten(1).std(1).max() / 32
+    off = {**train, "noise_seed": torch.tensor([-1, train["noise_seed"][1].item(), -1, -1])}
+    moved = (model.network_inputs(off)["image"] != clean).flatten(1).any(1).tolist()
+    assert moved == [False, True, False, False]
+    assert torch.equal(model.network_inputs(off)["image"][1], noisy[1])
+    assert torch.equal(model.eval().network_inputs(train)["image"], clean)   # evaluation: no noise
+    # no noise drawn (p_noise 0): seeds -1, the pixels as they are
+    quiet = _recipe(modality="image", attributes=[], info=GREY_INFO, p_crop=0.0, p_noise=0.0)
+    assert (default_collate([quiet.transform(_grey_sample(i), True) for i in range(4)])["noise_seed"] == -1).all()
+
+
+def test_maps_leave_the_workers_as_floats_unless_asked_and_8_bits_move_them_by_half_a_level():
+    """Depth and normals are float by nature: by default they are handed over as float32
+    (exact). With maps_8bit each channel of each sample is quantised over its own range
+    [low, high]; the network then sees every value within half a level, (high - low) / 510,
+    of the float map (plus float32 rounding: the quantising division and the dequantising
+    multiply-add), and the rounding does use that half level (floor would use a whole one)."""
+    from recipes.photometric import MAPS
+
+    floats = _recipe("photometric_concat")
+    batch = _batch(floats, train=True)
+    assert all(batch[k].dtype == torch.float32 for k in MAPS) and "noise_seed" not in batch
+    r = _recipe("photometric_concat", maps_8bit=True, augment=False)
+    train, evaluation = _batch(r, train=True), _batch(r, train=False)
+    assert all(train[k].dtype == torch.uint8 and train[f"{k}_range"].shape == (8, MAP_CHANNELS[k], 2) for k in MAPS)
+    assert not any(f"{k}_range" in evaluation for k in MAPS)
+    seen = r.build_model().network_inputs(train)
+    worst = 0.0
+    for k in MAPS:
+        low, high = evaluation[k].flatten(2).amin(2), evaluation[k].flatten(2).amax(2)
+        assert torch.equal(train[f"{k}_range"], torch.stack([low, high], 2))
+        level = ((high - low) / 255)[..., None, None]
+        bound = level * (0.5 + 255 * ops_rtol(3)) + ops_rtol(2) * 2 * (low.abs() + high.abs())[..., None, None]
+        err = (seen[k] - evaluation[k]).abs()
+        assert (err <= bound).all(), k
+        worst = max(worst, float((err / level).max()))
+    assert worst > 0.4
+    # and training runs on them (the maps' augmentations happen before the hand-off)
+    aug = _recipe("photometric_concat", maps_8bit=True, p_crop=1.0, p_noise=1.0)
+    torch.manual_seed(0)
+    out = aug.build_model().train()(_batch(aug, train=True))
+    assert torch.isfinite(out["loss"])
+
+
+# ----------------------------------------------------------------------------- biomtl extract --feature-type
+
+def test_extract_gives_the_backbone_and_non_identity_features_and_refuses_others(tmp_path, capsys):
+    """photometric_mtl with the Feature Separation Module: the identity embedding (default),
+    the backbone's pooled features before the FSM, and the FSM's non-identity part; another
+    type is one line naming the choices, exit 2, nothing written."""
+    from PIL import Image
+
+    from dist_train.cli import main
+    from dist_train.config import resolved_config_dict
+    from dist_train.inference import InferenceEngine
+    from recipes.model_file import model_file
+
+    cfg = load_config(MTL_CONFIG, [*photometric_overrides(tmp_path), "recipe.params.modality=image",
+                                   "recipe.params.attributes=[]"])
+    recipe = get_recipe("photometric_mtl")(recipe_params(cfg), GREY_INFO)
+    torch.manual_seed(0)
+    model = recipe.build_model()
+    torch.save(model_file(model.state_dict(), resolved_config_dict(cfg), GREY_INFO.to_dict()), tmp_path / "model.pt")
+    images = tmp_path / "imgs"
+    for i in range(3):
+        (images / f"s{i}").mkdir(parents=True)
+        _grey_sample(i)["png"].save(images / f"s{i}" / "a.png")
+    engine = InferenceEngine.from_checkpoint(tmp_path / "model.pt", device="cpu")
+    x = engine.preprocess(sorted(images.rglob("*.png")))
+    model.eval()
+    with torch.no_grad():
+        expected = {"embedding": model.embed(x), "non_identity": model.encoders["image"].fsm(
+                    model.encoders["image"].backbone(x))[1], "backbone": model.encoders["image"].backbone(x)}
+    dims = {"embedding": 32, "non_identity": 8, "backbone": model.encoders["image"].backbone.num_features}
+    got = {}
+    for kind in ("embedding", "backbone", "non_identity"):
+        out = tmp_path / f"{kind}.npz"
+        capsys.readouterr()
+        assert main(["extract", "--checkpoint", str(tmp_path / "model.pt"), "--images", str(images),
+                     "--output", str(out), "--feature-type", kind, "--device", "cpu", "--no-progress"]) == 0
+        z = np.load(out)
+        want = torch.nn.functional.normalize(expected[kind].float(), dim=1).numpy()
+        assert str(z["feature_type"]) == kind and z["features"].shape == (3, dims[kind])
+        # the same network on the same input, then one normalisation (tests/tolerance.py)
+        assert np.allclose(z["features"], want, rtol=0, atol=2 * ops_rtol(2 * (dims[kind] + 2))), kind
+        got[kind] = z["features"]
+    # three kinds of features, not one under three names (the CBAM net's pooled features are 32-d too)
+    assert not np.allclose(got["backbone"], got["embedding"], rtol=0, atol=0.05)
+    out = tmp_path / "bad.npz"
+    capsys.readouterr()
+    rc = main(["extract", "--checkpoint", str(tmp_path / "model.pt"), "--images", str(images), "--output", str(out),
+               "--feature-type", "albedo", "--device", "cpu", "--no-progress"])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert rc == 2 and lines == ["error: --feature-type albedo: recipe photometric_mtl gives "
+                                 "embedding|backbone|non_identity"] and not out.exists()
+    # without the FSM the backbone's features are the embedding: one type
+    plain = get_recipe("photometric_mtl")(recipe_params(load_config(MTL_CONFIG, [
+        *photometric_overrides(tmp_path), "recipe.params.modality=image", "recipe.params.separation=false",
+        "recipe.params.attributes=[]"])), GREY_INFO)
+    assert plain.feature_types() == ("embedding",)
