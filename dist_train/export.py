@@ -165,14 +165,14 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "pt
 def _write_deployable(payload: Mapping[str, Any], output: Path, fmt: str) -> None:
     """The recipe's inference graph of a consolidated payload as ONNX / TorchScript, atomically."""
     from dist_train.checkpoint import atomic_write
-    from dist_train.deploy import WRITERS, InferenceGraph, example_images
+    from dist_train.deploy import WRITERS, InferenceGraph, example_inputs
     from dist_train.stored_recipe import recipe_from_stored
 
     stored = read_stored(payload)
     recipe = recipe_from_stored(stored.config or {}, stored.data_info or {}).recipe
     model = recipe.build_model()
     model.load_state_dict(stored.model)
-    example = example_images(recipe)
+    example = example_inputs(recipe)
     graph = InferenceGraph(model.float().eval(), example)
     atomic_write(output, lambda tmp: WRITERS[fmt](Path(tmp), graph, example, type(recipe).name))
 

@@ -265,6 +265,19 @@ class PhotometricModel(nn.Module):
             raise ValueError(f"embed() takes one input; this model needs {', '.join(self.inputs)}")
         return self.features({self.inputs[0]: images})[0]
 
+    def predict(self, maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inference outputs of the named (normalised) maps, what the deployment graph
+        holds: ``embedding``, ``identity_logits`` (``s * cos``, as in evaluation) and
+        ``<attribute>_logits``."""
+        emb, attr_feat = self.features(maps)
+        if isinstance(self.identity_head, ShardedMarginHead):
+            out = dict(identity_outputs(self.identity_head, emb, None, 0.0, False)[1])
+        else:
+            out = {"identity_logits": self.identity_head(emb)[0] * self.magface.s}
+        out["embedding"] = emb
+        out.update({f"{a}_logits": self.attr_heads[a](attr_feat) for a in self.attributes})
+        return out
+
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         emb, attr_feat = self.features(batch)
         zero = emb.float().sum() * 0.0
@@ -501,6 +514,12 @@ class _PhotometricBase(Recipe):
 
     def input_key(self, kind: str) -> str:
         return kind
+
+    def deploy_inputs(self) -> dict[str, tuple[int, ...]]:
+        """One graph input per map (``albedo``, ``normal``, ``depth``; ``image`` for a grey
+        image), normalised as :meth:`transform` makes them."""
+        size = self.params.img_size
+        return {self.input_key(k): (MAP_CHANNELS[k], size, size) for k in self.input_kinds()}
 
     def build_model(self) -> nn.Module:
         inputs = [(self.input_key(k), MAP_CHANNELS[k]) for k in self.input_kinds()]
