@@ -117,3 +117,24 @@ def test_the_training_split_identities_reach_the_recipe(tmp_path: Path) -> None:
     stored = DataInfo.from_dict(manifest.data_info("train").to_dict())
     assert set(stored.trained_identities) == train
     assert DataInfo.from_dict({**stored.to_dict(), "trained_identities": None}).trained_identities is None
+
+
+def test_photometric_identity_top1_of_an_identity_disjoint_split_says_why() -> None:
+    import torch
+
+    from recipes.photometric import PhotometricMetrics
+
+    def run(identities: list[int]) -> dict:
+        metrics = PhotometricMetrics(["gender"], verification=False, trained=[0, 1])
+        n = len(identities)
+        logits = torch.zeros(n, 4)
+        logits[torch.arange(n), torch.tensor(identities)] = 5.0                  # always right
+        metrics.update({"identity_logits": logits, "gender_logits": torch.zeros(n, 2)},
+                       {"identity": torch.tensor(identities), "gender": torch.zeros(n, dtype=torch.long)})
+        return PhotometricMetrics.compute([metrics.state()])
+
+    disjoint = run([2, 3, 2])
+    assert isinstance(disjoint["identity_top1"], NotComputed) and "identity-disjoint" in disjoint["identity_top1"].reason
+    assert strict_json(json_text(disjoint))["identity_top1"] is None
+    assert disjoint["score"] == disjoint["gender_acc"] == 1.0                  # the attributes alone
+    assert run([0, 3, 1])["identity_top1"] == 1.0                               # trained identities only
