@@ -138,16 +138,14 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     atomic_write(dst, write)
 
 
-def _write_weights_only(latest: Path, dst: Path) -> None:
-    """``dst``: ``latest`` without its optimizer, scheduler and scaler state
-    (``model_file.weights_checkpoint``), what best / top-k keep: with Adam the
-    optimizer state is twice the weights, and only ``latest`` resumes. A folder
-    (DeepSpeed's own layout) or a file with nothing to leave out is linked."""
-    lean = None if latest.is_dir() else weights_checkpoint(load_weights_only(latest, mmap=True))
-    if lean is None:
-        _link_or_copy(latest, dst)
-        return
-    atomic_save(lean, dst)
+def weights_only_of_file(latest: Path) -> Any | None:
+    """What best / top-k keep of a checkpoint file: ``latest`` without its
+    optimizer, scheduler and scaler state (``model_file.weights_checkpoint``):
+    with Adam the optimizer state is twice the weights, and only ``latest``
+    resumes. None for a folder or a file with nothing to leave out (kept by a
+    link). A strategy whose checkpoints are folders hands the manager its own
+    (DeepSpeed: ``export.deepspeed_lean_checkpoint``)."""
+    return None if latest.is_dir() else weights_checkpoint(load_weights_only(latest, mmap=True))
 
 
 _TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "unexpected pos", "PytorchStreamWriter")
@@ -275,14 +273,20 @@ class CheckpointManager:
     """
 
     def __init__(self, ckpt_dir: Path, policy: CheckpointPolicy, is_main: bool, suffix: str = ".pt",
-                 owner: str | None = None):
+                 owner: str | None = None, lean: Callable[[Path], Any] | None = None,
+                 lean_suffix: str | None = None):
         """``owner``: :func:`staging_owner` of the process whose name the staging
         checkpoint carries; the same on every rank (DeepSpeed ranks write into
-        one staging folder), so the trainer hands rank 0's to all."""
+        one staging folder), so the trainer hands rank 0's to all. ``lean``:
+        what best / top-k keep of ``latest`` (an object saved with ``torch.save``;
+        None: ``latest`` linked as it is), default :func:`weights_only_of_file`;
+        ``lean_suffix``: their suffix (DeepSpeed: ``.pt``, a file), default ``suffix``."""
         self.dir = ckpt_dir
         self.policy = policy
         self.is_main = is_main
         self.suffix = suffix
+        self.lean = lean or weights_only_of_file
+        self.kept_suffix = suffix if lean_suffix is None else lean_suffix
         self.staging = self.dir / f"{STAGING}-{owner or staging_owner()}{suffix}"
         self.prepared = False
 
@@ -326,7 +330,7 @@ class CheckpointManager:
         whatever ``every_steps`` says."""
         self.prepare()
         latest = self.path(LATEST)
-        name = f"step_{step:08d}{self.suffix}"
+        name = f"step_{step:08d}{self.kept_suffix}"  # top-k; periodic/ keeps full ones
         value = None if metrics is None else metrics.get(self.policy.monitor)
         before = (self.policy.best_value, list(self.policy.top))
         is_best, dropped = self.policy.admit(name, value) if value is not None else (False, [])
@@ -336,7 +340,7 @@ class CheckpointManager:
                 return
             _move_into_place(self.staging, latest)
             if periodic or (self.policy.every_steps and step % self.policy.every_steps == 0):
-                _link_or_copy(latest, self.dir / "periodic" / name)
+                _link_or_copy(latest, self.dir / "periodic" / f"step_{step:08d}{self.suffix}")
             if value is None:
                 return
             self._publish_kept(latest, name, is_best)
@@ -352,13 +356,22 @@ class CheckpointManager:
     def _publish_kept(self, latest: Path, name: str, is_best: bool) -> None:
         """The top-k file of this save written once without the optimizer state,
         and ``best`` a hard link to it (the same inode: no second copy)."""
-        kept = self.dir / "topk" / name
+        kept, best = self.dir / "topk" / name, self.dir / f"{BEST}{self.kept_suffix}"
         if any(n == name for _, n in self.policy.top):
-            _write_weights_only(latest, kept)
+            self._write_lean(latest, kept)
             if is_best:
-                _link_or_copy(kept, self.path(BEST))
+                _link_or_copy(kept, best)
         elif is_best:  # top_k = 0
-            _write_weights_only(latest, self.path(BEST))
+            self._write_lean(latest, best)
+        if is_best and best != self.path(BEST):
+            _remove(self.path(BEST))  # the full best folder an older biomtl kept in this run
+
+    def _write_lean(self, latest: Path, dst: Path) -> None:
+        lean = self.lean(latest)
+        if lean is None:
+            _link_or_copy(latest, dst)
+        else:
+            atomic_save(lean, dst)
 
     def _write_staging(self, write: Callable[[Path], None], latest: Path) -> None:
         if self.is_main:

@@ -14,8 +14,6 @@ that does not is an :class:`ExportError` naming it and the cause.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -23,8 +21,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from dist_train.checkpoint import LATEST, atomic_save, checkpoint_path, is_run_dir, safe_load
-from recipes.model_file import (FormatError, StoredModel, dcp_trainer_file, deepspeed_states_file, model_file,
-                                read_deepspeed_states, read_stored)
+from recipes.model_file import FormatError, StoredModel, dcp_trainer_file, model_file, read_stored
 
 log = logging.getLogger("biomtl")
 
@@ -69,44 +66,17 @@ def _payload(path: Path, stored: StoredModel, model: Any = None) -> _Payload:
     return _Payload(_fp32(model), dict(stored.config), dict(stored.data_info))
 
 
-def _deepspeed_export(ckpt_dir: Path) -> _Payload:
-    from dist_train.strategies.deepspeed import (CheckpointLoadError, checked_tag_dir, load_checkpoint_file,
-                                                 weights_only_loads)
+def _deepspeed_weights(ckpt_dir: Path) -> tuple[Path, StoredModel, Any]:
+    from dist_train.strategies.deepspeed import CheckpointLoadError, consolidated_weights
 
-    # DeepSpeed's directory format is untrusted input like any checkpoint:
-    # every file loads weights-only (DeepSpeed's few data classes allowed).
     try:
-        tag_dir = checked_tag_dir(ckpt_dir)
-        model_states = deepspeed_states_file(tag_dir)
-        stored, stage = read_deepspeed_states(load_checkpoint_file(model_states))
+        return consolidated_weights(ckpt_dir)
     except CheckpointLoadError as exc:
         raise ExportError(str(exc)) from None
-    except FormatError as exc:
-        raise ExportError(f"{ckpt_dir}: {exc}") from None
-    zero_files = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"))
-    if stage or zero_files:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        # zero_to_fp32 prints its progress (stdout) and a tqdm bar (stderr): keep them for --debug logs only.
-        chatter = io.StringIO()
-        try:
-            with weights_only_loads(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-                model = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag_dir.name)
-        except Exception as exc:  # noqa: BLE001 - a malformed partition set: one line, not zero_to_fp32's traceback
-            log.debug("zero_to_fp32: %s", chatter.getvalue())
-            cause = (str(exc).splitlines() or [""])[0][:200]
-            raise ExportError(f"{tag_dir}: DeepSpeed cannot consolidate the ZeRO partitions "
-                              f"({type(exc).__name__}: {cause})") from None
-        log.debug("zero_to_fp32: %s", chatter.getvalue())
-        # zero_to_fp32 rebuilds what the ZeRO optimizer owned (and buffers, frozen weights); a
-        # row-sharded head's rows live beside it (strategies/deepspeed_rows.py), whole and fp32
-        # in the module weights rank 0 saved
-        model.update({k: v for k, v in stored.model.items() if k not in model})
-    else:
-        # Stage 0: no ZeRO partitions; the module's own (full) weights. In
-        # fp32 these are the trained weights; with bf16/fp16 DeepSpeed keeps
-        # its fp32 master copy in the optimizer, and this is its 16-bit image.
-        model = stored.model
+
+def _deepspeed_export(ckpt_dir: Path) -> _Payload:
+    model_states, stored, model = _deepspeed_weights(ckpt_dir)
     return _payload(model_states, stored, model)
 
 
@@ -195,14 +165,14 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, fmt: str = "pt
 def _write_deployable(payload: Mapping[str, Any], output: Path, fmt: str) -> None:
     """The recipe's inference graph of a consolidated payload as ONNX / TorchScript, atomically."""
     from dist_train.checkpoint import atomic_write
-    from dist_train.deploy import WRITERS, InferenceGraph, example_images
+    from dist_train.deploy import WRITERS, InferenceGraph, example_inputs
     from dist_train.stored_recipe import recipe_from_stored
 
     stored = read_stored(payload)
     recipe = recipe_from_stored(stored.config or {}, stored.data_info or {}).recipe
     model = recipe.build_model()
     model.load_state_dict(stored.model)
-    example = example_images(recipe)
+    example = example_inputs(recipe)
     graph = InferenceGraph(model.float().eval(), example)
     atomic_write(output, lambda tmp: WRITERS[fmt](Path(tmp), graph, example, type(recipe).name))
 

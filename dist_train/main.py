@@ -187,7 +187,8 @@ def train(cfg: Config, resume: Path | None) -> dict[str, float]:
         if restart is not None:
             resume = restart[1]
         try:  # a resumed run's weights come from its checkpoint: nothing is read to start them
-            recipe = build_recipe(cfg, Manifest.load(data_dir).data_info(), weights_from_checkpoint=resume is not None,
+            recipe = build_recipe(cfg, Manifest.load(data_dir).data_info(cfg.data.train_split),
+                                  weights_from_checkpoint=resume is not None,
                                   parallel=ParallelContext(ctx.rank, ctx.world_size, training=True))
         except RecipeDataError as exc:  # the recipe refuses these data (e.g. a modality it needs is missing)
             raise ConfigError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None

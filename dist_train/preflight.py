@@ -16,8 +16,8 @@ from typing import Any, Mapping, Sequence
 
 from dist_train.config import (CACHE_ENV, NO_SPLIT, Config, ConfigError, DataConfig, config_from_dict, load_config,
                                resolved_config_dict, synthetic_cache_dir, synthetic_spec, validates)
-from recipes.model_file import (FormatError, dcp_trainer_file, deepspeed_states_file, load_weights_only,
-                                read_deepspeed_states, read_stored, read_trainer_state)
+from recipes.model_file import (FormatError, dcp_trainer_file, deepspeed_states_file, is_lean_checkpoint,
+                                load_weights_only, read_deepspeed_states, read_stored, read_trainer_state)
 
 
 def load_checked_config(path: str | Path | None, overrides: Sequence[str] = (), start: bool = True) -> Config:
@@ -218,6 +218,7 @@ def check_resume(cfg: Config, path: Path, data_info: Any = None) -> None:
     where = f"--resume {path}"
     if cfg.train.strategy == "deepspeed":
         if not path.is_dir():
+            _refuse_lean(where, path)
             raise ConfigError(f"{where}: a DeepSpeed checkpoint is a folder (checkpoints/latest); this is a file "
                               f"(a DDP checkpoint? then train.strategy=ddp)")
         stored, shapes = _deepspeed_checkpoint(path)
@@ -265,6 +266,19 @@ def _ddp_checkpoint(path: Path, where: str | None = None) -> tuple[Any, dict[str
         raise ConfigError(f"{where}: {exc}") from None
     _check_client(where, stored)
     return stored, {k: tuple(v.shape) for k, v in trainer.model.items() if hasattr(v, "shape")}
+
+
+def _refuse_lean(where: str, path: Path) -> None:
+    """A DeepSpeed run's best / top-k file (weights and loop state, one file)
+    cannot resume: one line naming the folder that does."""
+    try:
+        lean = path.is_file() and is_lean_checkpoint(load_weights_only(path, mmap=True))
+    except Exception:  # noqa: BLE001 - not a lean file: the caller's own message
+        return
+    if lean:
+        raise ConfigError(f"{where}: a best / top-k checkpoint (weights and loop state, no optimizer state: only "
+                          "checkpoints/latest continues a run exactly); resume from RUN/checkpoints/latest, or start "
+                          "a new run from its weights with recipe.params.init_from where the recipe has it")
 
 
 def _deepspeed_checkpoint(path: Path) -> tuple[Any, None]:

@@ -225,6 +225,24 @@ class MLflowTracker(Tracker):
             except Exception as exc:  # noqa: BLE001
                 log.warning("mlflow: could not log artefact %s: %s", p, exc)
 
+    def log_images(self, images: Mapping[str, Path], step: int) -> None:
+        """Each picture as an MLflow time-stepped image (``key`` = the TensorBoard
+        tag, ``step``: the validation that wrote it), what MLflow's UI shows as an
+        image series per key, as TensorBoard's image slider does. The PNG files are
+        also among the end-of-run artefacts (``plots``, ``eval``)."""
+        import re
+
+        from PIL import Image
+
+        for tag, path in images.items():
+            key = re.sub(r"[^a-zA-Z0-9_\-./ ]", "_", tag)  # the characters MLflow allows in a key
+            try:
+                with Image.open(path) as image:
+                    self.client.log_image(self.run_id, image.convert("RGB"), key=key, step=int(step),
+                                          synchronous=True)
+            except Exception as exc:  # noqa: BLE001 (tracking must never stop training)
+                log.warning("mlflow: could not log picture %s at step %d: %s", path, step, exc)
+
     def close(self, status: str = "FINISHED") -> None:
         try:
             self.client.set_terminated(self.run_id, status=status)

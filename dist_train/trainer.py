@@ -135,7 +135,8 @@ class Trainer:
             checkpoint_path(run_dir).parent,
             CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,
                              cfg.checkpoint.every_steps), ctx.is_main, self.strategy.checkpoint_suffix,
-            owner=distributed.broadcast_object(staging_owner()))
+            owner=distributed.broadcast_object(staging_owner()), lean=self.strategy.lean_checkpoint,
+            lean_suffix=self.strategy.lean_suffix)
         self.validates = validates(cfg)
         self.bin_scorer = bin_scorer(cfg, recipe.transform, self.precision, ctx.device)  # data.val_bins
         self.step_timer = StepTimer(ctx.device, ctx.rank, ctx.world_size)  # per-rank step time: stragglers

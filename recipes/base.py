@@ -276,6 +276,13 @@ class Recipe:
         student's recipe and weights, so inference needs only what it will have."""
         return self.name, self.params, dict(state_dict)
 
+    def deploy_inputs(self) -> dict[str, tuple[int, ...]] | None:
+        """The inputs of the deployment graph (``biomtl export --format onnx|torchscript``)
+        when the model reads named maps rather than one image: ``{name: per-sample shape}``
+        of float32 tensors as the evaluation transform makes them, and the model has
+        ``predict({name: batch}) -> {output: tensor}``. None (default): one image input."""
+        return None
+
     def write_artifacts(self, model: nn.Module, ctx: ArtifactContext) -> dict[str, float]:
         """Called once after training on every rank; rank 0 (``ctx.is_main``)
         writes recipe-specific pictures and files. Returns test metrics."""

@@ -32,7 +32,7 @@ import csv
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -203,14 +203,21 @@ class FaceComMetrics(Metrics):
     NAMES = frozenset(("gender_acc", "gender_precision", "gender_recall", "gender_f1", "gender_macro_f1",
                        "identity_top1", "identity_top5", "identity_macro_f1", "combined"))
 
-    """State: per-row arrays (gender true/pred, identity true/pred, top-5 hit)."""
+    """State: per-row arrays (gender true/pred, identity true/pred, top-5 hit, and
+    whether the row's identity is one the classifier was trained on).
+    ``trained``: the training split's identity labels (``DataInfo.trained_identities``;
+    None: not known, every identity counts). The identity metrics are over the rows
+    of trained identities: on an identity-disjoint split there are none, and top-1
+    there would be 0.0 whatever the model (the verification metrics judge it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, trained: Sequence[int] | None = None) -> None:
+        self.trained = None if trained is None else np.asarray(sorted(trained), np.int64)
         self.g_true: list[np.ndarray] = []
         self.g_pred: list[np.ndarray] = []
         self.i_true: list[np.ndarray] = []
         self.i_pred: list[np.ndarray] = []
         self.i_top5: list[np.ndarray] = []
+        self.i_known: list[np.ndarray] = []
 
     def update(self, outputs: Mapping[str, torch.Tensor], batch: Mapping[str, Any]) -> None:
         g_logits = outputs["gender_logits"].detach().float().cpu()
@@ -223,12 +230,14 @@ class FaceComMetrics(Metrics):
         self.i_true.append(i_true[valid])
         self.i_pred.append(top5[:, 0][valid])
         self.i_top5.append((top5 == i_true[:, None]).any(1)[valid])
+        known = np.ones(n, bool) if self.trained is None else np.isin(i_true, self.trained)
+        self.i_known.append(known[valid])
 
     def state(self) -> dict[str, np.ndarray]:
         cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
         return {"g_true": cat(self.g_true, np.int64), "g_pred": cat(self.g_pred, np.int64),
                 "i_true": cat(self.i_true, np.int64), "i_pred": cat(self.i_pred, np.int64),
-                "i_top5": cat(self.i_top5, bool)}
+                "i_top5": cat(self.i_top5, bool), "i_known": cat(self.i_known, bool)}
 
     @staticmethod
     def compute(states: list[Any]) -> dict[str, float]:
@@ -239,6 +248,8 @@ class FaceComMetrics(Metrics):
 
         g_true, g_pred = cat("g_true"), cat("g_pred")
         i_true, i_pred, i_top5 = cat("i_true"), cat("i_pred"), cat("i_top5")
+        i_known = (np.concatenate([s.get("i_known", np.ones(len(s["i_true"]), bool)) for s in states])
+                   if states else np.zeros(0, bool))
         out: dict[str, float] = {}
         gm = g_true >= 0
         if gm.any():
@@ -251,13 +262,14 @@ class FaceComMetrics(Metrics):
         else:
             why = NotComputed("no gender labels in the split")
             out.update(gender_acc=why, gender_precision=why, gender_recall=why, gender_f1=why, gender_macro_f1=why)
-        im = i_true >= 0
+        im = (i_true >= 0) & i_known.astype(bool)
         if im.any():
             out["identity_top1"] = float(accuracy_score(i_true[im], i_pred[im]))
             out["identity_top5"] = float(i_top5[im].mean())
             out["identity_macro_f1"] = float(f1_score(i_true[im], i_pred[im], average="macro", zero_division=0))
         else:
-            why = NotComputed("no identity labels in the split")
+            why = NotComputed("identity-disjoint split: no identity of it was trained on (see the verification "
+                              "metrics)" if (i_true >= 0).any() else "no identity labels in the split")
             out.update(identity_top1=why, identity_top5=why, identity_macro_f1=why)
         missing = [k for k in ("gender_macro_f1", "identity_macro_f1") if isinstance(out[k], NotComputed)]
         out["combined"] = (NotComputed(f"needs {' and '.join(missing)}") if missing
@@ -347,7 +359,7 @@ class FaceComRecipe(Recipe):
 
     # --- evaluation
     def new_metrics(self) -> Metrics:
-        return FaceComMetrics()
+        return FaceComMetrics(self.data_info.trained_identities)
 
     @classmethod
     def validation_metric_names(cls, params: Any) -> frozenset[str]:
@@ -359,7 +371,7 @@ class FaceComRecipe(Recipe):
         run_dir = Path(ctx.run_dir)
         module = getattr(model, "module", model)
         rows: list[dict[str, Any]] = []
-        metrics, verification = FaceComMetrics(), VerificationMetrics()
+        metrics, verification = FaceComMetrics(self.data_info.trained_identities), VerificationMetrics()
         loader = ctx.loaders.get("test")
         if loader is not None:
             param = next(module.parameters())

@@ -51,8 +51,8 @@ _DEEPSPEED_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_mo
 __all__ = ["FORMAT_VERSION", "FormatError", "StoredModel", "TrainerState", "dcp_model_prefix", "dcp_parts",
            "dcp_state", "dcp_trainer_file", "deepspeed_client",
            "deepspeed_client_state", "deepspeed_states_file", "load_weights_only", "model_file",
-           "read_deepspeed_states", "read_stored", "read_trainer_state", "run_description", "trainer_checkpoint",
-           "weights_checkpoint"]
+           "is_lean_checkpoint", "lean_checkpoint", "read_deepspeed_states", "read_stored", "read_trainer_state", "run_description",
+           "trainer_checkpoint", "weights_checkpoint"]
 
 
 class FormatError(ValueError):
@@ -107,6 +107,20 @@ def weights_checkpoint(obj: Any) -> Any | None:
     if not isinstance(obj, Mapping) or not any(k in obj for k in (*_TRAINER_PARTS, _SKIPPED)):
         return None
     return {k: v for k, v in obj.items() if k not in (*_TRAINER_PARTS, _SKIPPED)}
+
+
+def lean_checkpoint(model: Mapping[str, torch.Tensor], client: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`weights_checkpoint` leaves of a trainer checkpoint, made from its
+    parts: the (consolidated) weights and the client state. A DeepSpeed run's best /
+    top-k files have this layout, so they read as a DDP run's do."""
+    return {_MODEL: dict(model), _CLIENT: dict(client), _VERSION: FORMAT_VERSION}
+
+
+def is_lean_checkpoint(obj: Any) -> bool:
+    """Whether ``obj`` is a best / top-k checkpoint (:func:`lean_checkpoint`): a
+    client state and weights, none of the parts only resuming needs."""
+    return (isinstance(obj, Mapping) and isinstance(obj.get(_MODEL), Mapping) and isinstance(obj.get(_CLIENT), Mapping)
+            and not any(k in obj for k in (*_TRAINER_PARTS, _SKIPPED)))
 
 
 def deepspeed_client_state(client: Mapping[str, Any]) -> dict[str, Any]:

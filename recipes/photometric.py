@@ -83,6 +83,7 @@ from recipes.identity_head import build_head, check_ranks, check_sharding, ident
 from recipes.verification import VerificationMetrics
 from recipes.image_input import IMAGE_KEYS
 from recipes.labels import class_label
+from recipes.metrics_json import NotComputed
 
 log = logging.getLogger("biomtl.photometric")
 
@@ -318,6 +319,19 @@ class PhotometricModel(nn.Module):
         identity, non_identity = encoder.fsm(feat)
         return identity if kind == "embedding" else non_identity
 
+    def predict(self, maps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inference outputs of the named (normalised) maps, what the deployment graph
+        holds: ``embedding``, ``identity_logits`` (``s * cos``, as in evaluation) and
+        ``<attribute>_logits``."""
+        emb, attr_feat = self.features(maps)
+        if isinstance(self.identity_head, ShardedMarginHead):
+            out = dict(identity_outputs(self.identity_head, emb, None, 0.0, False)[1])
+        else:
+            out = {"identity_logits": self.identity_head(emb)[0] * self.magface.s}
+        out["embedding"] = emb
+        out.update({f"{a}_logits": self.attr_heads[a](attr_feat) for a in self.attributes})
+        return out
+
     def forward(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         emb, attr_feat = self.features(batch)
         zero = emb.float().sum() * 0.0
@@ -365,12 +379,24 @@ def one_vs_rest_auc(y: np.ndarray, prob: np.ndarray) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-class PhotometricMetrics(Metrics):
-    """State: identity truth/prediction, per attribute truth and class
-    probabilities, and the verification state (embeddings, identities)."""
+def _identity_not_computed(states: list[Any]) -> float:
+    """Why identity top-1 has no value: no trained identity in a labelled split, or no labels."""
+    labelled = any((s["identity"] >= 0).any() for s in states)
+    return NotComputed("identity-disjoint split: no identity of it was trained on (see the verification metrics)"
+                       if labelled else "no identity labels in the split")
 
-    def __init__(self, attributes: Sequence[str], verification: bool, max_pairs: int = 200_000, seed: int = 0):
+
+class PhotometricMetrics(Metrics):
+    """State: identity truth/prediction (and whether the identity was trained on:
+    ``trained``, ``DataInfo.trained_identities``, None = every one), per attribute truth
+    and class probabilities, and the verification state (embeddings, identities).
+    Identity top-1 / macro-F1 count the rows of trained identities; an identity-disjoint
+    split has none: not computed, with the reason (not 0.0)."""
+
+    def __init__(self, attributes: Sequence[str], verification: bool, max_pairs: int = 200_000, seed: int = 0,
+                 trained: Sequence[int] | None = None):
         self.attributes = list(attributes)
+        self.trained = None if trained is None else np.asarray(sorted(trained), np.int64)
         self.verification = VerificationMetrics(max_pairs, seed) if verification else None
         self.cols: dict[str, list[np.ndarray]] = {}
 
@@ -383,7 +409,10 @@ class PhotometricMetrics(Metrics):
         top = top_identities(outputs, 1)[0]
         n = top.shape[0]
         valid = valid_mask(batch, n)
-        self._add("identity", label_column(batch, "identity", n)[valid])
+        identity = label_column(batch, "identity", n)
+        self._add("identity", identity[valid])
+        self._add("identity_known", (np.ones(n, bool) if self.trained is None
+                                     else np.isin(identity, self.trained))[valid])
         self._add("identity_pred", top[:, 0].numpy()[valid])
         for a in self.attributes:
             self._add(a, label_column(batch, a, n)[valid])
@@ -410,7 +439,9 @@ class PhotometricMetrics(Metrics):
         out = {}
         y = np.concatenate([s["identity"] for s in states])
         yp = np.concatenate([s["identity_pred"] for s in states])
-        out["identity"] = (y[y >= 0], yp[y >= 0])
+        known = np.concatenate([s.get("identity_known", np.ones(len(s["identity"]), bool)) for s in states])
+        scored = (y >= 0) & known.astype(bool)
+        out["identity"] = (y[scored], yp[scored])
         for a in states[0]["attributes"]:
             y = np.concatenate([s[a] for s in states])
             prob = np.concatenate([s[f"{a}_prob"] for s in states])
@@ -428,8 +459,9 @@ class PhotometricMetrics(Metrics):
         accs = []
         for task, (y, yp) in preds.items():
             key = "identity_top1" if task == "identity" else f"{task}_acc"
-            out[key] = float((y == yp).mean()) if y.size else nan
-            out[f"{task}_macro_f1"] = float(f1_score(y, yp, average="macro", zero_division=0)) if y.size else nan
+            missing = nan if task != "identity" else _identity_not_computed(full)
+            out[key] = float((y == yp).mean()) if y.size else missing
+            out[f"{task}_macro_f1"] = float(f1_score(y, yp, average="macro", zero_division=0)) if y.size else missing
             if task != "identity":
                 yy = np.concatenate([s[task] for s in full])
                 prob = np.concatenate([s[f"{task}_prob"] for s in full])
@@ -574,6 +606,12 @@ class _PhotometricBase(Recipe):
     def input_key(self, kind: str) -> str:
         return kind
 
+    def deploy_inputs(self) -> dict[str, tuple[int, ...]]:
+        """One graph input per map (``albedo``, ``normal``, ``depth``; ``image`` for a grey
+        image), normalised as :meth:`transform` makes them."""
+        size = self.params.img_size
+        return {self.input_key(k): (MAP_CHANNELS[k], size, size) for k in self.input_kinds()}
+
     def build_model(self) -> nn.Module:
         inputs = [(self.input_key(k), MAP_CHANNELS[k]) for k in self.input_kinds()]
         return PhotometricModel(self.params, inputs, self.data_info.num_identities,
@@ -585,7 +623,7 @@ class _PhotometricBase(Recipe):
 
     def new_metrics(self) -> Metrics:
         return PhotometricMetrics([a for a, _, _ in self.tasks], self.params.verification,
-                                  self.params.val_max_pairs, self.params.pair_seed)
+                                  self.params.val_max_pairs, self.params.pair_seed, self.data_info.trained_identities)
 
     @classmethod
     def validation_metric_names(cls, params: PhotometricParams) -> frozenset[str]:

@@ -817,7 +817,7 @@ def _split_stats(written: dict[str, _SplitCount], entries, schemas, twin_pairs, 
         ids = cnt.ids
         labels = {k: {names[i]: cnt.labels[k][i] for i in range(len(names)) if cnt.labels[k][i]}
                   for k, names in schemas.items()}
-        out[name] = {"samples": cnt.samples, "identities": len(ids),
+        out[name] = {"samples": cnt.samples, "identities": len(ids), "identity_ids": sorted(ids),
                      "twin_pairs": sum(1 for a, b in twin_pairs if id_index[a] in ids and id_index[b] in ids),
                      "bytes": sum(e.bytes for e in entries.get(name, [])), "shards": len(entries.get(name, [])),
                      "labels": labels}

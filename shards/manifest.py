@@ -29,9 +29,11 @@ ones get their defaults, so older manifests still load):
   writes the pairs of each split as ``DIR/<split>_pairs.json``
   (``[{"img1": key, "img2": key, "label": 0|1}, ...]``), the file the DCAL
   evaluator (``recipes.verification.pairs_from_file``) reads;
-* ``split_stats``: per split ``{samples, identities, twin_pairs, bytes,
-  labels: {label: {class name: count}}}`` (written by ``biomtl shards create``;
-  ``biomtl shards info`` scans the shards when it is missing).
+* ``split_stats``: per split ``{samples, identities, identity_ids, twin_pairs,
+  bytes, labels: {label: {class name: count}}}`` (written by ``biomtl shards
+  create``; ``biomtl shards info`` scans the shards when it is missing;
+  ``identity_ids``, the split's identity labels, since issue 27: what says
+  whether a split's identities were trained on).
 """
 from __future__ import annotations
 
@@ -62,6 +64,9 @@ class DataInfo:
     label_schemas: Mapping[str, tuple[str, ...]]
     modalities: tuple[str, ...]
     split_sizes: Mapping[str, int] = field(default_factory=dict)
+    # the identity labels of the training split (None: not known, a manifest
+    # written before they were recorded): a classifier scores only these
+    trained_identities: tuple[int, ...] | None = None
 
     @property
     def num_identities(self) -> int:
@@ -84,13 +89,19 @@ class DataInfo:
         """Plain data (for weights_only checkpoints)."""
         return {"identities": list(self.identities), "twin_pairs": [list(p) for p in self.twin_pairs],
                 "label_schemas": {k: list(v) for k, v in self.label_schemas.items()},
-                "modalities": list(self.modalities), "split_sizes": dict(self.split_sizes)}
+                "modalities": list(self.modalities), "split_sizes": dict(self.split_sizes),
+                "trained_identities": None if self.trained_identities is None else list(self.trained_identities)}
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> "DataInfo":
         return DataInfo(identities=tuple(d["identities"]), twin_pairs=tuple(tuple(p) for p in d["twin_pairs"]),
                         label_schemas={k: tuple(v) for k, v in d["label_schemas"].items()},
-                        modalities=tuple(d["modalities"]), split_sizes=dict(d.get("split_sizes", {})))
+                        modalities=tuple(d["modalities"]), split_sizes=dict(d.get("split_sizes", {})),
+                        trained_identities=_int_tuple(d.get("trained_identities")))
+
+
+def _int_tuple(values: Any) -> tuple[int, ...] | None:
+    return None if values is None else tuple(int(v) for v in values)
 
 
 def shard_file_problem(root: str | os.PathLike, file: str) -> str | None:
@@ -178,13 +189,18 @@ class Manifest:
         """The protocol pairs whose two samples are both in split ``name``."""
         return [p for p in self.pairs if p.get("split") == name]
 
-    def data_info(self) -> DataInfo:
+    def data_info(self, train_split: str | None = None) -> DataInfo:
+        """The recipe's view; with ``train_split`` it also says which identities
+        that split holds (when the manifest records them)."""
+        stats = self.split_stats.get(train_split) if train_split else None
+        ids = stats.get("identity_ids") if isinstance(stats, Mapping) else None
         return DataInfo(
             identities=tuple(self.identities),
             twin_pairs=tuple((int(a), int(b)) for a, b in self.twin_pairs),
             label_schemas={k: tuple(v) for k, v in self.label_schemas.items()},
             modalities=tuple(self.modalities),
             split_sizes={name: self.split_size(name) for name in self.splits},
+            trained_identities=_int_tuple(ids),
         )
 
     # --- io -------------------------------------------------------------------
@@ -340,6 +356,9 @@ def check_fields(d: Mapping[str, Any]) -> None:
         labels = st.get("labels", {})
         _expect(isinstance(labels, Mapping) and all(isinstance(c, Mapping) for c in labels.values()),
                 f"split_stats.{split}.labels", "a mapping of label -> {class: count}", labels)
+        ids = st.get("identity_ids", [])
+        _expect(isinstance(ids, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in ids),
+                f"split_stats.{split}.identity_ids", "a list of identity indices", ids)
     for i, pair in enumerate(d.get("pairs", [])):
         _expect(isinstance(pair, Mapping) and pair.get("label") in (0, 1) and not isinstance(pair.get("label"), bool),
                 f"pairs[{i}]", "a mapping with key1, key2 and label 0 or 1", pair)

@@ -116,6 +116,19 @@ class Strategy(abc.ABC):
     def checkpoint_suffix(self) -> str:
         return ".pt"
 
+    def lean_checkpoint(self, latest: Path) -> Any | None:
+        """What best / top-k keep of the ``latest`` checkpoint (saved by the
+        checkpoint manager on rank 0; None: ``latest`` linked as it is). Default:
+        a file without its optimizer state; a folder is linked."""
+        from dist_train.checkpoint import weights_only_of_file
+
+        return weights_only_of_file(latest)
+
+    @property
+    def lean_suffix(self) -> str:
+        """The suffix of best / top-k checkpoints."""
+        return self.checkpoint_suffix
+
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """A consolidated fp32 state dict of the recipe module (every rank calls it;
         a row-sharded head is whole on rank 0)."""

@@ -36,7 +36,8 @@ from dist_train.config import ConfigError
 from dist_train.strategies.deepspeed_rows import RowsBesideEngine
 from dist_train.strategies.base import StepStats, Strategy, StrategyOptions
 from recipes.batch import move_batch
-from recipes.model_file import FormatError, deepspeed_client, deepspeed_client_state
+from recipes.model_file import (FormatError, deepspeed_client, deepspeed_client_state, deepspeed_states_file,
+                                lean_checkpoint, read_deepspeed_states)
 
 log = logging.getLogger("biomtl")
 
@@ -270,6 +271,67 @@ def checked_tag_dir(ckpt_dir: str | Path) -> Path:
     return tag_dir
 
 
+def consolidated_weights(ckpt_dir: Path) -> tuple[Path, Any, Mapping[str, torch.Tensor]]:
+    """(its model-states file, what that file stores (``model_file.StoredModel``),
+    the full weights) of a DeepSpeed checkpoint directory: DeepSpeed's
+    ``zero_to_fp32`` reconstruction of the fp32 master weights under ZeRO 1/2/3;
+    stage 0 has no partition files: the module weights of the states file (in
+    fp32 the trained weights; with bf16/fp16 the 16-bit image of DeepSpeed's
+    fp32 master copy). Every file loads weights-only first; a problem is one
+    :class:`CheckpointLoadError` line naming the file."""
+    import io
+
+    tag_dir = checked_tag_dir(ckpt_dir)
+    model_states = deepspeed_states_file_or_error(tag_dir)
+    try:
+        stored, stage = read_deepspeed_states(load_checkpoint_file(model_states))
+    except FormatError as exc:
+        raise CheckpointLoadError(f"{ckpt_dir}: {exc}") from None
+    if not stage and not list(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        return model_states, stored, stored.model
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    # zero_to_fp32 prints its progress (stdout) and a tqdm bar (stderr): keep them for --debug logs only.
+    chatter = io.StringIO()
+    try:
+        with weights_only_loads(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            model = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag_dir.name)
+    except Exception as exc:  # noqa: BLE001 - a malformed partition set: one line, not zero_to_fp32's traceback
+        log.debug("zero_to_fp32: %s", chatter.getvalue())
+        cause = (str(exc).splitlines() or [""])[0][:200]
+        raise CheckpointLoadError(f"{tag_dir}: DeepSpeed cannot consolidate the ZeRO partitions "
+                                  f"({type(exc).__name__}: {cause})") from None
+    log.debug("zero_to_fp32: %s", chatter.getvalue())
+    # zero_to_fp32 rebuilds what the ZeRO optimizer owned (and buffers, frozen weights); a
+    # row-sharded head's rows live beside it (strategies/deepspeed_rows.py), whole and fp32
+    # in the module weights rank 0 saved
+    model.update({k: v for k, v in stored.model.items() if k not in model})
+    return model_states, stored, model
+
+
+def deepspeed_states_file_or_error(tag_dir: Path) -> Path:
+    try:
+        return deepspeed_states_file(tag_dir)
+    except FormatError as exc:
+        raise CheckpointLoadError(str(exc)) from None
+
+
+def lean_checkpoint_of(ckpt_dir: Path) -> dict[str, Any]:
+    """A DeepSpeed checkpoint directory as best / top-k keep it: the
+    consolidated fp32 weights and the client state (config, data info, loop
+    position) in one file of the layout of a DDP run's lean file
+    (``model_file.lean_checkpoint``), without the ZeRO optimizer partitions
+    that only resuming from ``latest`` needs."""
+    model_states, stored, model = consolidated_weights(ckpt_dir)
+    if stored.client is None:
+        raise CheckpointLoadError(f"{model_states}: no biomtl client state")
+    # clone(): tensors reconstructed from flat ZeRO buffers are views (saving
+    # one would write the whole flat buffer)
+    weights = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous().clone()
+               for k, v in model.items()}
+    return lean_checkpoint(weights, stored.client)
+
+
 # ---------------------------------------------------------------------------
 
 
@@ -402,6 +464,16 @@ class DeepSpeedStrategy(Strategy):
     def checkpoint_suffix(self) -> str:
         return ""  # a directory
 
+    def lean_checkpoint(self, latest: Path) -> Any:
+        # best / top-k: one file of consolidated fp32 weights and the client
+        # state (no ZeRO optimizer partitions: only latest resumes), read from
+        # the folder just written, on rank 0 (no collective).
+        return lean_checkpoint_of(latest)
+
+    @property
+    def lean_suffix(self) -> str:
+        return ".pt"
+
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
         # Collective: every rank writes its own ZeRO partition files. DeepSpeed
         # barriers after rank 0 made the directory (which the manager has
@@ -459,6 +531,6 @@ class DeepSpeedStrategy(Strategy):
         return out
 
 
-__all__ = ["DeepSpeedStrategy", "CheckpointLoadError", "checked_tag_dir", "deepspeed_safe_globals",
-           "fp16_supported_here", "import_deepspeed", "load_checkpoint_file", "load_problem", "weights_only_loads",
-           "TAG"]
+__all__ = ["DeepSpeedStrategy", "CheckpointLoadError", "checked_tag_dir", "consolidated_weights",
+           "deepspeed_safe_globals", "fp16_supported_here", "import_deepspeed", "load_checkpoint_file",
+           "lean_checkpoint_of", "load_problem", "weights_only_loads", "TAG"]

@@ -68,3 +68,27 @@ def test_a_trained_run_keeps_lean_best_and_a_resume_from_it_is_one_line(tmp_path
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "best / top-k checkpoint" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
+def test_folder_checkpoints_keep_lean_files_and_drop_an_older_full_best_folder(tmp_path: Path) -> None:
+    """A strategy whose checkpoints are folders (DeepSpeed) hands the manager what
+    best / top-k keep: files, while latest and periodic/ stay whole folders. A
+    resumed run of an older biomtl had a full ``best`` folder: the new best replaces it."""
+    def write(folder: Path, step: int) -> None:
+        folder.mkdir()
+        torch.save(_trainer_like(step), folder / "state.pt")
+
+    def lean(latest: Path) -> dict:
+        return {k: v for k, v in safe_load(latest / "state.pt").items() if k not in ("optimizer", "scheduler")}
+
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "state.pt").write_bytes(b"older full best")
+    manager = CheckpointManager(tmp_path, CheckpointPolicy("loss", "min", top_k=1, every_steps=1), is_main=True,
+                                suffix="", lean=lean, lean_suffix=".pt")
+    for step, loss in [(1, 3.0), (2, 2.0)]:
+        manager.save(lambda p, s=step: write(p, s), step, {"loss": loss})
+    assert (tmp_path / "latest").is_dir() and (tmp_path / "periodic" / "step_00000002").is_dir()
+    assert [p.name for p in (tmp_path / "topk").iterdir()] == ["step_00000002.pt"]
+    best = tmp_path / "best.pt"
+    assert best.stat().st_ino == (tmp_path / "topk" / "step_00000002.pt").stat().st_ino
+    assert "optimizer" not in safe_load(best) and not (tmp_path / "best").exists()

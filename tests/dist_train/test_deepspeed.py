@@ -227,7 +227,7 @@ def test_resume_latest_ends_with_the_same_weights(runs: dict[str, Path]) -> None
     assert [float(r["loss"]) for r in rows] == [float(r["loss"]) for r in ref]
     ckpt = runs["zero2_resumed"] / "checkpoints"
     assert (ckpt / "latest" / "latest").read_text().strip() == "state"
-    assert (ckpt / "best").is_dir() and not list(ckpt.glob(".staging*"))
+    assert (ckpt / "best.pt").is_file() and not list(ckpt.glob(".staging*"))  # best / top-k: weights-only files
 
 
 # ---------------------------------------------------------------------------

@@ -67,5 +67,74 @@ def test_face_verification_cnn_on_orl_reports_eer_and_strict_json(tmp_path: Path
     assert final["test_gender_acc"] is None
     assert final["not_computed"]["test_gender_acc"] == "no gender labels in the split"
     assert final["not_computed"]["test_twin_eer"] == "no co-twin impostor pairs"
+    assert final["test_identity_top1"] is None                      # was 0.0: no test identity is trained on
+    assert final["not_computed"]["test_identity_top1"].startswith("identity-disjoint split")
     shown = capsys.readouterr()
     assert "n/a: no gender labels in the split" in shown.out + shown.err  # the table (rich wraps long rows)
+
+
+def test_identity_metrics_of_an_identity_disjoint_split_say_why_not_zero() -> None:
+    """Test identities the classifier never trained on: top-1 would be 0.0 whatever the
+    model; it is not computed, with the reason, and null in JSON. Rows of trained
+    identities alone count where a split mixes both."""
+    import torch
+
+    from recipes.facecom import FaceComMetrics
+
+    def run(identities: list[int]) -> dict:
+        metrics = FaceComMetrics(trained=[0, 1, 2])
+        logits = torch.zeros(len(identities), 6)
+        logits[torch.arange(len(identities)), torch.tensor(identities)] = 5.0   # always right
+        metrics.update({"gender_logits": torch.zeros(len(identities), 2), "identity_logits": logits},
+                       {"identity": torch.tensor(identities), "gender": torch.tensor([0, 1] * (len(identities) // 2))})
+        return FaceComMetrics.compute([metrics.state()])
+
+    disjoint = run([3, 4, 5, 3])
+    assert isinstance(disjoint["identity_top1"], NotComputed) and "identity-disjoint" in disjoint["identity_top1"].reason
+    assert strict_json(json_text(disjoint))["identity_top1"] is None
+    assert not_computed_reasons(disjoint)["identity_macro_f1"] == disjoint["identity_top1"].reason
+    assert disjoint["gender_acc"] == 0.5                                  # the other metrics as before
+    mixed = run([0, 4, 1, 5])
+    assert mixed["identity_top1"] == 1.0 and mixed["identity_top5"] == 1.0   # over identities 0 and 1 only
+    assert run([0, 1, 2, 0])["identity_top1"] == 1.0
+
+
+def test_the_training_split_identities_reach_the_recipe(tmp_path: Path) -> None:
+    """``biomtl shards create`` records each split's identity labels; the trainer's
+    DataInfo carries the training split's (None for a manifest without them)."""
+    from shards.manifest import DataInfo, Manifest
+    from dist_train.cli import main as biomtl
+
+    out = tmp_path / "syn"
+    assert biomtl(["shards", "create", "--format", "synthetic", "--identities", "6", "--samples", "2", "--size", "16",
+                   "--splits", "train=0.5,test=0.5", "--split-by", "identity", "--seed", "1",
+                   "--output", str(out)]) == 0
+    manifest = Manifest.load(out)
+    train = set(manifest.data_info("train").trained_identities)
+    test = set(manifest.data_info("test").trained_identities)
+    assert train and test and not train & test and train | test == set(range(6))
+    assert manifest.data_info().trained_identities is None
+    stored = DataInfo.from_dict(manifest.data_info("train").to_dict())
+    assert set(stored.trained_identities) == train
+    assert DataInfo.from_dict({**stored.to_dict(), "trained_identities": None}).trained_identities is None
+
+
+def test_photometric_identity_top1_of_an_identity_disjoint_split_says_why() -> None:
+    import torch
+
+    from recipes.photometric import PhotometricMetrics
+
+    def run(identities: list[int]) -> dict:
+        metrics = PhotometricMetrics(["gender"], verification=False, trained=[0, 1])
+        n = len(identities)
+        logits = torch.zeros(n, 4)
+        logits[torch.arange(n), torch.tensor(identities)] = 5.0                  # always right
+        metrics.update({"identity_logits": logits, "gender_logits": torch.zeros(n, 2)},
+                       {"identity": torch.tensor(identities), "gender": torch.zeros(n, dtype=torch.long)})
+        return PhotometricMetrics.compute([metrics.state()])
+
+    disjoint = run([2, 3, 2])
+    assert isinstance(disjoint["identity_top1"], NotComputed) and "identity-disjoint" in disjoint["identity_top1"].reason
+    assert strict_json(json_text(disjoint))["identity_top1"] is None
+    assert disjoint["score"] == disjoint["gender_acc"] == 1.0                  # the attributes alone
+    assert run([0, 3, 1])["identity_top1"] == 1.0                               # trained identities only

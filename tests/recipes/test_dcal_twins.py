@@ -220,6 +220,36 @@ def test_mlflow_tracking(tmp_path, monkeypatch):
         assert Path(r.info.artifact_uri.removeprefix("file://")).is_relative_to(out.resolve())
 
 
+def test_mlflow_holds_the_pictures_of_each_validation(tmp_path, monkeypatch):
+    """As TensorBoard: every PNG a validation wrote is an MLflow image at that
+    validation's step (the plots at both validations), the report's at the end;
+    read back with MLflow's own client."""
+    if os.environ.get("CI") != "true":      # the dev extra installs it, so CI runs this test
+        pytest.importorskip("mlflow", reason="optional extra: pip install mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    from dist_train.main import train
+
+    train(load_config(CONFIG, dcal_overrides(tmp_path, logging__tracking="mlflow", train__max_steps=4,
+                                             train__val_every_steps=2, logging__plot="true")), None)
+    (run,) = (p for p in (tmp_path / "runs").iterdir() if p.name.startswith("dcal_twins_"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{(tmp_path / 'runs' / 'mlflow.db').resolve()}")
+    (found,) = client.search_runs([client.get_experiment_by_name("dcal_twins").experiment_id])
+    steps: dict[str, set[int]] = {}
+    for art in client.list_artifacts(found.info.run_id, "images"):
+        name = Path(art.path).name          # <key with / as ~>+step+<step>+timestamp+<ms>+<uuid>.png
+        if name.endswith(".png") and "+step+" in name:
+            key, _, rest = name.partition("+step+")
+            steps.setdefault(key.replace("~", "/"), set()).add(int(rest.split("+")[0]))
+    assert steps["pictures/plots/latest"] == {2, 4}                # at each validation, not only at the end
+    assert steps["pictures/eval/test/roc"] == {4}
+    local = client.download_artifacts(found.info.run_id, next(
+        a.path for a in client.list_artifacts(found.info.run_id, "images") if "eval~test~roc+step+4" in a.path
+        and a.path.endswith(".png")), str(tmp_path / "back"))
+    assert Image.open(local).size == Image.open(run / "eval" / "test" / "roc.png").size
+
+
 def test_mlflow_missing_is_a_one_line_config_error(monkeypatch):
     real_import = builtins.__import__
 

@@ -19,6 +19,7 @@ BAD_FIELDS = [
      "'image_stats.vis.png.mean' must be a list of numbers, got str"),
     ({"image_stats": {"vis.png": {"width": 3}}}, "'image_stats.vis.png.width' must be a mapping of numbers"),
     ({"split_stats": {"train": {"labels": ["gender"]}}}, "'split_stats.train.labels' must be a mapping"),
+    ({"split_stats": {"train": {"identity_ids": [0, "1"]}}}, "'split_stats.train.identity_ids' must be a list of identity indices"),
     ({"identities": "abc"}, "'identities' must be a list, got str"),
     ({"twin_pairs": [[0]]}, "'twin_pairs[0]' must be two identity indices"),
     ({"label_schemas": {"gender": "mf"}}, "'label_schemas.gender' must be a list of class names"),
