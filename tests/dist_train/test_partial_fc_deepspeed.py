@@ -11,7 +11,6 @@ limit (ZeRO cannot re-partition its optimizer state): one line at start.
 """
 from __future__ import annotations
 
-import csv
 import os
 import shutil
 import subprocess
@@ -24,12 +23,11 @@ from dist_train.checkpoint import safe_load
 from dist_train.config import ConfigError
 from dist_train.preflight import load_checked_config
 from tests.conftest import PYTHON, REPO, tiny_overrides
-from tests.dist_train.test_deepspeed import COMMON
+from tests.dist_train.test_deepspeed import COMMON, _ds, _rows, _run_dir
 
 pytestmark = pytest.mark.integration
 
 CONFIG = REPO / "configs" / "facecom.yaml"
-DS_CONFIGS = REPO / "configs" / "deepspeed"
 IDENTITIES = 8  # tiny_overrides' synthetic identities
 HEAD = "identity_head.weight"
 # sample_rate 0.5: the negatives drawn from (seed, draws, rank) are the same under both strategies
@@ -57,21 +55,6 @@ def _launch(tmp: Path, *extra: str, ranks: int = 2, **overrides: object) -> subp
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
-
-
-def _ds(name: str) -> dict[str, str]:
-    return dict(train__strategy="deepspeed", deepspeed__config=str(DS_CONFIGS / name))
-
-
-def _run_dir(tmp: Path) -> Path:
-    runs = sorted((tmp / "runs").iterdir())
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def _rows(run: Path) -> list[dict[str, str]]:
-    with (run / "logs" / "train_logs.csv").open() as fh:
-        return list(csv.DictReader(fh))
 
 
 def _model(path: Path) -> dict[str, torch.Tensor]:
