@@ -254,11 +254,11 @@ def zero_stage(ds_json: Mapping[str, Any] | None) -> int:
 
 
 def wanted(mode: str, strategy: str, ds_json: Mapping[str, Any] | None, world: int) -> bool:
-    """``train.low_memory_build`` for this run: 'auto' and 'on' build sliced under FSDP2 and
-    ZeRO-3 with more than one rank ('on' with another strategy is refused by the config
-    checks); 'off' builds the whole model on every rank."""
+    """``train.low_memory_build`` for this run: 'auto' and 'always' build sliced under FSDP2
+    and ZeRO-3 with more than one rank ('always' with another strategy is refused by the
+    config checks); 'never' builds the whole model on every rank."""
     sharded = strategy == "fsdp" or (strategy == "deepspeed" and zero_stage(ds_json) == 3)
-    return mode != "off" and sharded and world > 1
+    return mode != "never" and sharded and world > 1
 
 
 def build_partitioned(build: Callable[[], nn.Module], rank: int, world: int,

@@ -171,3 +171,28 @@ def test_fsdp2_and_zero3_take_a_sliced_build_over_with_the_whole_builds_weights(
         assert r["released"], f"{key}: slices left after the strategy took the parameters"
         assert r["keys"], key
         assert r["diff"] == [], f"{key}: {r['diff']}"
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["train.low_memory_build=always"], "train.low_memory_build: 'always' needs train.strategy=fsdp or deepspeed"),
+    (["train.low_memory_build=always", "train.strategy=deepspeed",
+      f"deepspeed.config={REPO / 'configs' / 'deepspeed' / 'zero2.json'}"],
+     "train.low_memory_build: 'always' needs ZeRO stage 3"),
+    (["train.low_memory_build=yes"], "train.low_memory_build"),
+])
+def test_on_where_nothing_is_sliced_is_one_line(overrides: list[str], fragment: str) -> None:
+    from dist_train.config import ConfigError
+    from dist_train.preflight import load_checked_config
+
+    with pytest.raises(ConfigError) as info:
+        load_checked_config(REPO / "configs" / "facecom.yaml", overrides)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_auto_slices_under_fsdp_and_zero3_only_with_several_ranks() -> None:
+    from dist_train.low_memory_build import wanted
+
+    zero3, zero2 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 2}}
+    assert wanted("auto", "fsdp", None, 2) and wanted("auto", "deepspeed", zero3, 4) and wanted("always", "fsdp", None, 2)
+    assert not wanted("auto", "deepspeed", zero2, 2) and not wanted("auto", "ddp", None, 2)
+    assert not wanted("never", "fsdp", None, 2) and not wanted("auto", "fsdp", None, 1)
