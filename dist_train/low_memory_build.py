@@ -11,9 +11,10 @@ the CUDA generator. A meta build draws nothing. So the recipe's
 ``build_model()`` runs exactly as in the ordinary build (CPU, default
 generator, same order of draws), and only where the parameters live changes:
 
-- a parameter is *whole* while its module is being built; once a module is
-  attached to its parent (a module registration hook) the whole parameters
-  nobody else references are cut to this rank's flat slice (DeepSpeed's
+- a parameter is *whole* while its module is being built; whenever a module
+  is attached to its parent (a module registration hook: its constructor has
+  returned) the whole parameters nobody else references are cut to this
+  rank's flat slice (DeepSpeed's
   layout: ``ceil(numel / world)`` elements, the last slice zero-padded) and
   the parameter keeps a one-element placeholder expanded to its shape (shape,
   dtype and device stay right; an in-place write to it outside this build fails
@@ -42,7 +43,7 @@ import logging
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist

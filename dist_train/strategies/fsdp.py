@@ -16,6 +16,11 @@ strategies do, done the FSDP2 way:
   resharded on load at another world size; ``export_state_dict`` gathers the
   full fp32 state dict (``biomtl export`` reads the directory without a group).
 
+With ``train.low_memory_build`` (auto) the model arrives built with its
+parameters sliced over the ranks (:mod:`dist_train.low_memory_build`): they
+are replaced by meta-device ones, sharded, and each shard filled from the
+built value one parameter at a time, so no rank holds the whole model.
+
 The whole recipe model is one FSDP unit (``fully_shard`` on the root): a
 recipe's own methods (``embed``...) and submodules called outside its forward
 need the parameters gathered, which :meth:`FSDPStrategy.gathered` provides.
@@ -94,8 +99,11 @@ def _fill_shards(model: nn.Module, built: dict[str, nn.Parameter], partitions: P
     and copy each built parameter's whole value into them, one parameter at a time."""
     buffers = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
     model.to_empty(device=device)
+    moved: dict[int, torch.Tensor] = {}  # a buffer two modules share stays one tensor
     for module, name, buffer in buffers:
-        module._buffers[name] = buffer.to(device)
+        if id(buffer) not in moved:
+            moved[id(buffer)] = buffer.to(device)
+        module._buffers[name] = moved[id(buffer)]
     for name, param in built.items():
         _write_shard(model.get_parameter(name), partitions.full(param))
         partitions.release(param)

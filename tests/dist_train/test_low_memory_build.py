@@ -4,7 +4,6 @@ and each rank holds about 1/world of them; FSDP2 and ZeRO-3 take it over. Two gl
 ranks on the CPU (torch.multiprocessing), compared with a whole build in the same process."""
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -52,8 +51,8 @@ MODELS = {
     "vit": lambda: _timm("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=7),
     # named_apply with the head's weights scaled afterwards
     "convnext": lambda: _timm("convnext_atto", num_classes=7),
-    # a loop over every module after the whole network is built
-    "efficientnet": lambda: _timm("efficientnet_b0", num_classes=7),
+    # a loop over every module after the whole network is built (timm's efficientnet_init_weights)
+    "mobilenetv3": lambda: _timm("mobilenetv3_small_050", num_classes=7),
     "alias": AliasInit,
 }
 
