@@ -223,7 +223,8 @@ class Partitions(TorchFunctionMode):
         local = record.local.to(self.comm_device)
         out = torch.empty(local.numel() * self.world, dtype=local.dtype, device=self.comm_device)
         _all_gather(out, local, group=self.group)
-        return out[:p.numel()].view(p.shape).to("cpu", copy=out.device.type == "cpu")
+        # (a view: a copy without the padding would hold the whole parameter twice for a moment)
+        return out[:p.numel()].view(p.shape).to("cpu")
 
     # -- for the strategies ------------------------------------------------
     def is_sliced(self, param: torch.Tensor) -> bool:
