@@ -223,8 +223,7 @@ class Partitions(TorchFunctionMode):
         local = record.local.to(self.comm_device)
         out = torch.empty(local.numel() * self.world, dtype=local.dtype, device=self.comm_device)
         _all_gather(out, local, group=self.group)
-        # (a view: a copy without the padding would hold the whole parameter twice for a moment)
-        return out[:p.numel()].view(p.shape).to("cpu")
+        return out[:p.numel()].view(p.shape).to("cpu", copy=out.device.type == "cpu")
 
     # -- for the strategies ------------------------------------------------
     def is_sliced(self, param: torch.Tensor) -> bool:
