@@ -223,6 +223,7 @@ class Partitions(TorchFunctionMode):
         local = record.local.to(self.comm_device)
         out = torch.empty(local.numel() * self.world, dtype=local.dtype, device=self.comm_device)
         _all_gather(out, local, group=self.group)
+        # (a copy: gloo keeps a reference to its output buffer, a view of it would never look unshared)
         return out[:p.numel()].view(p.shape).to("cpu", copy=out.device.type == "cpu")
 
     # -- for the strategies ------------------------------------------------
