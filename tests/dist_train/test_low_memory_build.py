@@ -195,3 +195,52 @@ def test_auto_slices_under_fsdp_and_zero3_only_with_several_ranks() -> None:
     assert wanted("auto", "fsdp", None, 2) and wanted("auto", "deepspeed", zero3, 4) and wanted("always", "fsdp", None, 2)
     assert not wanted("auto", "deepspeed", zero2, 2) and not wanted("auto", "ddp", None, 2)
     assert not wanted("never", "fsdp", None, 2) and not wanted("auto", "fsdp", None, 1)
+
+
+def _recipe(name: str, cache: Path):
+    """The recipe of ``tests/recipes/test_compile_steps.py``'s tiny config ``name`` (its synthetic data cached)."""
+    from dist_train.config import load_config, recipe_params, synthetic_spec
+    from recipes.base import get_recipe
+    from shards.manifest import Manifest
+    from shards.synthetic import ensure_synthetic
+    from tests.recipes.test_compile_steps import COMMON, RECIPES
+
+    config, extra = RECIPES[name]
+    values = {**COMMON, "experiment.output_dir": str(cache / "runs"), "data.synthetic.cache_dir": str(cache), **extra}
+    cfg = load_config(REPO / "configs" / config, [f"{k}={v}" for k, v in values.items()])
+    data = ensure_synthetic(Path(cfg.data.synthetic.cache_dir), synthetic_spec(cfg))
+    return get_recipe(cfg.recipe.name)(recipe_params(cfg), Manifest.load(data).data_info())
+
+
+def _recipes_worker(rank: int, store: str, cache: str, out: str) -> None:
+    from dist_train.low_memory_build import build_partitioned
+    from tests.recipes.test_compile_steps import RECIPES
+
+    _init(rank, store)
+    report = {}
+    for name in RECIPES:
+        recipe = _recipe(name, Path(cache))
+        torch.manual_seed(0)
+        whole = recipe.build_model()
+        expected = {k: v.clone() for k, v in whole.state_dict(keep_vars=False).items()}
+        del whole
+        torch.manual_seed(0)
+        model, parts = build_partitioned(recipe.build_model, rank, WORLD, torch.device("cpu"))
+        report[name] = [k for k, p in model.named_parameters() if not torch.equal(parts.full(p), expected[k])]
+    torch.save(report, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration  # every recipe's model, two processes
+def test_every_recipe_builds_sliced_with_its_whole_weights(tmp_path: Path) -> None:
+    from tests.recipes.test_compile_steps import RECIPES
+
+    cache = tmp_path / "data"
+    for name in RECIPES:  # the synthetic data once, before the ranks start
+        _recipe(name, cache)
+    mp.spawn(_recipes_worker, args=(f"file://{tmp_path}/store", str(cache), str(tmp_path / "report")),
+             nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        report = torch.load(f"{tmp_path / 'report'}.{rank}", weights_only=True)
+        assert set(report) == set(RECIPES)
+        assert {k: v for k, v in report.items() if v} == {}, f"rank {rank}"
