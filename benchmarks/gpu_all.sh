@@ -33,6 +33,9 @@ cpu_only=""
 if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then cpu_only="CUDA_VISIBLE_DEVICES="; fi
 env $cpu_only OMP_NUM_THREADS=4 "$PY" benchmarks/memory.py --strategy ddp zero3 fsdp --json "$OUT/memory.json" \
     2>&1 | tee "$OUT/memory.log"
+# the same with ZeRO-3 / FSDP2 building the model whole on every rank (train.low_memory_build=never)
+env $cpu_only OMP_NUM_THREADS=4 "$PY" benchmarks/memory.py --strategy ddp zero3 fsdp --low-memory-build never \
+    --json "$OUT/memory_whole_build.json" 2>&1 | tee "$OUT/memory_whole_build.log"
 # FSDP2's step on one GPU beside facecom_default's DDP step (same config; one rank: the sharding
 # itself costs nothing here, the policy's bf16 weight copies and the unshard/reshard hooks do)
 run facecom_default_fsdp configs/facecom.yaml train.strategy=fsdp

@@ -21,15 +21,19 @@ storage (views into DeepSpeed's flat buffers share one storage):
   data and activations included); peak RSS: ``resource.getrusage`` maxrss,
   which also holds initialisation transients and memory the allocator did
   not give back; build peak rise: how far the peak RSS rose over building the
-  model as the trainer builds it (every strategy builds it whole on every
-  rank, ``zero.Init`` / meta-device builds are not used), the peak reset just before (``/proc/self/clear_refs``); on CUDA also the
-  peak CUDA memory of the build. The ranks run with a fixed glibc mmap
+  model as the trainer builds it (``dist_train.low_memory_build.build_model``:
+  DDP builds it whole on every rank; FSDP2 and ZeRO-3 with
+  ``train.low_memory_build=auto`` slice each parameter over the ranks as its
+  module is built, ``--low-memory-build never`` builds it whole there too), the
+  peak reset just before (``/proc/self/clear_refs``); on CUDA also the
+  peak CUDA memory of the build (the build itself runs on the CPU). The ranks run with a fixed glibc mmap
   threshold (``MALLOC_MMAP_THRESHOLD_=131072``; the dynamic one keeps freed
   large tensors in the heap, which the peak would then count). DDP's C++ reducer buckets (one more
   gradient-sized buffer) are not visible to the census but are in the RSS.
 
     python benchmarks/memory.py                      # fp32 and bf16, prints a markdown table
     python benchmarks/memory.py --precision fp32 --steps 2 --json out.json
+    python benchmarks/memory.py --strategy ddp zero3 fsdp --precision fp32 --low-memory-build never  # whole builds
 """
 from __future__ import annotations
 
@@ -166,10 +170,12 @@ def worker(args: argparse.Namespace) -> None:
     from recipes.base import DataInfo, get_recipe
     from dist_train.schedulers import build_scheduler
     from dist_train.strategies import build_strategy
+    from dist_train.low_memory_build import build_model
     from dist_train.trainer import build_optimizer, strategy_options
     from launch.env import detect
 
     overrides = [f"train.precision={args.precision}", f"data.batch_size={args.batch_size}",
+                 f"train.low_memory_build={args.low_memory_build}",
                  "train.optimizer=adamw", "recipe.params.backbone=resnet50", "recipe.params.img_size=64"]
     if args.strategy == "fsdp":
         overrides += ["train.strategy=fsdp"]
@@ -199,7 +205,8 @@ def worker(args: argparse.Namespace) -> None:
         reset = _reset_peak_rss()
         if ctx.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        model = recipe.build_model()
+        model, partitions = build_model(recipe.build_model, cfg.train.low_memory_build, cfg.train.strategy,
+                                        options.deepspeed_json, ctx.rank, ctx.world_size, ctx.device)
         build = {"build peak rise": _status_mib("VmHWM") - build_from if reset else float("nan")}
         if ctx.device.type == "cuda":
             build["build peak CUDA"] = torch.cuda.max_memory_allocated() / MiB
@@ -207,7 +214,7 @@ def worker(args: argparse.Namespace) -> None:
         strategy = build_strategy(cfg.train.strategy, model=model, device=ctx.device,
                                   make_optimizer=build_optimizer(cfg, recipe),
                                   make_scheduler=lambda opt: build_scheduler(cfg.train.scheduler, opt, 100),
-                                  options=options)
+                                  options=options, **({"partitions": partitions} if partitions else {}))
         strategy.train()
         g = torch.Generator().manual_seed(ctx.rank)
         measured: dict[str, float] = {}
@@ -228,16 +235,17 @@ def worker(args: argparse.Namespace) -> None:
         rows = distributed.all_gather_objects(measured)
         if ctx.is_main:
             Path(args.json).write_text(json.dumps({"strategy": args.strategy, "precision": args.precision,
+                                                   "build": "sliced" if partitions is not None else "whole",
                                                    "params": n_params, "world": dist.get_world_size(),
                                                    "ranks": rows}))
 
 
-def launch(strategy: str, precision: str, steps: int, batch_size: int) -> dict[str, Any]:
+def launch(strategy: str, precision: str, steps: int, batch_size: int, low_memory_build: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "m.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                "--worker", "--strategy", strategy, "--precision", precision, "--steps", str(steps),
-               "--batch-size", str(batch_size), "--json", str(out)]
+               "--batch-size", str(batch_size), "--low-memory-build", low_memory_build, "--json", str(out)]
         # A fixed mmap threshold: glibc's dynamic one rises after large frees, and the
         # freed per-module tensors of a ZeRO-3 build then stay in the heap, counted as peak
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
@@ -251,9 +259,9 @@ def launch(strategy: str, precision: str, steps: int, batch_size: int) -> dict[s
 def table(results: list[dict[str, Any]]) -> str:
     """Rank 0's numbers; in brackets, the ratio to DDP's at the same precision."""
     cols = ["parameters", "gradients", "optimizer state", "fp32 master", "buffers"]
-    lines = ["| strategy | precision | " + " | ".join(f"{c} MiB" for c in cols)
+    lines = ["| strategy | precision | build | " + " | ".join(f"{c} MiB" for c in cols)
              + " | sum MiB | RSS at step MiB | peak RSS MiB | build peak rise MiB |",
-             "|---|---|" + "---:|" * (len(cols) + 4)]
+             "|---|---|---|" + "---:|" * (len(cols) + 4)]
     base: dict[str, dict[str, float]] = {}
     for r in results:
         rank0 = dict(r["ranks"][0])
@@ -267,7 +275,8 @@ def table(results: list[dict[str, Any]]) -> str:
                 return f"{rank0[key]:.1f}"
             return f"{rank0[key]:.1f} ({rank0[key] / ref[key]:.2f})"
 
-        lines.append(f"| {r['strategy']} | {r['precision']} | " + " | ".join(cell(c) for c in cols + ["all"])
+        lines.append(f"| {r['strategy']} | {r['precision']} | {r.get('build', 'whole')} | "
+                     + " | ".join(cell(c) for c in cols + ["all"])
                      + f" | {rank0['RSS at step']:.0f} | {rank0['peak RSS']:.0f} | {cell('build peak rise')} |")
     return "\n".join(lines)
 
@@ -281,6 +290,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--identities", type=int, default=1000)
+    parser.add_argument("--low-memory-build", choices=["auto", "never"], default="auto",
+                        help="train.low_memory_build for FSDP2 / ZeRO-3 (auto: sliced build; never: whole)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.worker:
@@ -290,7 +301,7 @@ def main() -> None:
     results = []
     for precision in [args.precision] if args.precision else ["fp32", "bf16"]:
         for strategy in args.strategy or list(STRATEGIES):
-            r = launch(strategy, precision, args.steps, args.batch_size)
+            r = launch(strategy, precision, args.steps, args.batch_size, args.low_memory_build)
             print(f"{strategy}/{precision}: {r['params'] / 1e6:.1f} M params, rank 0: "
                   + ", ".join(f"{k} {v:.1f}" for k, v in r["ranks"][0].items()), flush=True)
             results.append(r)

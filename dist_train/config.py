@@ -143,6 +143,12 @@ class TrainConfig:
     compile: bool = False
     # conv nets: weights and 4-D image batches in channels-last (NHWC), faster with bf16 on GPUs
     channels_last: bool = False
+    # FSDP2 / ZeRO-3: build the model with each parameter sliced over the ranks as soon as its
+    # module is built (peak about 1/world of the model; the same initial weights, bit for bit).
+    # (values YAML keeps as text: 'on'/'off' would read as booleans)
+    # auto: with fsdp and ZeRO stage 3 at world > 1; always: the same, any other strategy refused;
+    # never: every rank builds it whole
+    low_memory_build: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass
@@ -581,6 +587,9 @@ def validate(cfg: Config, start: bool = True) -> None:
     if cfg.train.strategy == "deepspeed" and (cfg.train.compile or cfg.train.channels_last):
         raise ConfigError("train.compile / train.channels_last: supported with train.strategy=ddp "
                           "(DeepSpeed has its own compile setting in its JSON config)")
+    if cfg.train.low_memory_build == "always" and cfg.train.strategy == "ddp":
+        raise ConfigError("train.low_memory_build: 'always' needs train.strategy=fsdp or deepspeed with ZeRO stage 3 "
+                          "(DDP keeps the whole model on every rank); use auto or never")
     if cfg.train.strategy == "fsdp" and cfg.train.channels_last:
         raise ConfigError("train.channels_last: supported with train.strategy=ddp (FSDP shards parameters along "
                           "their first dimension)")

@@ -561,10 +561,14 @@ def check_deepspeed_config(cfg: Config, world_size: int | None = None) -> None:
 
     Called by :func:`load_checked_config` (before any process group);
     ``world_size`` defaults to the launcher's (torchrun / SLURM / 1)."""
+    from dist_train.low_memory_build import zero_stage
     from dist_train.strategies.deepspeed import fp16_supported_here
     from launch.env import detect
 
-    deepspeed_json(cfg, detect().world_size if world_size is None else world_size)
+    ds = deepspeed_json(cfg, detect().world_size if world_size is None else world_size)
+    if cfg.train.low_memory_build == "always" and zero_stage(ds) != 3:
+        raise ConfigError(f"train.low_memory_build: 'always' needs ZeRO stage 3 (deepspeed.config {cfg.deepspeed.config} "
+                          f"has stage {zero_stage(ds)}: every rank keeps the whole model); use auto or never")
     if resolved_precision(cfg) == "fp16" and not fp16_supported_here():
         raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
                           "refuses fp16 on this CPU (no oneDNN fp16): use train.precision=bf16 or fp32")

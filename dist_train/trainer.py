@@ -19,6 +19,7 @@ from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, 
                                    experiment_runs, rng_state, safe_load, set_rng_state, staging_owner)
 from dist_train.config import Config, ConfigError, config_changes, resolved_config_dict, validates
 from dist_train.distributed import DistContext
+from dist_train.low_memory_build import build_model
 from dist_train.picture_draw import PictureDraw
 from dist_train.precision import Precision, resolve_precision
 from dist_train.rank_report import LoaderWait, StepTimer, straggler
@@ -126,11 +127,14 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.precision = Precision(resolve_precision(cfg.train.precision, ctx.device), ctx.device.type)
         recipe.train_forwards = run_forwards(self.total_steps, self.batches_per_epoch, accum)
-        model = recipe.build_model()
+        options = strategy_options(cfg, self.precision, ctx.world_size)
+        # FSDP2 / ZeRO-3: parameters sliced over the ranks while they are built (train.low_memory_build)
+        model, partitions = build_model(recipe.build_model, cfg.train.low_memory_build, cfg.train.strategy,
+                                        options.deepspeed_json, ctx.rank, ctx.world_size, ctx.device)
         self.strategy: Strategy = build_strategy(
             cfg.train.strategy, model=model, device=ctx.device, make_optimizer=build_optimizer(cfg, recipe),
             make_scheduler=lambda opt: build_scheduler(cfg.train.scheduler, opt, self.total_steps),
-            options=strategy_options(cfg, self.precision, ctx.world_size))
+            options=options, **({"partitions": partitions} if partitions is not None else {}))
         self.checkpoints = CheckpointManager(
             checkpoint_path(run_dir).parent,
             CheckpointPolicy(cfg.checkpoint.monitor, cfg.checkpoint.mode, cfg.checkpoint.top_k,

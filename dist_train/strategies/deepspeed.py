@@ -33,6 +33,7 @@ from torch import nn
 
 from dist_train import row_shards
 from dist_train.config import ConfigError
+from dist_train.low_memory_build import Partitions
 from dist_train.strategies.deepspeed_rows import RowsBesideEngine
 from dist_train.strategies.base import StepStats, Strategy, StrategyOptions
 from recipes.batch import move_batch
@@ -335,6 +336,32 @@ def lean_checkpoint_of(ckpt_dir: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
+def to_zero3_partitions(model: nn.Module, partitions: Partitions, ds_json: Mapping[str, Any],
+                        precision_name: str) -> None:
+    """Make every parameter of a model built by :mod:`dist_train.low_memory_build` a ZeRO-3
+    parameter, one whole parameter at a time, as the engine does with a model built whole
+    (cast to the 16-bit dtype, moved to the device, broadcast from rank 0, partitioned:
+    ``deepspeed.zero.Init(module=...)``); the engine then takes them as a ``zero.Init`` model."""
+    deepspeed = import_deepspeed()
+    # DeepSpeed's communication wrapper around the toolkit's process group (initialize makes it too)
+    deepspeed.init_distributed(dist_init_required=False, auto_mpi_discovery=False, verbose=False)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_name)
+    first: nn.Parameter | None = None
+    for p in model.parameters():
+        whole = partitions.full(p)
+        if dtype is not None and whole.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            whole = whole.to(dtype)  # the engine's own cast of a model built whole (params only)
+        p.data = whole
+        partitions.release(p)
+        if first is None:
+            holder = nn.Module()
+            holder.register_parameter("p", p)
+            deepspeed.zero.Init(module=holder, config_dict_or_path=json.loads(json.dumps(ds_json)))
+            first = p
+        else:
+            first.convert_to_zero_parameters([p])  # the same Init settings
+
+
 class DeepSpeedStrategy(Strategy):
     """A DeepSpeed engine driven by the toolkit's trainer loop.
 
@@ -345,7 +372,11 @@ class DeepSpeedStrategy(Strategy):
 
     def __init__(self, model: nn.Module, device: torch.device,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 make_scheduler: Callable[[torch.optim.Optimizer], Any], options: StrategyOptions):
+                 make_scheduler: Callable[[torch.optim.Optimizer], Any], options: StrategyOptions,
+                 partitions: Partitions | None = None):
+        """``partitions``: the model was built with its parameters sliced over the ranks
+        (:mod:`dist_train.low_memory_build`, ZeRO-3 only); they become ZeRO-3 partitions
+        one whole parameter at a time."""
         if options.deepspeed_json is None:
             raise ValueError("DeepSpeedStrategy needs options.deepspeed_json (preflight.deepspeed_json)")
         deepspeed = import_deepspeed()
@@ -356,6 +387,8 @@ class DeepSpeedStrategy(Strategy):
             raise ConfigError("train.precision: fp16 with train.strategy=deepspeed needs a CUDA GPU; DeepSpeed "
                               "refuses fp16 on this CPU: use train.precision=bf16 or fp32")
         self.ds_config = json.loads(json.dumps(options.deepspeed_json))  # a deep copy: DeepSpeed may edit it
+        if partitions is not None:
+            to_zero3_partitions(model, partitions, self.ds_config, precision.name)
         model.to(device)
         self._module = model
         if precision.name in ("bf16", "fp16"):
@@ -531,6 +564,6 @@ class DeepSpeedStrategy(Strategy):
         return out
 
 
-__all__ = ["DeepSpeedStrategy", "CheckpointLoadError", "checked_tag_dir", "consolidated_weights",
-           "deepspeed_safe_globals", "fp16_supported_here", "import_deepspeed", "load_checkpoint_file",
-           "lean_checkpoint_of", "load_problem", "weights_only_loads", "TAG"]
+__all__ = ["DeepSpeedStrategy", "to_zero3_partitions", "CheckpointLoadError", "checked_tag_dir",
+           "consolidated_weights", "deepspeed_safe_globals", "fp16_supported_here", "import_deepspeed",
+           "load_checkpoint_file", "lean_checkpoint_of", "load_problem", "weights_only_loads", "TAG"]

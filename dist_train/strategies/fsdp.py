@@ -16,6 +16,11 @@ strategies do, done the FSDP2 way:
   resharded on load at another world size; ``export_state_dict`` gathers the
   full fp32 state dict (``biomtl export`` reads the directory without a group).
 
+With ``train.low_memory_build`` (auto) the model arrives built with its
+parameters sliced over the ranks (:mod:`dist_train.low_memory_build`): they
+are replaced by meta-device ones, sharded, and each shard filled from the
+built value one parameter at a time, so no rank holds the whole model.
+
 The whole recipe model is one FSDP unit (``fully_shard`` on the root): a
 recipe's own methods (``embed``...) and submodules called outside its forward
 need the parameters gathered, which :meth:`FSDPStrategy.gathered` provides.
@@ -33,6 +38,7 @@ from torch import nn
 from dist_train.checkpoint import atomic_save, safe_load
 from dist_train.strategies.base import Strategy, StepStats, StrategyOptions, scaled_update
 from dist_train.strategies.dcp_files import CheckedReader, weights_only_loads
+from dist_train.low_memory_build import Partitions
 from recipes.batch import move_batch
 from recipes.model_file import dcp_parts, dcp_state, dcp_trainer_file, read_trainer_state, trainer_checkpoint
 
@@ -69,6 +75,40 @@ def _write_shard(sharded: torch.Tensor, full: torch.Tensor) -> None:
         local.copy_(part.to(local.dtype))
 
 
+def _params_to_meta(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Replace the parameters of a sliced build by meta-device ones of the same shapes
+    (``fully_shard`` wants contiguous parameters; on meta it makes shards without
+    values); returns the built parameters by name (a tied one keeps one meta twin)."""
+    built = dict(model.named_parameters())
+    twins: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in twins:
+                twin = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=p.requires_grad)
+                twin.__dict__.update({k: v for k, v in p.__dict__.items() if not k.startswith("_biomtl_slice")})
+                twins[id(p)] = twin
+            module._parameters[name] = twins[id(p)]
+    return built
+
+
+def _fill_shards(model: nn.Module, built: dict[str, nn.Parameter], partitions: Partitions,
+                 device: torch.device) -> None:
+    """Allocate this rank's shards (``to_empty``; the buffers are kept as they were built)
+    and copy each built parameter's whole value into them, one parameter at a time."""
+    buffers = [(m, n, b) for m in model.modules() for n, b in m._buffers.items() if b is not None]
+    model.to_empty(device=device)
+    moved: dict[int, torch.Tensor] = {}  # a buffer two modules share stays one tensor
+    for module, name, buffer in buffers:
+        if id(buffer) not in moved:
+            moved[id(buffer)] = buffer.to(device)
+        module._buffers[name] = moved[id(buffer)]
+    for name, param in built.items():
+        _write_shard(model.get_parameter(name), partitions.full(param))
+        partitions.release(param)
+
+
 def shard_model(model: nn.Module, device: torch.device, precision_name: str) -> nn.Module:
     """``fully_shard`` the model over all ranks with the policy of ``precision_name``."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -89,12 +129,20 @@ def shard_model(model: nn.Module, device: torch.device, precision_name: str) -> 
 class FSDPStrategy(Strategy):
     def __init__(self, model: nn.Module, device: torch.device,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 make_scheduler: Callable[[torch.optim.Optimizer], Any], options: StrategyOptions):
+                 make_scheduler: Callable[[torch.optim.Optimizer], Any], options: StrategyOptions,
+                 partitions: Partitions | None = None):
+        """``partitions``: the model was built with its parameters sliced over the ranks
+        (:mod:`dist_train.low_memory_build`); each is sharded without ever being whole on the device."""
         self.device = device
         self.precision = options.precision
         self.grad_clip = options.grad_clip
-        model.to(device)
+        if partitions is None:
+            model.to(device)
+        else:
+            built = _params_to_meta(model)  # so that no copy is whole (buffers: moved by fully_shard)
         self._module = shard_model(model, device, self.precision.name)
+        if partitions is not None:
+            _fill_shards(self._module, built, partitions, device)
         self.model: nn.Module = torch.compile(self._module) if options.compile else self._module
         self.optimizer = make_optimizer(self._module)  # over the sharded (DTensor) parameters
         self.scheduler = make_scheduler(self.optimizer)
