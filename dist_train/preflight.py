@@ -269,8 +269,8 @@ def _ddp_checkpoint(path: Path, where: str | None = None) -> tuple[Any, dict[str
 
 
 def _refuse_lean(where: str, path: Path) -> None:
-    """A DeepSpeed run's best / top-k file (weights and loop state, one file)
-    cannot resume: one line naming the folder that does."""
+    """A DeepSpeed or FSDP run's best / top-k file (weights and loop state, one
+    file) cannot resume: one line naming the folder that does."""
     try:
         lean = path.is_file() and is_lean_checkpoint(load_weights_only(path, mmap=True))
     except Exception:  # noqa: BLE001 - not a lean file: the caller's own message
@@ -311,6 +311,7 @@ def _fsdp_checkpoint(path: Path) -> tuple[Any, dict[str, tuple[int, ...]]]:
     from dist_train.strategies.dcp_files import is_dcp_dir, model_shapes
 
     where = f"--resume {path}"
+    _refuse_lean(where, path)
     if not is_dcp_dir(path):
         raise ConfigError(f"{where}: an FSDP checkpoint is a folder with a DCP index (checkpoints/latest); "
                           f"this is not one (a DDP file? a DeepSpeed folder? then that train.strategy)")

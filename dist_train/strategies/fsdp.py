@@ -40,7 +40,8 @@ from dist_train.strategies.base import Strategy, StepStats, StrategyOptions, sca
 from dist_train.strategies.dcp_files import CheckedReader, weights_only_loads
 from dist_train.low_memory_build import Partitions
 from recipes.batch import move_batch
-from recipes.model_file import dcp_parts, dcp_state, dcp_trainer_file, read_trainer_state, trainer_checkpoint
+from recipes.model_file import (dcp_parts, dcp_state, dcp_trainer_file, lean_checkpoint, read_trainer_state,
+                                trainer_checkpoint)
 
 
 def _rank() -> int:
@@ -107,6 +108,18 @@ def _fill_shards(model: nn.Module, built: dict[str, nn.Parameter], partitions: P
     for name, param in built.items():
         _write_shard(model.get_parameter(name), partitions.full(param))
         partitions.release(param)
+
+
+def lean_checkpoint_of(ckpt_dir: Path) -> dict[str, Any]:
+    """An FSDP (DCP) checkpoint folder as best / top-k keep it: the whole fp32
+    weights and the client state in one file of a DDP run's lean layout
+    (``model_file.lean_checkpoint``), without the optimizer shards."""
+    from dist_train.strategies.dcp_files import full_model_state
+
+    client = read_trainer_state(safe_load(dcp_trainer_file(ckpt_dir))).client
+    weights = {k: (v.float() if v.is_floating_point() else v).contiguous()
+               for k, v in full_model_state(ckpt_dir).items()}
+    return lean_checkpoint(weights, client)
 
 
 def shard_model(model: nn.Module, device: torch.device, precision_name: str) -> nn.Module:
@@ -214,6 +227,16 @@ class FSDPStrategy(Strategy):
     def checkpoint_suffix(self) -> str:
         return ""  # a directory
 
+    def lean_checkpoint(self, latest: Path) -> Any:
+        # best / top-k: one file of the whole fp32 weights and the client state
+        # (no optimizer shards: only latest resumes), read back from the DCP
+        # folder just written, on rank 0 (no collective), as DeepSpeed's.
+        return lean_checkpoint_of(latest)
+
+    @property
+    def lean_suffix(self) -> str:
+        return ".pt"
+
     def save_checkpoint(self, path: Path, client_state: dict[str, Any]) -> None:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -258,4 +281,4 @@ class FSDPStrategy(Strategy):
         return {k: (v.detach().float() if v.is_floating_point() else v.detach()).clone() for k, v in full.items()}
 
 
-__all__ = ["FSDPStrategy", "shard_model"]
+__all__ = ["FSDPStrategy", "lean_checkpoint_of", "shard_model"]

@@ -78,7 +78,7 @@ def test_checkpoint_is_a_dcp_folder_that_exports_to_the_live_file(runs: dict[str
     process group) gives exactly the weights gathered at the end of training."""
     latest = runs["fsdp"] / "checkpoints" / "latest"
     assert (latest / ".metadata").is_file() and len(list(latest.glob("*.distcp"))) == 2
-    assert (runs["fsdp"] / "checkpoints" / "best").is_dir()
+    assert (runs["fsdp"] / "checkpoints" / "best.pt").is_file()  # weights only (test_lean_folder_checkpoints.py)
     out = tmp_path / "fsdp.pt"
     proc = subprocess.run([PYTHON, "-m", "dist_train.cli", "export", "--checkpoint", str(runs["fsdp"]),
                            "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
