@@ -163,8 +163,10 @@ class ThzDistillModel(nn.Module):
         if p.freeze_teacher:
             for q in self.teacher.parameters():
                 q.requires_grad_(False)
-        elif not p.teacher_reconstruct:  # an unused decoder: no gradient, so DDP needs no unused-parameter search
-            for q in self.teacher.decoder.parameters():
+        elif not p.teacher_reconstruct:
+            # what only the reconstruction uses (the decoder, the fused map's way back to it): no gradient,
+            # so DDP without find_unused_parameters sees every trained parameter used
+            for q in (*self.teacher.decoder.parameters(), *self.teacher.thz_out.parameters()):
                 q.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "ThzDistillModel":
