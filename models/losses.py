@@ -16,8 +16,10 @@
   SSIM / MS-SSIM, window sized to the image), :func:`psnr`, LPIPS from the ``lpips``
   package with its trunk read from a local file (:func:`build_lpips`; never a random
   trunk), and :class:`ReconstructionLoss` combining them.
-- Distillation: :func:`kd_logit_loss` (KL at temperature T, scaled by T^2) and
-  :func:`feature_distill_loss` (embedding directions).
+- Distillation: :func:`kd_logit_loss` (KL at temperature T, scaled by T^2),
+  :func:`feature_distill_loss` (embedding directions), :func:`relation_distill_loss`
+  (the batch's cosine-similarity matrix) and :func:`similarity_kd_loss` (each row's
+  softmax over its similarities to the other rows, at temperature T).
 
 The losses are written in tensor ops, without a Python branch on tensor values
 (``bool(t.any())``, boolean-mask indexing; a mean over a data-dependent subset is
@@ -40,6 +42,7 @@ __all__ = ["masked_cross_entropy", "masked_mean_of_sum", "weighted_sum", "Dynami
            "TwinAwareTripletLoss", "SupConLoss", "co_twin_mask", "charbonnier_loss", "ssim_window", "ssim_index",
            "psnr", "LpipsWeightsMissing", "lpips_weights_file", "require_lpips_weights", "build_lpips",
            "lpips_distance", "ReconstructionLoss", "kd_logit_loss", "feature_distill_loss",
+           "relation_distill_loss", "similarity_kd_loss",
            "MagFaceLoss", "magface_lambda_g_bound"]
 
 
@@ -424,6 +427,27 @@ def relation_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch
     s = F.normalize(student.float(), dim=1)
     t = F.normalize(teacher.detach().float(), dim=1)
     return ((s @ s.T - t @ t.T) ** 2).mean()
+
+
+def similarity_kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Distillation of the verification similarities: each row's distribution over the
+    *other* rows of the batch, ``softmax_j(cos(x_i, x_j) / T)``, of the student matched
+    to the teacher's (teacher detached): ``mean_i KL(p_t,i || p_s,i)``. Unlike
+    :func:`relation_distill_loss` it weighs each pair by how close the teacher finds it
+    (the neighbours a verifier ranks first), and is blind to a shift of every
+    similarity of a row by the same amount. No ``T^2`` factor: with the
+    SupCon-like ``T < 1`` it would shrink the term instead of rescaling it."""
+    n = student.shape[0]
+    if n < 3:  # fewer than two other rows: no distribution to match
+        return student.float().sum() * 0.0
+    off = ~torch.eye(n, dtype=torch.bool, device=student.device)
+    T = float(temperature)
+
+    def log_p(x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(x.float(), dim=1)
+        return F.log_softmax((x @ x.T)[off].view(n, n - 1) / T, dim=1)
+
+    return F.kl_div(log_p(student), log_p(teacher.detach()), reduction="batchmean", log_target=True)
 
 
 def magface_lambda_g_bound(s: float, l_a: float, u_a: float, l_m: float, u_m: float) -> float:

@@ -313,9 +313,14 @@ class ThzMtlNet(nn.Module):
                                       cfg.decoder_width, cfg.gating, cfg.gate_temperature, cfg.residual)
 
     def forward(self, thz: torch.Tensor, posture: torch.Tensor | None = None,
-                reconstruct: bool = True) -> dict[str, torch.Tensor]:
+                reconstruct: bool = True, with_pooled: bool = False) -> dict[str, torch.Tensor]:
+        """``with_pooled``: also the pooled deepest features (``pooled``; what a
+        distillation of the teacher's THz branch compares), not a prediction."""
         feats = self.encoder(thz)
-        out = self.heads(feats[-1].mean((2, 3)))
+        pooled = feats[-1].mean((2, 3))
+        out = self.heads(pooled)
+        if with_pooled:
+            out["pooled"] = pooled
         if reconstruct:
             out["reconstruction"], out["gate"] = self.decoder(feats, tuple(thz.shape[-2:]), out["posture_logits"],
                                                               posture, thz if self.cfg.residual else None)
@@ -373,7 +378,9 @@ class ThzTeacherNet(nn.Module):
         ta = self.thz_in(t.flatten(2).transpose(1, 2))                   # [B, HW, D]
         va = self.vis_in(v.flatten(2).transpose(1, 2))
         ta, va = self.fusion(ta, va)
-        out = self.heads(torch.cat([ta.mean(1), va.mean(1)], 1))
+        # thz_pooled: what the THz encoder alone extracts (no visible information: a target a THz-only
+        # network of the same encoder can reach)
+        out = {**self.heads(torch.cat([ta.mean(1), va.mean(1)], 1)), "thz_pooled": t.mean((2, 3))}
         if reconstruct:
             fused = t + self.thz_out(ta).transpose(1, 2).reshape(B, -1, H, W)
             out["reconstruction"], out["gate"] = self.decoder([*ft[:-1], fused], tuple(thz.shape[-2:]),

@@ -16,11 +16,23 @@ Model (:class:`ThzDistillModel`):
 - ``loss = student task losses + teacher_weight * teacher task losses (unless
   frozen) + feature_weight * ||n(P s_emb) - n(t_emb)||^2 + logit_weight * T^2
   KL(softmax(t_posture / T) || softmax(s_posture / T)) + relation_weight *
-  mean((S_s - S_t)^2)`` (``S``: the batch's cosine-similarity matrix of the
-  embeddings, similarity-preserving distillation) with the teacher's
-  outputs detached in the distillation terms (the teacher learns from its own
-  task losses only) and ``P`` a learned linear map when the teacher's embedding
-  width (``teacher_embedding_dim``) differs from the student's, else identity;
+  mean((S_s - S_t)^2) + similarity_weight * mean_i KL(q_t,i || q_s,i)``
+  (``S``: the batch's cosine-similarity matrix of the embeddings,
+  similarity-preserving distillation; ``q_i``: row ``i``'s softmax over its
+  similarities to the other rows at ``similarity_temperature``, KD on the
+  verification similarities) with the teacher's outputs detached in the
+  distillation terms (the teacher learns from its own task losses only) and
+  ``P`` a learned linear map when the teacher's embedding width
+  (``teacher_embedding_dim``) differs from the student's, else identity;
+- ``distill_source``: the feature, relation and similarity terms compare the
+  embeddings (``fused``: the teacher's is made from THz and visible streams) or
+  the pooled deepest features of the student's encoder and of the teacher's THz
+  encoder (``thz_branch``: nothing the visible image adds, so a target a
+  THz-only network can reach);
+- ``teacher_reconstruct: false``: the teacher is trained for verification and
+  posture only (its decoder is never run nor trained; a cheaper teacher);
+- settings measured to cost the student verification (:func:`measured_to_hurt`)
+  are named in one warning line when a run starts;
 - ``distill_full_triplet``: the teacher runs, and the distillation terms are
   taken, on anchors, positives and negatives (true) or on anchors only;
 - ``freeze_teacher``: the teacher's parameters are not trained (no gradient,
@@ -31,7 +43,7 @@ Model (:class:`ThzDistillModel`):
 
 ``terms``: the student's (``supcon``, ``posture``, ``reconstruction``, ...),
 the teacher's prefixed ``teacher_``, ``distill_feature``, ``distill_logit``,
-``distill_relation``.
+``distill_relation``, ``distill_similarity``.
 
 Evaluation runs the student only (validation metrics, ``embed``, the reports),
 so validation, ``biomtl eval`` / ``verify`` / ``extract`` and
@@ -53,7 +65,7 @@ import torch
 from torch import nn
 
 from models.backbones import WeightsError, read_state_dict
-from models.losses import feature_distill_loss, kd_logit_loss, relation_distill_loss
+from models.losses import feature_distill_loss, kd_logit_loss, relation_distill_loss, similarity_kd_loss
 from models.thz import ThzTeacherNet
 from recipes.base import ArtifactContext, DataInfo, RecipeDataError, register, start_file
 from recipes.thz import ThzMtlModel, ThzMtlParams, ThzMtlRecipe, from_pixels, task_losses, triplet_rows
@@ -74,15 +86,24 @@ class ThzDistillParams(ThzMtlParams):
     feature_weight: float = 1.0
     logit_weight: float = 1.0
     relation_weight: float = 0.0             # similarity-preserving (pairwise cosine) distillation
+    similarity_weight: float = 0.0           # KD on the verification similarities (softmax over the batch)
+    similarity_temperature: float = 0.1      # its temperature
     kd_temperature: float = 3.0
     distill_full_triplet: bool = True
+    # what the feature / relation / similarity terms compare: the teacher's embedding (THz + visible,
+    # fused) with the student's, or the pooled features of the teacher's THz encoder (no visible
+    # information) with the student's pooled encoder features
+    distill_source: Literal["fused", "thz_branch"] = "fused"
+    teacher_reconstruct: bool = True         # false: the teacher has no reconstruction loss (no decoder pass)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.kd_temperature <= 0:
-            raise ValueError("kd_temperature must be > 0")
-        if min(self.teacher_weight, self.feature_weight, self.logit_weight, self.relation_weight) < 0:
-            raise ValueError("teacher_weight, feature_weight, logit_weight and relation_weight must be >= 0")
+        if self.kd_temperature <= 0 or self.similarity_temperature <= 0:
+            raise ValueError("kd_temperature and similarity_temperature must be > 0")
+        if min(self.teacher_weight, self.feature_weight, self.logit_weight, self.relation_weight,
+               self.similarity_weight) < 0:
+            raise ValueError("teacher_weight, feature_weight, logit_weight, relation_weight and similarity_weight "
+                             "must be >= 0")
         if self.fusion_dim < 1 or self.fusion_heads < 1 or self.fusion_dim % self.fusion_heads:
             raise ValueError(f"fusion_dim ({self.fusion_dim}) must be a positive multiple of fusion_heads "
                              f"({self.fusion_heads})")
@@ -93,6 +114,17 @@ class ThzDistillParams(ThzMtlParams):
         """The student's own ``thz_mtl`` parameters (what the exported ``model.pt`` records)."""
         names = {f.name for f in fields(ThzMtlParams)}
         return ThzMtlParams(**{n: copy.deepcopy(getattr(self, n)) for n in names})
+
+
+def measured_to_hurt(p: ThzDistillParams) -> list[str]:
+    """The settings of ``p`` that docs/results.md (THz) measured to raise the student's
+    EER above thz_mtl's alone (synthetic THz, 3 seeds), each with what it cost."""
+    out = []
+    if p.logit_weight > 0:
+        out.append(f"logit_weight={p.logit_weight:g} (posture-logit KD: EER +0.11 at weight 1)")
+    if p.feature_weight > 0 and p.distill_source == "fused":
+        out.append(f"feature_weight={p.feature_weight:g} on the fused embedding (EER +0.03 at weight 1)")
+    return out
 
 
 def load_teacher(teacher: nn.Module, path: str) -> None:
@@ -124,11 +156,17 @@ class ThzDistillModel(nn.Module):
             tcfg.embedding_dim = p.teacher_embedding_dim
         self.teacher = ThzTeacherNet(tcfg, vis_chans=3, fusion_dim=p.fusion_dim, fusion_heads=p.fusion_heads)
         self.feature_proj = (nn.Linear(p.embedding_dim, tcfg.embedding_dim, bias=False)
-                             if tcfg.embedding_dim != p.embedding_dim else nn.Identity())
+                             if tcfg.embedding_dim != p.embedding_dim and p.distill_source == "fused"
+                             else nn.Identity())  # the THz branch: the student's own encoder architecture
         if p.teacher_weights:
             load_teacher(self.teacher, p.teacher_weights)
         if p.freeze_teacher:
             for q in self.teacher.parameters():
+                q.requires_grad_(False)
+        elif not p.teacher_reconstruct:
+            # what only the reconstruction uses (the decoder, the fused map's way back to it): no gradient,
+            # so DDP without find_unused_parameters sees every trained parameter used
+            for q in (*self.teacher.decoder.parameters(), *self.teacher.thz_out.parameters()):
                 q.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "ThzDistillModel":
@@ -153,25 +191,42 @@ class ThzDistillModel(nn.Module):
             rows["twin"] = self.student.co_twins(rows["identity"])
         if "vis" not in rows:
             raise KeyError("thz_distill needs the visible image of every training row (batch key 'vis')")
-        s_out = self.student.net(rows["image"], rows.get("posture"))
+        s_out = self.student.net(rows["image"], rows.get("posture"), with_pooled=p.distill_source == "thz_branch")
         loss, terms = task_losses(s_out, rows, self.student.supcon, self.student.recon, p.label_smoothing,
                                   p.task_weights)
         m = rows["image"].shape[0] if p.distill_full_triplet else n
         t_rows = {k: v[:m] for k, v in rows.items()}
         with torch.set_grad_enabled(not p.freeze_teacher):
             t_out = self.teacher(t_rows["image"], t_rows["vis"], t_rows.get("posture"),
-                                 reconstruct=not p.freeze_teacher)
+                                 reconstruct=p.teacher_reconstruct and not p.freeze_teacher)
         if not p.freeze_teacher:
             t_loss, t_terms = task_losses(t_out, t_rows, self.student.supcon, self.student.recon, p.label_smoothing,
                                           p.task_weights, prefix="teacher_")
             loss = loss + p.teacher_weight * t_loss
             terms.update(t_terms)
-        terms["distill_feature"] = feature_distill_loss(self.feature_proj(s_out["embedding"][:m]), t_out["embedding"])
-        terms["distill_logit"] = kd_logit_loss(s_out["posture_logits"][:m], t_out["posture_logits"], p.kd_temperature)
-        terms["distill_relation"] = relation_distill_loss(s_out["embedding"][:m], t_out["embedding"])
-        loss = (loss + p.feature_weight * terms["distill_feature"] + p.logit_weight * terms["distill_logit"]
-                + p.relation_weight * terms["distill_relation"])
+        d_terms = self.distill_terms(s_out, t_out, m)
+        terms.update(d_terms)
+        loss = loss + sum(w * d_terms[k] for k, w in self.distill_weights().items())
         return {"loss": loss, "terms": terms, **self.student.anchor_outputs(s_out, rows, n)}
+
+    def distill_weights(self) -> dict[str, float]:
+        p = self.p
+        return {"distill_feature": p.feature_weight, "distill_logit": p.logit_weight,
+                "distill_relation": p.relation_weight, "distill_similarity": p.similarity_weight}
+
+    def distill_terms(self, s_out: Mapping[str, torch.Tensor], t_out: Mapping[str, torch.Tensor],
+                      m: int) -> dict[str, torch.Tensor]:
+        """The distillation terms on the first ``m`` student rows (the teacher's rows)."""
+        p = self.p
+        if p.distill_source == "thz_branch":
+            s_vec, t_vec = s_out["pooled"][:m], t_out["thz_pooled"]
+        else:
+            s_vec, t_vec = s_out["embedding"][:m], t_out["embedding"]
+        return {"distill_feature": feature_distill_loss(self.feature_proj(s_vec), t_vec),
+                "distill_logit": kd_logit_loss(s_out["posture_logits"][:m], t_out["posture_logits"],
+                                               p.kd_temperature),
+                "distill_relation": relation_distill_loss(s_vec, t_vec),
+                "distill_similarity": similarity_kd_loss(s_vec, t_vec, p.similarity_temperature)}
 
 
 @register
@@ -185,6 +240,10 @@ class ThzDistillRecipe(ThzMtlRecipe):
         if params.freeze_teacher and not params.teacher_weights:
             raise ValueError("thz_distill: freeze_teacher=true needs recipe.params.teacher_weights=FILE "
                              "(a thz_distill checkpoint); a frozen untrained teacher teaches nothing")
+        hurts = measured_to_hurt(params)
+        if hurts:  # a warning, not an error: the settings are legitimate, only measured to cost verification
+            log.warning("thz_distill: %s measured to make the student verify worse than thz_mtl alone "
+                        "(docs/results.md, THz)", "; ".join(hurts))
 
     def __init__(self, params: ThzDistillParams, data_info: DataInfo):
         super().__init__(params, data_info)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from models.losses import (LpipsWeightsMissing, ReconstructionLoss, SupConLoss, build_lpips, charbonnier_loss,
                            feature_distill_loss, kd_logit_loss, lpips_distance, lpips_weights_file, psnr,
-                           relation_distill_loss, ssim_index, ssim_window)
+                           relation_distill_loss, similarity_kd_loss, ssim_index, ssim_window)
 from models.thz import (CustomResNetEncoder, DualCrossAttention, MoEUNetDecoder, ThzMtlNet, ThzNetConfig,
                         ThzTeacherNet, TimmEncoder)
 from models.thz_augment import PROFILES, ThzAugment
@@ -200,6 +200,49 @@ def test_relation_distillation_compares_cosine_similarity_matrices():
     # a rotated and rescaled copy of the teacher has the same similarities: nothing to learn
     rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
     assert relation_distill_loss(3 * t.detach() @ rot, t).item() == pytest.approx(0.0, abs=delta ** 2 + sum_atol(9, 0))
+
+
+def _similarity_kd_reference(s: np.ndarray, t: np.ndarray, T: float, diagonal: bool = False,
+                             reverse: bool = False) -> float:
+    """mean_i KL(p_t,i || p_s,i), p_x,i = softmax over j != i of cos(x_i, x_j) / T, in float64
+    (``diagonal`` / ``reverse``: two plausible wrong versions, to show the test tells them apart)."""
+    def probs(x):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        z = x @ x.T / T
+        keep = np.ones_like(z, bool) if diagonal else ~np.eye(len(x), dtype=bool)
+        z = z[keep].reshape(len(x), -1)
+        e = np.exp(z - z.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+    ps, pt = probs(s), probs(t)
+    if reverse:
+        ps, pt = pt, ps
+    return float((pt * (np.log(pt) - np.log(ps))).sum(1).mean())
+
+
+def test_similarity_kd_is_the_kl_of_each_rows_softmax_over_the_other_rows():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(5, 3, generator=g, requires_grad=True)
+    t = torch.randn(5, 3, generator=g, requires_grad=True)
+    T = 0.5
+    expected = _similarity_kd_reference(s.detach().double().numpy(), t.detach().double().numpy(), T)
+    loss = similarity_kd_loss(s, t, T)
+    # float32 against float64: logits cos / T within cosine_atol / T; each log-softmax over the 4 other
+    # rows within logsumexp_atol(4, 1 / T) of that, p_t within softmax_atol(4, 2 / T); per row a
+    # p_t-weighted sum of 4 log differences (|.| <= 4 / T), then the mean of 5 rows
+    lp = 2 * (cosine_atol(3) / T + logsumexp_atol(4, 1 / T))
+    tol = lp + 4 * softmax_atol(4, 2 / T) * 4 / T + sum_atol(4, 4 / T) + sum_atol(5, 4 / T) / 5
+    assert loss.item() == pytest.approx(expected, rel=0, abs=tol)
+    # the wrong versions are far outside that tolerance: the row's own similarity kept, KL reversed,
+    # Hinton's T^2 factor, no temperature
+    a, b = s.detach().double().numpy(), t.detach().double().numpy()
+    for wrong in (_similarity_kd_reference(a, b, T, diagonal=True), _similarity_kd_reference(a, b, T, reverse=True),
+                  T * T * expected, _similarity_kd_reference(a, b, 1.0)):
+        assert abs(wrong - expected) > 100 * tol
+    loss.backward()
+    assert t.grad is None and s.grad.abs().sum() > 0                      # the teacher is a target only
+    # the same neighbours at any scale: nothing to learn from a rescaled copy of the teacher
+    assert similarity_kd_loss(3 * t.detach(), t, T).item() == pytest.approx(0.0, abs=tol)
+    assert similarity_kd_loss(s[:2], t[:2], T).item() == 0.0               # one other row: no distribution
 
 
 def test_reconstruction_loss_weights_its_terms():

@@ -19,7 +19,7 @@ from dist_train.config import ConfigError, build_dataclass, load_config, recipe_
 from recipes.base import DataInfo, get_recipe
 from shards.synthetic import SyntheticSpec, _sample_fields, render_sample
 from tests.conftest import PYTHON, REPO
-from tests.tolerance import embedding_cosine_atol, gamma, logsumexp_atol, module_atol, ops_rtol
+from tests.tolerance import embedding_cosine_atol, gamma, logsumexp_atol, module_atol, ops_rtol, sum_atol
 
 
 class _Embed(torch.nn.Module):
@@ -117,6 +117,9 @@ def test_configs_are_valid_and_keep_the_best_ssim(tmp_path):
     p = recipe_params(load_config(DISTILL_CONFIG, []))
     assert "vis" in load_config(DISTILL_CONFIG, []).data.synthetic.modalities
     assert p.kd_temperature == 3.0 and p.distill_full_triplet and not p.freeze_teacher
+    # issue 30: the default distils the verification similarities, never a term measured to hurt
+    assert (p.similarity_weight, p.similarity_temperature, p.distill_source) == (0.5, 0.1, "fused")
+    assert (p.feature_weight, p.logit_weight, p.relation_weight, p.teacher_reconstruct) == (0, 0, 0, False)
 
 
 def test_bad_params_are_one_line_config_errors(tmp_path, monkeypatch):
@@ -143,6 +146,38 @@ def test_bad_params_are_one_line_config_errors(tmp_path, monkeypatch):
     torch.save({f"features.{k}": v for k, v in alexnet().features.state_dict().items()}, f)
     p = recipe_params(load_config(MTL_CONFIG, ["recipe.params.lpips_weight=0.1", f"recipe.params.lpips_weights={f}"]))
     assert p.lpips_weight == 0.1
+
+
+def test_bad_distillation_options_are_one_line_config_errors():
+    cases = {"recipe.params.similarity_temperature=0": "similarity_temperature",
+             "recipe.params.similarity_weight=-1": "similarity_weight",
+             "recipe.params.distill_source=visible": "distill_source",
+             "recipe.params.teacher_reconstruct=maybe": "teacher_reconstruct"}
+    for override, needle in cases.items():
+        with pytest.raises(ConfigError) as exc:
+            load_config(DISTILL_CONFIG, [override])
+        assert needle in str(exc.value) and "\n" not in str(exc.value), override
+    good = recipe_params(load_config(DISTILL_CONFIG, ["recipe.params.similarity_temperature=0.2",
+                                                      "recipe.params.distill_source=thz_branch"]))
+    assert good.similarity_temperature == 0.2 and good.distill_source == "thz_branch"
+
+
+def test_a_setting_measured_to_hurt_is_named_in_one_warning_line_at_start(caplog):
+    cls = get_recipe("thz_distill")
+    hurting = _recipe("thz_distill", logit_weight=1.0, feature_weight=0.5).params
+    with caplog.at_level("WARNING", logger="biomtl.thz"):
+        cls.check_start_files(hurting)
+    lines = [r.getMessage() for r in caplog.records if r.name == "biomtl.thz"]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "logit_weight=1" in lines[0] and "feature_weight=0.5" in lines[0] and "docs/results.md" in lines[0]
+    caplog.clear()
+    default = recipe_params(load_config(DISTILL_CONFIG, []))        # the shipped default warns of nothing
+    quiet = [_recipe("thz_distill", logit_weight=0.0, feature_weight=0.0).params, default,
+             _recipe("thz_distill", logit_weight=0.0, feature_weight=1.0, distill_source="thz_branch").params]
+    with caplog.at_level("WARNING", logger="biomtl.thz"):
+        for params in quiet:
+            cls.check_start_files(params)
+    assert not [r for r in caplog.records if r.name == "biomtl.thz"]
 
 
 def test_cli_refuses_missing_lpips_weights_before_starting(tmp_path):
@@ -241,6 +276,47 @@ def test_distill_model_terms_and_where_the_teacher_runs():
     with torch.no_grad():
         ev = model({k: v for k, v in batch.items() if not k.startswith(("pos_", "neg_")) and k != "vis"})
     assert ev["embedding"].shape == (3, 16) and "distill_feature" not in ev["terms"]
+
+
+def test_distilling_the_teachers_thz_branch_compares_pooled_thz_features_only():
+    from models.losses import feature_distill_loss, relation_distill_loss, similarity_kd_loss
+
+    r = _recipe("thz_distill", distill_source="thz_branch", teacher_embedding_dim=12, teacher_reconstruct=False,
+                feature_weight=0.0, logit_weight=0.0, relation_weight=0.5, similarity_weight=2.0)
+    model = r.build_model().train()
+    assert isinstance(model.feature_proj, torch.nn.Identity)     # same encoder: no projection to learn
+    seen = {}
+
+    def pooled(key):
+        def hook(module, inputs, out):
+            seen[key] = out[-1].mean((2, 3))          # returns None: the output itself is unchanged
+        return hook
+
+    model.student.net.encoder.register_forward_hook(pooled("s"))
+    model.teacher.thz_encoder.register_forward_hook(pooled("t"))
+    model.teacher.vis_encoder.register_forward_hook(pooled("v"))
+    out = model(_triplet_batch(r))
+    terms = out["terms"]
+    s_vec, t_vec = seen["s"], seen["t"]
+    # the terms compare the student's pooled encoder features with the teacher's THz encoder's, never
+    # with anything the visible encoder made; the same function on the same tensors: the same value
+    assert terms["distill_relation"].item() == relation_distill_loss(s_vec, t_vec).item()
+    assert terms["distill_similarity"].item() == similarity_kd_loss(s_vec, t_vec, 0.1).item()
+    assert terms["distill_feature"].item() == feature_distill_loss(s_vec, t_vec).item()
+    assert terms["distill_similarity"].item() != similarity_kd_loss(s_vec, seen["v"], 0.1).item()
+    parts = [terms[k] for k in ("supcon", "posture", "reconstruction", "teacher_supcon", "teacher_posture")]
+    parts += [0.5 * terms["distill_relation"], 2.0 * terms["distill_similarity"]]   # feature / logit weighted 0
+    # 7 non-negative float32 terms summed in another order (and 2 products): sum_atol of their sum
+    total = sum(x.item() for x in parts)
+    assert out["loss"].item() == pytest.approx(total, rel=0, abs=sum_atol(7, total) + 2 * ops_rtol(1) * total)
+    # teacher_reconstruct=false: no teacher reconstruction loss, its decoder untrained (no gradient
+    # at all, so DDP needs no unused-parameter search)
+    assert "teacher_reconstruction" not in terms
+    out["loss"].backward()
+    assert all(q.grad is None and not q.requires_grad for q in model.teacher.decoder.parameters())
+    # every parameter still trained gets a gradient (what DDP without find_unused_parameters needs)
+    assert all(q.grad is not None for q in model.parameters() if q.requires_grad)
+    assert float(model.teacher.thz_encoder.stem[0].weight.grad.abs().sum()) > 0
 
 
 def test_frozen_teacher_comes_from_a_file_and_does_not_move(tmp_path):
