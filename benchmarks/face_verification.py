@@ -150,6 +150,17 @@ MODELS["dcal_kd_token"] = dataclasses.replace(
 MODELS["vit_kd_token"] = dataclasses.replace(
     MODELS["vit"], label="ViT distilled from the CNN through a DeiT distillation token", pretrain_with="vit_kd_token",
     overrides={**PLAIN_VIT, **KD, "recipe.params.distill_target": "token"}, teacher="cnn")
+# Issue 28, points 3 and 4: the CNN's cheap settings. ``cnn_long``: twice the fine-tuning steps;
+# ``cnn_light``: the low-light augmentation (FaceCom's RandomLowLight, p 0.3) while
+# fine-tuning, for a set with other lighting (CMU's); ``cnn_emb256``: a 256-d embedding (its own
+# pretraining run: the embedding layer's shape differs).
+MODELS["cnn_long"] = dataclasses.replace(MODELS["cnn"], label="FaceCom CNN, 2x fine-tuning steps",
+                                         steps={**MODELS["cnn"].steps, "orl": 600, "cmu": 600, "orl_closed": 600})
+MODELS["cnn_light"] = dataclasses.replace(MODELS["cnn"], label="FaceCom CNN, low-light augmentation",
+                                          overrides={"recipe.params.p_low_light": 0.3})
+MODELS["cnn_emb256"] = dataclasses.replace(MODELS["cnn"], label="FaceCom CNN, 256-d embedding",
+                                           pretrain_with="cnn_emb256",
+                                           overrides={"recipe.params.embedding_dim": 256})
 BASELINES = ("pixels", "eigenfaces", "fisherfaces")
 
 
