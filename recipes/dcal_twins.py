@@ -8,6 +8,15 @@ budget), which is what ``benchmarks/dcal_results.py`` compares against.
 ``attention_dim`` and ``num_heads``: ``depth`` attention blocks on its feature map
 (:mod:`models.cnn_tokens`; ``configs/dcal_twins/cnn.yaml``), the rest unchanged.
 
+Distillation (``distill_teacher``, ``distill_weight`` > 0): a frozen teacher, any biomtl model file
+(a CNN run's ``model.pt``), rebuilt by the trainer's ``frozen_model_loader``
+(:func:`dist_train.inference.load_frozen_model`) and checked by the preflight (fresh runs and
+resumes: the teacher is in no checkpoint, so a resume reads it again). Its in-batch similarity
+distribution is the soft target of the SA class token (``distill_target: embedding``) or of a DeiT
+distillation token (``token``), :func:`models.distill.relation_distill_loss`; the term is added as
+``distill_weight * distill`` beside the recipe's own (learned-weight) losses. ``model.pt`` holds the
+student alone and rebuilds without the teacher.
+
 Data (one shard sample)
 -----------------------
 - image: the first of ``vis.png`` (synthetic shards), ``png``, ``jpg``, ``jpeg``,
