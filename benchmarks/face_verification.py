@@ -430,6 +430,9 @@ def main() -> int:
     ap.add_argument("--seeds-for", action="append", default=[], metavar="MODEL=S,S",
                     help="other training seeds for one model, e.g. --seeds-for dcal=0,1 (repeatable)")
     ap.add_argument("--closed-set-models", default="", help="models of the closed-set protocol (default: --models)")
+    ap.add_argument("--teacher", default="", metavar="MODEL",
+                    help="the CNN model whose runs on the same data and seed the distilled models (*_kd*) "
+                         "distil from while fine-tuning (default cnn; e.g. cnn_long); pretraining keeps cnn's")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs OUT/results.json already holds (pretraining too) and do the rest")
     args = ap.parse_args()
@@ -449,6 +452,10 @@ def main() -> int:
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown {m!r} ({', '.join(MODELS)})")
+    if args.teacher and (args.teacher not in MODELS or MODELS[args.teacher].teacher
+                         or MODELS[args.teacher].pretrain_with != "cnn"):
+        raise SystemExit(f"--teacher: expected an undistilled model pretrained as cnn, got {args.teacher!r}")
+    fine_tune_teacher = lambda key: args.teacher or MODELS[key].teacher  # noqa: E731
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -516,7 +523,8 @@ def main() -> int:
         init, pre_cpu = init_for(key)
         teacher = None
         if MODELS[key].teacher:  # the teacher's run on the same data and seed (trained in the first phase)
-            (t_row,) = [r for r in rows if (r["dataset"], r["model"], r["seed"]) == (ds, MODELS[key].teacher, seed)]
+            t_key = fine_tune_teacher(key)
+            (t_row,) = [r for r in rows if (r["dataset"], r["model"], r["seed"]) == (ds, t_key, seed)]
             teacher = Path(t_row["run"]) / "model.pt"
         row = evaluate(train(key, ds, data[ds], seed, steps(key, ds), out, args.threads, init, teacher), data[ds],
                        out, args.threads)
@@ -535,7 +543,7 @@ def main() -> int:
     order = sorted(models, key=lambda k: slow_first.index(k) if k in slow_first else len(slow_first))
     seeds_of = lambda key: model_seeds.get(key, seeds)  # noqa: E731
     # teachers' runs (on the distilled models' seeds) first: their model.pt is the distilled runs' teacher
-    teachers = {(MODELS[k].teacher, s) for k in models if MODELS[k].teacher for s in seeds_of(k)}
+    teachers = {(fine_tune_teacher(k), s) for k in models if MODELS[k].teacher for s in seeds_of(k)}
     first = [(ds, t, s) for t, s in sorted(teachers) for ds in datasets if t not in models or s not in seeds_of(t)]
     run_parallel([(lambda d=d, k=k, s=s: open_set_run(d, k, s), finish(rows)) for d, k, s in first
                   if (d, k, s) not in kept], args.jobs)
