@@ -102,6 +102,9 @@ class Model:
     steps: dict[str, int]                         # optimizer steps per dataset (picked on dev splits)
     overrides: dict[str, Any] = field(default_factory=dict)
     per_dataset: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the MODELS key of a frozen distillation teacher (recipe.params.distill_teacher): its pretraining
+    # run while pretraining, its run on the same data and seed while fine-tuning (trained first)
+    teacher: str | None = None
 
 
 PLAIN_VIT = {"recipe.params.use_glca": "false", "recipe.params.use_pwca": "false"}
@@ -129,6 +132,35 @@ for _rate in ("1.0", "0.3"):
     MODELS[f"cnn_pfc_r{_rate}"] = dataclasses.replace(
         MODELS["cnn"], label=f"FaceCom CNN, Partial FC head, sample_rate {_rate}", pretrain_with=f"cnn_pfc_r{_rate}",
         overrides={"recipe.params.identity_head_sharding": "partial_fc", "recipe.params.sample_rate": _rate})
+# Issue 28, point 1: the ViT and DCAL distilled from the CNN (models/distill.py: the teacher's in-batch
+# similarity distribution as the soft target of the student's SA class token), pretraining and
+# fine-tuning alike; the ViT's distilled pretraining run is where both fine-tunings start.
+# T = 0.1 (SupCon's); weight 50: the KD gradient per cosine is weight * T * (p_s - p_t), about half
+# of SupCon's (1 / 0.1) * (...), so the teacher's structure is not drowned by the student's own losses.
+KD = {"recipe.params.distill_weight": 50, "recipe.params.distill_temperature": 0.1,
+      "recipe.params.distill_target": "embedding"}
+MODELS["vit_kd"] = dataclasses.replace(MODELS["vit"], label="ViT distilled from the CNN (relational KD on its "
+                                       "class token)", pretrain_with="vit_kd", overrides={**PLAIN_VIT, **KD},
+                                       teacher="cnn")
+MODELS["dcal_kd"] = dataclasses.replace(MODELS["dcal"], label="DCAL distilled from the CNN (relational KD on its "
+                                        "SA class token)", pretrain_with="vit_kd", overrides=dict(KD), teacher="cnn")
+MODELS["dcal_kd_token"] = dataclasses.replace(
+    MODELS["dcal"], label="DCAL distilled from the CNN through a DeiT distillation token", pretrain_with="vit_kd_token",
+    overrides={**KD, "recipe.params.distill_target": "token"}, teacher="cnn")
+MODELS["vit_kd_token"] = dataclasses.replace(
+    MODELS["vit"], label="ViT distilled from the CNN through a DeiT distillation token", pretrain_with="vit_kd_token",
+    overrides={**PLAIN_VIT, **KD, "recipe.params.distill_target": "token"}, teacher="cnn")
+# Issue 28, points 3 and 4: the CNN's cheap settings. ``cnn_long``: twice the fine-tuning steps;
+# ``cnn_light``: the low-light augmentation (FaceCom's RandomLowLight, p 0.3) while
+# fine-tuning, for a set with other lighting (CMU's); ``cnn_emb256``: a 256-d embedding (its own
+# pretraining run: the embedding layer's shape differs).
+MODELS["cnn_long"] = dataclasses.replace(MODELS["cnn"], label="FaceCom CNN, 2x fine-tuning steps",
+                                         steps={**MODELS["cnn"].steps, "orl": 600, "cmu": 600, "orl_closed": 600})
+MODELS["cnn_light"] = dataclasses.replace(MODELS["cnn"], label="FaceCom CNN, low-light augmentation",
+                                          overrides={"recipe.params.p_low_light": 0.3})
+MODELS["cnn_emb256"] = dataclasses.replace(MODELS["cnn"], label="FaceCom CNN, 256-d embedding",
+                                           pretrain_with="cnn_emb256",
+                                           overrides={"recipe.params.embedding_dim": 256})
 BASELINES = ("pixels", "eigenfaces", "fisherfaces")
 
 
@@ -271,7 +303,7 @@ def closed_set_baselines(data_dir: Path) -> list[dict[str, Any]]:
 
 # --- recipes --------------------------------------------------------------------------------------------------
 def train(model_key: str, dataset: str, data_dir: Path, seed: int, steps: int, out: Path, threads: int,
-          init_from: Path | None) -> dict[str, Any]:
+          init_from: Path | None, teacher: Path | None = None) -> dict[str, Any]:
     """One training subprocess; no validation (the schedule is fixed: the final weights are scored)."""
     m = MODELS[model_key]
     name = f"{dataset}_{model_key}_seed{seed}"
@@ -281,6 +313,8 @@ def train(model_key: str, dataset: str, data_dir: Path, seed: int, steps: int, o
          "train.max_steps": steps, "logging.progress": "false", "dist.cpu_threads": threads, **m.overrides, **m.per_dataset.get(dataset, {})}
     if init_from is not None:
         o["recipe.params.init_from"] = str(init_from)
+    if teacher is not None:
+        o["recipe.params.distill_teacher"] = str(teacher)
     before = set(runs.glob(f"{name}_*")) if runs.is_dir() else set()
     load = os.getloadavg()[0]
     cpu, wall = run_tool(["dist_train/main.py", "--config", str(CONFIGS / m.config),
@@ -288,16 +322,17 @@ def train(model_key: str, dataset: str, data_dir: Path, seed: int, steps: int, o
     (run_dir,) = set(runs.glob(f"{name}_*")) - before
     return {"model": model_key, "dataset": dataset, "seed": seed, "steps": steps, "run": str(run_dir),
             "train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1), "load_before": round(load, 2),
-            "init_from": str(init_from) if init_from else None}
+            "init_from": str(init_from) if init_from else None, "teacher": str(teacher) if teacher else None}
 
 
-def evaluate(row: dict[str, Any], data_dir: Path, out: Path, threads: int, split: str = "test") -> dict[str, Any]:
-    """``biomtl eval`` of the run's exported model on a split (the test split)."""
+def evaluate(row: dict[str, Any], data_dir: Path, out: Path, threads: int, split: str = "test",
+             report_name: str = "benchmark") -> dict[str, Any]:
+    """``biomtl eval`` of the run's exported model on a split (the test split), into ``RUN/eval/<report_name>``."""
     run_dir = Path(row["run"])
-    report = run_dir / "eval" / "benchmark"
+    report = run_dir / "eval" / report_name
     cpu, _ = run_tool(["-m", "dist_train.cli", "eval", "--checkpoint", str(run_dir / "model.pt"), "--data",
                        str(data_dir), "--split", split, "--output", str(report), "--no-progress", "--device",
-                       "cpu"], threads, out / "logs" / f"eval_{run_dir.name}.log")
+                       "cpu"], threads, out / "logs" / f"eval_{run_dir.name}_{report_name}.log")
     m = json.loads((report / "metrics.json").read_text())
     return {**row, **flat_metrics(m["all_impostors"], m["twin_impostors"]), "eval_cpu_s": round(cpu, 1)}
 
@@ -380,7 +415,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "face_verification")
     ap.add_argument("--datasets", default="orl,cmu,synthetic", help="of orl, cmu, synthetic")
     ap.add_argument("--models", default="cnn,vit,dcal,dcal_cnn",
-                    help="recipes to train, of cnn, vit, dcal, dcal_cnn ('' = baselines)")
+                    help="recipes to train, of cnn, vit, dcal, dcal_cnn, vit_kd, dcal_kd, vit_kd_token, "
+                         "dcal_kd_token ('' = baselines; the *_kd ones also train their CNN teacher)")
     ap.add_argument("--seeds", default="0,1,2", help="training seeds (mean ± half-range in the table)")
     ap.add_argument("--closed-set", action=argparse.BooleanOptionalAction, default=True,
                     help="also the ORL 5+5 closed-set identification protocol")
@@ -394,6 +430,9 @@ def main() -> int:
     ap.add_argument("--seeds-for", action="append", default=[], metavar="MODEL=S,S",
                     help="other training seeds for one model, e.g. --seeds-for dcal=0,1 (repeatable)")
     ap.add_argument("--closed-set-models", default="", help="models of the closed-set protocol (default: --models)")
+    ap.add_argument("--teacher", default="", metavar="MODEL",
+                    help="the CNN model whose runs on the same data and seed the distilled models (*_kd*) "
+                         "distil from while fine-tuning (default cnn; e.g. cnn_long); pretraining keeps cnn's")
     ap.add_argument("--resume", action="store_true",
                     help="keep the runs OUT/results.json already holds (pretraining too) and do the rest")
     args = ap.parse_args()
@@ -413,6 +452,10 @@ def main() -> int:
     for m in models:
         if m not in MODELS:
             raise SystemExit(f"--models: unknown {m!r} ({', '.join(MODELS)})")
+    if args.teacher and (args.teacher not in MODELS or MODELS[args.teacher].teacher
+                         or MODELS[args.teacher].pretrain_with != "cnn"):
+        raise SystemExit(f"--teacher: expected an undistilled model pretrained as cnn, got {args.teacher!r}")
+    fine_tune_teacher = lambda key: args.teacher or MODELS[key].teacher  # noqa: E731
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -461,10 +504,16 @@ def main() -> int:
         pre_dir = pack("pretrain", out, args.quick)
 
         def pretrain(key: str) -> dict[str, Any]:
-            row = train(key, "pretrain", pre_dir, 0, steps(key, "pretrain"), out, args.threads, None)
+            t = MODELS[key].teacher
+            teacher = Path(pretrained[MODELS[t].pretrain_with]["run"]) / "model.pt" if t else None
+            row = train(key, "pretrain", pre_dir, 0, steps(key, "pretrain"), out, args.threads, None, teacher)
             return evaluate(row, pre_dir, out, args.threads, split="val")
-        todo = [k for k in dict.fromkeys(MODELS[m].pretrain_with for m in models) if k not in pretrained]
-        run_parallel([(lambda k=k: pretrain(k), finish(pretrained, k)) for k in todo], args.jobs)
+        wanted = [MODELS[m].pretrain_with for m in models]
+        wanted = [MODELS[MODELS[k].teacher].pretrain_with for k in wanted if MODELS[k].teacher] + wanted
+        todo = [k for k in dict.fromkeys(wanted) if k not in pretrained]
+        for phase in (False, True):  # teachers first: a distilled run reads its teacher's model.pt
+            run_parallel([(lambda k=k: pretrain(k), finish(pretrained, k)) for k in todo
+                          if bool(MODELS[k].teacher) == phase], args.jobs)
 
     def init_for(key: str) -> tuple[Path | None, float | None]:
         pre = pretrained.get(MODELS[key].pretrain_with)
@@ -472,8 +521,13 @@ def main() -> int:
 
     def open_set_run(ds: str, key: str, seed: int) -> dict[str, Any]:
         init, pre_cpu = init_for(key)
-        row = evaluate(train(key, ds, data[ds], seed, steps(key, ds), out, args.threads, init), data[ds], out,
-                       args.threads)
+        teacher = None
+        if MODELS[key].teacher:  # the teacher's run on the same data and seed (trained in the first phase)
+            t_key = fine_tune_teacher(key)
+            (t_row,) = [r for r in rows if (r["dataset"], r["model"], r["seed"]) == (ds, t_key, seed)]
+            teacher = Path(t_row["run"]) / "model.pt"
+        row = evaluate(train(key, ds, data[ds], seed, steps(key, ds), out, args.threads, init, teacher), data[ds],
+                       out, args.threads)
         return {**row, "pretrain_cpu_s": pre_cpu}
 
     def closed_set_run(key: str, seed: int) -> dict[str, Any]:
@@ -485,9 +539,16 @@ def main() -> int:
     closed_rows: list[dict[str, Any]] = result["closed_set"]
     closed_base: list[dict[str, Any]] = []
     # the slowest recipe first, so that the last runs do not leave a core idle
-    slow_first = ("dcal", "dcal_cnn", "vit")
+    slow_first = ("dcal_kd_token", "dcal_kd", "vit_kd_token", "vit_kd", "dcal", "dcal_cnn", "vit")
     order = sorted(models, key=lambda k: slow_first.index(k) if k in slow_first else len(slow_first))
     seeds_of = lambda key: model_seeds.get(key, seeds)  # noqa: E731
+    # teachers' runs (on the distilled models' seeds) first: their model.pt is the distilled runs' teacher
+    teachers = {(fine_tune_teacher(k), s) for k in models if MODELS[k].teacher for s in seeds_of(k)}
+    first = [(ds, t, s) for t, s in sorted(teachers) for ds in datasets if t not in models or s not in seeds_of(t)]
+    run_parallel([(lambda d=d, k=k, s=s: open_set_run(d, k, s), finish(rows)) for d, k, s in first
+                  if (d, k, s) not in kept], args.jobs)
+    distilled = [k for k in order if MODELS[k].teacher]
+    order = [k for k in order if not MODELS[k].teacher]
     tasks: list[Task] = [(lambda d=ds, k=key, s=seed: open_set_run(d, k, s), finish(rows))
                          for key in order for ds in datasets for seed in seeds_of(key) if (ds, key, seed) not in kept]
     if args.closed_set:
@@ -498,6 +559,8 @@ def main() -> int:
                   for key in order if key in closed_models for seed in seeds_of(key)
                   if ("orl_closed", key, seed) not in kept]
     run_parallel(tasks, args.jobs)
+    run_parallel([(lambda d=ds, k=key, s=seed: open_set_run(d, k, s), finish(rows)) for key in distilled
+                  for ds in datasets for seed in seeds_of(key) if (ds, key, seed) not in kept], args.jobs)
     rows.sort(key=lambda r: (datasets.index(r["dataset"]), r["model"], r["seed"]))
     closed_rows.sort(key=lambda r: (r["model"], r["seed"]))
     result["pretraining"] = {k: v for k, v in pretrained.items() if v is not None}

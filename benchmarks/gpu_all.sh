@@ -39,4 +39,14 @@ env $cpu_only OMP_NUM_THREADS=4 "$PY" benchmarks/memory.py --strategy ddp zero3 
 # FSDP2's step on one GPU beside facecom_default's DDP step (same config; one rank: the sharding
 # itself costs nothing here, the policy's bf16 weight copies and the unshard/reshard hooks do)
 run facecom_default_fsdp configs/facecom.yaml train.strategy=fsdp
+# issue 28 (docs/results.md, "Distillation, transfer, standing targets"): what did not fit the CPU budget.
+# Every toolkit run of the face benchmark trains on the GPU (the trainer picks CUDA). 3 seeds of the
+# distilled ViT / DCAL (both targets) beside the plain ones and the CNN teacher, the cross-set table
+# on those runs, then the CNN's cheap settings for the standing targets (closed set included).
+"$PY" benchmarks/face_verification.py --datasets orl,cmu --models cnn,vit,dcal,vit_kd,dcal_kd,vit_kd_token,dcal_kd_token \
+    --seeds 0,1,2 --no-closed-set --jobs 4 --out "$OUT/face_kd" 2>&1 | tail -40 | tee "$OUT/face_kd.log"
+"$PY" benchmarks/face_transfer.py --runs "$OUT/face_kd/results.json" --out "$OUT/face_transfer" 2>&1 \
+    | tail -20 | tee "$OUT/face_transfer.log"
+"$PY" benchmarks/face_verification.py --datasets orl,cmu --models cnn,cnn_long,cnn_light,cnn_emb256 --seeds 0,1,2 \
+    --closed-set-models cnn,cnn_long,cnn_emb256 --jobs 4 --out "$OUT/face_cnn" 2>&1 | tail -40 | tee "$OUT/face_cnn.log"
 echo "results: $OUT/*.json"

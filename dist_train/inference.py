@@ -57,7 +57,7 @@ from shards.images import sixteen_to_8bit, to_8bit  # noqa: E402
 
 DEFAULT_THRESHOLD = 0.5  # cosine; used only when neither the caller nor the checkpoint gives one
 
-__all__ = ["InferenceEngine", "CheckpointError", "load_model_file", "save_exported", "DEFAULT_THRESHOLD",
+__all__ = ["InferenceEngine", "CheckpointError", "load_frozen_model", "load_model_file", "save_exported", "DEFAULT_THRESHOLD",
            "verification_result"]
 
 
@@ -105,6 +105,15 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise CheckpointError(f"{p} has no stored config/data_info (written by an older biomtl?); "
                               "cannot rebuild the model")
     return p, stored
+
+
+def load_frozen_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Any biomtl model file (or run directory) as a frozen module with ``embed(images)``: rebuilt
+    from its stored config like every inference command, no gradient, eval mode. What a recipe's
+    ``frozen_model_loader`` is (a distillation teacher); :class:`CheckpointError` in one line."""
+    model = InferenceEngine.from_checkpoint(path, device).model
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def save_exported(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],

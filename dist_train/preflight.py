@@ -36,6 +36,7 @@ def load_checked_config(path: str | Path | None, overrides: Sequence[str] = (), 
         require_wandb()
     check_sharded_head(cfg)
     check_weight_files(cfg, start)
+    check_frozen_models(cfg)
     if start:
         check_start_files(cfg)
     if cfg.data.val_bins:
@@ -82,6 +83,26 @@ def check_weight_files(cfg: Config, start: bool = True) -> None:
             read_state_dict(value)
         except WeightsError as exc:
             raise ConfigError(f"recipe.params.{f.name}: {(str(exc).splitlines() or [''])[0][:300]}") from None
+
+
+def check_frozen_models(cfg: Config) -> None:
+    """The model files a recipe loads frozen while training (``Recipe.frozen_model_files``: a
+    distillation teacher), fresh runs and resumes alike: each is rebuilt once on the CPU by
+    :func:`dist_train.inference.load_frozen_model` (weights-only), so a missing, garbled or
+    foreign file is one line naming the param, exit 2, before any run directory exists."""
+    from dist_train.config import recipe_params
+    from dist_train.inference import CheckpointError, load_frozen_model
+    from recipes.base import get_recipe
+
+    try:
+        files = get_recipe(cfg.recipe.name).frozen_model_files(recipe_params(cfg))
+    except ValueError as exc:
+        raise ConfigError(f"recipe.params: {(str(exc).splitlines() or [type(exc).__name__])[0]}") from None
+    for name, path in files.items():
+        try:
+            load_frozen_model(path, "cpu")
+        except CheckpointError as exc:
+            raise ConfigError(f"recipe.params.{name}: {(str(exc).splitlines() or [''])[0][:300]}") from None
 
 
 def check_start_files(cfg: Config) -> None:

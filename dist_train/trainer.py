@@ -8,6 +8,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -19,6 +20,7 @@ from dist_train.checkpoint import (LATEST, CheckpointManager, CheckpointPolicy, 
                                    experiment_runs, rng_state, safe_load, set_rng_state, staging_owner)
 from dist_train.config import Config, ConfigError, config_changes, resolved_config_dict, validates
 from dist_train.distributed import DistContext
+from dist_train.inference import load_frozen_model
 from dist_train.low_memory_build import build_model
 from dist_train.picture_draw import PictureDraw
 from dist_train.precision import Precision, resolve_precision
@@ -127,6 +129,7 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.precision = Precision(resolve_precision(cfg.train.precision, ctx.device), ctx.device.type)
         recipe.train_forwards = run_forwards(self.total_steps, self.batches_per_epoch, accum)
+        recipe.frozen_model_loader = partial(load_frozen_model, device=ctx.device)  # teachers (distillation)
         options = strategy_options(cfg, self.precision, ctx.world_size)
         # FSDP2 / ZeRO-3: parameters sliced over the ranks while they are built (train.low_memory_build)
         model, partitions = build_model(recipe.build_model, cfg.train.low_memory_build, cfg.train.strategy,

@@ -139,6 +139,7 @@ from models.heads import build_identity_head  # noqa: E402
 from models.partial_fc import ShardedMarginHead  # noqa: E402
 from models.losses import (DynamicLossWeights, SupConLoss, TwinAwareTripletLoss, co_twin_mask,  # noqa: E402
                            masked_cross_entropy, masked_mean_of_sum, weighted_sum)
+from models.distill import relation_distill_loss  # noqa: E402
 from models.pixels import PixelInput  # noqa: E402
 
 __all__ = ["DCALConfig", "DCAL", "pick_distractors", "rollout", "select_top_tokens", "block_forward",
@@ -357,10 +358,21 @@ class DCALConfig:
     dynamic_weights: bool = True
     metric_weight: float = 1.0                # static weights (dynamic_weights=False)
     verif_weight: float = 1.0
+    # Distillation from a frozen teacher (models/distill.py), attached by ``attach_teacher``:
+    # ``distill_weight`` x the relational KD loss (not a learned weight) on the SA class token
+    # (``embedding``) or on a DeiT distillation token (``token``: a second prefix token, timm's
+    # register token, whose output joins the embedding). 0: no distillation, no token.
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    distill_target: Literal["token", "embedding"] = "embedding"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.top_r <= 1.0:
             raise ValueError(f"top_r must be in (0, 1], got {self.top_r}")
+
+    @property
+    def distill_token(self) -> bool:
+        return self.distill_weight > 0 and self.distill_target == "token"
 
 
 def _identity_head(cfg: DCALConfig, dim: int, ranks: tuple[int, int, Any]) -> nn.Module:
@@ -393,16 +405,18 @@ class DCAL(nn.Module):
         backbone = backbone_module
         if backbone is None:
             weights: bool | str = cfg.weights_path or cfg.pretrained
+            token = {"reg_tokens": 1} if cfg.distill_token else {}  # the distillation token after CLS
             if check_backbone_name(cfg.backbone) == "cnn":
                 backbone = build_cnn_attention_vit(cfg.backbone, attention_dim=cfg.attention_dim,
                                                    num_heads=cfg.num_heads, depth=cfg.attention_depth,
                                                    img_size=cfg.img_size, weights=weights,
-                                                   cnn_kwargs=cfg.backbone_kwargs)
+                                                   cnn_kwargs=cfg.backbone_kwargs, **token)
             elif cfg.attention_dim or cfg.num_heads or cfg.attention_depth:
                 raise ValueError(f"attention_dim / num_heads / attention_depth apply to a CNN backbone; the ViT "
                                  f"'{cfg.backbone}' has its own blocks")
             else:
-                backbone, _ = build_backbone(cfg.backbone, weights, img_size=cfg.img_size, **cfg.backbone_kwargs)
+                backbone, _ = build_backbone(cfg.backbone, weights, img_size=cfg.img_size,
+                                             **{**cfg.backbone_kwargs, **token})
         check_supported(backbone)
         self.pixels = PixelInput()  # training batches arrive as 8-bit pixels
         self.vit = backbone
@@ -415,7 +429,7 @@ class DCAL(nn.Module):
             self.glca_fc_norm = copy.deepcopy(backbone.fc_norm)
         self.head_sa = _identity_head(cfg, dim, ranks)
         self.head_glca = _identity_head(cfg, dim, ranks) if cfg.use_glca else None
-        self.embed_dim = dim * (2 if cfg.use_glca else 1)
+        self.embed_dim = dim * (1 + int(cfg.use_glca) + int(cfg.distill_token))
         if cfg.metric_loss == "triplet":
             self.metric = TwinAwareTripletLoss(cfg.triplet_margin, twin_weight=cfg.twin_weight)
         elif cfg.metric_loss == "supcon":
@@ -427,6 +441,23 @@ class DCAL(nn.Module):
         names += (["metric"] if self.metric is not None else []) + (["verif"] if self.verif is not None else [])
         self.term_names = names
         self.loss_weights = DynamicLossWeights(names) if cfg.dynamic_weights else None
+        # The frozen teacher is held outside the module tree (a list, not an attribute): it is in no
+        # state dict, checkpoint, optimizer or DDP/FSDP/DeepSpeed wrapper; ``_apply`` moves it along.
+        self._teacher: list[nn.Module] = []
+
+    def attach_teacher(self, teacher: nn.Module) -> None:
+        """The frozen teacher of the distillation term (any module with ``embed(images)``): no
+        gradient, eval mode for good (BatchNorm statistics fixed)."""
+        if self.cfg.distill_weight <= 0:
+            raise ValueError("attach_teacher needs DCALConfig.distill_weight > 0")
+        teacher.requires_grad_(False)
+        self._teacher[:] = [teacher.eval()]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "DCAL":
+        super()._apply(fn, recurse)
+        for teacher in self._teacher:  # .to(device) / .cuda() move the teacher with the student
+            teacher._apply(fn)
+        return self
 
     # --- branches ------------------------------------------------------------
     def _embed_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -457,8 +488,12 @@ class DCAL(nn.Module):
                 attn.append(o["attn"].detach().float().mean(dim=1))
             if keep_kv:
                 kv.append((o["k"], o["v"]))
-        return {"cls": self._cls(x, self.vit.norm, self.vit.fc_norm), "x0": x0, "x_in_last": x_in_last,
-                "attn": attn, "kv": kv, "grid": grid}
+        xn = self.vit.norm(x)
+        out = {"cls": self.vit.fc_norm(xn[:, 0]), "x0": x0, "x_in_last": x_in_last, "attn": attn, "kv": kv,
+               "grid": grid}
+        if self.cfg.distill_token:
+            out["dist"] = self.vit.fc_norm(xn[:, 1])
+        return out
 
     def forward_glca(self, x_in_last: torch.Tensor, attn: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """GLCA: the top-``R`` patch tokens by the CLS row of the rollout of ``attn``
@@ -488,6 +523,8 @@ class DCAL(nn.Module):
         pwca = distractor is not None and cfg.use_pwca
         sa = self.forward_sa(images, need_weights=cfg.use_glca, keep_kv=pwca)
         out: dict[str, Any] = {"sa": sa["cls"], "grid": sa["grid"]}
+        if "dist" in sa:
+            out["dist"] = sa["dist"]
         if cfg.use_glca:
             g = self.forward_glca(sa["x_in_last"], sa["attn"])
             out["glca"], out["glca_index"] = g["cls"], g["index"]
@@ -500,10 +537,12 @@ class DCAL(nn.Module):
         parts = [F.normalize(br["sa"].float(), dim=1)]
         if "glca" in br:
             parts.append(F.normalize(br["glca"].float(), dim=1))
+        if "dist" in br:  # DeiT uses both tokens at test time
+            parts.append(F.normalize(br["dist"].float(), dim=1))
         return torch.cat(parts, dim=1)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, D]`` (``2 * embed_dim`` with GLCA) concatenated L2-normalised class tokens."""
+        """``[B, D]`` concatenated L2-normalised class tokens (``embed_dim`` each: SA, GLCA, distillation)."""
         return self.embedding_from(self.branches(images))
 
     @staticmethod
@@ -570,7 +609,17 @@ class DCAL(nn.Module):
             out["loss"] = self.loss_weights(terms)
         else:
             out["loss"] = weighted_sum(terms, {"metric": cfg.metric_weight, "verif": cfg.verif_weight})
+        if self._teacher and self.training:
+            terms["distill"] = self._distill_loss(images, br)
+            out["loss"] = out["loss"] + cfg.distill_weight * terms["distill"]
         return out
+
+    def _distill_loss(self, images: torch.Tensor, br: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The relational KD term against the frozen teacher's embeddings of the same images."""
+        with torch.no_grad():
+            target = self._teacher[0].embed(images).float()
+        student = br["dist"] if self.cfg.distill_token else br["sa"]
+        return relation_distill_loss(student, target, self.cfg.distill_temperature)
 
     def _classify(self, head: nn.Module, feats: torch.Tensor,
                   identity: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -171,6 +171,11 @@ class Recipe:
     # build_model, for schedules that follow the run's progress (the photometric GRL).
     # None where no run is being trained (inference, export, a model built alone).
     train_forwards: int | None = None
+    # Loads any biomtl model file (a run's model.pt, a checkpoint, a run directory) as a frozen
+    # module with ``embed(images)``, on the training device: set by the trainer before build_model
+    # (``dist_train.inference.load_frozen_model``, the owner of rebuilding a model from its file),
+    # for teachers a recipe distils from. None where no run is being trained.
+    frozen_model_loader: Callable[[str], nn.Module] | None = None
 
     def __init__(self, params: Any, data_info: DataInfo):
         self.params = params
@@ -295,6 +300,14 @@ class Recipe:
         directory exists; raise ``ValueError`` with one line. Not called on
         ``--resume`` nor when a model is rebuilt from a checkpoint."""
         return None
+
+    @classmethod
+    def frozen_model_files(cls, params: Any) -> dict[str, str]:
+        """Optional: ``{param name: path}`` of the model files training loads frozen through
+        ``frozen_model_loader`` (a distillation teacher), fresh runs and resumes alike. The
+        preflight loads each once, so a missing or unreadable one is one line, exit 2, before
+        any run directory exists; raise ``ValueError`` (one line) for params that contradict."""
+        return {}
 
     def eval_report(self, model: nn.Module, ctx: EvalContext) -> dict[str, Any] | None:
         """Optional: a recipe-specific ``biomtl eval`` report written into

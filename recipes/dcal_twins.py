@@ -8,6 +8,15 @@ budget), which is what ``benchmarks/dcal_results.py`` compares against.
 ``attention_dim`` and ``num_heads``: ``depth`` attention blocks on its feature map
 (:mod:`models.cnn_tokens`; ``configs/dcal_twins/cnn.yaml``), the rest unchanged.
 
+Distillation (``distill_teacher``, ``distill_weight`` > 0): a frozen teacher, any biomtl model file
+(a CNN run's ``model.pt``), rebuilt by the trainer's ``frozen_model_loader``
+(:func:`dist_train.inference.load_frozen_model`) and checked by the preflight (fresh runs and
+resumes: the teacher is in no checkpoint, so a resume reads it again). Its in-batch similarity
+distribution is the soft target of the SA class token (``distill_target: embedding``) or of a DeiT
+distillation token (``token``), :func:`models.distill.relation_distill_loss`; the term is added as
+``distill_weight * distill`` beside the recipe's own (learned-weight) losses. ``model.pt`` holds the
+student alone and rebuilds without the teacher.
+
 Data (one shard sample)
 -----------------------
 - image: the first of ``vis.png`` (synthetic shards), ``png``, ``jpg``, ``jpeg``,
@@ -62,6 +71,7 @@ from torchvision import transforms
 from models.cnn_tokens import check_attention_shape
 from models.conv_stem import ConvStemPatchEmbed
 from models.dcal import DCAL, DCALConfig, check_backbone_name
+from models.distill import MAX_TEMPERATURE, MIN_TEMPERATURE
 from recipes import verification as ev
 from recipes.base import (ArtifactContext, DataInfo, Metrics, ParallelContext, Recipe, register, start_file,
                           start_option)
@@ -131,6 +141,15 @@ class DCALTwinsParams:
     dynamic_weights: bool = True
     metric_weight: float = 1.0               # static weights (dynamic_weights: false)
     verif_weight: float = 1.0
+    # --- distillation from a frozen CNN (or any biomtl) teacher (models/distill.py): the teacher's
+    # in-batch similarity distribution of the same images is the soft target (KL, T^2-scaled) of the
+    # student's SA class token (``embedding``) or of a DeiT distillation token (``token``: a second
+    # prefix token whose output joins the embedding). A data-efficient ViT without ImageNet weights.
+    distill_teacher: str = field(default="", metadata={"path": True})  # a biomtl model.pt / run dir;
+                                             # read again on --resume (not stored in checkpoints)
+    distill_weight: float = 0.0              # > 0 with distill_teacher; 0 = off
+    distill_temperature: float = 1.0         # in [0.01, 100]
+    distill_target: Literal["token", "embedding"] = "embedding"
     # --- data
     augment: bool = True
     p_flip: float = 0.5
@@ -164,6 +183,11 @@ class DCALTwinsParams:
             raise ValueError("conv_stem replaces the patch embedding: no pretrained / weights_path weights fit it")
         if self.init_from and (self.pretrained or self.weights_path):
             raise ValueError("init_from already sets every backbone weight: drop pretrained / weights_path")
+        if self.distill_weight < 0 or not MIN_TEMPERATURE <= self.distill_temperature <= MAX_TEMPERATURE:
+            raise ValueError(f"distill_weight must be >= 0 and distill_temperature in [{MIN_TEMPERATURE}, "
+                             f"{MAX_TEMPERATURE}], got {self.distill_weight} / {self.distill_temperature}")
+        if self.distill_teacher and self.distill_weight == 0:
+            raise ValueError("distill_teacher is set but distill_weight is 0 (set a weight > 0, or drop the teacher)")
 
     def _check_cnn(self) -> None:
         check_attention_shape(self.attention_dim, self.num_heads)
@@ -194,7 +218,9 @@ class DCALTwinsParams:
                           supcon_temperature=self.supcon_temperature,
                           twin_negative_weight=self.twin_negative_weight,
                           verification_head=self.verification_head, dynamic_weights=self.dynamic_weights,
-                          metric_weight=self.metric_weight, verif_weight=self.verif_weight, **cnn)
+                          metric_weight=self.metric_weight, verif_weight=self.verif_weight,
+                          distill_weight=self.distill_weight, distill_temperature=self.distill_temperature,
+                          distill_target=self.distill_target, **cnn)
 
 
 @register
@@ -206,6 +232,14 @@ class DCALTwinsRecipe(Recipe):
     def check_start_files(cls, params: DCALTwinsParams) -> None:
         if params.init_from:
             check_init_from(params.init_from, lambda: DCAL(params.model_config(1)), DCAL_HEADS, cls.name, DCAL_GLCA)
+
+    @classmethod
+    def frozen_model_files(cls, params: DCALTwinsParams) -> dict[str, str]:
+        # A model file rebuilt for inference keeps distill_weight (the token is part of the network)
+        # without needing the teacher; a training run with a weight needs one.
+        if params.distill_weight > 0 and not params.distill_teacher:
+            raise ValueError("distill_weight > 0 needs distill_teacher (a biomtl model.pt)")
+        return {"distill_teacher": params.distill_teacher} if params.distill_teacher else {}
 
     def __init__(self, params: DCALTwinsParams, data_info: DataInfo):
         super().__init__(params, data_info)
@@ -243,6 +277,10 @@ class DCALTwinsRecipe(Recipe):
                 model.glca_fc_norm.load_state_dict(model.vit.fc_norm.state_dict())
                 log.info("init_from %s has no GLCA weights (a plain-ViT run): GLCA starts as a copy of the "
                          "loaded last block", self.params.init_from)
+        if p.distill_teacher and self.frozen_model_loader is not None:  # training only
+            model.attach_teacher(self.frozen_model_loader(p.distill_teacher))
+            log.info("distilling from %s (frozen; %s target, weight %g, T %g)", p.distill_teacher,
+                     p.distill_target, p.distill_weight, p.distill_temperature)
         return model
 
     def feature_types(self) -> tuple[str, ...]:
