@@ -122,3 +122,21 @@ def test_default_style_keeps_older_datasets():
     assert w.latents[b]["part"] == -w.latents[a]["part"] and "twin_mole" not in w.latents[b]
     with pytest.raises(SpecError, match="twin_style"):
         SyntheticSpec(twin_style="mirror")
+
+
+def test_config_and_cli_carry_the_style():
+    from dist_train.config import ConfigError, load_config, synthetic_spec
+    from shards.sources.synthetic import SOURCE
+
+    cfg = load_config(None, ["data.synthetic.twin_style=marked"], start=False)
+    assert synthetic_spec(cfg).twin_style == "marked"
+    assert synthetic_spec(load_config(None, [], start=False)).twin_style == "subtle"
+    with pytest.raises(ConfigError, match="data.synthetic.twin_style"):
+        load_config(None, ["data.synthetic.twin_style=mirror"], start=False)
+    import argparse
+    ap = argparse.ArgumentParser()
+    SOURCE.add_arguments(ap)
+    args = ap.parse_args(["--twin-style", "marked", "--identities", "4", "--twin-fraction", "1", "--size", "16"])
+    args.seed = 0
+    scan = SOURCE.scan(None, args)
+    assert scan.notes["spec"]["twin_style"] == "marked" and len(scan.twin_pairs) == 2
