@@ -63,6 +63,8 @@ class SyntheticDataConfig:
     # faces, each identity one of them under its own cheap transform; vis only.
     # 10^5 identities in about a minute, for the identity-head benchmarks.
     base_faces: int = 0
+    # how co-twins differ: "subtle" (sub-pixel, mirrored parting) or "marked" (docs/differences.md)
+    twin_style: Literal["subtle", "marked"] = "subtle"
 
 
 @dataclass
@@ -609,7 +611,8 @@ def synthetic_spec(cfg: Config) -> Any:
     s = cfg.data.synthetic
     return SyntheticSpec(num_identities=s.num_identities, samples_per_identity=s.samples_per_identity,
                          twin_fraction=s.twin_fraction, image_size=s.image_size, split_by=s.split_by,
-                         modalities=tuple(s.modalities), seed=cfg.experiment.seed, base_faces=s.base_faces)
+                         modalities=tuple(s.modalities), seed=cfg.experiment.seed, base_faces=s.base_faces,
+                         twin_style=s.twin_style)
 
 
 def _check_synthetic(cfg: Config) -> None:

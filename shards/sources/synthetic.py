@@ -2,7 +2,8 @@
 the general ``create`` pipeline (splits, shard sizes, workers, report).
 
 No ``--input``. Options: ``--identities``, ``--samples`` (per identity),
-``--size`` (pixels), ``--twin-fraction``, ``--modalities vis,thz,maps``,
+``--size`` (pixels), ``--twin-fraction``, ``--twin-style subtle|marked`` (how co-twins
+differ: docs/differences.md), ``--modalities vis,thz,maps``,
 ``--base-faces B`` (the many-identities mode: B drawn faces, each identity one
 of them under its own cheap transform, :mod:`shards.synthetic.many`; ``vis``
 only, the default modalities then);
@@ -35,7 +36,7 @@ from . import Field, InputError, Item, Scan, Source, array_stats
 # SyntheticSpec field -> the option that sets it (a bad value's one line names the option)
 _OPTION = {"num_identities": "--identities", "samples_per_identity": "--samples", "image_size": "--size",
            "twin_fraction": "--twin-fraction", "modalities": "--modalities", "base_faces": "--base-faces",
-           "seed": "--seed"}
+           "twin_style": "--twin-style", "seed": "--seed"}
 
 
 class SyntheticLoader:
@@ -73,6 +74,9 @@ class SyntheticSource(Source):
         g.add_argument("--size", type=int, default=64, help="synthetic: image size in pixels (default 64)")
         g.add_argument("--twin-fraction", type=float, default=0.25, help="synthetic: fraction of identities in "
                                                                          "twin pairs (default 0.25)")
+        g.add_argument("--twin-style", default="subtle", choices=("subtle", "marked"),
+                       help="synthetic: how co-twins differ: subtle (default; sub-pixel, mirrored parting) or marked "
+                            "(a cheek mole, thicker brows, wider-set eyes: docs/differences.md)")
         g.add_argument("--modalities", default=None, help="synthetic: subset of vis,thz,maps (default vis,thz,maps; "
                                                           "vis with --base-faces)")
         g.add_argument("--base-faces", type=int, default=0, metavar="B",
@@ -89,7 +93,8 @@ class SyntheticSource(Source):
             spec = SyntheticSpec(num_identities=int(args.identities), samples_per_identity=int(args.samples),
                                  twin_fraction=float(args.twin_fraction), image_size=int(args.size),
                                  modalities=tuple(m.strip() for m in str(modalities).split(",") if m.strip()),
-                                 seed=int(args.seed or 0), base_faces=base_faces)
+                                 seed=int(args.seed or 0), base_faces=base_faces,
+                                 twin_style=str(getattr(args, "twin_style", "subtle")))
         except SpecError as e:
             raise InputError(f"{_OPTION.get(e.field, e.field)}: {e.reason}") from None
         w = _world(spec)

@@ -24,8 +24,10 @@ Per sample: one of five head postures (the face frame is rotated in 3D and
 the image is ray-traced back onto the height field), an emotion (mouth curve,
 brows, eye opening), spectacles, concealment (a scarf or mask over the lower
 face), and jitter (pose, scale, shift, light, colour, noise). Twins share their
-latent face and differ in small details (a mole, brows, nose width, hair
-part). Gender changes the geometry (jaw width/shape, brows, nose, hair length)
+latent face and differ in small details (``twin_style``: "subtle", the default:
+a mole, brows, nose width, mirrored hair part, all sub-pixel at 64 px but the
+part; "marked": a cheek mark, thicker brows, wider-set eyes, 1-2 px at 64 px,
+none a mirror image; docs/results.md). Gender changes the geometry (jaw width/shape, brows, nose, hair length)
 so it is learnable from the pixels.
 
 ``ensure_synthetic(root, spec)`` writes ``root/synthetic-<hash>/`` once

@@ -407,15 +407,30 @@ def _visible(f: _Face, albedo: np.ndarray, albedo_bare: np.ndarray, normal: np.n
     return vis8, vis_target8
 
 
-def render_face(spec: SyntheticSpec, identity: int, index: int) -> dict[str, Any]:
+def canonical_params(spec: SyntheticSpec, identity: int) -> dict[str, Any]:
+    """Sample parameters of a studio capture: frontal, neutral, bare, no spectacles, light
+    from the front, no sensor noise, one fixed RNG seed (the same for every identity). Two
+    identities' canonical captures differ only where their latent faces do: how the co-twin
+    differences are measured (tests/shards/test_synthetic_twins.py, docs/differences.md)."""
+    sp = _sample_params(spec, identity, 0)
+    sp.update(posture=0, emotion=0, concealed=0, spectacles=0, yaw=0.0, pitch=0.0, roll=0.0, scale=1.0,
+              shift=[0.0, 0.0], light_az=0.0, light_el=0.6, light_i=0.9, ambient=0.3,
+              tint=np.zeros(3, np.float32), bg=np.full(3, 0.5, np.float32), noise=0.0, gaze=[0.0, 0.0],
+              rng_seed=0)
+    return sp
+
+
+def render_face(spec: SyntheticSpec, identity: int, index: int, params: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
     """Draw sample ``index`` of ``identity`` (``spec.base_faces == 0``; any mode:
     :func:`shards.synthetic.render_sample`): a dict with ``vis``/``vis_target`` (HxWx3
     uint8; ``vis_target`` without the concealment), ``thz``/``thz_dense``/``thz_target``
     (HxW uint8; thin fabric, dense fabric, unconcealed), ``albedo``/``normal`` (HxWx3 float32),
-    ``depth`` (HxW float32) and ``labels`` (the json label dict)."""
+    ``depth`` (HxW float32) and ``labels`` (the json label dict). ``params``: these sample
+    parameters instead of the drawn ones (:func:`canonical_params`)."""
     w = _world(spec)
     lat = w.latents[identity]
-    sp = _sample_params(spec, identity, index)
+    sp = _sample_params(spec, identity, index) if params is None else params
     rng = _rng(sp["rng_seed"])
     f = _posed_face(spec, lat, sp)
     _head_masks(f)
@@ -434,6 +449,13 @@ def render_face(spec: SyntheticSpec, identity: int, index: int) -> dict[str, Any
         albedo = _mix(albedo, skin * 0.35, _inside(_ellipse_d(f.x, f.y, mx * lat["fw"], myy, mr, mr), f.aa) * f.face)
     if lat["facial_hair"]:
         albedo, feat = _draw_facial_hair(f, albedo, feat, m, mouth, rng)
+    if lat.get("twin_mole") is not None:  # twin_style "marked": the co-twin's cheek mark (over any beard)
+        mx, mdy, mr = lat["twin_mole"]
+        spot = _inside(_ellipse_d(f.x, f.y, mx, lat["eye_y"] + mdy, mr, mr), f.aa) * f.face
+        # a dark mole on light skin, a pale mark on dark skin or beard: >= 0.3 from what it covers
+        under = albedo[spot > 0.5].mean(0) if (spot > 0.5).any() else skin
+        mark = under * 0.3 if float(under.mean()) > 0.45 else np.clip(under + 0.4, 0, 1).astype(np.float32)
+        albedo = _mix(albedo, mark, spot)
     albedo = _mix(albedo, _HAIR[lat["hair"]] * strands, f.hair)  # hair in front of the face
     albedo, glasses = _draw_spectacles(f, albedo)
     albedo, albedo_bare, occ = _conceal(f, albedo)

@@ -56,6 +56,10 @@ class SyntheticSpec:
     # many-identities mode: this many rendered base faces, each identity one of
     # them under its own cheap colour/offset/pattern transform (many.py).
     base_faces: int = 0
+    # How co-twins differ (world.py): "subtle" (the default, generator version 2: sub-pixel
+    # differences and a mirrored parting) or "marked" (a cheek mole, thicker brows, wider-set
+    # eyes, 1-2 px at 64 px, none of them a mirror image: docs/differences.md).
+    twin_style: str = "subtle"
 
     def __post_init__(self):
         object.__setattr__(self, "modalities", tuple(self.modalities))
@@ -72,6 +76,10 @@ class SyntheticSpec:
         if self.base_faces and self.modalities != MANY_MODALITIES:
             raise SpecError("modalities", f"the many-identities mode draws only "
                                           f"{', '.join(MANY_MODALITIES)}; got {', '.join(self.modalities)}")
+        if self.twin_style not in ("subtle", "marked"):
+            raise SpecError("twin_style", f"must be 'subtle' or 'marked', got {self.twin_style!r}")
+        if self.base_faces and self.twin_style != "subtle":
+            raise SpecError("twin_style", "the many-identities mode has its own co-twins (many.py): leave it 'subtle'")
         if self.split_by not in ("sample", "identity"):
             raise SpecError("split_by", f"must be 'sample' or 'identity', got {self.split_by!r}")
         if not self.splits or any(r < 0 for _, r in self.splits) or sum(r for _, r in self.splits) <= 0:
@@ -98,6 +106,8 @@ class SyntheticSpec:
         d["splits"] = [[n, r] for n, r in self.splits]
         if not self.base_faces:  # absent when off: every older spec keeps its hash (its cache folder)
             del d["base_faces"]
+        if self.twin_style == "subtle":  # likewise: the default keeps every older hash
+            del d["twin_style"]
         return d
 
 

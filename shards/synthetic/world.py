@@ -67,8 +67,38 @@ def _draw_identity(rng: np.random.Generator, gender: int) -> dict[str, Any]:
     return lat
 
 
-def _twin_of(lat: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
-    """A co-twin: the same face with small differences."""
+# twin_style "marked": the co-twin's only differences, in face units (one face unit is
+# image_size / 2 pixels: 32 px at 64 px). Each is flip-invariant or absent from the first
+# twin, so a horizontal flip never turns one twin into the other (docs/differences.md).
+MARK_MOLE_R = 0.06        # a dark mole of this radius (1.9 px at 64 px) on one cheek
+MARK_MOLE_DX = 0.20       # its centre: this far left or right of the midline (the side drawn per pair)
+MARK_MOLE_DY = 0.12       # ... and this far below the eye line (above any scarf or mask)
+MARK_BROW_TH = 0.04       # both brows this much thicker (1.3 px at 64 px)
+MARK_EYE_DX = 0.03        # both eyes this much further from the midline (1 px each at 64 px)
+TWIN_STYLES = ("subtle", "marked")
+
+
+def _twin_of(lat: dict[str, Any], rng: np.random.Generator, style: str = "subtle") -> dict[str, Any]:
+    """A co-twin: the same face with small differences (``style``: :data:`TWIN_STYLES`)."""
+    if style == "marked":
+        return _marked_twin_of(lat, rng)
+    return _subtle_twin_of(lat, rng)
+
+
+def _marked_twin_of(lat: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """The first twin's face plus three marks (the constants above), nothing else: large
+    enough to learn at 32-64 px, confined to small regions, so non-twins differ more."""
+    t = dict(lat)
+    t["brow_th"] = lat["brow_th"] + MARK_BROW_TH
+    t["eye_dx"] = lat["eye_dx"] + MARK_EYE_DX
+    side = float(rng.choice([-1.0, 1.0]))
+    t["twin_mole"] = (side * MARK_MOLE_DX, MARK_MOLE_DY, MARK_MOLE_R)  # x, y below the eye line, radius
+    return t
+
+
+def _subtle_twin_of(lat: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Generator version 2's co-twin (the default): sub-pixel differences at 64 px and a
+    mirrored hair parting, which a horizontal flip turns into the other twin's."""
     t = dict(lat)
     t["brow_th"] = lat["brow_th"] * (1.0 + rng.choice([-1, 1]) * rng.uniform(0.15, 0.3))
     t["nose_w"] = lat["nose_w"] * (1.0 + rng.choice([-1, 1]) * rng.uniform(0.06, 0.12))
@@ -132,7 +162,7 @@ def _world(spec: SyntheticSpec) -> _World:
         lat = _draw_identity(_rng(spec.seed, 202, i), int(genders[i]))
         latents[i] = lat
         if twins[i] >= 0:
-            latents[twins[i]] = _twin_of(lat, _rng(spec.seed, 303, i))
+            latents[twins[i]] = _twin_of(lat, _rng(spec.seed, 303, i), spec.twin_style)
     w = _World(latents=tuple(latents), twins=tuple(twins), twin_pairs=tuple(pairs),
                names=_names(n))
     _WORLD_CACHE[spec] = w
