@@ -370,6 +370,8 @@ class DeepSpeedStrategy(Strategy):
     ``torch.distributed`` group: ``init_distributed`` creates its
     ``TorchBackend`` around it without re-initialising)."""
 
+    rows: RowsBesideEngine | None = None  # a sharded identity head's rows, beside the engine
+
     def __init__(self, model: nn.Module, device: torch.device,
                  make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  make_scheduler: Callable[[torch.optim.Optimizer], Any], options: StrategyOptions,
